@@ -1,0 +1,3 @@
+from heartlora.cli.main import main
+
+raise SystemExit(main())
