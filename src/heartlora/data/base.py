@@ -23,7 +23,7 @@ RESIZE_VERSION = 1
 NativeImage = np.ndarray | Image.Image
 
 
-def _to_pil(image: NativeImage) -> Image.Image:
+def to_pil(image: NativeImage) -> Image.Image:
     """A PIL image in mode "L" (grayscale) or "RGB", from a uint8 array (H, W), (H, W, 1|3|4) or any PIL image."""
     if isinstance(image, Image.Image):
         pil = image
@@ -46,7 +46,7 @@ def _to_pil(image: NativeImage) -> Image.Image:
 def resize_image(image: NativeImage, size: int) -> np.ndarray:
     """Resize one image to (3, size, size) uint8 with PIL bicubic (antialiased when shrinking); grayscale is
     resized on one channel and then replicated. An image already at size×size is returned unchanged."""
-    pil = _to_pil(image)
+    pil = to_pil(image)
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(pil)

@@ -1,0 +1,131 @@
+"""Tasks stored in the VTAB-1K folder layout (the one NOAH and the Bi-LoRA code use).
+
+``<folder>/train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt`` hold one image per line,
+``relative/path label`` (paths relative to the folder, integer labels from 0). Optional files:
+``classes.txt`` (one class name per line, in label order; otherwise the names are "0".."K-1") and ``group.txt``
+(natural, specialized, structured or few-shot; otherwise the group is "unknown"). When ``train800val200.txt`` is absent it is
+train800 followed by val200. Images may be any format PIL reads, of any size, RGB or grayscale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from heartlora.data.base import GROUPS, Task, check_split
+from heartlora.errors import TaskError
+
+
+
+class ListEntry(NamedTuple):
+    """One line of a split list: the image file, its label, and where the line is (for error messages)."""
+
+    path: Path
+    label: int
+    list_file: Path
+    line: int
+
+
+def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
+    """Parse a VTAB-1K list file. Blank lines and extra spaces are ignored; the label is the last field, so a path
+    may contain spaces. A malformed line is a TaskError naming the file and line number."""
+    entries = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.rsplit(None, 1)
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise TaskError(f"{list_file}:{number}: bad line {line!r}; each line must be 'relative/path label' with "
+                            "an integer label >= 0")
+        entries.append(ListEntry(root / fields[0].strip(), int(fields[1]), list_file, number))
+    if not entries:
+        raise TaskError(f"{list_file} lists no images; add 'relative/path label' lines")
+    return entries
+
+
+class VtabFolderTask(Task):
+    """A task read from a VTAB-1K folder (``get_task("vtab:/path/to/folder")``)."""
+
+    def __init__(self, folder: str) -> None:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise TaskError(f"VTAB-1K folder {root} does not exist; pass vtab:/path/to/task, a folder holding "
+                            "train800.txt, val200.txt, train800val200.txt and test.txt")
+        self.root = root.resolve()
+        required = ["train800", "val200", "test"]
+        missing = [f"{s}.txt" for s in required if not (self.root / f"{s}.txt").is_file()]
+        if missing:
+            raise TaskError(f"{self.root} has no {', '.join(missing)}; a VTAB-1K folder needs train800.txt, "
+                            "val200.txt, test.txt (and optionally train800val200.txt)")
+        self.lists: dict[str, list[ListEntry]] = {s: read_split_list(self.root / f"{s}.txt", self.root)
+                                                   for s in required}
+        union = self.root / "train800val200.txt"
+        self._union_is_concat = not union.is_file()
+        if not self._union_is_concat:
+            self.lists["train800val200"] = read_split_list(union, self.root)
+
+        num_classes = 1 + max(e.label for entries in self.lists.values() for e in entries)
+        class_names = [str(i) for i in range(num_classes)]
+        classes_file = self.root / "classes.txt"
+        if classes_file.is_file():
+            class_names = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+            if len(class_names) < num_classes:
+                raise TaskError(f"{classes_file} names {len(class_names)} classes but the lists use labels up to "
+                                f"{num_classes - 1}; give one name per line for every label")
+        group = "unknown"
+        group_file = self.root / "group.txt"
+        if group_file.is_file():
+            group = group_file.read_text(encoding="utf-8").strip().lower()
+            if group not in GROUPS:
+                raise TaskError(f"{group_file} says {group!r}; write one of {', '.join(GROUPS)}")
+        super().__init__(f"vtab:{folder}", class_names, group)
+        self._keys: dict[str, str] = {}
+
+    def entries(self, split: str) -> list[ListEntry]:
+        """The list lines of ``split`` (train800 + val200 for train800val200 when that file is absent)."""
+        check_split(split)
+        return [e for part in self.split_parts(split) for e in self.lists[part]]
+
+    def split_parts(self, split: str) -> tuple[str, ...]:
+        if split == "train800val200" and self._union_is_concat:
+            return ("train800", "val200")
+        return (split,)
+
+    def labels(self, split: str, seed: int = 0) -> np.ndarray:
+        return np.array([e.label for e in self.entries(split)], dtype=np.int64)
+
+    def native_images(self, split: str, seed: int = 0) -> Iterator[Image.Image]:
+        for entry in self.entries(split):
+            try:
+                with Image.open(entry.path) as image:
+                    image.load()
+                    yield image
+            except FileNotFoundError:
+                raise TaskError(_missing(entry)) from None
+            except (OSError, UnidentifiedImageError) as error:
+                raise TaskError(f"cannot read image {entry.path} ({entry.list_file.name} line {entry.line}): "
+                                f"{error}; replace the file or remove its line") from None
+
+    def cache_key(self, split: str, seed: int = 0) -> str:
+        """Folder, list text and every image's size and mtime: editing a list or replacing an image gives a new key.
+        A listed image that does not exist is reported here, before any decoding."""
+        if split not in self._keys:
+            digest = hashlib.sha1(str(self.root).encode())
+            for entry in self.entries(split):
+                try:
+                    stat = entry.path.stat()
+                except FileNotFoundError:
+                    raise TaskError(_missing(entry)) from None
+                digest.update(f"{entry.path}\0{entry.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            self._keys[split] = f"vtab-{self.root.name}-{digest.hexdigest()[:20]}"
+        return self._keys[split]
+
+
+def _missing(entry: ListEntry) -> str:
+    return (f"image {entry.path} does not exist ({entry.list_file.name} line {entry.line}); restore it or remove "
+            "its line")
