@@ -1,0 +1,76 @@
+"""Switching heads off: the least responsive heads lose their adapter weights (SPEC §3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from heartlora.errors import ConfigError
+from heartlora.method.model import attention_layers, remove_from_optimizer
+
+SCOPES = ("global", "layer")
+
+
+def select_heads(scores: dict[str, torch.Tensor], ne: int | None = None, fraction: float | None = None,
+                 scope: str = "global", active: dict[str, list[bool]] | None = None) -> list[tuple[str, int]]:
+    """The heads to switch off: the ``ne`` least responsive over all layers (``scope="global"``) or in each layer
+    (``scope="layer"``); ``fraction`` instead of ``ne`` takes that share of the heads (of all heads, or of each
+    layer's, so layers with different head counts work). Ties break by layer order, then head index.
+    Heads already off (``active``) are not counted again."""
+    if scope not in SCOPES:
+        raise ConfigError(f"scope {scope!r} is unknown: choose global or layer")
+    if (ne is None) == (fraction is None):
+        raise ConfigError("give exactly one of ne (a number of heads) or fraction (a share of heads)")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"fraction {fraction} must be between 0 and 1")
+    if ne is not None and ne < 0:
+        raise ConfigError(f"ne {ne} must not be negative")
+    order = list(scores)
+    groups = [order] if scope == "global" else [[name] for name in order]
+    chosen: list[tuple[str, int]] = []
+    for group in groups:
+        cands = [(float(scores[n][h]), i, h, n) for i, n in enumerate(group) for h in range(len(scores[n]))
+                 if active is None or active[n][h]]
+        total = sum(len(scores[n]) for n in group)
+        k = ne if ne is not None else int(math.floor(fraction * total + 1e-9))
+        where = "in all" if scope == "global" else f"in layer {group[0]}, which has"
+        if k > len(cands):
+            raise ConfigError(f"ne={k} is more than the {len(cands)} active heads {where} {total} heads: "
+                              f"choose ne ≤ {len(cands)}" + (" per layer" if scope == "layer" else ""))
+        chosen.extend((n, h) for _, _, h, n in sorted(cands)[:k])
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(chosen, key=lambda t: (rank[t[0]], t[1]))
+
+
+def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = None, ne: int | None = None,
+                     fraction: float | None = None, scope: str = "global",
+                     optimizer: torch.optim.Optimizer | None = None,
+                     heads: list[tuple[str, int]] | None = None) -> list[tuple[str, int]]:
+    """Switch off the least responsive heads (or exactly ``heads``) and return them as (layer name, head).
+
+    Their adapter Parameters leave the model, and ``optimizer`` when given (its state for them is dropped), so
+    they get no gradient, hold no state, cost no compute and are not stored. A projection with no head left also
+    drops its shared factor."""
+    layers = {layer.name: layer for layer in attention_layers(model)}
+    if heads is None:
+        if scores is None:
+            raise ConfigError("give scores (from ResponsivenessTracker.scores()) or an explicit list of heads")
+        unknown = set(scores) - set(layers)
+        if unknown:
+            raise ConfigError(f"scores name layers this model does not have: {sorted(unknown)[:3]}")
+        active = {n: layers[n].head_mask() for n in scores}
+        heads = select_heads(scores, ne=ne, fraction=fraction, scope=scope, active=active)
+    removed: list[nn.Parameter] = []
+    by_layer: dict[str, list[int]] = {}
+    for name, h in heads:
+        if name not in layers or not 0 <= h < layers[name].num_heads:
+            raise ConfigError(f"head ({name}, {h}) does not exist in this model")
+        by_layer.setdefault(name, []).append(h)
+    for name, hs in by_layer.items():
+        for proj in layers[name].projections.values():
+            removed.extend(proj.remove_heads(hs))
+    if optimizer is not None:
+        remove_from_optimizer(optimizer, removed)
+    return list(heads)

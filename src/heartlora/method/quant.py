@@ -1,0 +1,96 @@
+"""k-bit quantization of adapter matrices (Bi-LoRA, SPEC §4): standardise each matrix with its own mean and std,
+snap to a codebook that is optimal for N(0, 1), rescale; straight-through gradient; bit packing for storage."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+# SPEC §4 fixes the 1- and 2-bit codebooks (those of the Bi-LoRA reference code). Wider codes use the Lloyd-Max
+# levels for N(0, 1), computed once below.
+_FIXED_LEVELS = {1: (-0.6745, 0.6745), 2: (-1.266, -0.378, 0.378, 1.266)}
+
+
+def _normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+@lru_cache(maxsize=None)
+def codebook(bits: int) -> tuple[float, ...]:
+    """The 2**bits reconstruction levels, ascending."""
+    if bits in _FIXED_LEVELS:
+        return _FIXED_LEVELS[bits]
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    n = 2**bits
+    levels = np.linspace(-3.0, 3.0, n)
+    for _ in range(500):  # Lloyd-Max: levels are the conditional means of their cells
+        edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
+        mass = np.diff(_normal_cdf(edges))
+        levels = (_normal_pdf(edges[:-1]) - _normal_pdf(edges[1:])) / np.maximum(mass, 1e-300)
+    return tuple(float(v) for v in levels)
+
+
+def _levels(bits: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(codebook(bits), dtype=like.dtype, device=like.device)
+
+
+def standardise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matrix's own mean and (population) std; the std never reaches zero."""
+    mu = w.mean()
+    sigma = w.std(unbiased=False).clamp_min(1e-8)
+    return mu, sigma
+
+
+def encode(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (uint8, the index of the nearest level), mean and std of ``w``."""
+    mu, sigma = standardise(w)
+    levels = _levels(bits, w)
+    thresholds = (levels[1:] + levels[:-1]) / 2
+    codes = torch.bucketize((w - mu) / sigma, thresholds)
+    return codes.to(torch.uint8), mu, sigma
+
+
+def decode(codes: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    levels = torch.tensor(codebook(bits), dtype=dtype, device=codes.device)
+    return levels[codes.long()] * sigma.to(dtype) + mu.to(dtype)
+
+
+def quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantized matrix ``code·σ + μ`` (no gradient path)."""
+    codes, mu, sigma = encode(w.detach(), bits)
+    return decode(codes, mu, sigma, bits, w.dtype)
+
+
+def quantize_ste(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantized values forward, identity gradient backward (straight-through estimator)."""
+    return w + (quantize(w, bits) - w).detach()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (each < 2**bits) into ceil(n·bits/8) bytes, most significant bit first."""
+    flat = codes.detach().cpu().numpy().astype(np.uint8).reshape(-1)
+    bit_planes = np.unpackbits(flat[:, None], axis=1)[:, 8 - bits:]  # (n, bits)
+    return torch.from_numpy(np.packbits(bit_planes.reshape(-1)).copy())
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`."""
+    raw = np.unpackbits(packed.detach().cpu().numpy().astype(np.uint8))
+    if raw.size < numel * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    planes = raw[: numel * bits].reshape(numel, bits)
+    padded = np.concatenate([np.zeros((numel, 8 - bits), dtype=np.uint8), planes], axis=1)
+    return torch.from_numpy(np.packbits(padded, axis=1).reshape(-1).copy())
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return (numel * bits + 7) // 8

@@ -1,0 +1,82 @@
+"""Head responsiveness: the first-order Taylor estimate of the loss change when a head's adapter is removed
+(SPEC §2), accumulated after each backward() from the weights each head owns. No extra forward or backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from heartlora.errors import ConfigError
+from heartlora.method.model import attention_layers
+
+MODES = ("abs_sum", "sum_abs")
+
+
+class ResponsivenessTracker:
+    """Accumulates ``R[l, h]`` over training steps.
+
+    ``abs_sum`` (default): ``R = Σ_t |Σ_θ θ_t·g_t|`` over the weights θ head h of layer l owns (its B rows for q, k,
+    v; its A columns for o). ``sum_abs``: ``Σ_t Σ_θ |θ_t·g_t|``. ``ema=β`` replaces the running sum with an
+    exponential moving average ``R ← β R + (1 - β) r_t``.
+
+    Call :meth:`update` after ``loss.backward()`` and before ``optimizer.step()``.
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "abs_sum", ema: float | None = None) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"responsiveness mode {mode!r} is unknown: choose one of {', '.join(MODES)}")
+        if ema is not None and not 0.0 <= ema < 1.0:
+            raise ConfigError(f"ema {ema} must be in [0, 1)")
+        self.model, self.mode, self.ema = model, mode, ema
+        self.layers = attention_layers(model)
+        device = next(next(iter(self.layers[0].projections.values())).parameters()).device
+        self._acc = [torch.zeros(layer.num_heads, dtype=torch.float64, device=device) for layer in self.layers]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step_scores(self) -> list[torch.Tensor]:
+        """This step's per-head terms (before accumulation), one tensor per layer."""
+        out = []
+        for layer, acc in zip(self.layers, self._acc):
+            if self.mode == "abs_sum":
+                r = sum(p.head_products().to(acc.device) for p in layer.projections.values()).abs()
+            else:
+                r = sum(p.head_abs_products().to(acc.device) for p in layer.projections.values())
+            out.append(r.double())
+        return out
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for acc, r in zip(self._acc, self.step_scores()):
+            if self.ema is None:
+                acc.add_(r)
+            elif self.steps == 0:
+                acc.copy_(r)
+            else:
+                acc.mul_(self.ema).add_(r, alpha=1.0 - self.ema)
+        self.steps += 1
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Layer name → per-head score (float64, CPU). Under torch.distributed the ranks' scores are averaged, so
+        every rank ranks the heads the same way."""
+        flat = torch.cat(self._acc)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = flat.clone()
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        parts = flat.cpu().split([a.numel() for a in self._acc])
+        return {layer.name: p.clone() for layer, p in zip(self.layers, parts)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "ema": self.ema, "steps": self.steps,
+                "scores": [a.detach().cpu().clone() for a in self._acc]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["scores"]) != len(self._acc):
+            raise ConfigError("tracker state has a different number of layers than this model")
+        self.mode, self.ema, self.steps = state["mode"], state["ema"], int(state["steps"])
+        for acc, s in zip(self._acc, state["scores"]):
+            acc.copy_(s.to(acc.device))
