@@ -1,0 +1,295 @@
+"""Tasks and the input pipeline: VTAB-1K folders, export round trips, few-shot sampling, offline sources, caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from heartlora.data import ArrayTask, export_task, get_task, list_tasks, register_task
+from heartlora.data.base import resize_image
+from heartlora.data.cache import cache_file, cached_arrays
+from heartlora.errors import TaskError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep the tests' cache files out of the user's cache (one cache for the module: sources decode once)."""
+    old = os.environ.get("HEARTLORA_CACHE")
+    os.environ["HEARTLORA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["HEARTLORA_CACHE"]
+    else:
+        os.environ["HEARTLORA_CACHE"] = old
+
+
+def fashion_installed() -> bool:
+    try:
+        get_task("fashion_mnist")
+    except TaskError:
+        return False
+    return True
+
+
+needs_fashion = pytest.mark.skipif(not fashion_installed(), reason="Fashion-MNIST is not installed "
+                                   "(sudo apt-get install -y dataset-fashion-mnist)")
+
+
+def toy_task(calls: list | None = None, cache_key: str | None = None, rgb: bool = True) -> ArrayTask:
+    """Three classes of random images, RGB 10×12 (or grayscale), with a test split; counts build() calls."""
+    def build():
+        if calls is not None:
+            calls.append(1)
+        rng = np.random.default_rng(1)
+        shape = (10, 12, 3) if rgb else (10, 12)
+
+        def split(n):
+            return rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 3
+
+        return {"train800": split(12), "val200": split(6), "test": split(9)}
+
+    return ArrayTask("toy", ["a", "b", "c"], "structured", build, cache_key=cache_key)
+
+
+def write_vtab(root: Path, lines: dict[str, str], images: dict[str, Image.Image]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for relative, image in images.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / relative)
+    for split, text in lines.items():
+        (root / f"{split}.txt").write_text(text)
+    return root
+
+
+# Export → VTAB-1K folder → read back ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_export_round_trip_is_exact(tmp_path: Path, rgb: bool):
+    task = toy_task(rgb=rgb)
+    out = export_task(task, tmp_path / "toy")
+    back = get_task(f"vtab:{out}")
+    assert back.class_names == task.class_names and back.group == "structured"
+    assert back.split_sizes() == task.split_sizes()
+    for split in task.SPLITS:
+        native = np.stack([np.asarray(img) for img in back.native_images(split)])
+        expected = np.stack(list(task.native_images(split)))
+        np.testing.assert_array_equal(native, expected)
+        np.testing.assert_array_equal(back.labels(split), task.labels(split))
+        for size in (12, 7):  # native width, and a resize: both go through the same resize path
+            assert all(torch.equal(a, b) for a, b in zip(back.load(split, size), task.load(split, size)))
+    # train800val200 refers to the train800 and val200 files rather than storing them twice.
+    assert len(list((out / "images").rglob("*.png"))) == 12 + 6 + 9
+
+
+def test_export_resized_and_digits(tmp_path: Path):
+    task = get_task("digits")
+    out = export_task(task, tmp_path / "digits16", img_size=16)
+    back = get_task(f"vtab:{out}")
+    for split in ("val200", "test"):
+        images, labels = back.load(split, 16)
+        expected_images, expected_labels = task.load(split, 16)
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_export_refuses_non_empty_folder(tmp_path: Path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(TaskError, match="not empty"):
+        export_task(toy_task(), target)
+    assert (target / "keep.txt").read_text() == "mine"
+    export_task(toy_task(), target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "test.txt").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+# VTAB-1K reader ---------------------------------------------------------------------------------------------------
+
+def test_vtab_reader_mixed_images_and_lenient_lists(tmp_path: Path):
+    images = {
+        "img/a b.png": Image.new("RGB", (30, 20), (255, 0, 0)),
+        "img/gray.png": Image.new("L", (8, 8), 100),
+        "img/photo.jpg": Image.new("RGB", (50, 40), (0, 0, 255)),
+        "img/pal.png": Image.new("P", (5, 5)),
+    }
+    lists = {"train800": "  img/a b.png   1 \n\nimg/gray.png\t0\n", "val200": "img/photo.jpg 3\n",
+             "test": "img/pal.png 2\nimg/gray.png 0\n"}
+    task = get_task(f"vtab:{write_vtab(tmp_path / 't', lists, images)}")
+    assert task.num_classes == 4 and task.class_names == ["0", "1", "2", "3"] and task.group == "unknown"
+    assert task.split_sizes() == {"train800": 2, "val200": 1, "train800val200": 3, "test": 2}
+    x, y = task.load("train800val200", 16)
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.uint8 and y.tolist() == [1, 0, 3]
+    assert x[0, 0].float().mean() > 250 and x[0, 1:].float().mean() < 5  # red stays red
+    assert (x[1] == 100).all()  # grayscale replicated to three channels
+
+
+def test_vtab_reader_classes_and_group(tmp_path: Path):
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 1\n", "val200": "a.png 0\n", "test": "a.png 1\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    (root / "classes.txt").write_text("cat\ndog\nbird\n")
+    (root / "group.txt").write_text("Specialized\n")
+    task = get_task(f"vtab:{root}")
+    assert task.class_names == ["cat", "dog", "bird"] and task.group == "specialized"
+    (root / "classes.txt").write_text("cat\n")
+    with pytest.raises(TaskError, match="classes.txt"):
+        get_task(f"vtab:{root}")
+
+
+def test_vtab_reader_errors(tmp_path: Path):
+    good = {"a.png": Image.new("L", (4, 4))}
+    with pytest.raises(TaskError, match="does not exist"):
+        get_task(f"vtab:{tmp_path / 'nowhere'}")
+
+    root = write_vtab(tmp_path / "missing_list", {"train800": "a.png 0\n", "val200": "a.png 0\n"}, good)
+    with pytest.raises(TaskError, match="test.txt"):
+        get_task(f"vtab:{root}")
+
+    root = write_vtab(tmp_path / "bad_line", {"train800": "a.png 0\n\na.png cat\n", "val200": "a.png 0\n",
+                                               "test": "a.png 0\n"}, good)
+    with pytest.raises(TaskError, match=r"train800\.txt:3: bad line"):
+        get_task(f"vtab:{root}")
+
+    root = write_vtab(tmp_path / "no_image", {"train800": "a.png 0\n", "val200": "a.png 0\n",
+                                               "test": "a.png 0\nlost/b.png 1\n"}, good)
+    task = get_task(f"vtab:{root}")
+    task.load("train800", 4)  # other splits are unaffected
+    with pytest.raises(TaskError, match=r"lost/b\.png does not exist \(test\.txt line 2\)"):
+        task.load("test", 4)
+
+    root = write_vtab(tmp_path / "broken", {"train800": "a.png 0\n", "val200": "a.png 0\n",
+                                             "test": "c.png 0\n"}, good)
+    (root / "c.png").write_bytes(b"not a png")
+    with pytest.raises(TaskError, match="cannot read image"):
+        get_task(f"vtab:{root}").load("test", 4)
+
+
+# Few-shot -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
+def test_few_shot_counts_per_class(shots: int):
+    source = get_task("digits")
+    task = get_task(f"digits@{shots}shot")
+    assert task.name == f"digits@{shots}shot" and task.group == "few-shot" and task.num_classes == 10
+    images, labels = task.load("train800", 8, seed=3)
+    assert images.shape == (10 * shots, 3, 8, 8)
+    assert np.bincount(labels.numpy(), minlength=10).tolist() == [shots] * 10
+    # The K-shot images are rows of the source's train800, and the final-protocol split is the same set.
+    source_images, source_labels = source.load("train800", 8)
+    index = torch.from_numpy(task.indices(3))
+    assert torch.equal(images, source_images[index]) and torch.equal(labels, source_labels[index])
+    assert all(torch.equal(a, b) for a, b in zip(task.load("train800val200", 8, seed=3), (images, labels)))
+    for split in ("val200", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(task.load(split, 8, seed=3), source.load(split, 8)))
+    assert task.split_sizes()["train800"] == 10 * shots
+
+
+def test_few_shot_is_seeded_and_nested():
+    task = get_task("digits@4shot")
+    assert np.array_equal(task.indices(0), get_task("digits@4shot").indices(0))
+    assert not np.array_equal(task.indices(0), task.indices(1))
+    assert not torch.equal(task.load("train800", 8, seed=0)[0], task.load("train800", 8, seed=1)[0])
+    assert set(get_task("digits@2shot").indices(5)) <= set(get_task("digits@8shot").indices(5))
+    assert np.array_equal(task.labels("train800", seed=2), task.load("train800", 8, seed=2)[1].numpy())
+
+
+def test_few_shot_too_many_shots_and_bad_names():
+    with pytest.raises(TaskError, match="at most"):
+        get_task("digits@500shot").load("train800", 8)
+    with pytest.raises(TaskError, match="at least 1 shot"):
+        get_task("digits@0shot")
+    with pytest.raises(TaskError, match="NAME@Kshot"):
+        get_task("digits@4shots")
+
+
+# Registry -----------------------------------------------------------------------------------------------------------
+
+def test_unknown_task_suggests_close_names():
+    with pytest.raises(TaskError, match=r"did you mean digits\?.*heartlora data list"):
+        get_task("digts")
+    with pytest.raises(TaskError, match="unknown task 'no_such_thing'; `heartlora data list`"):
+        get_task("no_such_thing")
+
+
+def test_registry_lists_sorted_and_refuses_clashes():
+    names = [info.name for info in list_tasks()]
+    assert names == sorted(names) and {"digits", "fashion_mnist", "mnist"} <= set(names)
+    assert all(info.group in ("natural", "specialized", "structured", "few-shot") for info in list_tasks())
+    with pytest.raises(ValueError, match="registered twice"):
+        register_task("digits", "another", "natural")(lambda: toy_task())
+    with pytest.raises(ValueError, match="reserved"):
+        register_task("a@b", "bad", "natural")
+
+
+# Resize cache -------------------------------------------------------------------------------------------------------
+
+def test_resize_cache_shape_dtype_and_reuse(tmp_path: Path):
+    calls: list = []
+    task = toy_task(calls, cache_key="toy-cache-test-v1")
+    images, labels = task.load("train800", 24)
+    assert images.shape == (12, 3, 24, 24) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert task.load("train800", 24)[0] is images  # in memory
+    fresh = toy_task(calls, cache_key="toy-cache-test-v1")
+    again, _ = fresh.load("train800", 24)  # from disk: the resized file, then the native arrays for sizes
+    assert torch.equal(again, images) and len(calls) == 1
+    assert fresh.load("train800val200", 24)[0].shape == (18, 3, 24, 24)
+    assert toy_task(calls).load("test", 5)[0].shape == (9, 3, 5, 5)
+
+
+def test_resize_is_antialiased_and_identity_at_native_size():
+    stripes = np.zeros((64, 64), np.uint8)
+    stripes[:, ::2] = 255
+    small = resize_image(stripes, 8)
+    assert small.shape == (3, 8, 8) and abs(float(small.mean()) - 127.5) < 10 and small.std() < 10
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 9, 3), dtype=np.uint8)
+    assert np.array_equal(resize_image(rgb, 9), rgb.transpose(2, 0, 1))
+
+
+def test_cached_arrays_rebuilds_corrupt_file():
+    calls: list = []
+
+    def build():
+        calls.append(1)
+        return {"x": np.arange(10)}
+
+    assert cached_arrays("corrupt-test", build)["x"].sum() == 45
+    path = cache_file("corrupt-test")
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert cached_arrays("corrupt-test", build)["x"].sum() == 45 and len(calls) == 2
+    assert cached_arrays("corrupt-test", build)["x"].sum() == 45 and len(calls) == 2
+
+
+# Offline sources ---------------------------------------------------------------------------------------------------
+
+@needs_fashion
+def test_fashion_mnist():
+    task = get_task("fashion_mnist")
+    assert task.class_names[:2] == ["T-shirt/top", "Trouser"] and task.num_classes == 10 and task.group == "natural"
+    assert task.split_sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 2000}
+    images, labels = task.load("val200", 28)
+    assert images.shape == (200, 3, 28, 28) and labels.min() >= 0 and labels.max() <= 9
+    assert len(set(labels.tolist())) == 10 and images.float().mean() > 20
+    assert torch.equal(get_task("fashion_mnist").load("val200", 28)[1], labels)  # fixed split
+
+
+def test_fashion_mnist_missing_names_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HEARTLORA_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(TaskError, match="apt-get install -y dataset-fashion-mnist"):
+        get_task("fashion_mnist")
+
+
+@pytest.mark.parametrize("name, test_size", [("mnist", 2000), ("digits", 797)])
+def test_digit_sources(name: str, test_size: int):
+    task = get_task(name)
+    assert task.split_sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": test_size}
+    labels = np.concatenate([task.labels(s) for s in ("train800", "val200", "test")])
+    assert set(labels.tolist()) == set(range(10))
+    # The test images are held out from the same pool: no image of train800 is in test.
+    arrays = task.arrays()
+    train = {img.tobytes() for img in arrays["train800"][0]}
+    overlap = sum(img.tobytes() in train for img in arrays["test"][0])
+    assert overlap == 0
