@@ -3,8 +3,8 @@
 ``<folder>/train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt`` hold one image per line,
 ``relative/path label`` (paths relative to the folder, integer labels from 0). Optional files:
 ``classes.txt`` (one class name per line, in label order; otherwise the names are "0".."K-1") and ``group.txt``
-(natural, specialized, structured or few-shot; otherwise the group is "unknown"). When ``train800val200.txt`` is absent it is
-train800 followed by val200. Images may be any format PIL reads, of any size, RGB or grayscale.
+(natural, specialized, structured or few-shot; otherwise the group is "unknown"). When ``train800val200.txt``
+is absent it is train800 followed by val200. Images may be any format PIL reads, of any size, RGB or grayscale.
 """
 
 from __future__ import annotations
