@@ -51,7 +51,7 @@ def resize_image(image: NativeImage, size: int) -> np.ndarray:
         pil = pil.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(pil)
     if array.ndim == 2:
-        return np.broadcast_to(array, (3, size, size))
+        return np.repeat(array[None], 3, axis=0)
     return array.transpose(2, 0, 1)
 
 
