@@ -45,6 +45,9 @@ class FewShotTask(Task):
             chosen = []
             for label in range(self.num_classes):
                 members = np.flatnonzero(labels == label)
+                if len(members) == 0:
+                    raise TaskError(f"class {self.class_names[label]!r} of {self.source.name!r} has no training "
+                                    "images, so it has no K-shot sample; use a task whose train800 holds every class")
                 if len(members) < self.shots:
                     raise TaskError(f"class {self.class_names[label]!r} of {self.source.name!r} has only "
                                     f"{len(members)} training images; ask for at most {len(members)} shots")
