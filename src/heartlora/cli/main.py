@@ -1,0 +1,431 @@
+"""The ``heartlora`` command: train, eval, predict, inspect, data, demo.
+
+Errors a user can fix (every ``HeartLoRAError``, a missing or unreadable file) print one line, ``error: …``, and
+exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from heartlora.errors import HeartLoRAError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# The demo: the offline DINOv2 ViT-S/14 on the 5,000 MNIST digits (PyPI only, no root), Heart-LoRA, CPU-sized.
+# Measured on the 2-core machine this project is developed on: see README.md ("make demo").
+DEMO = {"task": "mnist", "backbone": "dinov2_small", "method": "heart-lora", "profile": "cpu", "protocol": "final",
+        "img_size": 56, "epochs": 8, "batch_size": 32, "ne": 24, "out": "runs/demo"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console() -> Any:
+    try:
+        from rich.console import Console
+
+        return Console(highlight=False)
+    except ImportError:  # rich is a dependency, but a plain table is fine when it is missing
+        return None
+
+
+def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
+    """Two-column key/value table: rich when available, else aligned plain text."""
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(k, v)
+        console.print(table)
+        return
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+
+
+def summary_rows(metrics: dict[str, Any], out: str | None) -> list[tuple[str, str]]:
+    """The one-screen summary of a run, from its metrics."""
+    acc = metrics.get("accuracy")
+    split = metrics.get("accuracy_split", "?")
+    heads = (f"{metrics.get('heads_off_count', len(metrics.get('heads_off', [])))} of {metrics.get('heads_total')}"
+             if metrics.get("heads_total") else "n/a (no adapter)")
+    rows = [
+        ("task", str(metrics.get("task"))),
+        ("method", f"{metrics.get('method')} on {metrics.get('backbone')}"),
+        ("protocol", f"{metrics.get('protocol')}: trained on {metrics.get('train_split')}, reported on {split}"),
+        (f"accuracy ({split})", "n/a" if acc is None else f"{100 * acc:.2f} %"),
+        ("adapter bytes", f"{metrics.get('adapter_bytes', 0):,}"),
+        ("trainable params", f"{metrics.get('trainable_params', 0):,}"),
+        ("heads switched off", heads),
+        ("epochs", f"{metrics.get('epochs')} (warmup {metrics.get('warmup_epochs')})"),
+        ("time", f"{metrics.get('wall_s', 0):.0f} s, {metrics.get('train_images_per_s', 0):.1f} train img/s"),
+    ]
+    files = metrics.get("files") or {}
+    if out:
+        if files.get("responsiveness_plot"):
+            rows.append(("heatmap", str(Path(out) / files["responsiveness_plot"])))
+        rows.append(("curves", str(Path(out) / files.get("curves_plot", "curves.png"))))
+        rows.append(("metrics", str(Path(out) / "metrics.json")))
+    rows.append(("selection", "none on test: the last epoch is reported"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from heartlora.engine import TrainConfig
+
+    fields = ("task", "method", "backbone", "targets", "rank", "scale", "bits", "dropout", "ne", "ne_fraction",
+              "scope", "score_mode", "warmup_epochs", "epochs", "lr", "weight_decay", "batch_size", "img_size",
+              "drop_path", "pool", "pretrained", "seed", "protocol", "profile", "eval_every", "out")
+    values = {f: getattr(args, f) for f in fields}
+    return TrainConfig(**values, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                       progress=not args.quiet, stop_after_epoch=args.stop_after_epoch)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from heartlora.engine import default_out, resolve, train
+
+    cfg = _train_config(args)
+    if cfg.out is None and not cfg.resume:
+        cfg.out = default_out(resolve(cfg))
+    if cfg.out is None:
+        raise HeartLoRAError("--resume needs --out: name the folder of the run to continue")
+    metrics = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "stopped_after_epoch" in metrics:
+        print(f"stopped after epoch {metrics['stopped_after_epoch']}; continue with: heartlora train --out "
+              f"{cfg.out} --resume")
+        return 0
+    if metrics.get("already_finished"):
+        print(f"{cfg.out} holds a finished run; showing its results (--overwrite trains again)")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print_table(f"heartlora train: {cfg.out}", summary_rows(metrics, cfg.out))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from heartlora.engine import TrainConfig, train
+
+    settings = dict(DEMO)
+    for key in ("task", "epochs", "img_size", "out"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    print(f"heartlora demo: {settings['method']} on {settings['backbone']} (offline DINOv2 ViT-S/14), task "
+          f"{settings['task']} at {settings['img_size']} px, {settings['epochs']} epochs, protocol final "
+          f"(train800val200 → test) → {settings['out']}", file=sys.stderr)
+    cfg = TrainConfig(**settings, resume=not args.overwrite, overwrite=args.overwrite, device=args.device,
+                      progress=not args.quiet)
+    t0 = time.perf_counter()
+    metrics = train(cfg)
+    if metrics.get("already_finished"):
+        print(f"{cfg.out} holds a finished demo; showing its results (--overwrite runs it again)")
+    rows = summary_rows(metrics, cfg.out)
+    rows.append(("this command took", f"{time.perf_counter() - t0:.0f} s"))
+    print_table("heartlora demo: results", rows)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from heartlora.data import get_task
+    from heartlora.engine import accuracy, load_trained
+    from heartlora.engine.distributed import DistInfo, resolve_device
+
+    device = resolve_device(args.device)
+    model, info = load_trained(_adapter_path(args.adapter), device)
+    run = info["run"]
+    task = get_task(args.task or run["task"])
+    img_size = args.img_size or run["img_size"]
+    if task.num_classes != model.spec["num_classes"]:
+        raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
+                             f"{model.spec['num_classes']}: evaluate on the task it was trained for ({run['task']})")
+    images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
+    acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
+    result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
+              "img_size": img_size, "accuracy": acc}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"accuracy {100 * acc:.2f} % on {task.name} {args.split} ({len(labels)} images, {img_size} px)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from heartlora.engine import classify, collect_images, load_trained
+    from heartlora.engine.distributed import resolve_device
+
+    files = collect_images(args.inputs)  # fail on a missing path before the model is built
+    device = resolve_device(args.device)
+    model, info = load_trained(_adapter_path(args.adapter), device)
+    run = info["run"]
+    results = classify(model, files, run["img_size"], run.get("class_names", []), args.top_k, device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+        print(f"{r['image']}\t{tops}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from heartlora.engine import read_run_info
+
+    path = _adapter_path(args.file)
+    info = read_run_info(path)
+    run, adapter = info["run"], info["adapter"]
+    spec = run.get("backbone_spec", {})
+    rows = [("file", f"{path} ({path.stat().st_size:,} bytes)"),
+            ("backbone", f"{spec.get('name')} ({spec.get('num_classes')} classes, {run.get('img_size')} px, "
+                         f"pretrained={run.get('pretrained')})"),
+            ("task / method", f"{run.get('task')} / {run.get('method')}")]
+    masks: dict[str, list[bool]] = {}
+    if adapter is not None:
+        cfg = adapter.get("config", {})
+        masks = {layer["name"]: list(layer["head_mask"]) for layer in adapter.get("layers", [])}
+        total = sum(len(m) for m in masks.values())
+        on = sum(sum(m) for m in masks.values())
+        rows += [("targets / rank", f"{','.join(cfg.get('targets', []))} / {cfg.get('rank')}"),
+                 ("scale / bits", f"{cfg.get('scale')} / {cfg.get('bits')}"),
+                 ("adapter bytes", f"{adapter.get('adapter_bytes', 0):,} (weights and quantization constants)"),
+                 ("heads on", f"{on} of {total}")]
+    else:
+        rows.append(("adapter", "none: this method stores plain weights"))
+    if args.json:
+        print(json.dumps({"run": run, "adapter": adapter}, indent=2))
+    else:
+        print_table("heartlora inspect", rows)
+        width = max((len(n) for n in masks), default=0)
+        for name, mask in masks.items():
+            cells = "".join("■" if m else "·" for m in mask)
+            print(f"  {name.ljust(width)}  {cells}  {sum(mask)}/{len(mask)} on")
+        if masks:
+            print("  (■ on, · switched off)")
+    if args.plot is not None:
+        from heartlora.engine.plots import responsiveness_heatmap
+
+        target = Path(args.plot) if args.plot else path.with_suffix(".responsiveness.png")
+        if not masks:
+            raise HeartLoRAError(f"{path} has no adapter heads to plot (method {run.get('method')})")
+        responsiveness_heatmap(target, run.get("responsiveness") or None, masks,
+                               title=f"{run.get('task')} · {run.get('method')} · {spec.get('name')}")
+        print(f"heatmap written to {target}")
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from heartlora.data import get_task, list_tasks
+
+    tasks = list_tasks()
+    rows = []
+    for t in tasks:
+        sizes = ""
+        if args.sizes:
+            try:
+                s = get_task(t.name).split_sizes()
+                sizes = f"{s['train800']}/{s['val200']}/{s['test']}"
+            except HeartLoRAError as exc:
+                sizes = f"unavailable: {exc}"
+        rows.append((t.name, t.group, t.description, sizes))
+    console = _console()
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title="heartlora tasks" + (" (sizes: train800/val200/test)" if args.sizes else ""))
+        for col in ("task", "group", "description") + (("sizes",) if args.sizes else ()):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(r if args.sizes else r[:3]))
+        console.print(table)
+    else:
+        for r in rows:
+            print("  ".join(x for x in r if x))
+    print("also: vtab:/path/to/folder (VTAB-1K layout) and NAME@Kshot (few-shot, K in 1, 2, 4, 8, 16)")
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    from heartlora.data import export_task, get_task
+
+    out = export_task(get_task(args.task), args.dir, img_size=args.img_size, overwrite=args.overwrite)
+    print(f"wrote {args.task} to {out} (VTAB-1K layout: read it back with --task vtab:{out})")
+    return 0
+
+
+def _adapter_path(value: str) -> Path:
+    """A run folder stands for the adapter.safetensors inside it."""
+    p = Path(value)
+    return p / "adapter.safetensors" if p.is_dir() else p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parser
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from heartlora.engine.trainer import DEFAULT_NE, DEFAULTS, METHODS, PROFILES
+
+    paper, cpu = PROFILES["paper"], PROFILES["cpu"]
+    g = p.add_argument_group("what to train")
+    g.add_argument("--task", help="task name (`heartlora data list`), vtab:/path/to/folder, or NAME@Kshot")
+    g.add_argument("--method", choices=list(METHODS), help=f"default {DEFAULTS['method']}: "
+                   + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items()))
+    g.add_argument("--backbone", help=f"timm name, hf:<id or dir>, or a shortcut (default {DEFAULTS['backbone']})")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False, default=None,
+                   help="random backbone weights (tests, architecture checks)")
+    g.add_argument("--pool", choices=["cls", "cls+mean"], help="classifier input (default cls)")
+    a = p.add_argument_group("adapter and heads")
+    a.add_argument("--targets", help="projections to adapt, comma-separated from q,k,v,o (default q,v)")
+    a.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    a.add_argument("--scale", type=float, help="LoRA scale s (default 1.0; Bi-LoRA tunes it in {0.01..100})")
+    a.add_argument("--bits", type=int, help="adapter bits: 32 float, 1..8 quantized (default: 1 for *bi-lora)")
+    a.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
+    a.add_argument("--ne", type=int, help=f"heads to switch off after warmup (heart-*; default {DEFAULT_NE})")
+    a.add_argument("--ne-fraction", type=float, help="share of heads to switch off instead of --ne")
+    a.add_argument("--scope", choices=["global", "layer"], help="rank heads over the model or per layer "
+                   "(default global)")
+    a.add_argument("--score-mode", choices=["abs_sum", "sum_abs"], help="responsiveness (default abs_sum)")
+    o = p.add_argument_group("schedule (defaults: SPEC §5, or the --profile)")
+    o.add_argument("--profile", choices=list(PROFILES), help=f"paper: {paper['img_size']} px, {paper['epochs']} "
+                   f"epochs, batch {paper['batch_size']}; cpu: {cpu['img_size']} px, {cpu['epochs']} epochs, batch "
+                   f"{cpu['batch_size']} (flags given explicitly win)")
+    o.add_argument("--epochs", type=int)
+    o.add_argument("--warmup-epochs", type=int, help="LR warmup = responsiveness scoring (default 10%% of epochs)")
+    o.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    o.add_argument("--weight-decay", type=float, help="default 1e-4")
+    o.add_argument("--batch-size", type=int, help="global batch (split over ranks under torchrun)")
+    o.add_argument("--img-size", type=int)
+    o.add_argument("--drop-path", type=float, help="default 0.1")
+    o.add_argument("--seed", type=int, help="default 42")
+    o.add_argument("--eval-every", type=int, help="epochs between val200 evaluations (protocol val; default 1)")
+    r = p.add_argument_group("run")
+    r.add_argument("--protocol", choices=["val", "final"], help="val: train800 → val200 (choose settings); "
+                   "final: train800val200 → test, once (default val)")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.add_argument("--out", help="output folder (default runs/<task>_<method>_<protocol>_s<seed>)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace the run files in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
+    # Testing aid: end after this epoch's checkpoint, as a kill would (also the HEARTLORA_STOP_AFTER_EPOCH variable).
+    r.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+    parser = argparse.ArgumentParser(
+        prog="heartlora", parents=[common],
+        description="Heart-LoRA fine-tuning of vision transformers: LoRA with the least responsive attention heads "
+                    "switched off.",
+        epilog="Multi-process: torchrun --nproc_per_node N -m heartlora train …  (README.md: 'Many machines')")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    _add_train_flags(add("train", cmd_train, "fine-tune a backbone on a task (warmup → score → switch off → train)"))
+
+    p = add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
+            "on 2 CPU cores)")
+    p.add_argument("--task")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")
+    p.add_argument("--quiet", action="store_true")
+
+    p = add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
+    p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
+    p.add_argument("--task", help="default: the task the adapter was trained on")
+    p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
+    p.add_argument("--img-size", type=int, help="default: the training size")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="few-shot sample (NAME@Kshot tasks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    p = add("predict", cmd_predict, "top-k labels for image files or folders")
+    p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    p = add("inspect", cmd_inspect, "metadata, bytes and head masks of an adapter file")
+    p.add_argument("file", help="adapter.safetensors (or the run folder)")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                   help="also write the heads heatmap (default: beside the file)")
+    p.add_argument("--json", action="store_true")
+
+    data = sub.add_parser("data", parents=[common], help="list or export tasks")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    p = data_sub.add_parser("list", parents=[common], help="every registered task")
+    p.add_argument("--sizes", action="store_true", help="also count split sizes (builds generated tasks)")
+    p.set_defaults(func=cmd_data_list)
+    p = data_sub.add_parser("export", parents=[common], help="write a task as a VTAB-1K folder")
+    p.add_argument("task")
+    p.add_argument("dir")
+    p.add_argument("--img-size", type=int, help="resize (default: native size)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_export)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``heartlora`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except HeartLoRAError as exc:
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+    except FileNotFoundError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.filename or _one_line(exc)}: no such file or folder", file=sys.stderr)
+    except PermissionError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.filename or _one_line(exc)}: permission denied", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is checkpointed; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""The trained-model file of a run (``adapter.safetensors``) and using it: load, classify images, read metadata.
+
+Adapter methods (lora, bi-lora, heart-*) store the core's adapter file (``heartlora.method.save_adapter``) with the
+run's facts in its extra metadata. ``linear`` and ``full`` have no adapter, so the engine stores their trainable
+tensors itself in a safetensors file of the same name (format ``heartlora-weights-1``). ``load_trained`` reads both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from heartlora.errors import AdapterFileError, HeartLoRAError
+
+WEIGHTS_FORMAT = "heartlora-weights-1"
+RUN_KEY = "heartlora_run"  # key of the run's facts inside the file's metadata
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(HeartLoRAError):
+    """An input image is missing or cannot be decoded."""
+
+
+def frozen_fingerprint(model: nn.Module) -> list[float]:
+    """Sum and sum of squares of the frozen weights: tells a different backbone (or other random init) apart."""
+    s = sq = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                d = p.detach().double()
+                s += float(d.sum())
+                sq += float((d * d).sum())
+    return [s, sq]
+
+
+def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: dict[str, Any]) -> int:
+    """Store the named tensors of ``model`` (linear/full runs) with the run's facts; returns the payload bytes."""
+    from safetensors.torch import save_file
+
+    from heartlora._paths import atomic_path
+
+    state = model.state_dict()
+    tensors = {n: state[n].detach().cpu().contiguous() for n in names}
+    meta = {"format": WEIGHTS_FORMAT, RUN_KEY: json.dumps(run)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file {path} does not exist: give the adapter.safetensors of a finished run")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({str(exc)[:100]}): "
+                               "re-run training or copy the file again") from exc
+
+
+def read_run_info(path: str | Path) -> dict[str, Any]:
+    """What a run's model file says about itself: ``run`` (the facts the engine stored: backbone spec, task, class
+    names, method, …), ``adapter`` (the core's metadata, None for linear/full) and ``kind`` ("adapter" or
+    "weights")."""
+    path = Path(path)
+    meta = _file_metadata(path)
+    if meta.get("format") == WEIGHTS_FORMAT:
+        try:
+            run = json.loads(meta[RUN_KEY])
+        except (KeyError, ValueError) as exc:
+            raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
+        return {"kind": "weights", "run": run, "adapter": None}
+    from heartlora.method import read_adapter_info
+
+    info = read_adapter_info(path)
+    run = (info.get("extra") or {}).get(RUN_KEY)
+    if not isinstance(run, dict):
+        raise AdapterFileError(f"{path} was not written by `heartlora train` (no run metadata): load it in Python "
+                               "with heartlora.load_adapter(backbone, path)")
+    return {"kind": "adapter", "run": run, "adapter": info}
+
+
+def build_backbone(run: dict[str, Any], pretrained: bool | None = None) -> nn.Module:
+    """The backbone a run was trained on, built again from its spec (same seed, so random inits match too)."""
+    from heartlora.backbones import create_backbone
+
+    spec = dict(run["backbone_spec"])
+    torch.manual_seed(int(run.get("init_seed", 0)))
+    return create_backbone(**spec, pretrained=run.get("pretrained", True) if pretrained is None else pretrained)
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = read_run_info(path)
+    run = info["run"]
+    if info["kind"] == "adapter":
+        from heartlora.method import load_adapter
+
+        model = load_adapter(build_backbone(run), path)
+    else:
+        full = run.get("method") == "full"
+        model = build_backbone(run, pretrained=False if full else None)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
+        state = model.state_dict()
+        bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
+        if bad:
+            raise AdapterFileError(f"{path} does not fit backbone {run['backbone_spec'].get('name')} (e.g. {bad[0]})")
+        model.load_state_dict(tensors, strict=False)
+        if not full:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for n, p in model.named_parameters():
+                if n in tensors:
+                    p.requires_grad_(True)
+            fp, want = frozen_fingerprint(model), run.get("fingerprint")
+            if want and not np.allclose(fp, want, rtol=1e-6, atol=1e-3):
+                raise AdapterFileError(f"{path} was trained on other backbone weights than {run['backbone_spec']['name']}"
+                                       " gives here: use the same backbone weights (and --no-pretrained setting)")
+    return model.to(device).eval(), info
+
+
+def read_image(path: str | Path, img_size: int) -> torch.Tensor:
+    """One image file as uint8 (3, S, S), resized like the data part does (PIL bicubic, grayscale → RGB)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image {path} does not exist: check the path") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}): give a PNG, JPEG or other image "
+                             "file PIL can open") from exc
+    if rgb.size != (img_size, img_size):
+        rgb = rgb.resize((img_size, img_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
+
+
+def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Image files from files and folders (a folder gives its image files, sorted, not recursing)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageReadError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES[:4])}, …)")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise ImageReadError(f"image {p} does not exist: check the path")
+    return files
+
+
+@torch.no_grad()
+def classify(model: nn.Module, files: list[Path], img_size: int, class_names: list[str], top_k: int = 5,
+             device: torch.device | str = "cpu", batch_size: int = 64) -> list[dict[str, Any]]:
+    """Top-k (label, probability) per image file."""
+    from heartlora.engine.metrics import predict_logits
+
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images = torch.stack([read_image(f, img_size) for f in chunk])
+        probs = predict_logits(model, images, torch.device(device), batch_size).softmax(1)
+        k = min(top_k, probs.shape[1])
+        values, idx = probs.topk(k, dim=1)
+        for f, v, i in zip(chunk, values.tolist(), idx.tolist()):
+            names = [class_names[j] if j < len(class_names) else str(j) for j in i]
+            results.append({"image": str(f), "top": [{"label": n, "index": j, "prob": p}
+                                                     for n, j, p in zip(names, i, v)]})
+    return results
