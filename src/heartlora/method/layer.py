@@ -159,7 +159,7 @@ class HeadLoRAProjection(nn.Module):
     def head_products(self) -> torch.Tensor:
         """Per head, Σ θ·∂L/∂θ over the weights it owns (quantized values when bits < 32); zero for heads that are
         off or whose gradient is missing. Shape (num_heads,)."""
-        out = torch.zeros(self.num_heads, dtype=torch.float32, device=self._device())
+        out = torch.zeros(self.num_heads, dtype=torch.float64, device=self._device())
         if not self._active:
             return out
         params = [self.heads[str(h)] for h in self._active]
@@ -169,20 +169,20 @@ class HeadLoRAProjection(nn.Module):
         if self.bits != FLOAT_BITS and self.requantize:
             theta = quant.quantize(theta, self.bits)
         grads = torch.cat([p.grad for p in params], dim=0 if self.per_head_is_B else 1)
-        prod = (theta * grads).float()
+        prod = theta * grads
         per = prod.view(len(params), self.head_dim, -1).sum((1, 2)) if self.per_head_is_B else \
             prod.view(prod.shape[0], len(params), self.head_dim).sum((0, 2))
-        out[torch.tensor(self._active, device=out.device)] = per
+        out[torch.tensor(self._active, device=out.device)] = per.double()
         return out
 
     def head_abs_products(self) -> torch.Tensor:
         """Per head, Σ |θ·∂L/∂θ| (the ``sum_abs`` score)."""
-        out = torch.zeros(self.num_heads, dtype=torch.float32, device=self._device())
+        out = torch.zeros(self.num_heads, dtype=torch.float64, device=self._device())
         for h in self._active:
             p = self.heads[str(h)]
             if p.grad is not None:
                 theta = p.detach() if self.bits == FLOAT_BITS or not self.requantize else self._quantized_slice(h)
-                out[h] = (theta * p.grad).abs().sum().float()
+                out[h] = (theta * p.grad).abs().sum().double()
         return out
 
     def _quantized_slice(self, h: int) -> torch.Tensor:

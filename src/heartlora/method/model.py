@@ -54,14 +54,14 @@ def backbone_fingerprint(model: nn.Module, skip: Iterable[str] = ()) -> str:
 
 
 def find_classifier(model: nn.Module) -> tuple[str, ...]:
-    """Module names of the classifier: timm's ``get_classifier()``, else an attribute named head, classifier or fc."""
+    """Module names of the classifier: timm's ``get_classifier()``, else an attribute named head, heads, classifier or fc."""
     get = getattr(model, "get_classifier", None)
     if callable(get):
         clf = get()
         for name, mod in model.named_modules():
             if mod is clf and name:
                 return (name,)
-    for attr in ("head", "classifier", "fc"):
+    for attr in ("head", "heads", "classifier", "fc"):
         if isinstance(getattr(model, attr, None), nn.Module):
             return (attr,)
     return ()

@@ -71,8 +71,9 @@ def quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantize_ste(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantized values forward, identity gradient backward (straight-through estimator)."""
-    return w + (quantize(w, bits) - w).detach()
+    """Quantized values forward (exactly: ``w - w.detach()`` is an exact zero), identity gradient backward
+    (straight-through estimator)."""
+    return quantize(w, bits) + (w - w.detach())
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

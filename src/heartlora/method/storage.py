@@ -48,11 +48,12 @@ def _backbone_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def _matrix_entries(proj: HeadLoRAProjection) -> dict[str, torch.Tensor]:
-    """The projection's two factors over its active heads (as used in the forward), keyed A / B."""
+    """The projection's two factors over its active heads, keyed A / B. These are the matrices the forward
+    quantizes (k-bit codes are taken from them with their own mean and std), not already quantized values."""
     if not proj.active_heads():
         return {}
-    a, b = proj.effective_weights()
-    return {"A": a.detach(), "B": b.detach()}
+    per_head, shared = proj.per_head_matrix().detach(), proj.shared.detach()
+    return {"A": shared, "B": per_head} if proj.per_head_is_B else {"A": per_head, "B": shared}
 
 
 def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor]) -> int:
