@@ -1,0 +1,127 @@
+"""VTAB's structured group, generated: dSprites-, CLEVR- and smallNORB-like images with VTAB's label definitions.
+
+Every task has a fixed data seed: train800 and val200 are the first 800 and next 200 images drawn with the task's
+seed, test is ``test_size`` images (2,000 by default) drawn with seed + 1 (smallNORB: from the held-out toy
+instances, as in smallNORB's own train/test split). All splits are cached on disk; the cache key carries the
+generator's ``VERSION``, so a change to a generator invalidates its old images.
+
+Label distributions, as in VTAB (random images from the full dataset, no rebalancing):
+
+- ``dsprites_loc``: x position (32 values) → 16 bins of 2 values: balanced.
+- ``dsprites_ori``: orientation (40 values) → 16 bins of ``floor(i / 2.5)``: bins alternately hold 3 and 2
+  orientation values, so even classes are 1.5× as frequent as odd ones (VTAB's natural distribution).
+- ``clevr_count``: 3..10 objects, uniform: balanced.
+- ``clevr_dist``: closest object's depth in bins [0, 8, 8.5, 9, 9.5, 10, 100]: natural, about 18 / 22 / 23 / 16 /
+  10 / 10 %.
+- ``smallnorb_azi`` (18 classes) and ``smallnorb_ele`` (9 classes): uniform factors, balanced in expectation.
+
+>>> from heartlora.data.generated import render_dsprites, render_clevr, render_smallnorb
+>>> images, latents = render_dsprites(16, seed=0)     # uint8 (16, 64, 64), latent indices (16, 5)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from heartlora.data.base import ArrayTask
+from heartlora.data.generated import clevr, dsprites, smallnorb
+from heartlora.data.generated.clevr import render_clevr
+from heartlora.data.generated.dsprites import render_dsprites
+from heartlora.data.generated.smallnorb import render_smallnorb
+from heartlora.data.registry import register_task
+
+DEFAULT_TEST_SIZE = 2000
+GROUP = "structured"
+Splits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+__all__ = ["DEFAULT_TEST_SIZE", "render_clevr", "render_dsprites", "render_smallnorb"]
+
+
+def _splits(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
+            test_labels: np.ndarray) -> Splits:
+    """train800 / val200 from the first 1,000 generated images, test from the separately generated ones."""
+    return {"train800": (train_images[:800], train_labels[:800]),
+            "val200": (train_images[800:1000], train_labels[800:1000]),
+            "test": (test_images, test_labels)}
+
+
+def _task(name: str, class_names: list[str], seed: int, test_size: int, version: int,
+          build: Callable[[], Splits]) -> ArrayTask:
+    key = f"generated-{name}-v{version}-seed{seed}-test{test_size}"
+    return ArrayTask(name, class_names, GROUP, build, cache_key=key)
+
+
+def _dsprites_task(name: str, class_names: list[str], label: Callable[[np.ndarray], np.ndarray], seed: int,
+                   test_size: int) -> ArrayTask:
+    def build() -> Splits:
+        train, train_latents = render_dsprites(1000, seed)
+        test, test_latents = render_dsprites(test_size, seed + 1)
+        return _splits(train, label(train_latents), test, label(test_latents))
+
+    return _task(name, class_names, seed, test_size, dsprites.VERSION, build)
+
+
+def _clevr_task(name: str, class_names: list[str], label: Callable[[dict], np.ndarray], seed: int,
+                test_size: int) -> ArrayTask:
+    def build() -> Splits:
+        train, train_info = render_clevr(1000, seed)
+        test, test_info = render_clevr(test_size, seed + 1)
+        return _splits(train, label(train_info), test, label(test_info))
+
+    return _task(name, class_names, seed, test_size, clevr.VERSION, build)
+
+
+def _smallnorb_task(name: str, class_names: list[str], factor: str, seed: int, test_size: int) -> ArrayTask:
+    def build() -> Splits:
+        train, train_factors = render_smallnorb(1000, seed, smallnorb.TRAIN_INSTANCES)
+        test, test_factors = render_smallnorb(test_size, seed + 1, smallnorb.TEST_INSTANCES)
+        return _splits(train, train_factors[factor], test, test_factors[factor])
+
+    return _task(name, class_names, seed, test_size, smallnorb.VERSION, build)
+
+
+@register_task("dsprites_loc", "dSprites-like sprites, 64x64 binary, x position in 16 bins (generated)", GROUP)
+def dsprites_loc(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``dSprites/location``: which of 16 horizontal bands the sprite's centre is in."""
+    return _dsprites_task("dsprites_loc", [f"x bin {i}" for i in range(16)], dsprites.label_location, 1010,
+                          test_size)
+
+
+@register_task("dsprites_ori", "dSprites-like sprites, 64x64 binary, orientation in 16 bins (generated)", GROUP)
+def dsprites_ori(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``dSprites/orientation``: the sprite's rotation in 16 bins of 2.5 of the 40 orientations."""
+    return _dsprites_task("dsprites_ori", [f"orientation bin {i}" for i in range(16)], dsprites.label_orientation,
+                          1020, test_size)
+
+
+@register_task("clevr_count", "CLEVR-like scenes, 128x128 RGB, number of objects 3..10 (generated)", GROUP)
+def clevr_count(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``CLEVR/count``: how many objects the scene holds (class = count − 3)."""
+    names = [f"{k} objects" for k in range(clevr.MIN_OBJECTS, clevr.MAX_OBJECTS + 1)]
+    return _clevr_task("clevr_count", names, clevr.label_count, 2010, test_size)
+
+
+@register_task("clevr_dist", "CLEVR-like scenes, 128x128 RGB, depth of the closest object in 6 bins (generated)",
+               GROUP)
+def clevr_dist(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``CLEVR/distance``: the closest object's camera depth binned at 8, 8.5, 9, 9.5 and 10."""
+    t = clevr.DIST_THRESHOLDS
+    names = [f"depth {lo:g}-{hi:g}" for lo, hi in zip(t[:-1], t[1:])]
+    return _clevr_task("clevr_dist", names, clevr.label_distance, 2020, test_size)
+
+
+@register_task("smallnorb_azi", "smallNORB-like toys, 96x96 grayscale, camera azimuth in 18 steps (generated)", GROUP)
+def smallnorb_azi(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``smallNORB/azimuth``: which of the 18 azimuths (0°..340°, step 20°) the toy is seen from."""
+    names = [f"azimuth {a}" for a in smallnorb.AZIMUTHS]
+    return _smallnorb_task("smallnorb_azi", names, "azimuth", 3010, test_size)
+
+
+@register_task("smallnorb_ele", "smallNORB-like toys, 96x96 grayscale, camera elevation in 9 steps (generated)",
+               GROUP)
+def smallnorb_ele(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
+    """VTAB ``smallNORB/elevation``: which of the 9 elevations (30°..70°, step 5°) the toy is seen from."""
+    names = [f"elevation {e}" for e in smallnorb.ELEVATIONS]
+    return _smallnorb_task("smallnorb_ele", names, "elevation", 3020, test_size)
