@@ -129,23 +129,31 @@ def render_scene(scene: ClevrScene, size: int = SIZE, min_visible: int = 0) -> t
     return None if out is None else (to_uint8(out[0]), out[1])
 
 
+def draw_scene(rng: np.random.Generator, size: int = SIZE) -> tuple[ClevrScene, np.ndarray, np.ndarray]:
+    """A random scene in which every object is visible, with its image and object-id image.
+
+    A scene where some object is hidden behind others (fewer than a handful of visible pixels) is redrawn, as
+    CLEVR's generator does, so the count is answerable from the image.
+    """
+    min_visible = max(1, round(_MIN_PIXELS * (size / SIZE) ** 2))
+    while True:
+        scene = sample_scene(rng)
+        out = render_scene(scene, size, min_visible)
+        if out is not None:
+            return scene, out[0], out[1]
+
+
 def render_clevr(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``n`` random scenes: uint8 images (n, size, size, 3) and per-image ``num_objects`` and ``closest_depth``.
 
-    Image ``i`` depends only on ``(seed, i)``. A scene where some object is hidden behind others (fewer than a
-    handful of visible pixels) is redrawn, as CLEVR's generator does, so the count is answerable from the image.
+    Image ``i`` is ``draw_scene(np.random.default_rng([seed, i]), size)``: it depends only on ``(seed, i)``.
     """
     imgs = np.empty((n, size, size, 3), dtype=np.uint8)
     counts = np.empty(n, dtype=np.int64)
     depths = np.empty(n, dtype=np.float64)
-    min_visible = max(1, round(_MIN_PIXELS * (size / SIZE) ** 2))
     for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        out = None
-        while out is None:
-            scene = sample_scene(rng)
-            out = render_scene(scene, size, min_visible)
-        imgs[i], counts[i], depths[i] = out[0], len(scene.objects), scene.closest_depth()
+        scene, imgs[i], _ = draw_scene(np.random.default_rng([seed, i]), size)
+        counts[i], depths[i] = len(scene.objects), scene.closest_depth()
     return imgs, {"num_objects": counts, "closest_depth": depths}
 
 
