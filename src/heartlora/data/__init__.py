@@ -13,7 +13,7 @@ from heartlora.data.registry import TaskInfo, get_task, list_tasks, register_tas
 from heartlora.data.vtab import VtabFolderTask
 
 # Imported for their @register_task side effect.
-from heartlora.data import offline  # noqa: E402,F401  (isort: skip)
+from heartlora.data import generated, offline  # noqa: E402,F401  (isort: skip)
 
 __all__ = ["ArrayTask", "FewShotTask", "Task", "TaskInfo", "VtabFolderTask", "export_task", "get_task",
            "list_tasks", "register_task"]
