@@ -143,6 +143,8 @@ class HeadLoRAProjection(nn.Module):
         if not self._active:
             return
         a, b = self.effective_weights()
+        if a.dtype != y.dtype:  # autocast: the base output is half precision, the adapter weights are not
+            a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
         if self.per_head_is_B:
             z = x @ a.t()
             for h0, h1, r0, r1 in self._runs:
