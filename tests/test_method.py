@@ -274,3 +274,18 @@ def test_mha_replacement_matches_torch() -> None:
             assert (w is None) == (ref_w is None) and (w is None or torch.allclose(w, ref_w, atol=1e-6))
         y = torch.randn(*x.shape)
         assert torch.allclose(ours(x, y, y)[0], mha(x, y, y)[0], atol=1e-6)
+
+
+def test_swin_stages_with_different_head_counts_are_ranked_together() -> None:
+    model, x = make_family("timm_swin")  # stage 1: 2 heads, stage 2: 4 heads
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+    randomize(model)
+    tracker = hl.ResponsivenessTracker(model)
+    _loss(model, x).backward()
+    tracker.update()
+    scores = tracker.scores()
+    assert [len(s) for s in scores.values()] == [2, 4]
+    off = hl.deactivate_heads(model, scores, fraction=0.5)
+    assert len(off) == 3
+    assert sum(not on for mask in hl.head_masks(model).values() for on in mask) == 3
+    model(x).sum().backward()
