@@ -35,6 +35,9 @@ def test_dsprites_loads_through_the_registry():
     assert labels.shape == (800,) and 0 <= labels.min() and labels.max() < 16
     assert task.split_sizes() == {"train800": 800, "val200": 200, "train800val200": 1000,
                                   "test": generated.DEFAULT_TEST_SIZE}
+    native = task.arrays()["train800"]
+    first, first_labels = generated.preview("dsprites_loc", 8)  # the quick look shows the split's first images
+    assert np.array_equal(first, native[0][:8]) and np.array_equal(first_labels, native[1][:8])
     # A fresh task object reads the same images back from the disk cache.
     again, again_labels = get_task("dsprites_loc").load("train800", img_size=32)
     assert np.array_equal(again.numpy(), images.numpy()) and np.array_equal(again_labels, labels)

@@ -36,71 +36,84 @@ DEFAULT_TEST_SIZE = 2000
 GROUP = "structured"
 Splits = dict[str, tuple[np.ndarray, np.ndarray]]
 
-__all__ = ["DEFAULT_TEST_SIZE", "render_clevr", "render_dsprites", "render_smallnorb"]
+__all__ = ["DEFAULT_TEST_SIZE", "preview", "render_clevr", "render_dsprites", "render_smallnorb"]
+
+# A task draws n images and their labels from a seed; `test` selects smallNORB's held-out toys.
+Draw = Callable[[int, int, bool], tuple[np.ndarray, np.ndarray]]
 
 
-def _splits(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-            test_labels: np.ndarray) -> Splits:
-    """train800 / val200 from the first 1,000 generated images, test from the separately generated ones."""
-    return {"train800": (train_images[:800], train_labels[:800]),
-            "val200": (train_images[800:1000], train_labels[800:1000]),
-            "test": (test_images, test_labels)}
+def _dsprites(label: Callable[[np.ndarray], np.ndarray]) -> Draw:
+    def draw(n: int, seed: int, test: bool) -> tuple[np.ndarray, np.ndarray]:
+        images, latents = render_dsprites(n, seed)
+        return images, label(latents)
+
+    return draw
 
 
-def _task(name: str, class_names: list[str], seed: int, test_size: int, version: int,
-          build: Callable[[], Splits]) -> ArrayTask:
+def _clevr(label: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Draw:
+    def draw(n: int, seed: int, test: bool) -> tuple[np.ndarray, np.ndarray]:
+        images, info = render_clevr(n, seed)
+        return images, label(info)
+
+    return draw
+
+
+def _smallnorb(factor: str) -> Draw:
+    def draw(n: int, seed: int, test: bool) -> tuple[np.ndarray, np.ndarray]:
+        images, factors = render_smallnorb(n, seed, smallnorb.TEST_INSTANCES if test else smallnorb.TRAIN_INSTANCES)
+        return images, factors[factor]
+
+    return draw
+
+
+# name → (data seed, generator version, draw). Test images use seed + 1.
+_SPECS: dict[str, tuple[int, int, Draw]] = {
+    "dsprites_loc": (1010, dsprites.VERSION, _dsprites(dsprites.label_location)),
+    "dsprites_ori": (1020, dsprites.VERSION, _dsprites(dsprites.label_orientation)),
+    "clevr_count": (2010, clevr.VERSION, _clevr(clevr.label_count)),
+    "clevr_dist": (2020, clevr.VERSION, _clevr(clevr.label_distance)),
+    "smallnorb_azi": (3010, smallnorb.VERSION, _smallnorb("azimuth")),
+    "smallnorb_ele": (3020, smallnorb.VERSION, _smallnorb("elevation")),
+}
+
+
+def preview(name: str, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` training images of generated task ``name`` and their labels, without building the task
+    (a quick look: these are exactly the first images of its train800 split)."""
+    seed, _, draw = _SPECS[name]
+    return draw(n, seed, False)
+
+
+def _task(name: str, class_names: list[str], test_size: int) -> ArrayTask:
+    seed, version, draw = _SPECS[name]
+
+    def build() -> Splits:
+        train, train_labels = draw(1000, seed, False)
+        test, test_labels = draw(test_size, seed + 1, True)
+        return {"train800": (train[:800], train_labels[:800]), "val200": (train[800:], train_labels[800:]),
+                "test": (test, test_labels)}
+
     key = f"generated-{name}-v{version}-seed{seed}-test{test_size}"
     return ArrayTask(name, class_names, GROUP, build, cache_key=key)
-
-
-def _dsprites_task(name: str, class_names: list[str], label: Callable[[np.ndarray], np.ndarray], seed: int,
-                   test_size: int) -> ArrayTask:
-    def build() -> Splits:
-        train, train_latents = render_dsprites(1000, seed)
-        test, test_latents = render_dsprites(test_size, seed + 1)
-        return _splits(train, label(train_latents), test, label(test_latents))
-
-    return _task(name, class_names, seed, test_size, dsprites.VERSION, build)
-
-
-def _clevr_task(name: str, class_names: list[str], label: Callable[[dict], np.ndarray], seed: int,
-                test_size: int) -> ArrayTask:
-    def build() -> Splits:
-        train, train_info = render_clevr(1000, seed)
-        test, test_info = render_clevr(test_size, seed + 1)
-        return _splits(train, label(train_info), test, label(test_info))
-
-    return _task(name, class_names, seed, test_size, clevr.VERSION, build)
-
-
-def _smallnorb_task(name: str, class_names: list[str], factor: str, seed: int, test_size: int) -> ArrayTask:
-    def build() -> Splits:
-        train, train_factors = render_smallnorb(1000, seed, smallnorb.TRAIN_INSTANCES)
-        test, test_factors = render_smallnorb(test_size, seed + 1, smallnorb.TEST_INSTANCES)
-        return _splits(train, train_factors[factor], test, test_factors[factor])
-
-    return _task(name, class_names, seed, test_size, smallnorb.VERSION, build)
 
 
 @register_task("dsprites_loc", "dSprites-like sprites, 64x64 binary, x position in 16 bins (generated)", GROUP)
 def dsprites_loc(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``dSprites/location``: which of 16 horizontal bands the sprite's centre is in."""
-    return _dsprites_task("dsprites_loc", [f"x bin {i}" for i in range(16)], dsprites.label_location, 1010,
-                          test_size)
+    return _task("dsprites_loc", [f"x bin {i}" for i in range(16)], test_size)
 
 
 @register_task("dsprites_ori", "dSprites-like sprites, 64x64 binary, orientation in 16 bins (generated)", GROUP)
 def dsprites_ori(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``dSprites/orientation``: the sprite's rotation in 16 bins of 2.5 of the 40 orientations."""
-    return _dsprites_task("dsprites_ori", [f"orientation bin {i}" for i in range(16)], dsprites.label_orientation,
-                          1020, test_size)
+    return _task("dsprites_ori", [f"orientation bin {i}" for i in range(16)], test_size)
 
 
 @register_task("clevr_count", "CLEVR-like scenes, 128x128 RGB, number of objects 3..10 (generated)", GROUP)
 def clevr_count(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``CLEVR/count``: how many objects the scene holds (class = count − 3)."""
     names = [f"{k} objects" for k in range(clevr.MIN_OBJECTS, clevr.MAX_OBJECTS + 1)]
-    return _clevr_task("clevr_count", names, clevr.label_count, 2010, test_size)
+    return _task("clevr_count", names, test_size)
 
 
 @register_task("clevr_dist", "CLEVR-like scenes, 128x128 RGB, depth of the closest object in 6 bins (generated)",
@@ -109,14 +122,14 @@ def clevr_dist(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``CLEVR/distance``: the closest object's camera depth binned at 8, 8.5, 9, 9.5 and 10."""
     t = clevr.DIST_THRESHOLDS
     names = [f"depth {lo:g}-{hi:g}" for lo, hi in zip(t[:-1], t[1:])]
-    return _clevr_task("clevr_dist", names, clevr.label_distance, 2020, test_size)
+    return _task("clevr_dist", names, test_size)
 
 
 @register_task("smallnorb_azi", "smallNORB-like toys, 96x96 grayscale, camera azimuth in 18 steps (generated)", GROUP)
 def smallnorb_azi(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``smallNORB/azimuth``: which of the 18 azimuths (0°..340°, step 20°) the toy is seen from."""
     names = [f"azimuth {a}" for a in smallnorb.AZIMUTHS]
-    return _smallnorb_task("smallnorb_azi", names, "azimuth", 3010, test_size)
+    return _task("smallnorb_azi", names, test_size)
 
 
 @register_task("smallnorb_ele", "smallNORB-like toys, 96x96 grayscale, camera elevation in 9 steps (generated)",
@@ -124,4 +137,4 @@ def smallnorb_azi(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
 def smallnorb_ele(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """VTAB ``smallNORB/elevation``: which of the 9 elevations (30°..70°, step 5°) the toy is seen from."""
     names = [f"elevation {e}" for e in smallnorb.ELEVATIONS]
-    return _smallnorb_task("smallnorb_ele", names, "elevation", 3020, test_size)
+    return _task("smallnorb_ele", names, test_size)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .render3d import CUBE, CYLINDER, SPHERE, Camera, Light, Lighting, Primitive, render, rotation_z, to_uint8
 
-VERSION = 1  # in the cache key: bump whenever the images or labels change; also when render3d changes
+VERSION = 2  # in the cache key: bump whenever the images or labels change; also when render3d changes
 SIZE = 128
 SHAPES = {"cube": CUBE, "sphere": SPHERE, "cylinder": CYLINDER}
 SIZES = {"large": 0.7, "small": 0.35}
@@ -132,12 +132,15 @@ def render_scene(scene: ClevrScene, size: int = SIZE, min_visible: int = 0) -> t
 def draw_scene(rng: np.random.Generator, size: int = SIZE) -> tuple[ClevrScene, np.ndarray, np.ndarray]:
     """A random scene in which every object is visible, with its image and object-id image.
 
-    A scene where some object is hidden behind others (fewer than a handful of visible pixels) is redrawn, as
+    A layout where some object is hidden behind others (fewer than a handful of visible pixels) is redrawn, as
     CLEVR's generator does, so the count is answerable from the image.
     """
     min_visible = max(1, round(_MIN_PIXELS * (size / SIZE) ** 2))
+    # The count is drawn once: redrawing it with the layout would favour small counts, whose scenes hide fewer
+    # objects, and clevr_count would no longer be balanced.
+    num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     while True:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, num_objects)
         out = render_scene(scene, size, min_visible)
         if out is not None:
             return scene, out[0], out[1]
