@@ -97,9 +97,9 @@ def _place(rng: np.random.Generator, camera: Camera, n: int) -> list[ClevrObject
                 colour=list(COLOURS)[rng.integers(len(COLOURS))], material=MATERIALS[rng.integers(2)],
                 x=float(rng.uniform(-3, 3)), y=float(rng.uniform(-3, 3)), rotation=float(rng.uniform(0, 2 * np.pi)),
             )
-            # Bounding radius on the floor: a cube's corner reaches √2 times its half-size.
-            reach = SIZES[obj.size]
-            if any(np.hypot(obj.x - o.x, obj.y - o.y) - reach - SIZES[o.size] < _MIN_GAP for o in objects):
+            # Each object's footprint lies within its size r of its centre (a cube's half-size r/√2 reaches r at
+            # the corners), so CLEVR's gap rule is on centre distance minus both sizes.
+            if any(np.hypot(obj.x - o.x, obj.y - o.y) - SIZES[obj.size] - SIZES[o.size] < _MIN_GAP for o in objects):
                 continue
             u, v = camera.project(obj.centre())
             if not (_MARGIN < u < 1 - _MARGIN and _MARGIN < v < 1 - _MARGIN):

@@ -1,10 +1,11 @@
 """A small numpy ray caster for the CLEVR-like and smallNORB-like tasks.
 
 A scene is a list of :class:`Primitive` (a unit sphere, cube or cylinder under an affine map) above a ground plane
-``z = 0``. One primary ray per pixel (with optional supersampling) finds the nearest surface; the key light casts
-shadows (one shadow ray per visible pixel, softened on the floor by a small blur in image space); shading is
-Lambert plus a Phong highlight, and metals add a reflection of a simple sky/floor environment. All rays of an image
-are processed as one vectorised batch, so an image costs a few milliseconds per primitive.
+``z = 0``. One primary ray per pixel finds the nearest surface (silhouette pixels are re-traced with four sub-pixel
+rays, for smooth edges); lights marked ``shadows`` cast them (one shadow ray per pixel, softened on the floor by a
+small blur in image space); shading is Lambert plus a Blinn-Phong highlight, and metals add a reflection of a
+simple sky/floor environment. All rays of an image go through numpy as one batch, and each primitive traces only
+the rays that enter its bounding sphere, so a 128×128 scene of ten objects takes about 15 ms.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ def _intersect_exact(prim: Primitive, origin: np.ndarray, dirs: np.ndarray) -> n
         c = o[:, 0] ** 2 + o[:, 1] ** 2 - 1.0
         side = (-b - np.sqrt(b * b - a * c)) / a
         side = np.where((side > _EPS) & (np.abs(o[:, 2] + side * d[:, 2]) <= 1.0), side, np.inf)
-        cap = np.minimum(np.where((-1.0 - o[:, 2]) / d[:, 2] > _EPS, (-1.0 - o[:, 2]) / d[:, 2], np.inf),
-                         np.where((1.0 - o[:, 2]) / d[:, 2] > _EPS, (1.0 - o[:, 2]) / d[:, 2], np.inf))
+        bottom, top = (-1.0 - o[:, 2]) / d[:, 2], (1.0 - o[:, 2]) / d[:, 2]
+        cap = np.minimum(np.where(bottom > _EPS, bottom, np.inf), np.where(top > _EPS, top, np.inf))
         cx, cy = o[:, 0] + cap * d[:, 0], o[:, 1] + cap * d[:, 1]
         cap = np.where(np.isfinite(cap) & (cx * cx + cy * cy <= 1.0), cap, np.inf)
         return np.fmin(side, cap)  # fmin ignores the NaN of rays that miss the side
@@ -178,8 +179,9 @@ def normals(prim: Primitive, points: np.ndarray) -> np.ndarray:
     else:
         # A hit point is on a cap when it is nearer the cap plane than the curved side.
         on_cap = 1.0 - np.abs(q[:, 2]) < 1.0 - np.sqrt(q[:, 0] ** 2 + q[:, 1] ** 2)
-        n = np.where(on_cap[:, None], np.stack([0 * q[:, 0], 0 * q[:, 1], np.sign(q[:, 2])], 1),
-                     np.stack([q[:, 0], q[:, 1], 0 * q[:, 2]], 1))
+        zero = np.zeros(len(q))
+        n = np.where(on_cap[:, None], np.stack([zero, zero, np.sign(q[:, 2])], 1),
+                     np.stack([q[:, 0], q[:, 1], zero], 1))
     # Normals transform with the inverse transpose of the shape's linear map.
     n = n @ prim.inverse
     return n / np.linalg.norm(n, axis=1, keepdims=True)
