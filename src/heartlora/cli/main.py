@@ -421,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {exc.filename or _one_line(exc)}: permission denied", file=sys.stderr)
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is checkpointed; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED

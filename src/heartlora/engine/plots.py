@@ -44,8 +44,7 @@ def responsiveness_heatmap(
         grid = grid / top
 
     fig, ax = plt.subplots(figsize=(min(max(6.0, 3.5 + 0.45 * width), 14), min(2.0 + 0.32 * len(layers), 14)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0)
     for i, name in enumerate(layers):
         for h, on in enumerate(masks.get(name, ())):

@@ -269,8 +269,8 @@ class _Schedule(torch.optim.lr_scheduler.LambdaLR):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_epoch, self._step_count = int(state["last_epoch"]), int(state["_step_count"])
         self.base_lrs, self._last_lr = list(state["base_lrs"]), list(state["_last_lr"])
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * _lr_lambda(self.last_epoch, *self.shape)
 
 
 def _count_heads(model: nn.Module) -> tuple[int, list[int]]:

@@ -1,0 +1,198 @@
+"""The training engine on a tiny random ViT (timm ``test_vit``: 6 layers × 2 heads) and a tiny four-class task
+(96 training images, written as a VTAB-1K folder so that torchrun's processes can read it too)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heartlora.engine import TrainConfig, load_trained, resolve, train
+from heartlora.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from heartlora.engine.distributed import DistInfo, shard
+from heartlora.engine.metrics import REQUIRED_KEYS, accuracy
+from heartlora.engine.plots import responsiveness_heatmap
+from heartlora.engine.trainer import METHODS, RUN_FILES, STOP_ENV, _lr_lambda
+from heartlora.errors import ConfigError
+
+TINY = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, progress=False)
+HEADS = 12  # test_vit: 6 layers × 2 heads
+SPLIT_SIZES = {"train800": 96, "val200": 32, "test": 64}
+
+
+def write_tiny_vtab(root: Path) -> str:
+    """A learnable four-class task as a VTAB-1K folder (16 px images: the class sets which quadrant is bright);
+    returns its task name, ``vtab:<root>``."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in SPLIT_SIZES.items():
+        lines = []
+        for i in range(count):
+            label = i % 4
+            img = torch.randint(0, 90, (16, 16, 3), generator=g, dtype=torch.uint8)
+            r, c = divmod(label, 2)
+            img[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 150
+            name = f"{split}_{i:03d}.png"
+            Image.fromarray(img.numpy()).save(root / name)
+            lines.append(f"{name} {label}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return f"vtab:{root}"
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_vtab(tmp_path_factory.mktemp("tiny_task"))
+
+
+def tiny(out: Path, task: str, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "task": task, "epochs": 2, "out": str(out), **kw})
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) -> None:
+    ne = 3 if METHODS[method].heart else None
+    metrics = train(tiny(tmp_path, task, method=method, ne=ne))
+    for name in ("metrics.json", "adapter.safetensors", "curves.png", "train.log", "checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(saved)
+    assert saved["accuracy_split"] == "val200" and saved["train_split"] == "train800"
+    assert 0.0 <= saved["accuracy"] <= 1.0 and math.isfinite(saved["final_train_loss"])
+    assert saved["method"] == method and saved["settings"]["epochs"] == 2
+    if METHODS[method].adapters:
+        assert (tmp_path / "responsiveness.png").is_file()
+        assert saved["heads_total"] == HEADS and saved["adapter_bytes"] > 0
+        assert len(saved["heads_off"]) == (3 if METHODS[method].heart else 0)
+        assert set(saved["responsiveness"]) == set(saved["head_masks"])
+    else:
+        assert saved["heads_off"] == []
+        assert (saved["adapter_bytes"] == 0) == (method == "linear")
+    # The stored model gives the reported accuracy again.
+    model, _ = load_trained(tmp_path / "adapter.safetensors")
+    from heartlora.data import get_task
+
+    x, y = get_task(task).load("val200", img_size=32)
+    assert accuracy(model, x, y, DistInfo(0, 1, 0, torch.device("cpu"))) == pytest.approx(metrics["accuracy"])
+
+
+def test_quantized_adapters_are_smaller_and_heads_off_save_bytes(tmp_path: Path, task: str) -> None:
+    sizes = {m: train(tiny(tmp_path / m, task, method=m, epochs=1, ne=4 if "heart" in m else None))["adapter_bytes"]
+             for m in ("lora", "heart-lora", "bi-lora", "heart-bi-lora")}
+    assert sizes["bi-lora"] < sizes["lora"] and sizes["heart-lora"] < sizes["lora"]
+    assert sizes["heart-bi-lora"] < sizes["bi-lora"]
+
+
+def _stop_and_resume(out: Path, task: str, stops: list[int], monkeypatch: pytest.MonkeyPatch, **kw) -> dict:
+    for k in stops:
+        monkeypatch.setenv(STOP_ENV, str(k))
+        result = train(tiny(out, task, resume=True, **kw))
+        assert result == {"stopped_after_epoch": k, "out": str(out)}
+        assert not (out / "metrics.json").exists()
+    monkeypatch.delenv(STOP_ENV)
+    return train(TrainConfig(out=str(out), resume=True, progress=False))  # flags come from the checkpoint
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = dict(method="heart-lora", ne=3, epochs=3, warmup_epochs=1, dropout=0.1)  # dropout: RNG state matters
+    whole = train(tiny(tmp_path / "whole", task, **kw))
+    # Stopped at the end of warmup (before the switch-off is checkpointed in a later epoch) and after it.
+    resumed = _stop_and_resume(tmp_path / "parts", task, [1, 2], monkeypatch, **kw)
+    assert resumed["heads_off"] == whole["heads_off"]
+    assert resumed["accuracy"] == whole["accuracy"]
+    assert resumed["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
+    a, b = load_file(tmp_path / "whole" / "adapter.safetensors"), load_file(tmp_path / "parts" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    # Resuming a finished run trains nothing and returns its metrics.
+    again = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False))
+    assert again["already_finished"] and again["accuracy"] == whole["accuracy"]
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STOP_ENV, "1")
+    train(tiny(tmp_path, task, method="lora"))
+    monkeypatch.delenv(STOP_ENV)
+    with pytest.raises(ConfigError, match="--lr"):
+        train(tiny(tmp_path, task, method="lora", lr=0.5, resume=True))
+
+
+def test_output_folder_of_another_run_is_refused_and_kept(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="linear", epochs=1))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ConfigError, match="already holds"):
+        train(tiny(tmp_path, task, method="lora", epochs=1))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # --overwrite replaces the run's files but leaves a user's own files alone.
+    (tmp_path / "notes.txt").write_text("mine")
+    train(tiny(tmp_path, task, method="lora", epochs=1, overwrite=True))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "lora"
+
+
+def test_impossible_ne_fails_before_anything_is_written(tmp_path: Path, task: str) -> None:
+    with pytest.raises(ConfigError, match="--ne 13"):
+        train(tiny(tmp_path / "run", task, method="heart-lora", ne=HEADS + 1))
+    with pytest.raises(ConfigError, match="per layer"):
+        train(tiny(tmp_path / "run", task, method="heart-lora", ne=3, scope="layer"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_defaults_profiles_and_overrides() -> None:
+    paper = resolve(TrainConfig(task="digits"))
+    assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
+    assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
+    assert paper.targets == ("q", "v") and paper.method == "heart-lora" and paper.ne == 12
+    cpu = resolve(TrainConfig(task="digits", profile="cpu", img_size=64))
+    assert cpu.img_size == 64 and cpu.epochs == 10 and cpu.batch_size == 32 and cpu.warmup_epochs == 1
+    assert any("profile cpu" in n for n in cpu.notes)
+    assert resolve(TrainConfig(task="digits", epochs=50)).warmup_epochs == 5
+    assert resolve(TrainConfig(task="digits", method="bi-lora")).bits == 1
+    assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
+    for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
+                dict(protocol="test"), dict(method="full", bits=1), dict(warmup_epochs=0)):
+        with pytest.raises(ConfigError):
+            resolve(TrainConfig(task="digits", **bad))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    lrs = [_lr_lambda(s, 10, 100, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_checkpoints_hold_no_code_and_damage_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 3, "model": {"w": torch.ones(2)}, "settings": "{}"})
+    assert load_checkpoint(path)["epoch"] == 3
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_shards_of_a_batch_cover_it_exactly() -> None:
+    batch = torch.randperm(64)[:37]
+    parts = [shard(batch, DistInfo(r, 3, r, torch.device("cpu"))) for r in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == sorted(batch.tolist())
+
+
+def test_heatmap_handles_layers_with_different_head_counts(tmp_path: Path) -> None:
+    scores = {"stage0": [1.0, 2.0], "stage1": [0.5, 3.0, 1.0, 0.1], "stage2": [2.0] * 8}
+    masks = {"stage0": [True, False], "stage1": [True, True, True, False], "stage2": [True] * 8}
+    path = responsiveness_heatmap(tmp_path / "h.png", scores, masks, title="swin-like")
+    assert path.stat().st_size > 1000
+    assert responsiveness_heatmap(tmp_path / "masks_only.png", None, masks).is_file()
+
+
+def test_run_files_list_matches_what_a_run_writes(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="heart-lora", ne=2, epochs=1, protocol="final"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(RUN_FILES)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["accuracy_split"] == "test" and metrics["train_split"] == "train800val200"
+    assert all(h["eval_acc"] is None for h in metrics["history"])  # nothing looked at test during training
