@@ -45,8 +45,8 @@ def print_table(title: str, rows: Sequence[tuple[str, str]]) -> None:
         from rich.table import Table
 
         table = Table(title=title, show_header=False, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")  # paths must stay whole: wrap, never cut with "…"
         for k, v in rows:
             table.add_row(k, v)
         console.print(table)
@@ -74,14 +74,20 @@ def summary_rows(metrics: dict[str, Any], out: str | None) -> list[tuple[str, st
         ("epochs", f"{metrics.get('epochs')} (warmup {metrics.get('warmup_epochs')})"),
         ("time", f"{metrics.get('wall_s', 0):.0f} s, {metrics.get('train_images_per_s', 0):.1f} train img/s"),
     ]
-    files = metrics.get("files") or {}
-    if out:
-        if files.get("responsiveness_plot"):
-            rows.append(("heatmap", str(Path(out) / files["responsiveness_plot"])))
-        rows.append(("curves", str(Path(out) / files.get("curves_plot", "curves.png"))))
-        rows.append(("metrics", str(Path(out) / "metrics.json")))
     rows.append(("selection", "none on test: the last epoch is reported"))
     return rows
+
+
+def file_lines(metrics: dict[str, Any], out: str) -> list[str]:
+    """Where the run's files are, one per line (outside the table, so a long path is never wrapped or cut)."""
+    files = metrics.get("files") or {}
+    lines = []
+    if files.get("responsiveness_plot"):
+        lines.append(f"heatmap: {Path(out) / files['responsiveness_plot']}")
+    lines.append(f"curves:  {Path(out) / files.get('curves_plot', 'curves.png')}")
+    lines.append(f"metrics: {Path(out) / 'metrics.json'}")
+    lines.append(f"adapter: {Path(out) / 'adapter.safetensors'}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print_table(f"heartlora train: {cfg.out}", summary_rows(metrics, cfg.out))
+        print("\n".join(file_lines(metrics, cfg.out)))
     return 0
 
 
@@ -142,6 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = summary_rows(metrics, cfg.out)
     rows.append(("this command took", f"{time.perf_counter() - t0:.0f} s"))
     print_table("heartlora demo: results", rows)
+    print("\n".join(file_lines(metrics, cfg.out)))
     return 0
 
 

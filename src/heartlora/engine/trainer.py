@@ -406,17 +406,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         raise ConfigError(decision["error"])
     state = decision.get("state")
     if decision["mode"] == "done":
+        resolve(cfg, json.loads(state["settings"]))  # a flag that contradicts the finished run is still an error
         metrics = broadcast_object(read_metrics(Path(cfg.out) / "metrics.json") if info.is_main else None, info)
         metrics["already_finished"] = True
         return metrics
     cfg = resolve(cfg, json.loads(state["settings"]) if state else None)
     method = METHODS[cfg.method]
-    if cfg.profile == "paper" and info.device.type == "cpu" and not state and cfg.progress and info.is_main:
-        print("note: the paper profile (224 px, 100 epochs) is very slow on a CPU; --profile cpu sets CPU-sized "
-              "defaults", file=sys.stderr)
-    for note in cfg.notes:
-        if info.is_main and not state:
-            print(f"note: {note}", file=sys.stderr)
 
     # Everything that can fail on bad input happens before the folder is touched.
     from heartlora.data import get_task
@@ -430,6 +425,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     eval_x, eval_y = (task.load(eval_split, img_size=cfg.img_size, seed=cfg.seed) if cfg.protocol == "val"
                       else (None, None))
 
+    if info.is_main and not state:
+        notes = list(cfg.notes)
+        if cfg.profile == "paper" and info.device.type == "cpu" and cfg.img_size >= 224:
+            notes.append("the paper profile (224 px, 100 epochs) is very slow on a CPU; --profile cpu sets CPU-sized "
+                         "defaults")
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     run = _Run(cfg, info)
     if info.is_main:
         run.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,143 @@
+"""The ``heartlora`` command: the happy paths, and bad input → one line ``error: …``, exit ≠ 0, nothing lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from heartlora.cli.main import DEMO, EXIT_ERROR, main
+from test_engine import write_tiny_vtab
+
+TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_vtab(tmp_path_factory.mktemp("cli_task"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, task: str) -> Path:
+    out = tmp_path_factory.mktemp("cli_run") / "run"
+    assert main(["train", "--task", task, "--method", "heart-lora", "--ne", "4", "--epochs", "2", "--out", str(out),
+                 *TINY]) == 0
+    return out
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture, match: str) -> str:
+    """Run the CLI, expect a one-line error containing ``match`` and a non-zero exit, return the line."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == EXIT_ERROR, captured
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_train_prints_a_summary_and_writes_the_run(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["heads_off_count"] == 4 and metrics["protocol"] == "val"
+    assert main(["train", "--out", str(run_dir), "--resume", "--quiet"]) == 0  # finished: shows the stored result
+    out = "".join(capsys.readouterr().out.split())  # the table may wrap long paths
+    assert "finishedrun" in out and "accuracy(val200)" in out and "4of12" in out and "responsiveness.png" in out
+
+
+def test_eval_predict_inspect(run_dir: Path, task: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert main(["eval", "--adapter", str(run_dir), "--split", "val200", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["accuracy"] == pytest.approx(metrics["accuracy"]) and result["images"] == 32
+
+    folder = Path(task.split(":", 1)[1])
+    images = sorted(folder.glob("test_00*.png"))[:3]
+    assert main(["predict", "--adapter", str(run_dir / "adapter.safetensors"), *map(str, images), "--top-k", "2",
+                 "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert len(preds) == 3 and all(len(p["top"]) == 2 for p in preds)
+    assert sum(t["prob"] for t in preds[0]["top"]) <= 1.0 + 1e-6
+
+    plot = tmp_path / "heads.png"
+    assert main(["inspect", str(run_dir), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "8 of 12" in out and "adapter bytes" in out and plot.stat().st_size > 1000
+
+
+def test_data_list_and_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "list"]) == 0
+    assert "digits" in capsys.readouterr().out
+    assert main(["data", "export", "digits", str(tmp_path / "digits"), "--img-size", "8"]) == 0
+    assert (tmp_path / "digits" / "train800.txt").is_file()
+
+
+def test_unknown_task_and_backbone(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    _fails(["train", "--task", "no_such_task", "--out", str(tmp_path / "a"), *TINY], capsys, "unknown task")
+    _fails(["train", "--task", task, "--out", str(tmp_path / "b"), *TINY, "--backbone", "no_such_net"], capsys,
+           "no_such_net")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_backbone_without_attention_heads(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    _fails(["train", "--task", task, "--method", "lora", "--out", str(tmp_path / "r"), *TINY,
+            "--backbone", "test_resnet"], capsys, "attention")
+    assert not (tmp_path / "r").exists()
+
+
+def test_ne_larger_than_the_head_count(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    _fails(["train", "--task", task, "--ne", "99", "--out", str(tmp_path / "r"), *TINY], capsys, "--ne 99")
+    _fails(["train", "--task", task, "--method", "lora", "--ne", "2", "--out", str(tmp_path / "r"), *TINY], capsys,
+           "heart-lora")
+    assert not (tmp_path / "r").exists()
+
+
+def test_output_folder_of_another_run(run_dir: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    before = _snapshot(run_dir)
+    line = _fails(["train", "--task", task, "--method", "lora", "--epochs", "1", "--out", str(run_dir), *TINY],
+                  capsys, "already holds")
+    assert "--resume" in line and "--overwrite" in line
+    _fails(["train", "--out", str(run_dir), "--resume", "--lr", "0.3", "--quiet"], capsys, "other settings")
+    assert _snapshot(run_dir) == before
+
+
+def test_corrupt_and_mismatched_adapters(run_dir: Path, tmp_path: Path, task: str,
+                                         capsys: pytest.CaptureFixture) -> None:
+    good = (run_dir / "adapter.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(good[:-10] + bytes([good[-10] ^ 0xFF]) + good[-9:])
+    for path in (truncated, flipped):
+        _fails(["eval", "--adapter", str(path), "--task", task], capsys, str(path))
+        _fails(["inspect", str(path)], capsys, str(path))
+    _fails(["predict", "--adapter", str(tmp_path / "missing.safetensors"), str(truncated)], capsys, "does not exist")
+    _fails(["eval", "--adapter", str(run_dir), "--task", "digits"], capsys, "classes")
+    assert (run_dir / "adapter.safetensors").read_bytes() == good
+
+
+def test_unreadable_image(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "photo.png"
+    bad.write_text("not a picture")
+    _fails(["predict", "--adapter", str(run_dir), str(bad)], capsys, "cannot read image")
+    _fails(["predict", "--adapter", str(run_dir), str(tmp_path / "nope.jpg")], capsys, "does not exist")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from heartlora.errors import TaskError
+
+    with pytest.raises(TaskError):
+        main(["train", "--debug", "--task", "no_such_task", "--out", str(tmp_path / "a"), *TINY])
+
+
+def test_demo_settings_resolve() -> None:
+    from heartlora.engine import TrainConfig, resolve
+
+    cfg = resolve(TrainConfig(**DEMO))
+    assert cfg.backbone == "dinov2_small" and cfg.method == "heart-lora" and cfg.img_size <= 112
+    assert cfg.protocol == "final" and cfg.ne <= 72

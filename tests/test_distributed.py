@@ -1,0 +1,57 @@
+"""Data-parallel training: two CPU processes under torchrun give the result of one process (gloo backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heartlora.engine import TrainConfig, train
+from heartlora.engine.trainer import RUN_FILES
+from test_engine import write_tiny_vtab
+
+# drop-path off: its random masks are drawn per process, so they would differ between 1 and 2 processes.
+FLAGS = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=2, method="heart-lora", ne=3,
+             drop_path=0.0, device="cpu")
+
+
+def _cli_flags(cfg: dict) -> list[str]:
+    argv = []
+    for key, value in cfg.items():
+        if key == "pretrained":
+            argv.append("--no-pretrained")
+        else:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    task = write_tiny_vtab(tmp_path / "task")
+    one = train(TrainConfig(task=task, out=str(tmp_path / "one"), progress=False, **FLAGS))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "heartlora", "train", "--task", task, "--out", str(tmp_path / "two"), "--quiet",
+           *_cli_flags(FLAGS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["heads_off"] == one["heads_off"]  # the all-reduced scores pick the same heads on every rank
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-9)
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # Only rank 0 wrote, and it wrote one run's files.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(RUN_FILES)
+    assert done.stdout.count("heartlora train:") == 1
