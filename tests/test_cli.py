@@ -141,3 +141,14 @@ def test_demo_settings_resolve() -> None:
     cfg = resolve(TrainConfig(**DEMO))
     assert cfg.backbone == "dinov2_small" and cfg.method == "heart-lora" and cfg.img_size <= 112
     assert cfg.protocol == "final" and cfg.ne <= 72
+
+
+def test_readme_python_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code.replace("runs/readme-example", str(tmp_path / "example")), "README.md", "exec"), {})
+    words = capsys.readouterr().out.split()
+    assert words[0] == "val200" and words[2:5] == ["3", "of", "12"]
+    assert (tmp_path / "example" / "metrics.json").is_file()

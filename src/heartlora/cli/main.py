@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130
 # The demo: the offline DINOv2 ViT-S/14 on the 5,000 MNIST digits (PyPI only, no root), Heart-LoRA, CPU-sized.
 # Measured on the 2-core machine this project is developed on: see README.md ("make demo").
 DEMO = {"task": "mnist", "backbone": "dinov2_small", "method": "heart-lora", "profile": "cpu", "protocol": "final",
-        "img_size": 56, "epochs": 8, "batch_size": 32, "ne": 24, "out": "runs/demo"}
+        "img_size": 84, "epochs": 10, "batch_size": 32, "ne": 18, "out": "runs/demo"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
