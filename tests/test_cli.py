@@ -6,11 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
-
-from heartlora.cli.main import DEMO, EXIT_ERROR, main
+import torch
 from test_engine import write_tiny_vtab
 
+from heartlora.cli.main import DEMO, EXIT_ERROR, main
+
 TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--batch-size", "32", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """See tests/test_engine.py: one thread is faster for tiny models on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import one_thread, write_tiny_vtab  # noqa: F401  (one_thread: autouse fixture)
 
 from heartlora.engine import TrainConfig, train
 from heartlora.engine.trainer import RUN_FILES
-from test_engine import write_tiny_vtab
 
 # drop-path off: its random masks are drawn per process, so they would differ between 1 and 2 processes.
 FLAGS = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=2, method="heart-lora", ne=3,

@@ -24,6 +24,16 @@ HEADS = 12  # test_vit: 6 layers × 2 heads
 SPLIT_SIZES = {"train800": 96, "val200": 32, "test": 64}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine the threads' barriers make them several
+    times slower: one thread keeps these tests fast and their timing steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_tiny_vtab(root: Path) -> str:
     """A learnable four-class task as a VTAB-1K folder (16 px images: the class sets which quadrant is bright);
     returns its task name, ``vtab:<root>``."""

@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_train_flags(add("train", cmd_train, "fine-tune a backbone on a task (warmup → score → switch off → train)"))
+    _add_train_flags(add("train", cmd_train,
+                         "fine-tune a backbone on a task (warmup → score → switch off → train)"))
 
     p = add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
             "on 2 CPU cores)")

@@ -51,7 +51,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({first[:120]}): start again with --overwrite") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first[:120]}): start again with "
+                              "--overwrite") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a heartlora checkpoint: start again with --overwrite or a new --out")
     return state

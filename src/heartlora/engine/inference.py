@@ -128,7 +128,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
                     p.requires_grad_(True)
             fp, want = frozen_fingerprint(model), run.get("fingerprint")
             if want and not np.allclose(fp, want, rtol=1e-6, atol=1e-3):
-                raise AdapterFileError(f"{path} was trained on other backbone weights than {run['backbone_spec']['name']}"
+                raise AdapterFileError(f"{path} was trained on other backbone weights than "
+                                       f"{run['backbone_spec']['name']}"
                                        " gives here: use the same backbone weights (and --no-pretrained setting)")
     return model.to(device).eval(), info
 

@@ -510,7 +510,10 @@ def _loop(run: _Run, task: Any, model: nn.Module, extra: dict[str, Any], state: 
         ddp.train()
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}" + (" (warmup, scoring heads)" if scoring else ""))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        loss_sum = correct = seen = 0.0
+        # Running sums stay on the device: reading them every step would stall a GPU.
+        loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+        correct_acc = torch.zeros((), dtype=torch.float64, device=device)
+        seen = 0
         t0 = time.perf_counter()
         for step in range(steps_per_epoch):
             batch = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -528,14 +531,15 @@ def _loop(run: _Run, task: Any, model: nn.Module, extra: dict[str, Any], state: 
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(batch_loss.detach())
-            correct += float((logits.detach().argmax(1) == y).sum())
+            loss_acc += batch_loss.detach()
+            correct_acc += (logits.detach().argmax(1) == y).sum()
             seen += len(mine)
             bar.update(1)
-            if step % 5 == 0 or step == steps_per_epoch - 1:
-                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+            if not bar.disable and (step % 5 == 0 or step == steps_per_epoch - 1):
+                bar.set_postfix(loss=f"{float(loss_acc) / max(seen, 1):.3f}",
+                                acc=f"{float(correct_acc) / max(seen, 1):.3f}")
         epoch_time = time.perf_counter() - t0
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], info)
+        loss_sum, correct, seen = all_reduce_sum([float(loss_acc), float(correct_acc), float(seen)], info)
         train_time += epoch_time
         images_seen += int(seen)
 
