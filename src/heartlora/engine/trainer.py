@@ -126,7 +126,8 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         clash = {k: (v, saved.get(k)) for k, v in given.items() if _norm(v) != _norm(saved.get(k))}
         if clash:
             what = ", ".join(f"--{k.replace('_', '-')} {a} (run has {b})" for k, (a, b) in clash.items())
-            raise ConfigError(f"cannot resume with other settings: {what}; drop those flags or start a new --out")
+            raise ConfigError(f"cannot resume with other settings: {what}; drop those flags, or start afresh with "
+                              "--overwrite or a new --out")
         for k, v in saved.items():
             if hasattr(out, k):
                 setattr(out, k, tuple(v) if k == "targets" and v is not None else v)
