@@ -138,25 +138,30 @@ class HeadLoRAProjection(nn.Module):
         return next(iter(self.heads.values())).device if self._active else torch.device("cpu")
 
     # --- forward -----------------------------------------------------------------------------------------------
-    def add_delta_(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """``y += scale · x Aᵀ Bᵀ`` on the active heads' rows (q, k, v) or from their columns (o); y, x are 2-D."""
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + scale · x Aᵀ Bᵀ`` on the active heads' rows (q, k, v) or from their columns (o); y, x are 2-D.
+
+        When the delta covers all of ``y`` it is one out-of-place addmm (cheaper under autograd than an in-place
+        update); otherwise each run of active heads updates its slice of ``y`` in place."""
         if not self._active:
-            return
+            return y
         a, b = self.effective_weights()
         if a.dtype != y.dtype:  # autocast: the base output is half precision, the adapter weights are not
             a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
-        if self.per_head_is_B:
-            z = x @ a.t()
-            for h0, h1, r0, r1 in self._runs:
-                o0, o1 = self.offset + h0 * self.head_dim, self.offset + h1 * self.head_dim
-                y[:, o0:o1].addmm_(z, b[r0:r1].t(), alpha=self.scale)
-        else:
+        if not self.per_head_is_B:
             if len(self._runs) == 1 and self._runs[0][0] == 0 and self._runs[0][1] == self.num_heads:
                 xa = x[:, self.offset:self.offset + self.num_heads * self.head_dim]
             else:
                 xa = torch.cat([x[:, self.offset + h0 * self.head_dim:self.offset + h1 * self.head_dim]
                                 for h0, h1, _, _ in self._runs], dim=1)
-            y.addmm_(xa @ a.t(), b.t(), alpha=self.scale)
+            return torch.addmm(y, xa @ a.t(), b.t(), alpha=self.scale)
+        z = x @ a.t()
+        if self.offset == 0 and b.shape[0] == y.shape[1]:  # every head on, and the Linear is this projection alone
+            return torch.addmm(y, z, b.t(), alpha=self.scale)
+        for h0, h1, r0, r1 in self._runs:
+            o0, o1 = self.offset + h0 * self.head_dim, self.offset + h1 * self.head_dim
+            y[:, o0:o1].addmm_(z, b[r0:r1].t(), alpha=self.scale)
+        return y
 
     def head_products(self) -> torch.Tensor:
         """Per head, Σ θ·∂L/∂θ over the weights it owns (quantized values when bits < 32); zero for heads that are
@@ -232,10 +237,10 @@ class HeadLoRALinear(nn.Module):
         if self.merged or not self.enabled or not self.lora:
             return y
         x2 = self.lora_dropout(x).reshape(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])
         for proj in self.lora.values():
-            proj.add_delta_(y2, x2)
-        return y
+            y2 = proj.add_delta(y2, x2)
+        return y2.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
