@@ -102,7 +102,7 @@ def _train_config(args: argparse.Namespace) -> Any:
               "drop_path", "pool", "pretrained", "seed", "protocol", "profile", "eval_every", "out")
     values = {f: getattr(args, f) for f in fields}
     return TrainConfig(**values, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                       progress=not args.quiet, stop_after_epoch=args.stop_after_epoch)
+                       threads=args.threads, progress=not args.quiet, stop_after_epoch=args.stop_after_epoch)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{settings['task']} at {settings['img_size']} px, {settings['epochs']} epochs, protocol final "
           f"(train800val200 → test) → {settings['out']}", file=sys.stderr)
     cfg = TrainConfig(**settings, resume=not args.overwrite, overwrite=args.overwrite, device=args.device,
-                      progress=not args.quiet)
+                      threads=args.threads, progress=not args.quiet)
     t0 = time.perf_counter()
     metrics = train(cfg)
     if metrics.get("already_finished"):
@@ -329,6 +329,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--protocol", choices=["val", "final"], help="val: train800 → val200 (choose settings); "
                    "final: train800val200 → test, once (default val)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's; 1 is often faster on a busy machine)")
     r.add_argument("--out", help="output folder (default runs/<task>_<method>_<protocol>_s<seed>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace the run files in --out")
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int)
     p.add_argument("--out")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")
     p.add_argument("--quiet", action="store_true")
 

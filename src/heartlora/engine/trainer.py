@@ -65,7 +65,7 @@ PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
              "checkpoint.pt")
 # Settings that do not change the result, so a resumed run may differ in them.
-RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "progress", "stop_after_epoch")
+RUNTIME_FIELDS = ("out", "resume", "overwrite", "device", "threads", "progress", "stop_after_epoch")
 STOP_ENV = "HEARTLORA_STOP_AFTER_EPOCH"  # testing aid: end the process after this epoch's checkpoint, like a kill
 
 
@@ -105,6 +105,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     device: str = "auto"
+    threads: int | None = None  # CPU threads of this process (None: PyTorch's choice, split across torchrun ranks)
     progress: bool = True
     stop_after_epoch: int | None = None
     notes: list[str] = field(default_factory=list, repr=False)
@@ -387,6 +388,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE set) this joins the process group and leaves it at the end.
     """
     info = setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     joined = info.enabled
     try:
         return _train(cfg, info)
