@@ -382,7 +382,7 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                   f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.",
                   ""]
     lines += pattern_lines(facts["recs"], chosen)
-    extra = DOCS / "RESULTS_notes.md"
+    extra = HERE / "results_notes.md"  # hand-written reading of the numbers (kept beside the code)
     if extra.is_file():
         lines += [extra.read_text().rstrip(), ""]
     lines += speed_lines() + storage_lines()

