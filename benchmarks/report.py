@@ -95,22 +95,38 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     """The accuracy tables of one profile as markdown lines, plus the numbers the plots need."""
     recs = finals(data["records"], profile.name)
     acc = per_task_seed(recs)
-    seeds = list(profile.seeds)
     methods = [m for m in profile.methods]
     tasks = list(profile.tasks)
+    # Seeds beyond the profile's (``run --seeds``) join the tables only once every task × method has them.
+    extra_seeds = sorted({int(r["seed"]) for r in recs} - set(profile.seeds))
+    complete_extra = [s for s in extra_seeds if all(acc.get(m, {}).get(t, {}).get(s) is not None
+                                                    for m in methods for t in tasks)]
+    seeds = list(profile.seeds) + complete_extra
+    recs_all = recs
+    recs = [r for r in recs if int(r["seed"]) in seeds]
     groups = {g: [t for t in tasks if suite.group_of(t) == g] for g in suite.GROUPS}
     groups = {g: ts for g, ts in groups.items() if ts}
     expected = len(tasks) * len(methods) * len(seeds)
     done = len({(r["task"], r["suite_method"], r["seed"]) for r in recs})
     status = "complete" if done == expected else f"PARTIAL: {done} of {expected} final runs recorded"
     cmd = f".venv/bin/python benchmarks/suite.py run --profile {profile.name}"
+    if complete_extra:
+        cmd += " --seeds " + ",".join(map(str, seeds))
+    pending = [s for s in extra_seeds if s not in complete_extra]
     lines = [f"## Accuracy suite, profile `{profile.name}` ({status})", "",
              f"Command: `{cmd}` (resumable; `report` rewrites this file from docs/results.json).", "",
-             f"Profile: {profile.note}.", "",
+             f"Profile: {profile.note}." + (f" Extra seeds run with `--seeds`: {', '.join(map(str, complete_extra))} "
+                                           "(same settings, chosen on val200 with the first seed)." if complete_extra
+                                           else ""), ""]
+    for s in pending:
+        n = sum(1 for r in recs_all if int(r["seed"]) == s)
+        lines += [f"Seed {s} is being added (`--seeds`): {n} of {len(tasks) * len(methods)} final runs recorded so "
+                  "far; it joins the tables when complete.", ""]
+    lines += [
              "Test accuracy in %, the last epoch's model, test evaluated once after training on train800val200. "
              + ("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if len(seeds) > 1 else
-                f"One seed ({seeds[0]}): no ± is shown; differences of a point or two are within run-to-run noise "
-                "at this size."), ""]
+                f"One seed ({seeds[0]}): no ± is shown, and run-to-run noise is not measured by this table, so "
+                "small differences between methods may be noise."), ""]
     head = "| task | group | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |"
     lines += [head, "|" + "---|" * (len(methods) + 2)]
     for t in tasks:
@@ -176,9 +192,13 @@ def speed_lines() -> list[str]:
     lines = ["## Speed and memory", "", f"Command: `{d.get('command')}`. Settings: "
              + ", ".join(f"{k} {v}" for k, v in d["settings"].items()) + ".", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in d["machine"].items()) + ".", "",
+             f"Clock of the ratios: {d['settings'].get('clock', 'wall')} time (see benchmarks/speed.py). Each value is the "
+             "median over interleaved rounds of the per-round ratio; the range is the lowest and highest round.", "",
              "| ratio | value | goal | met |", "|---|---|---|---|"]
     for row in d["table"]:
-        lines.append(f"| `{row['key']}`: {row['what']} | {row['value']:.3f} | {row['goal']} | {row['met']} |")
+        rng = row.get("rounds_range")
+        spread = f" (rounds {rng[0]:.2f}–{rng[1]:.2f})" if rng else ""
+        lines.append(f"| `{row['key']}`: {row['what']} | {row['value']:.3f}{spread} | {row['goal']} | {row['met']} |")
     lines.append("")
     for note in d.get("notes", []):
         lines.append(f"- {note}")
@@ -382,10 +402,10 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                   f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.",
                   ""]
     lines += pattern_lines(facts["recs"], chosen)
+    lines += speed_lines() + storage_lines()
     extra = HERE / "results_notes.md"  # hand-written reading of the numbers (kept beside the code)
     if extra.is_file():
         lines += [extra.read_text().rstrip(), ""]
-    lines += speed_lines() + storage_lines()
     out = DOCS / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
     return out

@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -270,6 +270,12 @@ def next_run(profile: Profile, data: dict[str, Any]) -> tuple | None:
 def cmd_run(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     _set_paths(args)
+    if args.seeds:
+        # More seeds than the profile's (same selection seed first): their runs extend the same tables.
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        if seeds[0] != profile.seeds[0]:
+            raise SystemExit(f"--seeds must start with the profile's selection seed {profile.seeds[0]}")
+        profile = replace(profile, seeds=seeds)
     if profile.threads and not args.threads:
         args.threads = profile.threads
     import torch
@@ -358,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", choices=list(PROFILES), default="quick")
     r.add_argument("--device", default="auto")
     r.add_argument("--threads", type=int, help="torch threads (quick: 1, see cmd_run)")
+    r.add_argument("--seeds", help="comma-separated seeds, the profile's first (e.g. 42,43): extra seeds' final "
+                                   "runs are added to the tables once complete")
     r.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
     r.add_argument("--report-every", type=int, default=5, help="rewrite RESULTS.md every N runs")
     s = sub.add_parser("status")
