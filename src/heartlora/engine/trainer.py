@@ -336,6 +336,13 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
 
 
+def _masks(model: nn.Module) -> dict[str, list[bool]]:
+    """Layer name → heads on, for an adapted model; {} otherwise."""
+    from heartlora.method import head_masks, is_adapted
+
+    return head_masks(model) if is_adapted(model) else {}
+
+
 def _wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
         return model
@@ -487,6 +494,9 @@ def _loop(run: _Run, task: Any, model: nn.Module, extra: dict[str, Any], state: 
         if missing:
             raise ConfigError(f"checkpoint in {cfg.out} does not fit this model ({missing[0]}): start a new --out")
         model.load_state_dict({k: v.to(device) for k, v in state["model"].items()}, strict=False)
+        if state.get("head_masks") and _masks(model) != state["head_masks"]:
+            raise ConfigError(f"checkpoint in {cfg.out} does not match the heads switched off again on resume: "
+                              "start a new --out")
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if tracker is not None and state.get("tracker") is not None:
@@ -577,7 +587,8 @@ def _loop(run: _Run, task: Any, model: nn.Module, extra: dict[str, Any], state: 
                 "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(), "rng": ckpt.rng_state(),
                 "tracker": tracker.state_dict() if tracker is not None else None,
-                "scores": scores, "heads_off": [[name, h] for name, h in off], "history": history,
+                "scores": scores, "heads_off": [[name, h] for name, h in off], "head_masks": _masks(model),
+                "history": history,
                 "train_time": train_time, "images_seen": images_seen,
                 "wall_s": wall_before + time.perf_counter() - t_start,
             })
