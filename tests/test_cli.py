@@ -162,3 +162,38 @@ def test_readme_python_example_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     words = capsys.readouterr().out.split()
     assert words[0] == "val200" and words[2:5] == ["3", "of", "12"]
     assert (tmp_path / "example" / "metrics.json").is_file()
+
+
+def test_resume_after_a_real_kill(task: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from heartlora.engine.checkpoint import load_checkpoint
+
+    flags = ["train", "--task", task, "--method", "heart-lora", "--ne", "3", "--epochs", "8", *TINY]
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "heartlora", *flags, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load_checkpoint(ckpt)["epoch"] >= 2:
+            proc.send_signal(signal.SIGKILL)  # mid-epoch, no chance to clean up
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    assert main(["train", "--out", str(tmp_path / "killed"), "--resume", "--quiet"]) == 0
+    a = load_file(tmp_path / "whole" / "adapter.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["heads_off"] == whole["heads_off"]
