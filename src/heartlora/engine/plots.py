@@ -59,12 +59,7 @@ def responsiveness_heatmap(
     total = sum(len(m) for m in masks.values())
     ax.set_title(f"{title}\nresponsiveness (÷ max); × = switched off ({off}/{total} heads)".strip(), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def training_curves(path: str | Path, history: Sequence[Mapping[str, Any]], warmup_epochs: int = 0,
@@ -91,10 +86,15 @@ def training_curves(path: str | Path, history: Sequence[Mapping[str, Any]], warm
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Lay out, write atomically as PNG, and free the figure."""
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     return path
 
