@@ -158,7 +158,8 @@ def test_defaults_profiles_and_overrides() -> None:
     paper = resolve(TrainConfig(task="digits"))
     assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
     assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
-    assert paper.targets == ("q", "v") and paper.method == "heart-lora" and paper.ne == 12
+    assert paper.targets == ("q", "v") and paper.method == "heart-lora"
+    assert paper.ne is None and paper.ne_fraction == 1 / 6  # a share of heads: fits any backbone and scope
     cpu = resolve(TrainConfig(task="digits", profile="cpu", img_size=64))
     assert cpu.img_size == 64 and cpu.epochs == 10 and cpu.batch_size == 32 and cpu.warmup_epochs == 1
     assert any("profile cpu" in n for n in cpu.notes)

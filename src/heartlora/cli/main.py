@@ -291,7 +291,7 @@ def _adapter_path(value: str) -> Path:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from heartlora.engine.trainer import DEFAULT_NE, DEFAULTS, METHODS, PROFILES
+    from heartlora.engine.trainer import DEFAULT_NE_FRACTION, DEFAULTS, METHODS, PROFILES
 
     paper, cpu = PROFILES["paper"], PROFILES["cpu"]
     g = p.add_argument_group("what to train")
@@ -308,7 +308,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     a.add_argument("--scale", type=float, help="LoRA scale s (default 1.0; Bi-LoRA tunes it in {0.01..100})")
     a.add_argument("--bits", type=int, help="adapter bits: 32 float, 1..8 quantized (default: 1 for *bi-lora)")
     a.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
-    a.add_argument("--ne", type=int, help=f"heads to switch off after warmup (heart-*; default {DEFAULT_NE})")
+    a.add_argument("--ne", type=int, help="heads to switch off after warmup (heart-*; default: --ne-fraction "
+                   f"{DEFAULT_NE_FRACTION:.4f})")
     a.add_argument("--ne-fraction", type=float, help="share of heads to switch off instead of --ne")
     a.add_argument("--scope", choices=["global", "layer"], help="rank heads over the model or per layer "
                    "(default global)")
