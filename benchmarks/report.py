@@ -240,12 +240,14 @@ def pareto_plot(summary: dict[str, Any], profile: str, out: Path) -> bool:
     pts = [(m, s["bytes"], s["mean_all"]) for m, s in summary.items() if s.get("bytes") is not None and s.get("mean_all")]
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, b, (acc, sd) in pts:
+    fig, ax = plt.subplots(figsize=(10.5, 4.5))
+    markers = "osD^v<>P"
+    for i, (m, b, (acc, sd)) in enumerate(pts):
         x = max(b, 1.0)  # the linear probe stores no adapter: drawn at 1 byte on the log axis
-        ax.errorbar([x], [100 * acc], yerr=[100 * sd] if sd else None, fmt="o", capsize=3)
-        ax.annotate(METHOD_LABELS[m] + (" (0 B)" if b == 0 else ""), (x, 100 * acc), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        label = f"{METHOD_LABELS[m]}: {100 * acc:.1f} %, {fmt_bytes(b)} B"
+        ax.errorbar([x], [100 * acc], yerr=[100 * sd] if sd else None, fmt=markers[i % len(markers)], capsize=3,
+                    label=label, markersize=7, alpha=0.85)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points stay visible
     ax.set_xscale("log")
     ax.set_xlabel("adapter bytes per task (log; classifier excluded)")
     ax.set_ylabel("mean test accuracy over all tasks (%)")
@@ -324,7 +326,8 @@ def heatmap_plot(chosen: dict[str, dict[str, Any]], profile: str, out: Path) -> 
 
 def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[str]:
     """Numbers behind SPEC §6.1: how similar responsiveness is within and between groups (every run with scores)."""
-    with_scores = [r for r in recs if r.get("responsiveness") and r["suite_method"] in ("heart-lora", "lora")]
+    # heart-lora only: lora's scores are the same numbers (same seed, same warmup; heads go off after it).
+    with_scores = [r for r in recs if r.get("responsiveness") and r["suite_method"] == "heart-lora"]
     if len(chosen) < 2:
         return ["Responsiveness heatmaps: not enough finished heart-lora runs yet.", ""]
     flat = {}
@@ -333,25 +336,39 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
             continue
         _, mat, _ = resp_matrix(r)
         flat[(r["task"], r["suite_method"])] = ([x for row in mat for x in row], layer_profile(mat), r["group"])
-    lines = ["Per-head responsiveness (normalised to sum 1 per run) compared between runs: Pearson correlation of the "
-             "72 per-head values and of the 12 per-layer sums.", "",
-             "| run A | run B | same group? | r (heads) | r (layers) |", "|---|---|---|---|---|"]
+    lines = ["Heart-LoRA (global) responsiveness after warmup, normalised to sum 1 per run, compared between tasks "
+             "(lowest seed): Pearson correlation of the 72 per-head values and of the 12 per-layer sums.", "",
+             "| task A | task B | same group? | r (heads) | r (layers) |", "|---|---|---|---|---|"]
     keys = sorted(flat)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            if a[1] != b[1]:
-                continue
             fa, fb = flat[a], flat[b]
-            lines.append(f"| {a[0]} ({a[1]}) | {b[0]} ({b[1]}) | {'yes' if fa[2] == fb[2] else 'no'} | "
+            lines.append(f"| {a[0]} | {b[0]} | {'yes' if fa[2] == fb[2] else 'no'} | "
                          f"{pearson(fa[0], fb[0]):.2f} | {pearson(fa[1], fb[1]):.2f} |")
     lines.append("")
-    for g, rec in chosen.items():
-        _, mat, _ = resp_matrix(rec)
-        prof = layer_profile(mat)
+    # The noise floor for the table above: the same task with two seeds (other data order, classifier init).
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in with_scores:
+        by_task.setdefault(r["task"], []).append(r)
+    seed_rows = []
+    for task, rs in sorted(by_task.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        if len(rs) >= 2:
+            a, b = resp_matrix(rs[0])[1], resp_matrix(rs[1])[1]
+            fa, fb = [x for row in a for x in row], [x for row in b for x in row]
+            seed_rows.append(f"| {task} | {rs[0]['seed']} vs {rs[1]['seed']} | {pearson(fa, fb):.2f} | "
+                             f"{pearson(layer_profile(a), layer_profile(b)):.2f} |")
+    if seed_rows:
+        lines += ["Same task, two seeds (the noise floor for the correlations above):", "",
+                  "| task | seeds | r (heads) | r (layers) |", "|---|---|---|---|"] + seed_rows + [""]
+    lines += ["Share of responsiveness by depth (lowest seed):", "",
+              "| task | group | layers 0–3 | layers 4–7 | layers 8–11 |", "|---|---|---|---|---|"]
+    for task, rs in sorted(by_task.items(), key=lambda kv: (suite.GROUPS.index(kv[1][0]["group"]), kv[0])):
+        rec = min(rs, key=lambda r: r["seed"])
+        prof = layer_profile(resp_matrix(rec)[1])
         third = len(prof) // 3
-        lines.append(f"- {g} ({rec['task']}): share of responsiveness in layers 0–{third - 1}: "
-                     f"{100 * sum(prof[:third]):.0f} %, middle: {100 * sum(prof[third:2 * third]):.0f} %, "
-                     f"last {len(prof) - 2 * third}: {100 * sum(prof[2 * third:]):.0f} %.")
+        lines.append(f"| {task} | {rec['group']} | {100 * sum(prof[:third]):.0f} % | "
+                     f"{100 * sum(prof[third:2 * third]):.0f} % | {100 * sum(prof[2 * third:]):.0f} % |")
     lines.append("")
     return lines
 

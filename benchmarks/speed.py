@@ -206,6 +206,31 @@ def profile_ops(args: argparse.Namespace, variants: tuple[str, ...] = VARIANTS) 
     return out
 
 
+THREAD_PROBE = """
+import json, statistics, time, torch
+x = torch.randn(544, 384)  # one 112 px batch row block of DINOv2-S activations (32 images x 17 tokens)
+w = torch.randn(384, 1152)
+def t(f, n):
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter(); f(); out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+print(json.dumps({"threads": torch.get_num_threads(), "add_ms": 1e3 * t(lambda: x + x, 200),
+                  "matmul_ms": 1e3 * t(lambda: x @ w, 50)}))
+"""
+
+
+def thread_probe() -> list[dict[str, Any]]:
+    """Small ops with 1 and 2 OpenMP threads, each in a fresh process: on a CPU shared with other jobs, 2 threads
+    can be far slower than 1 (threads wait on each other at every parallel region when a core is taken)."""
+    rows = []
+    for n in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(n)}
+        res = subprocess.run([sys.executable, "-c", THREAD_PROBE], capture_output=True, text=True, env=env, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return rows
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     x = torch.rand(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -323,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--profile-ops", action="store_true", help="print torch.profiler tables and store them")
+    p.add_argument("--thread-probe", action="store_true", help="time small ops with 1 and 2 threads (fresh "
+                   "processes) and add them to an existing --out file")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--json", action="store_true", help="print the JSON written to --out")
     p.add_argument("--_mem-child", dest="mem_child", help=argparse.SUPPRESS)
@@ -331,6 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.mem_child:
         mem_child(args.mem_child, args.img_size, args.batch)
+        return 0
+    if args.thread_probe:
+        rows = thread_probe()
+        for r in rows:
+            print(f"{r['threads']} thread(s): add {r['add_ms']:.3f} ms, matmul {r['matmul_ms']:.3f} ms")
+        path = Path(args.out)
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            doc["thread_probe"] = {"rows": rows, "load_avg_1min": os.getloadavg()[0], "measured_at":
+                                   time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "command": "python benchmarks/speed.py --thread-probe"}
+            path.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
     if args.profile_ops and args.repeats == 0:
         # Profile only: add the tables to an existing --out file (the timing run's) under "profile".
