@@ -200,6 +200,21 @@ def speed_lines() -> list[str]:
         spread = f" (rounds {rng[0]:.2f}–{rng[1]:.2f})" if rng else ""
         lines.append(f"| `{row['key']}`: {row['what']} | {row['value']:.3f}{spread} | {row['goal']} | {row['met']} |")
     lines.append("")
+    raw = d.get("raw", {})
+    if raw.get("images_per_s_wall"):
+        lines.append("- Training images/s (wall, median step): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in raw["images_per_s_wall"].items()) + ".")
+    if raw.get("peak_memory_bytes"):
+        lines.append("- Peak memory above the resting model: " + ", ".join(
+            f"{k} {v / 2**20:.0f} MiB" for k, v in raw["peak_memory_bytes"].items())
+            + f" ({raw.get('memory_method')}).")
+    if d.get("profile"):
+        lines.append(f"- torch.profiler tables: `{d['profile']['command']}` (stored under `profile` in speed.json).")
+    if d.get("thread_probe"):
+        tp = d["thread_probe"]
+        lines.append(f"- Thread probe (`{tp['command']}`, load {tp['load_avg_1min']:.1f}): " + "; ".join(
+            f"{r['threads']} thread(s): 544×384 add {r['add_ms']:.3f} ms, matmul {r['matmul_ms']:.2f} ms"
+            for r in tp["rows"]) + ".")
     for note in d.get("notes", []):
         lines.append(f"- {note}")
     lines.append("")
