@@ -39,8 +39,8 @@ def peft_model(model: nn.Module, targets: tuple[str, ...], rank: int, scale: flo
     fixed scale. The classifier trains too (``modules_to_save``), as in the engine's methods."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=dropout, target_modules=target_modules(model, targets),
-                     modules_to_save=["head"], bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=dropout,
+                     target_modules=target_modules(model, targets), modules_to_save=["head"], bias="none")
     return get_peft_model(model, cfg)
 
 
@@ -58,7 +58,7 @@ def train_peft(cfg: Any) -> dict[str, Any]:
     defaults) into ``cfg.out``; return the metrics. A finished folder is read back, not trained again."""
     from heartlora.backbones import create_backbone
     from heartlora.data import get_task
-    from heartlora.engine import PROTOCOLS, TrainConfig, resolve
+    from heartlora.engine import PROTOCOLS, resolve
     from heartlora.engine.distributed import setup
     from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
     from heartlora.engine.trainer import _Schedule
@@ -150,4 +150,4 @@ def _peft_version() -> str:
     return peft.__version__
 
 
-__all__ = ["peft_model", "peft_adapter_bytes", "target_modules", "train_peft"]
+__all__ = ["peft_adapter_bytes", "peft_model", "target_modules", "train_peft"]

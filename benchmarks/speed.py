@@ -36,8 +36,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -276,7 +277,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               + ", ".join(f"{v} {_med(step[v][-args.steps:], 'wall'):.3f}/{_med(step[v][-args.steps:], 'cpu'):.3f}"
                           for v in VARIANTS)
               + f", scoring {_med(scored[-args.steps:], 'score_cpu') * 1000:.1f} ms cpu, infer plain "
-              f"{_med(infer['plain'][-args.steps:], 'wall'):.3f} merged {_med(infer['merged'][-args.steps:], 'wall'):.3f}",
+              f"{_med(infer['plain'][-args.steps:], 'wall'):.3f} "
+              f"merged {_med(infer['merged'][-args.steps:], 'wall'):.3f}",
               file=sys.stderr, flush=True)
 
     headline = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"

@@ -64,8 +64,9 @@ def measure(backbone: str, img_size: int | None, rank: int, bits: int, heads_off
 
 def measure_peft(img_size: int, rank: int) -> dict[str, Any]:
     """PEFT's LoRA on dinov2_small q, v: bytes of the LoRA tensors PEFT saves, and its saved file size."""
-    from heartlora.backbones import create_backbone
     from peft_lora import peft_adapter_bytes, peft_model
+
+    from heartlora.backbones import create_backbone
 
     model = peft_model(create_backbone("dinov2_small", num_classes=10, img_size=img_size), ("q", "v"), rank, 1.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(measure_peft(112, 8))
     vit_all = rows[0]["adapter_bytes"]
     vit_64 = rows[3]["adapter_bytes"]
+    match = "matches" if vit_all == 147840 else "DOES NOT match"
+    saved = (rows[0]["adapter_bytes"] - rows[1]["adapter_bytes"]) // 12
     notes = [
-        f"ViT-B/16, q,v, r32, 1 bit, all 144 heads on: {vit_all:,} bytes "
-        f"({'matches' if vit_all == 147840 else 'DOES NOT match'} the reference 147,840 = 0.141 MiB, the paper's "
-        "0.14 MB).",
-        f"With 64 of 144 heads off: {vit_64:,} bytes ({vit_64 / 2**20:.3f} MiB, {vit_64 / 1e6:.3f} MB), the paper's "
-        "Heart-LoRA 0.11 MB; each head off saves "
-        f"{(rows[0]['adapter_bytes'] - rows[1]['adapter_bytes']) // 12:,} bytes (64 rows × 32 codes × 1 bit, in q "
-        "and in v).",
-        "adapter_bytes counts adapter weights and quantization constants (μ, σ as float32 per matrix), as the "
-        "Bi-LoRA code counts; file bytes add the classifier, metadata and safetensors headers.",
+        (f"ViT-B/16, q,v, r32, 1 bit, all 144 heads on: {vit_all:,} bytes ({match} the reference 147,840 = "
+         "0.141 MiB, the paper's 0.14 MB)."),
+        (f"With 64 of 144 heads off: {vit_64:,} bytes ({vit_64 / 2**20:.3f} MiB, {vit_64 / 1e6:.3f} MB), the "
+         f"paper's Heart-LoRA 0.11 MB; each head off saves {saved:,} bytes (64 rows × 32 codes × 1 bit, in q and "
+         "in v)."),
+        ("adapter_bytes counts adapter weights and quantization constants (μ, σ as float32 per matrix), as the "
+         "Bi-LoRA code counts; file bytes add the classifier, metadata and safetensors headers."),
     ]
     doc = {"rows": rows, "notes": notes, "command": "python benchmarks/storage.py",
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

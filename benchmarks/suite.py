@@ -21,9 +21,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results.json"
@@ -151,13 +152,15 @@ def make_record(run: str, profile: Profile, method: str, extra: dict[str, Any], 
     """A results record: the run's metrics.json without the per-epoch history (it stays in the run folder; the
     last epoch's numbers are kept), plus what the suite knows."""
     rec = {k: v for k, v in metrics.items() if k not in ("history", "already_finished", "files")}
+    default_seeds = PROFILES.get(profile.name, profile).seeds
+    seeds_flag = f" --seeds {','.join(map(str, profile.seeds))}" if profile.seeds != default_seeds else ""
     hist = metrics.get("history") or []
     rec.update({
         "id": run, "profile": profile.name, "suite_method": method, "suite_settings": extra, "role": role,
         "group": group_of(metrics["task"]), "selection_info": selection,
         "last_epoch_eval_acc": hist[-1].get("eval_acc") if hist else None,
         "epoch_seconds": [round(h["time_s"], 2) for h in hist],
-        "command": f".venv/bin/python benchmarks/suite.py run --profile {profile.name}",
+        "command": f".venv/bin/python benchmarks/suite.py run --profile {profile.name}" + seeds_flag,
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return rec
@@ -180,7 +183,7 @@ def grid_points(grid: dict[str, Any], chosen: dict[str, dict[str, Any]], method:
             if src not in chosen:
                 return None
             value = chosen[src][key]
-            fixed[key] = max(1, int(round(value / int(div)))) if div else value
+            fixed[key] = max(1, round(value / int(div))) if div else value
         else:
             search[key] = list(spec)
     points = [dict(fixed)]

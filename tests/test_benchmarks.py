@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import report  # noqa: E402
-import suite  # noqa: E402
+import report
+import suite
 
 TINY = suite.Profile(name="tiny", img_size=28, epochs=2, batch_size=32, seeds=(1, 2), tasks=("digits", "dsprites_loc"),
                      methods=("linear", "heart-lora", "heart-lora-layer"),
