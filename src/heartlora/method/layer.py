@@ -36,6 +36,8 @@ class HeadLoRAProjection(nn.Module):
         # False once the weights hold decoded codes (a loaded k-bit adapter): re-standardising already quantized
         # values would move them, so they are used as they are.
         self.requantize = True
+        # Follows .to(device/dtype) even when every head is off and no Parameter is left to ask.
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
         # A as in nn.Linear / LoRA (Kaiming-uniform over the full matrix); B zero, or a small truncated normal for
         # quantized adapters, whose standardisation is undefined on an all-zero matrix (SPEC §4).
         a = torch.empty(rank, head_dim * num_heads if not self.per_head_is_B else in_features)
@@ -132,10 +134,10 @@ class HeadLoRAProjection(nn.Module):
         return delta
 
     def _dtype(self) -> torch.dtype:
-        return next(iter(self.heads.values())).dtype if self._active else torch.float32
+        return self._anchor.dtype
 
     def _device(self) -> torch.device:
-        return next(iter(self.heads.values())).device if self._active else torch.device("cpu")
+        return self._anchor.device
 
     # --- forward -----------------------------------------------------------------------------------------------
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
