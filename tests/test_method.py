@@ -289,3 +289,15 @@ def test_swin_stages_with_different_head_counts_are_ranked_together() -> None:
     assert len(off) == 3
     assert sum(not on for mask in hl.head_masks(model).values() for on in mask) == 3
     model(x).sum().backward()
+
+
+def test_mha_replacement_causal_matches_torch() -> None:
+    from heartlora.method.layouts import LinearInProjMultiheadAttention
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    ours = LinearInProjMultiheadAttention(mha).eval()
+    x = torch.randn(2, 5, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    ref = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    assert torch.allclose(ours(x, x, x, attn_mask=causal, need_weights=False)[0], ref, atol=1e-6)
+    assert torch.allclose(ours(x, x, x, is_causal=True, need_weights=False)[0], ref, atol=1e-6)

@@ -149,7 +149,7 @@ class LinearInProjMultiheadAttention(nn.Module):
         b, n, _ = q.shape
         h, d = self.num_heads, e // self.num_heads
         q, k, v = (t.reshape(b, -1, h, d).transpose(1, 2) for t in (q, k, v))
-        mask = _merge_masks(attn_mask, key_padding_mask, b, h, n, k.shape[2], q.dtype, is_causal)
+        mask = _merge_masks(attn_mask, key_padding_mask, b, h, n, k.shape[2], q.dtype, q.device, is_causal)
         p = self.dropout if self.training else 0.0
         if need_weights:
             logits = q @ k.transpose(-2, -1) / d**0.5
@@ -172,7 +172,7 @@ class LinearInProjMultiheadAttention(nn.Module):
 
 
 def _merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int, h: int, n: int,
-                 s: int, dtype: torch.dtype, is_causal: bool) -> torch.Tensor | None:
+                 s: int, dtype: torch.dtype, device: torch.device, is_causal: bool) -> torch.Tensor | None:
     """One additive float mask of shape broadcastable to (b, h, n, s), from torch's boolean or float masks."""
 
     def additive(m: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ def _merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor 
 
     mask = None
     if attn_mask is None and is_causal:
-        attn_mask = torch.ones(n, s, dtype=torch.bool).triu(1)
+        attn_mask = torch.ones(n, s, dtype=torch.bool, device=device).triu(1)
     if attn_mask is not None:
         mask = additive(attn_mask)
         mask = mask.view(b, h, n, s) if mask.dim() == 3 else mask.view(1, 1, n, s)
