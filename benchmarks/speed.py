@@ -119,18 +119,11 @@ def infer_step(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The suite's machine record (CPU, cores, torch, threads, GPU) plus the load when the timing started."""
+    from suite import machine as suite_machine
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_avg_1min_at_start": load}
+    return {**suite_machine(), "load_avg_1min_at_start": load}
 
 
 def peak_memory(variant: str, args: argparse.Namespace) -> float:
