@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from heartlora.errors import AdapterFileError, HeartLoRAError
+from heartlora.method.model import backbone_fingerprint
 
 WEIGHTS_FORMAT = "heartlora-weights-1"
 RUN_KEY = "heartlora_run"  # key of the run's facts inside the file's metadata
@@ -25,18 +26,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class ImageReadError(HeartLoRAError):
     """An input image is missing or cannot be decoded."""
-
-
-def frozen_fingerprint(model: nn.Module) -> list[float]:
-    """Sum and sum of squares of the frozen weights: tells a different backbone (or other random init) apart."""
-    s = sq = 0.0
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad:
-                d = p.detach().double()
-                s += float(d.sum())
-                sq += float((d * d).sum())
-    return [s, sq]
 
 
 def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: dict[str, Any]) -> int:
@@ -126,8 +115,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
             for n, p in model.named_parameters():
                 if n in tensors:
                     p.requires_grad_(True)
-            fp, want = frozen_fingerprint(model), run.get("fingerprint")
-            if want and not np.allclose(fp, want, rtol=1e-6, atol=1e-3):
+            want = run.get("fingerprint")
+            if want and backbone_fingerprint(model, skip=("head",)) != want:
                 raise AdapterFileError(f"{path} was trained on other backbone weights than "
                                        f"{run['backbone_spec']['name']}"
                                        " gives here: use the same backbone weights (and --no-pretrained setting)")

@@ -22,9 +22,10 @@ from torch import nn
 
 from heartlora.engine import checkpoint as ckpt
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
-from heartlora.engine.inference import RUN_KEY, frozen_fingerprint, save_weights
+from heartlora.engine.inference import RUN_KEY, save_weights
 from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
 from heartlora.errors import ConfigError, HeartLoRAError
+from heartlora.method.model import backbone_fingerprint
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ def _build(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any
             p.requires_grad_(False)
         for p in head.parameters():
             p.requires_grad_(True)
-        extra["fingerprint"] = frozen_fingerprint(model)
+        extra["fingerprint"] = backbone_fingerprint(model, skip=("head",))  # the same check adapter files get
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -165,9 +165,10 @@ class HeadLoRAProjection(nn.Module):
             y[:, o0:o1].addmm_(z, b[r0:r1].t(), alpha=self.scale)
         return y
 
-    def head_products(self) -> torch.Tensor:
-        """Per head, Σ θ·∂L/∂θ over the weights it owns (quantized values when bits < 32); zero for heads that are
-        off or whose gradient is missing. Shape (num_heads,)."""
+    def head_products(self, absolute: bool = False) -> torch.Tensor:
+        """Per head, Σ θ·∂L/∂θ over the weights it owns (Σ |θ·∂L/∂θ| when ``absolute``, the ``sum_abs`` score);
+        θ are the quantized values when bits < 32. Zero for heads that are off, or when gradients are missing.
+        Shape (num_heads,)."""
         out = torch.zeros(self.num_heads, dtype=torch.float64, device=self._device())
         if not self._active:
             return out
@@ -179,25 +180,12 @@ class HeadLoRAProjection(nn.Module):
             theta = quant.quantize(theta, self.bits)
         grads = torch.cat([p.grad for p in params], dim=0 if self.per_head_is_B else 1)
         prod = theta * grads
+        if absolute:
+            prod = prod.abs()
         per = prod.view(len(params), self.head_dim, -1).sum((1, 2)) if self.per_head_is_B else \
             prod.view(prod.shape[0], len(params), self.head_dim).sum((0, 2))
         out[torch.tensor(self._active, device=out.device)] = per.double()
         return out
-
-    def head_abs_products(self) -> torch.Tensor:
-        """Per head, Σ |θ·∂L/∂θ| (the ``sum_abs`` score)."""
-        out = torch.zeros(self.num_heads, dtype=torch.float64, device=self._device())
-        for h in self._active:
-            p = self.heads[str(h)]
-            if p.grad is not None:
-                theta = p.detach() if self.bits == FLOAT_BITS or not self.requantize else self._quantized_slice(h)
-                out[h] = (theta * p.grad).abs().sum().double()
-        return out
-
-    def _quantized_slice(self, h: int) -> torch.Tensor:
-        q = quant.quantize(self.per_head_matrix().detach(), self.bits)
-        i = self._active.index(h) * self.head_dim
-        return q[i:i + self.head_dim] if self.per_head_is_B else q[:, i:i + self.head_dim]
 
     def extra_repr(self) -> str:
         return (f"target={self.target}, heads={len(self._active)}/{self.num_heads}, head_dim={self.head_dim}, "

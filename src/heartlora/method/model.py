@@ -151,10 +151,6 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def saved_module_names(model: nn.Module) -> tuple[str, ...]:
-    return _state(model).modules_to_save
-
-
 def wrappers(model: nn.Module) -> list[HeadLoRALinear]:
     return [m for m in getattr(model, "module", model).modules() if isinstance(m, HeadLoRALinear)]
 

@@ -41,10 +41,10 @@ class ResponsivenessTracker:
         """This step's per-head terms (before accumulation), one tensor per layer."""
         out = []
         for layer, acc in zip(self.layers, self._acc):
-            if self.mode == "abs_sum":
-                r = sum(p.head_products().to(acc.device) for p in layer.projections.values()).abs()
-            else:
-                r = sum(p.head_abs_products().to(acc.device) for p in layer.projections.values())
+            absolute = self.mode == "sum_abs"
+            r = sum(p.head_products(absolute).to(acc.device) for p in layer.projections.values())
+            if not absolute:
+                r = r.abs()
             out.append(r.double())
         return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,7 @@ from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS, HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads
 from heartlora.method.layer import HeadLoRAProjection
-from heartlora.method.model import (_state, attach, attention_layers, backbone_fingerprint, head_masks,
-                                    saved_module_names)
+from heartlora.method.model import _state, attach, attention_layers, backbone_fingerprint, head_masks
 
 FORMAT = "heartlora-adapter"
 FORMAT_VERSION = 1
@@ -70,10 +70,7 @@ def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor
 def _decode(prefix: str, shape: list[int], bits: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if bits == FLOAT_BITS:
         return tensors[prefix]
-    numel = 1
-    for s in shape:
-        numel *= s
-    codes = quant.unpack_codes(tensors[f"{prefix}.codes"], bits, numel).view(shape)
+    codes = quant.unpack_codes(tensors[f"{prefix}.codes"], bits, math.prod(shape)).view(shape)
     stats = tensors[f"{prefix}.stats"]
     return quant.decode(codes, stats[0], stats[1], bits)
 
