@@ -13,8 +13,8 @@ from heartlora.backbones.probe import row_checks
 def _hf_dir(tmp_path, kind: str) -> str:
     import transformers as T
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
     config = {"clip": T.CLIPVisionConfig, "siglip": T.SiglipVisionConfig, "vit": T.ViTConfig,
               "deit": T.DeiTConfig, "dinov2": T.Dinov2Config}[kind](**common)
     path = tmp_path / kind

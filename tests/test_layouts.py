@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_verify_catches_an_attention_that_bypasses_the_wrapper() -> None:
             self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = torch.nn.functional.linear(x, self.qkv.base_layer.weight).chunk(3, -1)
+            v = torch.nn.functional.linear(x, self.qkv.base_layer.weight).chunk(3, -1)[2]
             return self.proj(v)
 
     import heartlora.method.layouts as lay

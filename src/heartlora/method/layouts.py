@@ -10,8 +10,8 @@ the scorer and the trainer only ever see :class:`AttentionSites`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,10 @@ QKV_INTERLEAVED = {"timm.models.tiny_vit.Attention", "timm.models.efficientforme
 QKV_HEAD_FIRST = {"timm.models.maxxvit.AttentionCl"}
 
 
+# Classes whose attention output reaches ``proj`` as (…, head_dim, num_heads): head h's columns are j·H + h.
+O_HEAD_LAST = {"timm.models.nest.Attention"}
+
+
 def _weight_read(m: nn.Module) -> bool:
     """timm EVA, BEiT and SwinV2 with a q/v bias call ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``
     instead of ``self.qkv(x)``: the adapters must then act through the weight."""
@@ -159,6 +163,8 @@ def _blocks_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Mod
     mode = "weight" if _weight_read(m) else "forward"
     sites = {s: Site(m, "qkv", block_index(i * heads * d, heads, d), mode) for i, s in enumerate(slots)}
     sites.update(_o_site(m, ("proj",), heads))
+    if class_path(m) in O_HEAD_LAST:
+        sites["o"].index = block_index(0, d, heads).t().contiguous()
     missing = {"q": "q is the global query tokens, computed outside this module"} if "q" not in slots else {}
     return m, AttentionSites(heads, d, sites, missing)
 
