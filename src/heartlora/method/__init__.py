@@ -5,9 +5,9 @@ from heartlora.method.deactivate import deactivate_heads, select_heads
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.layouts import (LAYOUTS, AttentionSites, HeadLayout, Site, block_index, find_attention,
                                      interleaved_index, register_layout, scan_attention)
-from heartlora.method.model import (AttentionHeads, Coverage, adapter_config, adapter_parameters, attach, attention_layers,
-                                    backbone_fingerprint, coverage, find_classifier, head_masks, is_adapted, merge, remove_from_optimizer,
-                                    set_adapters_enabled, unmerge)
+from heartlora.method.model import (AttentionHeads, Coverage, adapter_config, adapter_parameters, attach,
+                                    attention_layers, backbone_fingerprint, coverage, find_classifier, head_masks,
+                                    is_adapted, merge, remove_from_optimizer, set_adapters_enabled, unmerge)
 from heartlora.method.responsiveness import ResponsivenessTracker
 from heartlora.method.storage import AdapterReport, load_adapter, read_adapter_info, save_adapter
 
