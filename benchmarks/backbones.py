@@ -119,6 +119,27 @@ def _torchvision() -> tuple[torch.nn.Module, int]:
     return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64), 32
 
 
+def _trained_norms(model: torch.nn.Module, size: int) -> None:
+    """Random init starts some BatchNorm weights at zero (the last norm of LeViT's residual branches), which silences
+    the attention before it, and leaves running statistics that do not normalise anything, so deep BatchNorm
+    families saturate their softmax. Trained weights have neither: zero weights are set to one and the running
+    statistics are measured on one random batch, as training would leave them."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    with torch.no_grad():
+        for m in norms:
+            if m.weight is not None and not m.weight.any():
+                m.weight.fill_(1.0)
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: one batch sets the statistics
+        model.train()
+        model(torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1)))
+        model.eval()
+        for m in norms:
+            m.momentum = 0.1
+
+
 def probe(build: Callable[[], tuple[torch.nn.Module, int]]) -> dict[str, Any]:
     t0 = time.time()
     try:
@@ -126,6 +147,7 @@ def probe(build: Callable[[], tuple[torch.nn.Module, int]]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001  (a family this timm/transformers cannot build at this size: not heartlora's verdict)
         return {"outcome": "not built", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     model.eval()
+    _trained_norms(model, size)
     x = torch.rand(1, 3, size, size)
     try:
         hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=2), example_input=x)

@@ -9,7 +9,8 @@ projection). For a layer and a head h:
 - ``vo``: v rows × c and o's columns × 1/c leave the output unchanged.
 
 Families that use q elsewhere too (relative-position terms in ViT-SAM, CoaT, MViTv2) fail ``qk`` by design: there the
-family's source decides. Used by the tests (tests/test_layouts.py) and benchmarks/backbones.py.
+family's source decides; ``v`` and ``vo`` are n/a where an activation sits between the heads and o (LeViT,
+EfficientFormerV2). Used by the tests (tests/test_layouts.py) and benchmarks/backbones.py.
 """
 
 from __future__ import annotations
@@ -36,8 +37,18 @@ def _zero_biases(model: nn.Module) -> None:
     with torch.no_grad():
         for mod in model.modules():
             for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                if "bias" in name and t is not None and t.is_floating_point():
+                # a BatchNorm's running mean is a bias too: it shifts each row after the projection
+                if ("bias" in name or name == "running_mean") and t is not None and t.is_floating_point():
                     t.zero_()
+
+
+def _act_before_o(attn: nn.Module) -> str | None:
+    """The activation an attention applies between its heads' output and o (timm LeViT ``proj.act``,
+    EfficientFormerV2 ``act``), if any: v's rows then reach the output through it, so ``v`` and ``vo`` cannot hold."""
+    for act in (getattr(attn, "act", None), getattr(getattr(attn, "proj", None), "act", None)):
+        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+            return type(act).__name__
+    return None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,7 +98,10 @@ def row_checks(model: nn.Module, example_input: Any, layers: list[str] | None = 
                         res["qk"] = "n/a (q, k normalised: scaling q moves nothing)"
                     elif err >= TOL:
                         res["qk"] = f"head {h}: q×c, k/c moved the output by {err:.1e} (q×c alone: {moved:.1e})"
-                if "v" in projs:
+                act = _act_before_o(model.get_submodule(layer.name))
+                if "v" in projs and act is not None:
+                    res["v"] = res["vo"] = f"n/a ({act} between the heads and o)"
+                elif "v" in projs:
                     iv = projs["v"].index[h]
                     keep = w["v"].clone()
                     d = torch.randn(w["v"][iv].shape, generator=g, dtype=torch.float64) * w["v"].abs().mean()

@@ -2,7 +2,7 @@
 
 from heartlora.method.config import HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads, select_heads
-from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+from heartlora.method.layer import HeadLoRAConv1x1, HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.layouts import (LAYOUTS, AttentionSites, HeadLayout, Site, block_index, find_attention,
                                      interleaved_index, register_layout, scan_attention)
 from heartlora.method.model import (AttentionHeads, Coverage, adapter_config, adapter_parameters, attach,
@@ -15,7 +15,8 @@ __all__ = [
     "HeartLoRAConfig", "attach", "adapter_parameters", "adapter_config", "attention_layers", "head_masks",
     "is_adapted", "merge", "unmerge", "set_adapters_enabled", "remove_from_optimizer", "backbone_fingerprint",
     "ResponsivenessTracker", "deactivate_heads", "select_heads", "save_adapter", "load_adapter",
-    "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRALinear", "HeadLoRAProjection", "HeadLayout",
+    "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRAConv1x1", "HeadLoRALinear", "HeadLoRAProjection",
+    "HeadLayout",
     "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention", "scan_attention", "block_index",
     "interleaved_index", "coverage", "Coverage", "find_classifier",
 ]

@@ -313,3 +313,57 @@ class HeadLoRALinear(nn.Module):
         self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
+
+
+class HeadLoRAConv1x1(HeadLoRALinear):
+    """:class:`HeadLoRALinear` for a 1×1 convolution used as a projection on (B, C, H, W) maps (timm LeViT-conv,
+    CoAtNet, Visformer, BoTNet, EfficientFormerV2): the same maths on the channel dimension. The forward moves
+    channels last, adds the deltas as for a Linear and moves them back; merging treats the (out, in, 1, 1) weight as
+    (out, in)."""
+
+    def __init__(self, base_layer: nn.Conv2d, dropout: float = 0.0, mode: str = "forward") -> None:
+        if not is_pointwise_conv(base_layer):
+            raise ValueError("HeadLoRAConv1x1 wraps an ungrouped 1×1 nn.Conv2d with stride 1 and no padding")
+        if mode != "forward":
+            raise ValueError("a 1×1 convolution is adapted in forward mode only")
+        super().__init__(base_layer, dropout, mode)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self._delta_active():
+            return y
+        x2 = self.lora_dropout(x).movedim(1, -1).reshape(-1, x.shape[1])
+        y_last = y.movedim(1, -1)
+        y2 = y_last.reshape(-1, y.shape[1])
+        for proj in self.lora.values():
+            y2 = proj.add_delta(y2, x2)
+        return y2.view(y_last.shape).movedim(-1, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = self.base_layer.weight.new_zeros(self.out_features, self.in_features)
+        for proj in self.lora.values():
+            delta = proj.delta_weight(delta)
+        return delta.view_as(self.base_layer.weight)
+
+
+def is_pointwise_conv(m: nn.Module) -> bool:
+    """An nn.Conv2d that is a Linear over channels: 1×1 kernel, stride 1, no padding, dilation 1, one group."""
+    return (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)
+            and m.groups == 1 and (m.padding in ("valid", "same") or tuple(m.padding) == (0, 0))
+            and m.padding_mode == "zeros")
+
+
+def wrap_projection(base: nn.Module, dropout: float = 0.0, mode: str = "forward") -> HeadLoRALinear:
+    """The wrapper for a projection: :class:`HeadLoRALinear` for an nn.Linear, :class:`HeadLoRAConv1x1` for a 1×1
+    convolution."""
+    if isinstance(base, nn.Conv2d):
+        return HeadLoRAConv1x1(base, dropout, mode)
+    return HeadLoRALinear(base, dropout, mode)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heartlora.errors import UnsupportedBackboneError
+from heartlora.method.layer import is_pointwise_conv
 
 PROJECTIONS = ("q", "k", "v", "o")
 
@@ -83,6 +84,20 @@ def _linear(m: nn.Module, attr: str) -> nn.Linear | None:
     return child if isinstance(child, nn.Linear) else None
 
 
+def _proj(m: nn.Module | None, attr: str) -> nn.Module | None:
+    """``getattr(m, attr)`` when it is a projection heartlora can wrap: an nn.Linear or a 1×1 convolution."""
+    child = getattr(m, attr, None)
+    return child if isinstance(child, nn.Linear) or is_pointwise_conv(child) else None
+
+
+def _rows(p: nn.Module) -> int:
+    return p.out_features if isinstance(p, nn.Linear) else p.out_channels
+
+
+def _cols(p: nn.Module) -> int:
+    return p.in_features if isinstance(p, nn.Linear) else p.in_channels
+
+
 def _num_heads(m: nn.Module) -> int | None:
     for attr in ("num_heads", "num_attention_heads", "heads"):
         n = getattr(m, attr, None)
@@ -102,9 +117,9 @@ def _split(total: int, parts: int, heads: int, what: str) -> int:
 def _o_site(m: nn.Module, names: tuple[str, ...], heads: int, parent: nn.Module | None = None) -> dict[str, Site]:
     parent = m if parent is None else parent
     for attr in names:
-        lin = _linear(parent, attr)
+        lin = _proj(parent, attr)
         if lin is not None:
-            return {"o": Site(parent, attr, block_index(0, heads, _split(lin.in_features, 1, heads, attr)))}
+            return {"o": Site(parent, attr, block_index(0, heads, _split(_cols(lin), 1, heads, attr)))}
     return {}
 
 
@@ -124,11 +139,13 @@ QKV_BLOCKS = {
     "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention", "timm.models.metaformer.Attention",
     "timm.models.edgenext.CrossCovarianceAttn", "timm.models.eva.EvaAttention", "timm.models.beit.Attention",
     "timm.models.swin_transformer_v2.WindowAttention", "timm.models.vision_transformer.Attention",
+    # the same on (B, C, H, W) maps with 1×1 convolutions: ``qkv(x).reshape(B, 3, num_heads, head_dim, -1)``
+    "timm.models.maxxvit.Attention2d", "timm.models.visformer.Attention",
 }
 # Per head, q k v one after the other: ``qkv.view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``.
 QKV_INTERLEAVED = {"timm.models.tiny_vit.Attention", "timm.models.efficientformer.Attention"}
 # Classes whose ``head_first`` flag picks interleaved (True) or blocks (False).
-QKV_HEAD_FIRST = {"timm.models.maxxvit.AttentionCl"}
+QKV_HEAD_FIRST = {"timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"}
 
 
 # Classes whose attention output reaches ``proj`` as (…, head_dim, num_heads): head h's columns are j·H + h.
@@ -142,7 +159,7 @@ def _weight_read(m: nn.Module) -> bool:
 
 
 def _fused(m: nn.Module) -> bool:
-    return _linear(m, "qkv") is not None and _num_heads(m) is not None and _linear(m, "proj") is not None
+    return _proj(m, "qkv") is not None and _num_heads(m) is not None and _proj(m, "proj") is not None
 
 
 def _blocks_matches(m: nn.Module) -> bool:
@@ -160,7 +177,7 @@ def _global_query(m: nn.Module) -> bool:
 def _blocks_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     heads = _num_heads(m)
     slots = ("k", "v") if _global_query(m) else ("q", "k", "v")
-    d = _split(m.qkv.out_features, len(slots), heads, f"{type(m).__name__}.qkv")
+    d = _split(_rows(m.qkv), len(slots), heads, f"{type(m).__name__}.qkv")
     mode = "weight" if _weight_read(m) else "forward"
     sites = {s: Site(m, "qkv", block_index(i * heads * d, heads, d), mode) for i, s in enumerate(slots)}
     sites.update(_o_site(m, ("proj",), heads))
@@ -185,12 +202,12 @@ def _interleaved_matches(m: nn.Module) -> bool:
 def _interleaved_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     heads = _num_heads(m)
     if class_path(m) in QKV_HEAD_FIRST:
-        d = _split(m.qkv.out_features, 3, heads, f"{type(m).__name__}.qkv")
+        d = _split(_rows(m.qkv), 3, heads, f"{type(m).__name__}.qkv")
         sizes = (d, d, d)
     else:
         sizes = (int(m.key_dim), int(m.key_dim), int(getattr(m, "val_dim", 0) or m.d))
-    if sum(sizes) * heads != m.qkv.out_features:
-        raise UnsupportedBackboneError(f"{type(m).__name__}.qkv has {m.qkv.out_features} rows, not {heads} heads × "
+    if sum(sizes) * heads != _rows(m.qkv):
+        raise UnsupportedBackboneError(f"{type(m).__name__}.qkv has {_rows(m.qkv)} rows, not {heads} heads × "
                                        f"{sum(sizes)}: report the family")
     sites = {s: Site(m, "qkv", interleaved_index(heads, sizes, i)) for i, s in enumerate(("q", "k", "v"))}
     sites.update(_o_site(m, ("proj",), heads))
@@ -199,6 +216,109 @@ def _interleaved_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[n
 
 register_layout(HeadLayout("interleaved_qkv", "one Linear `qkv`: per head q k v one after the other (timm TinyViT, "
                            "EfficientFormer, MaxViT rw)", _interleaved_matches, _interleaved_describe))
+
+
+# --- projections wrapped in a norm (a Linear or 1×1 conv followed by a per-channel BatchNorm, which keeps each row
+#     on its head): timm LeViT (Linear or conv), EfficientFormerV2 ------------------------------------------------
+# LeViT ``Attention``: ``qkv(x).view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])`` (conv: the same on
+# channels), per head q k v; ``AttentionDownsample``: ``kv`` per head k v, ``q`` a block. EfficientFormerV2
+# ``Attention2d``: q, k, v separate, each ``reshape(B, num_heads, -1, N)``: blocks; ``Attention2dDownsample``'s q is
+# a LocalGlobalQuery whose 1×1 ``proj`` makes it. Output: ``proj`` (a Sequential ending in that norm-wrapped
+# projection), its input head-major. Both put an activation between the attention and ``proj``.
+NORM_WRAPPED = {"timm.models.levit.Attention", "timm.models.levit.AttentionDownsample",
+                "timm.models.efficientformer_v2.Attention2d", "timm.models.efficientformer_v2.Attention2dDownsample"}
+
+
+def _inner(m: nn.Module | None, attr: str) -> tuple[nn.Module, str] | None:
+    """(parent, attribute) of the projection ``m.attr`` stands for: itself, or the Linear / 1×1 conv inside a
+    ConvNorm / LinearNorm (``linear``, ``conv``), a Sequential's last norm-wrapped layer (``ln``) or a query
+    module's ``proj``."""
+    child = getattr(m, attr, None)
+    if child is None:
+        return None
+    if _proj(m, attr) is not None:
+        return m, attr
+    for name in ("linear", "conv"):
+        if _proj(child, name) is not None and isinstance(getattr(child, "bn", None), nn.modules.batchnorm._BatchNorm):
+            return child, name
+    for name in ("ln", "proj"):
+        if getattr(child, name, None) is not None:
+            return _inner(child, name)
+    return None
+
+
+def _norm_wrapped_matches(m: nn.Module) -> bool:
+    return (class_path(m) in NORM_WRAPPED and _num_heads(m) is not None and _inner(m, "proj") is not None
+            and all(_inner(m, a) is not None for a in (("qkv",) if hasattr(m, "qkv") else ("q", "kv") if
+                                                        hasattr(m, "kv") else ("q", "k", "v"))))
+
+
+def _norm_wrapped_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads = _num_heads(m)
+    kd = int(m.key_dim)
+    vd = int(getattr(m, "val_dim", 0) or m.d)
+
+    def site(name: str, index: torch.Tensor, total: int) -> Site:
+        p, a = _inner(m, name)
+        if _rows(getattr(p, a)) != total:
+            raise UnsupportedBackboneError(f"{type(m).__name__}.{name} has {_rows(getattr(p, a))} rows, not the "
+                                           f"{total} its num_heads, key_dim and val_dim say: report the family")
+        return Site(p, a, index)
+
+    if hasattr(m, "qkv"):
+        sites = {s: site("qkv", interleaved_index(heads, (kd, kd, vd), i), heads * (2 * kd + vd))
+                 for i, s in enumerate(("q", "k", "v"))}
+    elif hasattr(m, "kv"):
+        sites = {s: site("kv", interleaved_index(heads, (kd, vd), i), heads * (kd + vd))
+                 for i, s in enumerate(("k", "v"))}
+        sites["q"] = site("q", block_index(0, heads, kd), heads * kd)
+    else:
+        sites = {s: site(s, block_index(0, heads, d), heads * d) for s, d in (("q", kd), ("k", kd), ("v", vd))}
+    p, a = _inner(m, "proj")
+    sites["o"] = Site(p, a, block_index(0, heads, _split(_cols(getattr(p, a)), 1, heads, f"{type(m).__name__}.proj")))
+    return m, AttentionSites(heads, kd, sites)
+
+
+register_layout(HeadLayout("norm_wrapped", "each projection a Linear / 1×1 conv inside a BatchNorm wrapper: LeViT "
+                           "`qkv` per head q k v (`kv` per head k v, `q` a block), EfficientFormerV2 `q`, `k`, `v` "
+                           "blocks", _norm_wrapped_matches, _norm_wrapped_describe))
+
+
+# --- timm ByobNet self-attention on (B, C, H, W) maps, 1×1 convolutions and no output projection of their own ------
+# BottleneckAttn: ``qkv`` split into q | k | v blocks (q, k of dim_head_qk, v of dim_head_v per head), each
+# ``reshape(B * num_heads, dim_head, -1)``. HaloAttn: ``q`` a block; ``kv`` unfolded as
+# ``reshape(B * num_heads, dim_head_qk + dim_head_v, …)`` then split: per head k v. Both add a relative-position
+# term computed from q. The block's next convolution follows them, so there is no o here.
+BYOB = {"timm.layers.bottleneck_attn.BottleneckAttn", "timm.layers.halo_attn.HaloAttn"}
+
+
+def _byob_matches(m: nn.Module) -> bool:
+    return class_path(m) in BYOB and (_proj(m, "qkv") is not None or _proj(m, "kv") is not None)
+
+
+def _byob_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads, dq, dv = int(m.num_heads), int(m.dim_head_qk), int(m.dim_head_v)
+    missing = {"o": "no output projection: the block's next convolution follows the attention"}
+    if _proj(m, "qkv") is not None:
+        sites = {s: Site(m, "qkv", block_index(off, heads, d))
+                 for s, off, d in (("q", 0, dq), ("k", heads * dq, dq), ("v", 2 * heads * dq, dv))}
+        total = _rows(m.qkv)
+    else:
+        sites = {s: Site(m, "kv", interleaved_index(heads, (dq, dv), i)) for i, s in enumerate(("k", "v"))}
+        total = _rows(m.kv) + heads * dq
+        if _proj(m, "q") is not None:
+            sites["q"] = Site(m, "q", block_index(0, heads, dq))
+        else:
+            missing["q"] = "q is a strided convolution here (it subsamples the queries)"
+    if total != heads * (2 * dq + dv):
+        raise UnsupportedBackboneError(f"{type(m).__name__} has {total} q/k/v rows, not {heads} heads × "
+                                       f"{2 * dq + dv}: report the family")
+    return m, AttentionSites(heads, dq, sites, missing)
+
+
+register_layout(HeadLayout("byob_conv", "1×1 convolutions: BottleneckAttn `qkv` rows q | k | v, HaloAttn `q` a block "
+                           "and `kv` per head k v; no output projection (timm BoTNet, HaloNet)", _byob_matches,
+                           _byob_describe))
 
 
 # --- q and k|v (or q|k and v) in two Linears ------------------------------------------------------------------
@@ -405,6 +525,11 @@ NOT_QKV = {
     "SelectiveKernelAttn": "kernel selection, no heads", "SplitAttn": "split attention over channels, no heads",
     "EfficientAdditiveAttention": "additive attention with no per-head q/k/v",
     "LinearSelfAttention": "separable linear attention with no heads",
+    "CascadedGroupAttention": "each head has its own q/k/v convolution, fed the previous head's output (cascaded "
+                              "heads), not one projection split by head",
+    "ConvAttention": "multi-head convolutional attention: a grouped 3×3 convolution, with no q and k",
+    "MultiQueryAttention2d": "multi-query attention: one k and one v shared by every head, so they cannot be split "
+                             "by head",
 }
 _ATTENTION_WORDS = ("attention", "attn", "mhsa")
 
@@ -430,11 +555,11 @@ def _reason(m: nn.Module) -> str:
     if cls in NOT_QKV:
         return NOT_QKV[cls]
     convs = [n for n in ("qkv", "q", "k", "v", "kv", "qk") if isinstance(getattr(m, n, None), nn.Conv2d)]
-    if convs:
-        return "q, k, v come from a convolution, not an nn.Linear"
-    fused = [n for n in ("qkv", "kv", "qk") if _linear(m, n) is not None]
+    if convs and not any(is_pointwise_conv(getattr(m, n)) for n in convs):
+        return "q, k, v come from a k×k, strided or grouped convolution, not an nn.Linear or 1×1 convolution"
+    fused = [n for n in ("qkv", "kv", "qk") if _proj(m, n) is not None]
     if fused:
-        return (f"the row order of its fused `{fused[0]}` Linear is unknown: add {class_path(m)} to the right table in "
+        return (f"the row order of its fused `{fused[0]}` projection is unknown: add {class_path(m)} to the right table in "
                 "heartlora/method/layouts.py once its source is read")
     for n in ("qkv", "q", "kv"):
         child = getattr(m, n, None)

@@ -11,7 +11,7 @@ from torch import nn
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.config import HeartLoRAConfig
-from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection, wrap_projection
 from heartlora.method.layouts import Unadapted, find_attention, scan_attention
 
 _STATE = "_heartlora"  # attribute on the adapted root module: config, layer names, fingerprint
@@ -145,11 +145,11 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
                 continue
             wrapper = getattr(site.parent, site.attr)
             if not isinstance(wrapper, HeadLoRALinear):
-                wrapper = HeadLoRALinear(wrapper, dropout=config.dropout, mode=site.mode)
+                wrapper = wrap_projection(wrapper, dropout=config.dropout, mode=site.mode)
                 setattr(site.parent, site.attr, wrapper)
             base = wrapper.base_layer
-            proj = HeadLoRAProjection(target, name, site.index, base.in_features, base.out_features, config.rank,
-                                      config.scale, config.bits, config.init_b_std)
+            proj = HeadLoRAProjection(target, name, site.index, wrapper.in_features, wrapper.out_features,
+                                      config.rank, config.scale, config.bits, config.init_b_std)
             proj.to(device=base.weight.device, dtype=base.weight.dtype if base.weight.is_floating_point()
                     else torch.float32)
             wrapper.lora[target] = proj
@@ -298,6 +298,12 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
             if not all(gr is not None and bool(gr.any()) for gr in grads[i:i + n]):
                 dead.append(f"{name}.{target}")
             i += n
+        constant = [n for n in still if seen.get(n) and all(bool((t == t.reshape(-1)[0]).all()) for t in seen[n])]
+        if constant:
+            shown = ", ".join(constant[:4]) + (f" and {len(constant) - 4} more" if len(constant) > 4 else "")
+            raise UnsupportedBackboneError(
+                f"the output of {shown} is constant, so attach cannot check its adapters (an untrained model whose "
+                "last norm weight starts at zero, e.g. timm LeViT): attach to trained weights, or pass verify=False")
         if dead or still:
             bad = dead or still
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
