@@ -11,6 +11,7 @@ from conftest import make_family
 from torch import nn
 
 import heartlora.method as hl
+from heartlora.method.layouts import block_index
 from heartlora.backbones.probe import row_checks
 
 D, H = 32, 4
@@ -60,6 +61,66 @@ def _timm_convit_gpsa() -> tuple[nn.Module, Any]:
     return Holder(GPSA(D, H)), _tokens()
 
 
+def _map(chans: int = D, size: int = 4) -> torch.Tensor:
+    return torch.randn(1, chans, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _timm_visformer_conv() -> tuple[nn.Module, Any]:
+    from timm.models.visformer import Attention
+    return Holder(Attention(D, num_heads=H)), _map()
+
+
+def _timm_coatnet_conv() -> tuple[nn.Module, Any]:
+    from timm.models.maxxvit import Attention2d
+    return Holder(Attention2d(D, dim_head=D // H, head_first=True)), _map()
+
+
+def _unsilenced(attn: nn.Module) -> nn.Module:
+    """Random init starts LeViT's output BatchNorm weight at zero (the attention's output would be constant)."""
+    with torch.no_grad():
+        for m in attn.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and not m.weight.any():
+                m.weight.fill_(1.0)
+    return attn
+
+
+def _timm_levit() -> tuple[nn.Module, Any]:
+    from timm.models.levit import Attention
+    # act_layer=Identity: LeViT's activation between the heads and o would hide v's rows from the checks
+    return Holder(_unsilenced(Attention(D, key_dim=8, num_heads=H, attn_ratio=2, resolution=4,
+                                       act_layer=nn.Identity))), _tokens()
+
+
+def _timm_levit_conv_downsample() -> tuple[nn.Module, Any]:
+    from timm.models.levit import AttentionDownsample
+    return Holder(_unsilenced(AttentionDownsample(D, 2 * D, key_dim=8, num_heads=H, attn_ratio=2, stride=2,
+                                                  resolution=4, use_conv=True, act_layer=nn.Identity))), _map()
+
+
+def _timm_efficientformerv2() -> tuple[nn.Module, Any]:
+    from timm.models.efficientformer_v2 import Attention2d
+    return Holder(Attention2d(D, key_dim=8, num_heads=H, attn_ratio=2, resolution=4, act_layer=nn.Identity)), _map()
+
+
+def _zero_rel_pos(attn: nn.Module) -> nn.Module:
+    """BoTNet and HaloNet add a relative-position term computed from q; zeroed, scaling q by c and k by 1/c must
+    leave the output unchanged."""
+    with torch.no_grad():
+        attn.pos_embed.height_rel.zero_(), attn.pos_embed.width_rel.zero_()
+    return attn
+
+
+def _timm_botnet() -> tuple[nn.Module, Any]:
+    from timm.layers.bottleneck_attn import BottleneckAttn
+    return Holder(_zero_rel_pos(BottleneckAttn(D, feat_size=(4, 4), num_heads=H, qk_ratio=0.5))), _map()
+
+
+def _timm_halonet() -> tuple[nn.Module, Any]:
+    from timm.layers.halo_attn import HaloAttn
+    return Holder(_zero_rel_pos(HaloAttn(D, feat_size=(8, 8), num_heads=H, block_size=4, halo_size=1,
+                                         qk_ratio=0.5))), _map(size=8)
+
+
 def _hf_clip() -> tuple[nn.Module, Any]:
     from transformers import CLIPVisionConfig, CLIPVisionModel
     cfg = CLIPVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=H,
@@ -76,9 +137,13 @@ def _family(name: str) -> Callable[[], tuple[nn.Module, Any]]:
 
 # layout name -> families using it; a layout registered without one here fails test_every_layout_has_a_family
 FAMILIES: dict[str, dict[str, Callable[[], tuple[nn.Module, Any]]]] = {
-    "fused_qkv": {"timm_vit": _family("timm_vit"), "timm_swin": _family("timm_swin")},
+    "fused_qkv": {"timm_vit": _family("timm_vit"), "timm_swin": _family("timm_swin"),
+                  "timm_visformer_conv": _timm_visformer_conv},
     "fused_qkv_weight": {"timm_eva_qv_bias": _timm_eva},
-    "interleaved_qkv": {"timm_tinyvit": _timm_tinyvit},
+    "interleaved_qkv": {"timm_tinyvit": _timm_tinyvit, "timm_coatnet_conv": _timm_coatnet_conv},
+    "norm_wrapped": {"timm_levit": _timm_levit, "timm_levit_conv_downsample": _timm_levit_conv_downsample,
+                     "timm_efficientformerv2": _timm_efficientformerv2},
+    "byob_conv": {"timm_botnet": _timm_botnet, "timm_halonet": _timm_halonet},
     "q_kv_pair": {"timm_twins_gsa": _timm_twins_gsa, "timm_convit_gpsa": _timm_convit_gpsa},
     "separate_qkvo": {"hf_clip_vision": _hf_clip},  # HF ViT's naming depends on the version: tests/test_attach.py
     "bert_style": {"bert": _family("bert")},
@@ -184,3 +249,36 @@ def test_no_attention_says_so() -> None:
                        match=r"no attention layer found in ResNet.*Families that work|no attention layer found in "
                              r"ResNet"):
         hl.attach(timm.create_model("resnet18", pretrained=False, num_classes=3))
+
+
+def test_conv1x1_adapter_is_the_linear_adapter_on_channels() -> None:
+    """A 1×1 conv adapter computes what a Linear adapter computes on channels-last inputs; merge and unmerge are
+    exact; a conv that is not a Linear over channels is refused."""
+    from heartlora.method.layer import HeadLoRAConv1x1, HeadLoRAProjection, wrap_projection
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 1)
+    lin = nn.Linear(8, 12)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.view(12, 8)), lin.bias.copy_(conv.bias)
+    wc, wl = wrap_projection(conv), wrap_projection(lin)
+    assert isinstance(wc, HeadLoRAConv1x1) and type(wl) is hl.HeadLoRALinear
+    for w in (wc, wl):
+        for target, off in (("q", 0), ("v", 6)):  # two heads of 3 rows each, v in the second half only
+            proj = HeadLoRAProjection(target, "x", block_index(off, 2, 3), 8, 12, 2, 1.0, 32, None)
+            w.lora[target] = proj
+    for pc, pl in zip(wc.lora.parameters(), wl.lora.parameters()):
+        with torch.no_grad():
+            pc.normal_(), pl.copy_(pc)
+    x = torch.randn(2, 8, 3, 5)
+    y = wc(x)
+    assert torch.allclose(y, wl(x.movedim(1, -1)).movedim(-1, 1), atol=1e-6)
+    base = conv(x)
+    assert not torch.allclose(y, base, atol=1e-3)
+    wc.merge()
+    assert torch.allclose(wc(x), y, atol=1e-5) and wc.merged
+    wc.unmerge()
+    assert torch.equal(wc(x), y) and torch.equal(conv.weight.view(12, 8), lin.weight)
+    for bad in (nn.Conv2d(8, 12, 3), nn.Conv2d(8, 12, 1, stride=2), nn.Conv2d(8, 12, 1, groups=4)):
+        with pytest.raises(ValueError, match="1×1"):
+            wrap_projection(bad)
