@@ -121,6 +121,13 @@ def _timm_halonet() -> tuple[nn.Module, Any]:
                                          qk_ratio=0.5))), _map(size=8)
 
 
+def _timm_parallel(fuse_out_proj: bool) -> Callable[[], tuple[nn.Module, Any]]:
+    def make() -> tuple[nn.Module, Any]:
+        from timm.models.vision_transformer import ParallelScalingBlock
+        return Holder(ParallelScalingBlock(D, H, mlp_ratio=2.0, fuse_out_proj=fuse_out_proj)), _tokens()
+    return make
+
+
 def _hf_clip() -> tuple[nn.Module, Any]:
     from transformers import CLIPVisionConfig, CLIPVisionModel
     cfg = CLIPVisionConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=H,
@@ -143,6 +150,7 @@ FAMILIES: dict[str, dict[str, Callable[[], tuple[nn.Module, Any]]]] = {
     "interleaved_qkv": {"timm_tinyvit": _timm_tinyvit, "timm_coatnet_conv": _timm_coatnet_conv},
     "norm_wrapped": {"timm_levit": _timm_levit, "timm_levit_conv_downsample": _timm_levit_conv_downsample,
                      "timm_efficientformerv2": _timm_efficientformerv2},
+    "parallel_block": {"timm_vit_parallel": _timm_parallel(False), "timm_vit_parallel_fused_out": _timm_parallel(True)},
     "byob_conv": {"timm_botnet": _timm_botnet, "timm_halonet": _timm_halonet},
     "q_kv_pair": {"timm_twins_gsa": _timm_twins_gsa, "timm_convit_gpsa": _timm_convit_gpsa},
     "separate_qkvo": {"hf_clip_vision": _hf_clip},  # HF ViT's naming depends on the version: tests/test_attach.py

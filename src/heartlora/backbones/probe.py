@@ -85,7 +85,10 @@ def row_checks(model: nn.Module, example_input: Any, layers: list[str] | None = 
         with torch.no_grad():
             base = out()
             for h in sorted({hh % layer.num_heads for hh in heads}):
-                if "q" in projs and "k" in projs:
+                qn = getattr(model.get_submodule(layer.name), "q_norm", None)
+                if "q" in projs and "k" in projs and isinstance(qn, nn.Module) and not isinstance(qn, nn.Identity):
+                    res["qk"] = f"n/a (q, k normalised by {type(qn).__name__}: scaling q moves nothing)"
+                elif "q" in projs and "k" in projs:
                     iq, ik = projs["q"].index[h], projs["k"].index[h]
                     keep = w["q"].clone(), w["k"].clone()
                     w["q"][iq] *= C

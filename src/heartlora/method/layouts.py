@@ -359,6 +359,35 @@ register_layout(HeadLayout("q_kv_pair", "two Linears: `q` and `kv` (rows k | v),
                            "heads contiguous in each", _pair_matches, _pair_describe))
 
 
+# --- timm ViT ParallelScalingBlock (ViT-22B style): one ``in_proj`` Linear makes the MLP's hidden features and q, k,
+#     v, ``torch.split(y, [mlp_hidden, dim, dim, dim])``, each ``view(B, N, num_heads, head_dim)``: blocks after the
+#     MLP's rows. The heads' output goes to ``attn_out_proj``, or to the first ``dim`` columns of a fused ``out_proj``
+#     (``cat((x_attn, x_mlp))``).
+PARALLEL = {"timm.models.vision_transformer.ParallelScalingBlock"}
+
+
+def _parallel_matches(m: nn.Module) -> bool:
+    return (class_path(m) in PARALLEL and _linear(m, "in_proj") is not None and _num_heads(m) is not None
+            and (_linear(m, "attn_out_proj") is not None or _linear(m, "out_proj") is not None))
+
+
+def _parallel_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads, d = int(m.num_heads), int(m.head_dim)
+    mlp, dim = int(m.in_split[0]), heads * d
+    if list(m.in_split) != [mlp, dim, dim, dim] or m.in_proj.out_features != mlp + 3 * dim:
+        raise UnsupportedBackboneError(f"{type(m).__name__}.in_proj splits as {list(m.in_split)}, not the MLP's rows "
+                                       f"then q, k, v of {dim}: report the family")
+    sites = {s: Site(m, "in_proj", block_index(mlp + i * dim, heads, d)) for i, s in enumerate(("q", "k", "v"))}
+    o = "attn_out_proj" if _linear(m, "attn_out_proj") is not None else "out_proj"
+    sites["o"] = Site(m, o, block_index(0, heads, d))
+    return m, AttentionSites(heads, d, sites)
+
+
+register_layout(HeadLayout("parallel_block", "one Linear `in_proj`: rows MLP hidden | q | k | v, heads contiguous; "
+                           "o = `attn_out_proj` or the first columns of `out_proj` (timm ViT ParallelScalingBlock)",
+                           _parallel_matches, _parallel_describe))
+
+
 # --- separate q/k/v Linears: Hugging Face 5.x (ViT, DeiT, DINOv2, Swin, BEiT), CLIP, SigLIP, Aimv2; timm EVA with
 #     q_proj; CaiT class attention (q, k, v); CrossViT cross-attention (wq, wk, wv) --------------------------------
 SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
@@ -528,6 +557,9 @@ NOT_QKV = {
     "CascadedGroupAttention": "each head has its own q/k/v convolution, fed the previous head's output (cascaded "
                               "heads), not one projection split by head",
     "ConvAttention": "multi-head convolutional attention: a grouped 3×3 convolution, with no q and k",
+    "SHSA": "single-head attention on part of the channels: no heads to tell apart",
+    "LiteMLA": "multi-scale ReLU linear attention: its q, k, v pass through grouped aggregation convolutions",
+    "LambdaLayer": "lambda layer: k and v are shared by every head (multi-query), so they cannot be split by head",
     "MultiQueryAttention2d": "multi-query attention: one k and one v shared by every head, so they cannot be split "
                              "by head",
 }
@@ -546,8 +578,9 @@ class Unadapted:
 def _looks_like_attention(m: nn.Module) -> bool:
     if isinstance(m, nn.MultiheadAttention):
         return True
-    cls = type(m).__name__.lower()
-    return any(w in cls for w in _ATTENTION_WORDS) and any(True for _ in m.parameters())
+    cls = type(m).__name__
+    named = cls in NOT_QKV or any(w in cls.lower() for w in _ATTENTION_WORDS)  # NOT_QKV: SHSA, LiteMLA, …
+    return named and any(True for _ in m.parameters())
 
 
 def _reason(m: nn.Module) -> str:
