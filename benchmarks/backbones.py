@@ -72,7 +72,8 @@ TIMM: list[tuple[str, dict[str, Any], int]] = [
     ("sam2_hiera_tiny", {}, 64),
     ("caformer_s18", {}, 64),
     ("edgenext_xx_small", {}, 64),
-    ("levit_128s", {}, 224),
+    ("levit_128s", {"depth": (1, 1, 1)}, 224),
+    ("levit_conv_128s", {"depth": (1, 1, 1)}, 224),
     ("efficientvit_b0", {}, 64),
     ("efficientvit_m0", {}, 224),
     ("nextvit_small", {}, 64),
@@ -83,6 +84,24 @@ TIMM: list[tuple[str, dict[str, Any], int]] = [
     ("vitamin_small_224", {"img_size": 64}, 64),
     ("csatv2", {}, 64),
     ("swiftformer_xs", {}, 64),
+    ("vit_small_patch16_18x2_224", {"img_size": 32, "depth": 2}, 32),
+    ("vit_base_patch16_clip_224", {"img_size": 32, "depth": 2}, 32),
+    ("vit_base_patch16_siglip_gap_224", {"img_size": 32, "depth": 2}, 32),
+    ("vit_medium_patch16_rope_reg1_gap_256", {"img_size": 32, "depth": 2}, 32),
+    ("vit_small_patch16_rope_mixed_224", {"img_size": 32, "depth": 2}, 32),
+    ("vit_small_patch16_dinov3", {"img_size": 32, "depth": 2}, 32),
+    ("naflexvit_base_patch16_gap", {"img_size": 32, "depth": 2}, 32),
+    ("vit_intern300m_patch14_448", {"img_size": 28, "depth": 2}, 28),
+    ("aimv2_1b_patch14_224", {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 4}, 28),
+    ("vit_srelpos_small_patch16_224", {"img_size": 32, "depth": 2}, 32),
+    ("vit_pwee_patch16_reg1_gap_256", {"img_size": 32, "depth": 2}, 32),
+    ("vit_base_patch16_xp_224", {"img_size": 32, "depth": 2}, 32),
+    ("coatnext_nano_rw_224", {"img_size": 64}, 64),
+    ("pvt_v2_b2_li", {"depths": (1, 1, 1, 1)}, 64),
+    ("fastvit_mci0", {}, 64),
+    ("mobilevitv2_050", {}, 64),
+    ("shvit_s1", {}, 64),
+    ("lambda_resnet26t", {"img_size": 64}, 64),
     ("resnet18", {}, 32),
 ]
 
@@ -93,9 +112,24 @@ def _hf(config_name: str, model_name: str, **kw: Any) -> Callable[[], tuple[torc
     def build() -> tuple[torch.nn.Module, int]:
         import transformers as T
         args = {k: v for k, v in {**HF_COMMON, "image_size": 32, "patch_size": 8, **kw}.items() if v is not None}
-        return getattr(T, model_name)(getattr(T, config_name)(**args)), int(args["image_size"])
+        size = args["image_size"]
+        return getattr(T, model_name)(getattr(T, config_name)(**args)), int(size if isinstance(size, int) else size[0])
     return build
 
+
+def _siglip2() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """SigLIP2 (NaFlex) takes patchified pixels with a mask and each image's patch grid."""
+    import transformers as T
+    cfg = T.Siglip2VisionConfig(**HF_COMMON, patch_size=8, num_patches=16)
+    x = {"pixel_values": torch.rand(1, 16, 3 * 8 * 8), "pixel_attention_mask": torch.ones(1, 16, dtype=torch.long),
+         "spatial_shapes": torch.tensor([[4, 4]])}
+    return T.Siglip2VisionModel(cfg), x
+
+
+# two-stage pyramid encoders (PVT, PVTv2, Segformer)
+_PYRAMID: dict[str, Any] = {"hidden_size": None, "num_hidden_layers": None, "intermediate_size": None,
+                            "num_encoder_blocks": 2, "depths": [1, 1], "hidden_sizes": [16, 32], "strides": [4, 2],
+                            "num_attention_heads": [1, 2], "mlp_ratios": [2, 2]}
 
 HF = {
     "HF ViT": _hf("ViTConfig", "ViTModel"), "HF DeiT": _hf("DeiTConfig", "DeiTModel"),
@@ -111,6 +145,27 @@ HF = {
                    patch_size=4, hidden_size=None, num_hidden_layers=None, num_attention_heads=None),
     "HF Swinv2": _hf("Swinv2Config", "Swinv2Model", embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2,
                      patch_size=4, hidden_size=None, num_hidden_layers=None, num_attention_heads=None),
+    "HF DonutSwin": _hf("DonutSwinConfig", "DonutSwinModel", embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                        window_size=2, patch_size=4, hidden_size=None, num_hidden_layers=None, num_attention_heads=None),
+    "HF DINOv3ViT": _hf("DINOv3ViTConfig", "DINOv3ViTModel"),
+    "HF YOLOS": _hf("YolosConfig", "YolosModel", num_detection_tokens=2, image_size=[32, 32]),
+    "HF VitDet": _hf("VitDetConfig", "VitDetModel", pretrain_image_size=32),
+    "HF SAM vision": _hf("SamVisionConfig", "SamVisionModel", output_channels=16, global_attn_indexes=[1],
+                         window_size=2, num_pos_feats=16, mlp_dim=64, intermediate_size=None),
+    "HF BlipVision": _hf("BlipVisionConfig", "BlipVisionModel"),
+    "HF Blip2Vision": _hf("Blip2VisionConfig", "Blip2VisionModel"),
+    "HF InstructBlipVision": _hf("InstructBlipVisionConfig", "InstructBlipVisionModel"),
+    "HF GitVision": _hf("GitVisionConfig", "GitVisionModel"),
+    "HF ChineseCLIPVision": _hf("ChineseCLIPVisionConfig", "ChineseCLIPVisionModel"),
+    "HF AltCLIPVision": _hf("AltCLIPVisionConfig", "AltCLIPVisionModel"),
+    "HF MetaClip2Vision": _hf("MetaClip2VisionConfig", "MetaClip2VisionModel"),
+    "HF OwlViTVision": _hf("OwlViTVisionConfig", "OwlViTVisionModel"),
+    "HF Owlv2Vision": _hf("Owlv2VisionConfig", "Owlv2VisionModel"),
+    "HF Siglip2Vision": _siglip2,
+    "HF PixtralVision": _hf("PixtralVisionConfig", "PixtralVisionModel", head_dim=8),
+    "HF PVT": _hf("PvtConfig", "PvtModel", **_PYRAMID, sequence_reduction_ratios=[2, 1], patch_sizes=[4, 2]),
+    "HF PVTv2": _hf("PvtV2Config", "PvtV2Model", **_PYRAMID, sr_ratios=[2, 1], patch_sizes=[7, 3]),
+    "HF Segformer": _hf("SegformerConfig", "SegformerModel", **_PYRAMID, sr_ratios=[2, 1], patch_sizes=[7, 3]),
 }
 
 
@@ -144,11 +199,12 @@ def probe(build: Callable[[], tuple[torch.nn.Module, int]]) -> dict[str, Any]:
     t0 = time.time()
     try:
         model, size = build()
+        x = torch.rand(1, 3, size, size) if isinstance(size, int) else size
+        if isinstance(size, int):
+            _trained_norms(model, size)
     except Exception as e:  # noqa: BLE001  (a family this timm/transformers cannot build at this size: not heartlora's verdict)
         return {"outcome": "not built", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     model.eval()
-    _trained_norms(model, size)
-    x = torch.rand(1, 3, size, size)
     try:
         hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=2), example_input=x)
     except hl.HeartLoRAError as e:
@@ -157,7 +213,8 @@ def probe(build: Callable[[], tuple[torch.nn.Module, int]]) -> dict[str, Any]:
     first = hl.attention_layers(model)[0].name
     checks = row_checks(model, x, layers=[first], heads=(0,))[first]
     wrong = {k: v for k, v in checks.items() if v != "ok" and not v.startswith("n/a")}
-    outcome = "adapted" if not cov.unadapted and not cov.partial else "partly adapted"
+    outcome = ("partly adapted" if cov.unadapted else "adapted, some projections absent" if cov.partial
+               else "adapted")
     return {"outcome": outcome, "layouts": sorted(set(cov.layouts.values())), "summary": cov.summary(),
             "rows": "ok" if not wrong else "; ".join(f"{k}: {v}" for k, v in wrong.items()),
             "seconds": time.time() - t0}
@@ -187,6 +244,7 @@ def main() -> None:
     for _, r in rows:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     wrong = sum(1 for _, r in rows if r.get("rows", "ok") != "ok")
+    every = sum(1 for _, r in rows if r["outcome"].startswith("adapted"))
     lines = [
         "# Backbones heartlora adapts",
         "",
@@ -197,11 +255,22 @@ def main() -> None:
          "adapted layer is row-checked (heartlora/backbones/probe.py): `qk` = q rows × 2 and k rows × ½ leave the "
          "output unchanged, `v` = the output is affine in v's rows, `vo` = v rows × 2 and o columns × ½ leave it "
          "unchanged. A `qk` failure is expected where the family also uses q in a relative-position term "
-         "(CoaT's convolutional position term multiplies q) or pools v through a LayerNorm (MViTv2); there the "
-         "family's source was read instead. `n/a` = the family normalises q and k (SwinV2, XCiT), so scaling "
-         "cannot show anything."),
+         "(CoaT's convolutional position term multiplies q; BoTNet and HaloNet add a term computed from q) or pools "
+         "v through a LayerNorm (MViTv2); there the family's source was read instead (tests/test_layouts.py checks "
+         "BoTNet and HaloNet with that term zeroed). `n/a` = the family normalises q and k (SwinV2, XCiT, "
+         "`q_norm`), so scaling cannot show anything, or puts an activation between the heads and o (LeViT, "
+         "EfficientFormerV2; checked with the activation removed in tests/test_layouts.py)."),
+        "",
+        ("Outcomes: `adapted` = every attention module adapted on q, k, v, o; `adapted, some projections absent` = "
+         "every attention module adapted, but the family has no Linear for some projection (named: BoTNet has no "
+         "o of its own, GCViT's global q is made outside the attention); `partly adapted` = some attention "
+         "modules left alone, each named with its reason at attach time; `refused` = attach raised a one-line "
+         "error. BatchNorm families have their zero-initialised norm weights set to one and their running "
+         "statistics measured on one random batch first, as training would leave them (an untrained LeViT's "
+         "attention output is constant, which attach refuses to check)."),
         "",
         "Counts: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + f"; row checks failing: {wrong}.",
+        f"Every attention module adapted: {every} of {len(rows)} families.",
         "",
         "| family | outcome | layouts | row checks | coverage / reason |",
         "|---|---|---|---|---|",

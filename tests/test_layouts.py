@@ -11,8 +11,8 @@ from conftest import make_family
 from torch import nn
 
 import heartlora.method as hl
-from heartlora.method.layouts import block_index
 from heartlora.backbones.probe import row_checks
+from heartlora.method.layouts import block_index
 
 D, H = 32, 4
 

@@ -141,6 +141,11 @@ QKV_BLOCKS = {
     "timm.models.swin_transformer_v2.WindowAttention", "timm.models.vision_transformer.Attention",
     # the same on (B, C, H, W) maps with 1×1 convolutions: ``qkv(x).reshape(B, 3, num_heads, head_dim, -1)``
     "timm.models.maxxvit.Attention2d", "timm.models.visformer.Attention",
+    # Hugging Face: ``qkv(x).reshape(B, N, 3, num_heads, head_dim)`` (BLIP, BLIP-2, InstructBLIP, ViTDet, SAM)
+    "transformers.models.blip.modeling_blip.BlipAttention", "transformers.models.blip_2.modeling_blip_2.Blip2Attention",
+    "transformers.models.instructblip.modeling_instructblip.InstructBlipAttention",
+    "transformers.models.vitdet.modeling_vitdet.VitDetAttention", "transformers.models.sam.modeling_sam.SamVisionAttention",
+    "transformers.models.sam.modeling_sam.SamVisionSdpaAttention",
 }
 # Per head, q k v one after the other: ``qkv.view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``.
 QKV_INTERLEAVED = {"timm.models.tiny_vit.Attention", "timm.models.efficientformer.Attention"}
@@ -158,8 +163,11 @@ def _weight_read(m: nn.Module) -> bool:
     return getattr(m, "q_bias", None) is not None and not getattr(m, "qkv_bias_separate", False)
 
 
+FUSED_O = ("proj", "projection")  # the output projection's name next to a fused qkv (BLIP: projection)
+
+
 def _fused(m: nn.Module) -> bool:
-    return _proj(m, "qkv") is not None and _num_heads(m) is not None and _proj(m, "proj") is not None
+    return _proj(m, "qkv") is not None and _num_heads(m) is not None and any(_proj(m, o) for o in FUSED_O)
 
 
 def _blocks_matches(m: nn.Module) -> bool:
@@ -180,7 +188,7 @@ def _blocks_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Mod
     d = _split(_rows(m.qkv), len(slots), heads, f"{type(m).__name__}.qkv")
     mode = "weight" if _weight_read(m) else "forward"
     sites = {s: Site(m, "qkv", block_index(i * heads * d, heads, d), mode) for i, s in enumerate(slots)}
-    sites.update(_o_site(m, ("proj",), heads))
+    sites.update(_o_site(m, FUSED_O, heads))
     if class_path(m) in O_HEAD_LAST:
         sites["o"].index = block_index(0, d, heads).t().contiguous()
     missing = {"q": "q is the global query tokens, computed outside this module"} if "q" not in slots else {}
@@ -390,7 +398,7 @@ register_layout(HeadLayout("parallel_block", "one Linear `in_proj`: rows MLP hid
 
 # --- separate q/k/v Linears: Hugging Face 5.x (ViT, DeiT, DINOv2, Swin, BEiT), CLIP, SigLIP, Aimv2; timm EVA with
 #     q_proj; CaiT class attention (q, k, v); CrossViT cross-attention (wq, wk, wv) --------------------------------
-SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
+SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"), ("query", "key", "value"))
 O_NAMES = ("o_proj", "out_proj", "proj")
 
 
