@@ -78,8 +78,8 @@ TIMM: list[tuple[str, dict[str, Any], int]] = [
     ("efficientvit_m0", {}, 224),
     ("nextvit_small", {}, 64),
     ("visformer_tiny", {}, 224),
-    ("botnet26t_256", {"img_size": 64}, 64),
-    ("halonet26t", {"img_size": 64}, 64),
+    ("botnet26t_256", {}, 256),
+    ("halonet26t", {}, 256),
     ("mobilevit_xxs", {}, 64),
     ("vitamin_small_224", {"img_size": 64}, 64),
     ("csatv2", {}, 64),
@@ -203,7 +203,7 @@ def probe(build: Callable[[], tuple[torch.nn.Module, int]]) -> dict[str, Any]:
         if isinstance(size, int):
             _trained_norms(model, size)
     except Exception as e:  # noqa: BLE001  (a family this timm/transformers cannot build at this size: not heartlora's verdict)
-        return {"outcome": "not built", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {"outcome": "not built", "detail": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"}
     model.eval()
     try:
         hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=2), example_input=x)
