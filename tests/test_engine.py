@@ -16,7 +16,8 @@ from heartlora.engine.checkpoint import CheckpointError, load_checkpoint, save_c
 from heartlora.engine.distributed import DistInfo, shard
 from heartlora.engine.metrics import REQUIRED_KEYS, accuracy
 from heartlora.engine.plots import responsiveness_heatmap
-from heartlora.engine.trainer import METHODS, RUN_FILES, STOP_ENV, _lr_lambda
+from heartlora.engine.methods import METHODS
+from heartlora.engine.trainer import RUN_FILES, lr_factor
 from heartlora.errors import ConfigError
 
 TINY = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, progress=False)
@@ -66,7 +67,8 @@ def tiny(out: Path, task: str, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) -> None:
-    ne = 3 if METHODS[method].heart else None
+    layer = METHODS[method].defaults.get("scope") == "layer"  # 1 of the 2 heads in each of the 6 layers
+    ne = (1 if layer else 3) if METHODS[method].heart else None
     metrics = train(tiny(tmp_path, task, method=method, ne=ne))
     for name in ("metrics.json", "adapter.safetensors", "curves.png", "train.log", "checkpoint.pt"):
         assert (tmp_path / name).is_file(), name
@@ -78,7 +80,7 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
     if METHODS[method].adapters:
         assert (tmp_path / "responsiveness.png").is_file()
         assert saved["heads_total"] == HEADS and saved["adapter_bytes"] > 0
-        assert len(saved["heads_off"]) == (3 if METHODS[method].heart else 0)
+        assert len(saved["heads_off"]) == ((6 if layer else 3) if METHODS[method].heart else 0)
         assert set(saved["responsiveness"]) == set(saved["head_masks"])
     else:
         assert saved["heads_off"] == []
@@ -98,21 +100,20 @@ def test_quantized_adapters_are_smaller_and_heads_off_save_bytes(tmp_path: Path,
     assert sizes["heart-bi-lora"] < sizes["bi-lora"]
 
 
-def _stop_and_resume(out: Path, task: str, stops: list[int], monkeypatch: pytest.MonkeyPatch, **kw) -> dict:
+def _stop_and_resume(out: Path, task: str, stops: list[int], **kw) -> dict:
     for k in stops:
-        monkeypatch.setenv(STOP_ENV, str(k))
-        result = train(tiny(out, task, resume=True, **kw))
-        assert result == {"stopped_after_epoch": k, "out": str(out)}
+        result = train(tiny(out, task, resume=True, stop_after_epoch=k, **kw))
+        assert result["status"] == "stopped" and result["epochs_done"] == k and len(result["history"]) == k
+        assert set(REQUIRED_KEYS) <= set(result)  # one shape, whether stopped or finished
         assert not (out / "metrics.json").exists()
-    monkeypatch.delenv(STOP_ENV)
     return train(TrainConfig(out=str(out), resume=True, progress=False))  # flags come from the checkpoint
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str) -> None:
     kw = dict(method="heart-lora", ne=3, epochs=3, warmup_epochs=1, dropout=0.1)  # dropout: RNG state matters
     whole = train(tiny(tmp_path / "whole", task, **kw))
     # Stopped at the end of warmup (before the switch-off is checkpointed in a later epoch) and after it.
-    resumed = _stop_and_resume(tmp_path / "parts", task, [1, 2], monkeypatch, **kw)
+    resumed = _stop_and_resume(tmp_path / "parts", task, [1, 2], **kw)
     assert resumed["heads_off"] == whole["heads_off"]
     assert resumed["accuracy"] == whole["accuracy"]
     assert resumed["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
@@ -122,13 +123,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str, monkey
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     # Resuming a finished run trains nothing and returns its metrics.
     again = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False))
-    assert again["already_finished"] and again["accuracy"] == whole["accuracy"]
+    assert again["status"] == "already_finished" and again["accuracy"] == whole["accuracy"]
 
 
-def test_resume_refuses_other_settings(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(STOP_ENV, "1")
-    train(tiny(tmp_path, task, method="lora"))
-    monkeypatch.delenv(STOP_ENV)
+def test_resume_refuses_other_settings(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="lora", stop_after_epoch=1))
     with pytest.raises(ConfigError, match="--lr"):
         train(tiny(tmp_path, task, method="lora", lr=0.5, resume=True))
 
@@ -173,7 +172,7 @@ def test_defaults_profiles_and_overrides() -> None:
 
 
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
-    lrs = [_lr_lambda(s, 10, 100, 0.01) for s in range(100)]
+    lrs = [lr_factor(s, 10, 100, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
 

@@ -2,7 +2,10 @@
 
 Adapter methods (lora, bi-lora, heart-*) store the core's adapter file (``heartlora.method.save_adapter``) with the
 run's facts in its extra metadata. ``linear`` and ``full`` have no adapter, so the engine stores their trainable
-tensors itself in a safetensors file of the same name (format ``heartlora-weights-1``). ``load_trained`` reads both.
+tensors itself in a safetensors file of the same name (format ``heartlora-weights-2``), protected like adapter
+files: a sha256 over every tensor (name, dtype, shape, bytes) and the run's facts, checked on load, so any change
+to the weights or to the metadata that sets the output or the labels reads as a corrupt file. ``load_trained``
+reads both kinds.
 """
 
 from __future__ import annotations
@@ -16,16 +19,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from heartlora.errors import AdapterFileError, HeartLoRAError
+from heartlora.errors import AdapterFileError, ImageReadError
 from heartlora.method.model import backbone_fingerprint
 
-WEIGHTS_FORMAT = "heartlora-weights-1"
+WEIGHTS_FORMAT = "heartlora-weights-2"  # -1 files had no checksum
 RUN_KEY = "heartlora_run"  # key of the run's facts inside the file's metadata
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class ImageReadError(HeartLoRAError):
-    """An input image is missing or cannot be decoded."""
 
 
 def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: dict[str, Any]) -> int:
@@ -36,10 +35,23 @@ def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: 
 
     state = model.state_dict()
     tensors = {n: state[n].detach().cpu().contiguous() for n in names}
-    meta = {"format": WEIGHTS_FORMAT, RUN_KEY: json.dumps(run)}
+    run_json = json.dumps(run)
+    meta = {"format": WEIGHTS_FORMAT, RUN_KEY: run_json, "sha256": weights_digest(tensors, run_json)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def weights_digest(tensors: dict[str, torch.Tensor], run_json: str) -> str:
+    """sha256 over the format, the run's facts as stored, and every tensor's name, dtype, shape and bytes."""
+    import hashlib
+
+    h = hashlib.sha256(f"{WEIGHTS_FORMAT}\n{run_json}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
@@ -61,12 +73,17 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
     "weights")."""
     path = Path(path)
     meta = _file_metadata(path)
+    if meta.get("format") == "heartlora-weights-1":
+        raise AdapterFileError(f"{path} was written by an older heartlora without a checksum, so its integrity "
+                               "cannot be checked: train the run again")
     if meta.get("format") == WEIGHTS_FORMAT:
         try:
             run = json.loads(meta[RUN_KEY])
         except (KeyError, ValueError) as exc:
             raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
-        return {"kind": "weights", "run": run, "adapter": None}
+        if not isinstance(run, dict) or not isinstance(run.get("backbone_spec"), dict):
+            raise AdapterFileError(f"{path} has damaged metadata (no backbone): re-run training")
+        return {"kind": "weights", "run": run, "adapter": None, "meta": meta}
     from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
@@ -104,6 +121,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
             tensors = load_file(str(path))
         except Exception as exc:
             raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
+        if weights_digest(tensors, info["meta"][RUN_KEY]) != info["meta"].get("sha256"):
+            raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
+                                   "copy the file again or re-run training")
         state = model.state_dict()
         bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
         if bad:
