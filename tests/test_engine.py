@@ -206,3 +206,27 @@ def test_run_files_list_matches_what_a_run_writes(tmp_path: Path, task: str) -> 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy_split"] == "test" and metrics["train_split"] == "train800val200"
     assert all(h["eval_acc"] is None for h in metrics["history"])  # nothing looked at test during training
+
+
+def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str) -> None:
+    """The PEFT baseline is a TrainingMethod: same loop, schedule, checkpoint and metrics as lora; only the adapter
+    implementation differs."""
+    pytest.importorskip("peft")
+    from test_backbones import _tiny_hf_dir
+
+    from heartlora.engine.methods import get_method
+    from heartlora.experiments.peft_lora import PEFT_LORA
+
+    assert get_method("peft-lora") is PEFT_LORA and "peft-lora" in METHODS
+    hf = str(_tiny_hf_dir(tmp_path, "vit"))
+    kw = dict(TINY, backbone=hf, epochs=2, drop_path=0.0)
+    peft = train(TrainConfig(**kw, task=task, method="peft-lora", out=str(tmp_path / "peft")))
+    ours = train(TrainConfig(**kw, task=task, method="lora", out=str(tmp_path / "lora")))
+    assert peft["status"] == "finished" and peft["method"] == "peft-lora"
+    # r 8 on q and v of 2 layers of width 32: (8·32 + 32·8) floats per projection, as heartlora's LoRA stores
+    assert peft["adapter_bytes"] == ours["adapter_bytes"] == 2 * 2 * (8 * 32 + 32 * 8) * 4
+    assert peft["trainable_params"] == ours["trainable_params"]
+    assert [h["lr"] for h in peft["history"]] == [h["lr"] for h in ours["history"]]  # one schedule
+    # B starts at zero in both: the first step's loss is the backbone's, so the first epochs agree closely
+    assert peft["history"][0]["train_loss"] == pytest.approx(ours["history"][0]["train_loss"], rel=0.05)
+    assert (tmp_path / "peft" / "checkpoint.pt").is_file()

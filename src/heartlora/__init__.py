@@ -1,4 +1,4 @@
-"""heartlora: Heart-LoRA fine-tuning of vision transformers (head-level responsiveness, SPEC.md).
+"""heartlora: Heart-LoRA fine-tuning of vision transformers (head-level responsiveness, docs/METHOD.md).
 
 The public names are loaded on first use, so ``import heartlora`` stays fast and a part that fails to import
 (a missing optional dependency) only affects the names that need it.
