@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import one_thread, task  # noqa: F401  (fixtures: one thread, the tiny task)
 
 from heartlora.engine.precision import compiled, resolve_precision
 from heartlora.errors import ConfigError
@@ -23,6 +24,7 @@ def _tiny_adapted() -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow  # inductor compiles C++ on the CPU: minutes on a busy 2-core machine
 def test_compiled_and_eager_outputs_and_gradients_agree() -> None:
     model = _tiny_adapted()
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -58,3 +60,19 @@ def test_precision_per_device() -> None:
         gpu = torch.device("cuda")
         assert resolve_precision("auto", gpu).name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
         assert resolve_precision("fp16", gpu).scaler is not None
+
+
+def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, task: str) -> None:
+    from safetensors.torch import load_file
+
+    from heartlora.engine import TrainConfig, train
+
+    kw = dict(task=task, backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=1,
+              method="heart-lora", ne=3, progress=False)
+    fp32 = train(TrainConfig(**kw, out=str(tmp_path / "fp32")))
+    bf16 = train(TrainConfig(**kw, precision="bf16", out=str(tmp_path / "bf16")))
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["adapter_bytes"] == fp32["adapter_bytes"]
+    a, b = load_file(tmp_path / "fp32" / "adapter.safetensors"), load_file(tmp_path / "bf16" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run the products in bf16
