@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from heartlora.experiments import (
-    METHODS, PROFILES, Profile, group_of, load_results, machine, next_run, run_id, save_results,
+    METHODS,
+    PROFILES,
+    Profile,
+    group_of,
+    load_results,
+    machine,
+    next_run,
+    run_id,
+    save_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

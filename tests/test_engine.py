@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from heartlora.engine import TrainConfig, load_trained, resolve, train
 from heartlora.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from heartlora.engine.distributed import DistInfo, shard
+from heartlora.engine.methods import METHODS
 from heartlora.engine.metrics import REQUIRED_KEYS, accuracy
 from heartlora.engine.plots import responsiveness_heatmap
-from heartlora.engine.methods import METHODS
 from heartlora.engine.trainer import RUN_FILES, lr_factor
 from heartlora.errors import ConfigError
 

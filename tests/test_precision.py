@@ -38,7 +38,7 @@ def test_compiled_and_eager_outputs_and_gradients_agree() -> None:
     eager_out, eager_grads = run(model)
     try:
         compiled_out, compiled_grads = run(compiled(model, True))
-    except Exception as exc:  # no C++ toolchain or an unsupported platform: nothing to compare here
+    except Exception as exc:  # noqa: BLE001  (no C++ toolchain or an unsupported platform: nothing to compare here)
         pytest.skip(f"torch.compile cannot run on this machine ({type(exc).__name__}: {str(exc)[:80]})")
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and any("lora_A" in n for n in eager_grads)
@@ -62,13 +62,13 @@ def test_precision_per_device() -> None:
         assert resolve_precision("fp16", gpu).scaler is not None
 
 
-def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, task: str) -> None:
+def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, task: str) -> None:  # noqa: F811
     from safetensors.torch import load_file
 
     from heartlora.engine import TrainConfig, train
 
-    kw = dict(task=task, backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=1,
-              method="heart-lora", ne=3, progress=False)
+    kw = {"task": task, "backbone": "test_vit", "pretrained": False, "img_size": 32, "batch_size": 32, "epochs": 1,
+          "method": "heart-lora", "ne": 3, "progress": False}
     fp32 = train(TrainConfig(**kw, out=str(tmp_path / "fp32")))
     bf16 = train(TrainConfig(**kw, precision="bf16", out=str(tmp_path / "bf16")))
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")

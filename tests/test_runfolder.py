@@ -91,7 +91,7 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_writes_no_met
 
 def test_metrics_json_is_written_last(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import heartlora.engine.plots as plots
+    from heartlora.engine import plots
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -156,7 +156,7 @@ def test_train_restores_threads_and_logs_through_the_module_logger(tmp_path: Pat
 
 
 def test_train_leaves_a_process_group_it_did_not_create(monkeypatch: pytest.MonkeyPatch) -> None:
-    import heartlora.engine.trainer as trainer
+    from heartlora.engine import trainer
     from heartlora.engine.distributed import DistInfo
 
     left = []
@@ -176,7 +176,7 @@ def test_plots_do_not_switch_the_matplotlib_backend() -> None:
 
     import matplotlib
 
-    import heartlora.engine.plots as plots
+    from heartlora.engine import plots
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")

@@ -37,8 +37,6 @@ def _opt(default: Any = None, help: str = "", group: str = "run", default_text: 
     None (shown in the flag's help); ``runtime``: the setting never changes the result (a resumed run may differ)."""
     meta = {"help": help, "group": group, "choices": choices, "runtime": runtime, "flag": flag, "hidden": hidden,
             "fill": fill, "default_text": default_text}
-    if isinstance(default, list):
-        return field(default_factory=list, metadata=meta, repr=False)
     return field(default=default, metadata=meta)
 
 
@@ -104,7 +102,7 @@ class TrainConfig:
     progress: bool = _opt(True, help="no progress bar", runtime=True, flag="--quiet")
     # Testing aid: end after this epoch's checkpoint, as a kill would.
     stop_after_epoch: int | None = _opt(help="end after this epoch's checkpoint", runtime=True, hidden=True)
-    notes: list[str] = _opt([], runtime=True, hidden=True)
+    notes: list[str] = field(default_factory=list, repr=False, metadata={"runtime": True, "hidden": True})
 
     def settings(self) -> dict[str, Any]:
         """The result-determining settings as a JSON-able dict."""

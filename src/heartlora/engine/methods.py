@@ -8,12 +8,12 @@ loop, so that only the adapter implementation differs between it and ``lora``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from heartlora.errors import ConfigError, HeartLoRAError
+from heartlora.errors import ConfigError
 
 Heads = list[tuple[str, int]]  # (attention layer name, head index)
 
@@ -27,8 +27,8 @@ class TrainingMethod:
     adapters: bool = False  # heartlora's per-head adapters: heads are scored during warmup and stored per head
     bits: int = 32
     heart: bool = False  # switches attention heads off at the end of warmup
-    defaults: dict[str, Any] = {}  # settings this method fills before the global defaults (flags still win)
-    forced: dict[str, Any] = {}  # settings this method always uses, whatever was asked
+    defaults: ClassVar[dict[str, Any]] = {}  # settings this method fills before the global defaults (flags still win)
+    forced: ClassVar[dict[str, Any]] = {}  # settings this method always uses, whatever was asked
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         """Make the wanted weights trainable (in place, or wrap the model); returns (model, facts for the file)."""
@@ -68,7 +68,8 @@ def classifier_of(model: nn.Module) -> nn.Module:
 
 class LinearProbe(TrainingMethod):
     description = "classifier only, backbone frozen (linear probe)"
-    forced = {"drop_path": 0.0}  # the backbone is frozen: dropping its paths would only add noise to fixed features
+    # The backbone is frozen: dropping its paths would only add noise to fixed features.
+    forced: ClassVar[dict[str, Any]] = {"drop_path": 0.0}
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         from heartlora.method.model import backbone_fingerprint
@@ -175,5 +176,5 @@ register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switc
 
 METHODS = _REGISTRY  # name → method, live: registered baselines appear here too
 
-__all__ = ["METHODS", "FullFineTune", "HeadLoRA", "HeartLoRAError", "LinearProbe", "TrainingMethod",
+__all__ = ["METHODS", "FullFineTune", "HeadLoRA", "LinearProbe", "TrainingMethod",
            "classifier_of", "get_method", "method_names", "register_method"]

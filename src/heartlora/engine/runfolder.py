@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from heartlora.errors import HeartLoRAError, RunFolderError
 
@@ -94,9 +95,9 @@ def _fs_type(path: Path) -> str | None:
     best, kind = "", None
     resolved = str(path.resolve())
     for parts in mounts:
-        if len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) > len(best):
-                best, kind = parts[1], parts[2]
+        inside = len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
+        if inside and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
     return kind
 
 

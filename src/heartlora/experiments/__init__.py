@@ -3,7 +3,16 @@ and the val-only selection of settings (grid, choose, plan). ``benchmarks/suite.
 writes docs/RESULTS.md from its results. The PEFT baseline is a training method of the engine (``peft_lora``)."""
 
 from heartlora.experiments.selection import (
-    FORMAT, Profile, choose, grid_points, load_results, next_run, plan, records_by_id, run_id, save_results,
+    FORMAT,
+    Profile,
+    choose,
+    grid_points,
+    load_results,
+    next_run,
+    plan,
+    records_by_id,
+    run_id,
+    save_results,
     settings_tag,
 )
 from heartlora.experiments.suite import FEWSHOT, GROUPS, METHODS, NATURAL, PROFILES, STRUCTURED, group_of, machine
