@@ -185,3 +185,12 @@ def test_plots_do_not_switch_the_matplotlib_backend() -> None:
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_failed_writes_name_their_cause() -> None:
+    from heartlora.engine.runfolder import describe_os_error
+
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+    assert describe_os_error(OSError(errno.EROFS, "Read-only file system")) == "the file system is read-only"
+    torch_full = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4050")
+    assert describe_os_error(torch_full) == "the write stopped part-way (is the disk full?)"

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
-    p = add("inspect", cmd_inspect, "metadata, bytes and head masks of an adapter file")
+    p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
     p.add_argument("file", help="adapter.safetensors (or the run folder)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="also write the heads heatmap (default: beside the file)")

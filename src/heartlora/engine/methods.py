@@ -60,10 +60,10 @@ class TrainingMethod:
 
 def classifier_of(model: nn.Module) -> nn.Module:
     """The model's classifier (the ``head`` of ``create_backbone``'s ImageClassifier)."""
-    head = getattr(model, "head", None)
-    if not isinstance(head, nn.Module):
-        raise ConfigError(f"backbone {type(model).__name__} has no `head` classifier: use create_backbone's models")
-    return head
+    classifier = getattr(model, "head", None)
+    if not isinstance(classifier, nn.Module):
+        raise ConfigError(f"backbone {type(model).__name__} has no classifier (`head`): use create_backbone's models")
+    return classifier
 
 
 class LinearProbe(TrainingMethod):
@@ -74,10 +74,10 @@ class LinearProbe(TrainingMethod):
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         from heartlora.method.model import backbone_fingerprint
 
-        head = classifier_of(model)
+        classifier = classifier_of(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in head.parameters():
+        for p in classifier.parameters():
             p.requires_grad_(True)
         return model, {"fingerprint": backbone_fingerprint(model, skip=("head",))}  # as adapter files get
 
@@ -94,9 +94,9 @@ class FullFineTune(TrainingMethod):
         from heartlora.engine.inference import save_weights
 
         save_weights(model, path, list(model.state_dict()), run_facts)
-        head = {f"head.{n}" for n, _ in classifier_of(model).named_parameters()}
+        classifier = {f"head.{n}" for n, _ in classifier_of(model).named_parameters()}
         # A whole backbone per task: that is this method's per-task storage.
-        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in head)
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in classifier)
 
 
 class HeadLoRA(TrainingMethod):

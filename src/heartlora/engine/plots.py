@@ -52,7 +52,7 @@ def responsiveness_heatmap(
             if not on:
                 ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
     ax.set_xticks(range(width))
-    ax.set_xlabel("head")
+    ax.set_xlabel("attention head")
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([f"{i}: {_short(n)}" for i, n in enumerate(layers)], fontsize=7)
     ax.set_ylabel("attention layer")

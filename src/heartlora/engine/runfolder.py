@@ -65,7 +65,9 @@ def describe_os_error(exc: BaseException) -> str:
               errno.EDQUOT: "the disk quota is exceeded"}
     if err in causes:
         return causes[err]
-    text = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc):
+        return "the write stopped part-way (is the disk full?)"  # how torch.save reports a full disk
+    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
     return (text or type(exc).__name__)[:120]
 
 
