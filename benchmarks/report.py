@@ -424,7 +424,9 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                 "checkpoint picking).")
     methods = ("- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
-               "the engine itself as method `peft-lora` of heartlora.experiments.peft_lora), "
+               "the engine's loop as method `peft-lora` of heartlora.experiments.peft_lora; the recorded runs predate that "
+               "and came from benchmarks/peft_lora.py, a copy of the same loop with the same data order, optimizer, "
+               "schedule and evaluation), "
                "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
                "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
     machine = "- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
