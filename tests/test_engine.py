@@ -230,3 +230,30 @@ def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str
     # B starts at zero in both: the first step's loss is the backbone's, so the first epochs agree closely
     assert peft["history"][0]["train_loss"] == pytest.approx(ours["history"][0]["train_loss"], rel=0.05)
     assert (tmp_path / "peft" / "checkpoint.pt").is_file()
+
+
+def test_schedule_state_loads_with_weights_only_also_from_older_checkpoints(tmp_path: Path) -> None:
+    from heartlora.engine.state import TrainState
+    from heartlora.engine.trainer import make_schedule
+
+    def fresh() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return opt, make_schedule(opt, 10, 100, 0.01)
+
+    opt, sched = fresh()
+    for _ in range(25):
+        opt.step()
+        sched.step()
+    torch.save(sched.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(state)
+    sched2.step()
+    sched.step()
+    assert sched2.get_last_lr() == sched.get_last_lr() == [lr_factor(26, 10, 100, 0.01)]
+    # The former LambdaLR subclass stored no lr_lambdas: such a checkpoint still resumes.
+    old = {k: state[k] for k in ("last_epoch", "_step_count", "base_lrs", "_last_lr")}
+    ckpt = TrainState(settings={}).to_checkpoint() | {"schedule": old, "rng": None}
+    _, sched3 = fresh()
+    sched3.load_state_dict(TrainState.from_checkpoint(ckpt).schedule)
+    assert sched3.last_epoch == 25
