@@ -27,6 +27,7 @@ class Precision:
     name: str  # bf16, fp16 or fp32
     device: torch.device
     scaler: Any = None  # torch.amp.GradScaler for fp16
+    tf32: bool = False  # TF32 matrix products allowed (CUDA, unless fp32 was asked for)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
@@ -51,6 +52,7 @@ class Precision:
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
     """``auto``: bf16 on a CUDA GPU that supports it, else fp32 (CPU autocast is slower than fp32 on most CPUs)."""
+    tf32 = device.type == "cuda" and name != "fp32"
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name not in ("bf16", "fp16", "fp32"):
@@ -58,14 +60,14 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
     scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-    return Precision(name, device, scaler)
+    return Precision(name, device, scaler, tf32)
 
 
 @contextlib.contextmanager
 def matmul_precision(precision: Precision) -> Iterator[None]:
     """Allow TF32 matrix products on CUDA unless fp32 was asked for; restore the process's setting afterwards."""
     before = torch.get_float32_matmul_precision()
-    if precision.device.type == "cuda" and precision.name != "fp32":
+    if precision.tf32:
         torch.set_float32_matmul_precision("high")
     try:
         yield

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import sys
@@ -277,8 +278,6 @@ class Trainer:
                          f"images) with {cfg.backbone} at {cfg.img_size} px, {cfg.epochs} epochs (warmup "
                          f"{cfg.warmup_epochs}), batch {cfg.batch_size}, device {info.device}, precision "
                          f"{self.precision.name}, {info.world_size} process(es)", echo=False)
-                import json
-
                 self.say("settings " + json.dumps(cfg.settings()), echo=False)
             from tqdm import tqdm
 
@@ -310,6 +309,7 @@ class Trainer:
         self.bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}" + (" (warmup, scoring heads)" if scoring else ""))
         n = len(self.train_x)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        perm = perm.to(device)  # one copy per epoch: no host-to-device copy inside the step loop
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         correct_acc = torch.zeros((), dtype=torch.float64, device=device)
@@ -319,7 +319,7 @@ class Trainer:
             batch = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(batch) < info.world_size:
                 continue  # a last batch smaller than the number of ranks would leave a rank idle: skip it
-            mine = shard(batch, info).to(device)
+            mine = shard(batch, info)
             x = self.train_x[mine].float().div_(255.0)
             y = self.train_y[mine]
             with self.precision.autocast():
