@@ -269,9 +269,8 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
                     _call(model, example_input)
                     base = {n: [t.detach().clone() for t in ts] for n, ts in seen.items()}
                     seen.clear()
-                    for q in params:
-                        if not q.detach().any():
-                            q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
+                    for q in params:  # every factor: a k-bit B starts nonzero, so its base output has a delta
+                        q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
                 _call(model, example_input)
             except Exception as e:
                 raise UnsupportedBackboneError(
