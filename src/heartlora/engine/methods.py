@@ -1,8 +1,8 @@
 """Training methods: what trains, what happens at the end of warmup, and what is stored. One registry.
 
 A method is a small object (``TrainingMethod``); the trainer calls its hooks and knows nothing else about it. A
-baseline registers its own (``register_method``), e.g. ``benchmarks/peft_lora.py`` puts PEFT's LoRA into the same
-loop, so that only the adapter implementation differs between it and ``lora``.
+baseline registers its own (``register_method``), e.g. ``heartlora.experiments.peft_lora`` puts PEFT's LoRA into
+the same loop, so that only the adapter implementation differs between it and ``lora``.
 """
 
 from __future__ import annotations
