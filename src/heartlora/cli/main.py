@@ -170,7 +170,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
-                             f"{model.spec['num_classes']}: evaluate on the task it was trained for ({run.get('task', 'not recorded')})")
+                             f"{model.spec['num_classes']}: evaluate on the task it was trained for "
+                             f"({run.get('task', 'not recorded')})")
     images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
     acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
