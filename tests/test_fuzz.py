@@ -20,9 +20,10 @@ import json
 import random
 import resource
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -221,63 +222,54 @@ def resigned_mutation(data: bytes, rng: random.Random, version: int) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _outcome(path: Path, x: torch.Tensor) -> torch.Tensor | HeartLoRAError:
-    try:
-        return load_logits(path, x)
-    except HeartLoRAError as e:
-        assert "\n" not in str(e) and str(e), repr(e)
-        return e
+def fuzz(folder: Path, bits: int, version: int | None) -> list[tuple[str, str]]:
+    """Run the seeded cases on a fresh run file in ``folder``: raw damage when ``version`` is None, else re-signed
+    damage in that format. Returns (what was done, outcome) with outcome "identical", "other output" or "refused";
+    any exception other than a one-line HeartLoRAError propagates, naming the case."""
+    good = folder / "adapter.safetensors"
+    x = write_run_file(good, bits)
+    data = good.read_bytes()
+    reference = load_logits(good, x)
+    if version is not None:
+        tensors, meta = parts(data)
+        (folder / "clean.safetensors").write_bytes(resign(tensors, meta, version))
+        assert torch.equal(load_logits(folder / "clean.safetensors", x), reference)  # re-signing changes nothing
+    rng = random.Random(1000 + bits if version is None else 2000 + 10 * bits + version)
+    bad = folder / "mutated.safetensors"
+    results = []
+    with memory_cap():
+        for case in range(RAW_CASES if version is None else RESIGNED_CASES):
+            what, mutated = raw_mutation(data, rng) if version is None else resigned_mutation(data, rng, version)
+            bad.write_bytes(mutated)
+            try:
+                logits = load_logits(bad, x)
+                results.append((what, "identical" if torch.equal(logits, reference) else "other output"))
+            except HeartLoRAError as e:
+                assert str(e) and "\n" not in str(e), f"case {case} ({what}): {e!r}"
+                results.append((what, "refused"))
+            except Exception as e:  # the point of the fuzz: name the case that escaped
+                raise AssertionError(f"case {case} ({what}) raised {type(e).__name__}: {e}") from e
+    return results
 
 
 @pytest.mark.parametrize("bits", [32, 1])
 def test_raw_damage_gives_the_original_logits_or_an_error(bits: int, tmp_path: Path) -> None:
-    good = tmp_path / "adapter.safetensors"
-    x = write_run_file(good, bits)
-    reference = load_logits(good, x)
-    data = good.read_bytes()
-    rng = random.Random(1000 + bits)
-    bad = tmp_path / "mutated.safetensors"
-    kinds: dict[str, list[int]] = {}
-    for case in range(RAW_CASES):
-        kind, mutated = raw_mutation(data, rng)
-        bad.write_bytes(mutated)
-        result = _outcome(bad, x)
-        refused = isinstance(result, HeartLoRAError)
-        assert refused or torch.equal(result, reference), f"case {case} ({kind}) loaded with other logits"
-        kinds.setdefault(kind, [0, 0])[refused] += 1
+    results = fuzz(tmp_path, bits, None)
+    assert not [r for r in results if r[1] == "other output"], results
     # Every kind of damage was tried, and damage that changes content was refused (a flip in the padding of the
     # header or trailing bytes may be harmless; a changed digit, tensor byte or JSON edit never is).
-    assert set(kinds) == {"header", "digit", "data", "truncate", "append", "json"}, kinds
-    for kind in ("digit", "data", "json", "truncate"):
-        assert kinds[kind][0] == 0, (kind, kinds)
+    assert {what for what, _ in results} == {"header", "digit", "data", "truncate", "append", "json"}
+    assert all(outcome == "refused" for what, outcome in results if what in ("digit", "data", "json", "truncate"))
 
 
 @pytest.mark.parametrize("version", [2, 1])
 @pytest.mark.parametrize("bits", [32, 1])
 def test_resigned_damage_loads_or_raises_a_heartlora_error(bits: int, version: int, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    good = tmp_path / "adapter.safetensors"
-    x = write_run_file(good, bits)
-    data = good.read_bytes()
-    tensors, meta = parts(data)
-    clean = tmp_path / "clean.safetensors"
-    clean.write_bytes(resign(tensors, meta, version))
-    assert torch.equal(load_logits(clean, x), load_logits(good, x))  # re-signing alone changes nothing
-    rng = random.Random(2000 + 10 * bits + version)
-    bad = tmp_path / "mutated.safetensors"
-    refused = 0
-    with memory_cap():
-        for case in range(RESIGNED_CASES):
-            what, mutated = resigned_mutation(data, rng, version)
-            bad.write_bytes(mutated)
-            try:
-                result = _outcome(bad, x)
-            except Exception as e:  # noqa: BLE001  (the point: name the case that escaped)
-                raise AssertionError(f"case {case} ({what}) raised {type(e).__name__}: {e}") from e
-            refused += isinstance(result, HeartLoRAError)
-            if not isinstance(result, HeartLoRAError):
-                assert result.shape == (2, 3), what
-    assert refused >= RESIGNED_CASES // 2  # most edits make the file inconsistent; the rest were legal values
+    results = fuzz(tmp_path, bits, version)
+    # Most edits make the file inconsistent; the rest set a legal value (another scale, a NaN classifier weight,
+    # a field no output depends on), which a file with matching checksums is entitled to.
+    assert sum(outcome == "refused" for _, outcome in results) >= len(results) // 2
     assert ("format-1" in caplog.text) == (version == 1)
 
 
@@ -295,3 +287,18 @@ def test_a_changed_setting_with_the_old_checksum_is_corrupt(tmp_path: Path) -> N
         good.with_name("edited.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
         with pytest.raises(AdapterFileError, match="metadata does not match the checksum"):
             hl.read_adapter_info(good.with_name("edited.safetensors"))
+
+
+if __name__ == "__main__":  # the outcome counts quoted in docs/RELIABILITY.md: python tests/test_fuzz.py
+    import logging
+    import tempfile
+    from collections import Counter
+
+    logging.disable(logging.WARNING)  # one format-1 warning per load otherwise
+    torch.set_num_threads(1)
+    for version in (None, 2, 1):
+        counts: Counter = Counter()
+        for bits in (32, 1):
+            with tempfile.TemporaryDirectory() as tmp:
+                counts.update(outcome for _, outcome in fuzz(Path(tmp), bits, version))
+        print("raw" if version is None else f"re-signed, format {version}", dict(counts))

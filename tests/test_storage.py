@@ -191,9 +191,9 @@ def test_format_1_files_load_with_a_warning(run_file: Path, caplog: pytest.LogCa
 ])
 def test_bad_fields_are_refused_before_anything_is_built(run_file: Path, edit, match: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import heartlora.backbones
     from test_fuzz import memory_cap
 
+    import heartlora.backbones
     from heartlora.engine.inference import load_trained
 
     def never(*args, **kwargs):
@@ -211,7 +211,8 @@ def test_cli_maps_bad_files_to_one_line_and_exit_2(run_file: Path, capsys: pytes
     image = run_file.with_name("x.png")
     from PIL import Image
     Image.new("RGB", (32, 32)).save(image)
-    for argv in (["inspect", str(bad)], ["eval", "--adapter", str(bad)], ["predict", "--adapter", str(bad), str(image)]):
+    for argv in (["inspect", str(bad)], ["eval", "--adapter", str(bad)],
+                 ["predict", "--adapter", str(bad), str(image)]):
         assert main(argv) == EXIT_ERROR
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "rank" in err, err
@@ -234,10 +235,11 @@ def _hf_backbone(tmp_path: Path, seed: int = 0):
 def test_a_backbone_named_by_a_file_is_never_downloaded(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 9: a file naming ``hf:some-user/some-vit`` says what it needs; ``--backbone`` builds the user's choice."""
+    from PIL import Image
+
     import heartlora.backbones
     from heartlora.backbones import download_needed
     from heartlora.cli.main import EXIT_ERROR, main
-    from PIL import Image
 
     folder, model = _hf_backbone(tmp_path)
     model._spec["name"] = "hf:some-user/some-vit"  # as if trained online on a hub model
@@ -314,3 +316,41 @@ def test_save_refuses_metadata_it_could_not_read_back(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="could not read back"):
         hl.save_adapter(model, tmp_path / "a.safetensors", extra_metadata={"x": float("nan")})
     assert not (tmp_path / "a.safetensors").exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that an adapter loader executed code from a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_posing_as_an_adapter_runs_nothing(tmp_path: Path) -> None:
+    import pickle
+    marker = tmp_path / "executed"
+    for i, write in enumerate([lambda p: p.write_bytes(pickle.dumps(_Payload(marker))),
+                               lambda p: torch.save({"w": torch.ones(2), "x": _Payload(marker)}, p)]):
+        path = tmp_path / f"evil{i}.safetensors"
+        write(path)
+        with pytest.raises(AdapterFileError):
+            hl.load_adapter(make_family("timm_vit")[0], path)
+        with pytest.raises(AdapterFileError):
+            hl.read_adapter_info(path)
+    assert not marker.exists()
+
+
+def test_a_failed_save_keeps_the_previous_file(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = saved.read_bytes()
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hl.storage, "save_file", disk_full)
+    with pytest.raises(OSError):
+        hl.save_adapter(model, saved)
+    assert saved.read_bytes() == before and [p.name for p in saved.parent.iterdir()] == [saved.name]

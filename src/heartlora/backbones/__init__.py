@@ -63,7 +63,7 @@ def download_needed(name: str, pretrained: bool) -> str | None:
     if get_shortcut(name) is not None:
         return None
     if is_hf_reference(name):
-        ref = name[len("hf:"):] if name.startswith("hf:") else name
+        ref = name.removeprefix("hf:")
         return None if Path(ref).is_dir() else f"the Hugging Face hub model {ref!r}"
     if pretrained and is_timm_name(name):
         return f"timm's pretrained weights for {name!r}"

@@ -210,9 +210,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     run, adapter = info["run"], info["adapter"]
     spec = run.get("backbone_spec") or (adapter or {}).get("backbone", {})
     rows = [("file", f"{path} ({path.stat().st_size:,} bytes)"),
-            ("backbone", f"{spec.get('name')} ({spec.get('num_classes')} classes, "
-                         f"{run.get('img_size') or spec.get('img_size')} px, "
-                         f"pretrained={run.get('pretrained')})"),
+            ("backbone", (f"{spec.get('name')} ({spec.get('num_classes')} classes, "
+                          f"{run.get('img_size') or spec.get('img_size')} px, pretrained={run.get('pretrained')})")),
             ("task / method", f"{run.get('task')} / {run.get('method')}")]
     masks: dict[str, list[bool]] = {}
     if adapter is not None:
