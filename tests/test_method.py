@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILIES, make_family
 from torch import nn
 
@@ -35,6 +36,35 @@ def test_delta_is_exactly_zero_at_init(family: str) -> None:
     before = model(x)
     hl.attach(model, ALL)
     assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("target", ["q", "k", "v", "o"])
+def test_nonzero_head_changes_exactly_its_slice(family: str, target: str) -> None:
+    """One head's nonzero share changes exactly that head's rows of the Linear's output (q, k, v), or reads
+    exactly that head's input columns (o); every other row (column) stays bit for bit the base layer's."""
+    model, x = make_family(family)
+    hl.attach(model, ALL)
+    layer = hl.attention_layers(model)[0]
+    proj = layer.projections[target]
+    h = layer.num_heads - 1
+    with torch.no_grad():
+        proj.lora_A.normal_()
+        proj.lora_B.normal_()
+        block = proj.head_weights(h).clone()
+        proj.per_head.zero_()
+        proj.head_weights(h).copy_(block)
+    wrapper = next(w for w in model.modules() if isinstance(w, HeadLoRALinear) and proj in w.lora.values())
+    seen: dict[str, torch.Tensor] = {}
+    wrapper.register_forward_hook(lambda m, i, o: seen.update(adapted=o.detach(), base=m.base_layer(i[0]).detach()))
+    model(x)
+    changed = (seen["adapted"] != seen["base"]).reshape(-1, seen["base"].shape[-1]).any(0)
+    if target == "o":
+        delta = proj.delta_weight()
+        nonzero_cols = delta.ne(0).any(0).nonzero().flatten()
+        assert torch.equal(nonzero_cols, proj.index[h].sort().values)
+        assert changed.any()
+    else:
+        assert torch.equal(changed.nonzero().flatten(), proj.index[h].sort().values)
 
 
 def test_backbone_frozen_and_adapters_trainable(family: str) -> None:
@@ -83,10 +113,8 @@ def test_off_head_leaves_its_slice_of_the_projection_identical(family: str, targ
     seen: dict[str, torch.Tensor] = {}
     wrapper.register_forward_hook(lambda m, i, o: seen.update(adapted=o.detach(), base=m.base_layer(i[0]).detach()))
     model(x)
-    d = layer.head_dim
-    rows = slice(proj.offset + d, proj.offset + 2 * d)
+    rows, other = proj.index[1], proj.index[0]
     assert torch.equal(seen["adapted"][..., rows], seen["base"][..., rows])
-    other = slice(proj.offset, proj.offset + d)
     assert not torch.equal(seen["adapted"][..., other], seen["base"][..., other])
 
 
@@ -97,7 +125,8 @@ def test_off_head_of_o_contributes_nothing() -> None:
     layer = hl.attention_layers(model)[0]
     hl.deactivate_heads(model, heads=[(layer.name, 2)])
     o = layer.projections["o"]
-    delta = o.delta_weight(32, 32)
+    delta = o.delta_weight()
+    assert torch.equal(o.index[2], torch.arange(16, 24))
     assert torch.count_nonzero(delta[:, 16:24]) == 0
     assert torch.count_nonzero(delta[:, :16]) > 0
 
@@ -111,9 +140,9 @@ def test_off_heads_leave_model_and_optimizer() -> None:
     n_before = len(opt.state)
     name = hl.attention_layers(model)[0].name
     hl.deactivate_heads(model, heads=[(name, h) for h in range(4)], optimizer=opt)
-    # 4 heads × (q, v) per-head B blocks, plus the two A matrices that no head uses any more
-    assert len(opt.state) == n_before - 10
-    assert sum(len(g["params"]) for g in opt.param_groups) == n_before - 10
+    # q and v of that layer lose both factors: no head uses them any more
+    assert len(opt.state) == n_before - 4
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_before - 4
     assert hl.head_masks(model)[name] == [False] * 4
     model(x).sum().backward()  # still trains
     opt.step()
@@ -135,16 +164,12 @@ def test_taylor_identity_per_head(family_name: str) -> None:
         w.base_layer.weight.requires_grad_(True)  # ∂L/∂W = ∂L/∂ΔW, since ΔW adds to W
     _loss(model, x.double() if x.is_floating_point() else x).backward()
     layer = hl.attention_layers(model)[0]
-    d = layer.head_dim
     for target, proj in layer.projections.items():
         w = next(w for w in wrappers if proj in w.lora.values())
-        delta, grad = proj.delta_weight(*w.base_layer.weight.shape), w.base_layer.weight.grad
+        delta, grad = proj.delta_weight(), w.base_layer.weight.grad
         products = proj.head_products()
         for h in range(layer.num_heads):
-            if target == "o":
-                sl = (slice(None), slice(proj.offset + h * d, proj.offset + (h + 1) * d))
-            else:
-                sl = (slice(proj.offset + h * d, proj.offset + (h + 1) * d), slice(None))
+            sl = (slice(None), proj.index[h]) if target == "o" else (proj.index[h], slice(None))
             expected = (delta[sl] * grad[sl]).sum()
             assert torch.allclose(products[h].double(), expected, rtol=1e-6, atol=1e-12), (target, h)
 
@@ -164,11 +189,11 @@ def test_taylor_score_matches_finite_difference() -> None:
         saved = {}
         with torch.no_grad():
             for proj in layer.projections.values():
-                saved[proj] = proj.heads[str(h)].detach().clone()
-                proj.heads[str(h)].zero_()
+                saved[proj] = proj.head_weights(h).detach().clone()
+                proj.head_weights(h).zero_()
             changed = _loss(model, x) - loss.detach()
             for proj, val in saved.items():
-                proj.heads[str(h)].copy_(val)
+                proj.head_weights(h).copy_(val)
         assert torch.allclose(changed, -taylor[h].double(), rtol=2e-2, atol=1e-12), (h, changed, taylor[h])
 
 
@@ -301,3 +326,74 @@ def test_mha_replacement_causal_matches_torch() -> None:
     ref = mha(x, x, x, attn_mask=causal, need_weights=False)[0]
     assert torch.allclose(ours(x, x, x, attn_mask=causal, need_weights=False)[0], ref, atol=1e-6)
     assert torch.allclose(ours(x, x, x, is_causal=True, need_weights=False)[0], ref, atol=1e-6)
+
+
+def test_switching_heads_off_carries_the_optimizer_state_of_the_heads_that_stay() -> None:
+    model, x = make_family("hf_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "o"), rank=4))
+    randomize(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    layer = hl.attention_layers(model)[0]
+    q, o = layer.projections["q"], layer.projections["o"]
+    before = {t: (p.per_head.detach().clone(), {k: v.clone() for k, v in opt.state[p.per_head].items()})
+              for t, p in (("q", q), ("o", o))}
+    hl.deactivate_heads(model, heads=[(layer.name, 1)], optimizer=opt)
+    d = layer.head_dim
+    keep = torch.cat([torch.arange(0, d), torch.arange(2 * d, 4 * d)])  # heads 0, 2, 3 of the old factor
+    for t, proj, dim in (("q", q, 0), ("o", o, 1)):
+        weights, state = before[t]
+        assert proj.per_head.shape[dim] == 3 * d
+        assert torch.equal(proj.per_head.detach(), weights.index_select(dim, keep))
+        new_state = opt.state[proj.per_head]
+        assert torch.equal(new_state["exp_avg"], state["exp_avg"].index_select(dim, keep))
+        assert torch.equal(new_state["exp_avg_sq"], state["exp_avg_sq"].index_select(dim, keep))
+        assert torch.equal(new_state["step"], state["step"])
+        assert any(p is proj.per_head for g in opt.param_groups for p in g["params"])
+    assert len(opt.state) == sum(len(g["params"]) for g in opt.param_groups)
+    model(x).pow(2).mean().backward()
+    opt.step()  # the rebuilt Parameters train on with their carried state
+
+
+def test_a_loaded_one_bit_adapter_keeps_training_as_one_bit(tmp_path) -> None:
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, bits=1))
+    randomize(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    fresh, _ = make_family("timm_vit")
+    loaded = hl.load_adapter(fresh, tmp_path / "a.safetensors")
+    proj = hl.attention_layers(loaded)[0].projections["q"]
+    stored = proj.lora_B.detach().clone()
+    a, b = proj.effective_weights()
+    assert torch.equal(b, stored)  # unchanged weights are used exactly as decoded
+    opt = torch.optim.SGD(hl.adapter_parameters(loaded), lr=0.5)
+    loaded.train()
+    loaded(x).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(proj.lora_B.detach(), stored)  # latent weights moved
+    a, b = proj.effective_weights()
+    assert b.unique().numel() <= 2 and a.unique().numel() <= 2  # the forward is 1-bit again
+
+
+def test_weight_mode_equals_forward_mode_in_values_and_gradients() -> None:
+    """Attention code that reads ``.weight`` and calls F.linear itself (timm EVA, BEiT) sees the same adapted
+    projection as code that calls the module."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 48)
+    x = torch.randn(5, 16)
+    outs, grads = [], []
+    for mode in ("forward", "weight"):
+        torch.manual_seed(1)
+        w = HeadLoRALinear(base, mode=mode)
+        for t, off in (("q", 0), ("v", 32)):
+            w.lora[t] = hl.HeadLoRAProjection(t, "l", off + torch.arange(16).view(4, 4), 16, 48, 2, 0.5, 32, 0.1)
+        w.lora["q"].remove_heads([2])
+        y = F.linear(x, w.weight, w.bias) if mode == "weight" else w(x)
+        y.pow(2).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad for p in w.lora.parameters()])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))

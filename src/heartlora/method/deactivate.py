@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from heartlora.errors import ConfigError
-from heartlora.method.model import attention_layers, remove_from_optimizer
+from heartlora.method.layer import FactorChange
+from heartlora.method.model import attention_layers
 
 SCOPES = ("global", "layer")
 
@@ -50,9 +51,10 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
                      heads: list[tuple[str, int]] | None = None) -> list[tuple[str, int]]:
     """Switch off the least responsive heads (or exactly ``heads``) and return them as (layer name, head).
 
-    Their adapter Parameters leave the model, and ``optimizer`` when given (its state for them is dropped), so
-    they get no gradient, hold no state, cost no compute and are not stored. A projection with no head left also
-    drops its shared factor."""
+    Each projection's per-head factor is rebuilt without their rows, so they get no gradient, hold no state, cost
+    no compute and are not stored. ``optimizer``, when given, gets the rebuilt Parameters in place of the old ones,
+    with its state (AdamW's moments) carried over for the heads that stay. A projection with no head left drops
+    both factors."""
     layers = {layer.name: layer for layer in attention_layers(model)}
     if heads is None:
         if scores is None:
@@ -62,7 +64,7 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
             raise ConfigError(f"scores name layers this model does not have: {sorted(unknown)[:3]}")
         active = {n: layers[n].head_mask() for n in scores}
         heads = select_heads(scores, ne=ne, fraction=fraction, scope=scope, active=active)
-    removed: list[nn.Parameter] = []
+    changes: list[FactorChange] = []
     by_layer: dict[str, list[int]] = {}
     for name, h in heads:
         if name not in layers or not 0 <= h < layers[name].num_heads:
@@ -70,7 +72,30 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
         by_layer.setdefault(name, []).append(h)
     for name, hs in by_layer.items():
         for proj in layers[name].projections.values():
-            removed.extend(proj.remove_heads(hs))
+            changes.extend(proj.remove_heads(hs))
     if optimizer is not None:
-        remove_from_optimizer(optimizer, removed)
+        replace_in_optimizer(optimizer, changes)
     return list(heads)
+
+
+def replace_in_optimizer(optimizer: torch.optim.Optimizer, changes: list[FactorChange]) -> None:
+    """Put each rebuilt Parameter where the old one was in ``optimizer``'s groups and carry its state over: every
+    state tensor shaped like the old Parameter keeps the slices that stayed; other entries (AdamW's step) are kept
+    as they are. A dropped Parameter leaves the groups and the state."""
+    by_old = {id(c.old): c for c in changes}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            c = by_old.get(id(p))
+            if c is None:
+                params.append(p)
+            elif c.new is not None:
+                params.append(c.new)
+        group["params"] = params
+    for c in changes:
+        state = optimizer.state.pop(c.old, None)
+        if state is None or c.new is None:
+            continue
+        optimizer.state[c.new] = {k: v.index_select(c.dim, c.keep.to(v.device))
+                                  if isinstance(v, torch.Tensor) and v.shape == c.old.shape else v
+                                  for k, v in state.items()}

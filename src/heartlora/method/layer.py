@@ -1,66 +1,90 @@
 """The adapter modules: a Linear wrapper that adds per-head LoRA deltas for the projections it computes.
 
-Each head's share of the adapter is a Parameter of its own (its rows of B for q, k, v; its columns of A for o), so a
-head that is switched off is simply removed: it gets no gradient, holds no optimizer state, costs no compute and is
-not stored. The factor the heads share (A for q, k, v; B for o) is one Parameter, dropped when no head is left.
+One projection (q, k, v or o of one attention layer) holds two Parameters, as PEFT's LoRA does: ``lora_A`` and
+``lora_B``. The per-head factor (B for q, k, v; A for o) holds the rows (columns) of the *active* heads only, so an
+adapted projection runs as two matrix products and one add, whatever the number of heads; switching heads off
+rebuilds that factor without their rows (:meth:`HeadLoRAProjection.remove_heads` returns what an optimizer needs to
+carry its state over), so an off head has no parameter, gradient, optimizer state, stored byte or compute.
+
+Where each head's rows are in the wrapped Linear is an index (``index[h]``, from the layout), so any row order works:
+q|k|v blocks, heads interleaved, or a Linear that holds only some of q, k, v.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS
 
-OUT_SIDE = ("q", "k", "v")  # head h owns rows [h·d, (h+1)·d) of B
-IN_SIDE = ("o",)  # head h owns columns [h·d, (h+1)·d) of A
+OUT_SIDE = ("q", "k", "v")  # head h owns the rows index[h] of the Linear's output: its rows of B
+IN_SIDE = ("o",)  # head h owns the columns index[h] of the Linear's input: its columns of A
+MODES = ("forward", "weight")
+
+
+@dataclass
+class FactorChange:
+    """How one Parameter changed when heads switched off: ``new`` (None when the factor was dropped) keeps the
+    slices ``keep`` of ``old`` along ``dim``. :func:`heartlora.method.model.replace_in_optimizer` uses it to carry
+    the optimizer state of the heads that stay."""
+
+    old: nn.Parameter
+    new: nn.Parameter | None
+    dim: int
+    keep: torch.Tensor | None
 
 
 class HeadLoRAProjection(nn.Module):
-    """LoRA on one projection (q, k, v or o) of one attention layer, split by head.
+    """LoRA on one projection of one attention layer, organised by head.
 
-    ``lora_A`` is (r × in) and ``lora_B`` is (out × r) in the maths; for q, k, v the per-head factor is B and it is
-    held as ``lora_B[str(h)]`` of shape (d × r); for o the per-head factor is A, held as ``lora_A[str(h)]`` (r × d).
+    In the maths ``lora_A`` is (r × in) and ``lora_B`` is (out × r). For q, k, v only the active heads' rows of B
+    exist: ``lora_B`` is (n_active·d × r), head by head in ascending order, and ``index[h]`` says which output rows
+    of the wrapped Linear head h's d rows are. For o only the active heads' columns of A exist: ``lora_A`` is
+    (r × n_active·d) and ``index[h]`` names the Linear's input columns that carry head h's output.
     """
 
-    def __init__(self, target: str, layer_name: str, offset: int, num_heads: int, head_dim: int,
-                 in_features: int, out_features: int, rank: int, scale: float, bits: int,
-                 init_b_std: float | None) -> None:
+    def __init__(self, target: str, layer_name: str, index: torch.Tensor, in_features: int, out_features: int,
+                 rank: int, scale: float, bits: int, init_b_std: float | None) -> None:
         super().__init__()
-        self.target, self.layer_name, self.offset = target, layer_name, offset
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.dim() != 2:
+            raise ValueError(f"index must be (num_heads, head_dim), got shape {tuple(index.shape)}")
+        num_heads, head_dim = index.shape
+        self.target, self.layer_name = target, layer_name
         self.num_heads, self.head_dim, self.rank, self.scale, self.bits = num_heads, head_dim, rank, scale, bits
+        self.in_features, self.out_features = in_features, out_features
         self.per_head_is_B = target in OUT_SIDE
-        # False once the weights hold decoded codes (a loaded k-bit adapter): re-standardising already quantized
-        # values would move them, so they are used as they are.
-        self.requantize = True
-        # Follows .to(device/dtype) even when every head is off and no Parameter is left to ask.
+        limit = out_features if self.per_head_is_B else in_features
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit or index.unique().numel() != index.numel()):
+            raise ValueError(f"index for {layer_name}.{target} must name distinct positions below {limit}")
+        # A loaded k-bit adapter holds decoded values: they are used exactly as stored until the weights change
+        # (further training), and from then on quantized again like any k-bit adapter (see mark_decoded).
+        self._decoded_versions: tuple[int, int] | None = None
+        self.register_buffer("index", index.clone(), persistent=False)
+        # Follows .to(dtype) even when every head is off and no Parameter is left to ask.
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
         # A as in nn.Linear / LoRA (Kaiming-uniform over the full matrix); B zero, or a small truncated normal for
-        # quantized adapters, whose standardisation is undefined on an all-zero matrix (SPEC §4).
-        a = torch.empty(rank, head_dim * num_heads if not self.per_head_is_B else in_features)
+        # quantized adapters, whose standardisation is undefined on an all-zero matrix (docs/METHOD.md).
+        a = torch.empty(rank, in_features if self.per_head_is_B else num_heads * head_dim)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        b = torch.zeros(head_dim * num_heads if self.per_head_is_B else out_features, rank)
+        b = torch.zeros(num_heads * head_dim if self.per_head_is_B else out_features, rank)
         if init_b_std is None and bits != FLOAT_BITS:
             init_b_std = 0.001
         if init_b_std:
             nn.init.trunc_normal_(b, std=init_b_std, a=-2 * init_b_std, b=2 * init_b_std)
-        if self.per_head_is_B:
-            self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.ParameterDict({str(h): nn.Parameter(blk.clone()) for h, blk in
-                                            enumerate(b.split(head_dim, dim=0))})
-        else:
-            self.lora_A = nn.ParameterDict({str(h): nn.Parameter(blk.clone()) for h, blk in
-                                            enumerate(a.split(head_dim, dim=1))})
-            self.lora_B = nn.Parameter(b)
-        self._refresh()
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        self._set_active(list(range(num_heads)))
 
     # --- heads -------------------------------------------------------------------------------------------------
     @property
-    def heads(self) -> nn.ParameterDict:
-        """The per-head Parameters, keyed by head index."""
+    def per_head(self) -> nn.Parameter | None:
+        """The factor split by head (B for q, k, v; A for o), active heads only; None once every head is off."""
         return self.lora_B if self.per_head_is_B else self.lora_A
 
     @property
@@ -69,123 +93,139 @@ class HeadLoRAProjection(nn.Module):
         return self.lora_A if self.per_head_is_B else self.lora_B
 
     def active_heads(self) -> list[int]:
-        return self._active
+        return list(self._active)
 
     def head_mask(self) -> list[bool]:
         act = set(self._active)
         return [h in act for h in range(self.num_heads)]
 
-    def remove_heads(self, heads: list[int]) -> list[nn.Parameter]:
-        """Switch heads off; returns the Parameters that left the module (to drop from an optimizer)."""
-        removed = [self.heads.pop(str(h)) for h in heads if str(h) in self.heads]
-        if not len(self.heads) and self.shared is not None:
-            removed.append(self.shared)
-            if self.per_head_is_B:
-                self.lora_A = None
-            else:
-                self.lora_B = None
-        self._refresh()
-        return removed
+    def head_weights(self, h: int) -> torch.Tensor:
+        """A view of active head ``h``'s share of the per-head factor: its (d × r) rows of B for q, k, v, its
+        (r × d) columns of A for o."""
+        if h not in self._active:
+            raise KeyError(f"head {h} of {self.layer_name}.{self.target} is off")
+        i = self._active.index(h) * self.head_dim
+        p = self.per_head
+        return p[i:i + self.head_dim] if self.per_head_is_B else p[:, i:i + self.head_dim]
 
-    def _refresh(self) -> None:
-        self._active = sorted(int(k) for k in self.heads.keys())
-        # Contiguous runs of active heads, so the forward writes each run with one strided add.
-        runs: list[tuple[int, int, int, int]] = []  # (first head, end head, row start, row end) in the concat
-        row = 0
-        for h in self._active:
-            if runs and runs[-1][1] == h:
-                first, _, r0, _ = runs[-1]
-                runs[-1] = (first, h + 1, r0, row + self.head_dim)
+    def _set_active(self, heads: list[int]) -> None:
+        self._active = sorted(heads)
+        device = self.index.device
+        self.register_buffer("_active_heads", torch.tensor(self._active, dtype=torch.long, device=device),
+                             persistent=False)
+        flat = self.index[self._active].reshape(-1) if self._active else self.index.new_zeros(0)
+        self.register_buffer("_rows", flat, persistent=False)
+        # Every position of the Linear's output (q, k, v) or input (o), in order: no index operation is needed.
+        self._covers_all = bool(flat.numel() == (self.out_features if self.per_head_is_B else self.in_features)
+                                and torch.equal(flat, torch.arange(flat.numel(), device=device)))
+
+    def remove_heads(self, heads: list[int]) -> list[FactorChange]:
+        """Switch heads off. The per-head factor is rebuilt without their rows (columns); when no head is left both
+        factors go. Returns the changes, so an optimizer's state can follow (see ``replace_in_optimizer``)."""
+        gone = {h for h in heads if h in self._active}
+        if not gone:
+            return []
+        stay = [h for h in self._active if h not in gone]
+        changes: list[FactorChange] = []
+        if not stay:
+            changes = [FactorChange(p, None, 0, None) for p in (self.lora_A, self.lora_B)]
+            self.lora_A = None
+            self.lora_B = None
+        else:
+            pos = torch.tensor([i for i, h in enumerate(self._active) if h not in gone], dtype=torch.long)
+            keep = (pos[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1).to(self.index.device)
+            dim = 0 if self.per_head_is_B else 1
+            old = self.per_head
+            new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+            if self.per_head_is_B:
+                self.lora_B = new
             else:
-                runs.append((h, h + 1, row, row + self.head_dim))
-            row += self.head_dim
-        self._runs = runs
+                self.lora_A = new
+            changes.append(FactorChange(old, new, dim, keep))
+        if self._decoded_versions is not None:
+            self.mark_decoded()
+        self._set_active(stay)
+        return changes
 
     # --- weights -----------------------------------------------------------------------------------------------
-    def _maybe_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.bits == FLOAT_BITS or not self.requantize else quant.quantize_ste(w, self.bits)
+    def mark_decoded(self) -> None:
+        """The factors now hold decoded k-bit values (a loaded adapter): use them as they are while they stay
+        unchanged. Once an optimizer changes them, they are latent weights again and the forward quantizes them
+        (straight-through), so a loaded k-bit adapter keeps training as a k-bit adapter."""
+        self._decoded_versions = self._versions()
 
-    def per_head_matrix(self) -> torch.Tensor:
-        """The active heads' factor, concatenated in head order: (n·d × r) for B, (r × n·d) for A."""
-        parts = [self.heads[str(h)] for h in self._active]
-        dim = 0 if self.per_head_is_B else 1
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+    def _versions(self) -> tuple[int, int] | None:
+        if self.lora_A is None:
+            return None
+        return (self.lora_A._version, self.lora_B._version)
+
+    def _quantizes(self) -> bool:
+        if self.bits == FLOAT_BITS:
+            return False
+        return self._decoded_versions is None or self._decoded_versions != self._versions()
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as used in the forward (quantized when bits < 32), over active heads only."""
-        per_head = self._maybe_quantize(self.per_head_matrix())
-        shared = self._maybe_quantize(self.shared)
-        return (shared, per_head) if self.per_head_is_B else (per_head, shared)
+        """(A, B) as the forward uses them (quantized with the straight-through estimator when bits < 32), over the
+        active heads only."""
+        a, b = self.lora_A, self.lora_B
+        if self._quantizes():
+            a, b = quant.quantize_ste(a, self.bits), quant.quantize_ste(b, self.bits)
+        return a, b
 
-    def delta_weight(self, out_features: int, in_features: int) -> torch.Tensor:
-        """``scale · B A`` placed in a zero matrix of the wrapped Linear's shape."""
-        delta = torch.zeros(out_features, in_features, dtype=self._dtype(), device=self._device())
+    def per_head_matrix(self) -> torch.Tensor:
+        """The active heads' factor: (n·d × r) for B, (r × n·d) for A."""
+        return self.per_head
+
+    def delta_weight(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale · B A`` added to ``into`` (a zero matrix of the wrapped Linear's shape by default) on the active
+        heads' rows (columns); differentiable, out of place."""
+        if into is None:
+            into = torch.zeros(self.out_features, self.in_features, dtype=self._anchor.dtype, device=self.index.device)
         if not self._active:
-            return delta
+            return into
         a, b = self.effective_weights()
-        if self.per_head_is_B:
-            for h0, h1, r0, r1 in self._runs:
-                rows = slice(self.offset + h0 * self.head_dim, self.offset + h1 * self.head_dim)
-                delta[rows] += self.scale * (b[r0:r1] @ a)
-        else:
-            for h0, h1, r0, r1 in self._runs:
-                cols = slice(self.offset + h0 * self.head_dim, self.offset + h1 * self.head_dim)
-                delta[:, cols] += self.scale * (b @ a[:, r0:r1])
-        return delta
-
-    def _dtype(self) -> torch.dtype:
-        return self._anchor.dtype
-
-    def _device(self) -> torch.device:
-        return self._anchor.device
+        dw = ((b @ a) * self.scale).to(into.dtype)
+        if self._covers_all:
+            return into + dw
+        return into.index_add(0 if self.per_head_is_B else 1, self._rows, dw)
 
     # --- forward -----------------------------------------------------------------------------------------------
     def add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + scale · x Aᵀ Bᵀ`` on the active heads' rows (q, k, v) or from their columns (o); y, x are 2-D.
-
-        When the delta covers all of ``y`` it is one out-of-place addmm (cheaper under autograd than an in-place
-        update); otherwise each run of active heads updates its slice of ``y`` in place."""
+        """``y + scale · x Aᵀ Bᵀ`` on the active heads' rows (q, k, v) or from their columns (o); ``y``, ``x`` 2-D.
+        Two matrix products and one add (one indexed add, or one column gather, when the heads cover only part of
+        the Linear)."""
         if not self._active:
             return y
         a, b = self.effective_weights()
-        if a.dtype != y.dtype:  # autocast: the base output is half precision, the adapter weights are not
+        if a.dtype != y.dtype:  # half-precision base output without autocast: compute the delta in its dtype
             a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
-        if not self.per_head_is_B:
-            if len(self._runs) == 1 and self._runs[0][0] == 0 and self._runs[0][1] == self.num_heads:
-                xa = x[:, self.offset:self.offset + self.num_heads * self.head_dim]
-            else:
-                xa = torch.cat([x[:, self.offset + h0 * self.head_dim:self.offset + h1 * self.head_dim]
-                                for h0, h1, _, _ in self._runs], dim=1)
-            return torch.addmm(y, xa @ a.t(), b.t(), alpha=self.scale)
-        z = x @ a.t()
-        if self.offset == 0 and b.shape[0] == y.shape[1]:  # every head on, and the Linear is this projection alone
-            return torch.addmm(y, z, b.t(), alpha=self.scale)
-        for h0, h1, r0, r1 in self._runs:
-            o0, o1 = self.offset + h0 * self.head_dim, self.offset + h1 * self.head_dim
-            y[:, o0:o1].addmm_(z, b[r0:r1].t(), alpha=self.scale)
-        return y
+        if self.per_head_is_B:
+            z = x @ a.t()
+            if self._covers_all:
+                return torch.addmm(y, z, b.t(), alpha=self.scale)
+            return y.index_add(1, self._rows, z @ b.t(), alpha=self.scale)
+        xa = x if self._covers_all else x.index_select(1, self._rows)
+        return torch.addmm(y, xa @ a.t(), b.t(), alpha=self.scale)
 
+    # --- responsiveness ----------------------------------------------------------------------------------------
     def head_products(self, absolute: bool = False) -> torch.Tensor:
         """Per head, Σ θ·∂L/∂θ over the weights it owns (Σ |θ·∂L/∂θ| when ``absolute``, the ``sum_abs`` score);
-        θ are the quantized values when bits < 32. Zero for heads that are off, or when gradients are missing.
-        Shape (num_heads,)."""
-        out = torch.zeros(self.num_heads, dtype=torch.float64, device=self._device())
-        if not self._active:
+        θ are the quantized values when bits < 32. Zero for heads that are off, or when the gradient is missing.
+        Shape (num_heads,), float64; no host synchronisation."""
+        out = torch.zeros(self.num_heads, dtype=torch.float64, device=self.index.device)
+        p = self.per_head
+        if p is None or p.grad is None:
             return out
-        params = [self.heads[str(h)] for h in self._active]
-        if any(p.grad is None for p in params):
-            return out
-        theta = self.per_head_matrix().detach()
-        if self.bits != FLOAT_BITS and self.requantize:
+        theta = p.detach()
+        if self._quantizes():
             theta = quant.quantize(theta, self.bits)
-        grads = torch.cat([p.grad for p in params], dim=0 if self.per_head_is_B else 1)
-        prod = theta * grads
+        prod = theta * p.grad
         if absolute:
             prod = prod.abs()
-        per = prod.view(len(params), self.head_dim, -1).sum((1, 2)) if self.per_head_is_B else \
-            prod.view(prod.shape[0], len(params), self.head_dim).sum((0, 2))
-        out[torch.tensor(self._active, device=out.device)] = per.double()
-        return out
+        n = len(self._active)
+        per = prod.view(n, self.head_dim, -1).sum((1, 2)) if self.per_head_is_B else \
+            prod.view(prod.shape[0], n, self.head_dim).sum((0, 2))
+        return out.index_copy(0, self._active_heads, per.double())
 
     def extra_repr(self) -> str:
         return (f"target={self.target}, heads={len(self._active)}/{self.num_heads}, head_dim={self.head_dim}, "
@@ -194,12 +234,22 @@ class HeadLoRAProjection(nn.Module):
 
 class HeadLoRALinear(nn.Module):
     """Wraps a Linear (``base_layer``) and adds the deltas of the projections it computes: one for q or o, up to
-    three for a fused qkv Linear. Merging writes the deltas into the base weight and keeps the original rows for an
-    exact unmerge."""
+    three for a fused qkv Linear.
 
-    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0) -> None:
+    ``mode="forward"``: the attention calls this module, and the deltas are added to the base output.
+    ``mode="weight"``: the attention reads ``.weight`` and calls ``F.linear`` itself (timm EVA, BEiT, SwinV2 build
+    their qkv bias separately); ``.weight`` is then the base weight plus the deltas, so the adapters reach the
+    output and get their gradient through it.
+
+    Merging writes the deltas into the base weight and keeps a copy of the original weight for an exact unmerge
+    (one more copy of each adapted Linear's weight while merged)."""
+
+    def __init__(self, base_layer: nn.Linear, dropout: float = 0.0, mode: str = "forward") -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is unknown: choose one of {', '.join(MODES)}")
         self.base_layer = base_layer
+        self.mode = mode
         self.lora = nn.ModuleDict()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -214,17 +264,27 @@ class HeadLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def _delta_active(self) -> bool:
+        return not self.merged and self.enabled and any(p._active for p in self.lora.values())
+
     @property
-    def weight(self) -> torch.Tensor:  # some attention code reads proj.weight / proj.bias directly
-        return self.base_layer.weight
+    def weight(self) -> torch.Tensor:
+        """The base weight; in ``weight`` mode, plus the adapters' deltas (the attention reads it directly)."""
+        w = self.base_layer.weight
+        if self.mode == "weight" and self._delta_active():
+            for proj in self.lora.values():
+                w = proj.delta_weight(w)
+        return w
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weight":
+            return F.linear(x, self.weight, self.bias)
         y = self.base_layer(x)
-        if self.merged or not self.enabled or not self.lora:
+        if not self._delta_active():
             return y
         x2 = self.lora_dropout(x).reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
@@ -233,10 +293,9 @@ class HeadLoRALinear(nn.Module):
         return y2.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        delta = torch.zeros_like(w)
+        delta = torch.zeros_like(self.base_layer.weight)
         for proj in self.lora.values():
-            delta += proj.delta_weight(w.shape[0], w.shape[1]).to(w.dtype)
+            delta = proj.delta_weight(delta)
         return delta
 
     @torch.no_grad()

@@ -19,12 +19,19 @@ from heartlora.errors import UnsupportedBackboneError
 
 @dataclass
 class Site:
-    """Projection ``target`` lives in ``getattr(parent, attr)``, a Linear; its rows (q, k, v) or columns (o) start at
-    ``offset``."""
+    """Projection ``target`` lives in ``getattr(parent, attr)``, a Linear. ``index[h]`` are the output rows (q, k, v)
+    or input columns (o) of that Linear that belong to head h. ``mode`` says how the attention uses the Linear:
+    ``"forward"`` calls it, ``"weight"`` reads its weight and calls ``F.linear`` itself."""
 
     parent: nn.Module
     attr: str
-    offset: int = 0
+    index: torch.Tensor
+    mode: str = "forward"
+
+
+def block_index(offset: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Heads one after another from ``offset``: head h owns [offset + h·d, offset + (h+1)·d)."""
+    return offset + torch.arange(num_heads * head_dim).view(num_heads, head_dim)
 
 
 @dataclass
@@ -66,8 +73,10 @@ def _fused_matches(m: nn.Module) -> bool:
 def _fused_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     heads = m.num_heads
     inner = m.qkv.out_features // 3
-    sites = {"q": Site(m, "qkv", 0), "k": Site(m, "qkv", inner), "v": Site(m, "qkv", 2 * inner), "o": Site(m, "proj")}
-    return m, AttentionSites(heads, inner // heads, sites)
+    d = inner // heads
+    sites = {t: Site(m, "qkv", block_index(i * inner, heads, d)) for i, t in enumerate("qkv")}
+    sites["o"] = Site(m, "proj", block_index(0, heads, d))
+    return m, AttentionSites(heads, d, sites)
 
 
 register_layout(HeadLayout("fused_qkv", _fused_matches, _fused_describe))
@@ -85,8 +94,11 @@ def _separate_matches(m: nn.Module) -> bool:
 def _separate_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
     o_name = "o_proj" if _is_linear(getattr(m, "o_proj", None)) else "proj"
-    sites = {"q": Site(m, "q_proj"), "k": Site(m, "k_proj"), "v": Site(m, "v_proj"), "o": Site(m, o_name)}
-    return m, AttentionSites(heads, m.q_proj.out_features // heads, sites)
+    d = m.q_proj.out_features // heads
+    idx = block_index(0, heads, d)
+    sites = {"q": Site(m, "q_proj", idx), "k": Site(m, "k_proj", idx), "v": Site(m, "v_proj", idx),
+             "o": Site(m, o_name, idx)}
+    return m, AttentionSites(heads, d, sites)
 
 
 register_layout(HeadLayout("separate_qkvo", _separate_matches, _separate_describe))
@@ -103,8 +115,11 @@ def _bert_matches(m: nn.Module) -> bool:
 def _bert_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     s = m.self
     heads = s.num_attention_heads
-    sites = {"q": Site(s, "query"), "k": Site(s, "key"), "v": Site(s, "value"), "o": Site(m.output, "dense")}
-    return m, AttentionSites(heads, s.query.out_features // heads, sites)
+    d = s.query.out_features // heads
+    idx = block_index(0, heads, d)
+    sites = {"q": Site(s, "query", idx), "k": Site(s, "key", idx), "v": Site(s, "value", idx),
+             "o": Site(m.output, "dense", idx)}
+    return m, AttentionSites(heads, d, sites)
 
 
 register_layout(HeadLayout("bert_style", _bert_matches, _bert_describe))
@@ -196,10 +211,11 @@ def _mha_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module
     new = LinearInProjMultiheadAttention(m)
     new.train(m.training)
     setattr(parent, attr, new)
-    e = new.embed_dim
-    sites = {"q": Site(new, "in_proj", 0), "k": Site(new, "in_proj", e), "v": Site(new, "in_proj", 2 * e),
-             "o": Site(new, "out_proj")}
-    return new, AttentionSites(new.num_heads, e // new.num_heads, sites)
+    e, heads = new.embed_dim, new.num_heads
+    d = e // heads
+    sites = {t: Site(new, "in_proj", block_index(i * e, heads, d)) for i, t in enumerate("qkv")}
+    sites["o"] = Site(new, "out_proj", block_index(0, heads, d))
+    return new, AttentionSites(heads, d, sites)
 
 
 register_layout(HeadLayout("torch_mha", lambda m: isinstance(m, nn.MultiheadAttention), _mha_describe))

@@ -97,12 +97,11 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None) -> nn.Module
             site = sites.sites[target]
             wrapper = getattr(site.parent, site.attr)
             if not isinstance(wrapper, HeadLoRALinear):
-                wrapper = HeadLoRALinear(wrapper, dropout=config.dropout)
+                wrapper = HeadLoRALinear(wrapper, dropout=config.dropout, mode=site.mode)
                 setattr(site.parent, site.attr, wrapper)
             base = wrapper.base_layer
-            proj = HeadLoRAProjection(target, name, site.offset, sites.num_heads, sites.head_dim,
-                                      base.in_features, base.out_features, config.rank, config.scale, config.bits,
-                                      config.init_b_std)
+            proj = HeadLoRAProjection(target, name, site.index, base.in_features, base.out_features, config.rank,
+                                      config.scale, config.bits, config.init_b_std)
             proj.to(device=base.weight.device, dtype=base.weight.dtype if base.weight.is_floating_point()
                     else torch.float32)
             wrapper.lora[target] = proj

@@ -4,7 +4,7 @@ snap to a codebook that is optimal for N(0, 1), rescale; straight-through gradie
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ def _normal_cdf(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def codebook(bits: int) -> tuple[float, ...]:
     """The 2**bits reconstruction levels, ascending."""
     if bits in _FIXED_LEVELS:
@@ -43,37 +43,67 @@ def _levels(bits: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def standardise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The matrix's own mean and (population) std; the std never reaches zero."""
-    mu = w.mean()
-    sigma = w.std(unbiased=False).clamp_min(1e-8)
-    return mu, sigma
+    """The matrix's own mean and (population) std, in one reduction; the std never reaches zero."""
+    sigma, mu = torch.std_mean(w, correction=0)
+    return mu, sigma.clamp_min(1e-8)
+
+
+def _one_bit_levels(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # μ ± 0.6745·σ, computed the same way wherever 1-bit values are made (training, decoding), so they agree bit
+    # for bit. No division by σ, so a constant matrix (σ = 0) needs no clamp.
+    lo, hi = (float(np.float32(v)) for v in codebook(1))
+    return torch.add(mu, sigma, alpha=lo), torch.add(mu, sigma, alpha=hi)
 
 
 def encode(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8, the index of the nearest level), mean and std of ``w``."""
+    if bits == 1:  # threshold 0 of the standardised value, i.e. w > μ
+        sigma, mu = torch.std_mean(w, correction=0)
+        return (w > mu).to(torch.uint8), mu, sigma
     mu, sigma = standardise(w)
     levels = _levels(bits, w)
-    thresholds = (levels[1:] + levels[:-1]) / 2
-    codes = torch.bucketize((w - mu) / sigma, thresholds)
+    codes = torch.bucketize((w - mu) / sigma, (levels[1:] + levels[:-1]) / 2)
     return codes.to(torch.uint8), mu, sigma
 
 
 def decode(codes: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int,
            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    mu, sigma = mu.to(dtype), sigma.to(dtype)
+    if bits == 1:
+        lo, hi = _one_bit_levels(mu, sigma)
+        return torch.where(codes.bool(), hi, lo)
     levels = torch.tensor(codebook(bits), dtype=dtype, device=codes.device)
-    return levels[codes.long()] * sigma.to(dtype) + mu.to(dtype)
+    return levels[codes.long()] * sigma + mu
 
 
+@torch.no_grad()
 def quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """The quantized matrix ``code·σ + μ`` (no gradient path)."""
-    codes, mu, sigma = encode(w.detach(), bits)
+    """The quantized matrix ``code·σ + μ`` (no gradient path); equal bit for bit to ``decode(*encode(w))``. The
+    1-bit case is one reduction, one comparison and one select."""
+    if bits == 1:
+        sigma, mu = torch.std_mean(w, correction=0)
+        lo, hi = _one_bit_levels(mu, sigma)
+        return torch.where(w > mu, hi, lo)
+    codes, mu, sigma = encode(w, bits)
     return decode(codes, mu, sigma, bits, w.dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Quantized values forward, the incoming gradient unchanged backward: one fused expression, no extra
+    operators for the gradient."""
+
+    @staticmethod
+    def forward(ctx: object, w: torch.Tensor, bits: int) -> torch.Tensor:
+        return quantize(w, bits)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def quantize_ste(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantized values forward (exactly: ``w - w.detach()`` is an exact zero), identity gradient backward
-    (straight-through estimator)."""
-    return quantize(w, bits) + (w - w.detach())
+    """Quantized values forward (exactly :func:`quantize`), identity gradient backward (straight-through)."""
+    return _StraightThrough.apply(w, bits)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -74,8 +74,7 @@ def _matrix_entries(proj: HeadLoRAProjection) -> dict[str, torch.Tensor]:
     quantizes (k-bit codes are taken from them with their own mean and std), not already quantized values."""
     if not proj.active_heads():
         return {}
-    per_head, shared = proj.per_head_matrix().detach(), proj.shared.detach()
-    return {"A": shared, "B": per_head} if proj.per_head_is_B else {"A": per_head, "B": shared}
+    return {"A": proj.lora_A.detach(), "B": proj.lora_B.detach()}
 
 
 def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor]) -> int:
@@ -403,7 +402,7 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
                     key = f"adapter.{layer.name}.{target}.{factor}"
                     w = _decode(key, meta["shapes"][key], cfg.bits, tensors)
                     _assign(proj, factor, w, path)
-                proj.requantize = False
+                proj.mark_decoded()
         for name in cfg.modules_to_save:
             sd = {k[len(f"modules.{name}."):]: v for k, v in tensors.items() if k.startswith(f"modules.{name}.")}
             try:
@@ -415,22 +414,9 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
 
 
 def _assign(proj: HeadLoRAProjection, factor: str, w: torch.Tensor, path: Any) -> None:
-    per_head = (factor == "B") == proj.per_head_is_B
-    if per_head:
-        dim = 0 if proj.per_head_is_B else 1
-        blocks = w.split(proj.head_dim, dim=dim)
-        if len(blocks) != len(proj.active_heads()):
-            raise AdapterFileError(f"{path}: {proj.layer_name}.{proj.target}.{factor} has {w.shape[dim]} rows for "
-                                   f"{len(proj.active_heads())} active heads; the file is inconsistent")
-        for h, blk in zip(proj.active_heads(), blocks):
-            dst = proj.heads[str(h)]
-            if dst.shape != blk.shape:
-                raise AdapterFileError(f"{path}: head {h} of {proj.layer_name}.{proj.target} has shape "
-                                       f"{tuple(blk.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(blk)
-    else:
-        dst = proj.shared
-        if dst.shape != w.shape:
-            raise AdapterFileError(f"{path}: {proj.layer_name}.{proj.target}.{factor} has shape {tuple(w.shape)}, "
-                                   f"expected {tuple(dst.shape)} (another rank or backbone)")
-        dst.copy_(w)
+    dst = proj.lora_A if factor == "A" else proj.lora_B
+    if dst.shape != w.shape:
+        raise AdapterFileError(f"{path}: {proj.layer_name}.{proj.target}.{factor} has shape {tuple(w.shape)}, "
+                               f"expected {tuple(dst.shape)} for {len(proj.active_heads())} active heads (another "
+                               f"rank or backbone, or a file inconsistent with its own head masks)")
+    dst.copy_(w)
