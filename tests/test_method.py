@@ -269,7 +269,7 @@ def test_unsupported_backbone_names_what_it_saw() -> None:
             self.conv = nn.Conv2d(3, 4, 3)
             self.fc = nn.Linear(4, 2)
 
-    with pytest.raises(UnsupportedBackboneError, match="Attentionless has no attention module"):
+    with pytest.raises(UnsupportedBackboneError, match="no attention layer found in Attentionless"):
         hl.attach(Attentionless())
 
 

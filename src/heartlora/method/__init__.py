@@ -3,10 +3,11 @@
 from heartlora.method.config import HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads, select_heads
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.layouts import LAYOUTS, AttentionSites, HeadLayout, Site, find_attention, register_layout
-from heartlora.method.model import (AttentionHeads, adapter_config, adapter_parameters, attach, attention_layers,
-                                    backbone_fingerprint, head_masks, is_adapted, merge, remove_from_optimizer,
-                                    set_adapters_enabled, unmerge)
+from heartlora.method.layouts import (LAYOUTS, AttentionSites, HeadLayout, Site, block_index, find_attention,
+                                     interleaved_index, register_layout, scan_attention)
+from heartlora.method.model import (AttentionHeads, Coverage, adapter_config, adapter_parameters, attach,
+                                    attention_layers, backbone_fingerprint, coverage, find_classifier, head_masks,
+                                    is_adapted, merge, remove_from_optimizer, set_adapters_enabled, unmerge)
 from heartlora.method.responsiveness import ResponsivenessTracker
 from heartlora.method.storage import AdapterReport, load_adapter, read_adapter_info, save_adapter
 
@@ -15,5 +16,6 @@ __all__ = [
     "is_adapted", "merge", "unmerge", "set_adapters_enabled", "remove_from_optimizer", "backbone_fingerprint",
     "ResponsivenessTracker", "deactivate_heads", "select_heads", "save_adapter", "load_adapter",
     "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRALinear", "HeadLoRAProjection", "HeadLayout",
-    "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention",
+    "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention", "scan_attention", "block_index",
+    "interleaved_index", "coverage", "Coverage", "find_classifier",
 ]

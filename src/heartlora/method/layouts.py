@@ -1,14 +1,17 @@
-"""Where the heads are: one registry entry per attention family.
+"""Where the heads are: one registry entry per attention family, each with its q, k, v row order stated.
 
 An entry recognises an attention module and says, for each projection q, k, v, o, which ``nn.Linear`` computes it
-and at which row offset (q, k and v may share one fused Linear). Adding a backbone family means adding one entry
-here; the adapters, the scorer and the trainer only ever see :class:`AttentionSites`.
+and which of its rows (q, k, v) or input columns (o) belong to each head, as an index tensor of shape
+(num_heads, head_dim). A fused Linear's row order is a property of the attention's source, not of its shapes, so
+fused layouts match only the classes whose order has been read (``QKV_BLOCKS`` and friends below); an unknown class
+with a fused q/k/v Linear is refused rather than guessed. Adding a family means adding its class here; the adapters,
+the scorer and the trainer only ever see :class:`AttentionSites`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +19,26 @@ from torch import nn
 
 from heartlora.errors import UnsupportedBackboneError
 
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+def block_index(offset: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows ``offset + h·d + j``: head h's d rows in one contiguous block (q|k|v blocks, or a separate Linear)."""
+    return offset + torch.arange(num_heads * head_dim).view(num_heads, head_dim)
+
+
+def interleaved_index(num_heads: int, sizes: tuple[int, ...], slot: int) -> torch.Tensor:
+    """Rows of ``slot`` when each head's rows hold its slots one after the other (head 0: q k v, head 1: q k v, …),
+    slot s having ``sizes[s]`` rows per head (timm TinyViT, EfficientFormer, MaxViT ``rw``)."""
+    per_head, start = sum(sizes), sum(sizes[:slot])
+    return (torch.arange(num_heads)[:, None] * per_head + start + torch.arange(sizes[slot])[None, :])
+
 
 @dataclass
 class Site:
-    """Projection ``target`` lives in ``getattr(parent, attr)``, a Linear. ``index[h]`` are the output rows (q, k, v)
-    or input columns (o) of that Linear that belong to head h. ``mode`` says how the attention uses the Linear:
-    ``"forward"`` calls it, ``"weight"`` reads its weight and calls ``F.linear`` itself."""
+    """Projection lives in ``getattr(parent, attr)``, an ``nn.Linear``; ``index[h]`` are head h's output rows (q, k,
+    v) or input columns (o). ``mode="weight"`` when the attention reads the Linear's ``.weight`` itself rather than
+    calling it."""
 
     parent: nn.Module
     attr: str
@@ -29,24 +46,22 @@ class Site:
     mode: str = "forward"
 
 
-def block_index(offset: int, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Heads one after another from ``offset``: head h owns [offset + h·d, offset + (h+1)·d)."""
-    return offset + torch.arange(num_heads * head_dim).view(num_heads, head_dim)
-
-
 @dataclass
 class AttentionSites:
     num_heads: int
     head_dim: int
     sites: dict[str, Site]  # keys among q, k, v, o
+    missing: dict[str, str] = field(default_factory=dict)  # projection -> why this family has no Linear for it
 
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """An attention family. ``describe`` may replace the module in its parent first (``nn.MultiheadAttention``
-    keeps q, k, v in a bare Parameter, so it is swapped for an equivalent module with a Linear in-projection)."""
+    """An attention family. ``row_order`` says how q, k, v rows are laid out, in words. ``describe`` may replace the
+    module in its parent first (``nn.MultiheadAttention`` keeps q, k, v in a bare Parameter, so it is swapped for an
+    equivalent module with a Linear in-projection)."""
 
     name: str
+    row_order: str
     matches: Callable[[nn.Module], bool]
     describe: Callable[[nn.Module, nn.Module, str], tuple[nn.Module, AttentionSites]]
 
@@ -59,73 +74,230 @@ def register_layout(layout: HeadLayout) -> HeadLayout:
     return layout
 
 
-def _is_linear(m: object) -> bool:
-    return isinstance(m, nn.Linear)
+def class_path(m: object) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
-# --- fused qkv Linear: timm Attention (ViT, DeiT), timm EVA, timm Swin WindowAttention -------------------------
-
-def _fused_matches(m: nn.Module) -> bool:
-    return _is_linear(getattr(m, "qkv", None)) and _is_linear(getattr(m, "proj", None)) and \
-        isinstance(getattr(m, "num_heads", None), int)
+def _linear(m: nn.Module, attr: str) -> nn.Linear | None:
+    child = getattr(m, attr, None)
+    return child if isinstance(child, nn.Linear) else None
 
 
-def _fused_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
-    heads = m.num_heads
-    inner = m.qkv.out_features // 3
-    d = inner // heads
-    sites = {t: Site(m, "qkv", block_index(i * inner, heads, d)) for i, t in enumerate("qkv")}
-    sites["o"] = Site(m, "proj", block_index(0, heads, d))
-    return m, AttentionSites(heads, d, sites)
+def _num_heads(m: nn.Module) -> int | None:
+    for attr in ("num_heads", "num_attention_heads", "heads"):
+        n = getattr(m, attr, None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    n = getattr(getattr(m, "config", None), "num_attention_heads", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
-register_layout(HeadLayout("fused_qkv", _fused_matches, _fused_describe))
+def _split(total: int, parts: int, heads: int, what: str) -> int:
+    if total % (parts * heads):
+        raise UnsupportedBackboneError(f"{what} has {total} rows, not divisible into {parts} × {heads} heads: "
+                                       "its row order is not the one heartlora expects; report the family")
+    return total // (parts * heads)
 
 
-# --- separate q/k/v/o Linears: Hugging Face ViT and DINOv2 (transformers 5), timm EVA with q_proj -------------
+def _o_site(m: nn.Module, names: tuple[str, ...], heads: int, parent: nn.Module | None = None) -> dict[str, Site]:
+    parent = m if parent is None else parent
+    for attr in names:
+        lin = _linear(parent, attr)
+        if lin is not None:
+            return {"o": Site(parent, attr, block_index(0, heads, _split(lin.in_features, 1, heads, attr)))}
+    return {}
+
+
+# --- one fused Linear holding q|k|v (or k|v) as blocks, heads contiguous inside each block ----------------------
+# Each class below computes ``qkv.reshape(B, N, 3, num_heads, head_dim)`` (or the equivalent permutation): q, k, v
+# are blocks of rows, head-major inside. Read from timm 1.0's source.
+QKV_BLOCKS = {
+    "timm.layers.attention.Attention", "timm.layers.attention.AttentionRope", "timm.layers.attention.DiffAttention",
+    "timm.models.swin_transformer.WindowAttention", "timm.models.cait.TalkingHeadAttn", "timm.models.convit.MHSA",
+    "timm.models.xcit.XCA", "timm.models.volo.Attention", "timm.models.twins.LocallyGroupedAttn",
+    "timm.models.gcvit.WindowAttentionGlobal", "timm.models.mvitv2.MultiScaleAttention",
+    "timm.models.vision_transformer_sam.Attention", "timm.models.vision_transformer_relpos.RelPosAttention",
+    "timm.models.coat.FactorAttnConvRelPosEnc", "timm.models.davit.WindowAttention",
+    "timm.models.davit.ChannelAttention",
+    "timm.models.nest.Attention", "timm.models.fastvit.Attention", "timm.models.maxxvit.AttentionCl",
+    "timm.models.hiera.MaskUnitAttention", "timm.models.hieradet_sam2.MultiScaleAttention",
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention", "timm.models.metaformer.Attention",
+    "timm.models.edgenext.CrossCovarianceAttn", "timm.models.eva.EvaAttention", "timm.models.beit.Attention",
+    "timm.models.swin_transformer_v2.WindowAttention", "timm.models.vision_transformer.Attention",
+}
+# Per head, q k v one after the other: ``qkv.view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``.
+QKV_INTERLEAVED = {"timm.models.tiny_vit.Attention", "timm.models.efficientformer.Attention"}
+# Classes whose ``head_first`` flag picks interleaved (True) or blocks (False).
+QKV_HEAD_FIRST = {"timm.models.maxxvit.AttentionCl"}
+
+
+# Classes whose attention output reaches ``proj`` as (…, head_dim, num_heads): head h's columns are j·H + h.
+O_HEAD_LAST = {"timm.models.nest.Attention"}
+
+
+def _weight_read(m: nn.Module) -> bool:
+    """timm EVA, BEiT and SwinV2 with a q/v bias call ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``
+    instead of ``self.qkv(x)``: the adapters must then act through the weight."""
+    return getattr(m, "q_bias", None) is not None and not getattr(m, "qkv_bias_separate", False)
+
+
+def _fused(m: nn.Module) -> bool:
+    return _linear(m, "qkv") is not None and _num_heads(m) is not None and _linear(m, "proj") is not None
+
+
+def _blocks_matches(m: nn.Module) -> bool:
+    path = class_path(m)
+    if path in QKV_HEAD_FIRST and getattr(m, "head_first", True):
+        return False
+    return path in QKV_BLOCKS and _fused(m) and not _weight_read(m)
+
+
+def _global_query(m: nn.Module) -> bool:
+    # GCViT's global blocks: qkv holds k|v only; q is the stage's global query tokens, passed in.
+    return class_path(m) == "timm.models.gcvit.WindowAttentionGlobal" and bool(getattr(m, "use_global", False))
+
+
+def _blocks_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads = _num_heads(m)
+    slots = ("k", "v") if _global_query(m) else ("q", "k", "v")
+    d = _split(m.qkv.out_features, len(slots), heads, f"{type(m).__name__}.qkv")
+    mode = "weight" if _weight_read(m) else "forward"
+    sites = {s: Site(m, "qkv", block_index(i * heads * d, heads, d), mode) for i, s in enumerate(slots)}
+    sites.update(_o_site(m, ("proj",), heads))
+    if class_path(m) in O_HEAD_LAST:
+        sites["o"].index = block_index(0, d, heads).t().contiguous()
+    missing = {"q": "q is the global query tokens, computed outside this module"} if "q" not in slots else {}
+    return m, AttentionSites(heads, d, sites, missing)
+
+
+register_layout(HeadLayout("fused_qkv", "one Linear `qkv`: rows q | k | v (k | v in GCViT global blocks), heads "
+                           "contiguous in each", _blocks_matches, _blocks_describe))
+register_layout(HeadLayout(
+    "fused_qkv_weight", "as fused_qkv; the attention reads `qkv.weight` with its own q/v bias (timm EVA, BEiT, SwinV2)",
+    lambda m: class_path(m) in QKV_BLOCKS and _fused(m) and _weight_read(m), _blocks_describe))
+
+
+def _interleaved_matches(m: nn.Module) -> bool:
+    path = class_path(m)
+    return _fused(m) and (path in QKV_INTERLEAVED or (path in QKV_HEAD_FIRST and bool(getattr(m, "head_first", 0))))
+
+
+def _interleaved_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads = _num_heads(m)
+    if class_path(m) in QKV_HEAD_FIRST:
+        d = _split(m.qkv.out_features, 3, heads, f"{type(m).__name__}.qkv")
+        sizes = (d, d, d)
+    else:
+        sizes = (int(m.key_dim), int(m.key_dim), int(getattr(m, "val_dim", 0) or m.d))
+    if sum(sizes) * heads != m.qkv.out_features:
+        raise UnsupportedBackboneError(f"{type(m).__name__}.qkv has {m.qkv.out_features} rows, not {heads} heads × "
+                                       f"{sum(sizes)}: report the family")
+    sites = {s: Site(m, "qkv", interleaved_index(heads, sizes, i)) for i, s in enumerate(("q", "k", "v"))}
+    sites.update(_o_site(m, ("proj",), heads))
+    return m, AttentionSites(heads, sizes[0], sites)
+
+
+register_layout(HeadLayout("interleaved_qkv", "one Linear `qkv`: per head q k v one after the other (timm TinyViT, "
+                           "EfficientFormer, MaxViT rw)", _interleaved_matches, _interleaved_describe))
+
+
+# --- q and k|v (or q|k and v) in two Linears ------------------------------------------------------------------
+# Attention pooling, cross-attention to a sub-sampled sequence, class attention and ConViT's GPSA. Each reshapes
+# the fused Linear as (2, num_heads, head_dim): blocks.
+Q_KV = {"timm.models.twins.GlobalSubSampleAttn", "timm.models.pvt_v2.Attention", "timm.models.volo.ClassAttention",
+        "timm.layers.attention_pool.AttentionPoolLatent"}
+QK_V = {"timm.models.convit.GPSA", "timm.models.tnt.Attention"}
+
+
+def _pair_matches(m: nn.Module) -> bool:
+    path = class_path(m)
+    if path in Q_KV:
+        return _linear(m, "kv") is not None and _num_heads(m) is not None
+    return path in QK_V and _linear(m, "qk") is not None and _linear(m, "v") is not None and _num_heads(m) is not None
+
+
+def _pair_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
+    heads = _num_heads(m)
+    fused, single = ("kv", "q") if class_path(m) in Q_KV else ("qk", "v")
+    slots = ("k", "v") if fused == "kv" else ("q", "k")
+    lin = getattr(m, fused)
+    d = _split(lin.out_features, 2, heads, f"{type(m).__name__}.{fused}")
+    sites = {s: Site(m, fused, block_index(i * heads * d, heads, d)) for i, s in enumerate(slots)}
+    missing = {}
+    one = _linear(m, single)
+    if one is not None:
+        sites[single] = Site(m, single, block_index(0, heads, _split(one.out_features, 1, heads, single)))
+    else:
+        missing[single] = f"{single} is not a Linear here (a learned latent query used as it is)"
+    sites.update(_o_site(m, ("proj",), heads))
+    if "o" not in sites:
+        missing["o"] = "no output projection"
+    return m, AttentionSites(heads, d, sites, missing)
+
+
+register_layout(HeadLayout("q_kv_pair", "two Linears: `q` and `kv` (rows k | v), or `qk` (rows q | k) and `v`; "
+                           "heads contiguous in each", _pair_matches, _pair_describe))
+
+
+# --- separate q/k/v Linears: Hugging Face 5.x (ViT, DeiT, DINOv2, Swin, BEiT), CLIP, SigLIP, Aimv2; timm EVA with
+#     q_proj; CaiT class attention (q, k, v); CrossViT cross-attention (wq, wk, wv) --------------------------------
+SEPARATE_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("wq", "wk", "wv"))
+O_NAMES = ("o_proj", "out_proj", "proj")
+
+
+def _separate_names(m: nn.Module) -> tuple[str, str, str] | None:
+    return next((names for names in SEPARATE_NAMES if all(_linear(m, n) is not None for n in names)), None)
+
 
 def _separate_matches(m: nn.Module) -> bool:
-    has_qkv = all(_is_linear(getattr(m, n, None)) for n in ("q_proj", "k_proj", "v_proj"))
-    has_o = _is_linear(getattr(m, "o_proj", None)) or _is_linear(getattr(m, "proj", None))
-    heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
-    return has_qkv and has_o and isinstance(heads, int)
+    return _separate_names(m) is not None and any(_linear(m, n) for n in O_NAMES) and _num_heads(m) is not None
 
 
 def _separate_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
-    heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
-    o_name = "o_proj" if _is_linear(getattr(m, "o_proj", None)) else "proj"
-    d = m.q_proj.out_features // heads
-    idx = block_index(0, heads, d)
-    sites = {"q": Site(m, "q_proj", idx), "k": Site(m, "k_proj", idx), "v": Site(m, "v_proj", idx),
-             "o": Site(m, o_name, idx)}
-    return m, AttentionSites(heads, d, sites)
+    heads = _num_heads(m)
+    names = _separate_names(m)
+    sites = {}
+    for target, name in zip(("q", "k", "v"), names):
+        lin = getattr(m, name)
+        sites[target] = Site(m, name, block_index(0, heads, _split(lin.out_features, 1, heads, name)))
+    sites.update(_o_site(m, O_NAMES, heads))
+    return m, AttentionSites(heads, sites["q"].index.shape[1], sites)
 
 
-register_layout(HeadLayout("separate_qkvo", _separate_matches, _separate_describe))
+register_layout(HeadLayout("separate_qkvo", "one Linear per projection (q_proj / q / wq, …; o_proj / out_proj / "
+                           "proj), heads contiguous", _separate_matches, _separate_describe))
 
 
-# --- BERT-style: attention.self.{query,key,value} and attention.output.dense (BERT, older HF ViT) ---------------
+# --- BERT-style: attention.{self|attention}.{query,key,value} and attention.output.dense (transformers 4.x ViT,
+#     DeiT, DINOv2, Swin; BERT; Swinv2 and Data2VecVision in 5.x) ---------------------------------------------------
+
+def _bert_inner(m: nn.Module) -> nn.Module | None:
+    for name in ("self", "attention"):
+        s = getattr(m, name, None)
+        if isinstance(s, nn.Module) and all(_linear(s, n) is not None for n in ("query", "key", "value")):
+            return s
+    return None
+
 
 def _bert_matches(m: nn.Module) -> bool:
-    s, out = getattr(m, "self", None), getattr(m, "output", None)
-    return s is not None and all(_is_linear(getattr(s, n, None)) for n in ("query", "key", "value")) and \
-        _is_linear(getattr(out, "dense", None)) and isinstance(getattr(s, "num_attention_heads", None), int)
+    s = _bert_inner(m)
+    return s is not None and _linear(getattr(m, "output", None), "dense") is not None and _num_heads(s) is not None
 
 
 def _bert_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
-    s = m.self
-    heads = s.num_attention_heads
-    d = s.query.out_features // heads
-    idx = block_index(0, heads, d)
-    sites = {"q": Site(s, "query", idx), "k": Site(s, "key", idx), "v": Site(s, "value", idx),
-             "o": Site(m.output, "dense", idx)}
-    return m, AttentionSites(heads, d, sites)
+    s = _bert_inner(m)
+    heads = _num_heads(s)
+    sites = {t: Site(s, n, block_index(0, heads, _split(getattr(s, n).out_features, 1, heads, n)))
+             for t, n in zip(("q", "k", "v"), ("query", "key", "value"))}
+    sites.update(_o_site(m, ("dense",), heads, parent=m.output))
+    return m, AttentionSites(heads, sites["q"].index.shape[1], sites)
 
 
-register_layout(HeadLayout("bert_style", _bert_matches, _bert_describe))
+register_layout(HeadLayout("bert_style", "`query`, `key`, `value` Linears and `output.dense`, heads contiguous",
+                           _bert_matches, _bert_describe))
 
 
-# --- torch.nn.MultiheadAttention (torchvision ViT, OpenCLIP) ---------------------------------------------------
+# --- torch.nn.MultiheadAttention (torchvision ViT, OpenCLIP, HF SigLIP's pooling head) -----------------------------
 
 class LinearInProjMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with its in-projection held by a Linear, so adapters can wrap it. Same call
@@ -211,40 +383,103 @@ def _mha_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module
     new = LinearInProjMultiheadAttention(m)
     new.train(m.training)
     setattr(parent, attr, new)
-    e, heads = new.embed_dim, new.num_heads
-    d = e // heads
-    sites = {t: Site(new, "in_proj", block_index(i * e, heads, d)) for i, t in enumerate("qkv")}
-    sites["o"] = Site(new, "out_proj", block_index(0, heads, d))
-    return new, AttentionSites(heads, d, sites)
+    e, h = new.embed_dim, new.num_heads
+    d = e // h
+    sites = {s: Site(new, "in_proj", block_index(i * e, h, d)) for i, s in enumerate(("q", "k", "v"))}
+    sites["o"] = Site(new, "out_proj", block_index(0, h, d))
+    return new, AttentionSites(h, d, sites)
 
 
-register_layout(HeadLayout("torch_mha", lambda m: isinstance(m, nn.MultiheadAttention), _mha_describe))
+register_layout(HeadLayout("torch_mha", "`in_proj_weight` rows q | k | v, heads contiguous (moved into a Linear)",
+                           lambda m: isinstance(m, nn.MultiheadAttention), _mha_describe))
 
 
 # --- discovery -------------------------------------------------------------------------------------------------
 
-def find_attention(model: nn.Module) -> list[tuple[str, HeadLayout, nn.Module, nn.Module, str]]:
-    """(name, layout, module, parent, attribute) for every attention module, outermost match first, in module
-    order. Raises UnsupportedBackboneError naming the classes seen when nothing matches."""
-    found: list[tuple[str, HeadLayout, nn.Module, nn.Module, str]] = []
-    claimed: list[str] = []
+# Modules that are attention by name but have no q, k, v to adapt, with the reason a user is told.
+NOT_QKV = {
+    "OutlookAttention": "outlook attention computes its weights from one Linear, with no q and k",
+    "ChannelAttn": "channel gating, no heads", "SpatialAttn": "spatial gating, no heads",
+    "LightChannelAttn": "channel gating, no heads", "LightSpatialAttn": "spatial gating, no heads",
+    "CoordAttn": "coordinate gating, no heads", "SimpleCoordAttn": "coordinate gating, no heads",
+    "SelectiveKernelAttn": "kernel selection, no heads", "SplitAttn": "split attention over channels, no heads",
+    "EfficientAdditiveAttention": "additive attention with no per-head q/k/v",
+    "LinearSelfAttention": "separable linear attention with no heads",
+}
+_ATTENTION_WORDS = ("attention", "attn", "mhsa")
 
-    def walk(parent: nn.Module, prefix: str) -> None:
+
+@dataclass
+class Unadapted:
+    """An attention module attach left alone, and why."""
+
+    name: str
+    cls: str
+    reason: str
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    cls = type(m).__name__.lower()
+    return any(w in cls for w in _ATTENTION_WORDS) and any(True for _ in m.parameters())
+
+
+def _reason(m: nn.Module) -> str:
+    cls = type(m).__name__
+    if cls in NOT_QKV:
+        return NOT_QKV[cls]
+    convs = [n for n in ("qkv", "q", "k", "v", "kv", "qk") if isinstance(getattr(m, n, None), nn.Conv2d)]
+    if convs:
+        return "q, k, v come from a convolution, not an nn.Linear"
+    fused = [n for n in ("qkv", "kv", "qk") if _linear(m, n) is not None]
+    if fused:
+        return (f"the row order of its fused `{fused[0]}` Linear is unknown: add {class_path(m)} to the right table in "
+                "heartlora/method/layouts.py once its source is read")
+    for n in ("qkv", "q", "kv"):
+        child = getattr(m, n, None)
+        if child is not None and not isinstance(child, nn.Linear):
+            return f"`{n}` is a {type(child).__name__}, not an nn.Linear"
+    return "no q/k/v Linears heartlora recognises"
+
+
+def scan_attention(model: nn.Module) -> tuple[list[tuple[str, HeadLayout, nn.Module, nn.Module, str]],
+                                               list[Unadapted]]:
+    """(name, layout, module, parent, attribute) for every attention module a layout matches, outermost first, in
+    module order; and the attention-like modules left alone (innermost, outside the matched ones), with reasons."""
+    found: list[tuple[str, HeadLayout, nn.Module, nn.Module, str]] = []
+    left: list[tuple[str, nn.Module]] = []
+
+    def walk(parent: nn.Module, prefix: str) -> bool:
+        """True when something below ``parent`` was matched or listed (so ``parent`` itself is not listed)."""
+        below = False
         for attr, child in parent.named_children():
             name = f"{prefix}.{attr}" if prefix else attr
             layout = next((lay for lay in LAYOUTS if lay.matches(child)), None)
             if layout is not None:
                 found.append((name, layout, child, parent, attr))
-                claimed.append(name)
-            else:
-                walk(child, name)
+                below = True
+                continue
+            inner = walk(child, name)
+            if not inner and _looks_like_attention(child):
+                left.append((name, child))
+                inner = True
+            below = below or inner
+        return below
 
     walk(model, "")
+    return found, [Unadapted(n, type(m).__name__, _reason(m)) for n, m in left]
+
+
+def find_attention(model: nn.Module) -> list[tuple[str, HeadLayout, nn.Module, nn.Module, str]]:
+    """The matched attention modules of :func:`scan_attention`; UnsupportedBackboneError when there is none."""
+    found, left = scan_attention(model)
     if not found:
-        classes = sorted({type(m).__name__ for m in model.modules() if "att" in type(m).__name__.lower()})
-        seen = ", ".join(classes) if classes else "no module with 'Attention' in its class name"
-        raise UnsupportedBackboneError(
-            f"{type(model).__name__} has no attention module heartlora can adapt (saw: {seen}); supported layouts: "
-            f"{', '.join(lay.name for lay in LAYOUTS)}; add an entry in heartlora/method/layouts.py for a new family"
-        )
+        works = "timm ViT/DeiT/EVA/BEiT/Swin/…, Hugging Face ViT/DeiT/DINOv2/Swin/CLIP/SigLIP, torchvision ViT"
+        if left:
+            seen = "; ".join(sorted({f"{u.cls} ({u.reason})" for u in left}))
+            raise UnsupportedBackboneError(f"{type(model).__name__} has no attention heartlora can adapt: {seen}. "
+                                           f"Families that work: {works} (docs/BACKBONES.md)")
+        raise UnsupportedBackboneError(f"no attention layer found in {type(model).__name__}: heartlora adapts "
+                                       f"transformer attention, e.g. {works} (docs/BACKBONES.md)")
     return found

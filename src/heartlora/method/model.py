@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from heartlora.errors import ConfigError
+from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.config import HeartLoRAConfig
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.layouts import find_attention
+from heartlora.method.layouts import Unadapted, find_attention, scan_attention
 
 _STATE = "_heartlora"  # attribute on the adapted root module: config, layer names, fingerprint
 
@@ -32,11 +32,39 @@ class AttentionHeads:
 
 
 @dataclass
+class Coverage:
+    """Which attention modules attach adapted, which projections it could not reach, and which modules it left."""
+
+    adapted: list[str]
+    layouts: dict[str, str]  # adapted module -> layout name
+    partial: dict[str, dict[str, str]]  # adapted module -> {projection asked for but absent: why}
+    unadapted: list[Unadapted] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.adapted) + len(self.unadapted)
+
+    def summary(self) -> str:
+        """One line, e.g. ``adapted 12 of 14 attention modules; not adapted: 2 × OutlookAttention (…)``."""
+        line = f"adapted {len(self.adapted)} of {self.total} attention modules"
+        if self.partial:
+            whys = sorted({f"{p}: {why}" for miss in self.partial.values() for p, why in miss.items()})
+            line += f"; {len(self.partial)} without some projections ({'; '.join(whys)})"
+        if self.unadapted:
+            groups: dict[tuple[str, str], int] = {}
+            for u in self.unadapted:
+                groups[(u.cls, u.reason)] = groups.get((u.cls, u.reason), 0) + 1
+            line += "; not adapted: " + "; ".join(f"{n} × {cls} ({why})" for (cls, why), n in groups.items())
+        return line
+
+
+@dataclass
 class _AttachState:
     config: HeartLoRAConfig
     layers: list[AttentionHeads]
     fingerprint: str
     modules_to_save: tuple[str, ...]
+    coverage: Coverage | None = None
 
 
 def backbone_fingerprint(model: nn.Module, skip: Iterable[str] = ()) -> str:
@@ -54,28 +82,38 @@ def backbone_fingerprint(model: nn.Module, skip: Iterable[str] = ()) -> str:
 
 
 def find_classifier(model: nn.Module) -> tuple[str, ...]:
-    """Module names of the classifier: timm's ``get_classifier()``, else an attribute named head, heads, classifier or fc."""
+    """Module names of the classifier(s): timm's ``get_classifier()`` plus a distilled model's ``head_dist``, else
+    the attributes named head, head_dist, heads, classifier or fc that exist."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found: list[str] = []
     get = getattr(model, "get_classifier", None)
     if callable(get):
         clf = get()
-        for name, mod in model.named_modules():
-            if mod is clf and name:
-                return (name,)
-    for attr in ("head", "heads", "classifier", "fc"):
-        if isinstance(getattr(model, attr, None), nn.Module):
-            return (attr,)
-    return ()
+        clfs = clf if isinstance(clf, (tuple, list)) else (clf,)  # timm DeiT distilled returns (head, head_dist)
+        found = [names[id(c)] for c in clfs if isinstance(c, nn.Module) and id(c) in names]
+    if not found:
+        found = [a for a in ("head", "heads", "classifier", "fc") if isinstance(getattr(model, a, None), nn.Module)][:1]
+    dist = getattr(model, "head_dist", None)
+    if found and isinstance(dist, nn.Module) and "head_dist" not in found:
+        found.append("head_dist")
+    return tuple(found)
 
 
-def attach(model: nn.Module, config: HeartLoRAConfig | None = None) -> nn.Module:
+def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: bool = True,
+           example_input: Any = None) -> nn.Module:
     """Add head-aware LoRA adapters to every attention layer of ``model`` (in place) and freeze everything else but
-    ``config.modules_to_save`` (the classifier by default). Returns ``model``.
+    ``config.modules_to_save`` (the classifier by default). Returns ``model``; :func:`coverage` says what was adapted.
+
+    With ``verify`` (the default) attach then proves the adapters are live: one forward and backward pass on
+    ``example_input`` (or a dummy input of the model's own size), with the zero factors set nonzero for the
+    duration, must change the output and give every adapted projection a gradient; otherwise it raises
+    UnsupportedBackboneError naming the modules. The adapters are restored bit for bit afterwards.
 
     >>> import timm, heartlora as hl
     >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
     >>> vit = hl.attach(vit, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
-    >>> len(hl.attention_layers(vit))
-    12
+    >>> len(hl.attention_layers(vit)), hl.coverage(vit).summary()
+    (12, 'adapted 12 of 12 attention modules')
     """
     config = config or HeartLoRAConfig()
     if getattr(model, _STATE, None) is not None:
@@ -85,16 +123,26 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None) -> nn.Module
     missing = [s for s in save if s not in names]
     if missing:
         raise ConfigError(f"modules_to_save {missing} are not in the model: name modules from model.named_modules()")
+    find_attention(model)  # refuse a model with no attention before touching it
+    if verify and example_input is None:
+        example_input = dummy_input(model)
     fingerprint = backbone_fingerprint(model, skip=save)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
 
+    found, unadapted = scan_attention(model)
     layers: list[AttentionHeads] = []
-    for name, layout, module, parent, attr in find_attention(model):
+    cover = Coverage([], {}, {}, unadapted)
+    for name, layout, module, parent, attr in found:
         module, sites = layout.describe(module, parent, attr)
         projections: dict[str, HeadLoRAProjection] = {}
         for target in config.targets:
-            site = sites.sites[target]
+            site = sites.sites.get(target)
+            if site is None:
+                why = sites.missing.get(target, f"{layout.name} has no {target} projection")
+                cover.partial.setdefault(name, {})[target] = why
+                continue
             wrapper = getattr(site.parent, site.attr)
             if not isinstance(wrapper, HeadLoRALinear):
                 wrapper = HeadLoRALinear(wrapper, dropout=config.dropout, mode=site.mode)
@@ -106,13 +154,167 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None) -> nn.Module
                     else torch.float32)
             wrapper.lora[target] = proj
             projections[target] = proj
+        if not projections:
+            cover.unadapted.append(Unadapted(name, type(module).__name__, "none of the targets "
+                                             f"{', '.join(config.targets)} exists here: {cover.partial.pop(name)}"))
+            continue
         layers.append(AttentionHeads(name, layout.name, sites.num_heads, sites.head_dim, projections))
+        cover.adapted.append(name)
+        cover.layouts[name] = layout.name
+    if not layers:
+        raise UnsupportedBackboneError(f"{type(model).__name__}: none of its attention modules has the projections "
+                                       f"{', '.join(config.targets)}: {cover.summary()}")
 
     for s in save:
         for p in names[s].parameters():
             p.requires_grad_(True)
-    setattr(model, _STATE, _AttachState(config, layers, fingerprint, tuple(save)))
+    setattr(model, _STATE, _AttachState(config, layers, fingerprint, tuple(save), cover))
+    if verify:
+        try:
+            verify_adapters(model, example_input)
+        except BaseException:
+            _detach(model)
+            for p in trainable:
+                p.requires_grad_(True)
+            raise
     return model
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """What :func:`attach` adapted and what it left, with reasons; ``coverage(model).summary()`` is one line."""
+    return _state(model).coverage
+
+
+def dummy_input(model: nn.Module) -> torch.Tensor:
+    """One input of the model's own size: an image batch of 1 (timm ``patch_embed.img_size`` or pretrained_cfg
+    ``input_size``, Hugging Face ``config.image_size``/``num_channels``, an ``img_size``/``image_size`` attribute),
+    or token ids for a text config. ConfigError when the size cannot be told."""
+    g = torch.Generator().manual_seed(0)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+
+    def image(chans: int, h: int, w: int) -> torch.Tensor:
+        return torch.rand(1, chans, h, w, generator=g).to(device)
+
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and type(m).__module__.startswith("heartlora"):
+            return image(3, size, size)  # an ImageClassifier: images in [0, 1]
+        pe = getattr(m, "patch_embed", None)
+        size = getattr(pe, "img_size", None)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+            chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
+            return image(chans, *size)
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            size = getattr(cfg, "image_size", None)
+            if size is not None:
+                h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+                return image(int(getattr(cfg, "num_channels", 3)), int(h), int(w))
+            vocab = getattr(cfg, "vocab_size", None)
+            if isinstance(vocab, int):
+                return torch.randint(0, vocab, (1, 8), generator=g).to(device)
+        size = getattr(m, "image_size", None)  # torchvision VisionTransformer
+        if isinstance(size, int) and not isinstance(size, bool):
+            return image(3, size, size)
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return image(*[int(s) for s in cfg["input_size"]])
+    raise ConfigError(f"cannot tell the input size of {type(model).__name__} to check the adapters: pass "
+                      "example_input= (one batch the model accepts) or verify=False")
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _call(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    if isinstance(example_input, dict):
+        return _tensors(model(**example_input))
+    if isinstance(example_input, (tuple, list)):
+        return _tensors(model(*example_input))
+    return _tensors(model(example_input))
+
+
+def verify_adapters(model: nn.Module, example_input: Any) -> None:
+    """One forward + backward in eval mode with every all-zero adapter factor set to small random values: each
+    adapted attention module's output must change and every adapted projection must get a nonzero gradient
+    (through its own module's output, so a zero-initialised classifier does not hide it). Everything is restored
+    exactly (factors bit for bit, train/eval flags) and no ``.grad`` is left behind."""
+    layers = attention_layers(model)
+    projs = [(layer.name, t, p) for layer in layers for t, p in layer.projections.items()]
+    params = [q for _, _, p in projs for q in p.parameters()]
+    saved = [q.detach().clone() for q in params]
+    modes = {m: m.training for m in model.modules()}
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            seen.setdefault(name, _tensors(out))  # the first call, if a module runs twice
+        return hook
+
+    hooks = [model.get_submodule(layer.name).register_forward_hook(record(layer.name)) for layer in layers]
+    g = torch.Generator().manual_seed(0)
+    model.eval()
+    try:
+        with torch.enable_grad():
+            try:
+                with torch.no_grad():
+                    _call(model, example_input)
+                    base = {n: [t.detach().clone() for t in ts] for n, ts in seen.items()}
+                    seen.clear()
+                    for q in params:
+                        if not q.detach().any():
+                            q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
+                _call(model, example_input)
+            except Exception as e:
+                raise UnsupportedBackboneError(
+                    f"attach could not run {type(model).__name__} on its check input ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}): pass example_input= or verify=False") from e
+            gen = torch.Generator().manual_seed(1)
+            outs = [t for ts in seen.values() for t in ts if t.requires_grad]
+            loss = sum((o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
+            grads = torch.autograd.grad(loss, params, allow_unused=True) if outs else [None] * len(params)
+        still = [layer.name for layer in layers
+                 if layer.name not in seen or all(torch.equal(a.detach(), b) for a, b in zip(seen[layer.name],
+                                                                                         base.get(layer.name, [])))]
+        dead, i = [], 0
+        for name, target, p in projs:
+            n = len(list(p.parameters()))
+            if not all(gr is not None and bool(gr.any()) for gr in grads[i:i + n]):
+                dead.append(f"{name}.{target}")
+            i += n
+        if dead or still:
+            bad = dead or still
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            why = f"no gradient reaches {shown}" if dead else f"the output of {shown} does not change"
+            raise UnsupportedBackboneError(
+                f"attach wrapped the projections but {why} when the adapters are nonzero: the attention bypasses "
+                f"the wrapped Linears (e.g. it reads their weight directly); add a layout for it in "
+                f"heartlora/method/layouts.py, or report the family")
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for q, s in zip(params, saved):
+                q.copy_(s)
+        for m, flag in modes.items():
+            m.training = flag
+
+
+def _detach(model: nn.Module) -> None:
+    """Undo a failed attach's wrapping, so the caller keeps a usable model."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, HeadLoRALinear):
+                setattr(parent, attr, child.base_layer)
+    delattr(model, _STATE)
 
 
 def _state(model: nn.Module) -> _AttachState:
