@@ -190,11 +190,12 @@ def dummy_input(model: nn.Module) -> torch.Tensor:
     ``input_size``, Hugging Face ``config.image_size``/``num_channels``, an ``img_size``/``image_size`` attribute),
     or token ids for a text config. ConfigError when the size cannot be told."""
     g = torch.Generator().manual_seed(0)
-    param = next(model.parameters(), None)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
 
     def image(chans: int, h: int, w: int) -> torch.Tensor:
-        return torch.rand(1, chans, h, w, generator=g).to(device)
+        return torch.rand(1, chans, h, w, generator=g).to(device=device, dtype=dtype)
 
     for m in model.modules():
         size = getattr(m, "img_size", None)
@@ -266,7 +267,14 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
         with torch.enable_grad():
             try:
                 with torch.no_grad():
-                    _call(model, example_input)
+                    enabled = {w: w.enabled for w in wrappers(model)}
+                    for w in enabled:  # the reference is the base model: k-bit adapters start nonzero
+                        w.enabled = False
+                    try:
+                        _call(model, example_input)
+                    finally:
+                        for w, on in enabled.items():
+                            w.enabled = on
                     base = {n: [t.detach().clone() for t in ts] for n, ts in seen.items()}
                     seen.clear()
                     for q in params:
