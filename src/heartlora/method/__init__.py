@@ -1,6 +1,7 @@
 """The Heart-LoRA method: head-aware LoRA adapters, responsiveness, deactivation, quantization and storage."""
 
 from heartlora.method.config import HeartLoRAConfig
+from heartlora.method.auto_ne import NeChoice, choose_ne
 from heartlora.method.deactivate import deactivate_heads, select_heads
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.layouts import (LAYOUTS, AttentionSites, HeadLayout, Site, block_index, find_attention,
@@ -14,7 +15,7 @@ from heartlora.method.storage import AdapterReport, load_adapter, read_adapter_i
 __all__ = [
     "HeartLoRAConfig", "attach", "adapter_parameters", "adapter_config", "attention_layers", "head_masks",
     "is_adapted", "merge", "unmerge", "set_adapters_enabled", "remove_from_optimizer", "backbone_fingerprint",
-    "ResponsivenessTracker", "deactivate_heads", "select_heads", "save_adapter", "load_adapter",
+    "ResponsivenessTracker", "deactivate_heads", "select_heads", "choose_ne", "NeChoice", "save_adapter", "load_adapter",
     "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRALinear", "HeadLoRAProjection", "HeadLayout",
     "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention", "scan_attention", "block_index",
     "interleaved_index", "coverage", "Coverage", "find_classifier",

@@ -190,11 +190,12 @@ def dummy_input(model: nn.Module) -> torch.Tensor:
     ``input_size``, Hugging Face ``config.image_size``/``num_channels``, an ``img_size``/``image_size`` attribute),
     or token ids for a text config. ConfigError when the size cannot be told."""
     g = torch.Generator().manual_seed(0)
-    param = next(model.parameters(), None)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
 
     def image(chans: int, h: int, w: int) -> torch.Tensor:
-        return torch.rand(1, chans, h, w, generator=g).to(device)
+        return torch.rand(1, chans, h, w, generator=g).to(device=device, dtype=dtype)
 
     for m in model.modules():
         size = getattr(m, "img_size", None)
@@ -266,11 +267,19 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
         with torch.enable_grad():
             try:
                 with torch.no_grad():
-                    _call(model, example_input)
+                    enabled = {w: w.enabled for w in wrappers(model)}
+                    for w in enabled:  # the reference is the base model: k-bit adapters start nonzero
+                        w.enabled = False
+                    try:
+                        _call(model, example_input)
+                    finally:
+                        for w, on in enabled.items():
+                            w.enabled = on
                     base = {n: [t.detach().clone() for t in ts] for n, ts in seen.items()}
                     seen.clear()
-                    for q in params:  # every factor: a k-bit B starts nonzero, so its base output has a delta
-                        q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
+                    for q in params:
+                        if not q.detach().any():
+                            q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
                 _call(model, example_input)
             except Exception as e:
                 raise UnsupportedBackboneError(
