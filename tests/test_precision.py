@@ -24,8 +24,10 @@ def _tiny_adapted() -> torch.nn.Module:
     return model
 
 
-@pytest.mark.slow  # inductor compiles C++ on the CPU: minutes on a busy 2-core machine
 def test_compiled_and_eager_outputs_and_gradients_agree() -> None:
+    """Dynamo captures the adapted model whole (heads off included) and AOTAutograd's backward matches eager. The
+    ``aot_eager`` backend runs the captured graphs without generating C++ (inductor takes minutes on this CPU);
+    code generation itself is torch's to test."""
     model = _tiny_adapted()
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -36,10 +38,8 @@ def test_compiled_and_eager_outputs_and_gradients_agree() -> None:
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     eager_out, eager_grads = run(model)
-    try:
-        compiled_out, compiled_grads = run(compiled(model, True))
-    except Exception as exc:  # noqa: BLE001  (no C++ toolchain or an unsupported platform: nothing to compare here)
-        pytest.skip(f"torch.compile cannot run on this machine ({type(exc).__name__}: {str(exc)[:80]})")
+    torch._dynamo.reset()
+    compiled_out, compiled_grads = run(compiled(model, True, backend="aot_eager"))
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and any("lora_A" in n for n in eager_grads)
     for name in eager_grads:

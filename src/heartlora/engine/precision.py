@@ -75,8 +75,8 @@ def matmul_precision(precision: Precision) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def compiled(model: nn.Module, enabled: bool) -> nn.Module:
+def compiled(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
     """``torch.compile(model)`` when asked; the original module keeps its parameter names (checkpoints, files)."""
     if not enabled:
         return model
-    return torch.compile(model)
+    return torch.compile(model, backend=backend)
