@@ -376,3 +376,11 @@ def test_digit_sources(name: str, test_size: int):
     train = {img.tobytes() for img in arrays["train800"][0]}
     overlap = sum(img.tobytes() in train for img in arrays["test"][0])
     assert overlap == 0
+
+
+def test_predict_reads_images_through_the_same_bomb_check(tmp_path: Path) -> None:
+    from heartlora.engine.inference import read_image
+
+    bomb = png_bomb(tmp_path / "bomb.png")
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png is too large to decode"):
+        read_image(bomb, 32)

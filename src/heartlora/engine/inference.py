@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from heartlora.data.base import open_image
 from heartlora.errors import AdapterFileError, ImageReadError
 from heartlora.method.model import backbone_fingerprint
 
@@ -184,8 +185,7 @@ def read_image(path: str | Path, img_size: int) -> torch.Tensor:
     """One image file as uint8 (3, S, S), resized like the data part does (PIL bicubic, grayscale → RGB)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
+        with open_image(path) as im:  # refuses decompression bombs before decoding
             rgb = im.convert("RGB")
     except FileNotFoundError as exc:
         raise ImageReadError(f"image {path} does not exist: check the path") from exc
