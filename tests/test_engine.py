@@ -158,7 +158,10 @@ def test_defaults_profiles_and_overrides() -> None:
     assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
     assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
     assert paper.targets == ("q", "v") and paper.method == "heart-lora"
-    assert paper.ne is None and paper.ne_fraction == 1 / 6  # a share of heads: fits any backbone and scope
+    assert paper.ne == "auto" and paper.ne_fraction is None and paper.ne_tolerance == 0.02  # chosen on data
+    assert resolve(TrainConfig(task="digits", ne="12")).ne == 12  # the command line gives strings
+    assert resolve(TrainConfig(task="digits", ne="AUTO")).ne == "auto"
+    assert resolve(TrainConfig(task="digits", method="lora")).ne_tolerance is None
     cpu = resolve(TrainConfig(task="digits", profile="cpu", img_size=64))
     assert cpu.img_size == 64 and cpu.epochs == 10 and cpu.batch_size == 32 and cpu.warmup_epochs == 1
     assert any("profile cpu" in n for n in cpu.notes)
@@ -166,6 +169,8 @@ def test_defaults_profiles_and_overrides() -> None:
     assert resolve(TrainConfig(task="digits", method="bi-lora")).bits == 1
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
+                dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),
+                dict(method="lora", ne_tolerance=0.1),
                 dict(protocol="test"), dict(method="full", bits=1), dict(warmup_epochs=0)):
         with pytest.raises(ConfigError):
             resolve(TrainConfig(task="digits", **bad))
@@ -257,3 +262,27 @@ def test_schedule_state_loads_with_weights_only_also_from_older_checkpoints(tmp_
     _, sched3 = fresh()
     sched3.load_state_dict(TrainState.from_checkpoint(ckpt).schedule)
     assert sched3.last_epoch == 25
+
+
+def test_ne_auto_chooses_on_held_back_training_images_and_records_why(tmp_path: Path, task: str) -> None:
+    metrics = train(tiny(tmp_path, task, method="heart-lora", epochs=2, warmup_epochs=1))
+    choice = metrics["ne_choice"]
+    assert metrics["settings"]["ne"] == "auto" and choice is not None
+    fractions = [c["fraction"] for c in choice["candidates"]]
+    assert fractions[0] == 0.0 and fractions == sorted(fractions)
+    assert choice["fraction"] in fractions and 0 <= choice["ne"] <= metrics["heads_total"]
+    assert metrics["heads_off_count"] == choice["ne"]  # the choice is what was switched off
+    assert all(c["passes"] for c in choice["candidates"][:-1])  # the search stops at the first failure
+    assert 0 < choice["images"] <= 256 and "held-back training images" in choice["rule"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
+
+
+def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
+    from heartlora.engine.config import MIN_FEWSHOT_STEPS
+
+    cfg = resolve(TrainConfig(task="digits@4shot", profile="cpu"))  # 40 images: 2 steps an epoch at batch 32
+    assert cfg.epochs * math.ceil(40 / cfg.batch_size) >= MIN_FEWSHOT_STEPS > 10 * 2
+    assert cfg.epochs == MIN_FEWSHOT_STEPS // 2 and cfg.warmup_epochs == round(0.1 * cfg.epochs)
+    assert any("few-shot" in n for n in cfg.notes)
+    assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).epochs == 7  # asked for: kept
+    assert resolve(TrainConfig(task="digits", profile="cpu")).epochs == 10

@@ -7,6 +7,7 @@ generated from its fields (``heartlora.cli.main.add_config_flags``), so the two 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,10 +22,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"img_size": 224, "epochs": 100, "batch_size": 64},
     "cpu": {"img_size": 112, "epochs": 10, "batch_size": 32},
 }
-# Without --ne or --ne-fraction, a sixth of the heads goes off: a share rather than a count, so the default fits any
-# backbone and both scopes (1 of 6 heads per layer of DINOv2-S, 2 of 12 in ViT-B). The paper tunes ne per task on
-# validation data; so should a user (--protocol val).
+# Without --ne or --ne-fraction, the number of heads switched off is chosen at the end of warmup from held-back
+# training images (heartlora.method.auto_ne, docs/METHOD.md §3): the paper tunes ne per task on validation data,
+# which a user running defaults does not do. --ne-fraction 1/6 was the fixed default before.
 DEFAULT_NE_FRACTION = 1 / 6
+AUTO_TOLERANCE = 0.02  # --ne auto's default; not yet chosen on val200 (docs/METHOD.md §3)
+# A K-shot run trains for at least this many optimizer steps (its epochs are raised when the profile's epochs give
+# fewer): 4 shots of 10 classes in batches of 32 are 2 steps an epoch, 20 steps in 10 epochs, too few to learn.
+MIN_FEWSHOT_STEPS = 100
 WARMUP_SHARE = 0.1  # warmup epochs = 10 % of the epochs, as 10 of 100 in the paper
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -60,9 +65,12 @@ class TrainConfig:
     bits: int | None = _opt(help="adapter bits: 32 float, 1..8 quantized", group="adapter",
                             default_text="1 for *bi-lora, else 32")
     dropout: float | None = _opt(help="adapter input dropout", group="adapter", fill=0.0)
-    ne: int | None = _opt(help="attention heads to switch off after warmup (heart-*)", group="adapter",
-                          default_text=f"--ne-fraction {DEFAULT_NE_FRACTION:.4f}")
+    ne: int | str | None = _opt(help="attention heads to switch off after warmup (heart-*): a count, or auto (the "
+                                     "largest share whose switch-off does not raise the loss on held-back training "
+                                     "images by more than --ne-tolerance)", group="adapter", default_text="auto")
     ne_fraction: float | None = _opt(help="share of attention heads to switch off instead of --ne", group="adapter")
+    ne_tolerance: float | None = _opt(help="--ne auto: the relative loss increase on held-back training images a "
+                                           "share of heads may cost", group="adapter", default_text="0.02")
     scope: str | None = _opt(help="rank attention heads over the model or per layer", group="adapter",
                              choices=("global", "layer"), fill="global",
                              default_text="global; layer for heart-lora-layer")
@@ -170,17 +178,22 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         out.targets = tuple(t for t in re.split(r"[,\s]+", out.targets) if t)
     out.targets = tuple(out.targets)
     if method.heart:
+        out.ne = _parse_ne(out.ne)
         if out.ne is not None and out.ne_fraction is not None:
             raise ConfigError("give --ne or --ne-fraction, not both")
         if out.ne is None and out.ne_fraction is None:
-            out.ne_fraction = DEFAULT_NE_FRACTION
-            out.notes.append("a sixth of the attention heads will be switched off (default --ne-fraction 0.1667; "
-                             "tune --ne or --ne-fraction on val200 with --protocol val)")
-        if out.ne is not None and out.ne < 0:
+            out.ne = "auto"
+        if out.ne == "auto":
+            out.ne_tolerance = AUTO_TOLERANCE if out.ne_tolerance is None else float(out.ne_tolerance)
+            if out.ne_tolerance < 0:
+                raise ConfigError(f"--ne-tolerance {out.ne_tolerance} must not be negative")
+        elif out.ne_tolerance is not None:
+            raise ConfigError("--ne-tolerance applies to --ne auto only")
+        if isinstance(out.ne, int) and out.ne < 0:
             raise ConfigError(f"--ne {out.ne} must be 0 or more")
         if out.ne_fraction is not None and not 0.0 <= out.ne_fraction <= 1.0:
             raise ConfigError(f"--ne-fraction {out.ne_fraction} must be between 0 and 1")
-    elif out.ne is not None or out.ne_fraction is not None:
+    elif out.ne is not None or out.ne_fraction is not None or out.ne_tolerance is not None:
         heart = ", ".join(n for n in method_names() if get_method(n).heart)
         raise ConfigError(f"--ne/--ne-fraction switch attention heads off: use a method that does ({heart}), not "
                           f"{out.method}")
@@ -189,6 +202,8 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     for name in ("epochs", "batch_size", "img_size", "rank", "eval_every"):
         if int(getattr(out, name)) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
+    if "epochs" in filled:
+        _few_shot_floor(out)
     if out.warmup_epochs is None:
         out.warmup_epochs = max(1, round(WARMUP_SHARE * out.epochs)) if out.epochs > 1 else 0
         if method.heart:
@@ -201,6 +216,36 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
         raise ConfigError(f"--stop-after-epoch {out.stop_after_epoch} must be at least 1")
     return out
+
+
+def _parse_ne(value: Any) -> int | str | None:
+    """--ne as given (a string from the command line): None, "auto" or a count."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--ne {value!r} is neither a number of attention heads nor auto") from None
+
+
+def _few_shot_floor(out: TrainConfig) -> None:
+    """Raise the profile's epochs of a K-shot task so that it trains for at least MIN_FEWSHOT_STEPS steps."""
+    m = re.search(r"@(\d+)shot$", str(out.task))
+    if not m:
+        return
+    from heartlora.data import get_task
+
+    images = int(m.group(1)) * get_task(out.task).num_classes
+    steps_per_epoch = max(1, math.ceil(images / out.batch_size))
+    if out.epochs * steps_per_epoch < MIN_FEWSHOT_STEPS:
+        before = out.epochs
+        out.epochs = math.ceil(MIN_FEWSHOT_STEPS / steps_per_epoch)
+        out.notes.append(f"few-shot: {images} training images are {steps_per_epoch} step(s) an epoch, so epochs go "
+                         f"from {before} to {out.epochs} (at least {MIN_FEWSHOT_STEPS} optimizer steps; --epochs "
+                         "sets them yourself)")
 
 
 def _norm(v: Any) -> Any:

@@ -7,6 +7,7 @@ the same loop, so that only the adapter implementation differs between it and ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,8 +44,11 @@ class TrainingMethod:
         return None
 
     def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
-                      optimizer: torch.optim.Optimizer) -> Heads:
-        """Called once, after the last warmup epoch; returns the attention heads switched off."""
+                      optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,
+                      record: dict[str, Any] | None = None) -> Heads:
+        """Called once, after the last warmup epoch; returns the attention heads switched off. ``heldout()`` gives
+        (images, labels) batches of held-back training data for choices made on data; what was decided and why goes
+        into ``record`` (it ends up in metrics.json)."""
         return []
 
     def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
@@ -121,11 +125,19 @@ class HeadLoRA(TrainingMethod):
         return ResponsivenessTracker(model, mode=cfg.score_mode, ema=cfg.score_ema)
 
     def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
-                      optimizer: torch.optim.Optimizer) -> Heads:
+                      optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,
+                      record: dict[str, Any] | None = None) -> Heads:
         if not self.heart:
             return []
-        from heartlora.method import deactivate_heads
+        from heartlora.method import choose_ne, deactivate_heads
 
+        if cfg.ne == "auto":
+            if heldout is None:
+                raise ConfigError("--ne auto needs held-back training images; give a number with --ne")
+            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance)
+            if record is not None:
+                record["ne_choice"] = choice.to_dict()
+            return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)
         return deactivate_heads(model, scores, ne=cfg.ne, fraction=cfg.ne_fraction, scope=cfg.scope,
                                 optimizer=optimizer)
 

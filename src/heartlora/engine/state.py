@@ -24,6 +24,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     scores: dict[str, torch.Tensor] | None = None
     heads_off: list[tuple[str, int]] = field(default_factory=list)
+    decisions: dict[str, Any] = field(default_factory=dict)  # choices made on data (e.g. --ne auto), JSON-able
     head_masks: dict[str, list[bool]] = field(default_factory=dict)
     train_time: float = 0.0
     images_seen: int = 0
@@ -41,6 +42,7 @@ class TrainState:
             "model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "rng": self.rng,
             "tracker": self.tracker, "scaler": self.scaler, "scores": self.scores,
             "heads_off": [[name, h] for name, h in self.heads_off], "head_masks": self.head_masks,
+            "decisions": json.dumps(self.decisions),
             "history": self.history, "train_time": self.train_time, "images_seen": self.images_seen,
             "wall_s": self.wall_s,
         }
@@ -54,6 +56,7 @@ class TrainState:
             settings=json.loads(d["settings"]), epoch=int(d["epoch"]), finished=bool(d.get("finished", False)),
             history=list(d["history"]), scores=d.get("scores"),
             heads_off=[(str(name), int(h)) for name, h in d.get("heads_off", [])],
+            decisions=json.loads(d.get("decisions") or "{}"),
             head_masks=d.get("head_masks") or {}, train_time=float(d["train_time"]),
             images_seen=int(d["images_seen"]), wall_s=float(d["wall_s"]), model=d["model"],
             optimizer=d["optimizer"], schedule=schedule, tracker=d.get("tracker"), scaler=d.get("scaler"),

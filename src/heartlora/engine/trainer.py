@@ -35,6 +35,8 @@ from heartlora.engine.state import TrainState
 from heartlora.errors import ConfigError, HeartLoRAError, RunFolderError
 
 log = logging.getLogger(__name__)
+# --ne auto decides on this many training images (one forward pass each per candidate share).
+HELDOUT_IMAGES = 256
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -192,7 +194,7 @@ class Trainer:
     def _check_ne(self) -> None:
         """Refuse an impossible --ne before any training time is spent (the core would refuse it after warmup)."""
         cfg = self.cfg
-        if not self.method.heart or cfg.ne is None:
+        if not self.method.heart or not isinstance(cfg.ne, int):
             return
         limit = sum(self.per_layer) if cfg.scope == "global" else min(self.per_layer)
         where = (f"the {limit} attention heads of {cfg.backbone}" if cfg.scope == "global"
@@ -349,13 +351,31 @@ class Trainer:
     def end_of_warmup(self) -> None:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""
         self.state.scores = self.tracker.scores()
-        off = self.method.end_of_warmup(self.model, self.cfg, self.state.scores, self.optimizer)
+        record: dict[str, Any] = {}
+        with self.precision.autocast():
+            off = self.method.end_of_warmup(self.model, self.cfg, self.state.scores, self.optimizer,
+                                            heldout=self.heldout_batches, record=record)
+        self.state.decisions.update(record)
+        choice = record.get("ne_choice")
+        if choice is not None:
+            tried = ", ".join(f"{c['heads_off']} off: {c['increase']:+.4f}" for c in choice["candidates"])
+            self.say(f"--ne auto on {choice['images']} held-back training images: loss change {tried}; chose "
+                     f"share {choice['fraction']:.3g}")
         if off:
             self.state.heads_off = list(off)
             self._wrap()  # the Parameters changed: DDP (and the compiled graph) must be built again
             total = sum(self.per_layer)
             self.say(f"end of warmup: switched off {len(off)} of {total} attention heads: "
                      + ", ".join(f"{name}[{h}]" for name, h in off[:12]) + (" …" if len(off) > 12 else ""))
+
+    def heldout_batches(self, count: int = HELDOUT_IMAGES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed, seeded sample of the training images (this rank's shard), as float batches: the data ``--ne
+        auto`` decides on. Never validation or test images."""
+        n = len(self.train_x)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 7919))[:min(count, n)]
+        mine = shard(pick, self.info).to(self.train_x.device)
+        return [(self.train_x[idx].float().div_(255.0), self.train_y[idx])
+                for idx in mine.split(self.cfg.batch_size)]
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         with self.precision.autocast():
@@ -414,6 +434,7 @@ class Trainer:
             "trainable_params": sum(p.numel() for g in self.optimizer.param_groups for p in g["params"]),
             "heads_total": sum(self.per_layer), "heads_off": [[name, h] for name, h in state.heads_off],
             "heads_off_count": len(state.heads_off), "head_masks": masks, "responsiveness": responsiveness or None,
+            "ne_choice": state.decisions.get("ne_choice"),
             "wall_s": self.wall(), "train_images_per_s": state.images_seen / max(state.train_time, 1e-9),
             "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs, "epochs_done": state.epoch,
             "final_train_loss": state.history[-1]["train_loss"], "final_train_acc": state.history[-1]["train_acc"],
