@@ -5,7 +5,6 @@ Hugging Face backbones of the installed transformers. `.ci/run` runs this file i
 
 from __future__ import annotations
 
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from conftest import make_family
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the library itself supports 3.10
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def declared() -> dict[str, Requirement]:
@@ -82,7 +80,7 @@ def test_peft_lora_attaches_to_the_installed_transformers(family_name: str):
     """The PEFT baseline finds q and v of every layer under either attention naming (query/value or q_proj/v_proj),
     its zero-initialised B leaves the output alone, a trained B changes it, and merging keeps it."""
     pytest.importorskip("peft")
-    from peft_lora import peft_model
+    from heartlora.experiments.peft_lora import peft_model
 
     model, x = make_family(family_name)
     with torch.no_grad():

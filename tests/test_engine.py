@@ -82,6 +82,7 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
         assert saved["heads_total"] == HEADS and saved["adapter_bytes"] > 0
         assert len(saved["heads_off"]) == ((6 if layer else 3) if METHODS[method].heart else 0)
         assert set(saved["responsiveness"]) == set(saved["head_masks"])
+        assert saved["coverage"] == f"adapted {len(saved['head_masks'])} of {len(saved['head_masks'])} attention modules"
     else:
         assert saved["heads_off"] == []
         assert (saved["adapter_bytes"] == 0) == (method == "linear")

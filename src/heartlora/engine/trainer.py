@@ -275,6 +275,8 @@ class Trainer:
         self.folder = folder
         with matmul_precision(self.precision):
             self._setup_optimization(state)
+            if state is None and self._coverage() is not None:
+                self.say(f"{cfg.backbone}: {self._coverage()}")
             if state is None:
                 self.say(f"train {cfg.method} on {cfg.task} ({PROTOCOLS[cfg.protocol][0]}, {len(self.train_x)} "
                          f"images) with {cfg.backbone} at {cfg.img_size} px, {cfg.epochs} epochs (warmup "
@@ -435,6 +437,7 @@ class Trainer:
             "heads_total": sum(self.per_layer), "heads_off": [[name, h] for name, h in state.heads_off],
             "heads_off_count": len(state.heads_off), "head_masks": masks, "responsiveness": responsiveness or None,
             "ne_choice": state.decisions.get("ne_choice"),
+            "coverage": self._coverage(),
             "wall_s": self.wall(), "train_images_per_s": state.images_seen / max(state.train_time, 1e-9),
             "epochs": cfg.epochs, "warmup_epochs": cfg.warmup_epochs, "epochs_done": state.epoch,
             "final_train_loss": state.history[-1]["train_loss"], "final_train_acc": state.history[-1]["train_acc"],
@@ -443,6 +446,13 @@ class Trainer:
             "files": {"adapter": "adapter.safetensors", "responsiveness_plot": None, "curves_plot": "curves.png",
                       "log": "train.log", "checkpoint": "checkpoint.pt"},
         }
+
+    def _coverage(self) -> str | None:
+        if not self.method.adapters:
+            return None
+        from heartlora.method import coverage, is_adapted
+
+        return coverage(self.model).summary() if is_adapted(self.model) else None
 
     def finish(self) -> dict[str, Any]:
         """Test once (protocol final), then rank 0 writes the model file, the plots, the finished checkpoint and,
