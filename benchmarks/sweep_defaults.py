@@ -40,8 +40,8 @@ def _slug(name: str) -> str:
 
 def plan(runs: Path) -> list[tuple[str, str, Path, list[str]]]:
     out = []
-    for name, args in CONFIGS.items():
-        for task in TASKS:
+    for task in TASKS:  # task by task: each finished task is a complete comparison
+        for name, args in CONFIGS.items():
             folder = runs / task / _slug(name)
             if args == ["baseline"]:
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "baselines" / "hf_peft.py"), "--task", task,
