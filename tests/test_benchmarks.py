@@ -1,5 +1,6 @@
-"""Fast checks of the benchmark scripts on fake records: the suite's plan and resume logic, selection on val, the
-table maths of the report. No training and no timing."""
+"""Fast checks of the suite's planning (heartlora.experiments) and the benchmark scripts on fake records: plan and
+resume logic, selection on val, the table maths of the report, and where a trial report goes. No training and no
+timing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import report
-import suite
+
+import heartlora.experiments as suite
 
 TINY = suite.Profile(name="tiny", img_size=28, epochs=2, batch_size=32, seeds=(1, 2), tasks=("digits", "dsprites_loc"),
                      methods=("linear", "heart-lora", "heart-lora-layer"),
@@ -102,7 +104,6 @@ def test_table_maths():
 
 
 def test_report_marks_partial_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "DOCS", tmp_path)
     monkeypatch.setitem(suite.PROFILES, "tiny", TINY)
     data = {"format": suite.FORMAT, "records": []}
     complete(TINY, data)
@@ -110,7 +111,11 @@ def test_report_marks_partial_results(tmp_path, monkeypatch):
                                                           and r["seed"] == 2)]
     path = tmp_path / "results.json"
     suite.save_results(data, path)
-    text = report.write_all("tiny", path).read_text()
+    docs_before = {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()}
+    written = report.write_all("tiny", path)
+    assert written.parent == tmp_path  # a trial report goes beside its results file, never into docs/
+    assert {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()} == docs_before
+    text = written.read_text()
     assert "PARTIAL: 11 of 12 final runs recorded" in text
     assert "mean of the 2 group means" in text and "mean of all 2 tasks" in text
 
@@ -123,3 +128,15 @@ def test_storage_spreads_heads_over_layers():
     layers = [SimpleNamespace(name=f"l{i}", num_heads=6) for i in range(12)]
     heads = storage.spread_heads(layers, 14)
     assert len(set(heads)) == 14 and {n for n, _ in heads} == {f"l{i}" for i in range(12)}
+
+
+def test_scripts_import_heartlora_only():
+    import ast
+
+    scripts = {p.stem for p in report.HERE.glob("*.py")}
+    for path in report.HERE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not names & scripts, f"{path.name} imports {names & scripts}"
+        assert "sys.path" not in path.read_text(), path.name

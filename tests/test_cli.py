@@ -157,7 +157,7 @@ def test_readme_python_example_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     import re
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
     exec(compile(code.replace("runs/readme-example", str(tmp_path / "example")), "README.md", "exec"), {})
     words = capsys.readouterr().out.split()
     assert words[0] == "val200" and words[2:5] == ["3", "of", "12"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 from PIL import Image
 
 from heartlora.data import ArrayTask, export_task, get_task, list_tasks, register_task
-from heartlora.data.base import resize_image
+from heartlora.data.base import ImageTooLargeError, open_image, resize_image
+from heartlora.data.fewshot import FewShotTask
 from heartlora.data.cache import cache_file, cached_arrays
 from heartlora.errors import TaskError
 
@@ -168,6 +171,69 @@ def test_vtab_reader_errors(tmp_path: Path):
         get_task(f"vtab:{root}").load("test", 4)
 
 
+@pytest.mark.parametrize("label, match", [
+    ("\u00b2", r"train800\.txt:2: bad line"),              # "²".isdigit() is True, int("²") fails
+    ("\u0663", r"train800\.txt:2: bad line"),              # Arabic-Indic three: int() takes it, a list should not
+    ("99999999999", r"train800\.txt:2: label 99999999999 is not below 100,000"),
+    ("100000", r"train800\.txt:2: label 100000 is not below 100,000"),
+    ("7", r"train800\.txt:2: label 7 means at least 8 classes but the lists hold only 4 images"),
+])
+def test_vtab_labels_out_of_bounds_name_file_and_line(tmp_path: Path, label: str, match: str):
+    root = write_vtab(tmp_path / "t", {"train800": f"a.png 0\na.png {label}\n", "val200": "a.png 0\n",
+                                       "test": "a.png 1\n"}, {"a.png": Image.new("L", (4, 4))})
+    with pytest.raises(TaskError, match=match) as error:
+        get_task(f"vtab:{root}")
+    assert "\n" not in str(error.value)
+
+
+def test_vtab_label_beyond_classes_txt_names_file_and_line(tmp_path: Path):
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\n", "val200": "a.png 0\n", "test": "a.png 0\na.png 5\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    (root / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(TaskError, match=r"test\.txt:2: label 5 but .*classes\.txt names only 2 classes"):
+        get_task(f"vtab:{root}")
+    # With names for every label, a label above the number of images is fine (classes without images).
+    (root / "classes.txt").write_text("\n".join(f"c{i}" for i in range(6)) + "\n")
+    assert get_task(f"vtab:{root}").num_classes == 6
+
+
+def png_bomb(path: Path, side: int = 20000) -> Path:
+    """A real, valid 1-bit PNG of side×side black pixels: about 50 MB of zero rows deflated to a few tens of KB."""
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    deflate = zlib.compressobj(9)
+    data = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bomb = png_bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png is too large to decode .*MAX_IMAGE_PIXELS"):
+        open_image(bomb)  # 4e8 pixels: above twice PIL's limit, where PIL itself raises
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\n", "val200": "a.png 0\n", "test": "a.png 0\nbomb.png 0\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    bomb.rename(root / "bomb.png")
+    task = get_task(f"vtab:{root}")
+    with pytest.raises(TaskError, match=r"test\.txt line 2: image .*bomb\.png is too large to decode") as error:
+        task.load("test", 4)
+    assert "\n" not in str(error.value)
+    # Between 1x and 2x the limit PIL only warns; refused here all the same, with the size in the message.
+    small = tmp_path / "small.png"
+    Image.new("RGB", (30, 20)).save(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(ImageTooLargeError, match=r"small\.png is 30x20 = 600 pixels, above the limit of 500"):
+        open_image(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    with open_image(small) as image:
+        assert image.size == (30, 20) and np.asarray(image).shape == (20, 30, 3)
+
+
 # Few-shot -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shots", [1, 2, 4, 8, 16])
@@ -198,12 +264,29 @@ def test_few_shot_is_seeded_and_nested():
 
 
 def test_few_shot_too_many_shots_and_bad_names():
-    with pytest.raises(TaskError, match="at most"):
+    with pytest.raises(TaskError, match=r"use digits@\d+shot or fewer"):
         get_task("digits@500shot").load("train800", 8)
     with pytest.raises(TaskError, match="at least 1 shot"):
         get_task("digits@0shot")
     with pytest.raises(TaskError, match="NAME@Kshot"):
         get_task("digits@4shots")
+
+
+def test_few_shot_suggests_a_k_that_loads():
+    """Classes of 7, 5 and 6 images: asking 7 names the class of 5, and the suggested K then loads."""
+    def build():
+        labels = np.array([0] * 7 + [1] * 5 + [2] * 6)
+        images = np.zeros((len(labels), 4, 4), np.uint8)
+        return {"train800": (images, labels), "val200": (images[:3], labels[:3]), "test": (images[:3], labels[:3])}
+
+    source = ArrayTask("uneven", ["a", "b", "c"], "natural", build)
+    with pytest.raises(TaskError, match=r"2 of 3 classes have fewer \(the fewest: 5, class 'b'\); use uneven@5shot"
+                       ) as error:
+        FewShotTask(source, 7).load("train800", 4)
+    suggested = int(str(error.value).rsplit("@", 1)[1].split("shot")[0])
+    assert np.bincount(FewShotTask(source, suggested).load("train800", 4)[1].numpy()).tolist() == [5, 5, 5]
+    with pytest.raises(TaskError, match="the fewest: 5"):
+        FewShotTask(source, suggested + 1).load("train800", 4)
 
 
 # Registry -----------------------------------------------------------------------------------------------------------
@@ -293,3 +376,11 @@ def test_digit_sources(name: str, test_size: int):
     train = {img.tobytes() for img in arrays["train800"][0]}
     overlap = sum(img.tobytes() in train for img in arrays["test"][0])
     assert overlap == 0
+
+
+def test_predict_reads_images_through_the_same_bomb_check(tmp_path: Path) -> None:
+    from heartlora.engine.inference import read_image
+
+    bomb = png_bomb(tmp_path / "bomb.png")
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png is too large to decode"):
+        read_image(bomb, 32)

@@ -16,7 +16,8 @@ from test_engine import one_thread, write_tiny_vtab  # noqa: F401  (one_thread: 
 from heartlora.engine import TrainConfig, train
 from heartlora.engine.trainer import RUN_FILES
 
-# drop-path off: its random masks are drawn per process, so they would differ between 1 and 2 processes.
+# drop-path off: its random masks are drawn per process for its share of the batch, so they differ between 1 and 2
+# processes (README.md, "Many processes and machines", says what differs and why).
 FLAGS = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=2, method="heart-lora", ne=3,
              drop_path=0.0, device="cpu")
 

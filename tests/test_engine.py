@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from heartlora.engine import TrainConfig, load_trained, resolve, train
 from heartlora.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from heartlora.engine.distributed import DistInfo, shard
+from heartlora.engine.methods import METHODS
 from heartlora.engine.metrics import REQUIRED_KEYS, accuracy
 from heartlora.engine.plots import responsiveness_heatmap
-from heartlora.engine.trainer import METHODS, RUN_FILES, STOP_ENV, _lr_lambda
+from heartlora.engine.trainer import RUN_FILES, lr_factor
 from heartlora.errors import ConfigError
 
 TINY = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, progress=False)
@@ -66,7 +67,8 @@ def tiny(out: Path, task: str, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) -> None:
-    ne = 3 if METHODS[method].heart else None
+    layer = METHODS[method].defaults.get("scope") == "layer"  # 1 of the 2 heads in each of the 6 layers
+    ne = (1 if layer else 3) if METHODS[method].heart else None
     metrics = train(tiny(tmp_path, task, method=method, ne=ne))
     for name in ("metrics.json", "adapter.safetensors", "curves.png", "train.log", "checkpoint.pt"):
         assert (tmp_path / name).is_file(), name
@@ -78,8 +80,9 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
     if METHODS[method].adapters:
         assert (tmp_path / "responsiveness.png").is_file()
         assert saved["heads_total"] == HEADS and saved["adapter_bytes"] > 0
-        assert len(saved["heads_off"]) == (3 if METHODS[method].heart else 0)
+        assert len(saved["heads_off"]) == ((6 if layer else 3) if METHODS[method].heart else 0)
         assert set(saved["responsiveness"]) == set(saved["head_masks"])
+        assert saved["coverage"] == f"adapted {len(saved['head_masks'])} of {len(saved['head_masks'])} attention modules"
     else:
         assert saved["heads_off"] == []
         assert (saved["adapter_bytes"] == 0) == (method == "linear")
@@ -98,21 +101,20 @@ def test_quantized_adapters_are_smaller_and_heads_off_save_bytes(tmp_path: Path,
     assert sizes["heart-bi-lora"] < sizes["bi-lora"]
 
 
-def _stop_and_resume(out: Path, task: str, stops: list[int], monkeypatch: pytest.MonkeyPatch, **kw) -> dict:
+def _stop_and_resume(out: Path, task: str, stops: list[int], **kw) -> dict:
     for k in stops:
-        monkeypatch.setenv(STOP_ENV, str(k))
-        result = train(tiny(out, task, resume=True, **kw))
-        assert result == {"stopped_after_epoch": k, "out": str(out)}
+        result = train(tiny(out, task, resume=True, stop_after_epoch=k, **kw))
+        assert result["status"] == "stopped" and result["epochs_done"] == k and len(result["history"]) == k
+        assert set(REQUIRED_KEYS) <= set(result)  # one shape, whether stopped or finished
         assert not (out / "metrics.json").exists()
-    monkeypatch.delenv(STOP_ENV)
     return train(TrainConfig(out=str(out), resume=True, progress=False))  # flags come from the checkpoint
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str) -> None:
     kw = dict(method="heart-lora", ne=3, epochs=3, warmup_epochs=1, dropout=0.1)  # dropout: RNG state matters
     whole = train(tiny(tmp_path / "whole", task, **kw))
     # Stopped at the end of warmup (before the switch-off is checkpointed in a later epoch) and after it.
-    resumed = _stop_and_resume(tmp_path / "parts", task, [1, 2], monkeypatch, **kw)
+    resumed = _stop_and_resume(tmp_path / "parts", task, [1, 2], **kw)
     assert resumed["heads_off"] == whole["heads_off"]
     assert resumed["accuracy"] == whole["accuracy"]
     assert resumed["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
@@ -122,13 +124,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str, monkey
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     # Resuming a finished run trains nothing and returns its metrics.
     again = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False))
-    assert again["already_finished"] and again["accuracy"] == whole["accuracy"]
+    assert again["status"] == "already_finished" and again["accuracy"] == whole["accuracy"]
 
 
-def test_resume_refuses_other_settings(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(STOP_ENV, "1")
-    train(tiny(tmp_path, task, method="lora"))
-    monkeypatch.delenv(STOP_ENV)
+def test_resume_refuses_other_settings(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="lora", stop_after_epoch=1))
     with pytest.raises(ConfigError, match="--lr"):
         train(tiny(tmp_path, task, method="lora", lr=0.5, resume=True))
 
@@ -159,7 +159,10 @@ def test_defaults_profiles_and_overrides() -> None:
     assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
     assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
     assert paper.targets == ("q", "v") and paper.method == "heart-lora"
-    assert paper.ne is None and paper.ne_fraction == 1 / 6  # a share of heads: fits any backbone and scope
+    assert paper.ne == "auto" and paper.ne_fraction is None and paper.ne_tolerance == 0.02  # chosen on data
+    assert resolve(TrainConfig(task="digits", ne="12")).ne == 12  # the command line gives strings
+    assert resolve(TrainConfig(task="digits", ne="AUTO")).ne == "auto"
+    assert resolve(TrainConfig(task="digits", method="lora")).ne_tolerance is None
     cpu = resolve(TrainConfig(task="digits", profile="cpu", img_size=64))
     assert cpu.img_size == 64 and cpu.epochs == 10 and cpu.batch_size == 32 and cpu.warmup_epochs == 1
     assert any("profile cpu" in n for n in cpu.notes)
@@ -167,13 +170,15 @@ def test_defaults_profiles_and_overrides() -> None:
     assert resolve(TrainConfig(task="digits", method="bi-lora")).bits == 1
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
+                dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),
+                dict(method="lora", ne_tolerance=0.1),
                 dict(protocol="test"), dict(method="full", bits=1), dict(warmup_epochs=0)):
         with pytest.raises(ConfigError):
             resolve(TrainConfig(task="digits", **bad))
 
 
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
-    lrs = [_lr_lambda(s, 10, 100, 0.01) for s in range(100)]
+    lrs = [lr_factor(s, 10, 100, 0.01) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.01, abs=1e-3)
 
@@ -207,3 +212,78 @@ def test_run_files_list_matches_what_a_run_writes(tmp_path: Path, task: str) -> 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy_split"] == "test" and metrics["train_split"] == "train800val200"
     assert all(h["eval_acc"] is None for h in metrics["history"])  # nothing looked at test during training
+
+
+def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str) -> None:
+    """The PEFT baseline is a TrainingMethod: same loop, schedule, checkpoint and metrics as lora; only the adapter
+    implementation differs."""
+    pytest.importorskip("peft")
+    from test_backbones import _tiny_hf_dir
+
+    from heartlora.engine.methods import get_method
+    from heartlora.experiments.peft_lora import PEFT_LORA
+
+    assert get_method("peft-lora") is PEFT_LORA and "peft-lora" in METHODS
+    hf = str(_tiny_hf_dir(tmp_path, "vit"))
+    kw = dict(TINY, backbone=hf, epochs=2, drop_path=0.0)
+    peft = train(TrainConfig(**kw, task=task, method="peft-lora", out=str(tmp_path / "peft")))
+    ours = train(TrainConfig(**kw, task=task, method="lora", out=str(tmp_path / "lora")))
+    assert peft["status"] == "finished" and peft["method"] == "peft-lora"
+    # r 8 on q and v of 2 layers of width 32: (8·32 + 32·8) floats per projection, as heartlora's LoRA stores
+    assert peft["adapter_bytes"] == ours["adapter_bytes"] == 2 * 2 * (8 * 32 + 32 * 8) * 4
+    assert peft["trainable_params"] == ours["trainable_params"]
+    assert [h["lr"] for h in peft["history"]] == [h["lr"] for h in ours["history"]]  # one schedule
+    # B starts at zero in both: the first step's loss is the backbone's, so the first epochs agree closely
+    assert peft["history"][0]["train_loss"] == pytest.approx(ours["history"][0]["train_loss"], rel=0.05)
+    assert (tmp_path / "peft" / "checkpoint.pt").is_file()
+
+
+def test_schedule_state_loads_with_weights_only_also_from_older_checkpoints(tmp_path: Path) -> None:
+    from heartlora.engine.state import TrainState
+    from heartlora.engine.trainer import make_schedule
+
+    def fresh() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return opt, make_schedule(opt, 10, 100, 0.01)
+
+    opt, sched = fresh()
+    for _ in range(25):
+        opt.step()
+        sched.step()
+    torch.save(sched.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    opt2, sched2 = fresh()
+    sched2.load_state_dict(state)
+    sched2.step()
+    sched.step()
+    assert sched2.get_last_lr() == sched.get_last_lr() == [lr_factor(26, 10, 100, 0.01)]
+    # The former LambdaLR subclass stored no lr_lambdas: such a checkpoint still resumes.
+    old = {k: state[k] for k in ("last_epoch", "_step_count", "base_lrs", "_last_lr")}
+    ckpt = TrainState(settings={}).to_checkpoint() | {"schedule": old, "rng": None}
+    _, sched3 = fresh()
+    sched3.load_state_dict(TrainState.from_checkpoint(ckpt).schedule)
+    assert sched3.last_epoch == 25
+
+
+def test_ne_auto_chooses_on_held_back_training_images_and_records_why(tmp_path: Path, task: str) -> None:
+    metrics = train(tiny(tmp_path, task, method="heart-lora", epochs=2, warmup_epochs=1))
+    choice = metrics["ne_choice"]
+    assert metrics["settings"]["ne"] == "auto" and choice is not None
+    fractions = [c["fraction"] for c in choice["candidates"]]
+    assert fractions[0] == 0.0 and fractions == sorted(fractions)
+    assert choice["fraction"] in fractions and 0 <= choice["ne"] <= metrics["heads_total"]
+    assert metrics["heads_off_count"] == choice["ne"]  # the choice is what was switched off
+    assert all(c["passes"] for c in choice["candidates"][:-1])  # the search stops at the first failure
+    assert 0 < choice["images"] <= 256 and "held-back training images" in choice["rule"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
+
+
+def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
+    from heartlora.engine.config import MIN_FEWSHOT_STEPS
+
+    cfg = resolve(TrainConfig(task="digits@4shot", profile="cpu"))  # 40 images: 2 steps an epoch at batch 32
+    assert cfg.epochs * math.ceil(40 / cfg.batch_size) >= MIN_FEWSHOT_STEPS > 10 * 2
+    assert cfg.epochs == MIN_FEWSHOT_STEPS // 2 and cfg.warmup_epochs == round(0.1 * cfg.epochs)
+    assert any("few-shot" in n for n in cfg.notes)
+    assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).epochs == 7  # asked for: kept
+    assert resolve(TrainConfig(task="digits", profile="cpu")).epochs == 10

@@ -31,13 +31,6 @@ def test_families_detected_with_their_layout(family: str) -> None:
     assert {layer.layout for layer in layers} == {FAMILIES[family][2]}
 
 
-def test_delta_is_exactly_zero_at_init(family: str) -> None:
-    model, x = make_family(family)
-    before = model(x)
-    hl.attach(model, ALL)
-    assert torch.equal(model(x), before)
-
-
 @pytest.mark.parametrize("target", ["q", "k", "v", "o"])
 def test_nonzero_head_changes_exactly_its_slice(family: str, target: str) -> None:
     """One head's nonzero share changes exactly that head's rows of the Linear's output (q, k, v), or reads

@@ -115,3 +115,242 @@ def test_metadata_describes_the_adapter(saved: Path) -> None:
     assert info["config"]["targets"] == ["q", "v"] and info["config"]["rank"] == 4
     assert [layer["num_heads"] for layer in info["layers"]] == [4, 4]
     assert json.loads(json.dumps(info)) == info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 10: metadata under a checksum, every field checked before anything is allocated, file-named backbones never
+# downloaded, and every file heartlora writes usable by inspect, eval and predict.
+
+
+def _resigned(path: Path, edit, version: int = 2) -> Path:
+    """A copy of ``path`` whose metadata ``edit`` changed, with checksums that match (a careful editor's file)."""
+    from test_fuzz import parts, resign
+    tensors, meta = parts(path.read_bytes())
+    edit(meta, tensors)
+    out = path.with_name(f"edited_v{version}.safetensors")
+    out.write_bytes(resign(tensors, meta, version))
+    return out
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(meta, tensors):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+@pytest.fixture
+def run_file(tmp_path: Path) -> Path:
+    from test_fuzz import write_run_file
+    path = tmp_path / "adapter.safetensors"
+    write_run_file(path, 1)
+    return path
+
+
+def test_format_1_files_load_with_a_warning(run_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from test_fuzz import load_logits
+    x = torch.rand(2, 3, 32, 32)
+    v1 = _resigned(run_file, lambda meta, tensors: None, version=1)
+    assert b"heartlora_sha256" not in v1.read_bytes() and b"heartlora_sha256" in run_file.read_bytes()
+    with caplog.at_level("WARNING"):
+        assert torch.equal(load_logits(v1, x), load_logits(run_file, x))
+    assert "format-1" in caplog.text and "no checksum" in caplog.text
+    with pytest.raises(AdapterFileError, match="rank"):  # its fields are checked all the same
+        hl.read_adapter_info(_resigned(run_file, _set("config", "rank", 10**9), version=1))
+    from safetensors.torch import save_file
+    from test_fuzz import parts
+    tensors, meta = parts(run_file.read_bytes())
+    save_file(tensors, str(v1), metadata={"heartlora": json.dumps(meta)})  # format 2 that lost its checksum
+    with pytest.raises(AdapterFileError, match="checksum is missing"):
+        hl.read_adapter_info(v1)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("config", "bits", 2), "shape|codes"),                       # bits changed: the codes do not fit
+    (_set("config", "bits", 5.0), "bits"),
+    (_set("config", [1, 2]), "config is not a JSON object"),          # a list where an object belongs
+    (_set("layers", {"a": 1}), "layer list"),
+    (_set("config", "rank", 10**9), "rank"),                          # would request gigabytes
+    (_set("config", "rank", 8), "rank 8"),                            # a legal rank the tensors disagree with
+    (_set("backbone", "num_classes", 10**9), "num_classes"),
+    (_set("backbone", "num_classes", 4), "disagrees with its classifier"),
+    (_set("backbone", "img_size", 10**5), "img_size"),
+    (_set("backbone", "img_size", 10**6), "img_size"),
+    (_set("backbone", "img_size", -32), "img_size"),
+    (_set("extra", "heartlora_run", "img_size", 10**6), "run facts"),
+    (_set("extra", "heartlora_run", "class_names", ["a", "b"]), "2 classes"),
+    (_set("shapes", "adapter.backbone.blocks.0.attn.q.A", [-4, 64]), "shape"),
+    (_set("shapes", "adapter.backbone.blocks.0.attn.q.A", [4, 2**40]), "shape"),
+    (_set("shapes", "adapter.backbone.blocks.0.attn.q.A", [4, 65]), "codes"),
+    (_set("layers", 0, "head_mask", [True]), "layer entry 0"),
+    (_set("layers", 0, "num_heads", 10**6), "layer entry 0"),
+])
+def test_bad_fields_are_refused_before_anything_is_built(run_file: Path, edit, match: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_fuzz import memory_cap
+
+    import heartlora.backbones
+    from heartlora.engine.inference import load_trained
+
+    def never(*args, **kwargs):
+        raise AssertionError("a backbone was built for a file that should have been refused")
+    monkeypatch.setattr(heartlora.backbones, "create_backbone", never)
+    monkeypatch.setattr(hl.storage, "attach", never)
+    bad = _resigned(run_file, edit)
+    with memory_cap(), pytest.raises(AdapterFileError, match=match):
+        load_trained(bad)
+
+
+def test_cli_maps_bad_files_to_one_line_and_exit_2(run_file: Path, capsys: pytest.CaptureFixture) -> None:
+    from heartlora.cli.main import EXIT_ERROR, main
+    bad = _resigned(run_file, _set("config", "rank", 10**9))
+    image = run_file.with_name("x.png")
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(image)
+    for argv in (["inspect", str(bad)], ["eval", "--adapter", str(bad)],
+                 ["predict", "--adapter", str(bad), str(image)]):
+        assert main(argv) == EXIT_ERROR
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "rank" in err, err
+
+
+def _hf_backbone(tmp_path: Path, seed: int = 0):
+    """A local Hugging Face folder with weights (tiny ViT), and a classifier built from it as a user would."""
+    from transformers import ViTConfig, ViTModel
+
+    from heartlora.backbones import create_backbone
+    folder = tmp_path / "tiny-vit"
+    if not folder.exists():
+        torch.manual_seed(seed)
+        cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+        ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    return folder, create_backbone(f"hf:{folder}", num_classes=4, img_size=32, pretrained=True)
+
+
+def test_a_backbone_named_by_a_file_is_never_downloaded(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 9: a file naming ``hf:some-user/some-vit`` says what it needs; ``--backbone`` builds the user's choice."""
+    from PIL import Image
+
+    import heartlora.backbones
+    from heartlora.backbones import download_needed
+    from heartlora.cli.main import EXIT_ERROR, main
+
+    folder, model = _hf_backbone(tmp_path)
+    model._spec["name"] = "hf:some-user/some-vit"  # as if trained online on a hub model
+    hl.attach(model, hl.HeartLoRAConfig(rank=2))
+    path = tmp_path / "hub.safetensors"
+    hl.save_adapter(model, path)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20), "red").save(image)
+
+    real = heartlora.backbones.create_hf
+
+    def offline(*args, **kwargs):
+        raise AssertionError("heartlora tried to build a hub backbone a file named")
+    monkeypatch.setattr(heartlora.backbones, "create_hf", offline)
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(path), str(image)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "'hf:some-user/some-vit'" in err and "--backbone" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(heartlora.backbones, "create_hf", real)
+    assert main(["predict", "--adapter", str(path), str(image), "--backbone", f"hf:{folder}", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 4
+
+    assert download_needed("hf:some-user/some-vit", pretrained=False)  # even its config is on the hub
+    assert download_needed("vit_tiny_patch16_224", pretrained=True)
+    assert download_needed("vit_tiny_patch16_224", pretrained=False) is None
+    assert download_needed(f"hf:{folder}", pretrained=True) is None and download_needed("dinov2_small", True) is None
+
+
+def test_api_saved_adapters_can_be_inspected_evaluated_and_used(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Item 12: a file from ``save_adapter`` (no run facts) works with inspect, eval (given --task) and predict."""
+    from test_engine import write_tiny_vtab
+
+    from heartlora.cli.main import EXIT_ERROR, main
+    task = write_tiny_vtab(tmp_path / "task")
+    _, model = _hf_backbone(tmp_path)
+    hl.attach(model, hl.HeartLoRAConfig(rank=2, bits=1))
+    layer = hl.attention_layers(model)[0].name
+    hl.deactivate_heads(model, heads=[(layer, 1)])
+    path = tmp_path / "api.safetensors"
+    hl.save_adapter(model, path)
+
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4" in out and "tiny-vit" in "".join(out.split())
+    assert main(["eval", "--adapter", str(path)]) == EXIT_ERROR
+    assert "pass --task" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(path), "--task", task, "--split", "val200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    images, labels = __import__("heartlora.data", fromlist=["get_task"]).get_task(task).load("val200", img_size=32)
+    with torch.no_grad():
+        expected = (model.eval()(images.float() / 255).argmax(1) == labels).float().mean().item()
+    assert result["accuracy"] == pytest.approx(expected) and result["images"] == 32
+    image = next(Path(task.split(":", 1)[1]).glob("test_*.png"))
+    assert main(["predict", "--adapter", str(path), str(image), "--json", "--top-k", "2"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [t["label"] for t in top] == [str(t["index"]) for t in top]  # no class names: indices
+
+
+def test_adapters_of_models_heartlora_did_not_build(saved: Path, capsys: pytest.CaptureFixture) -> None:
+    """A raw timm model has no spec to rebuild it from: inspect works, eval says to load it in Python."""
+    from heartlora.cli.main import EXIT_ERROR, main
+    assert main(["inspect", str(saved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"]["backbone"] == {"name": "VisionTransformer"}
+    assert main(["eval", "--adapter", str(saved), "--task", "digits"]) == EXIT_ERROR
+    assert "heartlora.load_adapter(your_backbone, path)" in capsys.readouterr().err
+
+
+def test_save_refuses_metadata_it_could_not_read_back(tmp_path: Path) -> None:
+    from heartlora.errors import ConfigError
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=2))
+    with pytest.raises(ConfigError, match="could not read back"):
+        hl.save_adapter(model, tmp_path / "a.safetensors", extra_metadata={"x": torch.zeros(1)})
+    with pytest.raises(ConfigError, match="could not read back"):
+        hl.save_adapter(model, tmp_path / "a.safetensors", extra_metadata={"x": float("nan")})
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that an adapter loader executed code from a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_posing_as_an_adapter_runs_nothing(tmp_path: Path) -> None:
+    import pickle
+    marker = tmp_path / "executed"
+    for i, write in enumerate([lambda p: p.write_bytes(pickle.dumps(_Payload(marker))),
+                               lambda p: torch.save({"w": torch.ones(2), "x": _Payload(marker)}, p)]):
+        path = tmp_path / f"evil{i}.safetensors"
+        write(path)
+        with pytest.raises(AdapterFileError):
+            hl.load_adapter(make_family("timm_vit")[0], path)
+        with pytest.raises(AdapterFileError):
+            hl.read_adapter_info(path)
+    assert not marker.exists()
+
+
+def test_a_failed_save_keeps_the_previous_file(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = saved.read_bytes()
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hl.storage, "save_file", disk_full)
+    with pytest.raises(OSError):
+        hl.save_adapter(model, saved)
+    assert saved.read_bytes() == before and [p.name for p in saved.parent.iterdir()] == [saved.name]

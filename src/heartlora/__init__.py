@@ -1,4 +1,4 @@
-"""heartlora: Heart-LoRA fine-tuning of vision transformers (head-level responsiveness, SPEC.md).
+"""heartlora: Heart-LoRA fine-tuning of vision transformers (head-level responsiveness, docs/METHOD.md).
 
 The public names are loaded on first use, so ``import heartlora`` stays fast and a part that fails to import
 (a missing optional dependency) only affects the names that need it.
@@ -17,7 +17,7 @@ _LAZY = {
     **{name: "heartlora.method" for name in (
         "HeartLoRAConfig", "attach", "adapter_parameters", "attention_layers", "ResponsivenessTracker",
         "deactivate_heads", "head_masks", "save_adapter", "load_adapter", "read_adapter_info", "merge", "unmerge",
-        "set_adapters_enabled", "AdapterReport", "coverage", "select_heads")},
+        "set_adapters_enabled", "AdapterReport", "coverage", "select_heads", "choose_ne")},
     "create_backbone": "heartlora.backbones",
     "list_backbones": "heartlora.backbones",
     "get_task": "heartlora.data",

@@ -20,3 +20,15 @@ class AdapterFileError(HeartLoRAError):
 
 class TaskError(HeartLoRAError):
     """A task name, dataset folder, split or label file is wrong, or a data source is not installed."""
+
+
+class CheckpointError(HeartLoRAError):
+    """A training checkpoint cannot be read or does not belong to this run."""
+
+
+class RunFolderError(HeartLoRAError):
+    """The output folder cannot be created or written (full or read-only disk), or another run holds it."""
+
+
+class ImageReadError(HeartLoRAError):
+    """An input image is missing or cannot be decoded."""

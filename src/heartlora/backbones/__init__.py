@@ -23,7 +23,8 @@ from .classifier import POOLS, ImageClassifier
 from .hf_family import create_hf, is_hf_reference
 from .timm_family import create_timm, is_timm_name
 
-__all__ = ["ImageClassifier", "create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["ImageClassifier", "create_backbone", "download_needed", "list_backbones", "refuse_download",
+           "register_backbone"]
 
 
 def create_backbone(name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True,
@@ -54,3 +55,27 @@ def create_backbone(name: str, num_classes: int, img_size: int | None = None, pr
     raise UnsupportedBackboneError(
         f"unknown backbone {name!r}{hint}: use a shortcut ({', '.join(n for n, _ in list_backbones())}), "
         "a timm model name, 'hf:<hub id or directory>', or a directory with a config.json")
+
+
+def download_needed(name: str, pretrained: bool) -> str | None:
+    """What building ``name`` would fetch over the network, or None when files on this machine suffice (a shortcut,
+    a local Hugging Face directory, or a timm architecture without pretrained weights)."""
+    if get_shortcut(name) is not None:
+        return None
+    if is_hf_reference(name):
+        ref = name.removeprefix("hf:")
+        return None if Path(ref).is_dir() else f"the Hugging Face hub model {ref!r}"
+    if pretrained and is_timm_name(name):
+        return f"timm's pretrained weights for {name!r}"
+    return None
+
+
+def refuse_download(name: str, pretrained: bool, source: str) -> None:
+    """Raise unless ``name`` builds from local files. For backbones named by a file (``source``): heartlora never
+    reaches the network because a file asked; the user names the backbone (``--backbone``) to allow it."""
+    remote = download_needed(name, pretrained)
+    if remote is not None:
+        raise UnsupportedBackboneError(
+            f"{source} needs backbone {name!r}, which would be downloaded ({remote}); heartlora does not download "
+            f"because a file names a model: pass --backbone {name} to fetch it, or --backbone with a local copy "
+            "(hf:<folder>)")

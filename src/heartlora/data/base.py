@@ -7,6 +7,8 @@ disk (``cached_arrays``), so an epoch only gathers rows of a uint8 tensor and ne
 from __future__ import annotations
 
 import abc
+import warnings
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -21,6 +23,36 @@ GROUPS = ("natural", "specialized", "structured", "few-shot", "unknown")
 RESIZE_VERSION = 1
 
 NativeImage = np.ndarray | Image.Image
+
+
+class ImageTooLargeError(TaskError):
+    """An image file declares more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and decode one image file (use it in a ``with``). Its size is checked from the header before any pixel
+    is decoded: more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is an `ImageTooLargeError`, since a small file can
+    declare gigabytes of pixels. Missing or unreadable files raise what PIL raises (OSError and its subclasses)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    hint = "shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+    # PIL only warns between 1x and 2x its limit and raises above; both are refused here, with one message.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as error:
+            raise ImageTooLargeError(f"image {path} is too large to decode ({error}); {hint}") from None
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        image.close()
+        raise ImageTooLargeError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of "
+                                 f"{limit:,} (a decompression bomb or a mistaken file); {hint}")
+    try:
+        image.load()
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def to_pil(image: NativeImage) -> Image.Image:

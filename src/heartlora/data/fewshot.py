@@ -41,20 +41,29 @@ class FewShotTask(Task):
         seed = int(seed)
         if seed not in self._indices:
             labels = self.source.labels("train800", seed)
+            members = [np.flatnonzero(labels == label) for label in range(self.num_classes)]
+            self._check_enough(members)
             rng = np.random.default_rng(seed)
             chosen = []
             for label in range(self.num_classes):
-                members = np.flatnonzero(labels == label)
-                if len(members) == 0:
-                    raise TaskError(f"class {self.class_names[label]!r} of {self.source.name!r} has no training "
-                                    "images, so it has no K-shot sample; use a task whose train800 holds every class")
-                if len(members) < self.shots:
-                    raise TaskError(f"class {self.class_names[label]!r} of {self.source.name!r} has only "
-                                    f"{len(members)} training images; ask for at most {len(members)} shots")
                 # A fresh permutation per class whose draw does not depend on K keeps the sets nested across K.
-                chosen.append(rng.permutation(members)[: self.shots])
+                chosen.append(rng.permutation(members[label])[: self.shots])
             self._indices[seed] = np.sort(np.concatenate(chosen))
         return self._indices[seed]
+
+    def _check_enough(self, members: list[np.ndarray]) -> None:
+        """Refuse a K that some class cannot give, naming the smallest class: its count is the largest K that works
+        for every class, so the suggestion is one that loads."""
+        counts = [len(m) for m in members]
+        fewest = int(np.argmin(counts))
+        if counts[fewest] == 0:
+            raise TaskError(f"class {self.class_names[fewest]!r} of {self.source.name!r} has no training images, so "
+                            "it has no K-shot sample; use a task whose train800 holds every class")
+        if counts[fewest] < self.shots:
+            short = sum(c < self.shots for c in counts)
+            raise TaskError(f"{self.name!r} needs {self.shots} training images per class but {short} of "
+                            f"{len(counts)} classes have fewer (the fewest: {counts[fewest]}, class "
+                            f"{self.class_names[fewest]!r}); use {self.source.name}@{counts[fewest]}shot or fewer")
 
     def _source_split(self, split: str) -> str:
         check_split(split)

@@ -10,15 +10,15 @@ is absent it is train800 followed by val200. Images may be any format PIL reads,
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from heartlora.data.base import GROUPS, Task, check_split
+from heartlora.data.base import GROUPS, ImageTooLargeError, Task, check_split, open_image
 from heartlora.errors import TaskError
-
 
 
 class ListEntry(NamedTuple):
@@ -30,18 +30,27 @@ class ListEntry(NamedTuple):
     line: int
 
 
+# More classes than any classification benchmark has; a larger label is a typo or a hostile file, refused before a
+# list of class names is built from it.
+MAX_CLASSES = 100_000
+
+
 def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
     """Parse a VTAB-1K list file. Blank lines and extra spaces are ignored; the label is the last field, so a path
-    may contain spaces. A malformed line is a TaskError naming the file and line number."""
+    may contain spaces. A malformed line or a label of ``MAX_CLASSES`` or more is a TaskError naming file:line."""
     entries = []
     for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
         fields = line.rsplit(None, 1)
-        if len(fields) != 2 or not fields[1].isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses.
+        if len(fields) != 2 or not re.fullmatch(r"[0-9]+", fields[1]):
             raise TaskError(f"{list_file}:{number}: bad line {line!r}; each line must be 'relative/path label' with "
                             "an integer label >= 0")
+        if len(fields[1]) > len(str(MAX_CLASSES)) or int(fields[1]) >= MAX_CLASSES:
+            raise TaskError(f"{list_file}:{number}: label {fields[1]} is not below {MAX_CLASSES:,}, heartlora's "
+                            "bound on the number of classes; labels are class indices 0..K-1")
         entries.append(ListEntry(root / fields[0].strip(), int(fields[1]), list_file, number))
     if not entries:
         raise TaskError(f"{list_file} lists no images; add 'relative/path label' lines")
@@ -69,14 +78,7 @@ class VtabFolderTask(Task):
         if not self._union_is_concat:
             self.lists["train800val200"] = read_split_list(union, self.root)
 
-        num_classes = 1 + max(e.label for entries in self.lists.values() for e in entries)
-        class_names = [str(i) for i in range(num_classes)]
-        classes_file = self.root / "classes.txt"
-        if classes_file.is_file():
-            class_names = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
-            if len(class_names) < num_classes:
-                raise TaskError(f"{classes_file} names {len(class_names)} classes but the lists use labels up to "
-                                f"{num_classes - 1}; give one name per line for every label")
+        class_names = self._class_names()
         group = "unknown"
         group_file = self.root / "group.txt"
         if group_file.is_file():
@@ -85,6 +87,25 @@ class VtabFolderTask(Task):
                 raise TaskError(f"{group_file} says {group!r}; write one of {', '.join(GROUPS)}")
         super().__init__(f"vtab:{folder}", class_names, group)
         self._keys: dict[str, str] = {}
+
+    def _class_names(self) -> list[str]:
+        """classes.txt's names, or "0".."K-1" for the largest label K-1. The largest label is checked against what
+        the folder allows (the names in classes.txt, else one class per listed image at most) before the list of
+        names is built."""
+        top = max((e for entries in self.lists.values() for e in entries), key=lambda e: e.label)
+        classes_file = self.root / "classes.txt"
+        if classes_file.is_file():
+            names = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+            if top.label >= len(names):
+                raise TaskError(f"{top.list_file}:{top.line}: label {top.label} but {classes_file} names only "
+                                f"{len(names)} classes; give one name per line for every label")
+            return names
+        listed = sum(len(entries) for entries in self.lists.values())
+        if top.label >= listed:
+            raise TaskError(f"{top.list_file}:{top.line}: label {top.label} means at least {top.label + 1:,} classes "
+                            f"but the lists hold only {listed:,} images; labels are class indices 0..K-1 (add a "
+                            "classes.txt if some classes have no image)")
+        return [str(i) for i in range(top.label + 1)]
 
     def entries(self, split: str) -> list[ListEntry]:
         """The list lines of ``split`` (train800 + val200 for train800val200 when that file is absent)."""
@@ -102,11 +123,12 @@ class VtabFolderTask(Task):
     def native_images(self, split: str, seed: int = 0) -> Iterator[Image.Image]:
         for entry in self.entries(split):
             try:
-                with Image.open(entry.path) as image:
-                    image.load()
+                with open_image(entry.path) as image:
                     yield image
             except FileNotFoundError:
                 raise TaskError(_missing(entry)) from None
+            except ImageTooLargeError as error:
+                raise TaskError(f"{entry.list_file.name} line {entry.line}: {error}") from None
             except (OSError, UnidentifiedImageError) as error:
                 raise TaskError(f"cannot read image {entry.path} ({entry.list_file.name} line {entry.line}): "
                                 f"{error}; replace the file or remove its line") from None

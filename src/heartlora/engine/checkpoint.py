@@ -13,13 +13,9 @@ from typing import Any
 import torch
 
 from heartlora._paths import atomic_path
-from heartlora.errors import HeartLoRAError
+from heartlora.errors import CheckpointError
 
 FORMAT = "heartlora-checkpoint-1"
-
-
-class CheckpointError(HeartLoRAError):
-    """A checkpoint cannot be read or does not belong to this run."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,30 +2,31 @@
 
 Adapter methods (lora, bi-lora, heart-*) store the core's adapter file (``heartlora.method.save_adapter``) with the
 run's facts in its extra metadata. ``linear`` and ``full`` have no adapter, so the engine stores their trainable
-tensors itself in a safetensors file of the same name (format ``heartlora-weights-1``). ``load_trained`` reads both.
+tensors itself in a safetensors file of the same name (format ``heartlora-weights-2``), protected like adapter
+files: a sha256 over every tensor (name, dtype, shape, bytes) and the run's facts, checked on load, so any change
+to the weights or to the metadata that sets the output or the labels reads as a corrupt file. ``load_trained``
+reads both kinds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from heartlora.errors import AdapterFileError, HeartLoRAError
+from heartlora.data.base import open_image
+from heartlora.errors import AdapterFileError, ImageReadError
 from heartlora.method.model import backbone_fingerprint
 
-WEIGHTS_FORMAT = "heartlora-weights-1"
+WEIGHTS_FORMAT = "heartlora-weights-2"  # -1 files had no checksum
 RUN_KEY = "heartlora_run"  # key of the run's facts inside the file's metadata
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class ImageReadError(HeartLoRAError):
-    """An input image is missing or cannot be decoded."""
 
 
 def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: dict[str, Any]) -> int:
@@ -36,10 +37,23 @@ def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: 
 
     state = model.state_dict()
     tensors = {n: state[n].detach().cpu().contiguous() for n in names}
-    meta = {"format": WEIGHTS_FORMAT, RUN_KEY: json.dumps(run)}
+    run_json = json.dumps(run)
+    meta = {"format": WEIGHTS_FORMAT, RUN_KEY: run_json, "sha256": weights_digest(tensors, run_json)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def weights_digest(tensors: dict[str, torch.Tensor], run_json: str) -> str:
+    """sha256 over the format, the run's facts as stored, and every tensor's name, dtype, shape and bytes."""
+    import hashlib
+
+    h = hashlib.sha256(f"{WEIGHTS_FORMAT}\n{run_json}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
@@ -61,33 +75,68 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
     "weights")."""
     path = Path(path)
     meta = _file_metadata(path)
+    if meta.get("format") == "heartlora-weights-1":
+        raise AdapterFileError(f"{path} was written by an older heartlora without a checksum, so its integrity "
+                               "cannot be checked: train the run again")
     if meta.get("format") == WEIGHTS_FORMAT:
         try:
             run = json.loads(meta[RUN_KEY])
         except (KeyError, ValueError) as exc:
             raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
-        return {"kind": "weights", "run": run, "adapter": None}
+        if not isinstance(run, dict) or not isinstance(run.get("backbone_spec"), dict):
+            raise AdapterFileError(f"{path} is corrupt: its run facts name no backbone; re-run training")
+        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta}
     from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
-    run = (info.get("extra") or {}).get(RUN_KEY)
+    # A file from the API's save_adapter has no run facts: an empty run (eval then needs --task).
+    run = (info.get("extra") or {}).get(RUN_KEY, {})
+    return {"kind": "adapter", "run": _checked_run(run, path), "adapter": info}
+
+
+def _checked_run(run: Any, path: Path) -> dict[str, Any]:
+    """The run facts, if every field that is used has a sane type and range (before anything is built)."""
+    from heartlora.method.storage import MAX_IMG_SIZE, check_backbone_spec
+
     if not isinstance(run, dict):
-        raise AdapterFileError(f"{path} was not written by `heartlora train` (no run metadata): load it in Python "
-                               "with heartlora.load_adapter(backbone, path)")
-    return {"kind": "adapter", "run": run, "adapter": info}
+        raise AdapterFileError(f"{path} is corrupt: its run facts are not a JSON object; re-run training")
+    names, seed, size = run.get("class_names", []), run.get("init_seed", 0), run.get("img_size")
+    ok = (isinstance(run.get("task", ""), str) and isinstance(run.get("method", ""), str)
+          and isinstance(names, list) and all(isinstance(c, str) for c in names)
+          and isinstance(run.get("pretrained", True), bool) and type(seed) is int and 0 <= seed < 2**63
+          and (size is None or (type(size) is int and 1 <= size <= MAX_IMG_SIZE)))
+    if not ok:
+        raise AdapterFileError(f"{path} is corrupt: a field of its run facts has the wrong type or range; "
+                               "re-run training")
+    if "backbone_spec" in run:
+        spec = check_backbone_spec(run["backbone_spec"], path)
+        if run.get("class_names") and len(run["class_names"]) != spec.get("num_classes"):
+            raise AdapterFileError(f"{path} is corrupt: it names {len(run['class_names'])} classes for a "
+                                   f"{spec.get('num_classes')}-way classifier; re-run training")
+    return run
 
 
-def build_backbone(run: dict[str, Any], pretrained: bool | None = None) -> nn.Module:
-    """The backbone a run was trained on, built again from its spec (same seed, so random inits match too)."""
-    from heartlora.backbones import create_backbone
+def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override: str | None = None,
+                   source: str = "this file") -> nn.Module:
+    """The backbone a run was trained on, built again from its spec (same seed, so random inits match too). A
+    backbone the spec names is never downloaded (`refuse_download`); ``override`` (the user's choice) is built
+    instead of the spec's name, with the spec's other settings."""
+    from heartlora.backbones import create_backbone, refuse_download
 
     spec = dict(run["backbone_spec"])
+    pretrained = run.get("pretrained", True) if pretrained is None else pretrained
+    if override:
+        spec["name"] = override
+    else:
+        refuse_download(spec["name"], pretrained, source)
     torch.manual_seed(int(run.get("init_seed", 0)))
-    return create_backbone(**spec, pretrained=run.get("pretrained", True) if pretrained is None else pretrained)
+    return create_backbone(**spec, pretrained=pretrained)
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``."""
+def load_trained(path: str | Path, device: torch.device | str = "cpu",
+                 backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``; ``backbone``
+    builds that backbone instead of the one the file names (the fingerprint check still applies)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -96,14 +145,23 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     if info["kind"] == "adapter":
         from heartlora.method import load_adapter
 
-        model = load_adapter(build_backbone(run), path)
+        if "backbone_spec" not in run:  # saved by the API: the adapter's own spec describes the backbone
+            run = {**run, "backbone_spec": info["adapter"]["backbone"]}
+        if "num_classes" not in run["backbone_spec"]:
+            raise AdapterFileError(f"{path} was saved from a {run['backbone_spec']['name']} that create_backbone did "
+                                   "not build, so it cannot be rebuilt here: load it in Python with "
+                                   "heartlora.load_adapter(your_backbone, path)")
+        model = load_adapter(build_backbone(run, override=backbone, source=str(path)), path)
     else:
         full = run.get("method") == "full"
-        model = build_backbone(run, pretrained=False if full else None)
+        model = build_backbone(run, pretrained=False if full else None, override=backbone, source=str(path))
         try:
             tensors = load_file(str(path))
         except Exception as exc:
             raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
+        if weights_digest(tensors, info["meta"][RUN_KEY]) != info["meta"].get("sha256"):
+            raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
+                                   "copy the file again or re-run training")
         state = model.state_dict()
         bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
         if bad:
@@ -127,8 +185,7 @@ def read_image(path: str | Path, img_size: int) -> torch.Tensor:
     """One image file as uint8 (3, S, S), resized like the data part does (PIL bicubic, grayscale → RGB)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
+        with open_image(path) as im:  # refuses decompression bombs before decoding
             rgb = im.convert("RGB")
     except FileNotFoundError as exc:
         raise ImageReadError(f"image {path} does not exist: check the path") from exc

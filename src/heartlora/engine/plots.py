@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from heartlora._paths import atomic_path  # noqa: E402
+from heartlora._paths import atomic_path
 
 
 def _short(name: str, width: int = 28) -> str:
@@ -43,7 +42,9 @@ def responsiveness_heatmap(
     if scores and top > 0:
         grid = grid / top
 
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 3.5 + 0.45 * width), 14), min(2.0 + 0.32 * len(layers), 14)))
+    # The Figure API draws without pyplot's global state or a display backend (files only).
+    fig = Figure(figsize=(min(max(6.0, 3.5 + 0.45 * width), 14), min(2.0 + 0.32 * len(layers), 14)))
+    ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0)
     for i, name in enumerate(layers):
@@ -51,7 +52,7 @@ def responsiveness_heatmap(
             if not on:
                 ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=12, fontweight="bold")
     ax.set_xticks(range(width))
-    ax.set_xlabel("head")
+    ax.set_xlabel("attention head")
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([f"{i}: {_short(n)}" for i, n in enumerate(layers)], fontsize=7)
     ax.set_ylabel("attention layer")
@@ -66,7 +67,8 @@ def training_curves(path: str | Path, history: Sequence[Mapping[str, Any]], warm
                     title: str = "") -> Path:
     """Save loss, accuracy and learning rate per epoch; a dashed line marks the end of warmup (scoring)."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
     axes[0].set_title("loss")
     axes[1].plot(epochs, [h["train_acc"] for h in history], marker="o", label="train")
@@ -89,12 +91,11 @@ def training_curves(path: str | Path, history: Sequence[Mapping[str, Any]], warm
     return _save(fig, path, dpi=100)
 
 
-def _save(fig: Any, path: str | Path, dpi: int) -> Path:
-    """Lay out, write atomically as PNG, and free the figure."""
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Lay out and write atomically as PNG."""
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
     return path
 

@@ -1,13 +1,19 @@
 """Adapter files: safetensors tensors plus one JSON metadata entry. Only active heads are stored; k-bit weights as
-packed codes plus float32 mean and std per matrix. Loading checks everything and never unpickles."""
+packed codes plus float32 mean and std per matrix.
+
+Loading checks everything before it allocates or builds anything: the tensors against the payload checksum, the JSON
+against its own sha256 (format 2 on; every setting that changes outputs or labels is in that JSON), and every field's
+type, range and agreement with the tensors. It never unpickles."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +25,30 @@ from torch import nn
 from heartlora._paths import atomic_path
 from heartlora.errors import AdapterFileError, ConfigError
 from heartlora.method import quant
-from heartlora.method.config import FLOAT_BITS, HeartLoRAConfig
+from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads
 from heartlora.method.layer import HeadLoRAProjection
-from heartlora.method.model import _state, attach, attention_layers, backbone_fingerprint, head_masks
+from heartlora.method.model import _state, attach, attention_layers, backbone_fingerprint, head_masks, is_adapted
+
+log = logging.getLogger(__name__)
 
 FORMAT = "heartlora-adapter"
-FORMAT_VERSION = 1
+# 2: the metadata JSON has its own sha256 (``heartlora_sha256``). 1: only the tensors were checked; still read,
+# with a warning, after the same field checks.
+FORMAT_VERSION = 2
 _META_KEY = "heartlora"
+_META_SHA_KEY = "heartlora_sha256"
+
+# Bounds a file's settings must respect before anything is allocated for them. They are far above any model these
+# backbones describe (ViT-22B: 48 heads of 128, hidden 6144), and they bound what a damaged file can request.
+MAX_RANK = 4096
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_CLASSES = 100_000
+MAX_IMG_SIZE = 4096
+_SPEC_KEYS = {"name", "num_classes", "img_size", "pool", "drop_path"}  # create_backbone's arguments
+_META_KEYS = {"format", "format_version", "config", "backbone", "fingerprint", "modules_to_save", "layers", "shapes",
+              "adapter_bytes", "payload_sha256", "extra"}
 
 
 @dataclass
@@ -83,9 +105,14 @@ def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> AdapterReport:
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike,
+                 extra_metadata: dict[str, Any] | None = None) -> AdapterReport:
     """Write the adapter (active heads only), the saved modules (classifier) and metadata to ``path``
-    (safetensors, written atomically)."""
+    (safetensors, written atomically). ``extra_metadata`` must be JSON-able; it is covered by the checksum too."""
     state = _state(model)
     cfg = state.config
     tensors: dict[str, torch.Tensor] = {}
@@ -119,75 +146,251 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
         "payload_sha256": _payload_hash(tensors),
         "extra": extra_metadata or {},
     }
+    try:
+        text = json.dumps(meta, allow_nan=False)
+        # Refuse to write what load_adapter would refuse to read: every file heartlora writes can be used.
+        _check_meta(json.loads(text), tensors, path)
+    except (TypeError, ValueError, AdapterFileError) as e:
+        raise ConfigError(f"cannot save an adapter file heartlora could not read back: {e}") from None
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={_META_KEY: text, _META_SHA_KEY: _text_hash(text)})
     heads_total = sum(len(m) for m in masks.values())
     return AdapterReport(str(path), adapter_bytes, head_bytes, Path(path).stat().st_size, heads_total,
                          sum(sum(m) for m in masks.values()))
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and checking a file
+
+
+def _corrupt(path: Any, what: str) -> AdapterFileError:
+    return AdapterFileError(f"{path} is corrupt: {what}; re-save it or train again")
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_num(v: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+
+
+def _is_strs(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) and s for s in v)
+
+
+def check_backbone_spec(spec: Any, where: Any) -> dict[str, Any]:
+    """``spec`` if it is a backbone spec a file may hold (``create_backbone``'s arguments with sane types and
+    ranges); else an `AdapterFileError` naming ``where`` (the file). Nothing is built or allocated."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise _corrupt(where, "its backbone spec has no backbone name")
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise _corrupt(where, f"its backbone spec has unknown fields {unknown}")
+    checks = {"num_classes": lambda v: _is_int(v, 1, MAX_CLASSES),
+              "img_size": lambda v: v is None or _is_int(v, 1, MAX_IMG_SIZE),
+              "pool": lambda v: isinstance(v, str), "drop_path": lambda v: _is_num(v, 0.0, 0.999999)}
+    for key, ok in checks.items():
+        if key in spec and not ok(spec[key]):
+            raise _corrupt(where, f"its backbone {key} {spec[key]!r} is out of range or of the wrong type")
+    return spec
+
+
+def _check_config(d: Any, path: Any) -> HeartLoRAConfig:
+    if not isinstance(d, dict):
+        raise _corrupt(path, "its adapter config is not a JSON object")
+    known = {f.name for f in fields(HeartLoRAConfig)}
+    if set(d) - known:
+        raise AdapterFileError(f"{path} has unknown adapter settings {sorted(set(d) - known)}: it was written by a "
+                               "newer heartlora; upgrade heartlora")
+    checks = {"targets": lambda v: _is_strs(v) and set(v) <= set(TARGETS),
+              "rank": lambda v: _is_int(v, 1, MAX_RANK), "scale": _is_num,
+              "dropout": lambda v: _is_num(v, 0.0, 0.999999),
+              "bits": lambda v: _is_int(v, 1, 8) or _is_int(v, FLOAT_BITS, FLOAT_BITS),
+              "init_b_std": lambda v: v is None or _is_num(v, 0.0),
+              "modules_to_save": lambda v: v is None or _is_strs(v)}
+    for key, ok in checks.items():
+        if key in d and not ok(d[key]):
+            raise _corrupt(path, f"its adapter setting {key} = {d[key]!r} is out of range or of the wrong type")
+    try:
+        return HeartLoRAConfig.from_dict(d)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise _corrupt(path, f"its adapter settings are invalid ({e})") from None
+
+
+def _check_layers(layers: Any, path: Any) -> list[dict[str, Any]]:
+    if not isinstance(layers, list) or not layers:
+        raise _corrupt(path, "its attention layer list is missing or empty")
+    names = set()
+    for i, layer in enumerate(layers):
+        ok = (isinstance(layer, dict) and set(layer) == {"name", "layout", "num_heads", "head_dim", "head_mask"}
+              and isinstance(layer["name"], str) and layer["name"] and isinstance(layer["layout"], str)
+              and _is_int(layer["num_heads"], 1, MAX_HEADS) and _is_int(layer["head_dim"], 1, MAX_HEAD_DIM)
+              and isinstance(layer["head_mask"], list) and len(layer["head_mask"]) == layer["num_heads"]
+              and all(isinstance(m, bool) for m in layer["head_mask"]) and layer["name"] not in names)
+        if not ok:
+            raise _corrupt(path, f"its attention layer entry {i} is malformed")
+        names.add(layer["name"])
+    return layers
+
+
+def _expected_tensors(meta: dict[str, Any], cfg: HeartLoRAConfig, path: Any) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Every adapter tensor the metadata implies (key → dtype, shape), after checking the shapes themselves."""
+    shapes = meta["shapes"]
+    if not isinstance(shapes, dict):
+        raise _corrupt(path, "its shape table is not a JSON object")
+    expected: dict[str, tuple[torch.dtype, tuple]] = {}
+    wanted_keys = set()
+    for layer in meta["layers"]:
+        on = sum(layer["head_mask"])
+        if not on:
+            continue
+        for target in cfg.targets:
+            for factor in ("A", "B"):
+                key = f"adapter.{layer['name']}.{target}.{factor}"
+                wanted_keys.add(key)
+                shape = shapes.get(key)
+                if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(n, 1, 2**31) for n in shape)):
+                    raise _corrupt(path, f"the shape of {key} is missing or malformed")
+                # A is (rank × in), B is (out × rank); the per-head side holds exactly the active heads' rows.
+                rank_dim = shape[0] if factor == "A" else shape[1]
+                per_head = (factor == "B") == (target != "o")
+                head_side = shape[0] if factor == "B" else shape[1]
+                if rank_dim != cfg.rank or (per_head and head_side != on * layer["head_dim"]):
+                    raise _corrupt(path, f"the shape {shape} of {key} disagrees with rank {cfg.rank} and {on} "
+                                         f"active heads of {layer['head_dim']}")
+                if cfg.bits == FLOAT_BITS:
+                    expected[key] = (torch.float32, tuple(shape))
+                else:
+                    expected[f"{key}.codes"] = (torch.uint8, (quant.packed_nbytes(math.prod(shape), cfg.bits),))
+                    expected[f"{key}.stats"] = (torch.float32, (2,))
+    if set(shapes) != wanted_keys:
+        raise _corrupt(path, "its shape table names other matrices than its layers and head masks imply")
+    return expected
+
+
+def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> HeartLoRAConfig:
+    """Every field's type and range, and its agreement with the tensors; the adapter config on success."""
+    if not isinstance(meta, dict) or set(meta) != _META_KEYS:
+        raise _corrupt(path, "its metadata does not have the fields of an adapter file")
+    cfg = _check_config(meta["config"], path)
+    spec = check_backbone_spec(meta["backbone"], path)
+    if not (isinstance(meta["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])):
+        raise _corrupt(path, "its backbone fingerprint is not a sha256")
+    saved = meta["modules_to_save"]
+    if not _is_strs(saved) or len(set(saved)) != len(saved):
+        raise _corrupt(path, "its modules_to_save is not a list of distinct module names")
+    if not isinstance(meta["extra"], dict):
+        raise _corrupt(path, "its extra metadata is not a JSON object")
+    _check_layers(meta["layers"], path)
+    expected = _expected_tensors(meta, cfg, path)
+    for key, t in tensors.items():
+        if key.startswith("modules."):
+            if not any(key.startswith(f"modules.{name}.") for name in saved):
+                raise _corrupt(path, f"tensor {key} belongs to no saved module")
+            continue
+        if key not in expected:
+            raise _corrupt(path, f"tensor {key} is not described by its metadata")
+        dtype, shape = expected[key]
+        if t.dtype != dtype or tuple(t.shape) != shape or not bool(torch.isfinite(t.float()).all()):
+            raise _corrupt(path, f"tensor {key} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} of finite "
+                                 f"values")
+        if key.endswith(".stats") and not t[1] > 0:
+            raise _corrupt(path, f"tensor {key} has a standard deviation that is not positive")
+    missing = sorted(set(expected) - set(tensors))
+    missing += [f"modules.{n}.*" for n in saved if not any(k.startswith(f"modules.{n}.") for k in tensors)]
+    if missing:
+        raise _corrupt(path, f"it lacks {missing[0]}, which its metadata describes")
+    per_value = 4 if cfg.bits == FLOAT_BITS else 1  # float32 values, or packed code bytes plus 8 for mean and std
+    nbytes = sum(8 if k.endswith(".stats") else tensors[k].numel() * per_value for k in expected)
+    if meta["adapter_bytes"] != nbytes:
+        raise _corrupt(path, f"its adapter_bytes {meta['adapter_bytes']!r} disagrees with its tensors ({nbytes})")
+    head = tensors.get("modules.head.weight")
+    if "num_classes" in spec and head is not None and head.ndim == 2 and head.shape[0] != spec["num_classes"]:
+        raise _corrupt(path, f"its backbone num_classes {spec['num_classes']} disagrees with its classifier "
+                             f"({head.shape[0]} outputs)")
+    return cfg
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], HeartLoRAConfig]:
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist: check the path (train writes adapter.safetensors)")
     try:
+        # safetensors checks that the header's offsets fit the file, so no tensor here is larger than the file.
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
+            header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{path} is not a readable adapter file (corrupt or truncated: {e}); "
-                               f"re-save it or train again") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        raise AdapterFileError(f"{path} is not a readable adapter file (corrupt or truncated: "
+                               f"{' '.join(str(e).split())[:120]}); re-save it or train again") from None
+    raw, digest = header.get(_META_KEY), header.get(_META_SHA_KEY)
     if raw is None:
         raise AdapterFileError(f"{path} is a safetensors file without heartlora metadata: it is not an adapter file")
+    if digest is not None and digest != _text_hash(raw):
+        raise _corrupt(path, "its metadata does not match the checksum written with it")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise AdapterFileError(f"{path} has corrupt heartlora metadata: re-save it or train again") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+    except (json.JSONDecodeError, RecursionError):
+        raise _corrupt(path, "its heartlora metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not _is_int(meta.get("format_version"), 1, 2**31):
         raise AdapterFileError(f"{path} is not a heartlora adapter file")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise AdapterFileError(f"{path} has format version {meta['format_version']}, newer than this heartlora "
-                               f"reads ({FORMAT_VERSION}): upgrade heartlora")
+    version = meta["format_version"]
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{path} has format version {version}, newer than this heartlora reads "
+                               f"({FORMAT_VERSION}): upgrade heartlora")
+    if version >= 2 and digest is None:
+        raise _corrupt(path, "its metadata checksum is missing")
     if _payload_hash(tensors) != meta.get("payload_sha256"):
-        raise AdapterFileError(f"{path} is corrupt: its tensors do not match the checksum written with them; "
-                               f"re-save it or train again")
-    return meta, tensors
+        raise _corrupt(path, "its tensors do not match the checksum written with them")
+    cfg = _check_meta(meta, tensors, path)
+    if version == 1:
+        log.warning("%s is a format-1 adapter file: its tensors are checked, but its metadata (settings, class "
+                    "names) has no checksum; save it again to protect it", path)
+    return meta, tensors, cfg
 
 
 def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     """The file's metadata (config, backbone spec, fingerprint, layers with head masks, bytes), after the same
-    integrity checks as :func:`load_adapter`."""
-    meta, _ = _read(path)
+    integrity and field checks as :func:`load_adapter`."""
+    meta, _, _ = _read(path)
     return meta
 
 
 def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
     """Attach the file's adapter to ``backbone`` (a fresh one, built as the file's ``backbone`` spec says), switch
-    off its heads, load its weights and classifier. Refuses a file for another backbone or configuration."""
-    meta, tensors = _read(path)
-    try:
-        cfg = HeartLoRAConfig.from_dict(meta["config"])
-    except (ConfigError, TypeError, KeyError) as e:
-        raise AdapterFileError(f"{path} has invalid adapter settings ({e})") from None
+    off its heads, load its weights and classifier. Refuses a file for another backbone or configuration; the file
+    is checked completely before anything is attached."""
+    meta, tensors, cfg = _read(path)
     cfg.modules_to_save = tuple(meta["modules_to_save"])
+    if is_adapted(backbone):
+        raise ConfigError("this backbone already has heartlora adapters: load the file into a fresh backbone")
     spec = getattr(backbone, "spec", None)
-    want = meta.get("backbone", {})
-    if isinstance(spec, dict) and spec.get("name") != want.get("name"):
-        raise AdapterFileError(f"{path} was trained on backbone {want.get('name')!r}, not {spec.get('name')!r}: "
-                               f"build that backbone (create_backbone(**info['backbone']))")
+    want = meta["backbone"]
     if check_fingerprint:
         fp = backbone_fingerprint(backbone, skip=cfg.modules_to_save)
         if fp != meta["fingerprint"]:
             raise AdapterFileError(
                 f"{path} was trained on a backbone with other weights or shapes (fingerprint "
                 f"{meta['fingerprint'][:12]}, this one {fp[:12]}): load the same pretrained backbone "
-                f"({want.get('name')!r}, same img_size and num_classes), or pass check_fingerprint=False")
+                f"({want['name']!r}, same img_size and num_classes), or pass check_fingerprint=False")
+    elif isinstance(spec, dict) and spec.get("name") != want["name"]:
+        # Without the fingerprint the name is all there is to go on (with it, equal weights may come by any name).
+        raise AdapterFileError(f"{path} was trained on backbone {want['name']!r}, not {spec.get('name')!r}: "
+                               f"build that backbone (create_backbone(**info['backbone']))")
+    root = getattr(backbone, "module", backbone)
+    modules = dict(root.named_modules())
+    absent = [n for n in cfg.modules_to_save if n not in modules]
+    if absent:
+        raise AdapterFileError(f"{path} stores modules {absent} this backbone does not have: use the backbone it "
+                               f"was trained on ({want['name']!r})")
     model = attach(backbone, cfg)
     layers = {l.name: l for l in attention_layers(model)}
     stored = {l["name"]: l for l in meta["layers"]}
-    if set(layers) != set(stored) or any(layers[n].num_heads != stored[n]["num_heads"] for n in layers):
+    if set(layers) != set(stored) or any((layers[n].num_heads, layers[n].head_dim)
+                                         != (stored[n]["num_heads"], stored[n]["head_dim"]) for n in layers):
         raise AdapterFileError(f"{path} describes other attention layers than this backbone has: "
-                               f"use the backbone it was trained on ({want.get('name')!r})")
+                               f"use the backbone it was trained on ({want['name']!r})")
     off = [(n, h) for n, l in stored.items() for h, on in enumerate(l["head_mask"]) if not on]
     deactivate_heads(model, heads=off)
     with torch.no_grad():
@@ -197,13 +400,9 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
                     continue
                 for factor in ("A", "B"):
                     key = f"adapter.{layer.name}.{target}.{factor}"
-                    if key not in meta["shapes"]:
-                        raise AdapterFileError(f"{path} lacks {key}: the file does not match its own metadata")
                     w = _decode(key, meta["shapes"][key], cfg.bits, tensors)
                     _assign(proj, factor, w, path)
                 proj.mark_decoded()
-        root = getattr(model, "module", model)
-        modules = dict(root.named_modules())
         for name in cfg.modules_to_save:
             sd = {k[len(f"modules.{name}."):]: v for k, v in tensors.items() if k.startswith(f"modules.{name}.")}
             try:

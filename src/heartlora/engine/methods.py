@@ -1,0 +1,192 @@
+"""Training methods: what trains, what happens at the end of warmup, and what is stored. One registry.
+
+A method is a small object (``TrainingMethod``); the trainer calls its hooks and knows nothing else about it. A
+baseline registers its own (``register_method``), e.g. ``heartlora.experiments.peft_lora`` puts PEFT's LoRA into
+the same loop, so that only the adapter implementation differs between it and ``lora``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from heartlora.errors import ConfigError
+
+Heads = list[tuple[str, int]]  # (attention layer name, head index)
+
+
+class TrainingMethod:
+    """The hooks a method gives the trainer. Subclasses override what differs; the defaults train every Parameter
+    that ``prepare`` left with ``requires_grad`` and store it as a plain weights file."""
+
+    name: str = ""
+    description: str = ""
+    adapters: bool = False  # heartlora's per-head adapters: heads are scored during warmup and stored per head
+    bits: int = 32
+    heart: bool = False  # switches attention heads off at the end of warmup
+    defaults: ClassVar[dict[str, Any]] = {}  # settings this method fills before the global defaults (flags still win)
+    forced: ClassVar[dict[str, Any]] = {}  # settings this method always uses, whatever was asked
+
+    def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+        """Make the wanted weights trainable (in place, or wrap the model); returns (model, facts for the file)."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
+        """What the optimizer updates, in the order of ``model.parameters()``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def tracker(self, model: nn.Module, cfg: Any) -> Any:
+        """A responsiveness tracker for the warmup epochs, or None."""
+        return None
+
+    def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
+                      optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,
+                      record: dict[str, Any] | None = None) -> Heads:
+        """Called once, after the last warmup epoch; returns the attention heads switched off. ``heldout()`` gives
+        (images, labels) batches of held-back training data for choices made on data; what was decided and why goes
+        into ``record`` (it ends up in metrics.json)."""
+        return []
+
+    def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
+        """On resume: switch the same heads off again before the saved weights are loaded."""
+
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
+        """Write the trained model file; returns its per-task bytes (the ``adapter_bytes`` of metrics.json)."""
+        from heartlora.engine.inference import save_weights
+
+        save_weights(model, path, [n for n, p in model.named_parameters() if p.requires_grad], run_facts)
+        return 0
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The model's classifier (the ``head`` of ``create_backbone``'s ImageClassifier)."""
+    classifier = getattr(model, "head", None)
+    if not isinstance(classifier, nn.Module):
+        raise ConfigError(f"backbone {type(model).__name__} has no classifier (`head`): use create_backbone's models")
+    return classifier
+
+
+class LinearProbe(TrainingMethod):
+    description = "classifier only, backbone frozen (linear probe)"
+    # The backbone is frozen: dropping its paths would only add noise to fixed features.
+    forced: ClassVar[dict[str, Any]] = {"drop_path": 0.0}
+
+    def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+        from heartlora.method.model import backbone_fingerprint
+
+        classifier = classifier_of(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+        return model, {"fingerprint": backbone_fingerprint(model, skip=("head",))}  # as adapter files get
+
+
+class FullFineTune(TrainingMethod):
+    description = "every weight trains"
+
+    def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, {}
+
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
+        from heartlora.engine.inference import save_weights
+
+        save_weights(model, path, list(model.state_dict()), run_facts)
+        classifier = {f"head.{n}" for n, _ in classifier_of(model).named_parameters()}
+        # A whole backbone per task: that is this method's per-task storage.
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n not in classifier)
+
+
+class HeadLoRA(TrainingMethod):
+    """heartlora's per-head LoRA (float or k-bit); ``heart`` switches the least responsive heads off."""
+
+    adapters = True
+
+    def __init__(self, description: str, bits: int = 32, heart: bool = False,
+                 defaults: dict[str, Any] | None = None) -> None:
+        self.description, self.bits, self.heart, self.defaults = description, bits, heart, defaults or {}
+
+    def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
+        from heartlora.method import HeartLoRAConfig, attach
+
+        attach(model, HeartLoRAConfig(targets=cfg.targets, rank=cfg.rank, scale=cfg.scale, dropout=cfg.dropout,
+                                      bits=cfg.bits))
+        return model, {}
+
+    def tracker(self, model: nn.Module, cfg: Any) -> Any:
+        from heartlora.method import ResponsivenessTracker
+
+        return ResponsivenessTracker(model, mode=cfg.score_mode, ema=cfg.score_ema)
+
+    def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
+                      optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,
+                      record: dict[str, Any] | None = None) -> Heads:
+        if not self.heart:
+            return []
+        from heartlora.method import choose_ne, deactivate_heads
+
+        if cfg.ne == "auto":
+            if heldout is None:
+                raise ConfigError("--ne auto needs held-back training images; give a number with --ne")
+            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance)
+            if record is not None:
+                record["ne_choice"] = choice.to_dict()
+            return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)
+        return deactivate_heads(model, scores, ne=cfg.ne, fraction=cfg.ne_fraction, scope=cfg.scope,
+                                optimizer=optimizer)
+
+    def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
+        if off:
+            from heartlora.method import deactivate_heads
+
+            deactivate_heads(model, heads=off, optimizer=optimizer)
+
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
+        from heartlora.engine.inference import RUN_KEY
+        from heartlora.method import save_adapter
+
+        return int(save_adapter(model, path, extra_metadata={RUN_KEY: run_facts}).adapter_bytes)
+
+
+_REGISTRY: dict[str, TrainingMethod] = {}
+
+
+def register_method(name: str, method: TrainingMethod, replace: bool = False) -> TrainingMethod:
+    """Make ``method`` available as ``TrainConfig(method=name)`` / ``--method name``."""
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not method:
+        raise ConfigError(f"a training method named {name!r} is already registered: pick another name")
+    method.name = name
+    _REGISTRY[name] = method
+    return method
+
+
+def get_method(name: str) -> TrainingMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}") from None
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+register_method("linear", LinearProbe())
+register_method("full", FullFineTune())
+register_method("lora", HeadLoRA("LoRA on the target projections, all attention heads"))
+register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1))
+register_method("heart-lora", HeadLoRA("LoRA; least responsive attention heads off after warmup", heart=True))
+register_method("heart-lora-layer", HeadLoRA("heart-lora ranking heads within each layer (the paper's "
+                                             "Heart-LoRA†)", heart=True, defaults={"scope": "layer"}))
+register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True))
+
+METHODS = _REGISTRY  # name → method, live: registered baselines appear here too
+
+__all__ = ["METHODS", "FullFineTune", "HeadLoRA", "LinearProbe", "TrainingMethod",
+           "classifier_of", "get_method", "method_names", "register_method"]

@@ -1,0 +1,82 @@
+"""Numeric precision of a run (``--precision``) and ``--compile``.
+
+Autocast runs the matrix products in bf16 or fp16; the weights, the adapters and the optimizer state stay fp32,
+so the stored files do not change. fp16 needs a gradient scaler (its range is small); bf16 does not. On CUDA,
+TF32 matrix products are allowed unless fp32 is asked for; the previous setting is restored when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from heartlora.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Precision:
+    """The resolved precision of one run on one device."""
+
+    name: str  # bf16, fp16 or fp32
+    device: torch.device
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    tf32: bool = False  # TF32 matrix products allowed (CUDA, unless fp32 was asked for)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.name])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients in true units before anything reads them (the responsiveness tracker)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the step on inf/nan gradients (a sync: fp16 only)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto``: bf16 on a CUDA GPU that supports it, else fp32 (CPU autocast is slower than fp32 on most CPUs)."""
+    tf32 = device.type == "cuda" and name != "fp32"
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"unknown precision {name!r}: choose auto, bf16, fp16 or fp32")
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    return Precision(name, device, scaler, tf32)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: Precision) -> Iterator[None]:
+    """Allow TF32 matrix products on CUDA unless fp32 was asked for; restore the process's setting afterwards."""
+    before = torch.get_float32_matmul_precision()
+    if precision.tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def compiled(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model)`` when asked; the original module keeps its parameter names (checkpoints, files)."""
+    if not enabled:
+        return model
+    return torch.compile(model, backend=backend)

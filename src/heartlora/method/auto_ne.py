@@ -1,0 +1,123 @@
+"""Choosing how many heads to switch off (``ne="auto"``), from training data only.
+
+After the warmup, the heads are ranked by responsiveness. For a few candidate counts (shares of all heads, nested:
+each candidate switches off the next least responsive heads), a copy of the model with those heads switched off is
+evaluated on held-back *training* images (never validation or test data), and the per-image loss is compared with
+the model that keeps every head, image by image. The choice is the largest candidate whose mean loss increase stays
+within ``tolerance`` of the full model's loss; larger candidates are not tried once one fails. Cost: one forward pass
+over the held-back images per candidate, no training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from heartlora.errors import ConfigError
+from heartlora.method.deactivate import SCOPES, deactivate_heads, select_heads
+from heartlora.method.model import attention_layers
+
+DEFAULT_FRACTIONS = (0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3)
+DEFAULT_TOLERANCE = 0.02
+
+
+@dataclass
+class NeChoice:
+    """The choice and the evidence: per candidate, the heads it switches off, the held-back loss and the mean
+    per-image increase over keeping every head (with its standard error)."""
+
+    ne: int
+    fraction: float
+    scope: str
+    rule: str
+    images: int
+    candidates: list[dict[str, float]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _reduce(values: list[float]) -> list[float]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+    return values
+
+
+@torch.no_grad()
+def _per_image_losses(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([F.cross_entropy(forward(model, x).float(), y, reduction="none").double().cpu()
+                          for x, y in batches])
+    finally:
+        model.train(was)
+
+
+def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              scope: str = "global", fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+              tolerance: float = DEFAULT_TOLERANCE,
+              forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> NeChoice:
+    """Pick ``ne`` for ``deactivate_heads(model, scores, ne=..., scope=...)`` (per layer when ``scope="layer"``).
+
+    ``batches``: (images, labels) of held-back training data, already on the model's device and in the form the
+    model takes. ``fractions``: candidate shares of the heads (of all heads, or of each layer's); 0 is always a
+    candidate. A candidate passes when the mean per-image increase of the cross-entropy over the model with every
+    head is at most ``tolerance`` × that model's mean loss. The model is not changed (candidates run on a copy).
+    Under torch.distributed every rank passes its shard of the batches and gets the same answer."""
+    if scope not in SCOPES:
+        raise ConfigError(f"scope {scope!r} is unknown: choose global or layer")
+    if tolerance < 0:
+        raise ConfigError(f"tolerance {tolerance} must not be negative")
+    fractions = tuple(sorted({0.0, *(float(f) for f in fractions)}))
+    if fractions[-1] > 1.0:
+        raise ConfigError(f"fractions {fractions} must be shares between 0 and 1")
+    forward = forward or (lambda m, x: m(x))
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("choose_ne needs at least one held-back batch of training images")
+    layers = attention_layers(model)
+    active = {layer.name: layer.head_mask() for layer in layers}
+    base = _per_image_losses(model, batches, forward)
+    n, base_sum = _reduce([float(base.numel()), float(base.sum())])
+    if n == 0:
+        raise ConfigError("choose_ne needs at least one held-back training image")
+    base_mean = base_sum / n
+    work = copy.deepcopy(model)
+    off: set[tuple[str, int]] = set()
+    chosen = (0, 0.0)
+    table: list[dict[str, float]] = []
+    for f in fractions:
+        wanted = select_heads(scores, fraction=f, scope=scope, active=active)
+        new = [h for h in wanted if h not in off]
+        if new:
+            deactivate_heads(work, heads=new)
+            off.update(new)
+        losses = base if not off else _per_image_losses(work, batches, forward)
+        d = losses - base
+        s, s2 = _reduce([float(d.sum()), float((d * d).sum())])
+        mean = s / n
+        se = math.sqrt(max(s2 / n - mean * mean, 0.0) / max(n - 1, 1))
+        per_layer = max(len(m) for m in active.values())
+        ne = len(wanted) if scope == "global" else math.floor(f * per_layer + 1e-9)
+        ok = mean <= tolerance * base_mean
+        table.append({"fraction": f, "ne": ne, "heads_off": len(off), "loss": base_mean + mean,
+                      "increase": mean, "stderr": se, "passes": ok})
+        if not ok:
+            break
+        chosen = (ne, f)
+    del work
+    rule = (f"largest share of heads whose switch-off raises the mean cross-entropy on {int(n)} held-back training "
+            f"images by at most {tolerance:g} x its value with every head ({base_mean:.4f}); shares tried in order "
+            f"{', '.join(f'{f:.3g}' for f in fractions)}, stopping at the first that fails")
+    return NeChoice(ne=chosen[0], fraction=chosen[1], scope=scope, rule=rule, images=int(n), candidates=table)

@@ -1,0 +1,78 @@
+"""--compile and --precision: compiled and eager agree on outputs and gradients; precision resolution per device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import one_thread, task  # noqa: F401  (fixtures: one thread, the tiny task)
+
+from heartlora.engine.precision import compiled, resolve_precision
+from heartlora.errors import ConfigError
+
+
+def _tiny_adapted() -> torch.nn.Module:
+    from heartlora.backbones import create_backbone
+    from heartlora.method import HeartLoRAConfig, attach, deactivate_heads
+
+    torch.manual_seed(0)
+    model = create_backbone("test_vit", num_classes=4, img_size=32, pretrained=False, drop_path=0.0)
+    attach(model, HeartLoRAConfig(targets=("q", "v"), rank=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)  # B starts at zero: give the adapters an effect to compare
+    deactivate_heads(model, heads=[("backbone.blocks.1.attn", 0)])
+    return model
+
+
+def test_compiled_and_eager_outputs_and_gradients_agree() -> None:
+    """Dynamo captures the adapted model whole (heads off included) and AOTAutograd's backward matches eager. The
+    ``aot_eager`` backend runs the captured graphs without generating C++ (inductor takes minutes on this CPU);
+    code generation itself is torch's to test."""
+    model = _tiny_adapted()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def run(net: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        out = net(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_out, eager_grads = run(model)
+    torch._dynamo.reset()
+    compiled_out, compiled_grads = run(compiled(model, True, backend="aot_eager"))
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and any("lora_A" in n for n in eager_grads)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-3, atol=1e-5)
+    assert compiled(model, False) is model
+
+
+def test_precision_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).name == "fp32"  # CPU autocast is slower than fp32 on most CPUs
+    bf16 = resolve_precision("bf16", cpu)
+    with bf16.autocast():
+        y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+    assert y.dtype == torch.bfloat16 and bf16.scaler is None
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        assert resolve_precision("auto", gpu).name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+        assert resolve_precision("fp16", gpu).scaler is not None
+
+
+def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, task: str) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    from heartlora.engine import TrainConfig, train
+
+    kw = {"task": task, "backbone": "test_vit", "pretrained": False, "img_size": 32, "batch_size": 32, "epochs": 1,
+          "method": "heart-lora", "ne": 3, "progress": False}
+    fp32 = train(TrainConfig(**kw, out=str(tmp_path / "fp32")))
+    bf16 = train(TrainConfig(**kw, precision="bf16", out=str(tmp_path / "bf16")))
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["adapter_bytes"] == fp32["adapter_bytes"]
+    a, b = load_file(tmp_path / "fp32" / "adapter.safetensors"), load_file(tmp_path / "bf16" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run the products in bf16

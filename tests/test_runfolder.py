@@ -1,0 +1,196 @@
+"""The run folder and the trainer's manners: one writer per folder (live and stale locks), failed writes as one
+line with the previous checkpoint kept, leftovers of a kill cleaned, checksummed weights files, and no global side
+effects (threads, process group, logging, matplotlib)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TINY, _fails
+from test_engine import one_thread, write_tiny_vtab  # noqa: F401  (one_thread: autouse fixture)
+
+from heartlora.cli.main import main
+from heartlora.engine import TrainConfig, train
+from heartlora.engine.checkpoint import load_checkpoint
+from heartlora.engine.runfolder import LOCK_NAME, RUN_FILES
+from heartlora.engine.state import TrainState
+
+FLAGS = ["--method", "heart-lora", "--ne", "3", "--epochs", "2", *TINY]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_tiny_vtab(tmp_path_factory.mktemp("folder_task"))
+
+
+def test_a_folder_held_by_a_live_process_is_refused_and_a_killed_holder_is_taken_over(
+        tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code = ("import sys, time; from heartlora.engine.runfolder import RunFolder; f = RunFolder(sys.argv[1]); "
+            "f.acquire(); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        line = _fails(["train", "--task", task, *FLAGS, "--out", str(out)], capsys, f"in use by process {holder.pid}")
+        assert str(out) in line
+        assert time.perf_counter() - t0 < 30  # refused before any training, not after it
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock file is still there, but no process holds it: the next run takes it over.
+    assert (out / LOCK_NAME).read_text().strip() == str(holder.pid)
+    assert main(["train", "--task", task, *FLAGS, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # and removes it when done
+
+
+def test_a_stale_lock_file_is_taken_over(tmp_path: Path, task: str) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("999999999\n")  # a process that no longer exists
+    assert main(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file() and not (out / LOCK_NAME).exists()
+
+
+def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_writes_no_metrics(
+        tmp_path: Path, task: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import heartlora.engine.checkpoint as ckpt
+
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):  # the second checkpoint (end of epoch 2) hits a full disk
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    out = tmp_path / "run"
+    line = _fails(["train", "--task", task, *FLAGS, "--out", str(out)], capsys, "the disk is full")
+    assert str(out) in line and "checkpoint.pt" in line
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # the previous checkpoint survives, whole
+    assert not (out / "metrics.json").exists()
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir()) and not (out / LOCK_NAME).exists()
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0  # space freed: the run continues
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_metrics_json_is_written_last(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from heartlora.engine import plots
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(plots, "training_curves", read_only)
+    out = tmp_path / "run"
+    _fails(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out)], capsys, "read-only")
+    assert not (out / "metrics.json").exists()
+
+
+def test_leftover_temporary_files_are_cleaned_by_resume_and_overwrite(tmp_path: Path, task: str) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--task", task, *FLAGS, "--out", str(out), "--stop-after-epoch", "1"]) == 0
+    for name in (".checkpoint.pt.k1ll3d.tmp", ".adapter.safetensors.x.tmp"):
+        (out / name).write_bytes(b"half a file")
+    (out / "mine.tmp").write_text("a user's file")
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "mine.tmp"])
+    (out / ".checkpoint.pt.again.tmp").write_bytes(b"half")
+    assert main(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*RUN_FILES, "mine.tmp"])
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_on_a_virtual_file_system_names_the_cause(task: str, capsys: pytest.CaptureFixture) -> None:
+    line = _fails(["train", "--task", task, *FLAGS, "--out", "/proc/heartlora-x"], capsys, "/proc")
+    assert "does not accept new folders" in line and "no such file" not in line
+
+
+def test_linear_and_full_weight_files_are_checksummed(tmp_path: Path, task: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    for method in ("linear", "full"):
+        out = tmp_path / method
+        assert main(["train", "--task", task, "--method", method, "--epochs", "1", *TINY, "--out", str(out)]) == 0
+        good = (out / "adapter.safetensors").read_bytes()
+        assert main(["eval", "--adapter", str(out), "--split", "val200"]) == 0
+        capsys.readouterr()
+        flipped = bytearray(good)
+        flipped[-3] ^= 0x01  # the lowest bit of a weight near the end of the data
+        (out / "adapter.safetensors").write_bytes(bytes(flipped))
+        _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+        header = int.from_bytes(good[:8], "little")
+        assert b"init_seed" in good[8:8 + header]
+        relabelled = good[:8] + good[8:8 + header].replace(b"init_seed\\\": 42", b"init_seed\\\": 43") \
+            + good[8 + header:]
+        assert relabelled != good and len(relabelled) == len(good)
+        (out / "adapter.safetensors").write_bytes(relabelled)
+        _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+
+
+def test_train_restores_threads_and_logs_through_the_module_logger(tmp_path: Path, task: str,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.INFO, logger="heartlora.engine.trainer"):
+        train(TrainConfig(task=task, backbone="test_vit", pretrained=False, img_size=32, batch_size=32, epochs=2,
+                          method="heart-lora", ne=3, out=str(tmp_path / "r"), progress=False,
+                          threads=before + 1, score_ema=0.5))
+    assert torch.get_num_threads() == before
+    assert "end of warmup: switched off 3 of 12 attention heads" in caplog.text
+    state = TrainState.from_checkpoint(load_checkpoint(tmp_path / "r" / "checkpoint.pt"))
+    assert state.tracker["ema"] == 0.5 and state.settings["score_ema"] == 0.5  # --score-ema reaches the tracker
+
+
+def test_train_leaves_a_process_group_it_did_not_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    from heartlora.engine import trainer
+    from heartlora.engine.distributed import DistInfo
+
+    left = []
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(trainer, "setup", lambda device: DistInfo(0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(trainer, "teardown", lambda: left.append(True))
+    monkeypatch.setattr(trainer, "_train", lambda cfg, info: {"status": "finished"})
+    trainer.train(TrainConfig(task="x"))
+    assert left == []  # the caller's group stays
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    trainer.train(TrainConfig(task="x"))
+    assert left == [True]  # the group train() joined is left
+
+
+def test_plots_do_not_switch_the_matplotlib_backend() -> None:
+    import importlib
+
+    import matplotlib
+
+    from heartlora.engine import plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        importlib.reload(plots)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+def test_failed_writes_name_their_cause() -> None:
+    from heartlora.engine.runfolder import describe_os_error
+
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")) == "the disk is full"
+    assert describe_os_error(OSError(errno.EROFS, "Read-only file system")) == "the file system is read-only"
+    torch_full = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4050")
+    assert describe_os_error(torch_full) == "the write stopped part-way (is the disk full?)"
