@@ -12,11 +12,11 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-import heartlora as hl  # noqa: E402
-import heartlora.method  # noqa: E402,F401
-from heartlora.backbones import create_backbone  # noqa: E402
-from heartlora.errors import ConfigError, UnsupportedBackboneError  # noqa: E402
-from heartlora.integrations import export_peft, import_peft, score_and_prune  # noqa: E402
+import heartlora as hl
+import heartlora.method
+from heartlora.backbones import create_backbone
+from heartlora.errors import ConfigError, UnsupportedBackboneError
+from heartlora.integrations import export_peft, import_peft, score_and_prune
 
 ATOL, RTOL = 1e-5, 1e-4
 FAMILIES = {"vit": (32, 8), "dinov2": (28, 7)}  # image size, patch
@@ -28,8 +28,8 @@ def hf_dir(request, tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
     size, patch = FAMILIES[request.param]
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=size,
-                  patch_size=patch, attn_implementation="eager")
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": size, "patch_size": patch, "attn_implementation": "eager"}
     torch.manual_seed(0)
     model = ViTModel(ViTConfig(**common)) if request.param == "vit" else Dinov2Model(Dinov2Config(**common))
     path = tmp_path_factory.mktemp(request.param)
@@ -37,17 +37,17 @@ def hf_dir(request, tmp_path_factory):
     return request.param, path, size
 
 
-def _hl(path, size, pool="cls"):
+def _hl(path, size, pool="cls", classes=5):
     torch.manual_seed(1)
-    return create_backbone(f"hf:{path}", num_classes=5, img_size=size, pool=pool)
+    return create_backbone(f"hf:{path}", num_classes=classes, img_size=size, pool=pool)
 
 
-def _hf_classifier(family, path, base_state):
+def _hf_classifier(family, path, base_state, classes=5):
     """The transformers image classifier with the backbone's weights (what a PEFT user has)."""
     from transformers import AutoConfig, Dinov2ForImageClassification, ViTForImageClassification
 
     config = AutoConfig.from_pretrained(path)
-    config.num_labels = 5
+    config.num_labels = classes
     cls = ViTForImageClassification if family == "vit" else Dinov2ForImageClassification
     model = cls(config)
     getattr(model, model.base_model_prefix).load_state_dict(base_state, strict=True)
@@ -93,12 +93,12 @@ def test_export_loads_in_peft_with_equal_logits(hf_dir, tmp_path, bits):
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=RTOL)
 
 
-def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alpha=5):
+def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alpha=5, classes=5):
     """A PEFT LoRA adapter with random (trained-looking) weights on the transformers classifier, saved."""
     torch.manual_seed(4)
     hl_plain = _hl(path, FAMILIES[family][0])
     base = {k: v.clone() for k, v in hl_plain.backbone.state_dict().items()}
-    hf = _hf_classifier(family, path, base)
+    hf = _hf_classifier(family, path, base, classes)
     names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
     wanted = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." in n
               and n.rsplit(".", 1)[-1] in {names[t] for t in targets}]
@@ -170,7 +170,7 @@ def test_prune_then_file_equals_peft_with_heads_zeroed(hf_dir, tmp_path):
 
 
 def test_export_import_round_trip_keeps_heads_off(hf_dir, tmp_path):
-    family, path, size = hf_dir
+    _, path, size = hf_dir
     model = _hl(path, size)
     hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
     _randomise(model)
@@ -206,3 +206,37 @@ def test_export_refuses_timm_fused_qkv(tmp_path):
     hl.attach(model, hl.HeartLoRAConfig(rank=2))
     with pytest.raises(UnsupportedBackboneError, match="Hugging Face ViT / DINOv2"):
         export_peft(model, tmp_path / "x")
+
+
+def test_cli_export_and_prune(hf_dir, tmp_path, capsys):
+    from heartlora.cli.main import main
+
+    family, path, size = hf_dir
+    model = _hl(path, size)
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    _randomise(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"), "--format", "peft"]) == 0
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    back = import_peft(tmp_path / "exported").eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x), atol=ATOL, rtol=RTOL)
+
+    _, folder = _peft_adapter(family, path, tmp_path, classes=10)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(path)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "pruned.safetensors"
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--batches", "1", "--batch-size", "8",
+                 "--img-size", str(size), "--out", str(out), "--peft-out", str(tmp_path / "again"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ne"] == 2 and len(report["heads_off"]) == 2 and report["images"] == 200
+    assert report["adapter_bytes"] < report["peft_lora_bytes"]
+    info = hl.read_adapter_info(out)
+    assert sum(not on for layer in info["layers"] for on in layer["head_mask"]) == 2
+    assert info["extra"]["heartlora_run"]["task"] == "digits"
+    assert hl.head_masks(import_peft(tmp_path / "again")) == {layer["name"]: layer["head_mask"]
+                                                              for layer in info["layers"]}
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
+    assert "neither auto nor a number" in capsys.readouterr().err

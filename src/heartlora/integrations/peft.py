@@ -30,8 +30,16 @@ from torch import nn
 
 from heartlora._paths import atomic_path
 from heartlora.errors import AdapterFileError, ConfigError, UnsupportedBackboneError
-from heartlora.method import (HeartLoRAConfig, ResponsivenessTracker, adapter_config, attach, attention_layers,
-                              choose_ne, deactivate_heads, head_masks)
+from heartlora.method import (
+    HeartLoRAConfig,
+    ResponsivenessTracker,
+    adapter_config,
+    attach,
+    attention_layers,
+    choose_ne,
+    deactivate_heads,
+    head_masks,
+)
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -146,7 +154,7 @@ def export_peft(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLik
     tensors[f"{PREFIX}classifier.weight"] = w.contiguous()
     tensors[f"{PREFIX}classifier.bias"] = bias.contiguous()
     spec = root.spec
-    ref = spec["name"][3:] if spec["name"].startswith("hf:") else spec["name"]
+    ref = spec["name"].removeprefix("hf:")
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.scale * cfg.rank, lora_dropout=cfg.dropout,
                            target_modules=sorted(targets), modules_to_save=["classifier"], bias="none",
                            base_model_name_or_path=ref, inference_mode=True)
@@ -189,7 +197,7 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
     if why:
         raise ConfigError(f"{d}: heartlora cannot convert this adapter exactly: {why}")
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         meta = f.metadata() or {}
     return cfg, tensors, meta
 
@@ -200,7 +208,7 @@ def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tupl
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key.removeprefix(PREFIX)
         for factor in ("lora_A", "lora_B"):
             tail = f".{factor}.weight"
             if name.endswith(tail):
