@@ -8,9 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import heartlora as hl  # noqa: E402
-from heartlora.errors import ConfigError  # noqa: E402
-from heartlora.integrations import HeartLoRACallback  # noqa: E402
+import heartlora as hl
+from heartlora.errors import ConfigError
+from heartlora.integrations import HeartLoRACallback
 
 
 def _model():
@@ -69,3 +69,14 @@ def test_callback_checks_its_settings():
         HeartLoRACallback(warmup_steps=2)
     with pytest.raises(ConfigError, match="at least 1"):
         HeartLoRACallback(warmup_steps=0, ne=1)
+
+
+def test_ecosystem_example_runs(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    exec(compile(code.replace("/tmp/hl-trainer", str(tmp_path)), str(doc), "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("3 heads off:") and lines[-1] == "5 heads on"
