@@ -354,8 +354,11 @@ def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_si
     name = backbone or spec.get("name") or getattr(cfg, "base_model_name_or_path", None)
     if not name:
         raise ConfigError(f"{where} names no base model (base_model_name_or_path): pass --backbone")
-    if backbone is None and not spec and not name.startswith("hf:") and not Path(name).is_dir():
-        name = f"hf:{name}"
+    from heartlora.backbones import list_backbones
+
+    shortcuts = {n for n, _ in list_backbones()}
+    if backbone is None and name not in shortcuts and not name.startswith("hf:") and not Path(name).is_dir():
+        name = f"hf:{name}"  # a hub id, as PEFT records it
     spec.update(name=name, num_classes=int(head_w.shape[0]))
     if img_size:
         spec["img_size"] = int(img_size)
