@@ -1,4 +1,4 @@
-"""The ``heartlora`` command: train, eval, predict, inspect, data, demo.
+"""The ``heartlora`` command: train, eval, predict, inspect, export, prune, data, demo.
 
 Errors a user can fix (every ``HeartLoRAError``, a missing or unreadable file) print one line, ``error: …``, and
 exit with status 2; ``--debug`` shows the traceback instead.
@@ -247,6 +247,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from heartlora.integrations import export_peft
+
+    report = export_peft(_adapter_path(args.adapter), args.dir)
+    print(f"wrote {report.path}: PEFT LoRA folder for transformers {report.model_class} "
+          f"({report.heads_on} of {report.heads_total} heads on, {report.lora_bytes:,} bytes of LoRA weights); load "
+          f"it with PeftModel.from_pretrained({report.model_class}(...), {str(report.path)!r})")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from heartlora.integrations import prune_peft
+
+    if args.ne != "auto" and not args.ne.isdigit():
+        raise HeartLoRAError(f"--ne {args.ne!r} is neither auto nor a number of heads")
+    ne: int | str = args.ne if args.ne == "auto" else int(args.ne)
+    out = args.out or str(Path(args.peft_dir).with_name(Path(args.peft_dir).name + ".pruned.safetensors"))
+    r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
+                   out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope)
+    r.pop("model")
+    if args.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "scores"}, indent=2, default=str))
+        return 0
+    print_table(f"heartlora prune: {args.peft_dir}", [
+        ("task", f"{r['task']}: heads scored on {r['scoring_images']} training images"),
+        ("heads switched off", f"{len(r['heads_off'])} of {r['heads_total']}"
+                               + (" (--ne auto)" if r["ne_choice"] else "")),
+        (f"accuracy ({r['split']}, {r['images']} images)",
+         f"{100 * r['accuracy_before']:.2f} % before, {100 * r['accuracy_after']:.2f} % after"),
+        ("bytes", f"{r['peft_lora_bytes']:,} PEFT LoRA weights before, {r['adapter_bytes']:,} after"),
+    ])
+    print(f"adapter: {r['out']}")
+    if r.get("peft_out"):
+        print(f"PEFT folder: {r['peft_out']} (for {r['peft_model_class']}; switched-off heads are zero rows)")
+    return 0
+
+
 def cmd_data_list(args: argparse.Namespace) -> int:
     from heartlora.data import get_task, list_tasks
 
@@ -388,6 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="adapter.safetensors (or the run folder)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="also write the heads heatmap (default: beside the file)")
+    p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder)")
+    p.add_argument("adapter", help="adapter.safetensors (or the run folder)")
+    p.add_argument("dir", help="folder to write")
+    p.add_argument("--format", default="peft", choices=["peft"],
+                   help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")
+
+    p = add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
+    p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
+    p.add_argument("--task", required=True, help="the task the adapter was trained on (its training split scores)")
+    p.add_argument("--ne", default="auto", help="heads to switch off: a number, or auto (default; decided on "
+                   "held-back training images)")
+    p.add_argument("--batches", type=int, default=8, help="training batches to score heads on (default 8)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
+                   help="split for the accuracy before and after (default val200)")
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
+    p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
+    p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")
+    p.add_argument("--img-size", type=int, help="image size (default: the backbone's)")
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", parents=[common], help="list or export tasks")

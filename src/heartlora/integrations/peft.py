@@ -1,0 +1,467 @@
+"""PEFT LoRA folders in and out, and head pruning of an adapter trained with PEFT.
+
+A folder written here is for the transformers image classifier of the backbone's family
+(``ViTForImageClassification``, ``Dinov2ForImageClassification``): ``PeftModel.from_pretrained(model, DIR)`` on that
+class, whose inner model (``model.vit`` / ``model.dinov2``) holds the backbone's weights, gives heartlora's logits for
+the same normalised pixels. A heartlora head on DINOv2's class token alone becomes a classifier over (class token,
+mean patch token) whose second half is zero, so the logits stay the same.
+
+The conversion is exact: PEFT's ``lora_B`` (out × r) holds an adapted q, k or v projection's rows in head order, so a
+head switched off is a block of zero rows; for o it is a block of zero columns of ``lora_A``. k-bit adapters are
+written as the decoded float values the forward uses. Reading goes the other way: every LoRA pair becomes one
+heartlora projection, PEFT's per-module scaling folded into B where it differs from the common one, smaller ranks
+padded with zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from heartlora._paths import atomic_path
+from heartlora.errors import AdapterFileError, ConfigError, UnsupportedBackboneError
+from heartlora.method import (
+    HeartLoRAConfig,
+    ResponsivenessTracker,
+    adapter_config,
+    attach,
+    attention_layers,
+    choose_ne,
+    deactivate_heads,
+    head_masks,
+)
+from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+# transformers model class (heartlora's backbone) → the image classifier PEFT loads the folder into, the attribute
+# that holds the inner model, and what its classifier reads.
+HF_CLASSIFIERS = {"ViTModel": ("ViTForImageClassification", "cls"),
+                  "Dinov2Model": ("Dinov2ForImageClassification", "cls+mean")}
+
+
+def _need_peft() -> Any:
+    try:
+        import peft
+    except ImportError as e:
+        raise ConfigError("PEFT folders need the peft package: pip install 'heartlora[bench]' (or pip install "
+                          "peft)") from e
+    return peft
+
+
+@dataclass
+class PeftExport:
+    """What :func:`export_peft` wrote: the folder, the class to load it into, and the LoRA bytes (float32)."""
+
+    path: str
+    model_class: str
+    lora_bytes: int
+    heads_on: int
+    heads_total: int
+
+
+def _hf_target(root: nn.Module) -> tuple[str, str, str]:
+    """(ForImageClassification class name, its inner-model attribute, its pooling) for heartlora's classifier."""
+    from heartlora.backbones.hf_family import HFClassifier
+
+    backbone = getattr(root, "backbone", None)
+    kind = type(backbone).__name__
+    if not isinstance(root, HFClassifier) or kind not in HF_CLASSIFIERS:
+        name = getattr(root, "spec", {}).get("name", type(root).__name__)
+        raise UnsupportedBackboneError(
+            f"PEFT export is for Hugging Face ViT / DINOv2 backbones (separate q/k/v/o Linears in a transformers "
+            f"*ForImageClassification model); {name!r} ({kind or type(root).__name__}) has no such transformers "
+            f"class to load the folder into: keep the heartlora adapter file")
+    cls_name, pool = HF_CLASSIFIERS[kind]
+    return cls_name, backbone.base_model_prefix, pool
+
+
+def _full_factors(proj: HeadLoRAProjection) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (A r×in, B out×r) for one projection: the active heads' factor scattered to its rows (q, k, v) or
+    columns (o) of the Linear, zeros for heads that are off; the values the forward uses (decoded for k-bit)."""
+    r = proj.rank
+    a_full = torch.zeros(r, proj.in_features)
+    b_full = torch.zeros(proj.out_features, r)
+    heads = proj.active_heads()
+    if not heads:
+        return a_full, b_full
+    with torch.no_grad():
+        a, b = (t.detach().float().cpu() for t in proj.effective_weights())
+    rows = proj.index[heads].reshape(-1).cpu()
+    if proj.per_head_is_B:
+        a_full.copy_(a)
+        b_full[rows] = b
+    else:
+        a_full[:, rows] = a
+        b_full.copy_(b)
+    return a_full, b_full
+
+
+def _load_model(source: str | os.PathLike | nn.Module) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from heartlora.engine import load_trained
+
+    path = Path(source)
+    path = path / "adapter.safetensors" if path.is_dir() else path
+    model, info = load_trained(path, "cpu")
+    if info["kind"] != "adapter":
+        raise ConfigError(f"{path} holds plain weights (method {info['run'].get('method')}), not a LoRA adapter: "
+                          "only heartlora adapters export to PEFT")
+    return model
+
+
+def export_peft(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike) -> PeftExport:
+    """Write a heartlora adapter (a file, a run folder or an adapted model) as a PEFT LoRA folder for the backbone's
+    transformers image classifier (``PeftExport.model_class``). Refuses, in one line, a backbone without one."""
+    peft = _need_peft()
+    model = _load_model(source)
+    root = getattr(model, "module", model)
+    cls_name, prefix, pool = _hf_target(root)
+    if root.pool != pool and not (pool == "cls+mean" and root.pool == "cls"):
+        raise UnsupportedBackboneError(f"{cls_name} classifies the class token only; this adapter's head reads "
+                                       f"{root.pool!r}: train with pool 'cls' to export it")
+    cfg = adapter_config(model)
+    tensors: dict[str, torch.Tensor] = {}
+    targets = []
+    for name, mod in root.named_modules():
+        if not isinstance(mod, HeadLoRALinear):
+            continue
+        if len(mod.lora) != 1 or mod.mode != "forward":
+            raise UnsupportedBackboneError(f"{name} computes {len(mod.lora)} projections or is read by weight: PEFT "
+                                           "adds one LoRA pair in a Linear's forward")
+        (proj,) = mod.lora.values()
+        target = prefix + name[len("backbone"):]
+        a, b = _full_factors(proj)
+        tensors[f"{PREFIX}{target}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{target}.lora_B.weight"] = b.contiguous()
+        targets.append(target)
+    head = root.head
+    w, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
+    if root.pool == "cls" and pool == "cls+mean":  # the mean-patch half of the classifier's input is ignored
+        w = torch.cat([w, torch.zeros_like(w)], dim=1)
+    tensors[f"{PREFIX}classifier.weight"] = w.contiguous()
+    tensors[f"{PREFIX}classifier.bias"] = bias.contiguous()
+    spec = root.spec
+    ref = spec["name"].removeprefix("hf:")
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.scale * cfg.rank, lora_dropout=cfg.dropout,
+                           target_modules=sorted(targets), modules_to_save=["classifier"], bias="none",
+                           base_model_name_or_path=ref, inference_mode=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        # PEFT reads "format"; the heartlora entry lets `heartlora prune` rebuild the same backbone.
+        save_file(tensors, str(tmp), metadata={"format": "pt", "heartlora_backbone": json.dumps(spec)})
+    lora.save_pretrained(str(out))
+    masks = head_masks(model)
+    lora_bytes = sum(t.numel() * 4 for k, t in tensors.items() if ".lora_" in k)
+    return PeftExport(str(out), cls_name, lora_bytes, sum(sum(m) for m in masks.values()),
+                      sum(len(m) for m in masks.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a PEFT folder
+
+
+def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor], dict[str, str]]:
+    """(LoraConfig, tensors, safetensors metadata) of a PEFT LoRA folder, checked for what heartlora can express."""
+    peft = _need_peft()
+    d = Path(peft_dir)
+    if not (d / CONFIG_NAME).is_file():
+        raise AdapterFileError(f"{d} has no {CONFIG_NAME}: name a folder written by PEFT's save_pretrained")
+    if not (d / WEIGHTS_NAME).is_file():
+        raise AdapterFileError(f"{d} has no {WEIGHTS_NAME}: save the PEFT adapter with safe_serialization=True")
+    cfg = peft.PeftConfig.from_pretrained(str(d))
+    why = None
+    if str(getattr(cfg, "peft_type", "")).rsplit(".", 1)[-1] != "LORA":
+        why = f"it is a {cfg.peft_type} adapter, not LoRA"
+    elif getattr(cfg, "use_dora", False):
+        why = "it uses DoRA (a magnitude vector per column)"
+    elif getattr(cfg, "bias", "none") != "none" or getattr(cfg, "lora_bias", False):
+        why = "it trains biases"
+    elif getattr(cfg, "fan_in_fan_out", False):
+        why = "it is for Conv1D (fan_in_fan_out) layers"
+    elif getattr(cfg, "alpha_pattern", None):
+        why = "it sets lora_alpha per module (alpha_pattern)"
+    if why:
+        raise ConfigError(f"{d}: heartlora cannot convert this adapter exactly: {why}")
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        meta = f.metadata() or {}
+    return cfg, tensors, meta
+
+
+def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                                  dict[str, torch.Tensor]]:
+    """{module name: (A, B)} and the other (saved-module) tensors, names without PEFT's prefix."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for factor in ("lora_A", "lora_B"):
+            tail = f".{factor}.weight"
+            if name.endswith(tail):
+                pairs.setdefault(name[:-len(tail)], {})[factor] = t
+                break
+        else:
+            if ".lora_" in name:
+                raise ConfigError(f"{where}: tensor {key} is not a plain LoRA factor (embedding or magnitude "
+                                  "vector): heartlora cannot convert it")
+            rest[name] = t
+    broken = [n for n, p in pairs.items() if set(p) != {"lora_A", "lora_B"}]
+    if broken:
+        raise AdapterFileError(f"{where}: {broken[0]} has only one LoRA factor; the folder is damaged")
+    return {n: (p["lora_A"].float(), p["lora_B"].float()) for n, p in pairs.items()}, rest
+
+
+def _classifier(rest: dict[str, torch.Tensor], where: Any) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """The saved classifier (modules_to_save): its root name (``classifier`` or heartlora's ``head``) and tensors."""
+    for name in ("classifier", "head"):
+        w = rest.get(f"{name}.weight")
+        if w is not None and w.dim() == 2:
+            return name, w.float(), rest.get(f"{name}.bias")
+    raise ConfigError(f"{where} stores no classifier (modules_to_save=['classifier']): heartlora needs the trained "
+                      "classifier to score heads; save the adapter with its classifier")
+
+
+def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, backbone: str | None = None,
+                img_size: int | None = None, switch_off_zero_heads: bool = True) -> nn.Module:
+    """A heartlora-adapted classifier with the PEFT LoRA adapter of ``peft_dir`` (same logits as PEFT's model).
+
+    ``model``: a heartlora ``ImageClassifier`` without adapters (built from ``backbone``, default the folder's
+    ``base_model_name_or_path``, when None). The folder may be for the transformers image classifier (``vit.…``,
+    ``dinov2.…``, ``classifier``) or for heartlora's own classifier (``backbone.…``, ``head``). Heads whose
+    adapter weights are zero in every projection of their layer (a pruned export) are switched off."""
+    cfg, tensors, meta = read_peft(peft_dir)
+    pairs, rest = _pairs(tensors, peft_dir)
+    if not pairs:
+        raise ConfigError(f"{peft_dir} has no LoRA factors")
+    head_name, head_w, head_b = _classifier(rest, peft_dir)
+    if model is None:
+        model = _build_backbone(cfg, meta, backbone, img_size, head_w, peft_dir)
+    root = getattr(model, "module", model)
+    inner = getattr(root, "backbone", None)
+    prefix = "backbone" if head_name == "head" else getattr(inner, "base_model_prefix", "")
+    if root.pool == "cls" and head_w.shape[1] == 2 * root.num_features and prefix != "backbone":
+        raise ConfigError(f"{peft_dir}: its classifier reads 2×{root.num_features} features (class token and mean "
+                          "patch token): build the backbone with pool='cls+mean'")
+    names = {n for n, _ in root.named_modules()}
+    mapped: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name, (a, b) in pairs.items():
+        if not name.startswith(prefix + "."):
+            raise ConfigError(f"{peft_dir}: LoRA on {name}, outside the {prefix!r} model this backbone provides")
+        hl_name = "backbone" + name[len(prefix):]
+        if hl_name not in names:
+            raise ConfigError(f"{peft_dir}: LoRA on {name}, which this backbone does not have: use the backbone the "
+                              "adapter was trained on")
+        mapped[hl_name] = (a, b, _scaling(cfg, a.shape[0]))
+    scalings = {s for _, _, s in mapped.values()}
+    scale = scalings.pop() if len(scalings) == 1 else 1.0
+    rank = max(a.shape[0] for a, _, _ in mapped.values())
+    model = attach(model, HeartLoRAConfig(targets=_targets(model, set(mapped), peft_dir), rank=rank, scale=scale,
+                                          dropout=float(getattr(cfg, "lora_dropout", 0.0) or 0.0)))
+    _fill(model, mapped, scale, rank)
+    with torch.no_grad():
+        w = root.head.weight
+        if w.shape[1] != head_w.shape[1] or w.shape[0] != head_w.shape[0]:
+            raise ConfigError(f"{peft_dir}: its classifier is {tuple(head_w.shape)}, this model's head "
+                              f"{tuple(w.shape)}: build the backbone with the adapter's number of classes and pool")
+        w.copy_(head_w)
+        if head_b is not None:
+            root.head.bias.copy_(head_b.float())
+    if switch_off_zero_heads:
+        zero = [(layer.name, h) for layer in attention_layers(model) for h, on in enumerate(layer.head_mask()) if on
+                and all(not bool(p.head_weights(h).any()) for p in layer.projections.values())]
+        if zero and len(zero) < sum(layer.num_heads for layer in attention_layers(model)):
+            deactivate_heads(model, heads=zero)
+    return model
+
+
+def _scaling(cfg: Any, r: int) -> float:
+    alpha = float(cfg.lora_alpha)
+    return alpha / math.sqrt(r) if getattr(cfg, "use_rslora", False) else alpha / r
+
+
+def _targets(model: nn.Module, adapted: set[str], where: Any) -> tuple[str, ...]:
+    """Which of q, k, v, o the PEFT adapter covers, from a probe attach that only locates the projections."""
+    from heartlora.method.layouts import scan_attention
+
+    found, _ = scan_attention(model)
+    targets = set()
+    located = set()
+    root = getattr(model, "module", model)
+    full = {id(m): n for n, m in root.named_modules()}
+    for _, layout, module, parent, attr in found:
+        _, sites = layout.describe(module, parent, attr)
+        for target, site in sites.sites.items():
+            name = full[id(getattr(site.parent, site.attr))]
+            located.add(name)
+            if name in adapted:
+                targets.add(target)
+    stray = sorted(adapted - located)
+    if stray:
+        raise ConfigError(f"{where}: LoRA on {stray[0]}, which is not an attention projection: heartlora adapts "
+                          "attention q, k, v, o only")
+    return tuple(t for t in ("q", "k", "v", "o") if t in targets)
+
+
+def _fill(model: nn.Module, mapped: dict[str, tuple[torch.Tensor, torch.Tensor, float]], scale: float,
+          rank: int) -> None:
+    """Copy each LoRA pair into its heartlora projection (rank padded with zeros, scaling folded into B); the
+    projections PEFT did not adapt get zero factors (no change to the output)."""
+    root = getattr(model, "module", model)
+    with torch.no_grad():
+        for name, mod in root.named_modules():
+            if not isinstance(mod, HeadLoRALinear):
+                continue
+            (proj,) = mod.lora.values()
+            a_full = torch.zeros(rank, proj.in_features)
+            b_full = torch.zeros(proj.out_features, rank)
+            if name in mapped:
+                a, b, s = mapped[name]
+                a_full[:a.shape[0]] = a
+                b_full[:, :b.shape[1]] = b if s == scale else b * (s / scale)
+            rows = proj.index[proj.active_heads()].reshape(-1).cpu()
+            if proj.per_head_is_B:
+                proj.lora_A.copy_(a_full)
+                proj.lora_B.copy_(b_full[rows])
+            else:
+                proj.lora_A.copy_(a_full[:, rows])
+                proj.lora_B.copy_(b_full)
+
+
+def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_size: int | None,
+                    head_w: torch.Tensor, where: Any) -> nn.Module:
+    from heartlora.backbones import create_backbone
+
+    spec: dict[str, Any] = {}
+    if meta.get("heartlora_backbone"):
+        try:
+            spec = dict(json.loads(meta["heartlora_backbone"]))
+        except ValueError:
+            spec = {}
+    name = backbone or spec.get("name") or getattr(cfg, "base_model_name_or_path", None)
+    if not name:
+        raise ConfigError(f"{where} names no base model (base_model_name_or_path): pass --backbone")
+    from heartlora.backbones import list_backbones
+
+    shortcuts = {n for n, _ in list_backbones()}
+    if backbone is None and name not in shortcuts and not name.startswith("hf:") and not Path(name).is_dir():
+        name = f"hf:{name}"  # a hub id, as PEFT records it
+    spec.update(name=name, num_classes=int(head_w.shape[0]))
+    if img_size:
+        spec["img_size"] = int(img_size)
+    model = create_backbone(**{k: spec[k] for k in ("name", "num_classes", "img_size", "drop_path") if k in spec})
+    if head_w.shape[1] == 2 * model.num_features and model.pool == "cls":
+        spec["pool"] = "cls+mean"
+        model = create_backbone(**{k: spec[k] for k in ("name", "num_classes", "img_size", "pool", "drop_path")
+                                   if k in spec})
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring and pruning
+
+
+def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Taylor responsiveness of every head from one forward and backward per batch (images in [0, 1]); no weight
+    changes. The model is in eval mode meanwhile (no dropout), gradients are cleared afterwards."""
+    tracker = ResponsivenessTracker(model)
+    was = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            with torch.enable_grad():
+                F.cross_entropy(model(x), y).backward()
+            tracker.update()
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was)
+    return tracker.scores()
+
+
+def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ne: int | str = "auto",
+                    heldout: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    scope: str = "global") -> dict[str, Any]:
+    """Score heads on ``batches`` and switch off ``ne`` of them (``"auto"``: :func:`choose_ne` on ``heldout``
+    training batches). Returns the scores, the heads switched off and the ne choice."""
+    if not batches:
+        raise ConfigError("scoring needs at least one batch of training images")
+    scores = score_heads(model, batches)
+    choice = None
+    if ne == "auto":
+        if not heldout:
+            raise ConfigError("ne='auto' needs held-back training batches: pass heldout= or a number for ne")
+        choice = choose_ne(model, scores, heldout, scope=scope)
+        ne = choice.ne
+    off = deactivate_heads(model, scores, ne=int(ne), scope=scope)
+    return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off, "ne": int(ne),
+            "ne_choice": choice.to_dict() if choice else None}
+
+
+def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *, batches: int = 8,
+               batch_size: int = 32, split: str = "val200", out: str | os.PathLike | None = None,
+               peft_out: str | os.PathLike | None = None, backbone: str | None = None, img_size: int | None = None,
+               scope: str = "global", heldout_images: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
+    the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``
+    and, when asked, a PEFT folder to ``peft_out``."""
+    from heartlora.data import get_task
+    from heartlora.engine.inference import RUN_KEY
+    from heartlora.engine.metrics import predict_logits
+    from heartlora.method import save_adapter
+
+    t = get_task(task)
+    model = import_peft(peft_dir, backbone=backbone, img_size=img_size)
+    root = getattr(model, "module", model)
+    if t.num_classes != root.spec["num_classes"]:
+        raise ConfigError(f"task {t.name} has {t.num_classes} classes, the adapter's classifier "
+                          f"{root.spec['num_classes']}: prune on the task it was trained for")
+    size = root.img_size
+    train_x, train_y = t.load("train800", img_size=size, seed=seed)
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
+    n_score = min(batches * batch_size, len(order))
+    score_idx, held_idx = order[:n_score], order[n_score:n_score + heldout_images]
+    if ne == "auto" and not len(held_idx):  # every image went to scoring: decide on a fixed sample of them
+        held_idx = order[:heldout_images]
+
+    def to_batches(idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(train_x[i].float().div(255.0), train_y[i]) for i in idx.split(batch_size)]
+
+    eval_x, eval_y = t.load(split, img_size=size, seed=seed)
+
+    def acc() -> float:
+        return float((predict_logits(model, eval_x, torch.device("cpu"), 128).argmax(1) == eval_y).float().mean())
+
+    before = acc()
+    result = score_and_prune(model, to_batches(score_idx), ne, heldout=to_batches(held_idx), scope=scope)
+    after = acc()
+    _, tensors, _ = read_peft(peft_dir)
+    peft_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if ".lora_" in k)
+    result.update(task=t.name, split=split, images=len(eval_y), accuracy_before=before, accuracy_after=after,
+                  heads_total=sum(layer.num_heads for layer in attention_layers(model)), peft_lora_bytes=peft_bytes,
+                  scoring_images=int(n_score))
+    if out is not None:
+        run = {"task": t.name, "method": "peft-lora, heads pruned by heartlora", "img_size": size,
+               "class_names": list(getattr(t, "class_names", []) or []), "backbone_spec": root.spec,
+               "pretrained": True}
+        if len(run["class_names"]) != root.spec["num_classes"]:
+            run["class_names"] = []
+        report = save_adapter(model, out, extra_metadata={RUN_KEY: run})
+        result.update(out=str(out), adapter_bytes=report.adapter_bytes, file_bytes=report.file_bytes)
+    if peft_out is not None:
+        exp = export_peft(model, peft_out)
+        result.update(peft_out=exp.path, peft_model_class=exp.model_class)
+    result["model"] = model
+    return result

@@ -1,0 +1,82 @@
+"""HeartLoRACallback in a real transformers.Trainer run on a tiny ViT: scores during warmup, switches heads off with
+the Trainer's optimizer, keeps training the heads that stay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import heartlora as hl
+from heartlora.errors import ConfigError
+from heartlora.integrations import HeartLoRACallback
+
+
+def _model():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+                    patch_size=8, num_labels=3)
+    return ViTForImageClassification(cfg)
+
+
+def _data(n=16):
+    g = torch.Generator().manual_seed(1)
+    return [{"pixel_values": torch.rand(3, 16, 16, generator=g), "labels": int(i % 3)} for i in range(n)]
+
+
+def _trainer(model, callback, tmp_path, steps=5):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return Trainer(model=model, args=args, train_dataset=_data(), callbacks=[callback])
+
+
+def test_callback_scores_then_switches_heads_off(tmp_path):
+    model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    cb = HeartLoRACallback(warmup_steps=2, ne=3)
+    trainer = _trainer(model, cb, tmp_path)
+    trainer.train()
+    # Scored on exactly the warmup steps, with the step's gradients present (B starts at zero, so the first step
+    # contributes nothing and the second must).
+    assert cb.tracker.steps == 2
+    assert sum(float(s.sum()) for s in cb.scores.values()) > 0
+    masks = hl.head_masks(model)
+    off = {(name, h) for name, m in masks.items() for h, on in enumerate(m) if not on}
+    assert off == set(cb.heads_off) and len(off) == 3
+    # The Trainer's optimizer holds the rebuilt factors, with AdamW state of their own shape, stepped after the switch.
+    opt = trainer.optimizer
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    adapters = hl.adapter_parameters(model)
+    assert all(id(p) in in_opt for p in adapters)
+    assert len(in_opt) == len(adapters) + 2  # and the classifier's weight and bias, nothing else
+    for p in adapters:
+        st = opt.state[p]
+        assert st["exp_avg"].shape == p.shape and int(st["step"]) == 5
+
+
+def test_callback_refuses_a_model_without_heartlora_adapters(tmp_path):
+    with pytest.raises(ConfigError, match="heartlora.attach"):
+        _trainer(_model(), HeartLoRACallback(warmup_steps=1, ne=1), tmp_path, steps=1).train()
+
+
+def test_callback_checks_its_settings():
+    with pytest.raises(ConfigError, match="exactly one of ne"):
+        HeartLoRACallback(warmup_steps=2)
+    with pytest.raises(ConfigError, match="at least 1"):
+        HeartLoRACallback(warmup_steps=0, ne=1)
+
+
+def test_ecosystem_example_runs(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.DOTALL).group(1)
+    exec(compile(code.replace("/tmp/hl-trainer", str(tmp_path)), str(doc), "exec"), {})  # noqa: S102 (the doc's own code)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("3 heads off:") and lines[-1] == "5 heads on"

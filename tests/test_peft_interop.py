@@ -1,0 +1,242 @@
+"""PEFT folders in and out, and head pruning of a PEFT adapter: PEFT's own model must give heartlora's logits.
+
+Tolerance: atol 1e-5, rtol 1e-4 on logits of order 1 (float32; the two compute the same products in another
+order)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import heartlora as hl
+import heartlora.method
+from heartlora.backbones import create_backbone
+from heartlora.errors import ConfigError, UnsupportedBackboneError
+from heartlora.integrations import export_peft, import_peft, score_and_prune
+
+ATOL, RTOL = 1e-5, 1e-4
+FAMILIES = {"vit": (32, 8), "dinov2": (28, 7)}  # image size, patch
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def hf_dir(request, tmp_path_factory):
+    """A tiny random transformers backbone saved with its weights, as `hf:<dir>` loads it."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    size, patch = FAMILIES[request.param]
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "image_size": size, "patch_size": patch, "attn_implementation": "eager"}
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(**common)) if request.param == "vit" else Dinov2Model(Dinov2Config(**common))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, path, size
+
+
+def _hl(path, size, pool="cls", classes=5):
+    torch.manual_seed(1)
+    return create_backbone(f"hf:{path}", num_classes=classes, img_size=size, pool=pool)
+
+
+def _hf_classifier(family, path, base_state, classes=5):
+    """The transformers image classifier with the backbone's weights (what a PEFT user has)."""
+    from transformers import AutoConfig, Dinov2ForImageClassification, ViTForImageClassification
+
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = classes
+    cls = ViTForImageClassification if family == "vit" else Dinov2ForImageClassification
+    model = cls(config)
+    getattr(model, model.base_model_prefix).load_state_dict(base_state, strict=True)
+    return model.eval()
+
+
+def _normalised(model, x):
+    return (x - model.mean) / model.std
+
+
+def _randomise(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hl.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        head = model.head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g))
+        head.bias.copy_(torch.randn(head.bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("bits", [32, 2])
+def test_export_loads_in_peft_with_equal_logits(hf_dir, tmp_path, bits):
+    family, path, size = hf_dir
+    model = _hl(path, size)
+    base = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=4, scale=0.5, bits=bits))
+    _randomise(model)
+    off = [("backbone.layers.0.attention", 1), ("backbone.layers.1.attention", 0), ("backbone.layers.1.attention", 3)]
+    hl.deactivate_heads(model, heads=[(n, h) for n, h in off if n in dict(model.named_modules())] or
+                        [(layer.name, h) for layer in hl.attention_layers(model)[:1] for h in (1, 2)])
+    report = export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 2.0 and cfg["modules_to_save"] == ["classifier"]
+    assert report.model_class.endswith("ForImageClassification") and report.heads_on < report.heads_total
+
+    pm = peft.PeftModel.from_pretrained(_hf_classifier(family, path, base), tmp_path / "peft").eval()
+    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        ours = model(x)
+        theirs = pm(pixel_values=_normalised(model, x)).logits
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=RTOL)
+
+
+def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alpha=5, classes=5):
+    """A PEFT LoRA adapter with random (trained-looking) weights on the transformers classifier, saved."""
+    torch.manual_seed(4)
+    hl_plain = _hl(path, FAMILIES[family][0])
+    base = {k: v.clone() for k, v in hl_plain.backbone.state_dict().items()}
+    hf = _hf_classifier(family, path, base, classes)
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    wanted = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." in n
+              and n.rsplit(".", 1)[-1] in {names[t] for t in targets}]
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=wanted,
+                                                 modules_to_save=["classifier"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.save_pretrained(tmp_path / "trained")
+    return pm.eval(), tmp_path / "trained"
+
+
+def test_import_gives_peft_logits(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    pm, folder = _peft_adapter(family, path, tmp_path)
+    pool = "cls" if family == "vit" else "cls+mean"
+    model = import_peft(folder, _hl(path, size, pool)).eval()
+    cfg = hl.method.adapter_config(model)
+    assert cfg.targets == ("q", "k", "v", "o") and cfg.rank == 3 and cfg.scale == pytest.approx(5 / 3)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_import_builds_backbone_from_the_folder(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    pm, folder = _peft_adapter(family, path, tmp_path, targets=("q", "v"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(path)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    model = import_peft(folder, img_size=size).eval()
+    assert model.pool == ("cls" if family == "vit" else "cls+mean")  # read from the classifier's width
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_prune_then_file_equals_peft_with_heads_zeroed(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    pm, folder = _peft_adapter(family, path, tmp_path)
+    pool = "cls" if family == "vit" else "cls+mean"
+    model = import_peft(folder, _hl(path, size, pool))
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    result = score_and_prune(model, batches, ne=3)
+    assert len(result["heads_off"]) == 3 and all(len(s) == 4 for s in result["scores"].values())
+    hl.save_adapter(model, tmp_path / "pruned.safetensors")
+    restored = hl.load_adapter(_hl(path, size, pool), tmp_path / "pruned.safetensors").eval()
+
+    prefix = pm.base_model.model.base_model_prefix
+    d = 32 // 4
+    with torch.no_grad():
+        for layer, h in result["heads_off"]:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                lora = pm.base_model.model.get_submodule(f"{prefix}{layer[len('backbone'):]}.{proj}")
+                if proj == "o_proj":
+                    lora.lora_A["default"].weight[:, h * d:(h + 1) * d] = 0
+                else:
+                    lora.lora_B["default"].weight[h * d:(h + 1) * d] = 0
+    x = torch.rand(2, 3, size, size, generator=g)
+    with torch.no_grad():
+        theirs = pm(pixel_values=_normalised(restored, x)).logits
+        torch.testing.assert_close(restored(x), theirs, atol=ATOL, rtol=RTOL)
+        # And the pruning changed something: the unpruned import differs.
+        full = import_peft(folder, _hl(path, size, pool)).eval()
+        assert not torch.allclose(full(x), theirs, atol=1e-4)
+
+
+def test_export_import_round_trip_keeps_heads_off(hf_dir, tmp_path):
+    _, path, size = hf_dir
+    model = _hl(path, size)
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    _randomise(model)
+    layer = hl.attention_layers(model)[0].name
+    hl.deactivate_heads(model, heads=[(layer, 0), (layer, 2)])
+    export_peft(model, tmp_path / "peft")
+    back = import_peft(tmp_path / "peft").eval()  # the backbone named in the folder's metadata
+    assert hl.head_masks(back) == hl.head_masks(model)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x), atol=ATOL, rtol=RTOL)
+
+
+def test_import_refuses_lora_outside_attention(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    from safetensors.torch import load_file, save_file
+
+    pm, folder = _peft_adapter(family, path, tmp_path, targets=("q",))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    hf = pm.base_model.model
+    mlp = next(n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." not in n
+               and n.startswith(hf.base_model_prefix + ".") and m.in_features == 32)
+    tensors[f"base_model.model.{mlp}.lora_A.weight"] = torch.zeros(3, 32)
+    tensors[f"base_model.model.{mlp}.lora_B.weight"] = torch.zeros(hf.get_submodule(mlp).out_features, 3)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    pool = "cls" if family == "vit" else "cls+mean"
+    with pytest.raises(ConfigError, match="not an attention projection"):
+        import_peft(folder, _hl(path, size, pool))
+
+
+def test_export_refuses_timm_fused_qkv(tmp_path):
+    model = create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, pretrained=False)
+    hl.attach(model, hl.HeartLoRAConfig(rank=2))
+    with pytest.raises(UnsupportedBackboneError, match="Hugging Face ViT / DINOv2"):
+        export_peft(model, tmp_path / "x")
+
+
+def test_cli_export_and_prune(hf_dir, tmp_path, capsys):
+    from heartlora.cli.main import main
+
+    family, path, size = hf_dir
+    model = _hl(path, size)
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    _randomise(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"), "--format", "peft"]) == 0
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    back = import_peft(tmp_path / "exported").eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model.eval()(x), atol=ATOL, rtol=RTOL)
+
+    _, folder = _peft_adapter(family, path, tmp_path, classes=10)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(path)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "pruned.safetensors"
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--batches", "1", "--batch-size", "8",
+                 "--img-size", str(size), "--out", str(out), "--peft-out", str(tmp_path / "again"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ne"] == 2 and len(report["heads_off"]) == 2 and report["images"] == 200
+    assert report["adapter_bytes"] < report["peft_lora_bytes"]
+    info = hl.read_adapter_info(out)
+    assert sum(not on for layer in info["layers"] for on in layer["head_mask"]) == 2
+    assert info["extra"]["heartlora_run"]["task"] == "digits"
+    assert hl.head_masks(import_peft(tmp_path / "again")) == {layer["name"]: layer["head_mask"]
+                                                              for layer in info["layers"]}
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
+    assert "neither auto nor a number" in capsys.readouterr().err
