@@ -42,7 +42,8 @@ def _make_adapter(tmp_path, build, task: str, num_classes: int, bits: int, rank:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     path = tmp_path / f"{task}.safetensors"
     names = [f"{task}-{i}" for i in range(num_classes)]
-    hl.save_adapter(model, path, extra_metadata={"heartlora_run": {"task": task, "class_names": names}})
+    hl.save_adapter(model, path, extra_metadata={"heartlora_run": {"task": task, "class_names": names,
+                                                                       "pretrained": False, "init_seed": 0}})
     return path
 
 
@@ -126,3 +127,38 @@ def test_refusals(tmp_path):
     assert not other.tasks and not other._linears  # a refused file leaves the bank as it was
     with pytest.raises(ConfigError, match="3 class names"):
         bank.add(path, name="b", class_names=["p", "q", "r"])
+
+
+def test_cli_predict_with_several_adapters_labels_each_image_by_every_task(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from heartlora.cli.main import main
+
+    paths = [_make_adapter(tmp_path, _vit, t, n, b, 4, 4, seed=i) for i, (t, n, b) in
+             enumerate([("a", 5, 32), ("b", 3, 1)])]
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"im{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images[i])
+    assert main(["predict", "--adapter", str(paths[0]), "--adapter", str(paths[1]), "--json", "--top-k", "3",
+                 *map(str, images)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [(r["image"], r["task"]) for r in got] == [(str(im), t) for im in images for t in "ab"]
+    for path, task in zip(paths, "ab"):  # each task's answers equal the single-adapter predict
+        assert main(["predict", "--adapter", str(path), "--json", "--top-k", "3", *map(str, images)]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        mine = [r for r in got if r["task"] == task]
+        for m, a in zip(mine, alone):
+            assert [t["label"] for t in m["top"]] == [t["label"] for t in a["top"]]
+            np.testing.assert_allclose([t["prob"] for t in m["top"]], [t["prob"] for t in a["top"]], atol=1e-5)
+    # Adapters at different image sizes cannot share a bank: one line, exit status 2.
+    torch.manual_seed(0)
+    other = hl.attach(hl.create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=48, pretrained=False),
+                      hl.HeartLoRAConfig(rank=2), verify=False)
+    hl.save_adapter(other, tmp_path / "big.safetensors", extra_metadata={"heartlora_run": {"pretrained": False}})
+    assert main(["predict", "--adapter", str(paths[0]), "--adapter", str(tmp_path / "big.safetensors"),
+                 str(images[0])]) == 2
+    assert "different image sizes" in capsys.readouterr().err

@@ -301,6 +301,40 @@ class AdapterBank:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
 
 
+def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
+                    backbone: str | None = None) -> tuple[AdapterBank, int]:
+    """A bank holding the adapter files ``paths`` (run folders stand for their adapter.safetensors) on the backbone
+    the first file names (``backbone`` builds another, as ``load_trained`` does), and the image size they share."""
+    from heartlora.engine.inference import build_backbone, read_run_info
+
+    files = [Path(p) / "adapter.safetensors" if Path(p).is_dir() else Path(p) for p in paths]
+    infos = [read_run_info(f) for f in files]
+    plain = [str(f) for f, i in zip(files, infos) if i["kind"] != "adapter"]
+    if plain:
+        raise ConfigError(f"{plain[0]} stores plain weights (a linear or full run), not an adapter: only adapter "
+                          "files share a backbone in a bank")
+    sizes = {}
+    for f, info in zip(files, infos):
+        spec = info["run"].get("backbone_spec") or info["adapter"]["backbone"]
+        sizes[str(f)] = info["run"].get("img_size") or spec.get("img_size")
+    if len(set(sizes.values())) > 1:
+        raise ConfigError("the adapters were trained at different image sizes "
+                          f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
+    run = dict(infos[0]["run"])
+    run.setdefault("backbone_spec", infos[0]["adapter"]["backbone"])
+    if "num_classes" not in run["backbone_spec"]:
+        raise ConfigError(f"{files[0]} was saved from a model create_backbone did not build: make the bank in Python "
+                          "with heartlora.AdapterBank(your_backbone)")
+    bank = AdapterBank(build_backbone(run, override=backbone, source=str(files[0])), device=device)
+    tasks = [i["run"].get("task") or None for i in infos]
+    for f, task in zip(files, tasks):  # two runs of one task: name them by their run folders
+        bank.add(f, name=(f.parent.name if f.stem == "adapter" else f.stem) if tasks.count(task) > 1 else None)
+    size = next(iter(sizes.values())) or getattr(bank.model, "img_size", None)
+    if not size:
+        raise ConfigError(f"{files[0]} names no image size: make the bank in Python and resize images yourself")
+    return bank, int(size)
+
+
 def _has(root: nn.Module, name: str) -> bool:
     try:
         root.get_submodule(name)
