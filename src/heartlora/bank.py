@@ -85,7 +85,9 @@ class BankLinear(nn.Module):
                 if proj.active_heads():
                     ys = proj.add_delta(ys, xs)
                     changed = True
-            if changed:
+            if changed and rows.stop - rows.start == x.shape[0]:  # one task in the whole batch: no copy back
+                out = ys.view(out.shape)
+            elif changed:
                 out[rows] = ys.view(out[rows].shape)
         return out.movedim(-1, 1) if conv else out
 
