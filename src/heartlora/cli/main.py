@@ -1,4 +1,4 @@
-"""The ``heartlora`` command: train, eval, predict, inspect, export, prune, data, demo.
+"""The ``heartlora`` command: train, eval, predict, serve, inspect, export, prune, data, demo.
 
 Errors a user can fix (every ``HeartLoRAError``, a missing or unreadable file) print one line, ``error: …``, and
 exit with status 2; ``--debug`` shows the traceback instead.
@@ -189,7 +189,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     files = collect_images(args.inputs)  # fail on a missing path before the model is built
     device = resolve_device(args.device)
-    model, info = load_trained(_adapter_path(args.adapter), device, backbone=args.backbone)
+    if len(args.adapter) > 1:
+        return _predict_bank(args, files, device)
+    model, info = load_trained(_adapter_path(args.adapter[0]), device, backbone=args.backbone)
     run = info["run"]
     img_size = run.get("img_size") or model.spec["img_size"]
     results = classify(model, files, img_size, run.get("class_names", []), args.top_k, device)
@@ -199,6 +201,45 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in results:
         tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
         print(f"{r['image']}\t{tops}")
+    return 0
+
+
+def _predict_bank(args: argparse.Namespace, files: list[Path], device: Any) -> int:
+    """Several adapters: one backbone, an AdapterBank, and every image labelled by every task."""
+    import torch
+
+    from heartlora.bank import bank_from_files
+    from heartlora.engine.inference import read_image
+
+    bank, img_size = bank_from_files(args.adapter, device, backbone=args.backbone)
+    names = list(bank.tasks)
+    results = []
+    for start in range(0, len(files), 64):
+        chunk = files[start:start + 64]
+        images = torch.stack([read_image(f, img_size) for f in chunk]).to(device).float().div_(255.0)
+        rows = images.repeat_interleave(len(names), 0)  # image-major: every task of an image side by side
+        tops = bank.top_k(rows, names * len(chunk), args.top_k)
+        for i, f in enumerate(chunk):
+            results += [{"image": str(f), "task": t, "top": tops[i * len(names) + j]} for j, t in enumerate(names)]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+        print(f"{r['image']}\t{r['task']}\t{tops}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from heartlora.bank import bank_from_files
+    from heartlora.engine.distributed import resolve_device
+    from heartlora.serve import require_serving, serve
+
+    require_serving()
+    bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
+    print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{args.host}:{args.port} "
+          "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr)
+    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     return 0
 
 
@@ -414,12 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("predict", cmd_predict, "top-k labels for image files or folders")
-    p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter.safetensors (or the run folder); repeat it for several tasks on one backbone "
+                        "(an AdapterBank): each image is then labelled by every task")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+
+    p = add("serve", cmd_serve, "an HTTP server for one or more adapters on one backbone (needs heartlora[serve])")
+    p.add_argument("--adapter", required=True, action="append", help="adapter.safetensors (or the run folder); "
+                   "repeat it for every task to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backbone", help=BACKBONE_HELP)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one bank call")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others to join it")
 
     p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
     p.add_argument("file", help="adapter.safetensors (or the run folder)")

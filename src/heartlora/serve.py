@@ -1,0 +1,209 @@
+"""``heartlora serve``: an HTTP server (Starlette on uvicorn) over an :class:`~heartlora.bank.AdapterBank`.
+
+Endpoints:
+  ``GET /health``  -> ``{"status": "ok", "tasks": N}``
+  ``GET /tasks``   -> ``[{"name", "num_classes", "class_names"}, …]``
+  ``POST /predict?task=T&top_k=K`` with the image file's bytes as the body -> ``{"task", "top": [{"label", "index",
+  "prob"}, …]}``. A bad image, a missing or unknown task or a bad ``top_k`` answer 4xx with ``{"error": one line}``.
+
+Requests are batched across tasks: a :class:`Batcher` gathers what arrives within ``max_wait_ms`` of the first
+request (up to ``max_batch``) and runs one bank call for all of them, in a worker thread so the event loop keeps
+accepting requests. Install the extra: ``pip install 'heartlora[serve]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from heartlora.bank import AdapterBank
+from heartlora.data.base import open_image
+from heartlora.errors import ConfigError, HeartLoRAError
+
+MAX_BODY_BYTES = 20 * 2**20
+MAX_TOP_K = 1000
+
+
+def decode_image(data: bytes, img_size: int) -> torch.Tensor:
+    """Image file bytes -> float (3, S, S) in [0, 1], resized like ``heartlora predict`` does (PIL bicubic, RGB);
+    a one-line ConfigError when the bytes are not an image."""
+    if not data:
+        raise ConfigError("the request body is empty: POST the image file's bytes")
+    try:
+        with open_image(io.BytesIO(data)) as im:  # refuses decompression bombs before decoding
+            rgb = im.convert("RGB")
+    except HeartLoRAError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ConfigError(f"the body is not an image PIL can read ({type(exc).__name__}): POST a PNG, JPEG or other "
+                          "image file") from None
+    if rgb.size != (img_size, img_size):
+        rgb = rgb.resize((img_size, img_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy()).float().div_(255.0)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher has done: requests answered and bank calls made (requests / calls = mean batch size)."""
+
+    requests: int = 0
+    calls: int = 0
+    largest: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    """Gathers (image, task, top_k) requests for up to ``max_wait_ms`` after the first and answers them with one
+    bank call. Start it inside the running event loop (:meth:`start`); :meth:`submit` awaits one request's answer."""
+
+    def __init__(self, bank: AdapterBank, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ConfigError(f"max_batch must be >= 1 and max_wait_ms >= 0 (got {max_batch}, {max_wait_ms})")
+        self.bank, self.max_batch, self.max_wait = bank, max_batch, max_wait_ms / 1000.0
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartlora-bank")
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, image: torch.Tensor, task: str, top_k: int) -> list[dict[str, Any]]:
+        if self._queue is None:
+            raise RuntimeError("the batcher is not started: call start() inside the event loop")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((image, task, top_k, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                answers = await loop.run_in_executor(self._pool, self._answer, items)
+            except Exception as exc:  # noqa: BLE001 (one failing call answers every request in it with the error)
+                for *_, future in items:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (*_, future), answer in zip(items, answers):
+                if not future.done():  # the client may have gone
+                    future.set_result(answer)
+
+    def _answer(self, items: Sequence[tuple]) -> list[list[dict[str, Any]]]:
+        images = torch.stack([i[0] for i in items])
+        tops = self.bank.top_k(images, [i[1] for i in items], k=max(i[2] for i in items))
+        self.stats.requests += len(items)
+        self.stats.calls += 1
+        self.stats.largest = max(self.stats.largest, len(items))
+        self.stats.sizes.append(len(items))
+        return [top[:k] for top, (_, _, k, _) in zip(tops, items)]
+
+
+def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0) -> Any:
+    """The Starlette application for ``bank``; images are resized to ``img_size``. ``app.state.batcher`` holds the
+    :class:`Batcher` (its ``stats`` say how requests were grouped)."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    batcher = Batcher(bank, max_batch, max_wait_ms)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "tasks": len(bank.tasks)})
+
+    async def tasks(request: Request) -> JSONResponse:
+        return JSONResponse([{"name": t.name, "num_classes": t.num_classes, "class_names": t.class_names}
+                             for t in bank.tasks.values()])
+
+    async def predict(request: Request) -> JSONResponse:
+        task = request.query_params.get("task")
+        if not task:
+            return error(400, f"name the task: POST /predict?task=NAME (tasks: {', '.join(bank.tasks)})")
+        if task not in bank.tasks:
+            return error(404, f"unknown task {task!r}: this server holds {', '.join(bank.tasks)}")
+        raw_k = request.query_params.get("top_k", "5")
+        if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_TOP_K:
+            return error(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}")
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return error(413, f"the image is {int(size):,} bytes, more than {MAX_BODY_BYTES:,}: send a smaller file")
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            return error(413, f"the image is more than {MAX_BODY_BYTES:,} bytes: send a smaller file")
+        try:
+            image = decode_image(body, img_size)
+        except HeartLoRAError as exc:
+            return error(400, str(exc))
+        top = await batcher.submit(image, task, int(raw_k))
+        return JSONResponse({"task": task, "top": top})
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = Starlette(routes=[Route("/health", health), Route("/tasks", tasks),
+                            Route("/predict", predict, methods=["POST"])], lifespan=lifespan)
+    app.state.batcher = batcher
+    return app
+
+
+def serve(bank: AdapterBank, img_size: int, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
+          max_wait_ms: float = 5.0, log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(create_app(bank, img_size, max_batch, max_wait_ms), host=host, port=port, log_level=log_level)
+
+
+def require_serving() -> None:
+    """A one-line error when the serving extra is not installed."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"heartlora serve needs {exc.name}: pip install 'heartlora[serve]'") from None
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of request latencies, in milliseconds."""
+    ms = np.sort(np.asarray(seconds, dtype=float)) * 1000.0
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"max": float(ms[-1]), "n": len(ms)}
+

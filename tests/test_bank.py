@@ -1,0 +1,164 @@
+"""AdapterBank: a mixed-task batch on one backbone equals each task's own loaded model, row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES
+
+import heartlora as hl
+from heartlora.errors import AdapterFileError, ConfigError
+
+# float32 on the CPU; the bank adds the same deltas in the same order as the task's own model, but on a slice of the
+# batch, so matrix products may be blocked differently: a few float32 ulps of the logits' scale.
+ATOL = 1e-5
+
+
+def _vit(num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return hl.create_backbone("vit_tiny_patch16_224", num_classes=num_classes, img_size=32, pretrained=False)
+
+
+def _family(name: str):
+    def build(num_classes: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return FAMILIES[name][0]()
+    return build
+
+
+def _make_adapter(tmp_path, build, task: str, num_classes: int, bits: int, rank: int, off: int, seed: int):
+    """A trained-looking adapter: random nonzero factors and classifier, ``off`` heads switched off."""
+    model = hl.attach(build(num_classes), hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=rank, bits=bits),
+                      verify=False)
+    g = torch.Generator().manual_seed(seed)
+    layers = hl.attention_layers(model)
+    heads = [(layer.name, h) for layer in layers for h in range(layer.num_heads)]
+    pick = torch.randperm(len(heads), generator=g)[:off].tolist()
+    hl.deactivate_heads(model, heads=[heads[i] for i in pick])
+    with torch.no_grad():
+        for p in hl.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for p in model.get_classifier().parameters() if hasattr(model, "get_classifier") else model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    path = tmp_path / f"{task}.safetensors"
+    names = [f"{task}-{i}" for i in range(num_classes)]
+    hl.save_adapter(model, path, extra_metadata={"heartlora_run": {"task": task, "class_names": names,
+                                                                       "pretrained": False, "init_seed": 0}})
+    return path
+
+
+def _own_logits(build, path, num_classes: int, x: torch.Tensor) -> torch.Tensor:
+    model = hl.load_adapter(build(num_classes), path).eval()
+    with torch.no_grad():
+        return model(x)
+
+
+CASES = {  # task -> (classes, bits, rank, heads off)
+    "a": (5, 32, 4, 0),
+    "b": (3, 1, 2, 9),
+    "c": (7, 32, 8, 20),
+    "d": (4, 2, 4, 5),
+}
+
+
+@pytest.mark.parametrize("family", ["vit", "hf_dinov2", "timm_swin"])
+def test_mixed_batch_equals_each_tasks_own_model(tmp_path, family):
+    build = _vit if family == "vit" else _family(family)
+    fixed = family != "vit"  # the conftest models have a 5-way classifier
+    paths = {}
+    for i, (task, (classes, bits, rank, off)) in enumerate(CASES.items()):
+        classes = 5 if fixed else classes
+        if family == "timm_swin":
+            off = min(off, 3)
+        paths[task] = _make_adapter(tmp_path, build, task, classes, bits, rank, off, seed=i)
+    bank = hl.AdapterBank(build(10))
+    for task in CASES:
+        added = bank.add(paths[task])
+        assert added.name == task and added.class_names[0] == f"{task}-0"
+    x = torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    tasks = ["c", "a", "b", "a", "d", "c", "b", "b", "a"]
+    got = bank(x, tasks)
+    for task in CASES:
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        want = _own_logits(build, paths[task], 5 if fixed else CASES[task][0], x[rows])
+        for j, i in enumerate(rows):
+            assert got[i].shape == want[j].shape
+            torch.testing.assert_close(got[i], want[j], atol=ATOL, rtol=0)
+    # Rows of one task alone give the same answers as inside the mixed batch.
+    alone = bank(x[[1, 3]], ["a", "a"])
+    torch.testing.assert_close(torch.stack(alone), torch.stack([got[1], got[3]]), atol=ATOL, rtol=0)
+
+
+def test_backbone_is_shared_and_left_plain(tmp_path):
+    paths = [_make_adapter(tmp_path, _vit, t, 4, 32, 4, 3, seed=i) for i, t in enumerate("xyz")]
+    backbone = _vit(10)
+    base_weights = {id(p) for p in backbone.parameters()}
+    own_head = backbone.head
+    head = own_head.weight.detach().clone()
+    bank = hl.AdapterBank(backbone)
+    before = bank.resident_bytes()
+    for p in paths:
+        bank.add(p)
+    # One copy of the backbone: every original tensor is still the one in use, none was cloned.
+    assert base_weights <= {id(p) for p in bank.model.parameters()}
+    assert bank.backbone_bytes() == before
+    extra = sum(t.resident_bytes for t in bank.tasks.values())
+    assert bank.resident_bytes() == before + extra
+    assert torch.equal(own_head.weight, head)  # the backbone's own classifier is untouched
+    assert not any(p.requires_grad for p in bank.model.parameters())
+
+
+def test_refusals(tmp_path):
+    path = _make_adapter(tmp_path, _vit, "a", 4, 32, 4, 0, seed=0)
+    bank = hl.AdapterBank(_vit(4))
+    with pytest.raises(ConfigError, match="holds no adapters"):
+        bank(torch.rand(1, 3, 32, 32), ["a"])
+    bank.add(path)
+    with pytest.raises(ConfigError, match="already holds a task named 'a'"):
+        bank.add(path)
+    with pytest.raises(ConfigError, match="unknown task 'zz'"):
+        bank(torch.rand(2, 3, 32, 32), ["a", "zz"])
+    with pytest.raises(ConfigError, match="one task per row"):
+        bank(torch.rand(2, 3, 32, 32), ["a"])
+    torch.manual_seed(1)  # other random weights: another backbone
+    other = hl.AdapterBank(hl.create_backbone("vit_tiny_patch16_224", num_classes=4, img_size=32, pretrained=False))
+    with pytest.raises(AdapterFileError, match="other weights or shapes"):
+        other.add(path)
+    assert not other.tasks and not other._linears  # a refused file leaves the bank as it was
+    with pytest.raises(ConfigError, match="3 class names"):
+        bank.add(path, name="b", class_names=["p", "q", "r"])
+
+
+def test_cli_predict_with_several_adapters_labels_each_image_by_every_task(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from heartlora.cli.main import main
+
+    paths = [_make_adapter(tmp_path, _vit, t, n, b, 4, 4, seed=i) for i, (t, n, b) in
+             enumerate([("a", 5, 32), ("b", 3, 1)])]
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"im{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images[i])
+    assert main(["predict", "--adapter", str(paths[0]), "--adapter", str(paths[1]), "--json", "--top-k", "3",
+                 *map(str, images)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [(r["image"], r["task"]) for r in got] == [(str(im), t) for im in images for t in "ab"]
+    for path, task in zip(paths, "ab"):  # each task's answers equal the single-adapter predict
+        assert main(["predict", "--adapter", str(path), "--json", "--top-k", "3", *map(str, images)]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        mine = [r for r in got if r["task"] == task]
+        for m, a in zip(mine, alone):
+            assert [t["label"] for t in m["top"]] == [t["label"] for t in a["top"]]
+            np.testing.assert_allclose([t["prob"] for t in m["top"]], [t["prob"] for t in a["top"]], atol=1e-5)
+    # Adapters at different image sizes cannot share a bank: one line, exit status 2.
+    torch.manual_seed(0)
+    other = hl.attach(hl.create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=48, pretrained=False),
+                      hl.HeartLoRAConfig(rank=2), verify=False)
+    hl.save_adapter(other, tmp_path / "big.safetensors", extra_metadata={"heartlora_run": {"pretrained": False}})
+    assert main(["predict", "--adapter", str(paths[0]), "--adapter", str(tmp_path / "big.safetensors"),
+                 str(images[0])]) == 2
+    assert "different image sizes" in capsys.readouterr().err

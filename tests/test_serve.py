@@ -1,0 +1,193 @@
+"""``heartlora serve``: real HTTP requests on 127.0.0.1 (a free port), errors, cross-task batching, a bounded load test."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_bank import _make_adapter, _vit
+
+import heartlora as hl
+
+pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from heartlora.serve import Batcher, create_app, decode_image, latency_summary
+
+HOST = "127.0.0.1"  # the tests never use another address
+TASKS = {"digits": 4, "shapes": 3, "textures": 6}
+
+
+def _png(seed: int, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    bank = hl.AdapterBank(_vit(10))
+    for i, (task, classes) in enumerate(TASKS.items()):
+        bank.add(_make_adapter(tmp, _vit, task, classes, 32 if i != 1 else 1, 4, 3 * i, seed=i))
+    return bank
+
+
+@pytest.fixture(scope="module")
+def server(bank):
+    app = create_app(bank, img_size=32, max_batch=16, max_wait_ms=20)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))  # a free port, chosen by the OS
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    yield sock.getsockname()[1], app.state.batcher
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, object]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/octet-stream"} if body else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _expected(bank, data: bytes, task: str, k: int):
+    return bank.top_k(decode_image(data, 32)[None], [task], k)[0]
+
+
+def _same_top(got: list[dict], want: list[dict]) -> None:
+    assert [t["label"] for t in got] == [t["label"] for t in want]
+    np.testing.assert_allclose([t["prob"] for t in got], [t["prob"] for t in want], atol=1e-5)
+
+
+def test_health_and_tasks(server):
+    port, _ = server
+    assert _request(port, "GET", "/health") == (200, {"status": "ok", "tasks": 3})
+    status, tasks = _request(port, "GET", "/tasks")
+    assert status == 200
+    assert [(t["name"], t["num_classes"]) for t in tasks] == list(TASKS.items())
+    assert tasks[1]["class_names"] == ["shapes-0", "shapes-1", "shapes-2"]
+
+
+def test_predict_matches_the_bank(server, bank):
+    port, _ = server
+    data = _png(1)
+    for task in TASKS:
+        status, out = _request(port, "POST", f"/predict?task={task}&top_k=2", data)
+        assert status == 200 and out["task"] == task
+        _same_top(out["top"], _expected(bank, data, task, 2))
+    status, out = _request(port, "POST", "/predict?task=shapes&top_k=50", data)  # k above the class count: all
+    assert status == 200 and len(out["top"]) == TASKS["shapes"]
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/predict?task=nope", b"png", 404, "unknown task 'nope'"),
+    ("/predict", b"png", 400, "name the task"),
+    ("/predict?task=digits", b"this is not an image", 400, "not an image"),
+    ("/predict?task=digits", b"", 400, "body is empty"),
+    ("/predict?task=digits&top_k=0", b"png", 400, "top_k must be"),
+    ("/predict?task=digits&top_k=x", b"png", 400, "top_k must be"),
+])
+def test_bad_requests_get_a_one_line_reason(server, path, body, status, words):
+    port, _ = server
+    got, out = _request(port, "POST", path, body or None)
+    assert got == status
+    assert words in out["error"] and "\n" not in out["error"]
+
+
+def test_get_on_predict_is_refused(server):
+    port, _ = server
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request("GET", "/predict?task=digits")
+    assert conn.getresponse().status == 405
+    conn.close()
+
+
+def test_batcher_groups_requests_across_tasks(bank):
+    images = [decode_image(_png(s), 32) for s in range(5)]
+    tasks = ["digits", "shapes", "textures", "digits", "shapes"]
+
+    async def run():
+        batcher = Batcher(bank, max_batch=8, max_wait_ms=200)
+        batcher.start()
+        try:
+            answers = await asyncio.gather(*(batcher.submit(im, t, 3) for im, t in zip(images, tasks)))
+        finally:
+            await batcher.stop()
+        return answers, batcher.stats
+
+    answers, stats = asyncio.run(run())
+    assert (stats.requests, stats.calls) == (5, 1)  # five requests of three tasks, one bank call
+    for im, t, got in zip(images, tasks, answers):
+        _same_top(got, bank.top_k(im[None], [t], 3)[0])
+
+
+def test_bounded_load(server, bank):
+    """8 concurrent clients × 12 requests over the three tasks: every request answered, correctly; prints latency
+    percentiles."""
+    port, batcher = server
+    clients, per_client = 8, 12
+    payloads = [_png(100 + i) for i in range(4)]
+    names = list(TASKS)
+    want = {(p, t): _expected(bank, payloads[p], t, 3) for p in range(len(payloads)) for t in names}
+    results: list[tuple[int, int, str, int, object, float]] = []
+    lock = threading.Lock()
+    before = batcher.stats.requests, batcher.stats.calls
+
+    def client(c: int) -> None:
+        for r in range(per_client):
+            p, task = (c + r) % len(payloads), names[(c * per_client + r) % len(names)]
+            t0 = time.perf_counter()
+            try:
+                status, out = _request(port, "POST", f"/predict?task={task}&top_k=3", payloads[p])
+            except OSError as exc:
+                status, out = -1, str(exc)
+            with lock:
+                results.append((c, p, task, status, out, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) == clients * per_client  # no request lost
+    assert all(status == 200 for *_, status, _, _ in results), [r for r in results if r[3] != 200][:2]
+    for _, p, task, _, out, _ in results:
+        assert out["task"] == task
+        _same_top(out["top"], want[(p, task)])
+    requests, calls = batcher.stats.requests - before[0], batcher.stats.calls - before[1]
+    assert requests == clients * per_client
+    summary = latency_summary([r[-1] for r in results])
+    print(f"\nload test: {requests} requests from {clients} clients in {calls} bank calls; latency ms "
+          + ", ".join(f"{k} {v:.1f}" for k, v in summary.items() if k != "n"))
+    assert summary["n"] == requests and summary["p50"] <= summary["p99"] <= summary["max"]
+
+
+def test_decode_image_resizes_to_rgb_in_unit_range():
+    gray = io.BytesIO()
+    Image.fromarray(np.full((10, 20), 255, dtype=np.uint8)).save(gray, format="PNG")
+    x = decode_image(gray.getvalue(), 16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.ones_like(x))
