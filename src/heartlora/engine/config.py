@@ -78,6 +78,12 @@ class TrainConfig:
                                   group="adapter", choices=("abs_sum", "sum_abs"), fill="abs_sum")
     score_ema: float | None = _opt(help="responsiveness as an exponential moving average with this decay in [0, 1) "
                                         "instead of the running sum", group="adapter", default_text="the running sum")
+    score_steps: int | None = _opt(help="heart-*: score heads over the first N optimizer steps, then switch them off "
+                                        "(instead of over the whole warmup epochs; the LR schedule is unchanged)",
+                                   group="adapter", default_text="the warmup epochs' steps")
+    score_restart: bool | None = _opt(help="with --score-steps: after the probe, train from the step-0 weights, "
+                                           "optimizer and schedule with those heads off (the probe costs N steps)",
+                                      group="adapter", fill=False)
     profile: str | None = _opt(help="default schedule", group="schedule", choices=tuple(PROFILES), fill="paper",
                                default_text="paper: 224 px, 100 epochs, batch 64; cpu: 112 px, 10 epochs, batch 32; "
                                             "flags given explicitly win")
@@ -199,6 +205,10 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
                           f"{out.method}")
     if out.score_ema is not None and not (method.adapters and 0.0 <= out.score_ema < 1.0):
         raise ConfigError(f"--score-ema {out.score_ema} needs an adapter method and a decay in [0, 1)")
+    if out.score_steps is not None and (not method.heart or int(out.score_steps) < 1):
+        raise ConfigError(f"--score-steps {out.score_steps} needs a heart-* method and at least 1 step")
+    if out.score_restart and out.score_steps is None:
+        raise ConfigError("--score-restart restarts after a --score-steps probe: give --score-steps N too")
     for name in ("epochs", "batch_size", "img_size", "rank", "eval_every"):
         if int(getattr(out, name)) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")

@@ -173,7 +173,6 @@ class Trainer:
     """One run: the data, the model prepared by its method, the optimization parts, and the epochs."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, t_start: float) -> None:
-        from heartlora.backbones import create_backbone
         from heartlora.data import get_task
 
         self.cfg, self.info, self.t_start = cfg, info, t_start
@@ -181,15 +180,31 @@ class Trainer:
         self.task = get_task(cfg.task)
         train_split, eval_split = PROTOCOLS[cfg.protocol]
         self.train_x, self.train_y = self.task.load(train_split, img_size=cfg.img_size, seed=cfg.seed)
-        torch.manual_seed(cfg.seed)  # random inits (tests, --no-pretrained) must be the same on resume and on load
-        model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
-                                pretrained=cfg.pretrained, pool=cfg.pool, drop_path=cfg.drop_path)
-        self.model, self.facts = self.method.prepare(model, cfg)
+        self.model, self.facts = self._build_model()
         self.per_layer = count_heads(self.model) if self.method.adapters else []
         self._check_ne()
+        self._check_score_steps()
         self.eval_x, self.eval_y = (self.task.load(eval_split, img_size=cfg.img_size, seed=cfg.seed)
                                     if cfg.protocol == "val" else (None, None))
         self.precision = resolve_precision(cfg.precision, info.device)
+
+    def _build_model(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The backbone prepared by the method, as at step 0 (built again by --score-restart)."""
+        from heartlora.backbones import create_backbone
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # random inits (tests, --no-pretrained) must be the same on resume and on load
+        model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
+                                pretrained=cfg.pretrained, pool=cfg.pool, drop_path=cfg.drop_path)
+        return self.method.prepare(model, self.cfg)
+
+    def _check_score_steps(self) -> None:
+        """--score-steps must end inside the run, or the heads would never be switched off."""
+        cfg = self.cfg
+        total = cfg.epochs * math.ceil(len(self.train_x) / cfg.batch_size)
+        if cfg.score_steps is not None and cfg.score_steps > total:
+            raise ConfigError(f"--score-steps {cfg.score_steps} is more than the run's {total} optimizer steps "
+                              f"({cfg.epochs} epochs): choose --score-steps ≤ {total}")
 
     def _check_ne(self) -> None:
         """Refuse an impossible --ne before any training time is spent (the core would refuse it after warmup)."""
@@ -229,15 +244,19 @@ class Trainer:
         # uint8 on the device: 1,000 images at 112 px are 38 MB
         self.train_x, self.train_y = self.train_x.to(device), self.train_y.to(device)
         self.tracker = self.method.tracker(self.model, cfg)
-        self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, cfg), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
-        self.schedule = make_schedule(self.optimizer, cfg.warmup_epochs * self.steps_per_epoch,
-                                      cfg.epochs * self.steps_per_epoch, cfg.min_lr_ratio)
+        self._build_optimization()
         self.state = state or TrainState(settings=cfg.settings())
         self.wall_before = self.state.wall_s
         if state is not None:
             self._restore(state)
         self._wrap()
+
+    def _build_optimization(self) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, cfg), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+        self.schedule = make_schedule(self.optimizer, cfg.warmup_epochs * self.steps_per_epoch,
+                                      cfg.epochs * self.steps_per_epoch, cfg.min_lr_ratio)
 
     def _restore(self, state: TrainState) -> None:
         cfg, device = self.cfg, self.info.device
@@ -289,26 +308,35 @@ class Trainer:
                             unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True,
                             file=sys.stderr, leave=False)
             try:
-                for epoch in range(self.state.epoch, cfg.epochs):
+                epoch = self.state.epoch
+                while epoch < cfg.epochs:
                     record = self.train_epoch(epoch)
-                    if self.tracker is not None and epoch + 1 == cfg.warmup_epochs:
+                    if record is None:  # the --score-steps probe ended and training restarted from step 0
+                        epoch = 0
+                        continue
+                    epoch += 1
+                    if self.tracker is not None and cfg.score_steps is None and epoch == cfg.warmup_epochs:
                         self.end_of_warmup()
-                    last = epoch + 1 == cfg.epochs
-                    if cfg.protocol == "val" and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    last = epoch == cfg.epochs
+                    if cfg.protocol == "val" and (epoch % cfg.eval_every == 0 or last):
                         record["eval_acc"] = self.evaluate(self.eval_x, self.eval_y)
                         record["eval_split"] = PROTOCOLS[cfg.protocol][1]
                     self._end_epoch(record)
-                    if cfg.stop_after_epoch is not None and epoch + 1 == cfg.stop_after_epoch and not last:
-                        self.say(f"stopped after epoch {epoch + 1} (checkpoint written); continue with --resume")
+                    if cfg.stop_after_epoch is not None and epoch == cfg.stop_after_epoch and not last:
+                        self.say(f"stopped after epoch {epoch} (checkpoint written); continue with --resume")
                         return self.metrics(self.state.history[-1]["eval_acc"], status="stopped")
             finally:
                 self.bar.close()
             return self.finish()
 
-    def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training split; no host synchronisation inside the step loop."""
+    def train_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """One pass over the training split; no host synchronisation inside the step loop. None when a
+        --score-restart probe ended in it (training went back to step 0)."""
         cfg, info, device = self.cfg, self.info, self.info.device
-        scoring = self.tracker is not None and epoch < cfg.warmup_epochs
+        if cfg.score_steps is None:
+            scoring = self.tracker is not None and epoch < cfg.warmup_epochs
+        else:
+            scoring = self.tracker is not None and self.state.scores is None
         self.net.train()
         self.bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}" + (" (warmup, scoring heads)" if scoring else ""))
         n = len(self.train_x)
@@ -341,6 +369,14 @@ class Trainer:
             correct_acc += (logits.detach().argmax(1) == y).sum()
             seen += len(mine)
             self.bar.update(1)
+            if scoring and cfg.score_steps is not None and self.tracker.steps >= cfg.score_steps:
+                scoring = False
+                self.end_of_warmup()
+                if cfg.score_restart:
+                    self.state.train_time += time.perf_counter() - t0
+                    self.state.images_seen += int(all_reduce_sum([float(seen)], info)[0])
+                    self.restart_from_step0()
+                    return None
         epoch_time = time.perf_counter() - t0
         loss_sum, correct, seen = all_reduce_sum([float(loss_acc), float(correct_acc), float(seen)], info)
         self.state.train_time += epoch_time
@@ -357,6 +393,8 @@ class Trainer:
         with self.precision.autocast():
             off = self.method.end_of_warmup(self.model, self.cfg, self.state.scores, self.optimizer,
                                             heldout=self.heldout_batches, record=record)
+        if self.cfg.score_steps is not None:
+            record["score_probe"] = {"steps": self.tracker.steps, "restart": bool(self.cfg.score_restart)}
         self.state.decisions.update(record)
         choice = record.get("ne_choice")
         if choice is not None:
@@ -369,6 +407,22 @@ class Trainer:
             total = sum(self.per_layer)
             self.say(f"end of warmup: switched off {len(off)} of {total} attention heads: "
                      + ", ".join(f"{name}[{h}]" for name, h in off[:12]) + (" …" if len(off) > 12 else ""))
+
+    def restart_from_step0(self) -> None:
+        """--score-restart: the model, optimizer, schedule and random state as at step 0 (``_build_model`` seeds the
+        generator as a fresh run does), with the heads the probe chose switched off, as if they had been off from
+        the start; a checkpoint keeps the probe's work."""
+        self.model, _ = self._build_model()
+        self.model.to(self.info.device)
+        self._build_optimization()
+        self.method.restore(self.model, self.state.heads_off, self.optimizer)
+        self.precision = resolve_precision(self.cfg.precision, self.info.device)  # a fresh gradient scaler too
+        self.state.epoch, self.state.history = 0, []
+        self._wrap()
+        self.bar.reset(total=self.cfg.epochs * self.steps_per_epoch)
+        self.say(f"--score-restart: after the {self.tracker.steps}-step probe, training starts again from step 0 "
+                 f"with {len(self.state.heads_off)} heads off")
+        self.save_checkpoint()
 
     def heldout_batches(self, count: int = HELDOUT_IMAGES) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed, seeded sample of the training images (this rank's shard), as float batches: the data ``--ne
