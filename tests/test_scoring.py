@@ -84,3 +84,48 @@ def test_score_flags_refuse_nonsense(kw: dict[str, Any], match: str) -> None:
 def test_probe_longer_than_the_run_is_refused(tmp_path: Path, task: str) -> None:
     with pytest.raises(ConfigError, match="more than the run's 6 optimizer steps"):
         train(tiny(tmp_path, task, method="heart-lora", ne=2, score_steps=7))
+
+
+# -- stability metrics on hand-made rankings ------------------------------------------------------------------------
+REF = {"l0": [1.0, 2.0, 3.0], "l1": [4.0, 5.0, 6.0]}
+
+
+def test_kendall_and_spearman_on_known_rankings() -> None:
+    from heartlora.experiments.stability import kendall_tau, spearman
+
+    assert kendall_tau(REF, REF) == pytest.approx(1.0)
+    reversed_ = {"l0": [6.0, 5.0, 4.0], "l1": [3.0, 2.0, 1.0]}
+    assert kendall_tau(REF, reversed_) == pytest.approx(-1.0)
+    assert spearman(REF, reversed_) == pytest.approx(-1.0)
+    # One adjacent swap among 6 items: 1 discordant pair of 15, τ = (14 - 1) / 15; ρ = 1 - 6·2 / (6·35).
+    swapped = {"l0": [2.0, 1.0, 3.0], "l1": [4.0, 5.0, 6.0]}
+    assert kendall_tau(REF, swapped) == pytest.approx(13 / 15)
+    assert spearman(REF, swapped) == pytest.approx(1 - 12 / 210)
+    # Scale does not matter, only the order.
+    assert kendall_tau(REF, {k: [10 * x for x in v] for k, v in swapped.items()}) == pytest.approx(13 / 15)
+
+
+def test_jaccard_of_switched_off_sets() -> None:
+    from heartlora.experiments.stability import compare, jaccard, switched_off
+
+    assert switched_off(REF, 2) == {("l0", 0), ("l0", 1)}
+    assert switched_off(REF, 2, scope="layer") == {("l0", 0), ("l0", 1), ("l1", 0), ("l1", 1)}
+    other = {"l0": [1.0, 9.0, 3.0], "l1": [4.0, 0.5, 6.0]}  # its two lowest: (l1, 1) and (l0, 0)
+    assert compare(REF, other, ne=2)["jaccard"] == pytest.approx(1 / 3)  # {l0:0} shared of {l0:0, l0:1, l1:1}
+    assert compare(REF, other, ne=0)["jaccard"] == 1.0
+    assert jaccard({1, 2}, {3}) == 0.0
+
+
+def test_stability_curve_and_layout_check() -> None:
+    from heartlora.experiments.stability import doubling_steps, pairwise, stability_curve
+
+    snaps = [(1, {"l0": [3.0, 2.0, 1.0], "l1": [6.0, 5.0, 4.0]}), (2, REF)]
+    rows = stability_curve(snaps, REF, ne=3)
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert rows[1]["kendall"] == pytest.approx(1.0) and rows[1]["jaccard"] == 1.0
+    assert rows[0]["jaccard"] == 1.0 and rows[0]["kendall"] < 1.0  # same bottom three, different order
+    assert doubling_steps(10) == [1, 2, 4, 8, 10] and doubling_steps(8) == [1, 2, 4, 8] and doubling_steps(1) == [1]
+    assert [(r["a"], r["b"]) for r in pairwise({"x": REF, "y": REF, "z": REF}, ne=1)] == [
+        ("x", "y"), ("x", "z"), ("y", "z")]
+    with pytest.raises(ConfigError, match="different layers or head counts"):
+        stability_curve([(1, {"l0": [1.0, 2.0]})], REF, ne=1)

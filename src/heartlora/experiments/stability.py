@@ -1,0 +1,92 @@
+"""How stable a head ranking is: Kendall τ and Spearman ρ between two responsiveness score vectors, the Jaccard
+overlap of the heads each would switch off, and a curve of snapshots (after 1, 2, 4, … steps) against a reference.
+
+Scores are ``{layer name: per-head scores}`` as ``ResponsivenessTracker.scores()``, metrics.json and adapter files
+hold them; two score sets compare only when they name the same layers with the same head counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from heartlora.errors import ConfigError
+
+Scores = Mapping[str, Sequence[float]]
+Head = tuple[str, int]
+
+
+def flatten(scores: Scores, like: Scores | None = None) -> np.ndarray:
+    """The scores as one vector in layer order; with ``like``, refuse a different layout (layers or head counts)."""
+    if like is not None:
+        shape = [(n, len(v)) for n, v in scores.items()]
+        other = [(n, len(v)) for n, v in like.items()]
+        if shape != other:
+            raise ConfigError("the two score sets have different layers or head counts (different backbones?): "
+                              "compare rankings of the same model only")
+    if not scores:
+        raise ConfigError("no responsiveness scores to compare: the file or run has none (a non-adapter method?)")
+    return np.concatenate([np.asarray([float(x) for x in v], dtype=float) for v in scores.values()])
+
+
+def kendall_tau(a: Scores, b: Scores) -> float:
+    """Kendall's τ-b between the two rankings of the same heads (1: same order, -1: reversed; NaN if one is
+    constant)."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(flatten(a), flatten(b, like=a)).statistic)
+
+
+def spearman(a: Scores, b: Scores) -> float:
+    """Spearman's ρ between the two rankings of the same heads."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(flatten(a), flatten(b, like=a)).statistic)
+
+
+def switched_off(scores: Scores, ne: int, scope: str = "global") -> set[Head]:
+    """The heads ``ne`` would switch off under these scores (``heartlora.method.select_heads``' choice)."""
+    import torch
+
+    from heartlora.method import select_heads
+
+    return set(select_heads({n: torch.as_tensor([float(x) for x in v]) for n, v in scores.items()}, ne=ne,
+                            scope=scope))
+
+
+def jaccard(a: set[Any], b: set[Any]) -> float:
+    """|A ∩ B| / |A ∪ B|; two empty sets agree fully (1.0)."""
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def compare(a: Scores, b: Scores, ne: int, scope: str = "global") -> dict[str, float]:
+    """Kendall τ, Spearman ρ and the Jaccard overlap of the switched-off sets at ``ne``."""
+    return {"kendall": kendall_tau(a, b), "spearman": spearman(a, b),
+            "jaccard": jaccard(switched_off(a, ne, scope), switched_off(b, ne, scope))}
+
+
+def stability_curve(snapshots: Sequence[tuple[int, Scores]], reference: Scores, ne: int,
+                    scope: str = "global") -> list[dict[str, float]]:
+    """Each (steps, scores) snapshot against ``reference`` (e.g. the full warmup's scores): one row per snapshot,
+    ``{"steps", "kendall", "spearman", "jaccard"}``, in the snapshots' order."""
+    return [{"steps": int(steps), **compare(scores, reference, ne, scope)} for steps, scores in snapshots]
+
+
+def pairwise(named: Mapping[str, Scores], ne: int, scope: str = "global") -> list[dict[str, Any]]:
+    """Every pair of named score sets compared: rows ``{"a", "b", "kendall", "spearman", "jaccard"}``."""
+    return [{"a": x, "b": y, **compare(named[x], named[y], ne, scope)} for x, y in itertools.combinations(named, 2)]
+
+
+def doubling_steps(total: int) -> list[int]:
+    """1, 2, 4, … below ``total``, then ``total`` itself: where a scoring budget is measured."""
+    if total < 1:
+        raise ConfigError(f"the number of scoring steps must be at least 1, got {total}")
+    steps = [2 ** i for i in range(total.bit_length()) if 2 ** i < total]
+    return [*steps, total]
+
+
+__all__ = ["compare", "doubling_steps", "flatten", "jaccard", "kendall_tau", "pairwise", "spearman",
+           "stability_curve", "switched_off"]
