@@ -129,3 +129,26 @@ def test_stability_curve_and_layout_check() -> None:
         ("x", "y"), ("x", "z"), ("y", "z")]
     with pytest.raises(ConfigError, match="different layers or head counts"):
         stability_curve([(1, {"l0": [1.0, 2.0]})], REF, ne=1)
+
+
+# -- inspect --compare ------------------------------------------------------------------------------------------------
+def test_inspect_compare_two_runs(tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from heartlora.cli.main import main
+    from heartlora.experiments.stability import kendall_tau, spearman
+
+    a = train(tiny(tmp_path / "a", task, method="heart-lora", ne=3, epochs=1, seed=1))
+    b = train(tiny(tmp_path / "b", task, method="heart-lora", ne=3, epochs=1, seed=2))
+    capsys.readouterr()
+    assert main(["inspect", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a"), "--json",
+                 "--plot", str(tmp_path / "grid.png")]) == 0
+    report = json.loads(capsys.readouterr().out.split("heatmap grid written")[0])
+    ab, aa = report["pairs"][0], report["pairs"][1]
+    assert (ab["a"], ab["b"], aa["b"]) == ("a", "b", "a'")
+    assert ab["kendall"] == pytest.approx(kendall_tau(a["responsiveness"], b["responsiveness"]))
+    assert ab["spearman"] == pytest.approx(spearman(a["responsiveness"], b["responsiveness"]))
+    off_a, off_b = ({tuple(x) for x in m["heads_off"]} for m in (a, b))
+    assert ab["jaccard_off"] == pytest.approx(len(off_a & off_b) / len(off_a | off_b))
+    assert aa["kendall"] == pytest.approx(1.0) and aa["jaccard_off"] == 1.0
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    assert main(["inspect", "--compare", str(tmp_path / "a")]) == 2  # one file is not a comparison
+    assert "at least two" in capsys.readouterr().err

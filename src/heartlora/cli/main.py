@@ -246,6 +246,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from heartlora.engine import read_run_info
 
+    if args.compare is not None:
+        return _inspect_compare(args)
+    if args.file is None:
+        raise HeartLoRAError("give an adapter file or run folder to inspect, or --compare A B … to compare several")
     path = _adapter_path(args.file)
     info = read_run_info(path)
     run, adapter = info["run"], info["adapter"]
@@ -285,6 +289,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         responsiveness_heatmap(target, run.get("responsiveness") or None, masks,
                                title=f"{run.get('task')} · {run.get('method')} · {spec.get('name')}")
         print(f"heatmap written to {target}")
+    return 0
+
+
+def _inspect_compare(args: argparse.Namespace) -> int:
+    """``inspect --compare A B …``: the files' head rankings side by side (Kendall τ and Spearman ρ of their
+    responsiveness scores, Jaccard of the heads they switched off), and with --plot a heatmap grid."""
+    from heartlora.engine import read_run_info
+    from heartlora.experiments.stability import heatmap_grid, jaccard, kendall_tau, spearman
+
+    given = ([args.file] if args.file else []) + list(args.compare)
+    if len(given) < 2:
+        raise HeartLoRAError("--compare needs at least two adapter files or run folders")
+    panels: dict[str, tuple[dict[str, list[float]], dict[str, list[bool]]]] = {}
+    paths = [_adapter_path(g) for g in given]
+    for path in paths:
+        info = read_run_info(path)
+        scores = info["run"].get("responsiveness") or {}
+        if not scores or info["adapter"] is None:
+            raise HeartLoRAError(f"{path} holds no responsiveness scores (method {info['run'].get('method')}): "
+                                 "compare files of adapter methods trained by heartlora")
+        name = path.parent.name if path.name == "adapter.safetensors" else path.stem
+        while name in panels:
+            name += "'"
+        panels[name] = (scores, {layer["name"]: list(layer["head_mask"]) for layer in info["adapter"]["layers"]})
+    rows = []
+    names = list(panels)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (sa, ma), (sb, mb) = panels[a], panels[b]
+            off_a = {(n, h) for n, m in ma.items() for h, on in enumerate(m) if not on}
+            off_b = {(n, h) for n, m in mb.items() for h, on in enumerate(m) if not on}
+            rows.append({"a": a, "b": b, "kendall": kendall_tau(sa, sb), "spearman": spearman(sa, sb),
+                         "jaccard_off": jaccard(off_a, off_b), "off_a": len(off_a), "off_b": len(off_b)})
+    if args.json:
+        print(json.dumps({"files": [str(p) for p in paths], "pairs": rows}, indent=2))
+    else:
+        width = max(len(n) for n in names)
+        print(f"{'A'.ljust(width)}  {'B'.ljust(width)}  Kendall τ  Spearman ρ  Jaccard(off)")
+        for r in rows:
+            print(f"{r['a'].ljust(width)}  {r['b'].ljust(width)}  {r['kendall']:9.3f}  {r['spearman']:10.3f}  "
+                  f"{r['jaccard_off']:.3f} ({r['off_a']} vs {r['off_b']} heads off)")
+    if args.plot is not None:
+        target = Path(args.plot) if args.plot else paths[0].parent / "compare.responsiveness.png"
+        heatmap_grid(target, panels, title=" vs ".join(names))
+        print(f"heatmap grid written to {target}")
     return 0
 
 
@@ -476,9 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the first request of a batch waits for others to join it")
 
     p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
-    p.add_argument("file", help="adapter.safetensors (or the run folder)")
+    p.add_argument("file", nargs="?", help="adapter.safetensors (or the run folder)")
+    p.add_argument("--compare", nargs="+", metavar="FILE", default=None,
+                   help="compare the head rankings of these adapter files or run folders (and FILE, if given): "
+                        "Kendall τ, Spearman ρ and Jaccard of the switched-off heads for every pair")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
-                   help="also write the heads heatmap (default: beside the file)")
+                   help="also write the heads heatmap (default: beside the file; with --compare, a grid beside the "
+                        "first file, compare.responsiveness.png)")
     p.add_argument("--json", action="store_true")
 
     p = add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder)")

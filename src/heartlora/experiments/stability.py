@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,5 +89,42 @@ def doubling_steps(total: int) -> list[int]:
     return [*steps, total]
 
 
-__all__ = ["compare", "doubling_steps", "flatten", "jaccard", "kendall_tau", "pairwise", "spearman",
+
+
+def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Sequence[bool]]]], title: str = "") -> Path:
+    """One layers × heads responsiveness panel per name (scores ÷ each panel's largest, × on heads switched off),
+    side by side, saved to ``path``: which heads several tasks or seeds share."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from heartlora._paths import atomic_path
+
+    fig = Figure(figsize=(min(3.0 + 2.6 * len(panels), 24), 5.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    image = None
+    for ax, (name, (scores, masks)) in zip(axes, panels.items()):
+        width = max(len(v) for v in scores.values())
+        grid = np.full((len(scores), width), np.nan)
+        for i, row in enumerate(scores.values()):
+            grid[i, :len(row)] = [float(x) for x in row]
+        top = np.nanmax(grid)
+        image = ax.imshow(np.ma.masked_invalid(grid / top if top > 0 else grid), aspect="auto", cmap=cmap,
+                          vmin=0.0, vmax=1.0)
+        for i, layer in enumerate(scores):
+            for h, on in enumerate(masks.get(layer, ())):
+                if not on:
+                    ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
+        ax.set_title(name if len(name) <= 30 else "…" + name[-29:], fontsize=8)
+        ax.set_xlabel("head")
+    axes[0].set_ylabel("attention layer")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
+    fig.suptitle(f"{title}\nresponsiveness (÷ each panel's max); × = switched off".strip(), fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+__all__ = ["compare", "doubling_steps", "flatten", "heatmap_grid", "jaccard", "kendall_tau", "pairwise", "spearman",
            "stability_curve", "switched_off"]
