@@ -1,0 +1,205 @@
+"""How many optimizer steps does scoring need? (issue 11, the paper's open question Q2), and does the Taylor score
+predict what switching a head off really costs?
+
+Per task and seed: LoRA on every head trains through the full warmup (``--warmup-epochs`` of ``--epochs``' LR
+schedule, as ``heartlora train`` would), and the head ranking (``ResponsivenessTracker.scores()``) is recorded after
+1, 2, 4, … steps up to the whole warmup. Each snapshot is compared with the full-warmup ranking (Kendall τ, and the
+Jaccard overlap of the ``--ne`` heads it would switch off, ``heartlora.experiments.stability``); the full-warmup
+rankings of different seeds of one task are compared with each other too: the noise floor a budget has to reach.
+Then, for ``--sample-heads`` heads, the val200 loss change when that head alone is switched off after warmup,
+against its Taylor score (Spearman ρ per task).
+
+One JSON record per (task, seed) in ``--out`` (resumable: done records are skipped), a summary and two plots
+(``<out>.stability.png``, ``<out>.effect.png``). CPU-hours at real settings; ``--smoke`` checks the script in a
+minute:
+
+    .venv/bin/python benchmarks/scoring.py --tasks digits,mnist --seeds 1,2,3 --out runs/scoring/records.json
+    .venv/bin/python benchmarks/scoring.py --smoke --out /tmp/scoring-smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from heartlora._paths import atomic_path
+from heartlora.backbones import create_backbone
+from heartlora.data import get_task
+from heartlora.engine.trainer import make_schedule
+from heartlora.experiments.stability import (doubling_steps, jaccard, kendall_tau, pairwise, spearman,
+                                             stability_curve)
+from heartlora.method import HeartLoRAConfig, ResponsivenessTracker, attach, deactivate_heads
+
+SMOKE = {"tasks": "digits", "seeds": "1,2", "backbone": "test_vit", "pretrained": False, "img_size": 32,
+         "epochs": 10, "warmup_epochs": 1, "batch_size": 32, "ne": 3, "sample_heads": 4, "train_images": 128}
+
+
+def _scores(tracker: ResponsivenessTracker) -> dict[str, list[float]]:
+    return {k: [float(x) for x in v] for k, v in tracker.scores().items()}
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total = sum(float(nn.functional.cross_entropy(model(x[i:i + batch].float() / 255), y[i:i + batch],
+                                                  reduction="sum")) for i in range(0, len(x), batch))
+    return total / len(x)
+
+
+def run_one(task_name: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
+    """Warmup with snapshots, then the switch-off effect of a sample of heads."""
+    task = get_task(task_name)
+    x, y = task.load("train800", img_size=a.img_size, seed=seed)
+    if a.train_images:
+        x, y = x[:a.train_images], y[:a.train_images]
+    vx, vy = task.load("val200", img_size=a.img_size, seed=seed)
+    torch.manual_seed(seed)
+    model = create_backbone(a.backbone, num_classes=task.num_classes, img_size=a.img_size, pretrained=a.pretrained)
+    attach(model, HeartLoRAConfig(targets=("q", "v"), rank=8))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
+    per_epoch = math.ceil(len(x) / a.batch_size)
+    warmup = a.warmup_epochs * per_epoch
+    sched = make_schedule(opt, warmup, a.epochs * per_epoch, 0.01)
+    tracker = ResponsivenessTracker(model)
+    wanted, snaps, step, t0 = set(doubling_steps(warmup)), [], 0, time.perf_counter()
+    model.train()
+    for epoch in range(a.warmup_epochs):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for i in range(per_epoch):
+            idx = perm[i * a.batch_size:(i + 1) * a.batch_size]
+            loss = nn.functional.cross_entropy(model(x[idx].float() / 255), y[idx])
+            loss.backward()
+            tracker.update()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step in wanted:
+                snaps.append((step, _scores(tracker)))
+    full = snaps[-1][1]
+    base = _loss(model, vx, vy, a.batch_size)
+    heads = [(n, h) for n, v in full.items() for h in range(len(v))]
+    pick = torch.randperm(len(heads), generator=torch.Generator().manual_seed(seed))[:a.sample_heads].tolist()
+    effect = []
+    for j in sorted(pick):
+        name, h = heads[j]
+        probe = copy.deepcopy(model)
+        deactivate_heads(probe, heads=[(name, h)])
+        effect.append({"layer": name, "head": h, "taylor": full[name][h],
+                       "loss_change": _loss(probe, vx, vy, a.batch_size) - base})
+    rho = (spearman({"s": [e["taylor"] for e in effect]}, {"s": [e["loss_change"] for e in effect]})
+           if len(effect) > 2 else None)
+    return {"task": task_name, "seed": seed, "warmup_steps": warmup, "ne": a.ne, "snapshots": snaps,
+            "curve": stability_curve(snaps, full, a.ne), "val_loss": base, "effect": effect,
+            "effect_spearman": rho, "seconds": time.perf_counter() - t0}
+
+
+def summarize(records: list[dict[str, Any]], ne: int) -> dict[str, Any]:
+    """Per task: the mean curve over seeds, the seed-to-seed floor of the full rankings, and the smallest budget
+    whose mean Jaccard reaches that floor."""
+    out: dict[str, Any] = {}
+    for task in sorted({r["task"] for r in records}):
+        rs = [r for r in records if r["task"] == task]
+        steps = [row["steps"] for row in rs[0]["curve"]]
+        mean = {k: [sum(r["curve"][i][k] for r in rs) / len(rs) for i in range(len(steps))]
+                for k in ("kendall", "jaccard")}
+        pairs = pairwise({str(r["seed"]): r["snapshots"][-1][1] for r in rs}, ne) if len(rs) > 1 else []
+        floor = {k: sum(p[k] for p in pairs) / len(pairs) for k in ("kendall", "jaccard")} if pairs else None
+        enough = next((s for s, j in zip(steps, mean["jaccard"]) if floor and j >= floor["jaccard"]), None)
+        rhos = [r["effect_spearman"] for r in rs if r["effect_spearman"] is not None]
+        out[task] = {"steps": steps, "mean": mean, "seed_floor": floor, "smallest_budget_at_floor": enough,
+                     "warmup_steps": steps[-1], "effect_spearman_mean": sum(rhos) / len(rhos) if rhos else None}
+    return out
+
+
+def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for task, s in summary.items():
+        for ax, key in zip(axes, ("kendall", "jaccard")):
+            line = ax.plot(s["steps"], s["mean"][key], marker="o", label=task)[0]
+            if s["seed_floor"]:
+                ax.axhline(s["seed_floor"][key], color=line.get_color(), linestyle="--", linewidth=0.8)
+    for ax, key in zip(axes, ("Kendall τ vs full warmup", "Jaccard of switched-off set vs full warmup")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("scoring steps")
+        ax.set_title(key + " (dashed: seed-to-seed)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    paths = [out.with_suffix(".stability.png"), out.with_suffix(".effect.png")]
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    fig = Figure(figsize=(5, 4), layout="constrained")
+    ax = fig.subplots()
+    for task in summary:
+        e = [x for r in records if r["task"] == task for x in r["effect"]]
+        ax.scatter([x["taylor"] for x in e], [x["loss_change"] for x in e], label=task, s=12)
+    ax.set_xlabel("Taylor responsiveness (full warmup)")
+    ax.set_ylabel("val200 loss change, head switched off")
+    ax.legend(fontsize=7)
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="digits,mnist")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--backbone", default="dinov2_small")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--epochs", type=int, default=10, help="the LR schedule's length (the cpu profile's)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="the full warmup: scoring over all its steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ne", type=int, default=12, help="heads switched off, for the Jaccard of the switched-off sets")
+    p.add_argument("--sample-heads", type=int, default=16, help="heads whose switch-off effect is measured")
+    p.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="tiny settings (random test_vit, 32 px) to check the script")
+    p.add_argument("--out", type=Path, default=Path("runs/scoring/records.json"))
+    a = p.parse_args(argv)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            setattr(a, k, v)
+    torch.set_num_threads(a.threads)
+    records: list[dict[str, Any]] = json.loads(a.out.read_text())["records"] if a.out.is_file() else []
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(a, k) for k in ("backbone", "pretrained", "img_size", "epochs", "warmup_epochs",
+                                           "batch_size", "lr", "ne", "sample_heads", "train_images")}
+    done = {(r["task"], r["seed"]) for r in records if r.get("settings") == settings}
+    records = [r for r in records if r.get("settings") == settings]
+    for task in a.tasks.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            if (task, seed) in done:
+                continue
+            rec = {**run_one(task, seed, a), "settings": settings}
+            records.append(rec)
+            print(f"{task} seed {seed}: {rec['warmup_steps']} warmup steps, Jaccard at "
+                  + ", ".join(f"{c['steps']}: {c['jaccard']:.2f}" for c in rec["curve"])
+                  + f"; Taylor vs switch-off ρ {rec['effect_spearman']}", flush=True)
+            with atomic_path(a.out) as tmp:  # after every run: a kill loses one run at most
+                Path(tmp).write_text(json.dumps({"records": records}))
+    summary = summarize(records, a.ne)
+    with atomic_path(a.out) as tmp:
+        Path(tmp).write_text(json.dumps({"records": records, "summary": summary}, indent=1))
+    for path in plot(summary, records, a.out):
+        print(f"wrote {path}")
+    print(json.dumps({t: {k: s[k] for k in ("smallest_budget_at_floor", "warmup_steps", "seed_floor",
+                                             "effect_spearman_mean")} for t, s in summary.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
