@@ -34,8 +34,7 @@ from heartlora._paths import atomic_path
 from heartlora.backbones import create_backbone
 from heartlora.data import get_task
 from heartlora.engine.trainer import make_schedule
-from heartlora.experiments.stability import (doubling_steps, jaccard, kendall_tau, pairwise, spearman,
-                                             stability_curve)
+from heartlora.experiments.stability import doubling_steps, pairwise, spearman, stability_curve
 from heartlora.method import HeartLoRAConfig, ResponsivenessTracker, attach, deactivate_heads
 
 SMOKE = {"tasks": "digits", "seeds": "1,2", "backbone": "test_vit", "pretrained": False, "img_size": 32,
