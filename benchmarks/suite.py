@@ -219,8 +219,10 @@ def status_lines(profile: Profile, data: dict[str, Any], jobs: int) -> list[str]
     if left and every:
         secs = sum(n * (sum(walls.get(m) or every) / len(walls.get(m) or every)) for m, n in left_by_method.items())
         secs += max(left - sum(left_by_method.values()), 0) * sum(every) / len(every)  # val runs of a grid
-        lines.append(f"about {secs / jobs / 3600:.1f} h left at --jobs {jobs} (mean wall time of the "
-                     f"{len(every)} finished runs, per method; a rough guide)")
+        secs /= jobs
+        rough = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.0f} min"
+        lines.append(f"about {rough} left at --jobs {jobs} (mean wall time of the {len(every)} finished runs, per "
+                     "method; a rough guide)")
     elif left:
         lines.append("time left: unknown until a run has finished")
     lines += [f"  {m}: {n} left" for m, n in left_by_method.items() if n]
