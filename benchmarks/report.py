@@ -171,7 +171,7 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
                    "there)."), ""]
     lines += selection_lines(data, profile)
     lines += gap_lines(acc, summary, tasks, profile.name)
-    return lines, {"summary": summary, "acc": acc, "recs": recs, "tasks": tasks}
+    return lines, {"summary": summary, "acc": acc, "recs": recs, "tasks": tasks, "command": cmd}
 
 
 def gap(acc: dict[str, dict[str, dict[int, float]]], a: str, b: str, tasks: list[str], seeds: list[int]
@@ -258,9 +258,9 @@ def readme_table(data: dict[str, Any], profile: suite.Profile) -> list[str]:
         if g is not None and lora_bytes and summary.get(m, {}).get("bytes") is not None:
             said.append(f"{METHOD_LABELS[m]} is {fmt_points(g)} points from LoRA at "
                         f"{summary[m]['bytes'] / lora_bytes:.3f}× its bytes")
-    sentence = ("With every default, " + " and ".join(said) + " (± over seeds)." if said else "")
+    sentence = ("Here " + " and ".join(said) + " (± over seeds)." if said else "")
     return [*lines, "",
-            (f"Command: `.venv/bin/python benchmarks/suite.py run --profile {profile.name}` (then "
+            (f"Command: `{facts['command']}` (then "
              f"`benchmarks/report.py --profile {profile.name} --readme-table`); {profile.note}. Accuracy: per seed the "
              "mean over all tasks, then mean ± sample std over seeds. " + sentence).rstrip()]
 

@@ -9,8 +9,15 @@ Each run has its own folder ``runs/suite/<profile>/<protocol>/<task>/<method>[_<
 record in ``docs/results.json`` (the run's metrics.json fields, without the per-epoch history, plus the suite's).
 A run whose record is there is never redone; an interrupted run resumes from its checkpoint.
 
-    .venv/bin/python benchmarks/suite.py run --profile quick      # then: ... report (also done at the end of run)
-    .venv/bin/python benchmarks/suite.py status --profile quick
+Each run is its own process (``heartlora train``, or benchmarks/baselines/hf_peft.py for ``linear-probe`` and
+``hf-peft``), single-threaded on the cpu profile, ``--jobs`` of them side by side; each finished run's record is
+added to the results file at once (under a lock, atomically), so a killed suite loses at most its running runs, and
+those resume from their checkpoints (the baseline script restarts: it has none). ``--tasks`` / ``--methods`` run a
+subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--results``), never to docs/.
+
+    .venv/bin/python benchmarks/suite.py --profile cpu --jobs 2     # = run; resumable; report at the end
+    .venv/bin/python benchmarks/suite.py --profile cpu --status     # done / left / rough time left
+    .venv/bin/python benchmarks/suite.py run --profile quick        # the smoke profile: says nothing about accuracy
 """
 
 from __future__ import annotations

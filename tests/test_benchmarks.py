@@ -242,7 +242,7 @@ def test_run_command_resumes_engine_runs_and_restarts_baselines(tmp_path):
 
 
 def test_status_counts_and_time_left(runner):
-    script, _, tmp = runner
+    script, _, _ = runner
     data = {"format": suite.FORMAT, "records": []}
     for task, method, seed, wall in (("digits", "lora", 1, 1200.0), ("digits", "lora", 2, 1200.0),
                                      ("digits", "bi-lora", 1, 600.0)):
