@@ -21,6 +21,7 @@ import heartlora.experiments as suite
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
 METHOD_LABELS = {
+    "linear-probe": "Linear probe (frozen features)", "hf-peft": "HF + PEFT (plain recipe)",
     "linear": "Linear probe", "lora": "LoRA (heartlora)", "peft-lora": "LoRA (PEFT)",
     "heart-lora": "Heart-LoRA (global)", "heart-lora-layer": "Heart-LoRA† (per layer)", "bi-lora": "Bi-LoRA (1 bit)",
     "heart-bi-lora": "Heart-Bi-LoRA (1 bit)",
@@ -102,13 +103,17 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     # Seeds beyond the profile's (``run --seeds``) join the tables only once every task × method has them.
     extra_seeds = sorted({int(r["seed"]) for r in recs} - set(profile.seeds))
     complete_extra = [s for s in extra_seeds if all(acc.get(m, {}).get(t, {}).get(s) is not None
-                                                    for m in methods for t in tasks)]
+                                                    for m in methods if m not in profile.method_seeds for t in tasks)]
     seeds = list(profile.seeds) + complete_extra
+
+    def seeds_for(m: str) -> list[int]:
+        return [s for s in seeds if s in profile.seeds_of(m) or s in complete_extra and m not in profile.method_seeds]
+
     recs_all = recs
-    recs = [r for r in recs if int(r["seed"]) in seeds]
+    recs = [r for r in recs if int(r["seed"]) in seeds_for(r["suite_method"])]
     groups = {g: [t for t in tasks if suite.group_of(t) == g] for g in suite.GROUPS}
     groups = {g: ts for g, ts in groups.items() if ts}
-    expected = len(tasks) * len(methods) * len(seeds)
+    expected = sum(len(tasks) * len(seeds_for(m)) for m in methods)
     done = len({(r["task"], r["suite_method"], r["seed"]) for r in recs})
     status = "complete" if done == expected else f"PARTIAL: {done} of {expected} final runs recorded"
     cmd = f".venv/bin/python benchmarks/suite.py run --profile {profile.name}"
@@ -129,24 +134,26 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
              + ("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if len(seeds) > 1 else
                 f"One seed ({seeds[0]}): no ± is shown, and run-to-run noise is not measured by this table, so "
                 "small differences between methods may be noise."), ""]
-    head = "| task | group | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |"
+    few = {m: seeds_for(m) for m in methods if len(seeds_for(m)) < len(seeds)}
+    head = "| task | group | " + " | ".join(METHOD_LABELS[m] + (f" (seed {', '.join(map(str, few[m]))} only)"
+                                                              if m in few else "") for m in methods) + " |"
     lines += [head, "|" + "---|" * (len(methods) + 2)]
     for t in tasks:
         cells = []
         for m in methods:
-            vals = [acc.get(m, {}).get(t, {}).get(s) for s in seeds]
+            vals = [acc.get(m, {}).get(t, {}).get(s) for s in seeds_for(m)]
             vals = [v for v in vals if v is not None]
             cells.append(fmt(mean_std(vals)) if vals else "—")
         lines.append(f"| {t} | {suite.group_of(t)} | " + " | ".join(cells) + " |")
     summary: dict[str, Any] = {}
     for g, ts in groups.items():
-        row = [fmt(aggregate(acc.get(m, {}), ts, seeds)) for m in methods]
+        row = [fmt(aggregate(acc.get(m, {}), ts, seeds_for(m))) for m in methods]
         lines.append(f"| **mean {g}** ({len(ts)} task{'s' if len(ts) > 1 else ''}) | | " + " | ".join(row) + " |")
     row_g, row_all = [], []
     for m in methods:
-        mg = mean_of_groups(acc.get(m, {}), groups, seeds)
-        ma = aggregate(acc.get(m, {}), tasks, seeds)
-        summary[m] = {"mean_of_groups": mg, "mean_all": ma}
+        mg = mean_of_groups(acc.get(m, {}), groups, seeds_for(m))
+        ma = aggregate(acc.get(m, {}), tasks, seeds_for(m))
+        summary[m] = {"mean_of_groups": mg, "mean_all": ma, "seeds": seeds_for(m)}
         row_g.append(fmt(mg))
         row_all.append(fmt(ma))
     lines.append(f"| **mean of the {len(groups)} group means** (the paper's \"Average\") | | "
@@ -163,7 +170,99 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     lines += ["", ("A dash means a run is missing (a group or overall mean is only shown when every task of it is "
                    "there)."), ""]
     lines += selection_lines(data, profile)
-    return lines, {"summary": summary, "acc": acc, "recs": recs}
+    lines += gap_lines(acc, summary, tasks, profile.name)
+    return lines, {"summary": summary, "acc": acc, "recs": recs, "tasks": tasks, "command": cmd}
+
+
+def gap(acc: dict[str, dict[str, dict[int, float]]], a: str, b: str, tasks: list[str], seeds: list[int]
+        ) -> tuple[float, float | None] | None:
+    """``a`` − ``b`` in accuracy: per seed the mean over ``tasks`` of the paired differences, then mean ± std over the
+    seeds both ran (None unless both have every task on at least one common seed)."""
+    per_seed = []
+    for s in seeds:
+        pairs = [(acc.get(a, {}).get(t, {}).get(s), acc.get(b, {}).get(t, {}).get(s)) for t in tasks]
+        if all(x is not None and y is not None for x, y in pairs):
+            per_seed.append(sum(x - y for x, y in pairs) / len(pairs))
+    return mean_std(per_seed) if per_seed else None
+
+
+# The goals of issues 16 and 17 (docs/RESULTS.md reports each as measured): (method, reference, min points over the
+# reference on the mean, max bytes ratio to LoRA or None).
+GOALS = (("heart-lora", "hf-peft", 1.0, None), ("heart-lora", "lora", -0.3, 0.8), ("heart-bi-lora", "lora", -2.0, 0.04))
+
+
+def gap_lines(acc: dict[str, Any], summary: dict[str, Any], tasks: list[str], profile: str) -> list[str]:
+    """The 1-bit and Heart-LoRA gaps to LoRA (and every method's to HF + PEFT) with their seed spread, and the
+    goals, met or not, as measured."""
+    if "lora" not in acc:
+        return []
+    seeds = sorted({s for m in acc.values() for t in m.values() for s in t})
+    lora_bytes = (summary.get("lora") or {}).get("bytes")
+    rows = []
+    for m in ("heart-lora", "heart-lora-layer", "bi-lora", "heart-bi-lora", "hf-peft", "linear-probe"):
+        g = gap(acc, m, "lora", tasks, seeds)
+        if g is None:
+            continue
+        b = (summary.get(m) or {}).get("bytes")
+        ratio = f"{b / lora_bytes:.3f}" if b is not None and lora_bytes else "—"
+        n = sum(1 for s in seeds if gap(acc, m, "lora", tasks, [s]) is not None)
+        rows.append(f"| {METHOD_LABELS[m]} | {fmt_points(g)} | {n} | {ratio} |")
+    if not rows:
+        return []
+    lines = [("Gap to heartlora's LoRA, in points of accuracy: per seed the mean over all tasks of the paired "
+              "differences, then mean ± sample std over the seeds both methods ran; bytes ÷ LoRA's mean adapter bytes. "
+              f"Made by `.venv/bin/python benchmarks/suite.py report --profile {profile}`."), "",
+             "| method | gap to LoRA (points) | seeds | bytes ÷ LoRA |", "|---|---|---|---|", *rows, ""]
+    goal_rows = []
+    for m, ref, min_pts, max_ratio in GOALS:
+        g = gap(acc, m, ref, tasks, seeds)
+        if g is None:
+            continue
+        b, rb = (summary.get(m) or {}).get("bytes"), lora_bytes
+        ratio = b / rb if b is not None and rb else None
+        met = 100 * g[0] >= min_pts and (max_ratio is None or (ratio is not None and ratio <= max_ratio))
+        want = f"≥ {METHOD_LABELS[ref]} {min_pts:+.1f}" + (f" at ≤ {max_ratio:g}× LoRA's bytes" if max_ratio else "")
+        have = fmt_points(g) + (f" at {ratio:.3f}×" if max_ratio and ratio is not None else "")
+        goal_rows.append(f"| {METHOD_LABELS[m]} {want} | {have} | {'yes' if met else 'no'} |")
+    if goal_rows:
+        lines += ["Goals (issues 16 and 17), on the mean over all tasks; ± is the seed spread of the gap:", "",
+                  "| goal | measured (points) | met |", "|---|---|---|", *goal_rows, ""]
+    return lines
+
+
+def fmt_points(ms: tuple[float, float | None]) -> str:
+    m, s = ms
+    return f"{100 * m:+.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
+
+
+def readme_table(data: dict[str, Any], profile: suite.Profile) -> list[str]:
+    """The README's first table: per method, mean test accuracy over every task (per seed, then mean ± sample std
+    over seeds), mean adapter bytes and the ratio to LoRA's, with the command and one sentence of what it shows.
+    Empty until every method has every task on its seeds."""
+    _, facts = suite_section(data, profile)
+    summary, acc, tasks = facts["summary"], facts["acc"], facts["tasks"]
+    if any(summary[m]["mean_all"] is None for m in profile.methods):
+        return []
+    lora_bytes = summary.get("lora", {}).get("bytes")
+    lines = [f"| method | mean accuracy over {len(tasks)} tasks (%) | adapter bytes | bytes ÷ LoRA |",
+             "|---|---|---|---|"]
+    for m in profile.methods:
+        b = summary[m]["bytes"] or 0
+        ratio = f"{b / lora_bytes:.3f}" if lora_bytes else "—"
+        one = f" (seed {', '.join(map(str, summary[m]['seeds']))})" if len(summary[m]["seeds"]) == 1 else ""
+        lines.append(f"| {METHOD_LABELS[m]}{one} | {fmt(summary[m]['mean_all'])} | {fmt_bytes(b)} | {ratio} |")
+    seeds = sorted({s for m in acc.values() for t in m.values() for s in t})
+    said = []
+    for m in ("heart-lora", "heart-bi-lora"):
+        g = gap(acc, m, "lora", tasks, seeds)
+        if g is not None and lora_bytes and summary.get(m, {}).get("bytes") is not None:
+            said.append(f"{METHOD_LABELS[m]} is {fmt_points(g)} points from LoRA at "
+                        f"{summary[m]['bytes'] / lora_bytes:.3f}× its bytes")
+    sentence = ("Here " + " and ".join(said) + " (± over seeds)." if said else "")
+    return [*lines, "",
+            (f"Command: `{facts['command']}` (then "
+             f"`benchmarks/report.py --profile {profile.name} --readme-table`); {profile.note}. Accuracy: per seed the "
+             "mean over all tasks, then mean ± sample std over seeds. " + sentence).rstrip()]
 
 
 def selection_lines(data: dict[str, Any], profile: suite.Profile) -> list[str]:
@@ -422,7 +521,10 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                 "of the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the "
                 "LR; drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
                 "checkpoint picking).")
-    methods = ("- Methods: `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
+    methods = ("- Methods: `linear-probe` (a Linear on frozen CLS + mean-patch features computed once per task) and "
+               "`hf-peft` (transformers' `Dinov2ForImageClassification` + PEFT LoRA on q and v, r 8, alpha 8, AdamW "
+               "1e-3 with OneCycleLR: the recipe a user would pick instead, run outside heartlora's engine by "
+               "benchmarks/baselines/hf_peft.py on the same splits and seeds); `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
                "the engine's loop as method `peft-lora` of heartlora.experiments.peft_lora; the recorded runs predate that "
                "and came from benchmarks/peft_lora.py, a copy of the same loop with the same data order, optimizer, "
@@ -433,6 +535,10 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                                           for p, m in machines.items()) + "."
     lines = ["# Results", "", intro, "", "## Protocol", "", splits, schedule, methods, machine, ""]
     lines += body
+    for other in suite.PROFILES.values():  # every other profile with records keeps its tables on the page
+        if other.name != profile.name and finals(data["records"], other.name):
+            lines += [line.replace("## Accuracy suite", "## Also: accuracy suite", 1)
+                      for line in suite_section(data, other)[0]]
     if pareto_plot(facts["summary"], profile.name, out_dir / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
                   (f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
@@ -459,7 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=list(suite.PROFILES), default="quick")
     p.add_argument("--results", type=Path, help="results file (default docs/results.json)")
+    p.add_argument("--readme-table", action="store_true", help="print the README's first table (writes nothing)")
     args = p.parse_args(argv)
+    if args.readme_table:
+        data = suite.load_results(args.results or DOCS / "results.json")
+        lines = readme_table(data, suite.PROFILES[args.profile])
+        print("\n".join(lines) if lines else f"profile {args.profile}: not every method has every task yet")
+        return 0
     print(f"wrote {write_all(args.profile, args.results)}")
     return 0
 

@@ -9,13 +9,22 @@ Each run has its own folder ``runs/suite/<profile>/<protocol>/<task>/<method>[_<
 record in ``docs/results.json`` (the run's metrics.json fields, without the per-epoch history, plus the suite's).
 A run whose record is there is never redone; an interrupted run resumes from its checkpoint.
 
-    .venv/bin/python benchmarks/suite.py run --profile quick      # then: ... report (also done at the end of run)
-    .venv/bin/python benchmarks/suite.py status --profile quick
+Each run is its own process (``heartlora train``, or benchmarks/baselines/hf_peft.py for ``linear-probe`` and
+``hf-peft``), single-threaded on the cpu profile, ``--jobs`` of them side by side; each finished run's record is
+added to the results file at once (under a lock, atomically), so a killed suite loses at most its running runs, and
+those resume from their checkpoints (the baseline script restarts: it has none). ``--tasks`` / ``--methods`` run a
+subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--results``), never to docs/.
+
+    .venv/bin/python benchmarks/suite.py --profile cpu --jobs 2     # = run; resumable; report at the end
+    .venv/bin/python benchmarks/suite.py --profile cpu --status     # done / left / rough time left
+    .venv/bin/python benchmarks/suite.py run --profile quick        # the smoke profile: says nothing about accuracy
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -27,17 +36,20 @@ from heartlora.experiments import (
     METHODS,
     PROFILES,
     Profile,
+    add_record,
+    count_runs,
     group_of,
     load_results,
     machine,
-    next_run,
+    plan,
     run_id,
-    save_results,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results.json"
 RUNS = ROOT / "runs" / "suite"
+BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
+POLL_S = 2.0
 
 
 def make_record(run: str, profile: Profile, method: str, extra: dict[str, Any], metrics: dict[str, Any],
@@ -60,91 +72,176 @@ def make_record(run: str, profile: Profile, method: str, extra: dict[str, Any], 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Running
+# Running: each run is its own process (`heartlora train` or the baseline script), one thread each, `--jobs` at once.
 
 
-def train_one(profile: Profile, protocol: str, task: str, method: str, settings: dict[str, Any], seed: int,
-              device: str) -> tuple[str, dict[str, Any]]:
-    """Train (or resume, or read back) one run through the engine; returns (id, metrics)."""
-    from heartlora.engine import TrainConfig, train
-
-    run = run_id(profile, protocol, task, method, settings, seed)
-    out = RUNS / run
-    # Killed before its first checkpoint: the engine refuses to resume a folder without one, so start it afresh.
-    fresh = out.is_dir() and not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists()
+def run_command(profile: Profile, protocol: str, task: str, method: str, settings: dict[str, Any], seed: int,
+                out: Path, device: str, threads: int | None) -> list[str]:
+    """The command line of one run. An engine run killed midway continues from its checkpoint (``--resume``); one
+    killed before its first checkpoint starts afresh (``--overwrite``). The baseline script has no checkpoint: it
+    starts again."""
     spec = dict(METHODS[method])
-    engine_method = spec.pop("method")
-    kwargs = {**spec, **settings}
-    cfg = TrainConfig(task=task, method=engine_method, img_size=profile.img_size, epochs=profile.epochs,
-                      batch_size=profile.batch_size, seed=seed, protocol=protocol, out=str(out), resume=not fresh,
-                      overwrite=fresh, device=device, progress=False, **kwargs)
-    if engine_method == "peft-lora":
-        import heartlora.experiments.peft_lora  # noqa: F401  (registers the method)
-    return run, train(cfg)
+    common = ["--task", task, "--protocol", protocol, "--seed", str(seed), "--out", str(out)]
+    if "baseline" in spec:
+        cmd = [sys.executable, str(BASELINE), "--method", spec["baseline"], *common, "--img-size",
+               str(profile.img_size), "--epochs", str(profile.epochs), "--batch-size", str(profile.batch_size)]
+        if device != "auto":
+            cmd += ["--device", device]
+    else:
+        engine_method = spec.pop("method")
+        cmd = [sys.executable, "-m", "heartlora", "train", "--method", engine_method, *common,
+               "--device", device, "--img-size", str(profile.img_size), "--epochs", str(profile.epochs),
+               "--batch-size", str(profile.batch_size)]
+        if profile.engine_profile:
+            cmd += ["--profile", profile.engine_profile]
+        for key, value in {**spec, **settings}.items():
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+        if out.is_dir() and any(out.iterdir()):
+            cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def record_run(profile: Profile, item: tuple, metrics: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """The record of a finished run, added to the results file at once (locked, atomic)."""
+    protocol, task, method, settings, seed, selection = item
+    run = run_id(profile, protocol, task, method, settings, seed)
+    rec = make_record(run, profile, method, settings, metrics, "select" if protocol == "val" else "final", selection)
+    here = machine()
+    if threads:
+        here["threads"] = threads
+    rec["threads"] = here["threads"]
+    rec["machine"] = here
+    add_record(rec, RESULTS, profile.name, here)
+    return rec
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    profile = _profile(args)
+    threads = args.threads or profile.threads
+    jobs = max(1, args.jobs)
+    running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
+    failed: set[str] = set()
+    started = finished = 0
+    try:
+        while True:
+            data = load_results(RESULTS)
+            for item in plan(profile, data):
+                if len(running) >= jobs or (args.max_runs is not None and started >= args.max_runs):
+                    break
+                run = run_id(profile, *item[:5])
+                if run in running or run in failed:
+                    continue
+                out = RUNS / run
+                if (out / "metrics.json").is_file():  # finished, but its record was never written: record it
+                    record_run(profile, item, json.loads((out / "metrics.json").read_text()), threads)
+                    print(f"recorded the finished run {run}", flush=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                cmd = run_command(profile, *item[:5], out, args.device, threads)
+                log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed when the run ends)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads or "")} if threads else None
+                running[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+                                item, time.time(), log)
+                started += 1
+                print(f"[{time.strftime('%H:%M:%S')}] start {run}" + (" (resume)" if "--resume" in cmd else ""),
+                      flush=True)
+            if not running:
+                break
+            time.sleep(POLL_S)
+            for run, (proc, item, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[run]
+                metrics_path = RUNS / run / "metrics.json"
+                if proc.returncode != 0 or not metrics_path.is_file():
+                    failed.add(run)
+                    print(f"    FAILED {run} (exit {proc.returncode}): see {RUNS / run}.log", flush=True)
+                    continue
+                metrics = json.loads(metrics_path.read_text())
+                record_run(profile, item, metrics, threads)
+                finished += 1
+                print(f"    done {run}: {metrics['accuracy_split']} acc {metrics['accuracy']:.4f}, "
+                      f"{metrics['adapter_bytes']} B, {time.time() - t0:.0f} s", flush=True)
+                if args.report_every and finished % args.report_every == 0:
+                    report(profile.name)
+    finally:
+        for proc, *_ in running.values():  # interrupted: the children stop too; their checkpoints resume them
+            proc.terminate()
+    left = len(plan(profile, load_results(RESULTS)))
+    print(f"profile {profile.name}: {finished} runs recorded now, {len(failed)} failed, {left} ready to run", flush=True)
+    report(profile.name)
+    return 1 if failed else 0
+
+
+def _profile(args: argparse.Namespace) -> Profile:
+    """The profile, with --seeds (more seeds) and --tasks / --methods (a subset). A subset's records and report go
+    to runs/suite/<profile>-subset/ unless --results says where: a subset never rewrites docs/."""
+    global RESULTS, RUNS
     profile = PROFILES[args.profile]
-    _set_paths(args)
-    if args.seeds:
+    if getattr(args, "seeds", None):
         # More seeds than the profile's (same selection seed first): their runs extend the same tables.
         seeds = tuple(int(x) for x in args.seeds.split(","))
         if seeds[0] != profile.seeds[0]:
             raise SystemExit(f"--seeds must start with the profile's selection seed {profile.seeds[0]}")
         profile = replace(profile, seeds=seeds)
-    if profile.threads and not args.threads:
-        args.threads = profile.threads
-    import torch
-
-    if args.threads:
-        # On a shared 2-core machine, 2 OpenMP threads per process collapse when other processes hold the cores
-        # (measured: small element-wise ops 20× slower); one thread per process degrades gracefully.
-        torch.set_num_threads(args.threads)
-    done = 0
-    while True:
-        data = load_results(RESULTS)
-        item = next_run(profile, data)
-        if item is None:
-            print(f"profile {profile.name}: every run is recorded", flush=True)
-            break
-        if args.max_runs is not None and done >= args.max_runs:
-            print(f"stopped after {done} runs (--max-runs)", flush=True)
-            break
-        protocol, task, method, settings, seed, selection = item
-        t0 = time.time()
-        print(f"[{time.strftime('%H:%M:%S')}] {protocol} {task} {method} {settings or ''} seed {seed} ...", flush=True)
-        run, metrics = train_one(profile, protocol, task, method, settings, seed, args.device)
-        rec = make_record(run, profile, method, settings, metrics, "select" if protocol == "val" else "final",
-                          selection)
-        rec["threads"] = torch.get_num_threads()
-        data = load_results(RESULTS)  # re-read: the file may have been committed or reported on meanwhile
-        data["records"] = [r for r in data["records"] if r["id"] != run] + [rec]
-        data.setdefault("machines", {})[profile.name] = machine()
-        save_results(data, RESULTS)
-        done += 1
-        print(f"    {metrics['accuracy_split']} acc {metrics['accuracy']:.4f}, {metrics['adapter_bytes']} B, "
-              f"{time.time() - t0:.0f} s", flush=True)
-        if args.report_every and done % args.report_every == 0:
-            report(profile.name)
-    report(profile.name)
-    return 0
-
-
-def _set_paths(args: argparse.Namespace) -> None:
-    """--results / --runs move the outputs (tests and trial runs keep docs/ clean)."""
-    global RESULTS, RUNS
+    subset = {}
+    for key, allowed in (("tasks", profile.tasks), ("methods", profile.methods)):
+        if getattr(args, key, None):
+            chosen = tuple(x.strip() for x in getattr(args, key).split(","))
+            unknown = [x for x in chosen if x not in allowed]
+            if unknown:
+                raise SystemExit(f"--{key} {','.join(unknown)}: not in profile {profile.name} "
+                                 f"({', '.join(allowed)})")
+            subset[key] = chosen
+    if subset:
+        profile = replace(profile, **subset)
+        if not getattr(args, "results", None):
+            RESULTS = RUNS / f"{profile.name}-subset" / "results.json"
     if getattr(args, "results", None):
         RESULTS = Path(args.results)
     if getattr(args, "runs", None):
         RUNS = Path(args.runs)
+    return profile
+
+
+def status_lines(profile: Profile, data: dict[str, Any], jobs: int) -> list[str]:
+    """Done / left / a rough time left: each left run costs the mean wall time of its method's finished runs (of
+    any method's when it has none yet), spread over ``jobs`` processes."""
+    mine, total = count_runs(profile, data)
+    walls: dict[str, list[float]] = {}
+    for r in mine:
+        if r.get("wall_s") is not None:
+            walls.setdefault(r["suite_method"], []).append(float(r["wall_s"]))
+    every = [w for ws in walls.values() for w in ws]
+    left_by_method: dict[str, int] = {}
+    for method in profile.methods:
+        n = len(profile.tasks) * len(profile.seeds_of(method))
+        n -= sum(1 for r in mine if r["suite_method"] == method and r.get("role") == "final")
+        left_by_method[method] = max(n, 0)
+    left = total - len(mine)
+    lines = [f"profile {profile.name} ({profile.schedule()}): {len(mine)} of {total} runs done, {left} left"]
+    if left and every:
+        secs = sum(n * (sum(walls.get(m) or every) / len(walls.get(m) or every)) for m, n in left_by_method.items())
+        secs += max(left - sum(left_by_method.values()), 0) * sum(every) / len(every)  # val runs of a grid
+        secs /= jobs
+        rough = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.0f} min"
+        lines.append(f"about {rough} left at --jobs {jobs} (mean wall time of the {len(every)} finished runs, per "
+                     "method; a rough guide)")
+    elif left:
+        lines.append("time left: unknown until a run has finished")
+    lines += [f"  {m}: {n} left" for m, n in left_by_method.items() if n]
+    ready = plan(profile, data)
+    if ready:
+        lines.append(f"next: {run_id(profile, *ready[0][:5])}")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    profile = PROFILES[args.profile]
-    _set_paths(args)
-    data = load_results(RESULTS)
-    mine = [r for r in data["records"] if r["profile"] == profile.name]
-    print(f"{len(mine)} runs recorded for profile {profile.name}; next: {next_run(profile, data)}")
+    profile = _profile(args)
+    print("\n".join(status_lines(profile, load_results(RESULTS), max(1, args.jobs))))
     return 0
 
 
@@ -157,29 +254,35 @@ def report(profile_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "status", "report"):  # `suite.py --profile cpu [--status]`
+        argv = ["status" if "--status" in argv else "run"] + [a for a in argv if a != "--status"]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train every missing run of a profile, then write the report")
-    r.add_argument("--profile", choices=list(PROFILES), default="quick")
     r.add_argument("--device", default="auto")
-    r.add_argument("--threads", type=int, help="torch threads (quick: 1, see cmd_run)")
-    r.add_argument("--seeds", help="comma-separated seeds, the profile's first (e.g. 42,43): extra seeds' final "
-                                   "runs are added to the tables once complete")
-    r.add_argument("--max-runs", type=int, help="stop after this many runs (resume later)")
+    r.add_argument("--threads", type=int, help="torch threads per run (the profile's, else torch's choice)")
+    r.add_argument("--max-runs", type=int, help="start at most this many runs (resume later)")
     r.add_argument("--report-every", type=int, default=5, help="rewrite RESULTS.md every N runs")
-    s = sub.add_parser("status")
-    s.add_argument("--profile", choices=list(PROFILES), default="quick")
+    s = sub.add_parser("status", help="runs done, left, and a rough time left")
     o = sub.add_parser("report", help="write docs/RESULTS.md and the plots from docs/results.json")
-    o.add_argument("--profile", choices=list(PROFILES), default="quick")
     for sp in (r, s, o):
-        sp.add_argument("--results", help=argparse.SUPPRESS)
+        sp.add_argument("--profile", choices=list(PROFILES), default="quick")
+        sp.add_argument("--seeds", help="comma-separated seeds, the profile's first (e.g. 42,43): extra seeds' final "
+                                        "runs are added to the tables once complete")
+        sp.add_argument("--tasks", help="a subset of the profile's tasks (its records go to runs/suite/, not docs/)")
+        sp.add_argument("--methods", help="a subset of the profile's methods (likewise)")
+        sp.add_argument("--results", help="results file (default docs/results.json; a subset's: runs/suite/)")
         sp.add_argument("--runs", help=argparse.SUPPRESS)
+    for sp in (r, s):
+        sp.add_argument("--jobs", type=int, default=1 if sp is s else 2,
+                        help="runs side by side (each single-threaded on the cpu profile)")
     args = p.parse_args(argv)
-    _set_paths(args)
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "status":
         return cmd_status(args)
+    _profile(args)
     report(args.profile)
     return 0
 

@@ -140,3 +140,173 @@ def test_scripts_import_heartlora_only():
         names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not names & scripts, f"{path.name} imports {names & scripts}"
         assert "sys.path" not in path.read_text(), path.name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The runner (benchmarks/suite.py) with a fake training command: resumption, --jobs, --status, subsets.
+
+SMALL = suite.Profile(name="small", img_size=28, epochs=2, batch_size=32, seeds=(1, 2), tasks=("digits", "dsprites_loc"),
+                      methods=("hf-peft", "lora", "bi-lora"), method_seeds={"bi-lora": (1,)}, threads=1)
+
+FAKE_RUN = '''
+import json, sys
+from pathlib import Path
+out, task, how, log = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+with open(log, "a") as f:
+    f.write(f"{out.parent.name}/{out.name} {how}\\n")
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps({"task": task, "accuracy": 0.5, "accuracy_split": "test",
+                                              "adapter_bytes": 100, "wall_s": 60.0, "history": []}))
+'''
+
+
+@pytest.fixture
+def runner(tmp_path, monkeypatch):
+    """benchmarks/suite.py with its outputs in tmp_path and every run replaced by FAKE_RUN (which logs how the real
+    command would have started it: fresh, resume or overwrite)."""
+    import importlib
+
+    script = importlib.import_module("suite")
+    monkeypatch.setitem(suite.PROFILES, "small", SMALL)
+    monkeypatch.setattr(script, "RESULTS", tmp_path / "results.json")
+    monkeypatch.setattr(script, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(script, "POLL_S", 0.02)
+    reports = []
+    monkeypatch.setattr(script, "report", reports.append)
+    fake = tmp_path / "fake_run.py"
+    fake.write_text(FAKE_RUN)
+    log = tmp_path / "launched.txt"
+    real = script.run_command
+
+    def fake_command(profile, protocol, task, method, settings, seed, out, device, threads):
+        cmd = real(profile, protocol, task, method, settings, seed, out, device, threads)
+        how = "resume" if "--resume" in cmd else "overwrite" if "--overwrite" in cmd else "fresh"
+        return [sys.executable, str(fake), str(out), task, how, str(log)]
+
+    monkeypatch.setattr(script, "run_command", fake_command)
+    return script, log, tmp_path
+
+
+def short(run: str) -> str:
+    return "/".join(run.split("/")[-2:])
+
+
+def launched(log: Path) -> list[str]:
+    return log.read_text().split("\n")[:-1] if log.is_file() else []
+
+
+def test_runner_skips_finished_runs_and_resumes_a_killed_one(runner):
+    script, log, tmp = runner
+    runs = tmp / "runs"
+    ids = [suite.run_id(SMALL, *item[:5]) for item in suite.plan(SMALL, {"records": []})]
+    assert len(ids) == 2 * (2 + 2 + 1)  # hf-peft and lora on seeds 1, 2; bi-lora on seed 1 only
+    finished = ids[0]
+    killed = next(i for i in ids if "/lora_s" in i)
+    unstarted = next(i for i in ids if "/bi-lora_s" in i)
+    (runs / finished).mkdir(parents=True)  # finished, but the suite stopped before writing its record
+    (runs / finished / "metrics.json").write_text('{"task": "digits", "accuracy": 0.9, "accuracy_split": "test", '
+                                                  '"adapter_bytes": 0, "wall_s": 5.0}')
+    (runs / killed).mkdir(parents=True)  # killed after a checkpoint
+    (runs / killed / "checkpoint.pt").write_bytes(b"x")
+    (runs / unstarted).mkdir(parents=True)  # killed before its first checkpoint
+    (runs / unstarted / "train.log").write_text("")
+    assert script.main(["run", "--profile", "small", "--jobs", "2"]) == 0
+    data = suite.load_results(tmp / "results.json")
+    assert sorted(r["id"] for r in data["records"]) == sorted(ids)
+    assert {r["id"]: r["accuracy"] for r in data["records"]}[finished] == 0.9  # read back, not redone
+    starts = dict(line.split() for line in launched(log))
+    assert len(launched(log)) == len(ids) - 1 and short(finished) not in starts
+    assert starts[short(killed)] == "resume"
+    assert starts[short(unstarted)] == "overwrite"
+    assert sum(1 for v in starts.values() if v == "resume") == 1
+    # a later invocation finds every record and starts nothing
+    assert script.main(["run", "--profile", "small", "--jobs", "2"]) == 0
+    assert len(launched(log)) == len(ids) - 1
+
+
+def test_run_command_resumes_engine_runs_and_restarts_baselines(tmp_path):
+    import importlib
+
+    script = importlib.import_module("suite")
+    out = tmp_path / "r"
+    lora = script.run_command(SMALL, "final", "digits", "lora", {}, 1, out, "cpu", 1)
+    assert "--resume" not in lora and "--overwrite" not in lora and lora[1:4] == ["-m", "heartlora", "train"]
+    out.mkdir()
+    (out / "train.log").write_text("")
+    assert "--overwrite" in script.run_command(SMALL, "final", "digits", "lora", {}, 1, out, "cpu", 1)
+    (out / "checkpoint.pt").write_bytes(b"x")
+    assert "--resume" in script.run_command(SMALL, "final", "digits", "lora", {}, 1, out, "cpu", 1)
+    base = script.run_command(SMALL, "final", "digits", "hf-peft", {}, 1, out, "cpu", 1)
+    assert base[1].endswith("hf_peft.py") and "--resume" not in base
+    assert base[base.index("--method") + 1] == "hf-peft" and base[base.index("--img-size") + 1] == "28"
+
+
+def test_status_counts_and_time_left(runner):
+    script, _, _ = runner
+    data = {"format": suite.FORMAT, "records": []}
+    for task, method, seed, wall in (("digits", "lora", 1, 1200.0), ("digits", "lora", 2, 1200.0),
+                                     ("digits", "bi-lora", 1, 600.0)):
+        rec = fake(SMALL, "final", task, method, {}, seed, 0.5)
+        rec["wall_s"] = wall
+        data["records"].append(rec)
+    data["records"].append({**fake(suite.PROFILES["quick"], "final", "digits", "lora", {}, 42, 0.5), "wall_s": 1.0})
+    lines = script.status_lines(SMALL, data, jobs=2)
+    assert lines[0].endswith("3 of 10 runs done, 7 left")
+    # left: hf-peft 4 runs (no wall time yet: the mean of all, 1000 s), lora 2 × 1200 s, bi-lora 1 × 600 s; 2 jobs
+    assert "about 58 min left at --jobs 2" in lines[1]  # (4000 + 2400 + 600) s / 2
+    assert "  hf-peft: 4 left" in lines and "  lora: 2 left" in lines and "  bi-lora: 1 left" in lines
+
+
+def test_subset_run_never_touches_docs(runner, capsys):
+    script, log, tmp = runner
+    docs_before = {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()}
+    standin = tmp / "docs" / "results.json"  # where a plain invocation would write (docs/results.json)
+    script.RESULTS = standin
+    assert script.main(["run", "--profile", "small", "--tasks", "dsprites_loc", "--methods", "lora"]) == 0
+    assert len(launched(log)) == 2  # lora on dsprites_loc, seeds 1 and 2
+    subset = tmp / "runs" / "small-subset" / "results.json"
+    assert len(suite.load_results(subset)["records"]) == 2
+    assert not standin.parent.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()} == docs_before
+    with pytest.raises(SystemExit, match="not in profile small"):
+        script.main(["run", "--profile", "small", "--tasks", "cifar"])
+
+
+def test_cpu_profile_shape():
+    cpu = suite.PROFILES["cpu"]
+    groups = {suite.group_of(t) for t in cpu.tasks}
+    assert len(cpu.tasks) >= 7 and groups == set(suite.GROUPS) and cpu.seeds == (42, 43, 44)
+    assert not cpu.grids and cpu.engine_profile == "cpu" and cpu.epochs >= 10
+    assert cpu.seeds_of("bi-lora") == (42,) and cpu.seeds_of("heart-lora") == (42, 43, 44)
+    _, total = suite.count_runs(cpu, {"records": []})
+    assert total == len(suite.plan(cpu, {"records": []})) == len(cpu.tasks) * (5 * 3 + 2)
+
+
+def fill_small(acc_of) -> dict:
+    data = {"format": suite.FORMAT, "records": []}
+    for item in suite.plan(SMALL, data):
+        protocol, task, method, settings, seed, _ = item
+        data["records"].append(fake(SMALL, protocol, task, method, settings, seed, acc_of(task, method, seed),
+                                    {"hf-peft": 800, "lora": 1000, "bi-lora": 40}[method]))
+    return data
+
+
+def test_gap_pairs_seeds_and_the_readme_table_renders(monkeypatch):
+    monkeypatch.setitem(suite.PROFILES, "small", SMALL)
+    base = {"digits": 0.8, "dsprites_loc": 0.6}
+    delta = {("lora", 1): 0.0, ("lora", 2): 0.02, ("hf-peft", 1): -0.01, ("hf-peft", 2): -0.03, ("bi-lora", 1): -0.05}
+    data = fill_small(lambda task, method, seed: base[task] + delta[(method, seed)])
+    acc = report.per_task_seed(report.finals(data["records"], "small"))
+    g = report.gap(acc, "hf-peft", "lora", list(SMALL.tasks), [1, 2])
+    assert g[0] == pytest.approx(-0.03) and g[1] == pytest.approx(0.04 / 2 ** 0.5)  # per seed: -0.01, -0.05
+    assert report.gap(acc, "bi-lora", "lora", list(SMALL.tasks), [1, 2]) == (pytest.approx(-0.05), None)
+    lines = report.readme_table(data, SMALL)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert rows["LoRA (heartlora)"].endswith("| 71.0 ± 1.4 | 1,000 | 1.000 |")
+    assert rows["HF + PEFT (plain recipe)"].endswith("| 68.0 ± 1.4 | 800 | 0.800 |")
+    assert rows["Bi-LoRA (1 bit) (seed 1)"].endswith("| 65.0 | 40 | 0.040 |")
+    assert "benchmarks/suite.py run --profile small" in lines[-1]
+    # a missing run: no table (a mean over part of the tasks would not compare)
+    data["records"] = [r for r in data["records"] if not (r["suite_method"] == "lora" and r["seed"] == 2
+                                                          and r["task"] == "digits")]
+    assert report.readme_table(data, SMALL) == []

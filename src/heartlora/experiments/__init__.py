@@ -5,7 +5,9 @@ writes docs/RESULTS.md from its results. The PEFT baseline is a training method 
 from heartlora.experiments.selection import (
     FORMAT,
     Profile,
+    add_record,
     choose,
+    count_runs,
     grid_points,
     load_results,
     next_run,
@@ -15,8 +17,43 @@ from heartlora.experiments.selection import (
     save_results,
     settings_tag,
 )
-from heartlora.experiments.suite import FEWSHOT, GROUPS, METHODS, NATURAL, PROFILES, STRUCTURED, group_of, machine
+from heartlora.experiments.suite import (
+    CPU_METHODS,
+    CPU_TASKS,
+    ENGINE_METHODS,
+    FEWSHOT,
+    GROUPS,
+    METHODS,
+    NATURAL,
+    PROFILES,
+    STRUCTURED,
+    group_of,
+    machine,
+)
 
-__all__ = ["FEWSHOT", "FORMAT", "GROUPS", "METHODS", "NATURAL", "PROFILES", "STRUCTURED", "Profile", "choose",
-           "grid_points", "group_of", "load_results", "machine", "next_run", "plan", "records_by_id", "run_id", "save_results",
-           "settings_tag"]
+__all__ = [
+    "CPU_METHODS",
+    "CPU_TASKS",
+    "ENGINE_METHODS",
+    "FEWSHOT",
+    "FORMAT",
+    "GROUPS",
+    "METHODS",
+    "NATURAL",
+    "PROFILES",
+    "STRUCTURED",
+    "Profile",
+    "add_record",
+    "choose",
+    "count_runs",
+    "grid_points",
+    "group_of",
+    "load_results",
+    "machine",
+    "next_run",
+    "plan",
+    "records_by_id",
+    "run_id",
+    "save_results",
+    "settings_tag",
+]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,18 @@ class Profile:
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     threads: int | None = None
     note: str = ""
+    # The engine's own profile (``heartlora train --profile``) whose defaults the runs take, e.g. its few-shot floor.
+    engine_profile: str | None = None
+    # Methods run on fewer seeds than the profile's (e.g. a variant shown on the selection seed only).
+    method_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def seeds_of(self, method: str) -> tuple[int, ...]:
+        """The seeds ``method`` runs on: its own subset (kept in the profile's order) or every seed."""
+        only = self.method_seeds.get(method)
+        return tuple(s for s in self.seeds if s in only) if only else self.seeds
+
+    def schedule(self) -> str:
+        return f"{self.img_size}px-{self.epochs}ep-b{self.batch_size}"
 
 
 def settings_tag(settings: dict[str, Any]) -> str:
@@ -45,8 +56,7 @@ def settings_tag(settings: dict[str, Any]) -> str:
 def run_id(profile: Profile, protocol: str, task: str, method: str, settings: dict[str, Any], seed: int) -> str:
     """Unique per result-determining choice; the schedule is in it so that a changed profile never reuses runs."""
     tag = settings_tag(settings)
-    sched = f"{profile.img_size}px-{profile.epochs}ep-b{profile.batch_size}"
-    return f"{profile.name}/{sched}/{protocol}/{task}/{method}{'_' + tag if tag else ''}_s{seed}"
+    return f"{profile.name}/{profile.schedule()}/{protocol}/{task}/{method}{'_' + tag if tag else ''}_s{seed}"
 
 
 def records_by_id(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -72,6 +82,25 @@ def save_results(data: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.chmod(path, 0o644)
+
+
+def add_record(rec: dict[str, Any], path: Path, machine_key: str | None = None,
+               machine: dict[str, Any] | None = None) -> None:
+    """Add (or replace, by id) one record under an exclusive lock: two suite processes writing the same results file
+    never lose each other's records; the write itself is atomic (``save_results``)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = load_results(path)
+            data["records"] = [r for r in data["records"] if r["id"] != rec["id"]] + [rec]
+            if machine_key is not None and machine is not None:
+                data.setdefault("machines", {})[machine_key] = machine
+            save_results(data, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def grid_points(grid: dict[str, Any], chosen: dict[str, dict[str, Any]], method: str) -> list[dict[str, Any]] | None:
@@ -103,13 +132,16 @@ def choose(candidates: list[tuple[dict[str, Any], list[float]]]) -> tuple[dict[s
     return table[best]["settings"], table
 
 
-def plan(profile: Profile, data: dict[str, Any]) -> Iterable[tuple[str, str, str, dict[str, Any], int, dict | None]]:
-    """Yields (protocol, task, method, settings, seed, selection) in run order, choosing settings from the val runs
-    already recorded. Called again after each run, so it sees new records (val runs come first per task)."""
+def plan(profile: Profile, data: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any], int, dict | None]]:
+    """Every run that can start now, as (protocol, task, method, settings, seed, selection), choosing settings from
+    the val runs already recorded: a task's final runs of a method with settings to choose wait for its val runs
+    (and so do the methods listed after it on that task, which may reuse its choice). Order: seed by seed (val runs
+    first), then task, then method, so that an interrupted suite leaves whole seeds. Called again after each run."""
     recs = records_by_id(data)
-    for task in profile.tasks:
+    ready = []
+    for ti, task in enumerate(profile.tasks):
         chosen: dict[str, dict[str, Any]] = {}
-        for method in profile.methods:
+        for mi, method in enumerate(profile.methods):
             grid = profile.grids.get(method, {})
             selection = None
             if grid:
@@ -119,13 +151,13 @@ def plan(profile: Profile, data: dict[str, Any]) -> Iterable[tuple[str, str, str
                                       "reorder the profile's methods")
                 searched = any(not (isinstance(v, str)) for v in grid.values())
                 if searched and len(points) > 1:
-                    cands = []
-                    for pt in points:
-                        rid = run_id(profile, "val", task, method, pt, profile.seeds[0])
-                        if rid not in recs:
-                            yield "val", task, method, pt, profile.seeds[0], None
-                            return
-                        cands.append((pt, [recs[rid]["accuracy"]]))
+                    missing = [pt for pt in points
+                               if run_id(profile, "val", task, method, pt, profile.seeds[0]) not in recs]
+                    if missing:
+                        ready += [((-1, ti, mi), ("val", task, method, pt, profile.seeds[0], None)) for pt in missing]
+                        break
+                    cands = [(pt, [recs[run_id(profile, "val", task, method, pt, profile.seeds[0])]["accuracy"]])
+                             for pt in points]
                     best, table = choose(cands)
                     selection = {"chosen": best, "on": "val200", "seed": profile.seeds[0], "candidates": table}
                 else:
@@ -135,14 +167,30 @@ def plan(profile: Profile, data: dict[str, Any]) -> Iterable[tuple[str, str, str
                 chosen[method] = best
             else:
                 best = {}
-            for seed in profile.seeds:
-                rid = run_id(profile, "final", task, method, best, seed)
-                if rid not in recs:
-                    yield "final", task, method, best, seed, selection
-                    return
+            for seed in profile.seeds_of(method):
+                if run_id(profile, "final", task, method, best, seed) not in recs:
+                    ready.append(((profile.seeds.index(seed), ti, mi), ("final", task, method, best, seed, selection)))
+    return [item for _, item in sorted(ready, key=lambda kv: kv[0])]
 
 
 def next_run(profile: Profile, data: dict[str, Any]) -> tuple | None:
-    for item in plan(profile, data):
-        return item
-    return None
+    ready = plan(profile, data)
+    return ready[0] if ready else None
+
+
+def count_runs(profile: Profile, data: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """(the profile's recorded runs, how many runs the whole profile takes): every val grid point on the first
+    seed, plus one final run per task, method and seed of that method."""
+    total = 0
+    for method in profile.methods:
+        grid = profile.grids.get(method, {})
+        searched = {k: v for k, v in grid.items() if not isinstance(v, str)}
+        n_points = 1
+        for values in searched.values():
+            n_points *= len(values)
+        total += len(profile.tasks) * ((n_points if n_points > 1 else 0) + len(profile.seeds_of(method)))
+    prefix = f"{profile.name}/{profile.schedule()}/"
+    mine = [r for r in data["records"] if r["id"].startswith(prefix) and r["task"] in profile.tasks
+            and r.get("suite_method") in profile.methods
+            and (r.get("role") == "select" or int(r["seed"]) in profile.seeds_of(r["suite_method"]))]
+    return mine, total
