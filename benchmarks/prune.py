@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,35 +27,18 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "baselines"))
 
 
 def train_peft(task: str, folder: Path, args: argparse.Namespace) -> float:
-    """The hf_peft recipe on train800; the adapter saved to ``folder`` for ``dinov2_small``. Returns val200 accuracy."""
-    import hf_peft
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-
-    from heartlora.data import get_task
-
-    torch.manual_seed(args.seed)
-    t = get_task(task)
-    x, y = t.load("train800", img_size=args.img_size, seed=args.seed)
-    ex, ey = t.load("val200", img_size=args.img_size, seed=args.seed)
-    model = hf_peft.build_model(t.num_classes)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=float(args.rank), modules_to_save=["classifier"],
-                                             target_modules=hf_peft.lora_targets(model), bias="none"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    hf_peft.train_loop(lambda idx: F.cross_entropy(model(pixel_values=hf_peft.normalise(x[idx])).logits, y[idx]),
-                       params, len(x), args)
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(pixel_values=hf_peft.normalise(ex[i:i + 128])).logits.argmax(1)
-                          for i in range(0, len(ex), 128)])
-    model.peft_config["default"].base_model_name_or_path = "dinov2_small"  # what `heartlora prune` builds
-    model.save_pretrained(str(folder))
-    return float((pred == ey).float().mean())
+    """The hf_peft recipe (benchmarks/baselines/hf_peft.py, run as its own process) on train800; the adapter saved
+    to ``folder`` for ``dinov2_small``. Returns val200 accuracy."""
+    run = folder.with_name(folder.name + "-run")
+    cmd = [sys.executable, str(HERE / "baselines" / "hf_peft.py"), "--task", task, "--protocol", "val",
+           "--img-size", str(args.img_size), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(float(args.rank)), "--seed", str(args.seed),
+           "--out", str(run), "--save-peft", str(folder)] + (["--threads", str(args.threads)] if args.threads else [])
+    subprocess.run(cmd, check=True)
+    return float(json.loads((run / "metrics.json").read_text())["accuracy"])
 
 
 def heart_lora(task: str, ne: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -123,6 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return F.cross_entropy(model(pixel_values=x).logits, train_y[idx].to(device))
 
         train_s = train_loop(step, params, len(train_x), args)
+        if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
+            model.peft_config["default"].base_model_name_or_path = "dinov2_small"
+            model.save_pretrained(str(args.save_peft))
         adapter_bytes = sum(t.numel() * t.element_size() for k, t in get_peft_model_state_dict(model).items()
                             if "lora_" in k)
         model.eval()
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pred = torch.cat([model(pixel_values=normalise(eval_x[i:i + 128].to(device))).logits.argmax(1).cpu()
                               for i in range(0, len(eval_x), 128)])
     acc = float((pred == eval_y).float().mean())
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads", "save_peft")}
     return {
         "task": args.task, "method": args.method, "backbone": "dinov2_small", "protocol": args.protocol,
         "seed": args.seed, "settings": settings, "accuracy": acc, "accuracy_split": eval_split,
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, required=True, help="run folder; a folder with metrics.json is not run again")
+    ap.add_argument("--save-peft", type=Path, default=None, help="hf-peft: also save the trained adapter (PEFT folder)")
     args = ap.parse_args(argv)
     done = args.out / "metrics.json"
     if done.is_file():
