@@ -160,6 +160,9 @@ def test_defaults_profiles_and_overrides() -> None:
     assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
     assert paper.targets == ("q", "v") and paper.method == "heart-lora"
     assert paper.ne == "auto" and paper.ne_fraction is None and paper.ne_tolerance == 0.02  # chosen on data
+    assert paper.pool == "cls+mean"  # DINOv2's own convention (the default backbone is dinov2_small)
+    assert resolve(TrainConfig(task="digits", backbone="vit_tiny_patch16_224")).pool == "cls"
+    assert resolve(TrainConfig(task="digits", pool="cls")).pool == "cls"  # asked for: kept
     assert resolve(TrainConfig(task="digits", ne="12")).ne == 12  # the command line gives strings
     assert resolve(TrainConfig(task="digits", ne="AUTO")).ne == "auto"
     assert resolve(TrainConfig(task="digits", method="lora")).ne_tolerance is None

@@ -23,18 +23,28 @@ from .classifier import POOLS, ImageClassifier
 from .hf_family import create_hf, is_hf_reference
 from .timm_family import create_timm, is_timm_name
 
-__all__ = ["ImageClassifier", "create_backbone", "download_needed", "list_backbones", "refuse_download",
-           "register_backbone"]
+__all__ = ["ImageClassifier", "conventional_pool", "create_backbone", "download_needed", "list_backbones",
+           "refuse_download", "register_backbone"]
+
+
+def conventional_pool(name: str) -> str:
+    """The classifier input a backbone family uses by its own convention: DINOv2's linear evaluation and
+    transformers' ``Dinov2ForImageClassification`` read the class token and the mean patch token ("cls+mean");
+    ViT, DeiT, CLIP and the others read the class token (or their own pooled output) ("cls")."""
+    return "cls+mean" if "dinov2" in str(name).lower() else "cls"
 
 
 def create_backbone(name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True,
-                    pool: str = "cls", drop_path: float = 0.0) -> ImageClassifier:
+                    pool: str = "auto", drop_path: float = 0.0) -> ImageClassifier:
     """Build an `ImageClassifier` for ``name`` with a fresh ``num_classes``-way linear head.
 
     ``img_size`` None means the backbone's native (or, for ``dinov2_small``, 224 px) resolution; ``pool`` is
-    ``"cls"`` (class token) or ``"cls+mean"`` (class token ⊕ mean patch token); ``drop_path`` is the stochastic
-    depth rate. ``create_backbone(**model.spec)`` rebuilds the same architecture.
+    ``"cls"`` (class token), ``"cls+mean"`` (class token ⊕ mean patch token) or ``"auto"``, the family's own
+    convention (:func:`conventional_pool`); ``drop_path`` is the stochastic depth rate. ``create_backbone(**model.spec)``
+    rebuilds the same architecture (the spec holds the resolved pool).
     """
+    if pool == "auto":
+        pool = conventional_pool(name)
     if pool not in POOLS:
         raise ConfigError(f"unknown pool {pool!r}: use one of {', '.join(POOLS)}")
     if int(num_classes) < 1:

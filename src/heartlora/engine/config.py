@@ -57,7 +57,10 @@ class TrainConfig:
                                 fill="dinov2_small")
     pretrained: bool | None = _opt(help="random backbone weights (tests, architecture checks)", group="what to train",
                                    flag="--no-pretrained", fill=True)
-    pool: str | None = _opt(help="classifier input", group="what to train", choices=("cls", "cls+mean"), fill="cls")
+    pool: str | None = _opt(help="classifier input: the class token (cls), class token and mean patch token "
+                                 "(cls+mean), or the backbone family's own convention (auto: cls+mean for DINOv2, cls "
+                                 "for the others)", group="what to train", choices=("auto", "cls", "cls+mean"),
+                            fill="auto")
     targets: tuple[str, ...] | None = _opt(help="projections to adapt, comma-separated from q,k,v,o", group="adapter",
                                            fill=("q", "v"), default_text="q,v")
     rank: int | None = _opt(help="LoRA rank", group="adapter", fill=8)
@@ -162,6 +165,10 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     for k, v in {**DEFAULTS, **method.defaults}.items():
         if getattr(out, k) is None:
             setattr(out, k, v)
+    if out.pool == "auto":
+        from heartlora.backbones import conventional_pool
+
+        out.pool = conventional_pool(out.backbone)
     if out.profile not in PROFILES:
         raise ConfigError(f"unknown profile {out.profile!r}: choose one of {', '.join(PROFILES)}")
     if out.protocol not in PROTOCOLS:
