@@ -27,8 +27,9 @@ COMMON = ["--profile", "cpu", "--protocol", "val", "--seed", "42"]
 # name -> CLI arguments after `heartlora train` (or the baseline script), in the order they run
 CONFIGS: dict[str, list[str]] = {
     "hf-peft": ["baseline"],
-    "lora, cls, drop-path 0.1 (old default)": ["--method", "lora"],
+    "lora, cls, drop-path 0.1 (old default)": ["--method", "lora", "--pool", "cls"],
     "lora, cls+mean, drop-path 0": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0"],
+    "lora, cls+mean, drop-path 0.1 (pool auto)": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0.1"],
     "lora, cls+mean, drop-path 0, scale 2": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0",
                                              "--scale", "2"],
 }
