@@ -73,12 +73,21 @@ def _text_input(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(seed))
 
 
+def _hf_layout() -> str:
+    """transformers 5 names HF ViT/DINOv2 attention q_proj…o_proj; 4.x query/key/value + output.dense."""
+    import transformers
+
+    return "separate_qkvo" if int(transformers.__version__.split(".")[0]) >= 5 else "bert_style"
+
+
+HF_LAYOUT = _hf_layout()
+
 # name -> (factory, input maker, layout name)
 FAMILIES = {
     "timm_vit": (_timm_vit, _image_input, "fused_qkv"),
     "timm_swin": (_timm_swin, _image_input, "fused_qkv"),
-    "hf_vit": (_hf_vit, _image_input, "separate_qkvo"),
-    "hf_dinov2": (_hf_dinov2, _image_input, "separate_qkvo"),
+    "hf_vit": (_hf_vit, _image_input, HF_LAYOUT),
+    "hf_dinov2": (_hf_dinov2, _image_input, HF_LAYOUT),
     "bert": (_bert, _text_input, "bert_style"),
     "torchvision_vit": (_torchvision_vit, _image_input, "torch_mha"),
 }

@@ -145,6 +145,10 @@ def _set(*keys_and_value):
 
 @pytest.fixture
 def run_file(tmp_path: Path) -> Path:
+    import timm
+
+    if "test_vit" not in timm.list_models("test_vit"):  # timm's test models came after 1.0.3 (compat stage)
+        pytest.skip(f"timm {timm.__version__} has no test_vit model; this test runs in the main environment")
     from test_fuzz import write_run_file
     path = tmp_path / "adapter.safetensors"
     write_run_file(path, 1)
