@@ -55,8 +55,15 @@ def plan(runs: Path) -> list[tuple[str, str, Path, list[str]]]:
     return out
 
 
+def recorded(dest: Path) -> dict[str, dict[str, dict]]:
+    """Results already committed in ``dest``'s JSON: a later session on a fresh machine (no runs/ folder) keeps them
+    and does not run them again."""
+    path = dest.with_suffix(".json")
+    return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+
+
 def report(runs: Path, dest: Path) -> None:
-    rows = {}
+    rows = recorded(dest)
     for name, task, folder, cmd in plan(runs):
         f = folder / "metrics.json"
         if f.is_file():
@@ -87,7 +94,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--dest", type=Path, default=ROOT / "docs" / "sweeps" / "defaults.md")
     args = ap.parse_args()
-    todo = [p for p in plan(args.runs) if not (p[2] / "metrics.json").is_file()]
+    done = recorded(args.dest)
+    todo = [p for p in plan(args.runs) if not (p[2] / "metrics.json").is_file() and p[1] not in done.get(p[0], {})]
     if args.status:
         print(f"{len(plan(args.runs)) - len(todo)} of {len(plan(args.runs))} runs done")
         return
