@@ -1,7 +1,7 @@
 """The plain recipe a user would pick instead of heartlora, outside heartlora's engine: Hugging Face's own
 ``Dinov2ForImageClassification`` (its classifier reads the CLS token and the mean patch token), PEFT's LoRA on q and v
 (r 8, ``lora_alpha`` 8), torch's AdamW (lr 1e-3, its default weight decay 0.01) with ``OneCycleLR``, batch 32,
-mean cross-entropy, no augmentation. Also a linear probe on frozen features computed once per task (the same
+mean cross-entropy, no augmentation (a K-shot task trains for at least 100 optimizer steps, as in heartlora). Also a linear probe on frozen features computed once per task (the same
 CLS + mean-patch features, a Linear trained on them with the same optimizer and schedule).
 
 Only the data (``heartlora.data.get_task``: the same splits, images and seeds as every heartlora run) and the offline
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
+MIN_FEWSHOT_STEPS = 100  # as heartlora's engine: a K-shot task trains for at least this many optimizer steps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METHODS = ("hf-peft", "linear-probe")
 
@@ -99,6 +101,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_split, eval_split = PROTOCOLS[args.protocol]
     train_x, train_y = task.load(train_split, img_size=args.img_size, seed=args.seed)
     eval_x, eval_y = task.load(eval_split, img_size=args.img_size, seed=args.seed)
+    steps_per_epoch = (len(train_x) + args.batch_size - 1) // args.batch_size
+    if re.search(r"@\d+shot$", args.task) and args.epochs * steps_per_epoch < MIN_FEWSHOT_STEPS:
+        # the same floor heartlora's engine applies to K-shot tasks, so both train for as many steps
+        args.epochs = -(-MIN_FEWSHOT_STEPS // steps_per_epoch)
     model = build_model(task.num_classes).to(device)
     adapter_bytes = 0
     if args.method == "linear-probe":
