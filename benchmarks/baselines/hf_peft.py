@@ -1,8 +1,9 @@
 """The plain recipe a user would pick instead of heartlora, outside heartlora's engine: Hugging Face's own
 ``Dinov2ForImageClassification`` (its classifier reads the CLS token and the mean patch token), PEFT's LoRA on q and v
 (r 8, ``lora_alpha`` 8), torch's AdamW (lr 1e-3, its default weight decay 0.01) with ``OneCycleLR``, batch 32,
-mean cross-entropy, no augmentation (a K-shot task trains for at least 100 optimizer steps, as in heartlora). Also a linear probe on frozen features computed once per task (the same
-CLS + mean-patch features, a Linear trained on them with the same optimizer and schedule).
+mean cross-entropy, no augmentation (a K-shot task trains for at least 100 optimizer steps, as in heartlora). Also a
+linear probe on frozen features computed once per task (the same CLS + mean-patch features, a Linear trained on them
+with the same optimizer and schedule).
 
 Only the data (``heartlora.data.get_task``: the same splits, images and seeds as every heartlora run) and the offline
 DINOv2 weights (``heartlora.backbones.dinov2_offline``) come from heartlora; the model, adapter, loop and schedule are
