@@ -290,3 +290,14 @@ def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
     assert any("few-shot" in n for n in cfg.notes)
     assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).epochs == 7  # asked for: kept
     assert resolve(TrainConfig(task="digits", profile="cpu")).epochs == 10
+
+
+def test_resuming_with_the_same_flags_as_typed_is_accepted() -> None:
+    """The command line gives strings and "auto"s; the saved settings hold resolved values."""
+    saved = resolve(TrainConfig(task="digits", ne=3)).settings()
+    again = resolve(TrainConfig(task="digits", ne="3", pool="auto", targets="q,v"), saved)
+    assert again.ne == 3 and again.pool == "cls+mean" and again.targets == ("q", "v")
+    with pytest.raises(ConfigError, match="--ne 4"):
+        resolve(TrainConfig(task="digits", ne="4"), saved)
+    with pytest.raises(ConfigError, match="--pool cls"):
+        resolve(TrainConfig(task="digits", pool="cls"), saved)

@@ -390,3 +390,58 @@ def test_weight_mode_equals_forward_mode_in_values_and_gradients() -> None:
         grads.append([p.grad for p in w.lora.parameters()])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+def test_a_loaded_one_bit_adapter_stays_as_decoded_through_writes_of_the_same_values(tmp_path) -> None:  # noqa: ANN001
+    import copy
+
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, bits=1))
+    randomize(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    fresh, _ = make_family("timm_vit")
+    loaded = hl.load_adapter(fresh, tmp_path / "a.safetensors")
+    y = loaded(x)
+    with torch.no_grad():
+        for p in hl.adapter_parameters(loaded):
+            p.copy_(p.clone())  # what DDP's broadcast or loading the same state does
+    assert torch.equal(loaded(x), y)
+    assert torch.equal(copy.deepcopy(loaded)(x), y)
+    layer = hl.attention_layers(loaded)[0]
+    hl.deactivate_heads(loaded, heads=[(layer.name, 0)])  # the rows that stay are still the decoded values
+    proj = layer.projections["q"]
+    assert torch.equal(proj.effective_weights()[1], proj.lora_B.detach())
+
+
+def test_the_delta_follows_the_base_output_dtype_under_autocast() -> None:
+    torch.manual_seed(0)
+    for off in ([], [1]):
+        proj = hl.HeadLoRAProjection("q", "l", torch.arange(16).view(4, 4), 16, 16, 2, 1.0, 32, 0.1)
+        proj.remove_heads(off)
+        y, x = torch.randn(5, 16), torch.randn(5, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = proj.add_delta(y, x)
+        assert out.dtype == torch.float32
+
+
+def test_weight_mode_refuses_adapter_dropout() -> None:
+    import timm
+
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, num_classes=3)
+    with pytest.raises(ConfigError, match="dropout"):
+        hl.attach(model, hl.HeartLoRAConfig(dropout=0.1))
+
+
+def test_an_overflowed_step_adds_nothing_to_the_scores() -> None:
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
+    randomize(model)
+    tracker = hl.ResponsivenessTracker(model)
+    _loss(model, x).backward()
+    tracker.update()
+    before = {k: v.clone() for k, v in tracker.scores().items()}
+    for p in hl.adapter_parameters(model):
+        p.grad.fill_(float("inf"))  # fp16 loss scaling overflowed: the step is skipped
+    tracker.update()
+    after = tracker.scores()
+    assert all(torch.equal(after[k], before[k]) for k in before)

@@ -141,6 +141,15 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
         given = {k: v for k, v in cfg.settings().items() if v is not None}
+        # the command line gives strings and "auto"s; the saved settings hold resolved values
+        if "ne" in given:
+            given["ne"] = _parse_ne(given["ne"])
+        if isinstance(cfg.targets, str):
+            given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
+        if given.get("pool") == "auto":
+            from heartlora.backbones import conventional_pool
+
+            given["pool"] = conventional_pool(given.get("backbone", saved.get("backbone", "")))
         clash = {k: (v, saved.get(k, DEFAULTS.get(k))) for k, v in given.items()
                  if _norm(v) != _norm(saved.get(k, DEFAULTS.get(k)))}
         if clash:

@@ -46,7 +46,9 @@ class NeChoice:
 
 def _reduce(values: list[float]) -> list[float]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces CUDA tensors only; gloo takes CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
     return values

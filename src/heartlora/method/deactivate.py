@@ -80,8 +80,17 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
 
 def replace_in_optimizer(optimizer: torch.optim.Optimizer, changes: list[FactorChange]) -> None:
     """Put each rebuilt Parameter where the old one was in ``optimizer``'s groups and carry its state over: every
-    state tensor shaped like the old Parameter keeps the slices that stayed; other entries (AdamW's step) are kept
-    as they are. A dropped Parameter leaves the groups and the state."""
+    state tensor shaped like the old Parameter keeps the slices that stayed; scalar entries (AdamW's step) are kept
+    as they are. A dropped Parameter leaves the groups and the state. Optimizers whose state is shaped otherwise
+    (Adafactor's factored moments, blockwise 8-bit states) are refused, the optimizer left as it was."""
+    for c in changes:
+        state = optimizer.state.get(c.old)
+        odd = [k for k, v in (state or {}).items()
+               if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != c.old.shape]
+        if odd and c.new is not None:
+            raise ConfigError(f"{type(optimizer).__name__} keeps state {odd} not shaped like its parameters, which "
+                              "cannot follow the heads that stay: use Adam, AdamW or SGD, or switch heads off before "
+                              "creating the optimizer")
     by_old = {id(c.old): c for c in changes}
     for group in optimizer.param_groups:
         params = []

@@ -65,6 +65,7 @@ class HeadLoRAProjection(nn.Module):
         # A loaded k-bit adapter holds decoded values: they are used exactly as stored until the weights change
         # (further training), and from then on quantized again like any k-bit adapter (see mark_decoded).
         self._decoded_versions: tuple[int, int] | None = None
+        self._decoded_values: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("index", index.clone(), persistent=False)
         # Follows .to(dtype) even when every head is off and no Parameter is left to ask.
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
@@ -125,6 +126,7 @@ class HeadLoRAProjection(nn.Module):
         gone = {h for h in heads if h in self._active}
         if not gone:
             return []
+        still_decoded = self._decoded_versions is not None and not self._quantizes()
         stay = [h for h in self._active if h not in gone]
         changes: list[FactorChange] = []
         if not stay:
@@ -142,17 +144,22 @@ class HeadLoRAProjection(nn.Module):
             else:
                 self.lora_A = new
             changes.append(FactorChange(old, new, dim, keep))
-        if self._decoded_versions is not None:
-            self.mark_decoded()
+        if still_decoded:
+            self.mark_decoded()  # still the decoded values, less the rows of the heads that left
         self._set_active(stay)
         return changes
 
     # --- weights -----------------------------------------------------------------------------------------------
     def mark_decoded(self) -> None:
-        """The factors now hold decoded k-bit values (a loaded adapter): use them as they are while they stay
-        unchanged. Once an optimizer changes them, they are latent weights again and the forward quantizes them
-        (straight-through), so a loaded k-bit adapter keeps training as a k-bit adapter."""
+        """The factors now hold decoded k-bit values (a loaded adapter): use them as they are while they keep those
+        values. Once they change (an optimizer step), they are latent weights again and the forward quantizes them
+        (straight-through), so a loaded k-bit adapter keeps training as a k-bit adapter. A write that leaves the
+        values as they were (DDP's broadcast, loading the same state, a deep copy) keeps them decoded."""
+        if self.lora_A is None:
+            self._decoded_versions, self._decoded_values = None, None
+            return
         self._decoded_versions = self._versions()
+        self._decoded_values = (self.lora_A.detach().clone(), self.lora_B.detach().clone())
 
     def _versions(self) -> tuple[int, int] | None:
         if self.lora_A is None:
@@ -162,7 +169,20 @@ class HeadLoRAProjection(nn.Module):
     def _quantizes(self) -> bool:
         if self.bits == FLOAT_BITS:
             return False
-        return self._decoded_versions is None or self._decoded_versions != self._versions()
+        if self._decoded_versions is None:
+            return True
+        if self._decoded_versions == self._versions():
+            return False
+        # written since: still the decoded values? (one comparison, then the answer is kept)
+        values = self._decoded_values
+        same = (self.lora_A is not None and values is not None and values[0].shape == self.lora_A.shape
+                and values[1].shape == self.lora_B.shape and torch.equal(values[0].to(self.lora_A.device), self.lora_A)
+                and torch.equal(values[1].to(self.lora_B.device), self.lora_B))
+        if same:
+            self._decoded_versions = self._versions()
+            return False
+        self._decoded_versions, self._decoded_values = None, None
+        return True
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as the forward uses them (quantized with the straight-through estimator when bits < 32), over the
@@ -199,13 +219,13 @@ class HeadLoRAProjection(nn.Module):
         a, b = self.effective_weights()
         if a.dtype != y.dtype:  # half-precision base output without autocast: compute the delta in its dtype
             a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
-        if self.per_head_is_B:
-            z = x @ a.t()
-            if self._covers_all:
-                return torch.addmm(y, z, b.t(), alpha=self.scale)
-            return y.index_add(1, self._rows, z @ b.t(), alpha=self.scale)
-        xa = x if self._covers_all else x.index_select(1, self._rows)
-        return torch.addmm(y, xa @ a.t(), b.t(), alpha=self.scale)
+        if self.per_head_is_B and not self._covers_all:
+            d = x @ a.t() @ b.t()
+            # under autocast the products come out in half precision whatever y is
+            return y.index_add(1, self._rows, d if d.dtype == y.dtype else d.to(y.dtype), alpha=self.scale)
+        xa = x if self.per_head_is_B or self._covers_all else x.index_select(1, self._rows)
+        out = torch.addmm(y, xa @ a.t(), b.t(), alpha=self.scale)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     # --- responsiveness ----------------------------------------------------------------------------------------
     def head_products(self, absolute: bool = False) -> torch.Tensor:

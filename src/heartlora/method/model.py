@@ -144,6 +144,9 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
                 why = sites.missing.get(target, f"{layout.name} has no {target} projection")
                 cover.partial.setdefault(name, {})[target] = why
                 continue
+            if site.mode == "weight" and config.dropout > 0:
+                raise ConfigError(f"{name} ({type(module).__name__}) reads its projection's weight directly, so "
+                                  f"adapter dropout cannot reach its input: use dropout=0 for this backbone")
             wrapper = getattr(site.parent, site.attr)
             if not isinstance(wrapper, HeadLoRALinear):
                 wrapper = wrap_projection(wrapper, dropout=config.dropout, mode=site.mode)

@@ -45,7 +45,8 @@ class ResponsivenessTracker:
             r = sum(p.head_products(absolute).to(acc.device) for p in layer.projections.values())
             if not absolute:
                 r = r.abs()
-            out.append(r.double())
+            # a step whose gradients overflowed (fp16 loss scaling skips it) adds nothing; no host sync
+            out.append(torch.where(torch.isfinite(r), r, torch.zeros_like(r)).double())
         return out
 
     @torch.no_grad()
