@@ -351,13 +351,18 @@ def test_switching_heads_off_carries_the_optimizer_state_of_the_heads_that_stay(
     opt.step()  # the rebuilt Parameters train on with their carried state
 
 
-def test_a_loaded_one_bit_adapter_keeps_training_as_one_bit(tmp_path) -> None:
+def _saved_and_loaded_one_bit(tmp_path) -> tuple[nn.Module, torch.Tensor]:  # noqa: ANN001
+    """A random 1-bit adapter on a tiny timm ViT, saved and loaded into a fresh backbone."""
     model, x = make_family("timm_vit")
     hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, bits=1))
     randomize(model)
     hl.save_adapter(model, tmp_path / "a.safetensors")
     fresh, _ = make_family("timm_vit")
-    loaded = hl.load_adapter(fresh, tmp_path / "a.safetensors")
+    return hl.load_adapter(fresh, tmp_path / "a.safetensors"), x
+
+
+def test_a_loaded_one_bit_adapter_keeps_training_as_one_bit(tmp_path) -> None:
+    loaded, x = _saved_and_loaded_one_bit(tmp_path)
     proj = hl.attention_layers(loaded)[0].projections["q"]
     stored = proj.lora_B.detach().clone()
     a, b = proj.effective_weights()
@@ -395,12 +400,7 @@ def test_weight_mode_equals_forward_mode_in_values_and_gradients() -> None:
 def test_a_loaded_one_bit_adapter_stays_as_decoded_through_writes_of_the_same_values(tmp_path) -> None:  # noqa: ANN001
     import copy
 
-    model, x = make_family("timm_vit")
-    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, bits=1))
-    randomize(model)
-    hl.save_adapter(model, tmp_path / "a.safetensors")
-    fresh, _ = make_family("timm_vit")
-    loaded = hl.load_adapter(fresh, tmp_path / "a.safetensors")
+    loaded, x = _saved_and_loaded_one_bit(tmp_path)
     y = loaded(x)
     with torch.no_grad():
         for p in hl.adapter_parameters(loaded):

@@ -194,13 +194,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, info = load_trained(_adapter_path(args.adapter[0]), device, backbone=args.backbone)
     run = info["run"]
     img_size = run.get("img_size") or model.spec["img_size"]
-    results = classify(model, files, img_size, run.get("class_names", []), args.top_k, device)
-    if args.json:
+    return _print_predictions(classify(model, files, img_size, run.get("class_names", []), args.top_k, device),
+                              args.json)
+
+
+def _print_predictions(results: list[dict[str, Any]], as_json: bool) -> int:
+    """JSON, or one line per image (and task, for several adapters): the top labels with their probabilities."""
+    if as_json:
         print(json.dumps(results, indent=2))
         return 0
     for r in results:
         tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
-        print(f"{r['image']}\t{tops}")
+        print("\t".join([r["image"], *([r["task"]] if "task" in r else []), tops]))
     return 0
 
 
@@ -221,13 +226,7 @@ def _predict_bank(args: argparse.Namespace, files: list[Path], device: Any) -> i
         tops = bank.top_k(rows, names * len(chunk), args.top_k)
         for i, f in enumerate(chunk):
             results += [{"image": str(f), "task": t, "top": tops[i * len(names) + j]} for j, t in enumerate(names)]
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
-        print(f"{r['image']}\t{r['task']}\t{tops}")
-    return 0
+    return _print_predictions(results, args.json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
