@@ -29,6 +29,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,13 +127,13 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(spec: Model, batch: int, device: torch.device, precision: str, compiled: bool, rounds: int, steps: int,
-            seed: int) -> dict[str, Any]:
+            seed: int, rows: tuple[str, ...] = ROWS) -> dict[str, Any]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     x = torch.rand(batch, 3, spec.img_size, spec.img_size, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     built: dict[str, tuple[Callable[[], None], nn.Module]] = {}
     peaks: dict[str, float] = {}
-    for row in ROWS:
+    for row in rows:
         model, opt, input_grad = build(row, spec, device, seed)
         fwd = torch.compile(model) if compiled else model
 
@@ -152,9 +153,9 @@ def measure(spec: Model, batch: int, device: torch.device, precision: str, compi
         peaks[row] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         built[row] = (step, model)
         x.requires_grad_(False)
-    times: dict[str, list[float]] = {row: [] for row in ROWS}
+    times: dict[str, list[float]] = {row: [] for row in rows}
     for _ in range(rounds):
-        for row in ROWS:
+        for row in rows:
             step = built[row][0]
             _sync(device)
             t0 = time.perf_counter()
@@ -164,11 +165,14 @@ def measure(spec: Model, batch: int, device: torch.device, precision: str, compi
             times[row].append((time.perf_counter() - t0) / steps * 1e3)
             x.requires_grad_(False)
     out = {}
-    for row in ROWS:
-        ratio = statistics.median(t / p for t, p in zip(times[row], times["peft"]))
-        out[row] = {"step_ms": statistics.median(times[row]), "ratio_peft": ratio,
-                    "ratio_frozen": statistics.median(t / f for t, f in zip(times[row], times["frozen"])),
-                    "peak_mib": peaks[row], "rounds_ms": times[row]}
+    for row in rows:
+        def ratio(base: str, row: str = row) -> float:
+            if base not in times:
+                return float("nan")
+            return statistics.median(t / b for t, b in zip(times[row], times[base]))
+
+        out[row] = {"step_ms": statistics.median(times[row]), "ratio_peft": ratio("peft"),
+                    "ratio_frozen": ratio("frozen"), "peak_mib": peaks[row], "rounds_ms": times[row]}
     return out
 
 
@@ -178,7 +182,7 @@ def table(results: list[dict[str, Any]]) -> str:
         lines += [f"### {res['model']}, batch {res['batch']}, {res['precision']}, "
                   f"{'compiled' if res['compiled'] else 'eager'}", "",
                   "| row | step ms | ÷ PEFT | ÷ frozen | peak MiB |", "|---|---|---|---|---|"]
-        for row in ROWS:
+        for row in res["rows"]:
             r = res["rows"][row]
             lines.append(f"| {row} | {r['step_ms']:.1f} | {r['ratio_peft']:.2f} | {r['ratio_frozen']:.2f} | "
                          f"{r['peak_mib']:.0f} |")
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only")
+    ap.add_argument("--compiled-only", action="store_true", help="compiled rows only (of --compiled-rows)")
+    ap.add_argument("--compiled-rows", default=",".join(ROWS),
+                    help="the rows measured compiled (each compiles its own graph: minutes on a GPU)")
+    ap.add_argument("--compiled-batch", type=int, help="compile only at this batch size")
     ap.add_argument("--tiny", action="store_true", help="tiny models and batches: a smoke run of the script")
     ap.add_argument("--out", type=Path, help="write the markdown table (and a .json beside it) here")
     args = ap.parse_args(argv)
@@ -204,21 +212,30 @@ def main(argv: list[str] | None = None) -> None:
     vit, dino = _timm_vit(args.tiny), _hf_dinov2(args.tiny)
     vit.batches = [4] if args.tiny else [64, 256]
     dino.batches = [4] if args.tiny else [64]
+    compiled_rows = tuple(r for r in ROWS if r in args.compiled_rows.split(","))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    command = "python benchmarks/gpu_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []
     for spec in (vit, dino):
         for batch in spec.batches:
-            for compiled in (False,) if args.no_compile else (False, True):
-                rows = measure(spec, batch, device, args.precision, compiled, args.rounds, args.steps, args.seed)
+            modes = () if args.no_compile else (True,)
+            modes = modes if args.compiled_only else (False, *modes)
+            for compiled in modes:
+                if compiled and args.compiled_batch and batch != args.compiled_batch:
+                    continue
+                rows = measure(spec, batch, device, args.precision, compiled, args.rounds, args.steps, args.seed,
+                               compiled_rows if compiled else ROWS)
                 results.append({"model": spec.name, "batch": batch, "precision": args.precision,
                                 "compiled": compiled, "rows": rows})
                 print(table(results[-1:]), flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    header = (f"Device: {name}; torch {torch.__version__}; command: `python benchmarks/gpu_speed.py"
-              f" --precision {args.precision} --rounds {args.rounds} --steps {args.steps}`\n\n")
-    if args.out:
-        args.out.write_text(header + table(results))
-        args.out.with_suffix(".json").write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                                             "results": results}, indent=1))
+                if args.out:  # after every table, so a run stopped midway keeps what it measured
+                    versions = {m: __import__(m).__version__ for m in ("torch", "timm", "transformers", "peft")}
+                    header = (f"Device: {name}; {', '.join(f'{k} {v}' for k, v in versions.items())}; command: "
+                              f"`{command.strip()}`\n\n")
+                    args.out.write_text(header + table(results))
+                    args.out.with_suffix(".json").write_text(json.dumps({"device": name, "versions": versions,
+                                                                         "command": command, "results": results},
+                                                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ RESULTS = ROOT / "docs" / "results.json"
 RUNS = ROOT / "runs" / "suite"
 BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
 POLL_S = 2.0
+# --engine-flags: more `heartlora train` flags per suite method ("*": every engine method; a method's own entry comes
+# after, so it wins; "baseline": the baseline script's), e.g. '{"*": ["--precision", "tf32"], "baseline": ["--precision",
+# "tf32"]}' to run the cpu profile on a GPU with TF32 matrix products. Each record lists the flags its run had.
+ENGINE_FLAGS: dict[str, list[str]] = {}
 
 
 def make_record(run: str, profile: Profile, method: str, extra: dict[str, Any], metrics: dict[str, Any],
@@ -87,6 +91,7 @@ def run_command(profile: Profile, protocol: str, task: str, method: str, setting
                str(profile.img_size), "--epochs", str(profile.epochs), "--batch-size", str(profile.batch_size)]
         if device != "auto":
             cmd += ["--device", device]
+        cmd += ENGINE_FLAGS.get("baseline", [])
     else:
         engine_method = spec.pop("method")
         cmd = [sys.executable, "-m", "heartlora", "train", "--method", engine_method, *common,
@@ -96,11 +101,18 @@ def run_command(profile: Profile, protocol: str, task: str, method: str, setting
             cmd += ["--profile", profile.engine_profile]
         for key, value in {**spec, **settings}.items():
             cmd += ["--" + key.replace("_", "-"), str(value)]
+        cmd += engine_flags(method)
         if out.is_dir() and any(out.iterdir()):
             cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd
+
+
+def engine_flags(method: str) -> list[str]:
+    if "method" not in METHODS[method]:
+        return list(ENGINE_FLAGS.get("baseline", []))
+    return [*ENGINE_FLAGS.get("*", []), *ENGINE_FLAGS.get(method, [])]
 
 
 def record_run(profile: Profile, item: tuple, metrics: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -112,6 +124,8 @@ def record_run(profile: Profile, item: tuple, metrics: dict[str, Any], threads: 
     if threads:
         here["threads"] = threads
     rec["threads"] = here["threads"]
+    if engine_flags(method):
+        rec["engine_flags"] = engine_flags(method)
     rec["machine"] = here
     add_record(rec, RESULTS, profile.name, here)
     return rec
@@ -124,11 +138,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
     failed: set[str] = set()
     started = finished = 0
+    deadline = time.time() + args.deadline_s if getattr(args, "deadline_s", None) else None
     try:
         while True:
             data = load_results(RESULTS)
             for item in plan(profile, data):
-                if len(running) >= jobs or (args.max_runs is not None and started >= args.max_runs):
+                if len(running) >= jobs or (args.max_runs is not None and started >= args.max_runs) or \
+                        (deadline is not None and time.time() >= deadline):
                     break
                 run = run_id(profile, *item[:5])
                 if run in running or run in failed:
@@ -264,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, help="torch threads per run (the profile's, else torch's choice)")
     r.add_argument("--max-runs", type=int, help="start at most this many runs (resume later)")
     r.add_argument("--report-every", type=int, default=5, help="rewrite RESULTS.md every N runs")
+    r.add_argument("--engine-flags", help='JSON: suite method (or "*") -> more `heartlora train` flags')
+    r.add_argument("--deadline-s", type=float, help="start no run after this many seconds (the rest resume later)")
     s = sub.add_parser("status", help="runs done, left, and a rough time left")
     o = sub.add_parser("report", help="write docs/RESULTS.md and the plots from docs/results.json")
     for sp in (r, s, o):
@@ -279,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs side by side (each single-threaded on the cpu profile)")
     args = p.parse_args(argv)
     if args.cmd == "run":
+        if args.engine_flags:
+            ENGINE_FLAGS.update(json.loads(args.engine_flags))
         return cmd_run(args)
     if args.cmd == "status":
         return cmd_status(args)

@@ -3,116 +3,251 @@ score on val200; test is never read), at the `cpu` profile (112 px, 10 epochs, b
 HF + PEFT recipe (benchmarks/baselines/hf_peft.py) run on the same splits.
 
 Resumable: each run writes its own folder under ``--runs``; a folder with a metrics.json is finished and never run
-again, so the command continues where the last one stopped. One training process at a time, one thread each
-(``--threads``); ``--status`` counts what is done. ``--report`` writes the table of val200 accuracies
-(docs/sweeps/defaults.md and .json) from the finished runs.
+again, and a result already in ``--dest``'s JSON is not run again either, so the command continues where the last
+one stopped. ``--jobs`` runs side by side (one thread each on a CPU); ``--device cuda --engine-flags '--precision
+tf32' --baseline-flags '--precision tf32'`` runs the same protocol on a GPU (TF32 matrix products). ``--status`` counts what is done. ``--report`` writes the
+table of val200 accuracies (docs/sweeps/defaults.md and .json). ``--choose FILE`` applies the rule that picks the
+defaults (fixed before any result was seen, below) and writes the chosen settings as JSON.
 
-    python benchmarks/sweep_defaults.py                 # run what is left
+The rule (``choose``): among the ``lora`` configurations, the one with the best mean val200 over every (task, seed)
+cell wins (ties: the one listed first); its classifier input, drop-path, scale, learning rate and weight decay become
+every method's defaults. Among the ``bi-lora`` configurations, the best mean picks the 1-bit methods' scale. Among the
+``heart-lora`` ones, the best mean picks ``--ne auto``'s tolerance. A configuration counts only when all its cells ran.
+
+    python benchmarks/sweep_defaults.py                         # run what is left, one at a time
+    python benchmarks/sweep_defaults.py --jobs 14 --device cuda --engine-flags "--precision tf32" \
+        --baseline-flags "--precision tf32"
     python benchmarks/sweep_defaults.py --status
-    python benchmarks/sweep_defaults.py --report        # writes docs/sweeps/defaults.{md,json}
+    python benchmarks/sweep_defaults.py --report                # writes docs/sweeps/defaults.{md,json}
+    python benchmarks/sweep_defaults.py --choose chosen.json    # the rule above, on the finished runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("fashion_mnist", "dsprites_loc", "clevr_count")
-COMMON = ["--profile", "cpu", "--protocol", "val", "--seed", "42"]
-# name -> CLI arguments after `heartlora train` (or the baseline script), in the order they run
+TASKS = ("fashion_mnist", "mnist", "digits", "dsprites_loc", "smallnorb_ele", "clevr_count", "fashion_mnist@4shot")
+SEEDS = (42,)
+COMMON = ["--profile", "cpu", "--protocol", "val"]
+_BASE = ["--pool", "cls+mean", "--drop-path", "0"]
+# name -> CLI arguments after `heartlora train` (or the baseline script). The family (the first word) says which
+# rule of `choose` a configuration competes in.
 CONFIGS: dict[str, list[str]] = {
     "hf-peft": ["baseline"],
     "lora, cls, drop-path 0.1 (old default)": ["--method", "lora", "--pool", "cls"],
-    "lora, cls+mean, drop-path 0": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0"],
+    "lora, cls+mean, drop-path 0": ["--method", "lora", *_BASE],
     "lora, cls+mean, drop-path 0.1 (pool auto)": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0.1"],
-    "lora, cls+mean, drop-path 0, scale 2": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0",
-                                             "--scale", "2"],
+    "lora, cls+mean, drop-path 0, scale 2": ["--method", "lora", *_BASE, "--scale", "2"],
+    "lora, cls+mean, drop-path 0, scale 4": ["--method", "lora", *_BASE, "--scale", "4"],
+    "lora, cls+mean, drop-path 0, lr 2e-3": ["--method", "lora", *_BASE, "--lr", "2e-3"],
+    "bi-lora, cls+mean, drop-path 0, scale 1": ["--method", "bi-lora", *_BASE, "--scale", "1"],
+    "bi-lora, cls+mean, drop-path 0, scale 4": ["--method", "bi-lora", *_BASE, "--scale", "4"],
+    "bi-lora, cls+mean, drop-path 0, scale 16": ["--method", "bi-lora", *_BASE, "--scale", "16"],
+    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.02": ["--method", "heart-lora", *_BASE,
+                                                                   "--ne-tolerance", "0.02"],
+    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05": ["--method", "heart-lora", *_BASE,
+                                                                   "--ne-tolerance", "0.05"],
 }
+# The settings a winning configuration hands on (flag -> TrainConfig field).
+CHOSEN_FLAGS = {"--pool": "pool", "--drop-path": "drop_path", "--scale": "scale", "--lr": "lr",
+                "--weight-decay": "weight_decay", "--ne-tolerance": "ne_tolerance"}
 
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def plan(runs: Path) -> list[tuple[str, str, Path, list[str]]]:
+def folder_of(runs: Path, task: str, name: str, seed: int) -> Path:
+    # seed 42 keeps the first sweep's folder names, so its finished runs are found again
+    return runs / task / (_slug(name) + ("" if seed == 42 else f"-s{seed}"))
+
+
+def plan(runs: Path, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = SEEDS, device: str = "auto",
+         engine_flags: list[str] | None = None, threads: int | None = 1, baseline_flags: list[str] | None = None) -> list[tuple[str, str, int, Path, list[str]]]:
     out = []
-    for task in TASKS:  # task by task: each finished task is a complete comparison
-        for name, args in CONFIGS.items():
-            folder = runs / task / _slug(name)
-            if args == ["baseline"]:
-                cmd = [sys.executable, str(ROOT / "benchmarks" / "baselines" / "hf_peft.py"), "--task", task,
-                       "--protocol", "val", "--seed", "42", "--img-size", "112", "--epochs", "10",
-                       "--batch-size", "32", "--out", str(folder)]
-            else:
-                cmd = [sys.executable, "-m", "heartlora", "train", "--task", task, *COMMON, *args,
-                       "--out", str(folder), "--quiet"]
-            out.append((name, task, folder, cmd))
+    for seed in seeds:
+        for task in tasks:  # task by task: each finished task is a complete comparison
+            for name, args in CONFIGS.items():
+                folder = folder_of(runs, task, name, seed)
+                if args == ["baseline"]:
+                    cmd = [sys.executable, str(ROOT / "benchmarks" / "baselines" / "hf_peft.py"), "--task", task,
+                           "--protocol", "val", "--seed", str(seed), "--img-size", "112", "--epochs", "10",
+                           "--batch-size", "32", "--out", str(folder)]
+                    if device != "auto":
+                        cmd += ["--device", device]
+                    cmd += baseline_flags or []
+                else:
+                    cmd = [sys.executable, "-m", "heartlora", "train", "--task", task, *COMMON, "--seed", str(seed),
+                           *args, *(engine_flags or []), "--device", device, "--out", str(folder), "--quiet"]
+                if threads:
+                    cmd += ["--threads", str(threads)]
+                out.append((name, task, seed, folder, cmd))
     return out
 
 
-def recorded(dest: Path) -> dict[str, dict[str, dict]]:
-    """Results already committed in ``dest``'s JSON: a later session on a fresh machine (no runs/ folder) keeps them
-    and does not run them again."""
+def recorded(dest: Path) -> dict[str, dict[str, dict[str, dict]]]:
+    """Results already committed in ``dest``'s JSON (config -> task -> seed -> record): a later session on a fresh
+    machine (no runs/ folder) keeps them and does not run them again. The first sweep's records (config -> task ->
+    record, seed 42, on a CPU) are read as such."""
     path = dest.with_suffix(".json")
-    return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text()).get("results", {})
+    for name, by_task in rows.items():
+        for task, rec in list(by_task.items()):
+            if "val200" in rec:  # the first sweep's shape
+                by_task[task] = {"42": {**rec, "device": rec.get("device", "cpu")}}
+    return rows
 
 
-def report(runs: Path, dest: Path) -> None:
+def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
     rows = recorded(dest)
-    for name, task, folder, cmd in plan(runs):
+    for name, task, seed, folder, _ in plan(runs, tasks, seeds):
         f = folder / "metrics.json"
         if f.is_file():
             m = json.loads(f.read_text())
-            rows.setdefault(name, {})[task] = {"val200": m["accuracy"], "adapter_bytes": m.get("adapter_bytes"),
-                                                "wall_s": m.get("wall_s")}
+            dev = (m.get("machine") or {}).get("device") or m.get("device") or "cpu"
+            rows.setdefault(name, {}).setdefault(task, {})[str(seed)] = {
+                "val200": m["accuracy"], "adapter_bytes": m.get("adapter_bytes"), "wall_s": m.get("wall_s"),
+                "device": str(dev), "heads_off": len(m.get("heads_off") or []),
+                "ne_choice": (m.get("ne_choice") or {}).get("chosen") if isinstance(m.get("ne_choice"), dict) else None}
+    return rows
+
+
+def _cells(rows: dict, name: str, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> list[float] | None:
+    vals = [rows.get(name, {}).get(t, {}).get(str(s), {}).get("val200") for t in tasks for s in seeds]
+    return None if any(v is None for v in vals) else vals
+
+
+def choose(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
+    """The rule in the module's docstring: {"settings": every method's, "bi_scale": .., "ne_tolerance": ..,
+    "why": {family: {config: mean}}}; a family with no complete configuration chooses nothing."""
+    out: dict[str, Any] = {"settings": {}, "why": {}}
+    for family in ("lora", "bi-lora", "heart-lora"):
+        means = {}
+        for name, args in CONFIGS.items():
+            if name.split(",")[0] == family and (cells := _cells(rows, name, tasks, seeds)) is not None:
+                means[name] = sum(cells) / len(cells)
+        out["why"][family] = means
+        if not means:
+            continue
+        best = max(means, key=lambda n: (means[n], -list(CONFIGS).index(n)))
+        args = CONFIGS[best]
+        picked = {CHOSEN_FLAGS[a]: args[i + 1] for i, a in enumerate(args) if a in CHOSEN_FLAGS}
+        if family == "lora":
+            out["settings"] = {k: v for k, v in picked.items() if k != "ne_tolerance"}
+            out["lora"] = best
+        elif family == "bi-lora":
+            out["bi_scale"], out["bi-lora"] = picked.get("scale", "1"), best
+        else:
+            out["ne_tolerance"], out["heart-lora"] = picked.get("ne_tolerance"), best
+    return out
+
+
+def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps({"tasks": TASKS, "common": COMMON, "configs": CONFIGS,
-                                                     "results": rows}, indent=1))
+    dest.with_suffix(".json").write_text(json.dumps({"tasks": tasks, "seeds": seeds, "common": COMMON,
+                                                     "configs": CONFIGS, "results": rows}, indent=1))
+    devices = sorted({rec.get("device", "cpu").split(":")[0] for by_task in rows.values() for by_seed in
+                      by_task.values() for rec in by_seed.values()})
     lines = ["# Defaults sweep (val200 only)", "",
-             "Command: `python benchmarks/sweep_defaults.py` then `--report`. Protocol: train on train800, accuracy on "
-             "val200 after the last epoch (no test data), `--profile cpu` (112 px, 10 epochs, batch 32), seed 42, "
-             "one thread per run. The HF + PEFT row is benchmarks/baselines/hf_peft.py on the same splits.", "",
-             "| settings | " + " | ".join(TASKS) + " | mean |", "|---|" + "---|" * (len(TASKS) + 1)]
+             "Command: `python benchmarks/sweep_defaults.py` (on a GPU: `--jobs 14 --device cuda --engine-flags "
+             "'--precision tf32' --baseline-flags '--precision tf32'`: fp32 weights, TF32 matrix products) then "
+             "`--report`. Protocol: train on train800, accuracy on "
+             "val200 after the last epoch (no test data), `--profile cpu` (112 px, 10 epochs, batch 32; the 4-shot "
+             f"task gets the 100-step floor), seeds {', '.join(map(str, seeds))}. The HF + PEFT row is "
+             "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds; devices: "
+             f"{', '.join(devices)}. The rule that picks the defaults is in the script's docstring.", "",
+             "| settings | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     for name in CONFIGS:
-        accs = [rows.get(name, {}).get(t, {}).get("val200") for t in TASKS]
-        done = [a for a in accs if a is not None]
-        mean = f"{100 * sum(done) / len(done):.1f}" + ("" if len(done) == len(TASKS) else " (partial)") if done else ""
-        lines.append(f"| {name} | " + " | ".join("" if a is None else f"{100 * a:.1f}" for a in accs) + f" | {mean} |")
+        cells = []
+        for t in tasks:
+            vals = [rows.get(name, {}).get(t, {}).get(str(s), {}).get("val200") for s in seeds]
+            vals = [v for v in vals if v is not None]
+            cells.append(sum(vals) / len(vals) if vals else None)
+        done = [c for c in cells if c is not None]
+        mean = (f"{100 * sum(done) / len(done):.1f}" + ("" if len(done) == len(tasks) else " (partial)")) if done \
+            else ""
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + f" | {mean} |")
+    chosen = choose(rows, tasks, seeds)
+    lines += ["", "Chosen by the rule: " + (", ".join(f"{f}: {chosen[f]}" for f in ("lora", "bi-lora", "heart-lora")
+                                                      if f in chosen) or "nothing yet (no complete configuration)")]
     dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def run_all(todo: list, jobs: int, threads: int | None, deadline: float | None) -> None:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
+            name, task, seed, folder, cmd = queue.pop(0)
+            if "heartlora" in cmd and folder.is_dir() and any(folder.iterdir()):
+                cmd = cmd + (["--resume"] if (folder / "checkpoint.pt").is_file() else ["--overwrite"])
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed with the process)
+            running.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
+                            f"{name} on {task} s{seed}", time.time()))
+            print(f"[{time.strftime('%H:%M:%S')}] start {name} on {task} s{seed}", flush=True)
+        if deadline is not None and time.time() >= deadline:
+            queue = []
+        time.sleep(1.0)
+        for item in list(running):
+            proc, what, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                print(f"    exit {proc.returncode} after {time.time() - t0:.0f} s: {what}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep-defaults")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--configs", help="comma-free substrings; only configurations whose name contains one (| between)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--engine-flags", default="", help="more `heartlora train` flags, e.g. '--precision tf32'")
+    ap.add_argument("--baseline-flags", default="", help="more baseline-script flags, e.g. '--precision tf32'")
+    ap.add_argument("--deadline-s", type=float, help="start no run after this many seconds (it resumes next time)")
     ap.add_argument("--status", action="store_true")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--choose", type=Path, help="write the rule's choice (JSON) here")
     ap.add_argument("--dest", type=Path, default=ROOT / "docs" / "sweeps" / "defaults.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    seeds = tuple(int(s) for s in args.seeds.split(",") if s)
+    deadline = time.time() + args.deadline_s if args.deadline_s else None
+    if args.report or args.choose:
+        rows = collect(args.runs, args.dest, tasks, seeds)
+        if args.report:
+            report(rows, args.dest, tasks, seeds)
+            print(args.dest.with_suffix(".md").read_text())
+        if args.choose:
+            args.choose.write_text(json.dumps(choose(rows, tasks, seeds), indent=1))
+            print(args.choose.read_text())
+        return
     done = recorded(args.dest)
-    todo = [p for p in plan(args.runs) if not (p[2] / "metrics.json").is_file() and p[1] not in done.get(p[0], {})]
+    full = plan(args.runs, tasks, seeds, args.device, shlex.split(args.engine_flags), args.threads,
+                shlex.split(args.baseline_flags))
+    todo = [p for p in full if not (p[3] / "metrics.json").is_file()
+            and str(p[2]) not in done.get(p[0], {}).get(p[1], {})]
+    if args.configs:
+        todo = [p for p in todo if any(c in p[0] for c in args.configs.split("|"))]
     if args.status:
-        print(f"{len(plan(args.runs)) - len(todo)} of {len(plan(args.runs))} runs done")
+        print(f"{len(full) - len(todo)} of {len(full)} runs done")
         return
-    if args.report:
-        report(args.runs, args.dest)
-        print(args.dest.with_suffix(".md").read_text())
-        return
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(args.threads)}
-    for name, task, folder, cmd in todo:
-        if "heartlora" in cmd:
-            cmd += ["--threads", str(args.threads)] + (["--resume"] if (folder / "checkpoint.pt").is_file() else [])
-        else:
-            cmd += ["--threads", str(args.threads)]
-        t0 = time.time()
-        print(f"run {name} on {task}", flush=True)
-        res = subprocess.run(cmd, env=env, cwd=ROOT)
-        print(f"  exit {res.returncode} after {time.time() - t0:.0f} s", flush=True)
+    run_all(todo, max(1, args.jobs), args.threads, deadline)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda":  # fp32 is exact fp32 (as on a CPU); tf32 and bf16 let matmuls use TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
     task = get_task(args.task)
     train_split, eval_split = PROTOCOLS[args.protocol]
     train_x, train_y = task.load(train_split, img_size=args.img_size, seed=args.seed)
@@ -127,7 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def step(idx: torch.Tensor) -> torch.Tensor:
             x = normalise(train_x[idx].to(device))
-            return F.cross_entropy(model(pixel_values=x).logits, train_y[idx].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                logits = model(pixel_values=x).logits
+            return F.cross_entropy(logits.float(), train_y[idx].to(device))
 
         train_s = train_loop(step, params, len(train_x), args)
         if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+                    help="fp32 (exact, as on a CPU), tf32 (TF32 matmuls on CUDA) or bf16 (autocast; TF32 too)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, required=True, help="run folder; a folder with metrics.json is not run again")

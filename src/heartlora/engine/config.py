@@ -32,7 +32,7 @@ AUTO_TOLERANCE = 0.02  # --ne auto's default; not yet chosen on val200 (docs/MET
 MIN_FEWSHOT_STEPS = 100
 WARMUP_SHARE = 0.1  # warmup epochs = 10 % of the epochs, as 10 of 100 in the paper
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "tf32", "fp32")
 
 
 def _opt(default: Any = None, help: str = "", group: str = "run", default_text: str | None = None,
@@ -106,7 +106,8 @@ class TrainConfig:
     protocol: str | None = _opt(help="val: train800 → val200 (choose settings); final: train800val200 → test, once",
                                 group="run", choices=tuple(PROTOCOLS), fill="val")
     precision: str | None = _opt(help="auto: bf16 autocast on CUDA GPUs that support it, else fp32; fp16 uses a "
-                                      "gradient scaler; adapter weights and optimizer state stay fp32",
+                                      "gradient scaler; tf32: fp32 with TF32 matrix products on CUDA; adapter "
+                                      "weights and optimizer state stay fp32",
                                  group="run", choices=PRECISIONS, fill="auto")
     # Runtime only: never change the result.
     out: str | None = _opt(help="output folder", runtime=True, default_text="runs/<task>_<method>_<protocol>_s<seed>")

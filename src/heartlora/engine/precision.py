@@ -2,7 +2,8 @@
 
 Autocast runs the matrix products in bf16 or fp16; the weights, the adapters and the optimizer state stay fp32,
 so the stored files do not change. fp16 needs a gradient scaler (its range is small); bf16 does not. On CUDA,
-TF32 matrix products are allowed unless fp32 is asked for; the previous setting is restored when the run ends.
+TF32 matrix products are allowed unless fp32 is asked for; ``tf32`` is fp32 with TF32 matrix products (no autocast;
+on a CPU the same as fp32). The previous setting is restored when the run ends.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """The resolved precision of one run on one device."""
 
-    name: str  # bf16, fp16 or fp32
+    name: str  # bf16, fp16, tf32 or fp32
     device: torch.device
     scaler: Any = None  # torch.amp.GradScaler for fp16
     tf32: bool = False  # TF32 matrix products allowed (CUDA, unless fp32 was asked for)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.name == "fp32":
+        if self.name in ("fp32", "tf32"):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPES[self.name])
 
@@ -55,8 +56,8 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     tf32 = device.type == "cuda" and name != "fp32"
     if name == "auto":
         name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"unknown precision {name!r}: choose auto, bf16, fp16 or fp32")
+    if name not in ("bf16", "fp16", "tf32", "fp32"):
+        raise ConfigError(f"unknown precision {name!r}: choose auto, bf16, fp16, tf32 or fp32")
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
     scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None

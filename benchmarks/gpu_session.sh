@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# One prepared GPU session (an H200 lent for ~15 minutes; see docs/GPU.md): the project's own source with
+# PYTHONPATH=src on the machine's PyTorch / timm / transformers / PEFT, the backbone and data carried by
+# benchmarks/gpu_carry.py (pack .gpu here first, and carry .gpu).
+#
+#   bash benchmarks/gpu_session.sh first   # unpack; speed table (eager); end-to-end images/s; defaults sweep (val200);
+#                                          # the rule's choice; the cpu suite with it until the budget ends
+#   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
+#                                          # compiled speed rows if time is left
+#
+# Everything it measures lands in $OUT (results.tgz + the logs). The sweep and the suite run the cpu profile's protocol
+# in fp32 with TF32 matrix products (--precision tf32; a CPU runs exact fp32); bf16 autocast for the speed table and
+# the end-to-end figures.
+# Env: BUDGET (seconds this call may use), JOBS (runs side by side), FLAGS (the suite's --engine-flags for `more`
+# on a fresh machine), SMOKE=1 (a CPU dry run of this script with tiny settings).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HEARTLORA_CACHE=${HEARTLORA_CACHE:-/tmp/hlcache}
+PY=${PY:-python3}
+START=$(date +%s)
+BUDGET=${BUDGET:-570}
+JOBS=${JOBS:-14}
+DEV=cuda
+SMOKE=${SMOKE:-0}
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$OUT/session.log"; }
+RUNS=runs/gpu
+mkdir -p $RUNS
+SUITE_RESULTS=$RUNS/suite-results.json
+TINY=""  # SMOKE: every sweep and suite run at 28 px for one epoch
+if [ "$SMOKE" = 1 ]; then DEV=cpu; TINY="--img-size 28 --epochs 1"; fi
+
+pack_results() {
+  log "packing results"
+  find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen.json' \
+    -o -name 'RESULTS*.md' | tar czf "$OUT/results.tgz" -T - 2>/dev/null
+  ls -la "$OUT"
+}
+
+unpack() {
+  if [ -f "$HEARTLORA_CACHE/.unpacked" ]; then return; fi
+  log "unpack"
+  $PY benchmarks/gpu_carry.py unpack .gpu 2>&1 | tee -a "$OUT/session.log"
+  touch "$HEARTLORA_CACHE/.unpacked"
+  $PY benchmarks/gpu_carry.py generate .gpu >$RUNS/generate.log 2>&1 &
+}
+
+engine_ok() {  # a tiny 1-bit Heart-LoRA run on this device: if the engine fails here, the sweep and suite would too
+  log "engine smoke"
+  timeout 120 $PY -m heartlora train --task digits --method heart-bi-lora --profile cpu --img-size 56 --epochs 2 \
+    --device $DEV --out $RUNS/smoke --overwrite --quiet >$RUNS/smoke.log 2>&1
+  local rc=$?
+  log "engine smoke exit $rc"
+  [ $rc = 0 ] || tail -n 30 $RUNS/smoke.log | tee -a "$OUT/session.log"
+  return $rc
+}
+
+speed_eager() {
+  log "speed table, eager"
+  local extra=""
+  [ "$SMOKE" = 1 ] && extra="--device cpu --tiny --rounds 1 --steps 1"
+  timeout $(($(left) - 360)) $PY benchmarks/gpu_speed.py --no-compile --rounds 5 --steps 10 $extra \
+    --out "$OUT/gpu_speed_eager.md" >$RUNS/speed_eager.log 2>&1
+  log "speed eager exit $?"
+}
+
+end_to_end() {
+  # the paper's resolution and batch (224 px, batch 64) for 10 epochs on fashion_mnist (train800 -> val200): training
+  # images per second of the whole CLI run against the plain HF + PEFT loop, both bf16 autocast
+  local size=224 epochs=10 bs=64 prec=bf16 peft_precs="bf16"
+  [ "$SMOKE" = 1 ] && size=28 epochs=1 bs=32 prec=fp32 peft_precs=fp32
+  for m in lora heart-lora; do
+    log "end to end: heartlora $m"
+    timeout 120 $PY -m heartlora train --task fashion_mnist --method $m --profile paper --protocol val \
+      --img-size $size --epochs $epochs --batch-size $bs --precision $prec --device $DEV --seed 42 \
+      --out $RUNS/e2e/heartlora-$m --overwrite --quiet >$RUNS/e2e-heartlora-$m.log 2>&1
+  done
+  for p in $peft_precs; do
+    log "end to end: hf + peft $p"
+    timeout 120 $PY benchmarks/baselines/hf_peft.py --task fashion_mnist --protocol val --img-size $size \
+      --epochs $epochs --batch-size $bs --precision $p --seed 42 --device $DEV --out $RUNS/e2e/hf-peft-$p \
+      >$RUNS/e2e-hf-peft-$p.log 2>&1
+  done
+  $PY - <<'EOF' | tee -a "$OUT/session.log"
+import json, pathlib
+for f in sorted(pathlib.Path("runs/gpu/e2e").glob("*/metrics.json")):
+    m = json.loads(f.read_text())
+    print(f"{f.parent.name}: {m.get('train_images_per_s', 0):.0f} training images/s, val200 {m['accuracy']:.3f}, "
+          f"wall {m['wall_s']:.1f} s")
+EOF
+}
+
+sweep() {
+  log "defaults sweep (val200), $JOBS side by side"
+  local extra=()
+  [ "$SMOKE" = 1 ] && extra=(--tasks digits --configs "hf-peft|scale 2|scale 4|tolerance 0.02")
+  $PY benchmarks/sweep_defaults.py --jobs $JOBS --device $DEV --engine-flags "--precision tf32 $TINY" \
+    --baseline-flags "--precision tf32 $TINY" --runs $RUNS/sweep \
+    --dest $RUNS/sweep/defaults.md --deadline-s $(($(left) - 120)) "${extra[@]}" >$RUNS/sweep.log 2>&1
+  local tasks=""
+  [ "$SMOKE" = 1 ] && tasks="--tasks digits"
+  $PY benchmarks/sweep_defaults.py --runs $RUNS/sweep --dest $RUNS/sweep/defaults.md --report --choose \
+    $RUNS/chosen.json $tasks >$RUNS/sweep-report.log 2>&1
+  cat $RUNS/chosen.json | tee -a "$OUT/session.log"
+}
+
+chosen() {  # true when the sweep's rule has chosen the lora settings
+  $PY -c "import json, sys; sys.exit(0 if 'lora' in json.load(open('$RUNS/chosen.json')) else 1)" 2>/dev/null
+}
+
+suite_flags() {
+  # the rule's choice as every engine method's flags (the 1-bit methods' own scale; --ne auto's tolerance)
+  TINY="$TINY" $PY - <<'EOF'
+import json, os
+c = json.load(open("runs/gpu/chosen.json"))
+flag = lambda k: "--" + k.replace("_", "-")
+tiny = os.environ["TINY"].split()
+common = ["--precision", "tf32", *tiny] + [x for k, v in c["settings"].items() for x in (flag(k), str(v))]
+out = {"*": common, "baseline": ["--precision", "tf32", *tiny]}
+if c.get("bi_scale"):
+    out["bi-lora"] = out["heart-bi-lora"] = ["--scale", str(c["bi_scale"])]
+if c.get("ne_tolerance"):
+    for m in ("heart-lora", "heart-lora-layer"):
+        out[m] = ["--ne-tolerance", str(c["ne_tolerance"])]
+    out["heart-bi-lora"] = out.get("heart-bi-lora", []) + ["--ne-tolerance", str(c["ne_tolerance"])]
+print(json.dumps(out))
+EOF
+}
+
+suite() {
+  local flags=${FLAGS:-}
+  if [ -z "$flags" ]; then
+    if ! chosen; then log "the sweep is not complete: no suite yet"; return; fi
+    flags=$(suite_flags)
+  fi
+  echo "$flags" >$RUNS/suite-flags.json
+  log "cpu suite with $flags"
+  local extra=""
+  [ "$SMOKE" = 1 ] && extra="--tasks digits --methods hf-peft,lora,heart-lora --seeds 42"
+  $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --engine-flags "$flags" \
+    --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(($(left) - ${1:-40})) --report-every 0 $extra \
+    >>$RUNS/suite.log 2>&1
+  log "suite exit $?"
+  $PY benchmarks/suite.py status --profile cpu --results $SUITE_RESULTS | tee -a "$OUT/session.log"
+}
+
+speed_compiled() {
+  local t=$(($(left) - 25))
+  if [ $t -lt 60 ]; then log "no time left for the compiled rows"; return; fi
+  log "speed table, compiled (peft, heartlora, half off at batch 64), $t s"
+  local extra=""
+  [ "$SMOKE" = 1 ] && extra="--device cpu --tiny --rounds 1 --steps 1"
+  timeout $t $PY benchmarks/gpu_speed.py --compiled-only --compiled-rows frozen,peft,heartlora,"half off" \
+    --compiled-batch 64 --rounds 6 --steps 10 $extra --out "$OUT/gpu_speed_compiled.md" \
+    >$RUNS/speed_compiled.log 2>&1
+  log "speed compiled exit $?"
+}
+
+case "${1:-first}" in
+  first)
+    log "$(nvidia-smi -L 2>/dev/null | head -1)"
+    $PY -c "import torch, timm, transformers, peft; print('torch', torch.__version__, 'timm', timm.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/session.log"
+    unpack
+    if engine_ok; then
+      speed_eager
+      end_to_end
+      sweep
+      suite 40
+    else
+      speed_eager
+    fi
+    ;;
+  more)
+    unpack
+    [ -z "${FLAGS:-}" ] && ! chosen && sweep
+    suite 150
+    speed_compiled
+    ;;
+  pack) ;;
+esac
+pack_results
+log "done"
