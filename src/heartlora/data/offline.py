@@ -79,10 +79,11 @@ def _fashion_mnist_dir() -> Path:
 @register_task("fashion_mnist", "Fashion-MNIST clothing photos, 28x28 grayscale, 10 classes (Debian package)",
                "natural")
 def fashion_mnist(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
-    """Fashion-MNIST: train800/val200 from its 60,000 training images, test from its 10,000 test images."""
-    folder = _fashion_mnist_dir()
+    """Fashion-MNIST: train800/val200 from its 60,000 training images, test from its 10,000 test images. The Debian
+    files are needed only to build the cached splits: a machine that has the cache trains without them."""
 
     def build() -> Splits:
+        folder = _fashion_mnist_dir()
         train = _read_idx(folder / "train-images-idx3-ubyte.gz", "images")
         train_labels = _read_idx(folder / "train-labels-idx1-ubyte.gz", "labels")
         test = _read_idx(folder / "t10k-images-idx3-ubyte.gz", "images")
