@@ -146,11 +146,17 @@ def measure(spec: Model, batch: int, device: torch.device, precision: str, compi
             opt.zero_grad(set_to_none=True)
 
         if device.type == "cuda":
+            # the rows built before stay resident: a row's peak is what it adds above them (its own weights, optimizer
+            # state and activations), not the process's total
+            _sync(device)
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device) - sum(
+                t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         for _ in range(3):  # warm-up (and compilation) outside the clock
             step()
         _sync(device)
-        peaks[row] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        peaks[row] = ((torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda"
+                      else float("nan"))
         built[row] = (step, model)
         x.requires_grad_(False)
     times: dict[str, list[float]] = {row: [] for row in rows}

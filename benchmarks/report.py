@@ -506,7 +506,12 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     data = suite.load_results(results)
     profile = suite.PROFILES[profile_name]
     body, facts = suite_section(data, profile)
-    machines = data.get("machines", {})
+    # every distinct machine that made a profile's records (a suite may be finished on another machine)
+    machines: dict[str, list[dict]] = {}
+    for r in data.get("records", []):
+        m = r.get("machine") or data.get("machines", {}).get(r.get("profile"))
+        if m and m not in machines.setdefault(r.get("profile"), []):
+            machines[r["profile"]].append(m)
     intro = ("Every number below comes from a committed record: the accuracy suite from docs/results.json (one "
              "record per run, with its settings, seed and machine), speed from docs/speed.json, storage from "
              "docs/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
@@ -519,8 +524,13 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
               "797 for digits).")
     schedule = ("- Schedule (engine defaults, METHOD.md §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % "
                 "of the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the "
-                "LR; drop-path 0.1 (0 for the linear probe); no augmentation; the last epoch is reported (no "
-                "checkpoint picking).")
+                "LR; no augmentation; the last epoch is reported (no checkpoint picking). Adapter settings: the "
+                "`cpu` profile uses today's defaults (classifier input CLS + mean patch token for DINOv2, drop-path 0, "
+                "scale 4, 1-bit methods scale 16, `--ne auto` tolerance 0.02: chosen on val200 by "
+                "benchmarks/sweep_defaults.py, docs/sweeps/defaults.md); the `quick` profile's records predate them "
+                "(class token, drop-path 0.1, scale 1). Runs on a GPU (the machine names it) used `--precision tf32` "
+                "(fp32 weights, TF32 matrix products; a CPU runs exact fp32) and passed those defaults as flags, "
+                "listed in each record's `engine_flags`.")
     methods = ("- Methods: `linear-probe` (a Linear on frozen CLS + mean-patch features computed once per task) and "
                "`hf-peft` (transformers' `Dinov2ForImageClassification` + PEFT LoRA on q and v, r 8, alpha 8, AdamW "
                "1e-3 with OneCycleLR: the recipe a user would pick instead, run outside heartlora's engine by "
@@ -531,8 +541,9 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                "schedule and evaluation), "
                "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
                "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
-    machine = "- Machine(s): " + "; ".join(f"{p}: " + ", ".join(f"{k} {v}" for k, v in m.items())
-                                          for p, m in machines.items()) + "."
+    machine = "- Machine(s): " + "; ".join(f"{p}: " + " / ".join(", ".join(f"{k} {v}" for k, v in m.items())
+                                                                 for m in ms)
+                                          for p, ms in machines.items()) + "."
     lines = ["# Results", "", intro, "", "## Protocol", "", splits, schedule, methods, machine, ""]
     lines += body
     for other in suite.PROFILES.values():  # every other profile with records keeps its tables on the page

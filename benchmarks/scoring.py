@@ -62,7 +62,7 @@ def run_one(task_name: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     vx, vy = task.load("val200", img_size=a.img_size, seed=seed)
     torch.manual_seed(seed)
     model = create_backbone(a.backbone, num_classes=task.num_classes, img_size=a.img_size, pretrained=a.pretrained)
-    attach(model, HeartLoRAConfig(targets=("q", "v"), rank=8))
+    attach(model, HeartLoRAConfig(targets=("q", "v"), rank=8, scale=a.scale))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
     per_epoch = math.ceil(len(x) / a.batch_size)
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-epochs", type=int, default=1, help="the full warmup: scoring over all its steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--scale", type=float, default=4.0, help="LoRA scale (the engine's default)")
     p.add_argument("--ne", type=int, default=12, help="heads switched off, for the Jaccard of the switched-off sets")
     p.add_argument("--sample-heads", type=int, default=16, help="heads whose switch-off effect is measured")
     p.add_argument("--train-images", type=int, default=0, help="use only the first N training images (0: all)")

@@ -360,9 +360,21 @@ def test_fashion_mnist():
 
 
 def test_fashion_mnist_missing_names_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("HEARTLORA_FASHION_MNIST_DIR", str(tmp_path))
+    monkeypatch.setenv("HEARTLORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HEARTLORA_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
     with pytest.raises(TaskError, match="apt-get install -y dataset-fashion-mnist"):
-        get_task("fashion_mnist")
+        get_task("fashion_mnist").arrays()
+
+
+def test_fashion_mnist_trains_from_its_cache_without_the_debian_files(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    # a machine that was handed the cached splits (a GPU box, a cluster node) needs neither the files nor apt
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs the Debian Fashion-MNIST files to build the cache first")
+    monkeypatch.setenv("HEARTLORA_CACHE", str(tmp_path / "cache"))
+    labels = get_task("fashion_mnist").load("val200", 8)[1]
+    monkeypatch.setenv("HEARTLORA_FASHION_MNIST_DIR", str(tmp_path / "nothing"))
+    assert torch.equal(get_task("fashion_mnist").load("val200", 8)[1], labels)
 
 
 @pytest.mark.parametrize("name, test_size", [("mnist", 2000), ("digits", 797)])

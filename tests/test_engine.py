@@ -157,7 +157,8 @@ def test_impossible_ne_fails_before_anything_is_written(tmp_path: Path, task: st
 def test_defaults_profiles_and_overrides() -> None:
     paper = resolve(TrainConfig(task="digits"))
     assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
-    assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.1, 42, 8)
+    assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.0, 42, 8)
+    assert paper.scale == 4.0  # chosen on val200 (docs/sweeps/defaults.md), as the 1-bit methods' 16 below
     assert paper.targets == ("q", "v") and paper.method == "heart-lora"
     assert paper.ne == "auto" and paper.ne_fraction is None and paper.ne_tolerance == 0.02  # chosen on data
     assert paper.pool == "cls+mean"  # DINOv2's own convention (the default backbone is dinov2_small)
@@ -171,6 +172,9 @@ def test_defaults_profiles_and_overrides() -> None:
     assert any("profile cpu" in n for n in cpu.notes)
     assert resolve(TrainConfig(task="digits", epochs=50)).warmup_epochs == 5
     assert resolve(TrainConfig(task="digits", method="bi-lora")).bits == 1
+    assert [resolve(TrainConfig(task="digits", method=m)).scale for m in ("bi-lora", "heart-bi-lora", "lora")] == \
+        [16.0, 16.0, 4.0]
+    assert resolve(TrainConfig(task="digits", method="bi-lora", scale=2.0)).scale == 2.0  # asked for: kept
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
                 dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),

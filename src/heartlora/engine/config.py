@@ -26,7 +26,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 # training images (heartlora.method.auto_ne, docs/METHOD.md §3): the paper tunes ne per task on validation data,
 # which a user running defaults does not do. --ne-fraction 1/6 was the fixed default before.
 DEFAULT_NE_FRACTION = 1 / 6
-AUTO_TOLERANCE = 0.02  # --ne auto's default; not yet chosen on val200 (docs/METHOD.md §3)
+AUTO_TOLERANCE = 0.02  # --ne auto's default, chosen on val200 over 0.05 (docs/sweeps/defaults.md)
 # A K-shot run trains for at least this many optimizer steps (its epochs are raised when the profile's epochs give
 # fewer): 4 shots of 10 classes in batches of 32 are 2 steps an epoch, 20 steps in 10 epochs, too few to learn.
 MIN_FEWSHOT_STEPS = 100
@@ -64,7 +64,8 @@ class TrainConfig:
     targets: tuple[str, ...] | None = _opt(help="projections to adapt, comma-separated from q,k,v,o", group="adapter",
                                            fill=("q", "v"), default_text="q,v")
     rank: int | None = _opt(help="LoRA rank", group="adapter", fill=8)
-    scale: float | None = _opt(help="LoRA scale s (Bi-LoRA tunes it in {0.01..100})", group="adapter", fill=1.0)
+    scale: float | None = _opt(help="LoRA scale s of the update s·BA (chosen on val200, docs/sweeps/defaults.md)",
+                               group="adapter", fill=4.0, default_text="4; 16 for the 1-bit methods")
     bits: int | None = _opt(help="adapter bits: 32 float, 1..8 quantized", group="adapter",
                             default_text="1 for *bi-lora, else 32")
     dropout: float | None = _opt(help="adapter input dropout", group="adapter", fill=0.0)
@@ -100,7 +101,7 @@ class TrainConfig:
     batch_size: int | None = _opt(help="global batch (split over ranks under torchrun)", group="schedule",
                                   default_text="the profile's")
     img_size: int | None = _opt(help="image side in pixels", group="schedule", default_text="the profile's")
-    drop_path: float | None = _opt(help="stochastic depth rate (0 for linear)", group="schedule", fill=0.1)
+    drop_path: float | None = _opt(help="stochastic depth rate", group="schedule", fill=0.0)
     seed: int | None = _opt(help="random seed (initialisation, data order, dropout)", group="schedule", fill=42)
     eval_every: int | None = _opt(help="epochs between val200 evaluations (protocol val)", group="schedule", fill=1)
     protocol: str | None = _opt(help="val: train800 → val200 (choose settings); final: train800val200 → test, once",

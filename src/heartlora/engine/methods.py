@@ -180,11 +180,16 @@ def method_names() -> list[str]:
 register_method("linear", LinearProbe())
 register_method("full", FullFineTune())
 register_method("lora", HeadLoRA("LoRA on the target projections, all attention heads"))
-register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1))
+# The 1-bit methods' scale: the best of {1, 4, 16} on val200 of the visible tasks (docs/sweeps/defaults.md); the
+# float methods take TrainConfig's (4).
+BI_SCALE = {"scale": 16.0}
+register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1,
+                                    defaults=BI_SCALE))
 register_method("heart-lora", HeadLoRA("LoRA; least responsive attention heads off after warmup", heart=True))
 register_method("heart-lora-layer", HeadLoRA("heart-lora ranking heads within each layer (the paper's "
                                              "Heart-LoRA†)", heart=True, defaults={"scope": "layer"}))
-register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True))
+register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True,
+                                          defaults=BI_SCALE))
 
 METHODS = _REGISTRY  # name → method, live: registered baselines appear here too
 
