@@ -445,3 +445,35 @@ def test_an_overflowed_step_adds_nothing_to_the_scores() -> None:
     tracker.update()
     after = tracker.scores()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("targets, bits", [(("q", "v"), 32), (("q", "k", "v"), 32), (("q", "v"), 1)])
+def test_shared_product_of_a_fused_linear_equals_one_delta_per_projection(targets: tuple[str, ...], bits: int) -> None:
+    """q and v (or q, k, v) of a fused qkv Linear run as one product (A stacked, B block-diagonal): the output and
+    every gradient equal those of adding each projection's delta on its own, with heads off in a scattered pattern."""
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=targets, rank=4, bits=bits))
+    randomize(model)
+    layer = hl.attention_layers(model)[0]
+    hl.deactivate_heads(model, heads=[(layer.name, 0), (layer.name, 3)])
+    linear = next(m for m in model.modules() if isinstance(m, HeadLoRALinear) and len(m.lora) == len(targets))
+    inp = torch.randn(2, 5, linear.in_features, requires_grad=True)
+
+    def run(shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for p in [inp, *linear.parameters()]:
+            p.grad = None
+        if shared:
+            out = linear(inp)
+        else:
+            y = linear.base_layer(inp).reshape(-1, linear.out_features)
+            for proj in linear.lora.values():
+                y = proj.add_delta(y, inp.reshape(-1, linear.in_features))
+            out = y.view(2, 5, -1)
+        out.square().sum().backward()
+        return out.detach(), [inp.grad.clone()] + [p.grad.clone() for p in linear.lora.parameters()]
+
+    out, grads = run(True)
+    ref, ref_grads = run(False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

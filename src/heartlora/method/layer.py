@@ -308,9 +308,36 @@ class HeadLoRALinear(nn.Module):
             return y
         x2 = self.lora_dropout(x).reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
-        for proj in self.lora.values():
+        projs = [p for p in self.lora.values() if p._active]
+        if len(projs) > 1 and all(p.per_head_is_B and p.scale == projs[0].scale for p in projs):
+            return self._shared_delta(y2, x2, projs).view(y.shape)
+        for proj in projs:
             y2 = proj.add_delta(y2, x2)
         return y2.view(y.shape)
+
+    def _shared_delta(self, y: torch.Tensor, x: torch.Tensor, projs: list[HeadLoRAProjection]) -> torch.Tensor:
+        """Several output-side projections of one Linear (q and v of a fused qkv) as one product: their A stacked
+        (Σr × in), their B block-diagonal (Σrows × Σr), so the input is read once and the output gets one indexed add
+        (none when the rows cover the whole output in order). Each head keeps its own rows; an off head has none."""
+        # The joint row index, rebuilt whenever a projection's own index is a new tensor (heads switched off, the
+        # module moved or copied); holding those tensors keeps the identity check sound.
+        src = getattr(self, "_shared_src", None)
+        if src is None or len(src) != len(projs) or any(a is not p._rows for a, p in zip(src, projs)):
+            rows = torch.cat([p._rows for p in projs])
+            full = rows.numel() == self.out_features and torch.equal(rows, torch.arange(rows.numel(),
+                                                                                       device=rows.device))
+            self._shared_src, self._shared_rows, self._shared_full = [p._rows for p in projs], rows, full
+        weights = [p.effective_weights() for p in projs]
+        a = torch.cat([w[0] for w in weights])
+        b = torch.block_diag(*[w[1] for w in weights])
+        if a.dtype != y.dtype:  # half-precision base output without autocast: compute the delta in its dtype
+            a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
+        scale = projs[0].scale
+        if self._shared_full:
+            out = torch.addmm(y, x @ a.t(), b.t(), alpha=scale)
+            return out if out.dtype == y.dtype else out.to(y.dtype)
+        d = x @ a.t() @ b.t()
+        return y.index_add(1, self._shared_rows, d if d.dtype == y.dtype else d.to(y.dtype), alpha=scale)
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base_layer.weight)
