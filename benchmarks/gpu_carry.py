@@ -8,6 +8,7 @@ sha256 is compared with the one packed here (``--generate``), so both machines t
 
     python benchmarks/gpu_carry.py pack .gpu --generate smallnorb_ele
     python benchmarks/gpu_carry.py unpack .gpu        # on the GPU machine, HEARTLORA_CACHE set
+    python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into docs/results.json
 """
 
 from __future__ import annotations
@@ -78,10 +79,20 @@ def unpack(src: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=("pack", "unpack", "generate"))
+    ap.add_argument("action", choices=("pack", "unpack", "generate", "merge"))
     ap.add_argument("dir", type=Path)
     ap.add_argument("--generate", default="", help="pack: tasks to generate on the GPU machine instead of carrying")
     args = ap.parse_args()
+    if args.action == "merge":  # a GPU session's suite records into docs/results.json (by id; locked, atomic)
+        from heartlora.experiments import add_record, load_results
+
+        dest = Path(__file__).resolve().parent.parent / "docs" / "results.json"
+        have = {r["id"] for r in load_results(dest)["records"]}
+        new = [r for r in load_results(args.dir)["records"] if r["id"] not in have]
+        for r in new:
+            add_record(r, dest, r["profile"], r.get("machine"))
+        print(f"{len(new)} new records merged into {dest}")
+        return 0
     if args.action == "pack":
         pack(args.dir, [t for t in args.generate.split(",") if t])
         return 0

@@ -3,16 +3,17 @@
 # PYTHONPATH=src on the machine's PyTorch / timm / transformers / PEFT, the backbone and data carried by
 # benchmarks/gpu_carry.py (pack .gpu here first, and carry .gpu).
 #
-#   bash benchmarks/gpu_session.sh first   # unpack; speed table (eager); end-to-end images/s; defaults sweep (val200);
-#                                          # the rule's choice; the cpu suite with it until the budget ends
+#   bash benchmarks/gpu_session.sh first   # unpack; engine smoke; speed table (eager, with peak memory); end-to-end
+#                                          # images/s; then the cpu suite until the budget ends
 #   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
 #                                          # compiled speed rows if time is left
+#   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice (done once: its
+#                                          # results are in docs/sweeps/defaults.json, and the defaults follow them)
 #
 # Everything it measures lands in $OUT (results.tgz + the logs). The sweep and the suite run the cpu profile's protocol
 # in fp32 with TF32 matrix products (--precision tf32; a CPU runs exact fp32); bf16 autocast for the speed table and
-# the end-to-end figures.
-# Env: BUDGET (seconds this call may use), JOBS (runs side by side), FLAGS (the suite's --engine-flags for `more`
-# on a fresh machine), SMOKE=1 (a CPU dry run of this script with tiny settings).
+# the end-to-end figures. Env: BUDGET (seconds this call may use), JOBS (runs side by side), FLAGS (the suite's
+# --engine-flags JSON; default: only the precision), SMOKE=1 (a CPU dry run of this script with tiny settings).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -26,7 +27,8 @@ DEV=cuda
 SMOKE=${SMOKE:-0}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$OUT/session.log"; }
-RUNS=runs/gpu
+RUNS=${RUNS:-runs/gpu}
+export RUNS
 mkdir -p $RUNS
 SUITE_RESULTS=$RUNS/suite-results.json
 TINY=""  # SMOKE: every sweep and suite run at 28 px for one epoch
@@ -49,8 +51,10 @@ unpack() {
 
 engine_ok() {  # a tiny 1-bit Heart-LoRA run on this device: if the engine fails here, the sweep and suite would too
   log "engine smoke"
-  timeout 120 $PY -m heartlora train --task digits --method heart-bi-lora --profile cpu --img-size 56 --epochs 2 \
-    --device $DEV --out $RUNS/smoke --overwrite --quiet >$RUNS/smoke.log 2>&1
+  local size=56 epochs=2
+  [ "$SMOKE" = 1 ] && size=28 epochs=1
+  timeout 120 $PY -m heartlora train --task digits --method heart-bi-lora --profile cpu --img-size $size \
+    --epochs $epochs --device $DEV --out $RUNS/smoke --overwrite --quiet >$RUNS/smoke.log 2>&1
   local rc=$?
   log "engine smoke exit $rc"
   [ $rc = 0 ] || tail -n 30 $RUNS/smoke.log | tee -a "$OUT/session.log"
@@ -85,7 +89,8 @@ end_to_end() {
   done
   $PY - <<'EOF' | tee -a "$OUT/session.log"
 import json, pathlib
-for f in sorted(pathlib.Path("runs/gpu/e2e").glob("*/metrics.json")):
+import os
+for f in sorted(pathlib.Path(os.environ["RUNS"], "e2e").glob("*/metrics.json")):
     m = json.loads(f.read_text())
     print(f"{f.parent.name}: {m.get('train_images_per_s', 0):.0f} training images/s, val200 {m['accuracy']:.3f}, "
           f"wall {m['wall_s']:.1f} s")
@@ -106,36 +111,14 @@ sweep() {
   cat $RUNS/chosen.json | tee -a "$OUT/session.log"
 }
 
-chosen() {  # true when the sweep's rule has chosen the lora settings
-  $PY -c "import json, sys; sys.exit(0 if 'lora' in json.load(open('$RUNS/chosen.json')) else 1)" 2>/dev/null
-}
-
-suite_flags() {
-  # the rule's choice as every engine method's flags (the 1-bit methods' own scale; --ne auto's tolerance)
-  TINY="$TINY" $PY - <<'EOF'
-import json, os
-c = json.load(open("runs/gpu/chosen.json"))
-flag = lambda k: "--" + k.replace("_", "-")
-tiny = os.environ["TINY"].split()
-common = ["--precision", "tf32", *tiny] + [x for k, v in c["settings"].items() for x in (flag(k), str(v))]
-out = {"*": common, "baseline": ["--precision", "tf32", *tiny]}
-if c.get("bi_scale"):
-    out["bi-lora"] = out["heart-bi-lora"] = ["--scale", str(c["bi_scale"])]
-if c.get("ne_tolerance"):
-    for m in ("heart-lora", "heart-lora-layer"):
-        out[m] = ["--ne-tolerance", str(c["ne_tolerance"])]
-    out["heart-bi-lora"] = out.get("heart-bi-lora", []) + ["--ne-tolerance", str(c["ne_tolerance"])]
-print(json.dumps(out))
-EOF
-}
+tiny_json() { [ "$SMOKE" = 1 ] && printf ', "--img-size", "28", "--epochs", "1"'; }
 
 suite() {
-  local flags=${FLAGS:-}
-  if [ -z "$flags" ]; then
-    if ! chosen; then log "the sweep is not complete: no suite yet"; return; fi
-    flags=$(suite_flags)
-  fi
+  # today's defaults are the sweep's choice, so the suite passes only the precision (and SMOKE's tiny sizes)
+  local flags=${FLAGS:-"{\"*\": [\"--precision\", \"tf32\"$(tiny_json)], \"baseline\": [\"--precision\", \"tf32\"$(tiny_json)]}"}
   echo "$flags" >$RUNS/suite-flags.json
+  # start from the committed records, so a run finished before (on any machine) is never redone
+  [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
   log "cpu suite with $flags"
   local extra=""
   [ "$SMOKE" = 1 ] && extra="--tasks digits --methods hf-peft,lora,heart-lora --seeds 42"
@@ -167,7 +150,6 @@ case "${1:-first}" in
     if engine_ok; then
       speed_eager
       end_to_end
-      sweep
       suite 40
     else
       speed_eager
@@ -175,9 +157,12 @@ case "${1:-first}" in
     ;;
   more)
     unpack
-    [ -z "${FLAGS:-}" ] && ! chosen && sweep
     suite 150
     speed_compiled
+    ;;
+  sweep)
+    unpack
+    sweep
     ;;
   pack) ;;
 esac
