@@ -7,6 +7,7 @@
 #                                          # images/s; then the cpu suite until the budget ends
 #   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
 #                                          # compiled speed rows if time is left
+#   bash benchmarks/gpu_session.sh paper   # the paper profile (224 px, 100 epochs) of the same tasks, bf16
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice (done once: its
 #                                          # results are in docs/sweeps/defaults.json, and the defaults follow them)
 #
@@ -163,6 +164,15 @@ case "${1:-first}" in
   sweep)
     unpack
     sweep
+    ;;
+  paper)  # the paper profile (224 px, 100 epochs, batch 64) for lora, heart-lora, heart-bi-lora: bf16 autocast
+    unpack
+    [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
+    log "paper profile, $JOBS side by side"
+    $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
+      --engine-flags '{"*": ["--precision", "bf16"]}' --results $SUITE_RESULTS --runs $RUNS/suite \
+      --deadline-s $(($(left) - 150)) --report-every 0 >>$RUNS/suite.log 2>&1
+    $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
     ;;
   pack) ;;
 esac

@@ -113,7 +113,10 @@ def summarize(records: list[dict[str, Any]], ne: int) -> dict[str, Any]:
                 for k in ("kendall", "jaccard")}
         pairs = pairwise({str(r["seed"]): r["snapshots"][-1][1] for r in rs}, ne) if len(rs) > 1 else []
         floor = {k: sum(p[k] for p in pairs) / len(pairs) for k in ("kendall", "jaccard")} if pairs else None
-        enough = next((s for s, j in zip(steps, mean["jaccard"]) if floor and j >= floor["jaccard"]), None)
+        # a snapshot whose ranking is undefined (every score equal: after one step B is still zero, so every head
+        # of a q/v projection scores 0) does not count, whatever its tie order happens to overlap
+        enough = next((s for s, j, k in zip(steps, mean["jaccard"], mean["kendall"])
+                       if floor and not math.isnan(k) and j >= floor["jaccard"]), None)
         rhos = [r["effect_spearman"] for r in rs if r["effect_spearman"] is not None]
         out[task] = {"steps": steps, "mean": mean, "seed_floor": floor, "smallest_budget_at_floor": enough,
                      "warmup_steps": steps[-1], "effect_spearman_mean": sum(rhos) / len(rhos) if rhos else None}
