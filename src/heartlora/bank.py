@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
-from heartlora.method.layer import HeadLoRALinear
+from heartlora.method.layer import HeadLoRALinear, add_deltas
 from heartlora.method.model import _detach, is_adapted
 from heartlora.method.storage import load_adapter, read_adapter_info
 
@@ -77,14 +77,12 @@ class BankLinear(nn.Module):
             x, y = x.movedim(1, -1), y.movedim(1, -1)
         out = y.clone() if conv else y
         for task, rows in self._route.slices(x.shape[0], "an adapted projection"):
-            projs = self.adapters[task].values() if task in self.adapters else ()
+            projs = [p for p in self.adapters[task].values() if p.active_heads()] if task in self.adapters else []
             xs = x[rows].reshape(-1, x.shape[-1])
             ys = y[rows].reshape(-1, y.shape[-1])
-            changed = False
-            for proj in projs:
-                if proj.active_heads():
-                    ys = proj.add_delta(ys, xs)
-                    changed = True
+            changed = bool(projs)
+            if changed:  # as the task's own model computes it (HeadLoRALinear), so both agree to the last bit
+                ys = add_deltas(self.adapters[task], ys, xs, projs)
             if changed and rows.stop - rows.start == x.shape[0]:  # one task in the whole batch: no copy back
                 out = ys.view(out.shape)
             elif changed:

@@ -308,36 +308,7 @@ class HeadLoRALinear(nn.Module):
             return y
         x2 = self.lora_dropout(x).reshape(-1, x.shape[-1])
         y2 = y.reshape(-1, y.shape[-1])
-        projs = [p for p in self.lora.values() if p._active]
-        if len(projs) > 1 and all(p.per_head_is_B and p.scale == projs[0].scale for p in projs):
-            return self._shared_delta(y2, x2, projs).view(y.shape)
-        for proj in projs:
-            y2 = proj.add_delta(y2, x2)
-        return y2.view(y.shape)
-
-    def _shared_delta(self, y: torch.Tensor, x: torch.Tensor, projs: list[HeadLoRAProjection]) -> torch.Tensor:
-        """Several output-side projections of one Linear (q and v of a fused qkv) as one product: their A stacked
-        (Σr × in), their B block-diagonal (Σrows × Σr), so the input is read once and the output gets one indexed add
-        (none when the rows cover the whole output in order). Each head keeps its own rows; an off head has none."""
-        # The joint row index, rebuilt whenever a projection's own index is a new tensor (heads switched off, the
-        # module moved or copied); holding those tensors keeps the identity check sound.
-        src = getattr(self, "_shared_src", None)
-        if src is None or len(src) != len(projs) or any(a is not p._rows for a, p in zip(src, projs)):
-            rows = torch.cat([p._rows for p in projs])
-            full = rows.numel() == self.out_features and torch.equal(rows, torch.arange(rows.numel(),
-                                                                                       device=rows.device))
-            self._shared_src, self._shared_rows, self._shared_full = [p._rows for p in projs], rows, full
-        weights = [p.effective_weights() for p in projs]
-        a = torch.cat([w[0] for w in weights])
-        b = torch.block_diag(*[w[1] for w in weights])
-        if a.dtype != y.dtype:  # half-precision base output without autocast: compute the delta in its dtype
-            a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
-        scale = projs[0].scale
-        if self._shared_full:
-            out = torch.addmm(y, x @ a.t(), b.t(), alpha=scale)
-            return out if out.dtype == y.dtype else out.to(y.dtype)
-        d = x @ a.t() @ b.t()
-        return y.index_add(1, self._shared_rows, d if d.dtype == y.dtype else d.to(y.dtype), alpha=scale)
+        return add_deltas(self, y2, x2, [p for p in self.lora.values() if p._active]).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base_layer.weight)
@@ -361,6 +332,36 @@ class HeadLoRALinear(nn.Module):
         self._original_weight = None
         self.merged = False
 
+
+
+def add_deltas(owner: nn.Module, y: torch.Tensor, x: torch.Tensor, projs: list[HeadLoRAProjection]) -> torch.Tensor:
+    """``y`` plus the deltas of the active projections ``projs`` of one Linear (``y``, ``x`` 2-D). Several
+    output-side projections (q and v of a fused qkv) run as one product: their A stacked (Σr × in), their B
+    block-diagonal (Σrows × Σr), so the input is read once and the output gets one indexed add (none when the rows
+    cover the whole output in order). Each head keeps its own rows; an off head has none. ``owner`` keeps the joint
+    row index between calls."""
+    if len(projs) < 2 or not all(p.per_head_is_B and p.scale == projs[0].scale for p in projs):
+        for proj in projs:
+            y = proj.add_delta(y, x)
+        return y
+    # The joint row index, rebuilt whenever a projection's own index is a new tensor (heads switched off, the
+    # module moved or copied); holding those tensors keeps the identity check sound.
+    src = getattr(owner, "_shared_src", None)
+    if src is None or len(src) != len(projs) or any(a is not p._rows for a, p in zip(src, projs)):
+        rows = torch.cat([p._rows for p in projs])
+        full = rows.numel() == y.shape[-1] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
+        owner._shared_src, owner._shared_rows, owner._shared_full = [p._rows for p in projs], rows, full
+    weights = [p.effective_weights() for p in projs]
+    a = torch.cat([w[0] for w in weights])
+    b = torch.block_diag(*[w[1] for w in weights])
+    if a.dtype != y.dtype:  # half-precision base output without autocast: compute the delta in its dtype
+        a, b, x = a.to(y.dtype), b.to(y.dtype), x.to(y.dtype)
+    scale = projs[0].scale
+    if owner._shared_full:
+        out = torch.addmm(y, x @ a.t(), b.t(), alpha=scale)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
+    d = x @ a.t() @ b.t()
+    return y.index_add(1, owner._shared_rows, d if d.dtype == y.dtype else d.to(y.dtype), alpha=scale)
 
 class HeadLoRAConv1x1(HeadLoRALinear):
     """:class:`HeadLoRALinear` for a 1×1 convolution used as a projection on (B, C, H, W) maps (timm LeViT-conv,
@@ -389,9 +390,7 @@ class HeadLoRAConv1x1(HeadLoRALinear):
             return y
         x2 = self.lora_dropout(x).movedim(1, -1).reshape(-1, x.shape[1])
         y_last = y.movedim(1, -1)
-        y2 = y_last.reshape(-1, y.shape[1])
-        for proj in self.lora.values():
-            y2 = proj.add_delta(y2, x2)
+        y2 = add_deltas(self, y_last.reshape(-1, y.shape[1]), x2, [p for p in self.lora.values() if p._active])
         return y2.view(y_last.shape).movedim(-1, 1)
 
     def delta_weight(self) -> torch.Tensor:
