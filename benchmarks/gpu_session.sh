@@ -27,6 +27,8 @@ JOBS=${JOBS:-14}
 DEV=cuda
 SMOKE=${SMOKE:-0}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+# a time limit for one phase: what is left less a margin, at least 1 s (timeout treats 0 as no limit)
+limit() { local t=$(($(left) - $1)); [ $t -lt 1 ] && t=1; echo $t; }
 log() { echo "[$(($(date +%s) - START)) s] $*" | tee -a "$OUT/session.log"; }
 RUNS=${RUNS:-runs/gpu}
 export RUNS
@@ -45,8 +47,10 @@ pack_results() {
 unpack() {
   if [ -f "$HEARTLORA_CACHE/.unpacked" ]; then return; fi
   log "unpack"
-  $PY benchmarks/gpu_carry.py unpack .gpu 2>&1 | tee -a "$OUT/session.log"
-  touch "$HEARTLORA_CACHE/.unpacked"
+  $PY benchmarks/gpu_carry.py unpack .gpu >$RUNS/unpack.log 2>&1
+  local rc=$?
+  cat $RUNS/unpack.log >>"$OUT/session.log"
+  [ $rc = 0 ] && touch "$HEARTLORA_CACHE/.unpacked"  # a failed unpack is tried again by the next call
   $PY benchmarks/gpu_carry.py generate .gpu >$RUNS/generate.log 2>&1 &
 }
 
@@ -66,7 +70,7 @@ speed_eager() {
   log "speed table, eager"
   local extra=""
   [ "$SMOKE" = 1 ] && extra="--device cpu --tiny --rounds 1 --steps 1"
-  timeout $(($(left) - 360)) $PY benchmarks/gpu_speed.py --no-compile --rounds 5 --steps 10 $extra \
+  timeout $(limit 360) $PY benchmarks/gpu_speed.py --no-compile --rounds 5 --steps 10 $extra \
     --out "$OUT/gpu_speed_eager.md" >$RUNS/speed_eager.log 2>&1
   log "speed eager exit $?"
 }
@@ -102,9 +106,9 @@ sweep() {
   log "defaults sweep (val200), $JOBS side by side"
   local extra=()
   [ "$SMOKE" = 1 ] && extra=(--tasks digits --configs "hf-peft|scale 2|scale 4|tolerance 0.02")
-  $PY benchmarks/sweep_defaults.py --jobs $JOBS --device $DEV --engine-flags "--precision tf32 $TINY" \
+  timeout -s INT $(limit 20) $PY benchmarks/sweep_defaults.py --jobs $JOBS --device $DEV --engine-flags "--precision tf32 $TINY" \
     --baseline-flags "--precision tf32 $TINY" --runs $RUNS/sweep \
-    --dest $RUNS/sweep/defaults.md --deadline-s $(($(left) - 120)) "${extra[@]}" >$RUNS/sweep.log 2>&1
+    --dest $RUNS/sweep/defaults.md --deadline-s $(limit 120) "${extra[@]}" >$RUNS/sweep.log 2>&1
   local tasks=""
   [ "$SMOKE" = 1 ] && tasks="--tasks digits"
   $PY benchmarks/sweep_defaults.py --runs $RUNS/sweep --dest $RUNS/sweep/defaults.md --report --choose \
@@ -123,8 +127,10 @@ suite() {
   log "cpu suite with $flags"
   local extra=""
   [ "$SMOKE" = 1 ] && extra="--tasks digits --methods hf-peft,lora,heart-lora --seeds 42"
-  $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --engine-flags "$flags" \
-    --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(($(left) - ${1:-40})) --report-every 0 $extra \
+  # runs already going when the deadline passes may overrun it: the outer limit interrupts the suite (its children
+  # stop and resume from their checkpoints next time) so that the results are still packed
+  timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --engine-flags "$flags" \
+    --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(limit ${1:-40}) --report-every 0 $extra \
     >>$RUNS/suite.log 2>&1
   log "suite exit $?"
   $PY benchmarks/suite.py status --profile cpu --results $SUITE_RESULTS | tee -a "$OUT/session.log"
@@ -169,9 +175,9 @@ case "${1:-first}" in
     unpack
     [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
     log "paper profile, $JOBS side by side"
-    $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
+    timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
       --engine-flags '{"*": ["--precision", "bf16"]}' --results $SUITE_RESULTS --runs $RUNS/suite \
-      --deadline-s $(($(left) - 150)) --report-every 0 >>$RUNS/suite.log 2>&1
+      --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
     $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
     ;;
   pack) ;;

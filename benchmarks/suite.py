@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
     failed: set[str] = set()
     started = finished = 0
-    deadline = time.time() + args.deadline_s if getattr(args, "deadline_s", None) else None
+    deadline = time.time() + max(args.deadline_s, 0.0) if getattr(args, "deadline_s", None) is not None else None
     try:
         while True:
             data = load_results(RESULTS)
@@ -298,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "run":
         if args.engine_flags:
-            ENGINE_FLAGS.update(json.loads(args.engine_flags))
+            flags = json.loads(args.engine_flags)
+            if not isinstance(flags, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                                      for v in flags.values()):
+                raise SystemExit('--engine-flags must map a method (or "*", "baseline") to a list of strings, e.g. '
+                                 '{"*": ["--precision", "tf32"]}')
+            ENGINE_FLAGS.update(flags)
         return cmd_run(args)
     if args.cmd == "status":
         return cmd_status(args)

@@ -39,22 +39,25 @@ TASKS = ("fashion_mnist", "mnist", "digits", "dsprites_loc", "smallnorb_ele", "c
 SEEDS = (42,)
 COMMON = ["--profile", "cpu", "--protocol", "val"]
 _BASE = ["--pool", "cls+mean", "--drop-path", "0"]
-# name -> CLI arguments after `heartlora train` (or the baseline script). The family (the first word) says which
-# rule of `choose` a configuration competes in.
+# name -> CLI arguments after `heartlora train` (or the baseline script). Every setting the sweep compares is given
+# explicitly, so a configuration means the same run after the defaults change (they are this sweep's choice). The
+# family (the first word) says which rule of `choose` a configuration competes in.
 CONFIGS: dict[str, list[str]] = {
     "hf-peft": ["baseline"],
-    "lora, cls, drop-path 0.1 (old default)": ["--method", "lora", "--pool", "cls"],
-    "lora, cls+mean, drop-path 0": ["--method", "lora", *_BASE],
-    "lora, cls+mean, drop-path 0.1 (pool auto)": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0.1"],
+    "lora, cls, drop-path 0.1 (old default)": ["--method", "lora", "--pool", "cls", "--drop-path", "0.1",
+                                               "--scale", "1"],
+    "lora, cls+mean, drop-path 0": ["--method", "lora", *_BASE, "--scale", "1"],
+    "lora, cls+mean, drop-path 0.1 (pool auto)": ["--method", "lora", "--pool", "cls+mean", "--drop-path", "0.1",
+                                                  "--scale", "1"],
     "lora, cls+mean, drop-path 0, scale 2": ["--method", "lora", *_BASE, "--scale", "2"],
     "lora, cls+mean, drop-path 0, scale 4": ["--method", "lora", *_BASE, "--scale", "4"],
-    "lora, cls+mean, drop-path 0, lr 2e-3": ["--method", "lora", *_BASE, "--lr", "2e-3"],
+    "lora, cls+mean, drop-path 0, lr 2e-3": ["--method", "lora", *_BASE, "--scale", "1", "--lr", "2e-3"],
     "bi-lora, cls+mean, drop-path 0, scale 1": ["--method", "bi-lora", *_BASE, "--scale", "1"],
     "bi-lora, cls+mean, drop-path 0, scale 4": ["--method", "bi-lora", *_BASE, "--scale", "4"],
     "bi-lora, cls+mean, drop-path 0, scale 16": ["--method", "bi-lora", *_BASE, "--scale", "16"],
-    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.02": ["--method", "heart-lora", *_BASE,
+    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.02": ["--method", "heart-lora", *_BASE, "--scale", "1",
                                                                    "--ne-tolerance", "0.02"],
-    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05": ["--method", "heart-lora", *_BASE,
+    "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05": ["--method", "heart-lora", *_BASE, "--scale", "1",
                                                                    "--ne-tolerance", "0.05"],
 }
 # The settings a winning configuration hands on (flag -> TrainConfig field).
@@ -191,7 +194,7 @@ def run_all(todo: list, jobs: int, threads: int | None, deadline: float | None) 
     while queue or running:
         while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
             name, task, seed, folder, cmd = queue.pop(0)
-            if "heartlora" in cmd and folder.is_dir() and any(folder.iterdir()):
+            if "-m" in cmd and folder.is_dir() and any(folder.iterdir()):
                 cmd = cmd + (["--resume"] if (folder / "checkpoint.pt").is_file() else ["--overwrite"])
             folder.parent.mkdir(parents=True, exist_ok=True)
             log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed with the process)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)
-    deadline = time.time() + args.deadline_s if args.deadline_s else None
+    deadline = time.time() + max(args.deadline_s, 0.0) if args.deadline_s is not None else None
     if args.report or args.choose:
         rows = collect(args.runs, args.dest, tasks, seeds)
         if args.report:

@@ -89,6 +89,8 @@ def train_loop(step_fn: Any, params: list[nn.Parameter], n: int, args: argparse.
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the clock reads the work done, not the work queued
     return time.perf_counter() - t0
 
 

@@ -67,13 +67,16 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 @contextlib.contextmanager
 def matmul_precision(precision: Precision) -> Iterator[None]:
     """Allow TF32 matrix products on CUDA unless fp32 was asked for; restore the process's setting afterwards."""
-    before = torch.get_float32_matmul_precision()
+    before, before_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     if precision.tf32:
         torch.set_float32_matmul_precision("high")
+    if precision.device.type == "cuda":  # convolutions too (the patch embedding): exact fp32 means no TF32 anywhere
+        torch.backends.cudnn.allow_tf32 = precision.tf32
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = before_cudnn
 
 
 def compiled(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
