@@ -99,17 +99,9 @@ def plan(runs: Path, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = SE
 
 def recorded(dest: Path) -> dict[str, dict[str, dict[str, dict]]]:
     """Results already committed in ``dest``'s JSON (config -> task -> seed -> record): a later session on a fresh
-    machine (no runs/ folder) keeps them and does not run them again. The first sweep's records (config -> task ->
-    record, seed 42, on a CPU) are read as such."""
+    machine (no runs/ folder) keeps them and does not run them again."""
     path = dest.with_suffix(".json")
-    if not path.is_file():
-        return {}
-    rows = json.loads(path.read_text()).get("results", {})
-    for name, by_task in rows.items():
-        for task, rec in list(by_task.items()):
-            if "val200" in rec:  # the first sweep's shape
-                by_task[task] = {"42": {**rec, "device": rec.get("device", "cpu")}}
-    return rows
+    return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
 
 
 def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
