@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
 #                                          # compiled speed rows if time is left
 #   bash benchmarks/gpu_session.sh paper   # the paper profile (224 px, 100 epochs) of the same tasks, bf16
+#   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
+#                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
+#                                          # --score-steps 2, every task and seed, into its own results file)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice (done once: its
 #                                          # results are in docs/sweeps/defaults.json, and the defaults follow them)
 #
@@ -40,7 +43,8 @@ if [ "$SMOKE" = 1 ]; then DEV=cpu; TINY="--img-size 28 --epochs 1"; fi
 pack_results() {
   log "packing results"
   find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen.json' \
-    -o -name 'RESULTS*.md' | tar czf "$OUT/results.tgz" -T - 2>/dev/null
+    -o -name 'RESULTS*.md' -o -name '*.jsonl' -o -name 'prune.md' -o -name 'prune.png' -o -name '*results.json' \
+    | tar czf "$OUT/results.tgz" -T - 2>/dev/null
   ls -la "$OUT"
 }
 
@@ -136,6 +140,32 @@ suite() {
   $PY benchmarks/suite.py status --profile cpu --results $SUITE_RESULTS | tee -a "$OUT/session.log"
 }
 
+prune_curve() {
+  log "pruning curve (prune.py), one process per task"
+  local tasks="fashion_mnist mnist digits dsprites_loc smallnorb_ele clevr_count" extra=""
+  [ "$SMOKE" = 1 ] && tasks="digits" extra="--smoke"
+  mkdir -p $RUNS/prune
+  for t in $tasks; do
+    timeout -s INT $(limit ${1:-200}) $PY benchmarks/prune.py --tasks $t --device $DEV --precision tf32 --threads 1 \
+      --work $RUNS/prune --out $RUNS/prune/$t.jsonl $extra >$RUNS/prune-$t.log 2>&1 &
+  done
+  wait
+  $PY benchmarks/prune.py --report $RUNS/prune/*.jsonl --dest $RUNS/prune/prune.md >>$RUNS/prune.log 2>&1
+  log "pruning curve done"
+}
+
+score_check() {
+  # heart-lora with a 2-step scoring probe (issue 11) on the cpu profile: its own results file (the run ids equal the
+  # default heart-lora's), compared with the default runs by `benchmarks/scoring.py --suite-check`
+  local flags="{\"*\": [\"--precision\", \"tf32\", \"--score-steps\", \"2\"$(tiny_json)]}" extra=""
+  [ "$SMOKE" = 1 ] && extra="--tasks digits --seeds 42"
+  log "score check (heart-lora --score-steps 2)"
+  timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --methods heart-lora \
+    --engine-flags "$flags" --results $RUNS/score2-results.json --runs $RUNS/score2 --deadline-s $(limit ${1:-60}) \
+    --report-every 0 $extra >>$RUNS/score2.log 2>&1
+  log "score check exit $?"
+}
+
 speed_compiled() {
   local t=$(($(left) - 25))
   if [ $t -lt 60 ]; then log "no time left for the compiled rows"; return; fi
@@ -170,6 +200,12 @@ case "${1:-first}" in
   sweep)
     unpack
     sweep
+    ;;
+  extra)
+    unpack
+    prune_curve 30 &
+    score_check 120
+    wait
     ;;
   paper)  # the paper profile (224 px, 100 epochs, batch 64) for lora, heart-lora, heart-bi-lora: bf16 autocast
     unpack

@@ -34,7 +34,16 @@ from heartlora._paths import atomic_path
 from heartlora.backbones import create_backbone
 from heartlora.data import get_task
 from heartlora.engine.trainer import make_schedule
-from heartlora.experiments.stability import doubling_steps, pairwise, spearman, stability_curve
+from heartlora.experiments import group_of
+from heartlora.experiments.stability import (
+    doubling_steps,
+    group_correlations,
+    heatmap_grid,
+    normalised,
+    pairwise,
+    spearman,
+    stability_curve,
+)
 from heartlora.method import HeartLoRAConfig, ResponsivenessTracker, attach, deactivate_heads
 
 SMOKE = {"tasks": "digits", "seeds": "1,2", "backbone": "test_vit", "pretrained": False, "img_size": 32,
@@ -123,6 +132,35 @@ def summarize(records: list[dict[str, Any]], ne: int) -> dict[str, Any]:
     return out
 
 
+def by_group(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Q1: the full-warmup rankings compared between tasks of one group, of different groups, and (the noise floor)
+    between seeds of one task (``heartlora.experiments.stability.group_correlations``); and each task's share of
+    responsiveness by depth (the layers in three equal parts), mean over its seeds."""
+    runs = {(r["task"], r["seed"]): r["snapshots"][-1][1] for r in records}
+    depth: dict[str, Any] = {}
+    for task in sorted({t for t, _ in runs}):
+        layers = [normalised(s)["layers"] for (t, _), s in runs.items() if t == task]
+        mean = sum(layers) / len(layers)
+        third = len(mean) / 3
+        depth[task] = {"group": group_of(task), "seeds": len(layers),
+                       "thirds": [float(mean[round(i * third):round((i + 1) * third)].sum()) for i in range(3)]}
+    return {"correlations": group_correlations(runs, group_of), "depth_share": depth}
+
+
+def plot_groups(records: list[dict[str, Any]], out: Path) -> Path:
+    """One layers × heads panel per task: its mean normalised responsiveness over seeds."""
+    panels = {}
+    for task in sorted({r["task"] for r in records}):
+        rs = [r["snapshots"][-1][1] for r in records if r["task"] == task]
+        heads = sum(normalised(s)["heads"] for s in rs) / len(rs)
+        rows, i = {}, 0
+        for name, v in rs[0].items():
+            rows[name] = [float(x) for x in heads[i:i + len(v)]]
+            i += len(v)
+        panels[f"{task}\n{group_of(task)}, {len(rs)} seeds"] = (rows, {})
+    return heatmap_grid(out.with_suffix(".groups.png"), panels, title="full-warmup responsiveness by task")
+
+
 def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
@@ -154,6 +192,58 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
     return paths
 
 
+def suite_check(check: Path, against: Path, dest: Path | None) -> str:
+    """Issue 11's accuracy check of a scoring budget: the ``cpu`` suite's default heart-lora final runs (``against``)
+    paired by task and seed with the same runs made with ``--score-steps N`` (``check``: a results file of
+    ``suite.py run --profile cpu --methods heart-lora --engine-flags '{"*": ["--score-steps", "N"]}'``). Test
+    accuracy, as the suite reports it; nothing is chosen from it."""
+    import statistics
+
+    def final(path: Path, probe: bool) -> dict[tuple[str, int], dict[str, Any]]:
+        recs = json.loads(path.read_text())["records"]
+        return {(r["task"], r["seed"]): r for r in recs
+                if r.get("profile") == "cpu" and r.get("suite_method") == "heart-lora" and r.get("role") == "final"
+                and bool(r["settings"].get("score_steps")) == probe}
+
+    base, probe = final(against, False), final(check, True)
+    pairs = sorted(set(base) & set(probe))
+    if not pairs:
+        raise SystemExit(f"no task and seed has both a default heart-lora run in {against} and a --score-steps run "
+                         f"in {check}")
+    steps = sorted({probe[k]["settings"]["score_steps"] for k in pairs})
+    lines = [f"# Heart-LoRA with a {'/'.join(map(str, steps))}-step scoring probe against the full warmup", "",
+             (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}`: the `cpu` suite's "
+              "heart-lora final runs (test accuracy %, ne auto) paired by task and seed. ± is the sample std over "
+              "seeds."),
+             "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) |", "|---|---|---|---|---|---|"]
+    diffs: dict[int, list[float]] = {}
+    for task in sorted({t for t, _ in pairs}):
+        ks = [k for k in pairs if k[0] == task]
+        a = [100 * base[k]["accuracy"] for k in ks]
+        b = [100 * probe[k]["accuracy"] for k in ks]
+
+        def ms(v: list[float]) -> str:
+            return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
+        for k, x, y in zip(ks, a, b):
+            diffs.setdefault(k[1], []).append(y - x)
+        off = ", ".join(f"{base[k]['heads_off_count']}→{probe[k]['heads_off_count']}" for k in ks)
+        lines.append(f"| {task} | {len(ks)} | {ms(a)} | {ms(b)} | {statistics.mean(y - x for x, y in zip(a, b)):+.1f} "
+                     f"| {off} |")
+    per_seed = {seed: statistics.mean(v) for seed, v in diffs.items()}
+    spread = [statistics.mean(100 * base[k]["accuracy"] for k in pairs if k[1] == seed) for seed in per_seed]
+    mean = statistics.mean(per_seed.values())
+    lines += ["", f"Mean over tasks of probe − full: {mean:+.2f} points"
+              + (f" (per seed {', '.join(f'{s}: {d:+.2f}' for s, d in sorted(per_seed.items()))}); the full warmup's "
+                 f"own seed spread of the mean over tasks: ± {statistics.stdev(spread):.2f}" if len(spread) > 1 else
+                 " (one seed: no spread to compare with)") + ".", ""]
+    text = "\n".join(lines)
+    if dest is not None:
+        with atomic_path(dest) as tmp:
+            Path(tmp).write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="digits,mnist")
@@ -172,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="tiny settings (random test_vit, 32 px) to check the script")
     p.add_argument("--out", type=Path, default=Path("runs/scoring/records.json"))
+    p.add_argument("--suite-check", type=Path, default=None, metavar="RESULTS",
+                   help="instead: compare the heart-lora --score-steps runs in RESULTS with the suite's default ones")
+    p.add_argument("--against", type=Path, default=Path("docs/results.json"), help="--suite-check's default runs")
+    p.add_argument("--dest", type=Path, default=None, help="--suite-check: also write the table here")
     a = p.parse_args(argv)
+    if a.suite_check:
+        print(suite_check(a.suite_check, a.against, a.dest))
+        return 0
     if a.smoke:
         for k, v in SMOKE.items():
             setattr(a, k, v)
@@ -195,10 +292,17 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_path(a.out) as tmp:  # after every run: a kill loses one run at most
                 Path(tmp).write_text(json.dumps({"records": records}))
     summary = summarize(records, a.ne)
+    groups = by_group(records) if len({r["task"] for r in records}) > 1 else None
     with atomic_path(a.out) as tmp:
-        Path(tmp).write_text(json.dumps({"records": records, "summary": summary}, indent=1))
-    for path in plot(summary, records, a.out):
+        Path(tmp).write_text(json.dumps({"records": records, "summary": summary, "groups": groups}, indent=1))
+    for path in [*plot(summary, records, a.out), *([plot_groups(records, a.out)] if groups else [])]:
         print(f"wrote {path}")
+    if groups:
+        for unit in ("heads", "layers"):
+            c = groups["correlations"][unit]
+            print(f"Q1, Pearson r over {unit} (pairs of different seeds): "
+                  + "; ".join(f"{k} {v['mean']:.2f} [{v['min']:.2f}, {v['max']:.2f}] ({v['pairs']} pairs)"
+                              for k, v in c.items() if k != "by_pair" and v))
     print(json.dumps({t: {k: s[k] for k in ("smallest_budget_at_floor", "warmup_steps", "seed_floor",
                                              "effect_spearman_mean")} for t, s in summary.items()}, indent=1))
     return 0

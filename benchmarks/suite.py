@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from heartlora.engine.config import PROFILES as ENGINE_PROFILES
 from heartlora.experiments import (
     METHODS,
     PROFILES,
@@ -94,11 +95,16 @@ def run_command(profile: Profile, protocol: str, task: str, method: str, setting
         cmd += ENGINE_FLAGS.get("baseline", [])
     else:
         engine_method = spec.pop("method")
-        cmd = [sys.executable, "-m", "heartlora", "train", "--method", engine_method, *common,
-               "--device", device, "--img-size", str(profile.img_size), "--epochs", str(profile.epochs),
-               "--batch-size", str(profile.batch_size)]
+        cmd = [sys.executable, "-m", "heartlora", "train", "--method", engine_method, *common, "--device", device]
+        schedule = {"img_size": profile.img_size, "epochs": profile.epochs, "batch_size": profile.batch_size}
         if profile.engine_profile:
             cmd += ["--profile", profile.engine_profile]
+        # what the engine profile already sets is not passed again: epochs given on the command line would turn off
+        # the engine's K-shot step floor (it raises a profile's epochs only), and the suite promises that floor
+        engine = ENGINE_PROFILES.get(profile.engine_profile or "", {})
+        for key, value in schedule.items():
+            if engine.get(key) != value:
+                cmd += ["--" + key.replace("_", "-"), str(value)]
         for key, value in {**spec, **settings}.items():
             cmd += ["--" + key.replace("_", "-"), str(value)]
         cmd += engine_flags(method)

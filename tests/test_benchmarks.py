@@ -310,3 +310,48 @@ def test_gap_pairs_seeds_and_the_readme_table_renders(monkeypatch):
     data["records"] = [r for r in data["records"] if not (r["suite_method"] == "lora" and r["seed"] == 2
                                                           and r["task"] == "digits")]
     assert report.readme_table(data, SMALL) == []
+
+
+def test_scoring_suite_check_pairs_runs_by_task_and_seed(tmp_path):
+    import json
+
+    import scoring
+
+    def rec(task, seed, acc, steps, off, method="heart-lora"):
+        return {"profile": "cpu", "suite_method": method, "role": "final", "task": task, "seed": seed,
+                "accuracy": acc, "heads_off_count": off, "settings": {"score_steps": steps}}
+
+    base = [rec("a", 42, 0.80, None, 12), rec("a", 43, 0.84, None, 12), rec("b", 42, 0.50, None, 0),
+            rec("b", 43, 0.60, None, 0), rec("b", 44, 0.70, None, 0), rec("a", 42, 0.99, None, 0, method="lora")]
+    probe = [rec("a", 42, 0.82, 2, 24), rec("a", 43, 0.84, 2, 12), rec("b", 42, 0.49, 2, 0), rec("b", 43, 0.57, 2, 0),
+             rec("b", 42, 0.10, None, 0)]  # a default run in the check file is not a probe run
+    (tmp_path / "base.json").write_text(json.dumps({"records": base}))
+    (tmp_path / "probe.json").write_text(json.dumps({"records": probe}))
+    text = scoring.suite_check(tmp_path / "probe.json", tmp_path / "base.json", tmp_path / "out.md")
+    assert "| a | 2 | 82.0 ± 2.8 | 83.0 ± 1.4 | +1.0 | 12→24, 12→12 |" in text
+    assert "| b | 2 | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 | 0→0, 0→0 |" in text  # seed 44 has no probe run
+    # per seed: 42: (+2 - 1) / 2 = +0.5; 43: (0 - 3) / 2 = -1.5; the full warmup's means 65 and 72: std 4.95
+    assert "-0.50 points (per seed 42: +0.50, 43: -1.50)" in text and "± 4.95" in text
+    assert (tmp_path / "out.md").read_text() == text
+    with pytest.raises(SystemExit, match="no task and seed"):
+        scoring.suite_check(tmp_path / "base.json", tmp_path / "base.json", None)
+
+
+def test_cpu_suite_leaves_the_schedule_to_the_engine_profile_so_kshot_runs_get_the_step_floor(tmp_path):
+    import importlib
+
+    from heartlora.engine import TrainConfig, resolve
+    from heartlora.engine.config import MIN_FEWSHOT_STEPS
+
+    script = importlib.import_module("suite")
+    cpu = suite.PROFILES["cpu"]
+    cmd = script.run_command(cpu, "final", "fashion_mnist@4shot", "lora", {}, 42, tmp_path / "r", "cpu", 1)
+    assert cmd[cmd.index("--profile") + 1] == "cpu"
+    assert not {"--epochs", "--img-size", "--batch-size"} & set(cmd)  # the engine profile's own values
+    cfg = resolve(TrainConfig(task="fashion_mnist@4shot", method="lora", profile="cpu"))
+    assert (cfg.img_size, cfg.batch_size) == (cpu.img_size, cpu.batch_size)
+    assert cfg.epochs * 2 >= MIN_FEWSHOT_STEPS > cpu.epochs * 2  # 40 images: 2 steps an epoch at batch 32
+    # a schedule the engine profile does not set is passed on
+    odd = replace(cpu, epochs=3)
+    cmd = script.run_command(odd, "final", "digits", "lora", {}, 42, tmp_path / "r", "cpu", 1)
+    assert cmd[cmd.index("--epochs") + 1] == "3" and "--img-size" not in cmd

@@ -131,6 +131,36 @@ def test_stability_curve_and_layout_check() -> None:
         stability_curve([(1, {"l0": [1.0, 2.0]})], REF, ne=1)
 
 
+def test_group_correlations_pool_pairs_of_different_seeds() -> None:
+    import numpy as np
+
+    from heartlora.experiments.stability import group_correlations, normalised
+
+    a1, a2 = {"l0": [1.0, 2.0], "l1": [3.0, 4.0]}, {"l0": [2.0, 4.0], "l1": [6.0, 8.0]}  # a2 = 2·a1: same shares
+    b1 = {"l0": [1.0, 2.0], "l1": [4.0, 3.0]}
+    c2 = {"l0": [4.0, 3.0], "l1": [2.0, 1.0]}  # a1 reversed
+    shares = normalised(a1)
+    assert shares["heads"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and shares["layers"] == pytest.approx([0.3, 0.7])
+    groups = {"A": "natural", "B": "natural", "C": "structured"}
+    out = group_correlations({("A", 1): a1, ("A", 2): a2, ("B", 1): b1, ("C", 2): c2}, groups.__getitem__)
+    heads = out["heads"]
+    # same task, other seed: identical shares; A1 vs B1 is the same seed, so never paired; C only as other group
+    assert heads["same_task"] == {"mean": pytest.approx(1.0), "min": pytest.approx(1.0), "max": pytest.approx(1.0),
+                                  "pairs": 1}
+    r_ab = float(np.corrcoef([1, 2, 3, 4], [1, 2, 4, 3])[0, 1])  # A2 vs B1 (the only different-seed A–B pair)
+    assert heads["same_group"]["mean"] == pytest.approx(r_ab) and heads["same_group"]["pairs"] == 1
+    # A1 vs C2 (reversed: -1) and B1 vs C2; A2 vs C2 share seed 2
+    r_bc = float(np.corrcoef([1, 2, 4, 3], [4, 3, 2, 1])[0, 1])
+    assert heads["other_group"]["pairs"] == 2 and heads["other_group"]["mean"] == pytest.approx((-1 + r_bc) / 2)
+    assert heads["other_group"]["min"] == pytest.approx(-1.0)
+    assert out["heads"]["by_pair"]["A|C"] == pytest.approx(-1.0)
+    assert out["layers"]["same_task"]["mean"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="different layers or head counts"):
+        group_correlations({("A", 1): a1, ("B", 2): {"l0": [1.0, 2.0, 3.0]}}, groups.__getitem__)
+    with pytest.raises(ConfigError, match="all zero"):
+        normalised({"l0": [0.0, 0.0]})
+
+
 # -- inspect --compare ------------------------------------------------------------------------------------------------
 def test_inspect_compare_two_runs(tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
     from heartlora.cli.main import main

@@ -8,7 +8,7 @@ hold them; two score sets compare only when they name the same layers with the s
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,44 @@ def doubling_steps(total: int) -> list[int]:
     return [*steps, total]
 
 
+def normalised(scores: Scores) -> dict[str, np.ndarray]:
+    """Per-head and per-layer responsiveness as shares of the run's total: ``{"heads": …, "layers": …}``, each
+    summing to 1 (a run whose scores are all zero has no shares: ConfigError)."""
+    flat = flatten(scores)
+    total = float(flat.sum())
+    if not total > 0:
+        raise ConfigError("these responsiveness scores are all zero: nothing was scored (no optimizer step with a "
+                          "nonzero gradient?)")
+    layers = np.asarray([sum(float(x) for x in v) for v in scores.values()])
+    return {"heads": flat / total, "layers": layers / total}
+
+
+def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callable[[str], str]) -> dict[str, Any]:
+    """Do responsiveness patterns differ by task group? Pearson r between runs ``(task, seed)`` of their normalised
+    per-head and per-layer scores, pooled three ways: the same task under another seed (the noise floor a task
+    difference has to stand out from), two tasks of one group, tasks of different groups. Only runs of different
+    seeds are paired, so that a shared random init never makes two runs look alike. Per unit (``heads``, ``layers``):
+    ``{"same_task" | "same_group" | "other_group": {"mean", "min", "max", "pairs"}, "by_pair": {"A|B": mean r}}``."""
+    if len({tuple((n, len(v)) for n, v in s.items()) for s in runs.values()}) > 1:
+        raise ConfigError("the runs' scores have different layers or head counts: compare runs of one backbone only")
+    shares = {key: normalised(s) for key, s in runs.items()}
+    out: dict[str, Any] = {}
+    for unit in ("heads", "layers"):
+        pools: dict[str, list[float]] = {"same_task": [], "same_group": [], "other_group": []}
+        by_pair: dict[str, list[float]] = {}
+        for (ta, sa), (tb, sb) in itertools.combinations(sorted(shares), 2):
+            if sa == sb:
+                continue
+            r = float(np.corrcoef(shares[(ta, sa)][unit], shares[(tb, sb)][unit])[0, 1])
+            kind = ("same_task" if ta == tb else "same_group" if group_of(ta) == group_of(tb) else "other_group")
+            pools[kind].append(r)
+            by_pair.setdefault("|".join(sorted((ta, tb))), []).append(r)
+        out[unit] = {k: ({"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
+                          "pairs": len(v)} if v else None) for k, v in pools.items()}
+        out[unit]["by_pair"] = {k: float(np.mean(v)) for k, v in sorted(by_pair.items())}
+    return out
+
+
 
 
 def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Sequence[bool]]]], title: str = "") -> Path:
@@ -115,7 +153,8 @@ def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Seq
             for h, on in enumerate(masks.get(layer, ())):
                 if not on:
                     ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
-        ax.set_title(name if len(name) <= 30 else "…" + name[-29:], fontsize=8)
+        ax.set_title("\n".join(line if len(line) <= 30 else "…" + line[-29:] for line in name.split("\n")),
+                     fontsize=8)
         ax.set_xlabel("head")
     axes[0].set_ylabel("attention layer")
     if image is not None:
@@ -126,5 +165,5 @@ def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Seq
     return path
 
 
-__all__ = ["compare", "doubling_steps", "flatten", "heatmap_grid", "jaccard", "kendall_tau", "pairwise", "spearman",
-           "stability_curve", "switched_off"]
+__all__ = ["compare", "doubling_steps", "flatten", "group_correlations", "heatmap_grid", "jaccard", "kendall_tau",
+           "normalised", "pairwise", "spearman", "stability_curve", "switched_off"]
