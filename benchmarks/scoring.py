@@ -206,10 +206,12 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
                 and bool(r["settings"].get("score_steps")) == probe}
 
     base, probe = final(against, False), final(check, True)
-    pairs = sorted(set(base) & set(probe))
+    same = ("img_size", "epochs", "batch_size", "lr", "pool", "scale", "rank", "ne", "ne_tolerance", "drop_path")
+    pairs = sorted(k for k in set(base) & set(probe)
+                   if all(base[k]["settings"].get(x) == probe[k]["settings"].get(x) for x in same))
     if not pairs:
         raise SystemExit(f"no task and seed has both a default heart-lora run in {against} and a --score-steps run "
-                         f"in {check}")
+                         f"in {check} with the same settings ({', '.join(same)})")
     steps = sorted({probe[k]["settings"]["score_steps"] for k in pairs})
     lines = [f"# Heart-LoRA with a {'/'.join(map(str, steps))}-step scoring probe against the full warmup", "",
              (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}`: the `cpu` suite's "

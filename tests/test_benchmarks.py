@@ -317,14 +317,15 @@ def test_scoring_suite_check_pairs_runs_by_task_and_seed(tmp_path):
 
     import scoring
 
-    def rec(task, seed, acc, steps, off, method="heart-lora"):
+    def rec(task, seed, acc, steps, off, method="heart-lora", epochs=10):
         return {"profile": "cpu", "suite_method": method, "role": "final", "task": task, "seed": seed,
-                "accuracy": acc, "heads_off_count": off, "settings": {"score_steps": steps}}
+                "accuracy": acc, "heads_off_count": off, "settings": {"score_steps": steps, "epochs": epochs}}
 
     base = [rec("a", 42, 0.80, None, 12), rec("a", 43, 0.84, None, 12), rec("b", 42, 0.50, None, 0),
             rec("b", 43, 0.60, None, 0), rec("b", 44, 0.70, None, 0), rec("a", 42, 0.99, None, 0, method="lora")]
     probe = [rec("a", 42, 0.82, 2, 24), rec("a", 43, 0.84, 2, 12), rec("b", 42, 0.49, 2, 0), rec("b", 43, 0.57, 2, 0),
-             rec("b", 42, 0.10, None, 0)]  # a default run in the check file is not a probe run
+             rec("b", 42, 0.10, None, 0),  # a default run in the check file is not a probe run
+             rec("b", 44, 0.10, 2, 0, epochs=1)]  # nor pairs a run of another schedule
     (tmp_path / "base.json").write_text(json.dumps({"records": base}))
     (tmp_path / "probe.json").write_text(json.dumps({"records": probe}))
     text = scoring.suite_check(tmp_path / "probe.json", tmp_path / "base.json", tmp_path / "out.md")
