@@ -131,7 +131,10 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
                    "so far; it joins the tables when complete."), ""]
     lines += [
              "Test accuracy in %, the last epoch's model, test evaluated once after training on train800val200. "
-             + ("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if len(seeds) > 1 else
+             + (("Mean ± sample std over seeds " + ", ".join(map(str, seeds)) + "." if done == expected else
+                 "Mean ± sample std over the seeds recorded so far (the profile's: " + ", ".join(map(str, seeds))
+                 + "); a cell without ± has one seed, and a group or overall mean waits for every seed of every "
+                 "task.") if len(seeds) > 1 else
                 f"One seed ({seeds[0]}): no ± is shown, and run-to-run noise is not measured by this table, so "
                 "small differences between methods may be noise."), ""]
     few = {m: seeds_for(m) for m in methods if len(seeds_for(m)) < len(seeds)}
@@ -171,7 +174,45 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
                    "there)."), ""]
     lines += selection_lines(data, profile)
     lines += gap_lines(acc, summary, tasks, profile.name)
+    if done != expected:
+        lines += partial_lines(acc, recs, methods, tasks, seeds[0], profile.name)
     return lines, {"summary": summary, "acc": acc, "recs": recs, "tasks": tasks, "command": cmd}
+
+
+def partial_lines(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list[str], tasks: list[str], seed: int,
+                  profile: str) -> list[str]:
+    """While the suite is partial: each method's mean over the tasks that every method has run on ``seed``, and the
+    goals measured on those tasks (one seed, no spread): what can be said so far, labelled as such."""
+    have = [t for t in tasks if all(acc.get(m, {}).get(t, {}).get(seed) is not None for m in methods)]
+    if not have:
+        return []
+    means = {m: sum(acc[m][t][seed] for t in have) / len(have) for m in methods}
+    sizes = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and r["task"] in have
+                 and int(r["seed"]) == seed] for m in methods}
+    mean_bytes = {m: sum(v) / len(v) if v else None for m, v in sizes.items()}
+    lines = [f"So far (PARTIAL): the mean over the {len(have)} of {len(tasks)} tasks that every method has run on "
+             f"seed {seed} ({', '.join(have)}); one seed, so no spread. Made by `.venv/bin/python benchmarks/suite.py "
+             f"report --profile {profile}`.", "",
+             "| method | mean accuracy % | bytes ÷ LoRA |", "|---|---|---|"]
+    lora_bytes = mean_bytes.get("lora")
+    for m in methods:
+        b = mean_bytes[m]
+        ratio = f"{b / lora_bytes:.3f}" if b is not None and lora_bytes else "—"
+        lines.append(f"| {METHOD_LABELS[m]} | {100 * means[m]:.2f} | {ratio} |")
+    goal_rows = []
+    for m, ref, min_pts, max_ratio in GOALS:
+        if m not in means or ref not in means:
+            continue
+        pts = 100 * (means[m] - means[ref])
+        b = mean_bytes[m]
+        ratio = b / lora_bytes if b is not None and lora_bytes else None
+        met = pts >= min_pts and (max_ratio is None or (ratio is not None and ratio <= max_ratio))
+        want = f"≥ {METHOD_LABELS[ref]} {min_pts:+.1f}" + (f" at ≤ {max_ratio:g}× LoRA's bytes" if max_ratio else "")
+        have_txt = f"{pts:+.2f}" + (f" at {ratio:.3f}×" if max_ratio and ratio is not None else "")
+        goal_rows.append(f"| {METHOD_LABELS[m]} {want} | {have_txt} | {'so far' if met else 'not so far'} |")
+    if goal_rows:
+        lines += ["", "Goals on those tasks and that seed only (bytes: each method's mean adapter bytes on them):", "", "| goal | measured (points) | met |", "|---|---|---|", *goal_rows]
+    return [*lines, ""]
 
 
 def gap(acc: dict[str, dict[str, dict[int, float]]], a: str, b: str, tasks: list[str], seeds: list[int]
@@ -537,8 +578,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                "benchmarks/baselines/hf_peft.py on the same splits and seeds); `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
                "the engine's loop as method `peft-lora` of heartlora.experiments.peft_lora; the recorded runs predate that "
-               "and came from benchmarks/peft_lora.py, a copy of the same loop with the same data order, optimizer, "
-               "schedule and evaluation), "
+               "and came from benchmarks/peft_lora.py (removed since, commit 88c1aeb), a copy of the same loop with "
+               "the same data order, optimizer, schedule and evaluation), "
                "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
                "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
     machine = "- Machine(s): " + "; ".join(f"{p}: " + " / ".join(", ".join(f"{k} {v}" for k, v in m.items())

@@ -281,7 +281,7 @@ def test_ne_auto_chooses_on_held_back_training_images_and_records_why(tmp_path: 
     assert choice["fraction"] in fractions and 0 <= choice["ne"] <= metrics["heads_total"]
     assert metrics["heads_off_count"] == choice["ne"]  # the choice is what was switched off
     assert all(c["passes"] for c in choice["candidates"][:-1])  # the search stops at the first failure
-    assert 0 < choice["images"] <= 256 and "held-back training images" in choice["rule"]
+    assert 0 < choice["images"] <= 256 and "sampled training images" in choice["rule"]
     assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
 
 

@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
     p.add_argument("--task", required=True, help="the task the adapter was trained on (its training split scores)")
     p.add_argument("--ne", default="auto", help="heads to switch off: a number, or auto (default; decided on "
-                   "held-back training images)")
+                   "sampled training images)")
     p.add_argument("--batches", type=int, default=8, help="training batches to score heads on (default 8)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],

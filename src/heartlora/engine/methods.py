@@ -47,7 +47,7 @@ class TrainingMethod:
                       optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,
                       record: dict[str, Any] | None = None) -> Heads:
         """Called once, after the last warmup epoch; returns the attention heads switched off. ``heldout()`` gives
-        (images, labels) batches of held-back training data for choices made on data; what was decided and why goes
+        (images, labels) batches of sampled training data for choices made on data; what was decided and why goes
         into ``record`` (it ends up in metrics.json)."""
         return []
 
@@ -133,7 +133,7 @@ class HeadLoRA(TrainingMethod):
 
         if cfg.ne == "auto":
             if heldout is None:
-                raise ConfigError("--ne auto needs held-back training images; give a number with --ne")
+                raise ConfigError("--ne auto needs sampled training images; give a number with --ne")
             choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance)
             if record is not None:
                 record["ne_choice"] = choice.to_dict()

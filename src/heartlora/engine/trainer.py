@@ -399,7 +399,7 @@ class Trainer:
         choice = record.get("ne_choice")
         if choice is not None:
             tried = ", ".join(f"{c['heads_off']} off: {c['increase']:+.4f}" for c in choice["candidates"])
-            self.say(f"--ne auto on {choice['images']} held-back training images: loss change {tried}; chose "
+            self.say(f"--ne auto on {choice['images']} sampled training images: loss change {tried}; chose "
                      f"share {choice['fraction']:.3g}")
         if off:
             self.state.heads_off = list(off)

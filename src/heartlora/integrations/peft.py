@@ -402,7 +402,7 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     choice = None
     if ne == "auto":
         if not heldout:
-            raise ConfigError("ne='auto' needs held-back training batches: pass heldout= or a number for ne")
+            raise ConfigError("ne='auto' needs batches of training images held out from scoring: pass heldout= or a number for ne")
         choice = choose_ne(model, scores, heldout, scope=scope)
         ne = choice.ne
     off = deactivate_heads(model, scores, ne=int(ne), scope=scope)

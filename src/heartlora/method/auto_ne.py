@@ -2,10 +2,10 @@
 
 After the warmup, the heads are ranked by responsiveness. For a few candidate counts (shares of all heads, nested:
 each candidate switches off the next least responsive heads), a copy of the model with those heads switched off is
-evaluated on held-back *training* images (never validation or test data), and the per-image loss is compared with
-the model that keeps every head, image by image. The choice is the largest candidate whose mean loss increase stays
-within ``tolerance`` of the full model's loss; larger candidates are not tried once one fails. Cost: one forward pass
-over the held-back images per candidate, no training.
+evaluated on a fixed sample of *training* images (images it has trained on; never validation or test data), and the
+per-image loss is compared with the model that keeps every head, image by image. The choice is the largest candidate
+whose mean loss increase stays within ``tolerance`` of the full model's loss; larger candidates are not tried once
+one fails. Cost: one forward pass over those images per candidate, no training.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_TOLERANCE = 0.02
 
 @dataclass
 class NeChoice:
-    """The choice and the evidence: per candidate, the heads it switches off, the held-back loss and the mean
+    """The choice and the evidence: per candidate, the heads it switches off, the loss on those images and the mean
     per-image increase over keeping every head (with its standard error)."""
 
     ne: int
@@ -72,7 +72,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
               forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> NeChoice:
     """Pick ``ne`` for ``deactivate_heads(model, scores, ne=..., scope=...)`` (per layer when ``scope="layer"``).
 
-    ``batches``: (images, labels) of held-back training data, already on the model's device and in the form the
+    ``batches``: (images, labels) of sampled training data, already on the model's device and in the form the
     model takes. ``fractions``: candidate shares of the heads (of all heads, or of each layer's); 0 is always a
     candidate. A candidate passes when the mean per-image increase of the cross-entropy over the model with every
     head is at most ``tolerance`` × that model's mean loss. The model is not changed (candidates run on a copy).
@@ -87,13 +87,13 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
     forward = forward or (lambda m, x: m(x))
     batches = list(batches)
     if not batches:
-        raise ConfigError("choose_ne needs at least one held-back batch of training images")
+        raise ConfigError("choose_ne needs at least one batch of training images")
     layers = attention_layers(model)
     active = {layer.name: layer.head_mask() for layer in layers}
     base = _per_image_losses(model, batches, forward)
     n, base_sum = _reduce([float(base.numel()), float(base.sum())])
     if n == 0:
-        raise ConfigError("choose_ne needs at least one held-back training image")
+        raise ConfigError("choose_ne needs at least one training image")
     base_mean = base_sum / n
     work = copy.deepcopy(model)
     off: set[tuple[str, int]] = set()
@@ -119,7 +119,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
             break
         chosen = (ne, f)
     del work
-    rule = (f"largest share of heads whose switch-off raises the mean cross-entropy on {int(n)} held-back training "
+    rule = (f"largest share of heads whose switch-off raises the mean cross-entropy on {int(n)} sampled training "
             f"images by at most {tolerance:g} x its value with every head ({base_mean:.4f}); shares tried in order "
             f"{', '.join(f'{f:.3g}' for f in fractions)}, stopping at the first that fails")
     return NeChoice(ne=chosen[0], fraction=chosen[1], scope=scope, rule=rule, images=int(n), candidates=table)
