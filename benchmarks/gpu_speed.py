@@ -16,7 +16,7 @@ Rows, per model and batch size:
 - ``full``: full fine-tuning of every weight.
 
     python benchmarks/gpu_speed.py                                   # CUDA: ViT-B/16 at batch 64 and 256, DINOv2-S
-    python benchmarks/gpu_speed.py --out docs/gpu_speed.md           # also write the markdown table there
+    python benchmarks/gpu_speed.py --out /tmp/gpu_speed.md           # also the markdown table there (and .json)
     python benchmarks/gpu_speed.py --device cpu --tiny               # a smoke run of the script itself (seconds)
 
 Run it on a GPU machine from the repository root with ``PYTHONPATH=src``; nothing here depends on the engine.

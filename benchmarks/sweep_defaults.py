@@ -5,9 +5,11 @@ HF + PEFT recipe (benchmarks/baselines/hf_peft.py) run on the same splits.
 Resumable: each run writes its own folder under ``--runs``; a folder with a metrics.json is finished and never run
 again, and a result already in ``--dest``'s JSON is not run again either, so the command continues where the last
 one stopped. ``--jobs`` runs side by side (one thread each on a CPU); ``--device cuda --engine-flags '--precision
-tf32' --baseline-flags '--precision tf32'`` runs the same protocol on a GPU (TF32 matrix products). ``--status`` counts what is done. ``--report`` writes the
-table of val200 accuracies (docs/sweeps/defaults.md and .json). ``--choose FILE`` applies the rule that picks the
-defaults (fixed before any result was seen, below) and writes the chosen settings as JSON.
+tf32' --baseline-flags '--precision tf32'`` runs the same protocol on a GPU (TF32 matrix products). ``--status``
+counts what is done. ``--report`` writes the table of val200 accuracies (docs/sweeps/defaults.md and .json) from the
+JSON's results and the finished runs under ``--runs`` (a run there replaces the JSON's cell for its configuration,
+task and seed); it trains nothing. ``--choose FILE`` applies the rule that picks the defaults (fixed before any
+result was seen, below) and writes the chosen settings as JSON.
 
 The rule (``choose``): among the ``lora`` configurations, the one with the best mean val200 over every (task, seed)
 cell wins (ties: the one listed first); its classifier input, drop-path, scale, learning rate and weight decay become
@@ -19,6 +21,7 @@ every method's defaults. Among the ``bi-lora`` configurations, the best mean pic
         --baseline-flags "--precision tf32"
     python benchmarks/sweep_defaults.py --status
     python benchmarks/sweep_defaults.py --report                # writes docs/sweeps/defaults.{md,json}
+    python benchmarks/sweep_defaults.py --report --runs /tmp/none   # the same from the committed JSON alone
     python benchmarks/sweep_defaults.py --choose chosen.json    # the rule above, on the finished runs
 """
 
@@ -63,6 +66,24 @@ CONFIGS: dict[str, list[str]] = {
 # The settings a winning configuration hands on (flag -> TrainConfig field).
 CHOSEN_FLAGS = {"--pool": "pool", "--drop-path": "drop_path", "--scale": "scale", "--lr": "lr",
                 "--weight-decay": "weight_decay", "--ne-tolerance": "ne_tolerance"}
+# How a pinned setting is written in a row label (the pool is written as its value alone).
+LABEL_WORDS = {"--pool": "", "--drop-path": "drop-path", "--scale": "scale", "--lr": "lr",
+               "--weight-decay": "weight-decay", "--ne-tolerance": "tolerance"}
+
+
+def label(name: str) -> str:
+    """The table's row label: the configuration's name (its key in the results, never changed, so that committed
+    results keep matching) with every setting its flags pin that the name does not state appended before a trailing
+    note in brackets: a reader sees each row's pinned settings, even those that are no longer the defaults."""
+    args = CONFIGS[name]
+    base, sep, note = name.partition(" (")
+    missing = []
+    for i, flag in enumerate(args):
+        if flag in LABEL_WORDS and i + 1 < len(args):
+            text = f"{LABEL_WORDS[flag]} {args[i + 1]}".strip()
+            if text not in base.split(", ") and not base.endswith(" " + text):
+                missing.append(text)
+    return ", ".join([base, *missing]) + (sep + note if sep else "")
 
 
 def _slug(name: str) -> str:
@@ -114,7 +135,7 @@ def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ..
             rows.setdefault(name, {}).setdefault(task, {})[str(seed)] = {
                 "val200": m["accuracy"], "adapter_bytes": m.get("adapter_bytes"), "wall_s": m.get("wall_s"),
                 "device": str(dev), "heads_off": len(m.get("heads_off") or []),
-                "ne_choice": (m.get("ne_choice") or {}).get("chosen") if isinstance(m.get("ne_choice"), dict) else None}
+                "ne_choice": m["ne_choice"].get("ne") if isinstance(m.get("ne_choice"), dict) else None}
     return rows
 
 
@@ -148,6 +169,40 @@ def choose(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = 
     return out
 
 
+def caveats(chosen: dict[str, Any]) -> list[str]:
+    """One line per setting that the bi-lora or heart-lora winner pinned at another value than the lora winner's
+    (which becomes every method's default): that family's own choice (scale, tolerance) was made at the other
+    value."""
+    own = {"bi-lora": "scale", "heart-lora": "ne_tolerance"}  # what each family's rule chooses itself
+    flag_of = {field: flag for flag, field in CHOSEN_FLAGS.items()}
+    lines = []
+    for family in ("bi-lora", "heart-lora"):
+        if family not in chosen or "lora" not in chosen:
+            continue
+        for key, value in _pinned(CONFIGS[chosen[family]]).items():
+            default = chosen["settings"].get(key)
+            if key == own[family] or default is None or float_or(value) == float_or(default):
+                continue
+            word = LABEL_WORDS[flag_of[key]] or key
+            ran = any(float_or(_pinned(args).get(key, "")) == float_or(default) for name, args in CONFIGS.items()
+                      if name.split(",")[0] == family)
+            tail = "." if ran else f", and no {family} row ran at {word} {default}."
+            lines.append(f"{family}: its rule compared rows pinned at {word} {value}; the lora rule chose {word} "
+                         f"{default}, every method's default since{tail}")
+    return ["", *lines] if lines else []
+
+
+def _pinned(args: list[str]) -> dict[str, str]:
+    return {CHOSEN_FLAGS[a]: args[i + 1] for i, a in enumerate(args) if a in CHOSEN_FLAGS and i + 1 < len(args)}
+
+
+def float_or(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps({"tasks": tasks, "seeds": seeds, "common": COMMON,
@@ -155,13 +210,15 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
     devices = sorted({rec.get("device", "cpu").split(":")[0] for by_task in rows.values() for by_seed in
                       by_task.values() for rec in by_seed.values()})
     lines = ["# Defaults sweep (val200 only)", "",
-             "Command: `python benchmarks/sweep_defaults.py` (on a GPU: `--jobs 14 --device cuda --engine-flags "
+             ("Command: `python benchmarks/sweep_defaults.py` (on a GPU: `--jobs 14 --device cuda --engine-flags "
              "'--precision tf32' --baseline-flags '--precision tf32'`: fp32 weights, TF32 matrix products) then "
              "`--report`. Protocol: train on train800, accuracy on "
              "val200 after the last epoch (no test data), `--profile cpu` (112 px, 10 epochs, batch 32; the 4-shot "
              f"task gets the 100-step floor), seeds {', '.join(map(str, seeds))}. The HF + PEFT row is "
              "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds; devices: "
-             f"{', '.join(devices)}. The rule that picks the defaults is in the script's docstring.", "",
+             f"{', '.join(devices)}. A row's label names every setting the script pins for it (its exact flags "
+             "are the JSON's `configs`); settings it does not name took `heartlora train`'s defaults of the time. "
+             "The rule that picks the defaults is in the script's docstring."), "",
              "| settings | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     for name in CONFIGS:
         cells = []
@@ -172,10 +229,12 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
         done = [c for c in cells if c is not None]
         mean = (f"{100 * sum(done) / len(done):.1f}" + ("" if len(done) == len(tasks) else " (partial)")) if done \
             else ""
-        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + f" | {mean} |")
+        lines.append(f"| {label(name)} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells)
+                     + f" | {mean} |")
     chosen = choose(rows, tasks, seeds)
-    lines += ["", "Chosen by the rule: " + (", ".join(f"{f}: {chosen[f]}" for f in ("lora", "bi-lora", "heart-lora")
-                                                      if f in chosen) or "nothing yet (no complete configuration)")]
+    picks = [f"{f}: {label(chosen[f])}" for f in ("lora", "bi-lora", "heart-lora") if f in chosen]
+    lines += ["", "Chosen by the rule: " + ("; ".join(picks) or "nothing yet (no complete configuration)")]
+    lines += caveats(chosen)
     dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
