@@ -89,6 +89,13 @@ def main() -> int:
         dest = Path(__file__).resolve().parent.parent / "docs" / "results.json"
         have = {r["id"] for r in load_results(dest)["records"]}
         new = [r for r in load_results(args.dir)["records"] if r["id"] not in have]
+        # a probe check's records (gpu_session.sh extra: heart-lora with --score-steps) share the default runs' ids;
+        # merged, they would stand in for default runs that were never made
+        probes = [r["id"] for r in new if (r.get("settings") or {}).get("score_steps")]
+        if probes:
+            raise SystemExit(f"{args.dir} holds {len(probes)} runs made with --score-steps (e.g. {probes[0]}): they are "
+                             "not the suite's default runs; compare them with `benchmarks/scoring.py --suite-check` "
+                             "instead of merging")
         for r in new:
             add_record(r, dest, r["profile"], r.get("machine"))
         print(f"{len(new)} new records merged into {dest}")

@@ -44,6 +44,7 @@ pack_results() {
   log "packing results"
   find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen.json' \
     -o -name 'RESULTS*.md' -o -name '*.jsonl' -o -name 'prune.md' -o -name 'prune.png' -o -name '*results.json' \
+    -o -path '*-peft/adapter_*' \
     | tar czf "$OUT/results.tgz" -T - 2>/dev/null
   ls -la "$OUT"
 }
@@ -204,8 +205,9 @@ case "${1:-first}" in
   extra)
     unpack
     prune_curve 30 &
+    prune_pid=$!
     score_check 120
-    wait
+    wait $prune_pid
     ;;
   paper)  # the paper profile (224 px, 100 epochs, batch 64) for lora, heart-lora, heart-bi-lora: bf16 autocast
     unpack

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,13 +38,19 @@ PRUNED = "peft-lora + heartlora prune"
 TRAINED = "heart-lora (heads off after warmup)"
 
 
+def tag(args: argparse.Namespace) -> str:
+    """What a work folder's runs depend on, in its name: a run made with other settings is never reused."""
+    return (f"{args.img_size}px-{args.epochs}ep-b{args.batch_size}-lr{args.lr:g}-r{args.rank}-{args.precision}"
+            f"-s{args.seed}")
+
+
 def train_peft(task: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The hf_peft recipe (benchmarks/baselines/hf_peft.py, run as its own process) on train800; the adapter saved
-    to ``folder`` for ``dinov2_small``. Returns its metrics (val200 accuracy). The script skips a run folder that has its
-    metrics.json (and the adapter folder it saved)."""
+    to ``folder`` for ``dinov2_small``. Returns its metrics (val200 accuracy). The script skips a run folder that has
+    its metrics.json; one whose adapter folder did not come with it (another machine's records) is trained again."""
     run = folder.with_name(folder.name + "-run")
     if (run / "metrics.json").is_file() and not (folder / "adapter_config.json").is_file():
-        raise SystemExit(f"{run} finished but {folder} holds no PEFT adapter: delete {run} and run again")
+        shutil.rmtree(run)
     cmd = [sys.executable, str(HERE / "baselines" / "hf_peft.py"), "--task", task, "--protocol", "val",
            "--img-size", str(args.img_size), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(float(args.rank)), "--seed", str(args.seed),
@@ -55,16 +62,17 @@ def train_peft(task: str, folder: Path, args: argparse.Namespace) -> dict[str, A
 
 
 def heart_lora(task: str, ne: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """``heartlora train --method heart-lora --ne N`` at the engine's defaults, on train800 → val200."""
+    """``heartlora train --method heart-lora --ne N`` (``lora`` for 0) at the engine's defaults, on train800 →
+    val200; a run killed midway resumes from its checkpoint."""
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     from heartlora.engine import TrainConfig, train
 
+    resume = (out / "checkpoint.pt").is_file()
     cfg = TrainConfig(task=task, backbone="dinov2_small", method="heart-lora" if ne else "lora", protocol="val",
-                      ne=ne if ne else None, img_size=args.img_size, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed, out=str(out), overwrite=True, progress=False,
-                      threads=args.threads, device=args.device,
-                      precision=None if args.precision == "auto" else args.precision)
+                      ne=ne if ne else None, rank=args.rank, img_size=args.img_size, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed, out=str(out), resume=resume, overwrite=not resume,
+                      progress=False, threads=args.threads, device=args.device, precision=args.precision)
     return train(cfg)
 
 
@@ -77,7 +85,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] \
         if args.out.is_file() else []
-    have = {(r["task"], r["method"], r["ne"]) for r in done}
     rows = list(done)
 
     def emit(row: dict[str, Any]) -> None:
@@ -89,26 +96,29 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{row['task']:<14} {row['method']:<38} ne {row['ne']:>3}  val200 {100 * row['val200']:6.2f} %  "
               f"{row.get('adapter_bytes', 0):>9,} bytes", flush=True)
 
+    key = ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches")
     for task in args.tasks.split(","):
-        base = {"task": task, "img_size": args.img_size, "epochs": args.epochs, "rank": args.rank,
-                "seed": args.seed, "device": args.device, "precision": args.precision}
-        folder = args.work / f"{task}-s{args.seed}-peft"
-        t0 = time.perf_counter()
-        peft = train_peft(task, folder, args)
-        if (task, PEFT_ROW, 0) not in have:
-            emit({**base, "method": PEFT_ROW, "ne": 0, "val200": float(peft["accuracy"]),
-                  "adapter_bytes": peft["adapter_bytes"], "wall_s": time.perf_counter() - t0})
-        for ne in (int(n) for n in args.ne.split(",")):
+        base = {"task": task, **{k: getattr(args, k) for k in key}, "device": args.device}
+        # a row counts only if it was made with these settings (the same --out may hold other runs' rows)
+        have = {(r["task"], r["method"], r["ne"]) for r in done if all(r.get(k) == base[k] for k in key)}
+        nes = [int(n) for n in args.ne.split(",")]
+        folder = args.work / f"{task}-{tag(args)}-peft"
+        if not all((task, m, ne) in have for m in (PRUNED,) for ne in nes) or (task, PEFT_ROW, 0) not in have:
+            peft = train_peft(task, folder, args)
+            if (task, PEFT_ROW, 0) not in have:
+                emit({**base, "method": PEFT_ROW, "ne": 0, "val200": float(peft["accuracy"]),
+                      "adapter_bytes": peft["adapter_bytes"], "wall_s": peft["wall_s"]})
+        for ne in nes:
             if (task, PRUNED, ne) not in have:
                 t0 = time.perf_counter()
                 r = prune_peft(folder, task, ne, batches=args.batches, batch_size=args.batch_size, split="val200",
                                img_size=args.img_size, seed=args.seed,
-                               out=args.work / f"{task}-s{args.seed}-pruned-{ne}.safetensors")
+                               out=args.work / f"{task}-{tag(args)}-pruned-{ne}.safetensors")
                 emit({**base, "method": PRUNED, "ne": ne, "val200": r["accuracy_after"],
                       "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
                       "wall_s": time.perf_counter() - t0})
             if (task, TRAINED, ne) not in have:
-                m = heart_lora(task, ne, args.work / f"{task}-s{args.seed}-heart-lora-{ne}", args)
+                m = heart_lora(task, ne, args.work / f"{task}-{tag(args)}-heart-lora-{ne}", args)
                 emit({**base, "method": TRAINED, "ne": ne, "val200": m["accuracy"],
                       "adapter_bytes": m["adapter_bytes"], "wall_s": m["wall_s"]})
     return rows
@@ -184,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (both trainings; pruning runs on the CPU)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
-                    help="both trainings (fp32 on a CPU whatever is asked)")
-    ap.add_argument("--work", type=Path, default=Path("runs/prune"))
+                    help="both trainings: tf32 is fp32 with TF32 matrix products on CUDA (plain fp32 on a CPU); bf16 "
+                         "is bf16 autocast (on a CPU too)")
+    ap.add_argument("--work", type=Path, default=None, help="run folders (default runs/prune; --smoke: "
+                                                              "runs/prune-smoke)")
     ap.add_argument("--out", type=Path, help="JSON lines, one per (task, method, ne); resumable")
     ap.add_argument("--report", type=Path, nargs="+", help="JSON-lines files to turn into a table and a plot")
     ap.add_argument("--dest", type=Path, default=Path("runs/prune/prune.md"), help="--report's Markdown file")
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--out is required (or --report FILES)")
     if args.smoke:
         args.tasks, args.ne, args.epochs, args.img_size, args.batches = "digits", "0,6", 1, 28, 1
+    args.work = args.work or Path("runs/prune-smoke" if args.smoke else "runs/prune")
     run(args)
     return 0
 

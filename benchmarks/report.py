@@ -190,9 +190,9 @@ def partial_lines(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list
     sizes = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and r["task"] in have
                  and int(r["seed"]) == seed] for m in methods}
     mean_bytes = {m: sum(v) / len(v) if v else None for m, v in sizes.items()}
-    lines = [f"So far (PARTIAL): the mean over the {len(have)} of {len(tasks)} tasks that every method has run on "
-             f"seed {seed} ({', '.join(have)}); one seed, so no spread. Made by `.venv/bin/python benchmarks/suite.py "
-             f"report --profile {profile}`.", "",
+    lines = [(f"So far (PARTIAL): the mean over the {len(have)} of {len(tasks)} tasks that every method has run on "
+              f"seed {seed} ({', '.join(have)}); one seed, so no spread. Made by `.venv/bin/python "
+              f"benchmarks/suite.py report --profile {profile}`."), "",
              "| method | mean accuracy % | bytes ÷ LoRA |", "|---|---|---|"]
     lora_bytes = mean_bytes.get("lora")
     for m in methods:

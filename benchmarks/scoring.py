@@ -206,19 +206,24 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
                 and bool(r["settings"].get("score_steps")) == probe}
 
     base, probe = final(against, False), final(check, True)
-    same = ("img_size", "epochs", "batch_size", "lr", "pool", "scale", "rank", "ne", "ne_tolerance", "drop_path")
-    pairs = sorted(k for k in set(base) & set(probe)
-                   if all(base[k]["settings"].get(x) == probe[k]["settings"].get(x) for x in same))
+    # every setting but the probe itself must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
+    free = {"task", "seed", "score_steps", "precision"}
+
+    def same(k: tuple[str, int]) -> bool:
+        x, y = base[k]["settings"], probe[k]["settings"]
+        return all(x.get(f) == y.get(f) for f in (set(x) | set(y)) - free)
+
+    pairs = sorted(k for k in set(base) & set(probe) if same(k))
     if not pairs:
         raise SystemExit(f"no task and seed has both a default heart-lora run in {against} and a --score-steps run "
-                         f"in {check} with the same settings ({', '.join(same)})")
+                         f"in {check} with the same settings (all but {', '.join(sorted(free))})")
     steps = sorted({probe[k]["settings"]["score_steps"] for k in pairs})
     lines = [f"# Heart-LoRA with a {'/'.join(map(str, steps))}-step scoring probe against the full warmup", "",
              (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}`: the `cpu` suite's "
-              "heart-lora final runs (test accuracy %, ne auto) paired by task and seed. ± is the sample std over "
-              "seeds."),
-             "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) |", "|---|---|---|---|---|---|"]
-    diffs: dict[int, list[float]] = {}
+              "heart-lora final runs (test accuracy %, ne auto) paired by task and seed; every setting equal but the "
+              "probe (and the precision, listed). ± is the sample std over seeds."),
+             "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) | precision |",
+             "|---|---|---|---|---|---|---|"]
     for task in sorted({t for t, _ in pairs}):
         ks = [k for k in pairs if k[0] == task]
         a = [100 * base[k]["accuracy"] for k in ks]
@@ -227,18 +232,27 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
         def ms(v: list[float]) -> str:
             return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
 
-        for k, x, y in zip(ks, a, b):
-            diffs.setdefault(k[1], []).append(y - x)
         off = ", ".join(f"{base[k]['heads_off_count']}→{probe[k]['heads_off_count']}" for k in ks)
+        prec = ", ".join(sorted({f"{base[k]['settings'].get('precision')}→{probe[k]['settings'].get('precision')}"
+                                 for k in ks}))
         lines.append(f"| {task} | {len(ks)} | {ms(a)} | {ms(b)} | {statistics.mean(y - x for x, y in zip(a, b)):+.1f} "
-                     f"| {off} |")
-    per_seed = {seed: statistics.mean(v) for seed, v in diffs.items()}
-    spread = [statistics.mean(100 * base[k]["accuracy"] for k in pairs if k[1] == seed) for seed in per_seed]
+                     f"| {off} | {prec} |")
+    # the summary only over tasks that every compared seed has, so that each seed's mean is over the same tasks
+    seeds = sorted({sd for _, sd in pairs})
+    tasks = sorted(t for t in {t for t, _ in pairs} if all((t, sd) in pairs for sd in seeds))
+    if not tasks:  # no task has every seed: the seed with the most tasks
+        seeds = [max(seeds, key=lambda sd: (sum(1 for _, x in pairs if x == sd), -sd))]
+        tasks = sorted(t for t, sd in pairs if sd == seeds[0])
+    per_seed = {sd: statistics.mean(100 * (probe[(t, sd)]["accuracy"] - base[(t, sd)]["accuracy"]) for t in tasks)
+                for sd in seeds}
+    full_means = [statistics.mean(100 * base[(t, sd)]["accuracy"] for t in tasks) for sd in seeds]
     mean = statistics.mean(per_seed.values())
-    lines += ["", f"Mean over tasks of probe − full: {mean:+.2f} points"
-              + (f" (per seed {', '.join(f'{s}: {d:+.2f}' for s, d in sorted(per_seed.items()))}); the full warmup's "
-                 f"own seed spread of the mean over tasks: ± {statistics.stdev(spread):.2f}" if len(spread) > 1 else
-                 " (one seed: no spread to compare with)") + ".", ""]
+    lines += ["", f"Over the {len(tasks)} task(s) every compared seed has ({', '.join(tasks)}), mean of probe − full: "
+              f"{mean:+.2f} points"
+              + (f" (per seed {', '.join(f'{sd}: {d:+.2f}' for sd, d in sorted(per_seed.items()))}; their std "
+                 f"{statistics.stdev(per_seed.values()):.2f}). The full warmup's own seed spread of its mean over "
+                 f"those tasks: ± {statistics.stdev(full_means):.2f}" if len(seeds) > 1 else
+                 f" (seed {seeds[0]} only: no spread to compare with)") + ".", ""]
     text = "\n".join(lines)
     if dest is not None:
         with atomic_path(dest) as tmp:
@@ -294,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_path(a.out) as tmp:  # after every run: a kill loses one run at most
                 Path(tmp).write_text(json.dumps({"records": records}))
     summary = summarize(records, a.ne)
-    groups = by_group(records) if len({r["task"] for r in records}) > 1 else None
+    # Q1 pairs runs of different seeds only (a shared init would make two runs alike): it needs two tasks and two seeds
+    groups = (by_group(records) if len({r["task"] for r in records}) > 1 and len({r["seed"] for r in records}) > 1
+              else None)
     with atomic_path(a.out) as tmp:
         Path(tmp).write_text(json.dumps({"records": records, "summary": summary, "groups": groups}, indent=1))
     for path in [*plot(summary, records, a.out), *([plot_groups(records, a.out)] if groups else [])]:

@@ -329,11 +329,19 @@ def test_scoring_suite_check_pairs_runs_by_task_and_seed(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps({"records": base}))
     (tmp_path / "probe.json").write_text(json.dumps({"records": probe}))
     text = scoring.suite_check(tmp_path / "probe.json", tmp_path / "base.json", tmp_path / "out.md")
-    assert "| a | 2 | 82.0 ± 2.8 | 83.0 ± 1.4 | +1.0 | 12→24, 12→12 |" in text
-    assert "| b | 2 | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 | 0→0, 0→0 |" in text  # seed 44 has no probe run
-    # per seed: 42: (+2 - 1) / 2 = +0.5; 43: (0 - 3) / 2 = -1.5; the full warmup's means 65 and 72: std 4.95
-    assert "-0.50 points (per seed 42: +0.50, 43: -1.50)" in text and "± 4.95" in text
     assert (tmp_path / "out.md").read_text() == text
+    assert "| a | 2 | 82.0 ± 2.8 | 83.0 ± 1.4 | +1.0 | 12→24, 12→12 | None→None |" in text
+    assert "| b | 2 | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 | 0→0, 0→0 | None→None |" in text  # seed 44: no probe run
+    # per seed: 42: (+2 - 1) / 2 = +0.5; 43: (0 - 3) / 2 = -1.5 (std 1.41); the full warmup's means 65 and 72: 4.95
+    assert "mean of probe − full: -0.50 points (per seed 42: +0.50, 43: -1.50; their std 1.41)" in text
+    assert "± 4.95" in text
+    # unbalanced: a third task on seed 42 only leaves the summary on the tasks both seeds have
+    extra = [rec("c", 42, 0.99, None, 0)], [rec("c", 42, 0.50, 2, 0)]
+    (tmp_path / "base.json").write_text(json.dumps({"records": base + extra[0]}))
+    (tmp_path / "probe.json").write_text(json.dumps({"records": probe + extra[1]}))
+    text = scoring.suite_check(tmp_path / "probe.json", tmp_path / "base.json", None)
+    assert "| c | 1 | 99.0 | 50.0 | -49.0 |" in text and "Over the 2 task(s) every compared seed has (a, b)" in text
+    assert "± 4.95" in text
     with pytest.raises(SystemExit, match="no task and seed"):
         scoring.suite_check(tmp_path / "base.json", tmp_path / "base.json", None)
 
@@ -356,3 +364,21 @@ def test_cpu_suite_leaves_the_schedule_to_the_engine_profile_so_kshot_runs_get_t
     odd = replace(cpu, epochs=3)
     cmd = script.run_command(odd, "final", "digits", "lora", {}, 42, tmp_path / "r", "cpu", 1)
     assert cmd[cmd.index("--epochs") + 1] == "3" and "--img-size" not in cmd
+
+
+def test_partial_table_uses_one_task_set_and_seed_for_every_method():
+    acc = {"lora": {"a": {1: 0.80, 2: 0.10}, "b": {1: 0.60}, "c": {1: 0.99}},
+           "heart-lora": {"a": {1: 0.82}, "b": {1: 0.60}},  # no c yet: c is left out for every method
+           "hf-peft": {"a": {1: 0.70}, "b": {1: 0.50}, "c": {2: 0.90}}}
+    recs = [{"suite_method": m, "task": t, "seed": s, "adapter_bytes": b} for m, t, s, b in (
+        ("lora", "a", 1, 100), ("lora", "b", 1, 100), ("lora", "c", 1, 100), ("lora", "a", 2, 999),
+        ("heart-lora", "a", 1, 80), ("heart-lora", "b", 1, 60), ("hf-peft", "a", 1, 100), ("hf-peft", "b", 1, 100))]
+    lines = report.partial_lines(acc, recs, ["hf-peft", "lora", "heart-lora"], ["a", "b", "c"], 1, "tiny")
+    text = "\n".join(lines)
+    assert "the mean over the 2 of 3 tasks that every method has run on seed 1 (a, b)" in text
+    assert "| LoRA (heartlora) | 70.00 | 1.000 |" in text  # (80 + 60) / 2; seed 2 and task c left out
+    assert "| Heart-LoRA (global) | 71.00 | 0.700 |" in text  # bytes (80 + 60) / 2 ÷ 100
+    assert "| HF + PEFT (plain recipe) | 60.00 | 1.000 |" in text
+    assert "+11.00 | so far |" in text  # heart-lora − hf-peft ≥ +1
+    assert "+1.00 at 0.700× | so far |" in text  # heart-lora − lora ≥ -0.3 at ≤ 0.8× the bytes
+    assert report.partial_lines(acc, recs, ["lora", "heart-lora"], ["c"], 1, "tiny") == []

@@ -272,7 +272,7 @@ def test_schedule_state_loads_with_weights_only_also_from_older_checkpoints(tmp_
     assert sched3.last_epoch == 25
 
 
-def test_ne_auto_chooses_on_held_back_training_images_and_records_why(tmp_path: Path, task: str) -> None:
+def test_ne_auto_chooses_on_sampled_training_images_and_records_why(tmp_path: Path, task: str) -> None:
     metrics = train(tiny(tmp_path, task, method="heart-lora", epochs=2, warmup_epochs=1))
     choice = metrics["ne_choice"]
     assert metrics["settings"]["ne"] == "auto" and choice is not None
