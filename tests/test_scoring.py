@@ -155,6 +155,11 @@ def test_group_correlations_pool_pairs_of_different_seeds() -> None:
     assert heads["other_group"]["min"] == pytest.approx(-1.0)
     assert out["heads"]["by_pair"]["A|C"] == pytest.approx(-1.0)
     assert out["layers"]["same_task"]["mean"] == pytest.approx(1.0)
+    # relabelling the 3 tasks' groups (two natural, one structured) gives 3 distinct labelings; the observed one,
+    # A and B together, has the largest same-group minus other-group gap: r_ab − (r_ac + r_bc) / 2
+    perm = heads["permutation"]
+    assert perm["gap"] == pytest.approx(r_ab - (-1 + r_bc) / 2) and perm["labelings"] == 3
+    assert perm["p"] == pytest.approx(1 / 3)
     with pytest.raises(ConfigError, match="different layers or head counts"):
         group_correlations({("A", 1): a1, ("B", 2): {"l0": [1.0, 2.0, 3.0]}}, groups.__getitem__)
     with pytest.raises(ConfigError, match="all zero"):

@@ -106,7 +106,9 @@ def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callabl
     per-head and per-layer scores, pooled three ways: the same task under another seed (the noise floor a task
     difference has to stand out from), two tasks of one group, tasks of different groups. Only runs of different
     seeds are paired, so that a shared random init never makes two runs look alike. Per unit (``heads``, ``layers``):
-    ``{"same_task" | "same_group" | "other_group": {"mean", "min", "max", "pairs"}, "by_pair": {"A|B": mean r}}``."""
+    ``{"same_task" | "same_group" | "other_group": {"mean", "min", "max", "pairs"}, "by_pair": {"A|B": mean r},
+    "permutation": {"gap", "p", "labelings"}}`` (the last: how often relabelling the tasks' groups at random gives a
+    same-group minus other-group gap at least as large, over the task pairs' mean r)."""
     if len({tuple((n, len(v)) for n, v in s.items()) for s in runs.values()}) > 1:
         raise ConfigError("the runs' scores have different layers or head counts: compare runs of one backbone only")
     shares = {key: normalised(s) for key, s in runs.items()}
@@ -124,8 +126,30 @@ def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callabl
         out[unit] = {k: ({"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
                           "pairs": len(v)} if v else None) for k, v in pools.items()}
         out[unit]["by_pair"] = {k: float(np.mean(v)) for k, v in sorted(by_pair.items())}
+        out[unit]["permutation"] = _group_permutation(by_pair, {t: group_of(t) for t, _ in shares})
     return out
 
+
+def _group_permutation(by_pair: Mapping[str, list[float]], groups: Mapping[str, str]) -> dict[str, Any] | None:
+    """How unusual the observed gap (mean r of same-group task pairs − mean r of other-group pairs) is among every
+    reassignment of the tasks to groups of the same sizes: ``{"gap", "p", "labelings"}``, p the share of labelings
+    whose gap is at least the observed one (the observed labeling included). With few tasks there are few labelings,
+    so the smallest possible p is 1 / labelings. None without a same-group and an other-group pair."""
+    cross = {tuple(k.split("|")): float(np.mean(v)) for k, v in by_pair.items() if len(set(k.split("|"))) == 2}
+    tasks = sorted(groups)
+
+    def gap(assign: Mapping[str, str]) -> float | None:
+        same = [r for (a, b), r in cross.items() if assign[a] == assign[b]]
+        other = [r for (a, b), r in cross.items() if assign[a] != assign[b]]
+        return float(np.mean(same) - np.mean(other)) if same and other else None
+
+    observed = gap(groups)
+    if observed is None:
+        return None
+    labels = [groups[t] for t in tasks]
+    gaps = [gap(dict(zip(tasks, perm))) for perm in sorted(set(itertools.permutations(labels)))]
+    gaps = [g for g in gaps if g is not None]
+    return {"gap": observed, "p": sum(g >= observed - 1e-12 for g in gaps) / len(gaps), "labelings": len(gaps)}
 
 
 
