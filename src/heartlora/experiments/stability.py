@@ -183,7 +183,9 @@ def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Seq
     axes[0].set_ylabel("attention layer")
     if image is not None:
         fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
-    fig.suptitle(f"{title}\nresponsiveness (÷ each panel's max); × = switched off".strip(), fontsize=9)
+    marked = any(not on for _, masks in panels.values() for row in masks.values() for on in row)
+    fig.suptitle(f"{title}\nresponsiveness (÷ each panel's max)" + ("; × = switched off" if marked else ""),
+                 fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     return path
