@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
 #                                          # --score-steps 2, every task and seed, into its own results file)
-#   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice (done once: its
-#                                          # results are in docs/sweeps/defaults.json, and the defaults follow them)
+#   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
+#                                          # results are in docs/sweeps/defaults.json (not run again); the second
+#                                          # round (Heart-LoRA's tolerance at scale 4, a fixed ne 24) is 21 runs
 #
 # Everything it measures lands in $OUT (results.tgz + the logs). The sweep and the suite run the cpu profile's protocol
 # in fp32 with TF32 matrix products (--precision tf32; a CPU runs exact fp32); bf16 autocast for the speed table and

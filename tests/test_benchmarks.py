@@ -382,3 +382,27 @@ def test_partial_table_uses_one_task_set_and_seed_for_every_method():
     assert "+11.00 | so far |" in text  # heart-lora − hf-peft ≥ +1
     assert "+1.00 at 0.700× | so far |" in text  # heart-lora − lora ≥ -0.3 at ≤ 0.8× the bytes
     assert report.partial_lines(acc, recs, ["lora", "heart-lora"], ["c"], 1, "tiny") == []
+
+
+def test_sweep_rule_prefers_heart_rows_at_the_chosen_scale_once_they_are_complete():
+    import sweep_defaults as sw
+
+    tasks, seeds = ("a", "b"), (42,)
+
+    def row(acc):
+        return {t: {"42": {"val200": acc}} for t in tasks}
+
+    rows = {name: row(0.5) for name in sw.CONFIGS}
+    rows["lora, cls+mean, drop-path 0, scale 4"] = row(0.9)  # the lora rule picks scale 4
+    rows["heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05"] = row(0.8)  # the best row, but at scale 1
+    rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"] = row(0.6)
+    rows["heart-lora-fixed, cls+mean, drop-path 0, scale 4, ne 24"] = row(0.99)  # never competes
+    chosen = sw.choose(rows, tasks, seeds)
+    assert chosen["settings"]["scale"] == "4"
+    assert chosen["heart-lora"] == "heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"
+    assert chosen["ne_tolerance"] == "0.05" and "heart-lora-fixed" not in chosen["why"]
+    # before the scale-4 rows are complete, the first round's rows decide
+    del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"]["b"]
+    del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.02"]["b"]
+    chosen = sw.choose(rows, tasks, seeds)
+    assert chosen["heart-lora"] == "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05"
