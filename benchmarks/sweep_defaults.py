@@ -16,7 +16,8 @@ cell wins (ties: the one listed first); its classifier input, drop-path, scale, 
 every method's defaults. Among the ``bi-lora`` configurations, the best mean picks the 1-bit methods' scale. Among the
 ``heart-lora`` ones, the best mean picks ``--ne auto``'s tolerance; once a complete ``heart-lora`` row pinned at the
 scale the lora rule chose exists (the second round, added before any of its runs), only such rows compete. A
-configuration counts only when all its cells ran; a ``heart-lora-fixed`` row is reported and never chosen.
+configuration counts only when all its cells ran; ``heart-lora-fixed`` and ``heart-lora-layer`` rows are reported and
+never chosen.
 
     python benchmarks/sweep_defaults.py                         # run what is left, one at a time
     python benchmarks/sweep_defaults.py --jobs 14 --device cuda --engine-flags "--precision tf32" \
@@ -73,6 +74,11 @@ CONFIGS: dict[str, list[str]] = {
                                                                            "--scale", "4", "--ne-tolerance", "0.05"],
     "heart-lora-fixed, cls+mean, drop-path 0, scale 4, ne 24": ["--method", "heart-lora", *_BASE, "--scale", "4",
                                                                  "--ne", "24"],
+    # and the per-layer ranking (the paper's Heart-LoRA†) under the same rule, reported beside the global one: the
+    # data a choice of the default scope would need (no rule picks the scope yet)
+    "heart-lora-layer, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.02": ["--method", "heart-lora", *_BASE,
+                                                                                 "--scale", "4", "--scope", "layer",
+                                                                                 "--ne-tolerance", "0.02"],
 }
 # The settings a winning configuration hands on (flag -> TrainConfig field).
 CHOSEN_FLAGS = {"--pool": "pool", "--drop-path": "drop_path", "--scale": "scale", "--lr": "lr",
