@@ -500,7 +500,9 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
         _, mat, _ = resp_matrix(r)
         flat[(r["task"], r["suite_method"])] = ([x for row in mat for x in row], layer_profile(mat), r["group"])
     lines = [("Heart-LoRA (global) responsiveness after warmup, normalised to sum 1 per run, compared between tasks "
-              "(lowest seed): Pearson correlation of the 72 per-head values and of the 12 per-layer sums."), "",
+              "(lowest seed): Pearson correlation of the 72 per-head values and of the 12 per-layer sums. Runs of "
+              "one seed share the adapters' random init, which can make tasks look alike; the pooled table, once a "
+              "second seed is there, pairs runs of different seeds only."), "",
              "| task A | task B | same group? | r (heads) | r (layers) |", "|---|---|---|---|---|"]
     keys = sorted(flat)
     for i, a in enumerate(keys):
@@ -524,6 +526,7 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
     if seed_rows:
         lines += ["Same task, two seeds (the noise floor for the correlations above):", "",
                   "| task | seeds | r (heads) | r (layers) |", "|---|---|---|---|"] + seed_rows + [""]
+    lines += pooled_group_lines({(r["task"], int(r["seed"])): r["responsiveness"] for r in with_scores})
     lines += ["Share of responsiveness by depth (lowest seed):", "",
               "| task | group | layers 0–3 | layers 4–7 | layers 8–11 |", "|---|---|---|---|---|"]
     for task, rs in sorted(by_task.items(), key=lambda kv: (suite.GROUPS.index(kv[1][0]["group"]), kv[0])):
@@ -534,6 +537,34 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
                      f"{100 * sum(prof[third:2 * third]):.0f} % | {100 * sum(prof[2 * third:]):.0f} % |")
     lines.append("")
     return lines
+
+
+def pooled_group_lines(runs: dict[tuple[str, int], dict[str, list[float]]]) -> list[str]:
+    """Q1 on the suite's own runs, once two seeds are there: every pair of runs of different seeds pooled by kind
+    (same task: the noise floor; same group; other group), with the permutation test over the tasks' groups
+    (heartlora.experiments.stability.group_correlations, as benchmarks/scoring.py reports it)."""
+    from heartlora.experiments.stability import group_correlations
+
+    if len({s for _, s in runs}) < 2 or len({t for t, _ in runs}) < 2:
+        return []
+    c = group_correlations(runs, suite.group_of)
+    rows = []
+    kinds = (("same_task", "same task, another seed (the noise floor)"), ("same_group", "two tasks of one group"),
+             ("other_group", "tasks of different groups"))
+    for kind, label in kinds:
+        h, ly = c["heads"][kind], c["layers"][kind]
+        if h:
+            rows.append(f"| {label} | {h['mean']:.2f} [{h['min']:.2f}, {h['max']:.2f}] | {ly['mean']:.2f} "
+                        f"[{ly['min']:.2f}, {ly['max']:.2f}] | {h['pairs']} |")
+    perm = [f"{unit} p = {c[unit]['permutation']['p']:.2f} (gap {c[unit]['permutation']['gap']:+.3f})"
+            for unit in ("heads", "layers") if c[unit].get("permutation")]
+    labelings = next((c[u]["permutation"]["labelings"] for u in ("heads", "layers") if c[u].get("permutation")), 0)
+    return [("Pooled over every pair of runs of *different* seeds (a shared seed shares the adapters' random init), "
+             "Pearson r of the normalised scores: mean [min, max]."), "",
+            "| pairs of runs | r over heads | r over layers | pairs |", "|---|---|---|---|", *rows, "",
+            (f"Permutation test over the tasks' groups ({labelings} labelings; p: the share of regroupings whose "
+             "same-group minus other-group gap is at least the observed one): " + "; ".join(perm) + ".")
+            if perm else "", ""]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -406,3 +406,13 @@ def test_sweep_rule_prefers_heart_rows_at_the_chosen_scale_once_they_are_complet
     del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.02"]["b"]
     chosen = sw.choose(rows, tasks, seeds)
     assert chosen["heart-lora"] == "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05"
+
+
+def test_report_pools_group_correlations_once_two_seeds_are_there():
+    one = {("digits", 1): {"l0": [1.0, 2.0], "l1": [3.0, 4.0]},
+           ("dsprites_loc", 1): {"l0": [4.0, 3.0], "l1": [2.0, 1.0]}}
+    assert report.pooled_group_lines(one) == []  # one seed: no pair of different seeds
+    two = {**one, ("digits", 2): {"l0": [2.0, 4.0], "l1": [6.0, 8.0]}}  # natural vs structured: other groups
+    text = "\n".join(report.pooled_group_lines(two))
+    assert "| same task, another seed (the noise floor) | 1.00 [1.00, 1.00] |" in text
+    assert "| pairs |" in text and "| tasks of different groups | -1.00 [-1.00, -1.00] |" in text
