@@ -229,29 +229,47 @@ def _profile(args: argparse.Namespace) -> Profile:
     return profile
 
 
-def status_lines(profile: Profile, data: dict[str, Any], jobs: int) -> list[str]:
-    """Done / left / a rough time left: each left run costs the mean wall time of its method's finished runs (of
-    any method's when it has none yet), spread over ``jobs`` processes."""
+def status_lines(profile: Profile, data: dict[str, Any], jobs: int, here: dict[str, Any] | None = None) -> list[str]:
+    """Done / left / a rough time left: each left run costs the mean wall time of the finished runs most like it
+    (same method and task, else same method on tasks of its kind: K-shot or full, else same method, else its kind,
+    else any), taken from runs made on a machine like
+    ``here`` (this one: the same CPU model, core count and GPU) when there are any, spread over ``jobs`` processes."""
     mine, total = count_runs(profile, data)
-    walls: dict[str, list[float]] = {}
-    for r in mine:
-        if r.get("wall_s") is not None:
-            walls.setdefault(r["suite_method"], []).append(float(r["wall_s"]))
-    every = [w for ws in walls.values() for w in ws]
-    left_by_method: dict[str, int] = {}
-    for method in profile.methods:
-        n = len(profile.tasks) * len(profile.seeds_of(method))
-        n -= sum(1 for r in mine if r["suite_method"] == method and r.get("role") == "final")
-        left_by_method[method] = max(n, 0)
+    here = here if here is not None else machine()
+
+    def kind(m: dict[str, Any] | None) -> tuple:
+        return tuple((m or {}).get(k) for k in ("cpu", "cores", "gpu"))
+
+    timed = [r for r in mine if r.get("wall_s") is not None]
+    local = [r for r in timed if kind(r.get("machine")) == kind(here)]
+    basis, where = (local, "on this kind of machine") if local else (timed, "on the machines that ran them")
+
+    def mean(rs: list[dict[str, Any]]) -> float | None:
+        return sum(float(r["wall_s"]) for r in rs) / len(rs) if rs else None
+
+    def estimate(method: str, task: str) -> float | None:
+        shot = "@" in task  # a K-shot run is much shorter than a full one
+        for pick in (lambda r: r["suite_method"] == method and r["task"] == task,
+                     lambda r: r["suite_method"] == method and ("@" in r["task"]) == shot,
+                     lambda r: r["suite_method"] == method, lambda r: ("@" in r["task"]) == shot, lambda r: True):
+            m = mean([r for r in basis if pick(r)])
+            if m is not None:
+                return m
+        return None
+
+    done = {(r["suite_method"], r["task"], int(r["seed"])) for r in mine if r.get("role") == "final"}
+    left_runs = [(m, t) for m in profile.methods for t in profile.tasks for sd in profile.seeds_of(m)
+                 if (m, t, sd) not in done]
+    left_by_method = {m: sum(1 for x, _ in left_runs if x == m) for m in profile.methods}
     left = total - len(mine)
     lines = [f"profile {profile.name} ({profile.schedule()}): {len(mine)} of {total} runs done, {left} left"]
-    if left and every:
-        secs = sum(n * (sum(walls.get(m) or every) / len(walls.get(m) or every)) for m, n in left_by_method.items())
-        secs += max(left - sum(left_by_method.values()), 0) * sum(every) / len(every)  # val runs of a grid
+    if left and basis:
+        secs = sum(estimate(m, t) or 0.0 for m, t in left_runs)
+        secs += max(left - len(left_runs), 0) * (mean(basis) or 0.0)  # val runs of a grid
         secs /= jobs
         rough = f"{secs / 3600:.1f} h" if secs >= 3600 else f"{secs / 60:.0f} min"
-        lines.append(f"about {rough} left at --jobs {jobs} (mean wall time of the {len(every)} finished runs, per "
-                     "method; a rough guide)")
+        lines.append(f"about {rough} left at --jobs {jobs} (mean wall times of the {len(basis)} finished runs "
+                     f"{where}, by method and task; a rough guide)")
     elif left:
         lines.append("time left: unknown until a run has finished")
     lines += [f"  {m}: {n} left" for m, n in left_by_method.items() if n]

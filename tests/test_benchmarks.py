@@ -255,6 +255,14 @@ def test_status_counts_and_time_left(runner):
     # left: hf-peft 4 runs (no wall time yet: the mean of all, 1000 s), lora 2 × 1200 s, bi-lora 1 × 600 s; 2 jobs
     assert "about 58 min left at --jobs 2" in lines[1]  # (4000 + 2400 + 600) s / 2
     assert "  hf-peft: 4 left" in lines and "  lora: 2 left" in lines and "  bi-lora: 1 left" in lines
+    # runs made on a machine like this one count alone when there are any: here the fast GPU's 60 s
+    gpu, cpu = {"cpu": "x", "cores": 16, "gpu": "H200"}, {"cpu": "y", "cores": 2, "gpu": None}
+    for rec in data["records"]:
+        rec["machine"] = cpu
+    data["records"][0]["machine"] = gpu
+    data["records"][0]["wall_s"] = 60.0
+    lines = script.status_lines(SMALL, data, jobs=1, here=gpu)
+    assert "about 7 min left at --jobs 1" in lines[1] and "1 finished runs on this kind of machine" in lines[1]
 
 
 def test_subset_run_never_touches_docs(runner, capsys):
