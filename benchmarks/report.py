@@ -306,6 +306,29 @@ def readme_table(data: dict[str, Any], profile: suite.Profile) -> list[str]:
              "mean over all tasks, then mean ± sample std over seeds. " + sentence).rstrip()]
 
 
+def readme_partial_table(data: dict[str, Any], profile: suite.Profile) -> list[str]:
+    """While seeds are missing: the same table for the first seed alone, once every method has every task on it
+    (labelled PARTIAL, one seed, no ±). Empty otherwise."""
+    _, facts = suite_section(data, profile)
+    acc, tasks, recs = facts["acc"], facts["tasks"], facts["recs"]
+    seed = profile.seeds[0]
+    if not all(acc.get(m, {}).get(t, {}).get(seed) is not None for m in profile.methods for t in tasks):
+        return []
+    size = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and int(r["seed"]) == seed]
+            for m in profile.methods}
+    lora_bytes = sum(size["lora"]) / len(size["lora"]) if size.get("lora") else None
+    lines = [f"| method | mean accuracy over {len(tasks)} tasks, seed {seed} (%) | adapter bytes | bytes ÷ LoRA |",
+             "|---|---|---|---|"]
+    for m in profile.methods:
+        b = sum(size[m]) / len(size[m]) if size[m] else 0
+        mean = sum(acc[m][t][seed] for t in tasks) / len(tasks)
+        ratio = f"{b / lora_bytes:.3f}" if lora_bytes else "—"
+        lines.append(f"| {METHOD_LABELS[m]} | {100 * mean:.1f} | {fmt_bytes(round(b))} | {ratio} |")
+    return [*lines, "", (f"PARTIAL: seed {seed} only (the profile runs seeds {', '.join(map(str, profile.seeds))}), so "
+                         f"no ± yet. Command: `{facts['command']}` (then `benchmarks/report.py --profile "
+                         f"{profile.name} --readme-table`); {profile.note}.")]
+
+
 def selection_lines(data: dict[str, Any], profile: suite.Profile) -> list[str]:
     """What was chosen on val200, per task and method, with the candidates' val accuracies."""
     rows = []
@@ -652,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.readme_table:
         data = suite.load_results(args.results or DOCS / "results.json")
-        lines = readme_table(data, suite.PROFILES[args.profile])
+        lines = readme_table(data, suite.PROFILES[args.profile]) or readme_partial_table(data,
+                                                                                       suite.PROFILES[args.profile])
         print("\n".join(lines) if lines else f"profile {args.profile}: not every method has every task yet")
         return 0
     print(f"wrote {write_all(args.profile, args.results)}")

@@ -424,3 +424,19 @@ def test_report_pools_group_correlations_once_two_seeds_are_there():
     text = "\n".join(report.pooled_group_lines(two))
     assert "| same task, another seed (the noise floor) | 1.00 [1.00, 1.00] |" in text
     assert "| pairs |" in text and "| tasks of different groups | -1.00 [-1.00, -1.00] |" in text
+
+
+def test_readme_partial_table_waits_for_every_task_of_the_first_seed(monkeypatch):
+    monkeypatch.setitem(suite.PROFILES, "small", SMALL)
+    base = {"digits": 0.8, "dsprites_loc": 0.6}
+    delta = {("lora", 1): 0.0, ("lora", 2): 0.02, ("hf-peft", 1): -0.01, ("hf-peft", 2): -0.03, ("bi-lora", 1): -0.05}
+    data = fill_small(lambda task, method, seed: base[task] + delta[(method, seed)])
+    data["records"] = [r for r in data["records"] if r["seed"] == 1]  # seed 2 missing: no full table
+    assert report.readme_table(data, SMALL) == []
+    lines = report.readme_partial_table(data, SMALL)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert rows["LoRA (heartlora)"].endswith("| 70.0 | 1,000 | 1.000 |")  # (80 + 60) / 2 on seed 1
+    assert rows["HF + PEFT (plain recipe)"].endswith("| 69.0 | 800 | 0.800 |")
+    assert lines[-1].startswith("PARTIAL: seed 1 only")
+    data["records"] = [r for r in data["records"] if not (r["suite_method"] == "bi-lora" and r["task"] == "digits")]
+    assert report.readme_partial_table(data, SMALL) == []
