@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{k} {c[k]['mean']:.2f} [{c[k]['min']:.2f}, {c[k]['max']:.2f}] ({c[k]['pairs']} pairs)"
                               for k in ("same_task", "same_group", "other_group") if c[k])
                   + (f"; same − other group {c['permutation']['gap']:+.3f}, permutation p {c['permutation']['p']:.2f}"
-                     f" of {c['permutation']['labelings']} labelings" if c.get("permutation") else ""))
+                     f" of {c['permutation']['regroupings']} regroupings" if c.get("permutation") else ""))
     print(json.dumps({t: {k: s[k] for k in ("smallest_budget_at_floor", "warmup_steps", "seed_floor",
                                              "effect_spearman_mean")} for t, s in summary.items()}, indent=1))
     return 0

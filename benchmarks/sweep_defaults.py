@@ -14,8 +14,8 @@ result was seen, below) and writes the chosen settings as JSON.
 The rule (``choose``): among the ``lora`` configurations, the one with the best mean val200 over every (task, seed)
 cell wins (ties: the one listed first); its classifier input, drop-path, scale, learning rate and weight decay become
 every method's defaults. Among the ``bi-lora`` configurations, the best mean picks the 1-bit methods' scale. Among the
-``heart-lora`` ones, the best mean picks ``--ne auto``'s tolerance; once a complete ``heart-lora`` row pinned at the
-scale the lora rule chose exists (the second round, added before any of its runs), only such rows compete. A
+``heart-lora`` ones, the best mean picks ``--ne auto``'s tolerance; once every ``heart-lora`` row pinned at the scale
+the lora rule chose is complete (the second round, added before any of its runs), only those rows compete. A
 configuration counts only when all its cells ran; ``heart-lora-fixed`` and ``heart-lora-layer`` rows are reported and
 never chosen.
 
@@ -66,8 +66,9 @@ CONFIGS: dict[str, list[str]] = {
     "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05": ["--method", "heart-lora", *_BASE, "--scale", "1",
                                                                    "--ne-tolerance", "0.05"],
     # second round (added 2026-12-01, before any of its runs): the tolerance at the scale the lora rule chose (4),
-    # which the first round's heart-lora rows (scale 1) did not try; and a fixed ne of 24 (a third of the 72 heads),
-    # which reports, without competing, what meeting the 0.8× bytes goal on every task would cost
+    # which the first round's heart-lora rows (scale 1) did not try; and a fixed third of the heads (ne 24 of 72:
+    # 0.79–0.83 × LoRA's bytes, by how many whole layers go off), reported without competing: the accuracy cost of
+    # switching heads off on every task, which --ne auto does not do on mnist and digits
     "heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.02": ["--method", "heart-lora", *_BASE,
                                                                            "--scale", "4", "--ne-tolerance", "0.02"],
     "heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05": ["--method", "heart-lora", *_BASE,
@@ -170,10 +171,13 @@ def choose(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = 
         for name, args in CONFIGS.items():
             if name.split(",")[0] == family and (cells := _cells(rows, name, tasks, seeds)) is not None:
                 means[name] = sum(cells) / len(cells)
-        if family == "heart-lora" and "lora" in out:  # the second round: rows at the chosen scale, when complete
-            at_scale = {n: m for n, m in means.items()
-                        if float_or(_pinned(CONFIGS[n]).get("scale", "")) == float_or(out["settings"].get("scale", ""))}
-            means = at_scale or means
+        out.setdefault("complete", {})[family] = sorted(means)
+        if family == "heart-lora" and "lora" in out:  # the second round decides once every row of it is complete
+            scale = float_or(out["settings"].get("scale", ""))
+            second = [n for n in CONFIGS if n.split(",")[0] == family
+                      and float_or(_pinned(CONFIGS[n]).get("scale", "")) == scale]
+            if second and all(n in means for n in second):
+                means = {n: means[n] for n in second}
         out["why"][family] = means
         if not means:
             continue
@@ -205,8 +209,8 @@ def caveats(chosen: dict[str, Any]) -> list[str]:
             if key == own[family] or default is None or float_or(value) == float_or(default):
                 continue
             word = LABEL_WORDS[flag_of[key]] or key
-            ran = any(float_or(_pinned(args).get(key, "")) == float_or(default) for name, args in CONFIGS.items()
-                      if name.split(",")[0] == family)
+            ran = any(float_or(_pinned(CONFIGS[name]).get(key, "")) == float_or(default)
+                      for name in chosen.get("complete", {}).get(family, []))  # rows with every cell done
             tail = "." if ran else f", and no {family} row ran at {word} {default}."
             lines.append(f"{family}: its rule compared rows pinned at {word} {value}; the lora rule chose {word} "
                          f"{default}, every method's default since{tail}")
@@ -236,7 +240,7 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
              "`--report`. Protocol: train on train800, accuracy on "
              "val200 after the last epoch (no test data), `--profile cpu` (112 px, 10 epochs, batch 32; the 4-shot "
              f"task gets the 100-step floor), seeds {', '.join(map(str, seeds))}. The HF + PEFT row is "
-             "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds; devices: "
+             "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds (empty: not run yet); devices: "
              f"{', '.join(devices)}. A row's label names every setting the script pins for it (its exact flags "
              "are the JSON's `configs`); settings it does not name took `heartlora train`'s defaults of the time. "
              "The rule that picks the defaults is in the script's docstring."), "",

@@ -408,12 +408,15 @@ def test_sweep_rule_prefers_heart_rows_at_the_chosen_scale_once_they_are_complet
     chosen = sw.choose(rows, tasks, seeds)
     assert chosen["settings"]["scale"] == "4"
     assert chosen["heart-lora"] == "heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"
-    assert chosen["ne_tolerance"] == "0.05" and "heart-lora-fixed" not in chosen["why"]
-    # before the scale-4 rows are complete, the first round's rows decide
-    del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"]["b"]
+    assert chosen["ne_tolerance"] == "0.05"
+    # until every scale-4 row is complete (here one of two), all complete rows compete: the first round's best wins
     del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.02"]["b"]
     chosen = sw.choose(rows, tasks, seeds)
     assert chosen["heart-lora"] == "heart-lora, cls+mean, drop-path 0, ne auto tolerance 0.05"
+    assert sw.caveats(chosen)[-1].endswith("every method's default since.")  # a complete row ran at scale 4
+    del rows["heart-lora, cls+mean, drop-path 0, scale 4, ne auto tolerance 0.05"]["b"]
+    chosen = sw.choose(rows, tasks, seeds)
+    assert sw.caveats(chosen)[-1].endswith("and no heart-lora row ran at scale 4.")  # listed rows do not count
 
 
 def test_report_pools_group_correlations_once_two_seeds_are_there():
@@ -423,7 +426,12 @@ def test_report_pools_group_correlations_once_two_seeds_are_there():
     two = {**one, ("digits", 2): {"l0": [2.0, 4.0], "l1": [6.0, 8.0]}}  # natural vs structured: other groups
     text = "\n".join(report.pooled_group_lines(two))
     assert "| same task, another seed (the noise floor) | 1.00 [1.00, 1.00] |" in text
-    assert "| pairs |" in text and "| tasks of different groups | -1.00 [-1.00, -1.00] |" in text
+    assert "| tasks of different groups | -1.00 [-1.00, -1.00] |" in text
+    assert "two tasks of one group" not in text and "Permutation test" not in text  # no same-group pair yet
+    three = {**two, ("mnist", 2): {"l0": [1.0, 2.0], "l1": [4.0, 3.0]}}  # natural, like digits
+    text = "\n".join(report.pooled_group_lines(three))
+    assert "| two tasks of one group |" in text
+    assert "Permutation test over the tasks' groups (3 regroupings into groups of the same sizes" in text
 
 
 def test_readme_partial_table_waits_for_every_task_of_the_first_seed(monkeypatch):

@@ -155,11 +155,21 @@ def test_group_correlations_pool_pairs_of_different_seeds() -> None:
     assert heads["other_group"]["min"] == pytest.approx(-1.0)
     assert out["heads"]["by_pair"]["A|C"] == pytest.approx(-1.0)
     assert out["layers"]["same_task"]["mean"] == pytest.approx(1.0)
-    # relabelling the 3 tasks' groups (two natural, one structured) gives 3 distinct labelings; the observed one,
-    # A and B together, has the largest same-group minus other-group gap: r_ab − (r_ac + r_bc) / 2
+    # regrouping the 3 tasks (a pair and a single) gives 3 partitions; the observed one, A and B together, has the
+    # largest same-group minus other-group gap: r_ab − (r_ac + r_bc) / 2
     perm = heads["permutation"]
-    assert perm["gap"] == pytest.approx(r_ab - (-1 + r_bc) / 2) and perm["labelings"] == 3
+    assert perm["gap"] == pytest.approx(r_ab - (-1 + r_bc) / 2) and perm["regroupings"] == 3
     assert perm["p"] == pytest.approx(1 / 3)
+    # two groups of two: 3 partitions, not 6 labelings (swapping the groups' names regroups nothing)
+    d2 = {"l0": [1.0, 3.0], "l1": [2.0, 4.0]}
+    four = {("A", 1): a1, ("B", 2): a1, ("C", 1): c2, ("D", 2): d2, ("A", 3): b1}
+    groups4 = {"A": "natural", "B": "natural", "C": "structured", "D": "structured"}
+    perm4 = group_correlations(four, groups4.__getitem__)["heads"]["permutation"]
+    assert perm4["regroupings"] == 3 and perm4["p"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    # a constant score vector has no correlation: its pairs are left out rather than poisoning the means with NaN
+    flat = group_correlations({("A", 1): a1, ("A", 2): a2, ("B", 3): {"l0": [1.0, 1.0], "l1": [1.0, 1.0]}},
+                              groups.__getitem__)["heads"]
+    assert flat["same_task"]["pairs"] == 1 and flat["same_group"] is None and flat["permutation"] is None
     with pytest.raises(ConfigError, match="different layers or head counts"):
         group_correlations({("A", 1): a1, ("B", 2): {"l0": [1.0, 2.0, 3.0]}}, groups.__getitem__)
     with pytest.raises(ConfigError, match="all zero"):

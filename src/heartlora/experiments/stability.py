@@ -7,8 +7,9 @@ hold them; two score sets compare only when they name the same layers with the s
 
 from __future__ import annotations
 
+import collections
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,9 @@ def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callabl
     difference has to stand out from), two tasks of one group, tasks of different groups. Only runs of different
     seeds are paired, so that a shared random init never makes two runs look alike. Per unit (``heads``, ``layers``):
     ``{"same_task" | "same_group" | "other_group": {"mean", "min", "max", "pairs"}, "by_pair": {"A|B": mean r},
-    "permutation": {"gap", "p", "labelings"}}`` (the last: how often relabelling the tasks' groups at random gives a
-    same-group minus other-group gap at least as large, over the task pairs' mean r)."""
+    "permutation": {"gap", "p", "regroupings"}}`` (the last: how often regrouping the tasks at random, in groups of the
+    same sizes, gives a same-group minus other-group gap at least as large, over the task pairs' mean r). A pair
+    with a constant score vector has no correlation and is left out."""
     if len({tuple((n, len(v)) for n, v in s.items()) for s in runs.values()}) > 1:
         raise ConfigError("the runs' scores have different layers or head counts: compare runs of one backbone only")
     shares = {key: normalised(s) for key, s in runs.items()}
@@ -119,7 +121,10 @@ def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callabl
         for (ta, sa), (tb, sb) in itertools.combinations(sorted(shares), 2):
             if sa == sb:
                 continue
-            r = float(np.corrcoef(shares[(ta, sa)][unit], shares[(tb, sb)][unit])[0, 1])
+            x, y = shares[(ta, sa)][unit], shares[(tb, sb)][unit]
+            if np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant vector has no correlation: the pair says nothing
+                continue
+            r = float(np.corrcoef(x, y)[0, 1])
             kind = ("same_task" if ta == tb else "same_group" if group_of(ta) == group_of(tb) else "other_group")
             pools[kind].append(r)
             by_pair.setdefault("|".join(sorted((ta, tb))), []).append(r)
@@ -130,27 +135,63 @@ def group_correlations(runs: Mapping[tuple[str, int], Scores], group_of: Callabl
     return out
 
 
-def _group_permutation(by_pair: Mapping[str, list[float]], groups: Mapping[str, str]) -> dict[str, Any] | None:
-    """How unusual the observed gap (mean r of same-group task pairs − mean r of other-group pairs) is among every
-    reassignment of the tasks to groups of the same sizes: ``{"gap", "p", "labelings"}``, p the share of labelings
-    whose gap is at least the observed one (the observed labeling included). With few tasks there are few labelings,
-    so the smallest possible p is 1 / labelings. None without a same-group and an other-group pair."""
+def _group_permutation(by_pair: Mapping[str, list[float]], groups: Mapping[str, str],
+                       limit: int = 100_000) -> dict[str, Any] | None:
+    """How unusual the observed gap (mean r of same-group task pairs − mean r of other-group pairs) is among the
+    regroupings of the tasks into groups of the same sizes: ``{"gap", "p", "regroupings"}``, p the share of
+    regroupings whose gap is at least the observed one (the observed grouping included), so the smallest possible p
+    is 1 / regroupings. A regrouping is a partition of the tasks (which group is called what does not matter). Up to
+    ``limit`` they are all enumerated; beyond, ``limit`` random ones (seeded) are drawn and p = (1 + #≥) / (1 + n).
+    None without a same-group and an other-group pair."""
     cross = {tuple(k.split("|")): float(np.mean(v)) for k, v in by_pair.items() if len(set(k.split("|"))) == 2}
     tasks = sorted(groups)
 
-    def gap(assign: Mapping[str, str]) -> float | None:
-        same = [r for (a, b), r in cross.items() if assign[a] == assign[b]]
-        other = [r for (a, b), r in cross.items() if assign[a] != assign[b]]
+    def gap(part: Sequence[frozenset[str]]) -> float | None:
+        of = {t: i for i, block in enumerate(part) for t in block}
+        same = [r for (a, b), r in cross.items() if of[a] == of[b]]
+        other = [r for (a, b), r in cross.items() if of[a] != of[b]]
         return float(np.mean(same) - np.mean(other)) if same and other else None
 
-    observed = gap(groups)
+    sizes = sorted(collections.Counter(groups.values()).values(), reverse=True)
+    observed_part = [frozenset(t for t in tasks if groups[t] == g) for g in sorted(set(groups.values()))]
+    observed = gap(observed_part)
     if observed is None:
         return None
-    labels = [groups[t] for t in tasks]
-    gaps = [gap(dict(zip(tasks, perm))) for perm in sorted(set(itertools.permutations(labels)))]
-    gaps = [g for g in gaps if g is not None]
-    return {"gap": observed, "p": sum(g >= observed - 1e-12 for g in gaps) / len(gaps), "labelings": len(gaps)}
 
+    def partitions(rest: tuple[str, ...], sizes: list[int]) -> Iterator[list[frozenset[str]]]:
+        # the first remaining task always goes into the next block, so equal-size blocks are not counted twice
+        if not sizes:
+            yield []
+            return
+        seen_sizes = set()
+        for k_i, k in enumerate(sizes):
+            if k in seen_sizes:
+                continue
+            seen_sizes.add(k)
+            others = sizes[:k_i] + sizes[k_i + 1:]
+            for combo in itertools.combinations(rest[1:], k - 1):
+                block = frozenset((rest[0], *combo))
+                for tail in partitions(tuple(t for t in rest if t not in block), others):
+                    yield [block, *tail]
+
+    gaps = []
+    for part in partitions(tuple(tasks), sizes):
+        gaps.append(gap(part))
+        if len(gaps) > limit:
+            break
+    if len(gaps) <= limit:
+        gaps = [g for g in gaps if g is not None]
+        return {"gap": observed, "p": sum(g >= observed - 1e-12 for g in gaps) / len(gaps), "regroupings": len(gaps)}
+    rng = np.random.default_rng(0)
+    drawn = []
+    labels = [groups[t] for t in tasks]
+    for _ in range(limit):
+        perm = rng.permutation(labels)
+        g = gap([frozenset(t for t, lab in zip(tasks, perm) if lab == name) for name in sorted(set(labels))])
+        if g is not None:
+            drawn.append(g)
+    return {"gap": observed, "p": (1 + sum(g >= observed - 1e-12 for g in drawn)) / (1 + len(drawn)),
+            "regroupings": len(drawn), "sampled": True}
 
 
 def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Sequence[bool]]]], title: str = "") -> Path:
@@ -184,7 +225,7 @@ def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Seq
     if image is not None:
         fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
     marked = any(not on for _, masks in panels.values() for row in masks.values() for on in row)
-    fig.suptitle(f"{title}\nresponsiveness (÷ each panel's max)" + ("; × = switched off" if marked else ""),
+    fig.suptitle((f"{title}\nresponsiveness (÷ each panel's max)" + ("; × = switched off" if marked else "")).strip(),
                  fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
