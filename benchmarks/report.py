@@ -176,7 +176,22 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     lines += gap_lines(acc, summary, tasks, profile.name)
     if done != expected:
         lines += partial_lines(acc, recs, methods, tasks, seeds[0], profile.name)
+    lines += auto_ne_cost_lines(recs)
     return lines, {"summary": summary, "acc": acc, "recs": recs, "tasks": tasks, "command": cmd}
+
+
+def auto_ne_cost_lines(recs: list[dict[str, Any]]) -> list[str]:
+    """What ``--ne auto`` cost, from the runs that record it (``ne_choice.seconds``): its share of each run's wall
+    time (issue 16's target: at most 10 % over one run)."""
+    shares = sorted(r["ne_choice"]["seconds"] / r["wall_s"] for r in recs
+                    if isinstance(r.get("ne_choice"), dict) and r["ne_choice"].get("seconds") is not None
+                    and r.get("wall_s"))
+    if not shares:
+        return []
+    mid = shares[len(shares) // 2] if len(shares) % 2 else (shares[len(shares) // 2 - 1] + shares[len(shares) // 2]) / 2
+    return [(f"`--ne auto`'s own cost (choosing the share on sampled training images, `ne_choice.seconds`): median "
+             f"{100 * mid:.1f} % of a run's wall time, at most {100 * shares[-1]:.1f} %, over the {len(shares)} "
+             "heart runs that record it."), ""]
 
 
 def partial_lines(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list[str], tasks: list[str], seed: int,

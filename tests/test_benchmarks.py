@@ -448,3 +448,11 @@ def test_readme_partial_table_waits_for_every_task_of_the_first_seed(monkeypatch
     assert lines[-1].startswith("PARTIAL: seed 1 only")
     data["records"] = [r for r in data["records"] if not (r["suite_method"] == "bi-lora" and r["task"] == "digits")]
     assert report.readme_partial_table(data, SMALL) == []
+
+
+def test_auto_ne_cost_is_reported_as_a_share_of_the_run():
+    recs = [{"ne_choice": {"seconds": s}, "wall_s": 100.0} for s in (1.0, 3.0, 2.0)] + [
+        {"ne_choice": {"ne": 0}, "wall_s": 100.0}, {"ne_choice": None, "wall_s": 50.0}]
+    (line, _) = report.auto_ne_cost_lines(recs)
+    assert "median 2.0 % of a run's wall time, at most 3.0 %, over the 3 heart runs" in line
+    assert report.auto_ne_cost_lines(recs[3:]) == []

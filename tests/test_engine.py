@@ -282,6 +282,7 @@ def test_ne_auto_chooses_on_sampled_training_images_and_records_why(tmp_path: Pa
     assert metrics["heads_off_count"] == choice["ne"]  # the choice is what was switched off
     assert all(c["passes"] for c in choice["candidates"][:-1])  # the search stops at the first failure
     assert 0 < choice["images"] <= 256 and "sampled training images" in choice["rule"]
+    assert 0 < choice["seconds"] < metrics["wall_s"]  # what choosing cost, part of the run's time
     assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
 
 

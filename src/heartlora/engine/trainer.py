@@ -390,9 +390,12 @@ class Trainer:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""
         self.state.scores = self.tracker.scores()
         record: dict[str, Any] = {}
+        t0 = time.perf_counter()
         with self.precision.autocast():
             off = self.method.end_of_warmup(self.model, self.cfg, self.state.scores, self.optimizer,
                                             heldout=self.heldout_batches, record=record)
+        if isinstance(record.get("ne_choice"), dict):  # what --ne auto cost (wall seconds, this rank)
+            record["ne_choice"]["seconds"] = time.perf_counter() - t0
         if self.cfg.score_steps is not None:
             record["score_probe"] = {"steps": self.tracker.steps, "restart": bool(self.cfg.score_restart)}
         self.state.decisions.update(record)
