@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         have = {(r["task"], r["method"], r["ne"]) for r in done if all(r.get(k) == base[k] for k in key)}
         nes = [int(n) for n in args.ne.split(",")]
         folder = args.work / f"{task}-{tag(args)}-peft"
-        if not all((task, m, ne) in have for m in (PRUNED,) for ne in nes) or (task, PEFT_ROW, 0) not in have:
+        if not all((task, PRUNED, ne) in have for ne in nes) or (task, PEFT_ROW, 0) not in have:
             peft = train_peft(task, folder, args)
             if (task, PEFT_ROW, 0) not in have:
                 emit({**base, "method": PEFT_ROW, "ne": 0, "val200": float(peft["accuracy"]),
@@ -156,9 +156,9 @@ def report(files: list[Path], dest: Path) -> str:
             lines.append(f"| {t} | unpruned PEFT adapter | {100 * peft['val200']:.1f} | | | |")
         for ne in nes:
             p, h = by.get((t, PRUNED, ne)), by.get((t, TRAINED, ne))
-            lines.append(f"| {t} | {ne} | {100 * p['val200']:.1f} | " if p else f"| {t} | {ne} | — | ")
-            lines[-1] += (f"{100 * h['val200']:.1f} | " if h else "— | ") + (
-                f"{p['adapter_bytes']:,} | " if p else "— | ") + (f"{h['adapter_bytes']:,} |" if h else "— |")
+            acc = [f"{100 * r['val200']:.1f}" if r else "—" for r in (p, h)]
+            size = [f"{r['adapter_bytes']:,}" if r else "—" for r in (p, h)]
+            lines.append(f"| {t} | {ne} | " + " | ".join(acc + size) + " |")
     fig = Figure(figsize=(3.2 * len(tasks) + 1, 3.4), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, t in zip(axes, tasks):

@@ -188,23 +188,42 @@ def auto_ne_cost_lines(recs: list[dict[str, Any]]) -> list[str]:
                     and r.get("wall_s"))
     if not shares:
         return []
-    mid = shares[len(shares) // 2] if len(shares) % 2 else (shares[len(shares) // 2 - 1] + shares[len(shares) // 2]) / 2
+    mid = statistics.median(shares)
     return [(f"`--ne auto`'s own cost (choosing the share on sampled training images, `ne_choice.seconds`): median "
              f"{100 * mid:.1f} % of a run's wall time, at most {100 * shares[-1]:.1f} %, over the {len(shares)} "
              "heart runs that record it."), ""]
+
+
+def one_seed_means(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list[str], tasks: list[str], seed: int
+                   ) -> tuple[list[str], dict[str, float], dict[str, float | None]]:
+    """The tasks every method has run on ``seed``, and per method its mean accuracy and mean adapter bytes over them
+    (that seed only)."""
+    have = [t for t in tasks if all(acc.get(m, {}).get(t, {}).get(seed) is not None for m in methods)]
+    if not have:
+        return [], {}, {}
+    means = {m: sum(acc[m][t][seed] for t in have) / len(have) for m in methods}
+    sizes = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and r["task"] in have
+                 and int(r["seed"]) == seed] for m in methods}
+    return have, means, {m: sum(v) / len(v) if v else None for m, v in sizes.items()}
+
+
+def goal_row(m: str, ref: str, min_pts: float, max_ratio: float | None, pts: float, ratio: float | None,
+             measured: str, words: tuple[str, str] = ("yes", "no")) -> str:
+    """One row of a goals table: met when the gap (rounded to 0.01 point) reaches ``min_pts`` and the bytes ratio
+    stays within ``max_ratio`` (when the goal has one)."""
+    met = round(pts, 2) >= min_pts and (max_ratio is None or (ratio is not None and ratio <= max_ratio))
+    want = f"≥ {METHOD_LABELS[ref]} {min_pts:+.1f}" + (f" at ≤ {max_ratio:g}× LoRA's bytes" if max_ratio else "")
+    have = measured + (f" at {ratio:.3f}×" if max_ratio and ratio is not None else "")
+    return f"| {METHOD_LABELS[m]} {want} | {have} | {words[0] if met else words[1]} |"
 
 
 def partial_lines(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list[str], tasks: list[str], seed: int,
                   profile: str) -> list[str]:
     """While the suite is partial: each method's mean over the tasks that every method has run on ``seed``, and the
     goals measured on those tasks (one seed, no spread): what can be said so far, labelled as such."""
-    have = [t for t in tasks if all(acc.get(m, {}).get(t, {}).get(seed) is not None for m in methods)]
+    have, means, mean_bytes = one_seed_means(acc, recs, methods, tasks, seed)
     if not have:
         return []
-    means = {m: sum(acc[m][t][seed] for t in have) / len(have) for m in methods}
-    sizes = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and r["task"] in have
-                 and int(r["seed"]) == seed] for m in methods}
-    mean_bytes = {m: sum(v) / len(v) if v else None for m, v in sizes.items()}
     lines = [(f"So far (PARTIAL): the mean over the {len(have)} of {len(tasks)} tasks that every method has run on "
               f"seed {seed} ({', '.join(have)}); one seed, so no spread. Made by `.venv/bin/python "
               f"benchmarks/suite.py report --profile {profile}`."), "",
@@ -221,12 +240,10 @@ def partial_lines(acc: dict[str, Any], recs: list[dict[str, Any]], methods: list
         pts = 100 * (means[m] - means[ref])
         b = mean_bytes[m]
         ratio = b / lora_bytes if b is not None and lora_bytes else None
-        met = round(pts, 2) >= min_pts and (max_ratio is None or (ratio is not None and ratio <= max_ratio))
-        want = f"≥ {METHOD_LABELS[ref]} {min_pts:+.1f}" + (f" at ≤ {max_ratio:g}× LoRA's bytes" if max_ratio else "")
-        have_txt = f"{pts:+.2f}" + (f" at {ratio:.3f}×" if max_ratio and ratio is not None else "")
-        goal_rows.append(f"| {METHOD_LABELS[m]} {want} | {have_txt} | {'so far' if met else 'not so far'} |")
+        goal_rows.append(goal_row(m, ref, min_pts, max_ratio, pts, ratio, f"{pts:+.2f}", ("so far", "not so far")))
     if goal_rows:
-        lines += ["", "Goals on those tasks and that seed only (bytes: each method's mean adapter bytes on them):", "", "| goal | measured (points) | met |", "|---|---|---|", *goal_rows]
+        lines += ["", "Goals on those tasks and that seed only (bytes: each method's mean adapter bytes on them):", "",
+                  "| goal | measured (points) | met |", "|---|---|---|", *goal_rows]
     return [*lines, ""]
 
 
@@ -276,10 +293,7 @@ def gap_lines(acc: dict[str, Any], summary: dict[str, Any], tasks: list[str], pr
             continue
         b, rb = (summary.get(m) or {}).get("bytes"), lora_bytes
         ratio = b / rb if b is not None and rb else None
-        met = round(100 * g[0], 2) >= min_pts and (max_ratio is None or (ratio is not None and ratio <= max_ratio))
-        want = f"≥ {METHOD_LABELS[ref]} {min_pts:+.1f}" + (f" at ≤ {max_ratio:g}× LoRA's bytes" if max_ratio else "")
-        have = fmt_points(g) + (f" at {ratio:.3f}×" if max_ratio and ratio is not None else "")
-        goal_rows.append(f"| {METHOD_LABELS[m]} {want} | {have} | {'yes' if met else 'no'} |")
+        goal_rows.append(goal_row(m, ref, min_pts, max_ratio, 100 * g[0], ratio, fmt_points(g)))
     if goal_rows:
         lines += ["Goals (issues 16 and 17), on the mean over all tasks; ± is the seed spread of the gap:", "",
                   "| goal | measured (points) | met |", "|---|---|---|", *goal_rows, ""]
@@ -327,18 +341,16 @@ def readme_partial_table(data: dict[str, Any], profile: suite.Profile) -> list[s
     _, facts = suite_section(data, profile)
     acc, tasks, recs = facts["acc"], facts["tasks"], facts["recs"]
     seed = profile.seeds[0]
-    if not all(acc.get(m, {}).get(t, {}).get(seed) is not None for m in profile.methods for t in tasks):
+    have, means, mean_bytes = one_seed_means(acc, recs, list(profile.methods), tasks, seed)
+    if have != tasks:
         return []
-    size = {m: [r["adapter_bytes"] for r in recs if r["suite_method"] == m and int(r["seed"]) == seed]
-            for m in profile.methods}
-    lora_bytes = sum(size["lora"]) / len(size["lora"]) if size.get("lora") else None
+    lora_bytes = mean_bytes.get("lora")
     lines = [f"| method | mean accuracy over {len(tasks)} tasks, seed {seed} (%) | adapter bytes | bytes ÷ LoRA |",
              "|---|---|---|---|"]
     for m in profile.methods:
-        b = sum(size[m]) / len(size[m]) if size[m] else 0
-        mean = sum(acc[m][t][seed] for t in tasks) / len(tasks)
+        b = mean_bytes[m] or 0
         ratio = f"{b / lora_bytes:.3f}" if lora_bytes else "—"
-        lines.append(f"| {METHOD_LABELS[m]} | {100 * mean:.1f} | {fmt_bytes(round(b))} | {ratio} |")
+        lines.append(f"| {METHOD_LABELS[m]} | {100 * means[m]:.1f} | {fmt_bytes(round(b))} | {ratio} |")
     return [*lines, "", (f"PARTIAL: seed {seed} only (the profile runs seeds {', '.join(map(str, profile.seeds))}), so "
                          f"no ± yet. Command: `{facts['command']}` (then `benchmarks/report.py --profile "
                          f"{profile.name} --readme-table`); {profile.note}.")]

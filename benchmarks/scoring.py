@@ -224,14 +224,14 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
               "probe (and the precision, listed). ± is the sample std over seeds."),
              "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) | precision |",
              "|---|---|---|---|---|---|---|"]
+
+    def ms(v: list[float]) -> str:
+        return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
     for task in sorted({t for t, _ in pairs}):
         ks = [k for k in pairs if k[0] == task]
         a = [100 * base[k]["accuracy"] for k in ks]
         b = [100 * probe[k]["accuracy"] for k in ks]
-
-        def ms(v: list[float]) -> str:
-            return f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
-
         off = ", ".join(f"{base[k]['heads_off_count']}→{probe[k]['heads_off_count']}" for k in ks)
         prec = ", ".join(sorted({f"{base[k]['settings'].get('precision')}→{probe[k]['settings'].get('precision')}"
                                  for k in ks}))

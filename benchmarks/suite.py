@@ -232,8 +232,8 @@ def _profile(args: argparse.Namespace) -> Profile:
 def status_lines(profile: Profile, data: dict[str, Any], jobs: int, here: dict[str, Any] | None = None) -> list[str]:
     """Done / left / a rough time left: each left run costs the mean wall time of the finished runs most like it
     (same method and task, else same method on tasks of its kind: K-shot or full, else same method, else its kind,
-    else any), taken from runs made on a machine like
-    ``here`` (this one: the same CPU model, core count and GPU) when there are any, spread over ``jobs`` processes."""
+    else any), taken from runs made on a machine like ``here`` (this one: the same CPU model, core count and GPU)
+    when there are any, spread over ``jobs`` processes."""
     mine, total = count_runs(profile, data)
     here = here if here is not None else machine()
 

@@ -183,7 +183,7 @@ def choose(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = 
             continue
         best = max(means, key=lambda n: (means[n], -list(CONFIGS).index(n)))
         args = CONFIGS[best]
-        picked = {CHOSEN_FLAGS[a]: args[i + 1] for i, a in enumerate(args) if a in CHOSEN_FLAGS}
+        picked = _pinned(args)
         if family == "lora":
             out["settings"] = {k: v for k, v in picked.items() if k != "ne_tolerance"}
             out["lora"] = best
