@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep-defaults")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    ap.add_argument("--configs", help="comma-free substrings; only configurations whose name contains one (| between)")
+    ap.add_argument("--configs", help="substrings separated by |; only configurations whose name contains one "
+                    "(names hold commas and spaces: quote the argument)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side")
     ap.add_argument("--device", default="auto")
