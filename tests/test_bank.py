@@ -108,6 +108,38 @@ def test_backbone_is_shared_and_left_plain(tmp_path):
     assert not any(p.requires_grad for p in bank.model.parameters())
 
 
+def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else(tmp_path):
+    """What the bank keeps per task is what its outputs need: the active heads' factors as used (k-bit decoded, one
+    float32 copy), the row/column indices of partial projections, its classifier. No loaded projection object (with
+    its head bookkeeping and kept copies of decoded values) stays behind."""
+    from heartlora.method.layer import HeadLoRAProjection
+
+    bank = hl.AdapterBank(_vit(10))
+    for i, (task, (classes, bits, rank, off)) in enumerate(CASES.items()):
+        path = _make_adapter(tmp_path, _vit, task, classes, bits, rank, off, seed=i)
+        bank.add(path)
+        own = hl.load_adapter(_vit(classes), path)
+        want = sum(t.numel() * t.element_size() for t in own.head.parameters())
+        for layer in hl.attention_layers(own):
+            for proj in layer.projections.values():
+                if not proj.active_heads():
+                    continue
+                want += 4 * (proj.lora_A.numel() + proj.lora_B.numel())
+                if not proj._covers_all:
+                    want += proj._rows.numel() * proj._rows.element_size()
+        assert bank.tasks[task].resident_bytes == want, task
+    assert not any(isinstance(m, HeadLoRAProjection) for m in bank.model.modules())
+
+
+def test_a_loaded_float_adapter_keeps_no_copy_of_its_factors_and_a_kbit_one_does(tmp_path):
+    for bits in (32, 1):
+        path = _make_adapter(tmp_path, _vit, f"t{bits}", 3, bits, 4, 2, seed=bits)
+        model = hl.load_adapter(_vit(3), path)
+        projs = [p for layer in hl.attention_layers(model) for p in layer.projections.values() if p.active_heads()]
+        kept = [p._decoded_values is not None for p in projs]
+        assert kept and all(kept) == (bits != 32) and any(kept) == (bits != 32)
+
+
 def test_refusals(tmp_path):
     path = _make_adapter(tmp_path, _vit, "a", 4, 32, 4, 0, seed=0)
     bank = hl.AdapterBank(_vit(4))

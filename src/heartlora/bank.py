@@ -2,13 +2,16 @@
 
 The frozen backbone is held once. Each adapted Linear is wrapped by a :class:`BankLinear` that computes the base
 output for the whole batch and then adds, task group by task group, that task's LoRA deltas (PEFT's mixed-adapter
-inference: the batch is sorted by task so each group is a contiguous slice). Each task keeps its own classifier
+inference: the batch is sorted by task so each group is a contiguous slice). A task's deltas on one Linear are a
+:class:`TaskDeltas`: its active projections' factors as the forward uses them (k-bit ones decoded), frozen and laid
+out for the fewest operations a call, and nothing else. Each task keeps its own classifier
 (the file's ``modules_to_save``); a :class:`BankModule` in the classifier's place runs each group through its task's
 copy and pads the outputs to the widest class count, and the bank cuts every row back to its own classes.
 
 Adapters are loaded with :func:`heartlora.load_adapter` itself (fingerprint, integrity and shape checks, k-bit
 decoding, heads off), on the backbone restored to its plain state for the moment, and their projections are then
-moved into the bank: what the bank computes per row is what that task's own loaded model computes.
+turned into the bank's frozen form: what the bank computes per row is what that task's own loaded model computes, up
+to the order of floating-point additions.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
-from heartlora.method.layer import HeadLoRALinear, add_deltas
+from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import _detach, is_adapted
 from heartlora.method.storage import load_adapter, read_adapter_info
 
@@ -53,13 +56,67 @@ class _Route:
             yield task, slice(start * k, end * k)
 
 
+class TaskDeltas(nn.Module):
+    """One task's deltas on one shared Linear, frozen for inference. The q, k, v projections (their heads own rows
+    of the output) share one product with their A factors stacked, then each adds its own B product to its rows;
+    an o projection (its heads own columns of the input) reads its columns and adds to the whole output. Holds the
+    factors as the task's own forward uses them (k-bit ones decoded) as frozen parameters, the row and column
+    indices as buffers, and nothing else: no optimizer-facing copies, no per-head bookkeeping."""
+
+    def __init__(self, projs: Sequence[HeadLoRAProjection]) -> None:
+        super().__init__()
+        out_side = [p for p in projs if p.per_head_is_B and p.active_heads()]
+        in_side = [p for p in projs if not p.per_head_is_B and p.active_heads()]
+        frozen = [(p, *(w.detach() for w in p.effective_weights())) for p in out_side + in_side]
+        self.a_out = nn.Parameter(torch.cat([a for _, a, _ in frozen[:len(out_side)]]), requires_grad=False) \
+            if out_side else None
+        self._out: list[tuple[int, int, str, str | None, float]] = []  # (A rows from, to, B name, rows name, scale)
+        self._in: list[tuple[str, str, str | None, float]] = []  # (A name, B name, columns name, scale)
+        lo = 0
+        for i, (p, a, b) in enumerate(frozen):
+            rows = None if p._covers_all else f"rows{i}"
+            if rows:
+                self.register_buffer(rows, p._rows.clone())
+            setattr(self, f"b{i}", nn.Parameter(b, requires_grad=False))
+            if p.per_head_is_B:
+                self._out.append((lo, lo + a.shape[0], f"b{i}", rows, float(p.scale)))
+                lo += a.shape[0]
+            else:
+                setattr(self, f"a{i}", nn.Parameter(a, requires_grad=False))
+                self._in.append((f"a{i}", f"b{i}", rows, float(p.scale)))
+
+    def __bool__(self) -> bool:  # an empty one (every head off) adds nothing
+        return bool(self._out or self._in)
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """``y += Σ scale · x Aᵀ Bᵀ`` on the heads' rows (q, k, v) or from their columns (o), in place; ``y``,
+        ``x`` 2-D. Two products per projection (the q, k, v ones share the first) and one add each."""
+        if self.a_out is not None:
+            a = self.a_out if self.a_out.dtype == x.dtype else self.a_out.to(x.dtype)
+            d = x @ a.t()
+            for lo, hi, b_name, rows, scale in self._out:
+                self._add(y, d[:, lo:hi], getattr(self, b_name), rows, scale)
+        for a_name, b_name, cols, scale in self._in:
+            xa = x if cols is None else x.index_select(1, getattr(self, cols))
+            a = getattr(self, a_name)
+            self._add(y, xa @ (a if a.dtype == x.dtype else a.to(x.dtype)).t(), getattr(self, b_name), None, scale)
+
+    def _add(self, y: torch.Tensor, d: torch.Tensor, b: torch.Tensor, rows: str | None, scale: float) -> None:
+        out = d @ (b if b.dtype == d.dtype else b.to(d.dtype)).t()
+        out = out if out.dtype == y.dtype else out.to(y.dtype)  # under autocast the products are half precision
+        if rows is None:
+            y.add_(out, alpha=scale)
+        else:
+            y.index_add_(1, getattr(self, rows), out, alpha=scale)
+
+
 class BankLinear(nn.Module):
-    """One shared Linear (or 1×1 convolution) plus, per task, that task's head-aware LoRA projections."""
+    """One shared Linear (or 1×1 convolution) plus, per task, that task's :class:`TaskDeltas`."""
 
     def __init__(self, base_layer: nn.Module, route: _Route) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()  # task -> ModuleDict(target -> HeadLoRAProjection)
+        self.adapters = nn.ModuleDict()  # task -> TaskDeltas
         self._route = route
 
     @property
@@ -75,18 +132,13 @@ class BankLinear(nn.Module):
         conv = isinstance(self.base_layer, nn.Conv2d)
         if conv:  # channels last, so the deltas are added as for a Linear (HeadLoRAConv1x1 does the same)
             x, y = x.movedim(1, -1), y.movedim(1, -1)
-        out = y.clone() if conv else y
+        out = y.contiguous()  # the base output is this call's own tensor: the deltas are added to it in place
         for task, rows in self._route.slices(x.shape[0], "an adapted projection"):
-            projs = [p for p in self.adapters[task].values() if p.active_heads()] if task in self.adapters else []
-            xs = x[rows].reshape(-1, x.shape[-1])
-            ys = y[rows].reshape(-1, y.shape[-1])
-            changed = bool(projs)
-            if changed:  # as the task's own model computes it (HeadLoRALinear), so both agree to the last bit
-                ys = add_deltas(self.adapters[task], ys, xs, projs)
-            if changed and rows.stop - rows.start == x.shape[0]:  # one task in the whole batch: no copy back
-                out = ys.view(out.shape)
-            elif changed:
-                out[rows] = ys.view(out[rows].shape)
+            deltas = self.adapters[task] if task in self.adapters else None  # noqa: SIM401 (ModuleDict has no get)
+            if not deltas:
+                continue
+            ys = out[rows].view(-1, out.shape[-1])  # a slice of whole images of a contiguous tensor: a view
+            deltas.add_to(ys, x[rows].reshape(-1, x.shape[-1]))
         return out.movedim(-1, 1) if conv else out
 
 
@@ -123,7 +175,7 @@ class BankTask:
     heads_on: int
     heads_total: int
     adapter_bytes: int  # as stored in the file (k-bit codes and constants)
-    resident_bytes: int  # what it holds in memory: decoded factors, their head index buffers, its classifier copy
+    resident_bytes: int  # what it holds in memory: decoded factors, their row/column indices, its classifier copy
     info: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -216,9 +268,9 @@ class AdapterBank:
                 self._linears[wname] = bank_linear
             elif bank_linear.base_layer is not wrapper.base_layer:
                 raise UnsupportedBackboneError(f"loading {path} replaced the Linear {wname}: the bank cannot share it")
-            projs = nn.ModuleDict({t: p.requires_grad_(False) for t, p in wrapper.lora.items()})
-            bank_linear.adapters[name] = projs
-            resident += sum(t.numel() * t.element_size() for t in _unique_tensors(projs))
+            deltas = TaskDeltas(list(wrapper.lora.values()))
+            bank_linear.adapters[name] = deltas
+            resident += sum(t.numel() * t.element_size() for t in _unique_tensors(deltas))
         for s, module in copies.items():
             holder = self._saved.get(s)
             if holder is None:

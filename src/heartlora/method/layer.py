@@ -155,7 +155,7 @@ class HeadLoRAProjection(nn.Module):
         values. Once they change (an optimizer step), they are latent weights again and the forward quantizes them
         (straight-through), so a loaded k-bit adapter keeps training as a k-bit adapter. A write that leaves the
         values as they were (DDP's broadcast, loading the same state, a deep copy) keeps them decoded."""
-        if self.lora_A is None:
+        if self.lora_A is None or self.bits == FLOAT_BITS:  # float factors are used as they are: nothing to keep
             self._decoded_versions, self._decoded_values = None, None
             return
         self._decoded_versions = self._versions()
