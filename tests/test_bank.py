@@ -9,8 +9,9 @@ from conftest import FAMILIES
 import heartlora as hl
 from heartlora.errors import AdapterFileError, ConfigError
 
-# float32 on the CPU; the bank adds the same deltas in the same order as the task's own model, but on a slice of the
-# batch, so matrix products may be blocked differently: a few float32 ulps of the logits' scale.
+# float32 on the CPU; the bank adds the same products as the task's own model, but on a slice of the batch and with
+# each projection's delta added on its own (the own model may fuse them into one product): a few float32 ulps of the
+# logits' scale.
 ATOL = 1e-5
 
 

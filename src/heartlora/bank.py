@@ -11,7 +11,8 @@ copy and pads the outputs to the widest class count, and the bank cuts every row
 Adapters are loaded with :func:`heartlora.load_adapter` itself (fingerprint, integrity and shape checks, k-bit
 decoding, heads off), on the backbone restored to its plain state for the moment, and their projections are then
 turned into the bank's frozen form: what the bank computes per row is what that task's own loaded model computes, up
-to the order of floating-point additions.
+to the order of floating-point additions (in float32, a few ulps; in half precision each delta is rounded once more
+before it is added, so logits may differ by a few half-precision ulps).
 """
 
 from __future__ import annotations
