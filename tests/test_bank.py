@@ -111,7 +111,8 @@ def test_backbone_is_shared_and_left_plain(tmp_path):
 
 def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else(tmp_path):
     """What the bank keeps per task is what its outputs need: the active heads' factors as used (k-bit decoded, one
-    float32 copy), the row/column indices of partial projections, its classifier. No loaded projection object (with
+    float32 copy), the row/column indices of partial projections (none for q, k, v rows of consecutive heads), its
+    classifier. No loaded projection object (with
     its head bookkeeping and kept copies of decoded values) stays behind."""
     from heartlora.method.layer import HeadLoRAProjection
 
@@ -126,8 +127,10 @@ def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else
                 if not proj.active_heads():
                     continue
                 want += 4 * (proj.lora_A.numel() + proj.lora_B.numel())
-                if not proj._covers_all:
-                    want += proj._rows.numel() * proj._rows.element_size()
+                rows = proj._rows
+                consecutive = torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
+                if not proj._covers_all and not (proj.per_head_is_B and consecutive):  # a slice needs no index
+                    want += rows.numel() * rows.element_size()
         assert bank.tasks[task].resident_bytes == want, task
     assert not any(isinstance(m, HeadLoRAProjection) for m in bank.model.modules())
 

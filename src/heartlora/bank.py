@@ -62,7 +62,8 @@ class TaskDeltas(nn.Module):
     of the output) share one product with their A factors stacked, then each adds its own B product to its rows;
     an o projection (its heads own columns of the input) reads its columns and adds to the whole output. Holds the
     factors as the task's own forward uses them (k-bit ones decoded) as frozen parameters, the row and column
-    indices as buffers, and nothing else: no optimizer-facing copies, no per-head bookkeeping."""
+    indices as buffers (none for rows of consecutive heads: a slice of the output), and nothing else: no
+    optimizer-facing copies, no per-head bookkeeping."""
 
     def __init__(self, projs: Sequence[HeadLoRAProjection]) -> None:
         super().__init__()
@@ -71,12 +72,17 @@ class TaskDeltas(nn.Module):
         frozen = [(p, *(w.detach() for w in p.effective_weights())) for p in out_side + in_side]
         self.a_out = nn.Parameter(torch.cat([a for _, a, _ in frozen[:len(out_side)]]), requires_grad=False) \
             if out_side else None
-        self._out: list[tuple[int, int, str, str | None, float]] = []  # (A rows from, to, B name, rows name, scale)
+        # (A rows from, to, B name, output rows: None (all), a (start, stop) range or an index buffer's name, scale)
+        self._out: list[tuple[int, int, str, tuple[int, int] | str | None, float]] = []
         self._in: list[tuple[str, str, str | None, float]] = []  # (A name, B name, columns name, scale)
         lo = 0
         for i, (p, a, b) in enumerate(frozen):
-            rows = None if p._covers_all else f"rows{i}"
-            if rows:
+            rows: tuple[int, int] | str | None = None if p._covers_all else f"rows{i}"
+            start = int(p._rows[0]) if p._rows.numel() else 0
+            if rows and p.per_head_is_B and torch.equal(p._rows, torch.arange(start, start + p._rows.numel(),
+                                                                                device=p._rows.device)):
+                rows = (start, start + p._rows.numel())  # consecutive heads: a slice of the output, no index
+            elif rows:
                 self.register_buffer(rows, p._rows.clone())
             setattr(self, f"b{i}", nn.Parameter(b, requires_grad=False))
             if p.per_head_is_B:
@@ -102,11 +108,14 @@ class TaskDeltas(nn.Module):
             a = getattr(self, a_name)
             self._add(y, xa @ (a if a.dtype == x.dtype else a.to(x.dtype)).t(), getattr(self, b_name), None, scale)
 
-    def _add(self, y: torch.Tensor, d: torch.Tensor, b: torch.Tensor, rows: str | None, scale: float) -> None:
+    def _add(self, y: torch.Tensor, d: torch.Tensor, b: torch.Tensor, rows: tuple[int, int] | str | None,
+             scale: float) -> None:
         out = d @ (b if b.dtype == d.dtype else b.to(d.dtype)).t()
         out = out if out.dtype == y.dtype else out.to(y.dtype)  # under autocast the products are half precision
         if rows is None:
             y.add_(out, alpha=scale)
+        elif isinstance(rows, tuple):
+            y[:, rows[0]:rows[1]].add_(out, alpha=scale)
         else:
             y.index_add_(1, getattr(self, rows), out, alpha=scale)
 
