@@ -112,8 +112,8 @@ def test_backbone_is_shared_and_left_plain(tmp_path):
 def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else(tmp_path):
     """What the bank keeps per task is what its outputs need: the active heads' factors as used (k-bit decoded, one
     float32 copy), the row/column indices of partial projections (none for q, k, v rows of consecutive heads), its
-    classifier. No loaded projection object (with
-    its head bookkeeping and kept copies of decoded values) stays behind."""
+    classifier. No loaded projection object (with its head bookkeeping and kept copies of decoded values) stays
+    behind."""
     from heartlora.method.layer import HeadLoRAProjection
 
     bank = hl.AdapterBank(_vit(10))
