@@ -13,7 +13,8 @@
 #                                          # --score-steps 2, every task and seed, into its own results file)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
 #                                          # results are in docs/sweeps/defaults.json (not run again); the second
-#                                          # round (Heart-LoRA's tolerance at scale 4, a fixed third of the heads, per layer) is 28 runs
+#                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
+#                                          # a fixed third of the heads and the per-layer ranking, is 14 runs
 #
 # Everything it measures lands in $OUT (results.tgz + the logs). The sweep and the suite run the cpu profile's protocol
 # in fp32 with TF32 matrix products (--precision tf32; a CPU runs exact fp32); bf16 autocast for the speed table and
