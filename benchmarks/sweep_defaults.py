@@ -7,8 +7,9 @@ again, and a result already in ``--dest``'s JSON is not run again either, so the
 one stopped. ``--jobs`` runs side by side (one thread each on a CPU); ``--device cuda --engine-flags '--precision
 tf32' --baseline-flags '--precision tf32'`` runs the same protocol on a GPU (TF32 matrix products). ``--status``
 counts what is done. ``--report`` writes the table of val200 accuracies (docs/sweeps/defaults.md and .json) from the
-JSON's results and the finished runs under ``--runs`` (a run there replaces the JSON's cell for its configuration,
-task and seed); it trains nothing. ``--choose FILE`` applies the rule that picks the defaults (fixed before any
+JSON's results and the finished runs under ``--runs``; it trains nothing. A run there only fills a cell the JSON
+lacks: a committed cell (say, a GPU run) is never overwritten by an older local run of the same configuration, task
+and seed unless ``--replace`` is given. ``--choose FILE`` applies the rule that picks the defaults (fixed before any
 result was seen, below) and writes the chosen settings as JSON.
 
 The rule (``choose``): among the ``lora`` configurations, the one with the best mean val200 over every (task, seed)
@@ -143,10 +144,14 @@ def recorded(dest: Path) -> dict[str, dict[str, dict[str, dict]]]:
     return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
 
 
-def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
+def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...], replace: bool = False) -> dict:
+    """The committed cells, plus the finished runs under ``runs`` for cells the JSON lacks (all of them with
+    ``replace``): a local folder left from an earlier round must not overwrite a committed result."""
     rows = recorded(dest)
     for name, task, seed, folder, _ in plan(runs, tasks, seeds):
         f = folder / "metrics.json"
+        if str(seed) in rows.get(name, {}).get(task, {}) and not replace:
+            continue
         if f.is_file():
             m = json.loads(f.read_text())
             dev = (m.get("machine") or {}).get("device") or m.get("device") or "cpu"
@@ -303,13 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--status", action="store_true")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--choose", type=Path, help="write the rule's choice (JSON) here")
+    ap.add_argument("--replace", action="store_true",
+                    help="with --report/--choose: finished runs under --runs replace committed cells too")
     ap.add_argument("--dest", type=Path, default=ROOT / "docs" / "sweeps" / "defaults.md")
     args = ap.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
     seeds = tuple(int(s) for s in args.seeds.split(",") if s)
     deadline = time.time() + max(args.deadline_s, 0.0) if args.deadline_s is not None else None
     if args.report or args.choose:
-        rows = collect(args.runs, args.dest, tasks, seeds)
+        rows = collect(args.runs, args.dest, tasks, seeds, args.replace)
         if args.report:
             report(rows, args.dest, tasks, seeds)
             print(args.dest.with_suffix(".md").read_text())

@@ -419,6 +419,26 @@ def test_sweep_rule_prefers_heart_rows_at_the_chosen_scale_once_they_are_complet
     assert sw.caveats(chosen)[-1].endswith("and no heart-lora row ran at scale 4.")  # listed rows do not count
 
 
+def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path):
+    import json
+
+    import sweep_defaults as sw
+
+    name = "lora, cls+mean, drop-path 0, scale 4"
+    dest = tmp_path / "defaults.md"
+    dest.with_suffix(".json").write_text(json.dumps({"results": {name: {"a": {"42": {"val200": 0.9, "device": "cuda"}}}}}))
+    runs = tmp_path / "runs"
+    for task, acc in (("a", 0.5), ("b", 0.7)):  # "a" is committed, "b" is not
+        folder = sw.folder_of(runs, task, name, 42)
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"accuracy": acc, "device": "cpu"}))
+    rows = sw.collect(runs, dest, ("a", "b"), (42,))
+    assert rows[name]["a"]["42"] == {"val200": 0.9, "device": "cuda"}  # the old local run did not overwrite it
+    assert rows[name]["b"]["42"]["val200"] == 0.7 and rows[name]["b"]["42"]["device"] == "cpu"
+    rows = sw.collect(runs, dest, ("a", "b"), (42,), replace=True)
+    assert rows[name]["a"]["42"]["val200"] == 0.5
+
+
 def test_report_pools_group_correlations_once_two_seeds_are_there():
     one = {("digits", 1): {"l0": [1.0, 2.0], "l1": [3.0, 4.0]},
            ("dsprites_loc", 1): {"l0": [4.0, 3.0], "l1": [2.0, 1.0]}}
