@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import heartlora as hl
+from heartlora.bank import BankLinear
 
 
 def build(name: str, img_size: int, num_classes: int) -> torch.nn.Module:
@@ -91,7 +92,7 @@ def run(n: int, args: argparse.Namespace, folder: Path) -> dict:
     ratio = statistics.median(m / b for b, m in zip(tb, tm))
 
     backbone = bank.backbone_bytes()
-    factors = sum(t.numel() * t.element_size() for lin in bank._linears.values() for t in lin.adapters.parameters())
+    factors = sum(lin.factor_bytes() for lin in bank._linears.values())
     heads = sum(t.numel() * t.element_size() for m in bank._saved.values() for t in m.copies.parameters())
     resident = bank.resident_bytes()
     goal = 1.1 * (backbone + factors + heads)
@@ -111,8 +112,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--counts", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--gather-from", type=int, help="groups in a call from which the bank runs its batched path "
+                    f"(default: the library's, {BankLinear.GATHER_FROM}; 1: always, 999: never)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
+    if args.gather_from is not None:
+        BankLinear.GATHER_FROM = args.gather_from
+    args.gather_from = BankLinear.GATHER_FROM
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

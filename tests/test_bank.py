@@ -62,8 +62,14 @@ CASES = {  # task -> (classes, bits, rank, heads off)
 }
 
 
+@pytest.mark.parametrize("gather_from", [1, 99], ids=["batched", "per-group"])
 @pytest.mark.parametrize("family", ["vit", "hf_dinov2", "timm_swin"])
-def test_mixed_batch_equals_each_tasks_own_model(tmp_path, family):
+def test_mixed_batch_equals_each_tasks_own_model(tmp_path, family, gather_from, monkeypatch):
+    """Both ways of adding the deltas (per task group from views of its factors; gathered per image and batched)
+    give each row its own task's logits, whatever the ranks, bits and heads off of the tasks beside it."""
+    from heartlora.bank import BankLinear
+
+    monkeypatch.setattr(BankLinear, "GATHER_FROM", gather_from)
     build = _vit if family == "vit" else _family(family)
     fixed = family != "vit"  # the conftest models have a 5-way classifier
     paths = {}
@@ -90,6 +96,49 @@ def test_mixed_batch_equals_each_tasks_own_model(tmp_path, family):
     torch.testing.assert_close(torch.stack(alone), torch.stack([got[1], got[3]]), atol=ATOL, rtol=0)
 
 
+def test_batched_path_runs_a_fixed_number_of_operators_whatever_the_number_of_tasks(tmp_path, monkeypatch):
+    """The adapted Linears' delta work on the batched path is the same operators for 2 task groups as for 4, while
+    the per-group loop's grows with the groups (counted at the ATen level: deterministic, not a timing)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from heartlora.bank import BankLinear
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts: Counter[str] = Counter()
+    plain_forward = BankLinear.forward
+
+    def counted(self, x):
+        with CountOps() as c:
+            out = plain_forward(self, x)
+        counts[self.GATHER_FROM] += c.n
+        return out
+
+    monkeypatch.setattr(BankLinear, "forward", counted)
+    bank = hl.AdapterBank(_vit(10))
+    for i, (task, (classes, bits, rank, off)) in enumerate(CASES.items()):
+        bank.add(_make_adapter(tmp_path, _vit, task, classes, bits, rank, off, seed=i))
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ops = {}
+    for gather_from in (1, 99):
+        monkeypatch.setattr(BankLinear, "GATHER_FROM", gather_from)
+        for tasks in (["a", "b"] * 4, ["a", "b", "c", "d"] * 2):
+            counts.clear()
+            bank(x, tasks)
+            ops[gather_from, len(set(tasks))] = counts[gather_from]
+    assert ops[1, 2] == ops[1, 4] > 0
+    assert ops[99, 4] > ops[99, 2]
+
+
 def test_backbone_is_shared_and_left_plain(tmp_path):
     paths = [_make_adapter(tmp_path, _vit, t, 4, 32, 4, 3, seed=i) for i, t in enumerate("xyz")]
     backbone = _vit(10)
@@ -104,7 +153,8 @@ def test_backbone_is_shared_and_left_plain(tmp_path):
     assert base_weights <= {id(p) for p in bank.model.parameters()}
     assert bank.backbone_bytes() == before
     extra = sum(t.resident_bytes for t in bank.tasks.values())
-    assert bank.resident_bytes() == before + extra
+    assert 0 < bank.routing_bytes() < extra / 10  # index tables and zero rows: small beside the factors
+    assert bank.resident_bytes() == before + extra + bank.routing_bytes()
     assert torch.equal(own_head.weight, head)  # the backbone's own classifier is untouched
     assert not any(p.requires_grad for p in bank.model.parameters())
 

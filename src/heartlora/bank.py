@@ -1,17 +1,20 @@
 """Many tasks on one backbone: :class:`AdapterBank` runs a batch whose rows belong to different adapters.
 
 The frozen backbone is held once. Each adapted Linear is wrapped by a :class:`BankLinear` that computes the base
-output for the whole batch and then adds, task group by task group, that task's LoRA deltas (PEFT's mixed-adapter
-inference: the batch is sorted by task so each group is a contiguous slice). A task's deltas on one Linear are a
-:class:`TaskDeltas`: its active projections' factors as the forward uses them (k-bit ones decoded), frozen and laid
-out for the fewest operations a call, and nothing else. Each task keeps its own classifier
-(the file's ``modules_to_save``); a :class:`BankModule` in the classifier's place runs each group through its task's
-copy and pads the outputs to the widest class count, and the bank cuts every row back to its own classes.
+output for the whole batch and then adds each row's LoRA deltas (PEFT's mixed-adapter inference: the batch is sorted
+by task so each group is a contiguous slice). Every task's factors on that Linear are stored once, exactly (active
+heads only, k-bit ones decoded, the scale folded into B), as rows of a few shared tables. With few task groups in a
+call, each group reads its factors as views and adds its deltas with two products per projection; with many, the
+factors of every image's task are gathered into full-width ones (switched-off heads read a zero row) and one batched
+product per factor serves the whole batch, so the number of operators does not grow with the number of tasks. Each
+task keeps its own classifier (the file's ``modules_to_save``); a :class:`BankModule` in the classifier's place runs
+each group through its task's copy and pads the outputs to the widest class count, and the bank cuts every row back
+to its own classes.
 
 Adapters are loaded with :func:`heartlora.load_adapter` itself (fingerprint, integrity and shape checks, k-bit
 decoding, heads off), on the backbone restored to its plain state for the moment, and their projections are then
-turned into the bank's frozen form: what the bank computes per row is what that task's own loaded model computes, up
-to the order of floating-point additions (in float32, a few ulps; in half precision each delta is rounded once more
+turned into the bank's tables: what the bank computes per row is what that task's own loaded model computes, up
+to the order of floating-point operations (in float32, a few ulps; in half precision each delta is rounded once more
 before it is added, so logits may differ by a few half-precision ulps).
 """
 
@@ -43,6 +46,7 @@ class _Route:
     def __init__(self) -> None:
         self.batch = 0
         self.groups: list[tuple[str, int, int]] = []
+        self.row_tasks = torch.zeros(0, dtype=torch.long)  # per row of the sorted batch: its task's place in the bank
 
     def slices(self, leading: int, where: str) -> Iterator[tuple[str, slice]]:
         """The groups as slices of a tensor whose first dimension is ``leading``: the batch, or a whole multiple of
@@ -57,77 +61,54 @@ class _Route:
             yield task, slice(start * k, end * k)
 
 
-class TaskDeltas(nn.Module):
-    """One task's deltas on one shared Linear, frozen for inference. The q, k, v projections (their heads own rows
-    of the output) share one product with their A factors stacked, then each adds its own B product to its rows;
-    an o projection (its heads own columns of the input) reads its columns and adds to the whole output. Holds the
-    factors as the task's own forward uses them (k-bit ones decoded) as frozen parameters, the row and column
-    indices as buffers (none for rows of consecutive heads: a slice of the output), and nothing else: no
-    optimizer-facing copies, no per-head bookkeeping."""
+class _Kind:
+    """One adapted projection (q, k, v or o) of a shared Linear, as every task in the bank sees it: which output
+    rows (q, k, v) or input columns (o) each head owns. Tasks made for one backbone share it; a task whose index
+    differs gets its own kind."""
 
-    def __init__(self, projs: Sequence[HeadLoRAProjection]) -> None:
-        super().__init__()
-        out_side = [p for p in projs if p.per_head_is_B and p.active_heads()]
-        in_side = [p for p in projs if not p.per_head_is_B and p.active_heads()]
-        frozen = [(p, *(w.detach() for w in p.effective_weights())) for p in out_side + in_side]
-        self.a_out = nn.Parameter(torch.cat([a for _, a, _ in frozen[:len(out_side)]]), requires_grad=False) \
-            if out_side else None
-        # (A rows from, to, B name, output rows: None (all), a (start, stop) range or an index buffer's name, scale)
-        self._out: list[tuple[int, int, str, tuple[int, int] | str | None, float]] = []
-        self._in: list[tuple[str, str, str | None, float]] = []  # (A name, B name, columns name, scale)
-        lo = 0
-        for i, (p, a, b) in enumerate(frozen):
-            rows: tuple[int, int] | str | None = None if p._covers_all else f"rows{i}"
-            start = int(p._rows[0]) if p._rows.numel() else 0
-            if rows and p.per_head_is_B and torch.equal(p._rows, torch.arange(start, start + p._rows.numel(),
-                                                                                device=p._rows.device)):
-                rows = (start, start + p._rows.numel())  # consecutive heads: a slice of the output, no index
-            elif rows:
-                self.register_buffer(rows, p._rows.clone())
-            setattr(self, f"b{i}", nn.Parameter(b, requires_grad=False))
-            if p.per_head_is_B:
-                self._out.append((lo, lo + a.shape[0], f"b{i}", rows, float(p.scale)))
-                lo += a.shape[0]
-            else:
-                setattr(self, f"a{i}", nn.Parameter(a, requires_grad=False))
-                self._in.append((f"a{i}", f"b{i}", rows, float(p.scale)))
-
-    def __bool__(self) -> bool:  # an empty one (every head off) adds nothing
-        return bool(self._out or self._in)
-
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """``y += Σ scale · x Aᵀ Bᵀ`` on the heads' rows (q, k, v) or from their columns (o), in place; ``y``,
-        ``x`` 2-D. Two products per projection (the q, k, v ones share the first) and one add each."""
-        if self.a_out is not None:
-            a = self.a_out if self.a_out.dtype == x.dtype else self.a_out.to(x.dtype)
-            d = x @ a.t()
-            for lo, hi, b_name, rows, scale in self._out:
-                self._add(y, d[:, lo:hi], getattr(self, b_name), rows, scale)
-        for a_name, b_name, cols, scale in self._in:
-            xa = x if cols is None else x.index_select(1, getattr(self, cols))
-            a = getattr(self, a_name)
-            self._add(y, xa @ (a if a.dtype == x.dtype else a.to(x.dtype)).t(), getattr(self, b_name), None, scale)
-
-    def _add(self, y: torch.Tensor, d: torch.Tensor, b: torch.Tensor, rows: tuple[int, int] | str | None,
-             scale: float) -> None:
-        out = d @ (b if b.dtype == d.dtype else b.to(d.dtype)).t()
-        out = out if out.dtype == y.dtype else out.to(y.dtype)  # under autocast the products are half precision
-        if rows is None:
-            y.add_(out, alpha=scale)
-        elif isinstance(rows, tuple):
-            y[:, rows[0]:rows[1]].add_(out, alpha=scale)
-        else:
-            y.index_add_(1, getattr(self, rows), out, alpha=scale)
+    def __init__(self, key: str, proj: HeadLoRAProjection) -> None:
+        self.key, self.target, self.out_side = key, proj.target, proj.per_head_is_B
+        self.index = proj.index.detach().cpu().clone()  # (heads, head_dim): the layout's, the same for every task
+        self.num_heads, self.head_dim = proj.num_heads, proj.head_dim
+        flat = self.index.reshape(-1)
+        start = int(flat[0]) if flat.numel() else 0
+        # all heads' positions in head order: a slice of the Linear's output / input when consecutive, else an index
+        self.span = (start, start + flat.numel()) if torch.equal(flat, torch.arange(start, start + flat.numel())) \
+            else None
+        self.rank = 0  # the widest rank of any task on it (smaller ranks are padded with the table's zero unit)
 
 
 class BankLinear(nn.Module):
-    """One shared Linear (or 1×1 convolution) plus, per task, that task's :class:`TaskDeltas`."""
+    """One shared Linear (or 1×1 convolution) and every task's LoRA deltas on it, in tables of units.
+
+    A task's factors are stored once, exactly (the active heads only, k-bit ones decoded, the scale folded into B),
+    as rows of a few tables: ``a_out`` holds the A rows of its q, k, v projections (C values each); ``bt_<kind>`` the
+    rank rows of Bᵀ, head by head (one unit: one head's d values of one rank column); ``ao_<kind>`` and ``bo_<kind>``
+    the same for an o projection (units: one head's columns of one A row; one B column). Row 0 of every table is
+    zeros. A task's units are consecutive, so a call with one or a few task groups reads them as views: two products
+    and one add per projection, as the task's own model does (the q, k, v ones share the first product). A call with
+    many groups gathers, per image, its task's units into full-width factors (off heads and missing ranks read the
+    zero unit) through small index tables, and runs one batched product per factor for the whole batch: a fixed
+    number of operators whatever the number of tasks."""
+
+    GATHER_FROM = 16  # groups in a call from which the batched path runs (docs/ECOSYSTEM_BANK.md: the crossover)
 
     def __init__(self, base_layer: nn.Module, route: _Route) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()  # task -> TaskDeltas
         self._route = route
+        self._kinds: dict[str, _Kind] = {}
+        self._slots: dict[str, int] = {}  # task -> slot
+        self._plans: list[dict[str, dict[str, Any]]] = []  # per slot: kind key -> {"r", "heads", "a0", "b0", "rows"}
+        w = base_layer.weight
+        self.register_buffer("a_out", w.new_zeros(1, self._in_features()))
+        self.register_buffer("slot_of_task", torch.zeros(0, dtype=torch.long, device=w.device))
+
+    def _in_features(self) -> int:
+        return int(self.base_layer.weight.shape[1])
+
+    def _out_features(self) -> int:
+        return int(self.base_layer.weight.shape[0])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -137,19 +118,207 @@ class BankLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    # --- loading -----------------------------------------------------------------------------------------------
+    def _table(self, name: str, width: int) -> torch.Tensor:
+        if not hasattr(self, name):
+            self.register_buffer(name, self.a_out.new_zeros(1, width))
+        return getattr(self, name)
+
+    def _append(self, name: str, units: torch.Tensor) -> int:
+        """Append ``units`` (n × width) to a table; returns the row of the first."""
+        table = self._table(name, units.shape[1])
+        setattr(self, name, torch.cat([table, units.to(table)]))
+        return table.shape[0]
+
+    def add_task(self, task: str, projs: Sequence[HeadLoRAProjection]) -> int:
+        """Store one task's active projections on this Linear; returns the bytes it adds (factors and the row or
+        column index of a projection whose heads are not consecutive)."""
+        plan: dict[str, dict[str, Any]] = {}
+        added = 0
+        for p in projs:
+            heads = p.active_heads()
+            if not heads:
+                continue
+            key = p.target
+            kind = self._kinds.get(key)
+            if kind is not None and not torch.equal(kind.index, p.index.detach().cpu()):
+                key = f"{p.target}{len(self._kinds)}"  # another layout of the same target: its own kind
+                kind = None
+            if kind is None:
+                kind = self._kinds[key] = _Kind(key, p)
+            a, b = (w.detach().float() for w in p.effective_weights())
+            r, n, d = int(a.shape[0]), len(heads), kind.head_dim
+            kind.rank = max(kind.rank, r)
+            entry: dict[str, Any] = {"r": r, "heads": heads}
+            if kind.out_side:  # A (r × C) shared by the heads; B (n·d × r) head by head
+                entry["a0"] = self._append("a_out", a)
+                units = (b * float(p.scale)).reshape(n, d, r).permute(2, 0, 1).reshape(r * n, d)
+                entry["b0"] = self._append(f"bt_{key}", units)
+                added += (a.numel() + units.numel()) * self.a_out.element_size()
+            else:  # A (r × n·d) head by head; B (out × r) shared
+                entry["a0"] = self._append(f"ao_{key}", a.reshape(r * n, d))
+                entry["b0"] = self._append(f"bo_{key}", (b * float(p.scale)).t())
+                added += (a.numel() + b.numel()) * self.a_out.element_size()
+            rows = p._rows.detach()
+            start = int(rows[0])
+            if p._covers_all:
+                entry["rows"] = None
+            elif kind.out_side and torch.equal(rows.cpu(), torch.arange(start, start + rows.numel())):
+                entry["rows"] = (start, start + rows.numel())  # consecutive heads: a slice, no index
+            else:
+                entry["rows"] = f"rows{len(self._plans)}_{key}"
+                self.register_buffer(entry["rows"], rows.to(self.a_out.device).clone())
+                added += rows.numel() * rows.element_size()
+            plan[key] = entry
+        if plan:
+            self._slots[task] = len(self._plans)
+            self._plans.append(plan)
+            self._reindex()
+        return added
+
+    def _reindex(self) -> None:
+        """The routing tables of the batched path, from every slot's plan: for each slot (and a last, empty one),
+        which table rows make its full-width factors."""
+        slots = len(self._plans) + 1
+        dev = self.a_out.device
+        out_kinds = [k for k in self._kinds.values() if k.out_side]
+        a_index = torch.zeros(slots, sum(k.rank for k in out_kinds), dtype=torch.long)
+        lo = 0
+        for kind in self._kinds.values():
+            heads, ranks = kind.num_heads, kind.rank
+            unit = torch.zeros(slots, ranks, heads, dtype=torch.long)
+            cols = torch.zeros(slots, ranks, dtype=torch.long)
+            for s, plan in enumerate(self._plans):
+                e = plan.get(kind.key)
+                if e is None:
+                    continue
+                r, act = e["r"], torch.tensor(e["heads"])
+                j = torch.arange(r)[:, None]
+                unit[s, :r, act] = e["b0" if kind.out_side else "a0"] + j * len(e["heads"]) + torch.arange(len(act))
+                if kind.out_side:
+                    a_index[s, lo:lo + r] = e["a0"] + torch.arange(r)
+                else:
+                    cols[s, :r] = e["b0"] + torch.arange(r)
+            self.register_buffer(f"route_{kind.key}", unit.to(dev))
+            if kind.out_side:
+                lo += ranks
+            else:
+                self.register_buffer(f"route_bo_{kind.key}", cols.to(dev))
+            if kind.span is None:
+                self.register_buffer(f"full_{kind.key}", kind.index.reshape(-1).to(dev))
+        self.register_buffer("route_a", a_index.to(dev))
+
+    def set_tasks(self, order: Sequence[str]) -> None:
+        """The bank's task order (the route's row labels) -> this Linear's slots; tasks without deltas here read
+        the empty slot."""
+        empty = len(self._plans)
+        self.slot_of_task = torch.tensor([self._slots.get(t, empty) for t in order], dtype=torch.long,
+                                         device=self.a_out.device)
+
+    def routing_bytes(self) -> int:
+        """Bytes of the batched path's index tables and of every factor table's zero row."""
+        total = 0
+        for n, t in self.named_buffers(recurse=False):
+            if n == "a_out" or n.startswith(("bt_", "ao_", "bo_")):
+                total += t.shape[1] * t.element_size()
+            elif n.startswith(("route_", "full_")) or n == "slot_of_task":
+                total += t.numel() * t.element_size()
+        return total
+
+    def factor_bytes(self) -> int:
+        """Bytes of the stored factors (every table less its zero row)."""
+        return sum((t.shape[0] - 1) * t.shape[1] * t.element_size() for n, t in self.named_buffers(recurse=False)
+                   if n == "a_out" or n.startswith(("bt_", "ao_", "bo_")))
+
+    # --- running -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if not self._plans:
+            return y
         conv = isinstance(self.base_layer, nn.Conv2d)
         if conv:  # channels last, so the deltas are added as for a Linear (HeadLoRAConv1x1 does the same)
             x, y = x.movedim(1, -1), y.movedim(1, -1)
         out = y.contiguous()  # the base output is this call's own tensor: the deltas are added to it in place
-        for task, rows in self._route.slices(x.shape[0], "an adapted projection"):
-            deltas = self.adapters[task] if task in self.adapters else None  # noqa: SIM401 (ModuleDict has no get)
-            if not deltas:
-                continue
-            ys = out[rows].view(-1, out.shape[-1])  # a slice of whole images of a contiguous tensor: a view
-            deltas.add_to(ys, x[rows].reshape(-1, x.shape[-1]))
+        groups = list(self._route.slices(x.shape[0], "an adapted projection"))
+        if len(groups) >= self.GATHER_FROM:
+            self._add_gathered(out, x)
+        else:
+            for task, rows in groups:
+                slot = self._slots.get(task)
+                if slot is not None:
+                    ys = out[rows].view(-1, out.shape[-1])  # a slice of whole images of a contiguous tensor: a view
+                    self._add_slot(ys, x[rows].reshape(-1, x.shape[-1]), self._plans[slot])
         return out.movedim(-1, 1) if conv else out
+
+    def _add_slot(self, y: torch.Tensor, x: torch.Tensor, plan: dict[str, dict[str, Any]]) -> None:
+        """One task's deltas on 2-D ``y`` (in place), from views of its units."""
+        h = None
+        lo = 0
+        for key, e in plan.items():
+            kind = self._kinds[key]
+            r, n, d = e["r"], len(e["heads"]), kind.head_dim
+            if kind.out_side:
+                if h is None:  # q, k, v share one product with their A rows, which are consecutive in a_out
+                    first = min(v["a0"] for k, v in plan.items() if self._kinds[k].out_side)
+                    width = sum(v["r"] for k, v in plan.items() if self._kinds[k].out_side)
+                    h = x @ _as(self.a_out[first:first + width], x).t()
+                bt = getattr(self, f"bt_{key}")[e["b0"]:e["b0"] + r * n].view(r, n * d)
+                _add_rows(y, h[:, lo:lo + r] @ _as(bt, x), e["rows"], self)
+                lo += r
+            else:
+                a = getattr(self, f"ao_{key}")[e["a0"]:e["a0"] + r * n].view(r, n * d)
+                xa = x if e["rows"] is None else x.index_select(1, getattr(self, e["rows"]))
+                bo = getattr(self, f"bo_{key}")[e["b0"]:e["b0"] + r]
+                _add_rows(y, (xa @ _as(a, x).t()) @ _as(bo, x), None, self)
+
+    def _add_gathered(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """Every row's deltas at once: per image, its slot's full-width factors gathered from the tables, then one
+        batched product per factor."""
+        images = self._route.batch
+        slots = self.slot_of_task.index_select(0, self._route.row_tasks)
+        x3 = x.reshape(images, -1, x.shape[-1])
+        y3 = out.view(images, -1, out.shape[-1])
+        h = None
+        lo = 0
+        for key, kind in self._kinds.items():
+            width = kind.num_heads * kind.head_dim
+            units = getattr(self, f"route_{key}").index_select(0, slots).view(-1)
+            if kind.out_side:
+                if h is None:
+                    rows = self.route_a.index_select(0, slots).view(-1)
+                    a = self.a_out.index_select(0, rows).view(images, -1, x.shape[-1])
+                    h = torch.bmm(x3, _as(a, x).transpose(1, 2))
+                bt = getattr(self, f"bt_{key}").index_select(0, units).view(images, kind.rank, width)
+                d = torch.bmm(h[..., lo:lo + kind.rank], _as(bt, x))
+                lo += kind.rank
+                _add_rows(y3, d, kind.span or f"full_{key}", self)
+            else:
+                a = getattr(self, f"ao_{key}").index_select(0, units).view(images, kind.rank, width)
+                if kind.span == (0, x.shape[-1]):
+                    xa = x3
+                elif kind.span:
+                    xa = x3[..., kind.span[0]:kind.span[1]]
+                else:
+                    xa = x3.index_select(2, getattr(self, f"full_{key}"))
+                cols = getattr(self, f"route_bo_{key}").index_select(0, slots).view(-1)
+                bo = getattr(self, f"bo_{key}").index_select(0, cols).view(images, kind.rank, -1)
+                _add_rows(y3, torch.bmm(torch.bmm(xa, _as(a, x).transpose(1, 2)), _as(bo, x)), None, self)
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _add_rows(y: torch.Tensor, d: torch.Tensor, rows: tuple[int, int] | str | None, owner: nn.Module) -> None:
+    """``y[..., rows] += d`` in place: all of the last dimension, a slice of it, or the positions in buffer ``rows``.
+    Under autocast the products come out in half precision whatever ``y`` is."""
+    d = d if d.dtype == y.dtype else d.to(y.dtype)
+    if rows is None:
+        y.add_(d)
+    elif isinstance(rows, tuple):
+        y[..., rows[0]:rows[1]].add_(d)
+    else:
+        y.index_add_(y.dim() - 1, getattr(owner, rows), d)
 
 
 class BankModule(nn.Module):
@@ -270,17 +439,24 @@ class AdapterBank:
             raise UnsupportedBackboneError(f"the attention of {weight_mode[0]} reads its adapted weight directly, so "
                                            "rows cannot have different adapters: load each adapter into its own "
                                            "model (heartlora.load_adapter)")
+        masks = [m for layer in info["layers"] for m in layer["head_mask"]]
+        spec = info["backbone"]
+        num = spec.get("num_classes") or _out_features(copies)
+        names = list(class_names) if class_names is not None else list(run.get("class_names") or [])
+        if names and num and len(names) != num:
+            raise ConfigError(f"{len(names)} class names given for the {num} classes of {path}")
+        for wname, wrapper in wrappers.items():
+            known = self._linears.get(wname)
+            if known is not None and known.base_layer is not wrapper.base_layer:
+                raise UnsupportedBackboneError(f"loading {path} replaced the Linear {wname}: the bank cannot share it")
+        # checked: from here on the task is added whole
         resident = 0
         for wname, wrapper in wrappers.items():
             bank_linear = self._linears.get(wname)
             if bank_linear is None:
                 bank_linear = BankLinear(wrapper.base_layer, self._route)
                 self._linears[wname] = bank_linear
-            elif bank_linear.base_layer is not wrapper.base_layer:
-                raise UnsupportedBackboneError(f"loading {path} replaced the Linear {wname}: the bank cannot share it")
-            deltas = TaskDeltas(list(wrapper.lora.values()))
-            bank_linear.adapters[name] = deltas
-            resident += sum(t.numel() * t.element_size() for t in _unique_tensors(deltas))
+            resident += bank_linear.add_task(name, list(wrapper.lora.values()))
         for s, module in copies.items():
             holder = self._saved.get(s)
             if holder is None:
@@ -288,13 +464,9 @@ class AdapterBank:
                 self._saved[s] = holder
             holder.copies[name] = module.eval().requires_grad_(False)
             resident += sum(t.numel() * t.element_size() for t in _unique_tensors(module))
+        for bank_linear in self._linears.values():
+            bank_linear.set_tasks([*self.tasks, name])
         self._install()
-        masks = [m for layer in info["layers"] for m in layer["head_mask"]]
-        spec = info["backbone"]
-        num = spec.get("num_classes") or _out_features(copies)
-        names = list(class_names) if class_names is not None else list(run.get("class_names") or [])
-        if names and num and len(names) != num:
-            raise ConfigError(f"{len(names)} class names given for the {num} classes of {path}")
         task = BankTask(name, names or [str(i) for i in range(num or 0)], str(path), int(num or 0),
                         run.get("img_size") or spec.get("img_size"), int(info["config"].get("bits", 32)),
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
@@ -324,8 +496,9 @@ class AdapterBank:
             else:
                 groups.append((tasks[i], pos, pos + 1))
         index = torch.tensor(order, device=images.device)
+        row_tasks = torch.tensor([order_of[tasks[i]] for i in order], device=images.device)
         with self._lock:
-            self._route.batch, self._route.groups = len(images), groups
+            self._route.batch, self._route.groups, self._route.row_tasks = len(images), groups, row_tasks
             try:
                 out = self.model(images.index_select(0, index))
             finally:
@@ -350,13 +523,20 @@ class AdapterBank:
 
     # --- memory ------------------------------------------------------------------------------------------------
     def backbone_bytes(self) -> int:
-        """Bytes of the shared backbone's parameters and buffers (adapters and task classifiers excluded)."""
-        skip = {id(t) for m in self._linears.values() for t in _unique_tensors(m.adapters)}
+        """Bytes of the shared backbone's parameters and buffers (adapters, routing tables and task classifiers
+        excluded)."""
+        skip = {id(t) for m in self._linears.values() for t in m.buffers(recurse=False)}
         skip |= {id(t) for m in self._saved.values() for t in _unique_tensors(m.copies)}
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model) if id(t) not in skip)
 
+    def routing_bytes(self) -> int:
+        """Bytes the bank holds beyond the backbone and the tasks' own (``BankTask.resident_bytes``): the index
+        tables of the batched path and each factor table's zero row."""
+        return sum(m.routing_bytes() for m in self._linears.values())
+
     def resident_bytes(self) -> int:
-        """Bytes of every tensor the bank holds: the backbone once, plus each task's adapters and classifier."""
+        """Bytes of every tensor the bank holds: the backbone once, each task's adapters and classifier, and the
+        routing tables (``backbone_bytes() + Σ task.resident_bytes + routing_bytes()``)."""
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
     def __repr__(self) -> str:
