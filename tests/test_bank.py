@@ -139,6 +139,62 @@ def test_batched_path_runs_a_fixed_number_of_operators_whatever_the_number_of_ta
     assert ops[99, 4] > ops[99, 2]
 
 
+@pytest.mark.parametrize("gather_from", [1, 99], ids=["batched", "per-group"])
+def test_task_names_with_dots_or_module_attribute_names_work(tmp_path, gather_from, monkeypatch):
+    """A name from a dotted file stem ("c.v1") or one that is a Module attribute ("train") is a task like any other:
+    the classifier copies are not keyed by name."""
+    from heartlora.bank import BankLinear
+
+    monkeypatch.setattr(BankLinear, "GATHER_FROM", gather_from)
+    bank = hl.AdapterBank(_vit(10))
+    paths = {}
+    for i, (name, classes) in enumerate((("c.v1", 3), ("train", 4))):
+        paths[name] = _make_adapter(tmp_path, _vit, f"t{i}", classes, 32, 4, 5, seed=i)
+        bank.add(paths[name], name=name)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    tasks = ["train", "c.v1", "c.v1", "train"]
+    got = bank(x, tasks)
+    for name, classes in (("c.v1", 3), ("train", 4)):
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        want = _own_logits(_vit, paths[name], classes, x[rows])
+        torch.testing.assert_close(torch.stack([got[i] for i in rows]), want, atol=ATOL, rtol=0)
+
+
+def test_a_refused_add_leaves_the_bank_as_it_was(tmp_path, monkeypatch):
+    """An error while a task's deltas are being stored undoes the whole add: no slot, table row or classifier copy
+    is left, and every other task's rows (on both paths: the batched one reads slots by number) are unchanged."""
+    from heartlora.bank import BankLinear, BankModule
+
+    bank = hl.AdapterBank(_vit(10))
+    paths = [_make_adapter(tmp_path, _vit, t, 4, 32, 4, 3, seed=i) for i, t in enumerate("xy")]
+    bank.add(paths[0])
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def outputs() -> dict[int, torch.Tensor]:
+        out = {}
+        for g in (1, 99):
+            monkeypatch.setattr(BankLinear, "GATHER_FROM", g)
+            out[g] = torch.stack(bank(x, ["x"] * 4))
+        return out
+
+    before, resident = outputs(), bank.resident_bytes()
+
+    def broken(self, task, module):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(BankModule, "add", broken)  # fails after every Linear has stored the task's deltas
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bank.add(paths[1])
+    monkeypatch.undo()
+    assert list(bank.tasks) == ["x"] and bank.resident_bytes() == resident
+    assert all(list(lin._slots) == ["x"] and len(lin._plans) == 1 for lin in bank._linears.values())
+    after = outputs()
+    assert all(torch.equal(after[g], before[g]) for g in before)
+    bank.add(paths[1])  # and the bank still takes it afterwards
+    torch.testing.assert_close(torch.stack(bank(x[:2], ["y", "y"])), _own_logits(_vit, paths[1], 4, x[:2]),
+                               atol=ATOL, rtol=0)
+
+
 def test_backbone_is_shared_and_left_plain(tmp_path):
     paths = [_make_adapter(tmp_path, _vit, t, 4, 32, 4, 3, seed=i) for i, t in enumerate("xyz")]
     backbone = _vit(10)

@@ -139,13 +139,13 @@ class BankLinear(nn.Module):
             heads = p.active_heads()
             if not heads:
                 continue
-            key = p.target
-            kind = self._kinds.get(key)
-            if kind is not None and not torch.equal(kind.index, p.index.detach().cpu()):
-                key = f"{p.target}{len(self._kinds)}"  # another layout of the same target: its own kind
-                kind = None
-            if kind is None:
+            index = p.index.detach().cpu()
+            kind = next((k for k in self._kinds.values() if k.target == p.target and torch.equal(k.index, index)),
+                        None)
+            if kind is None:  # the first of this target, or another layout of it: its own kind
+                key = p.target if p.target not in self._kinds else f"{p.target}{len(self._kinds)}"
                 kind = self._kinds[key] = _Kind(key, p)
+            key = kind.key
             a, b = (w.detach().float() for w in p.effective_weights())
             r, n, d = int(a.shape[0]), len(heads), kind.head_dim
             kind.rank = max(kind.rank, r)
@@ -175,6 +175,20 @@ class BankLinear(nn.Module):
             self._plans.append(plan)
             self._reindex()
         return added
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """What :meth:`restore` needs to undo the tasks added after this call (tables are replaced, never
+        changed in place, so keeping the old tensors is enough)."""
+        return (dict(self._buffers), dict(self._kinds), {k: v.rank for k, v in self._kinds.items()},
+                dict(self._slots), list(self._plans))
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        buffers, kinds, ranks, slots, plans = state
+        self._buffers.clear()
+        self._buffers.update(buffers)
+        self._kinds, self._slots, self._plans = kinds, slots, plans
+        for k, kind in kinds.items():
+            kind.rank = ranks[k]
 
     def _reindex(self) -> None:
         """The routing tables of the batched path, from every slot's plan: for each slot (and a last, empty one),
@@ -329,13 +343,23 @@ class BankModule(nn.Module):
     def __init__(self, base: nn.Module, route: _Route) -> None:
         super().__init__()
         self.base = base
-        self.copies = nn.ModuleDict()  # task -> its module
+        # a list, not a ModuleDict keyed by task: task names may hold "." or be a Module attribute ("train")
+        self.copies = nn.ModuleList()
+        self._index: dict[str, int] = {}  # task -> its place in copies
         self._route = route
+
+    def add(self, task: str, module: nn.Module) -> None:
+        self._index[task] = len(self.copies)
+        self.copies.append(module)
+
+    def remove_last(self, task: str) -> None:
+        del self.copies[self._index.pop(task)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = []
         for task, rows in self._route.slices(x.shape[0], "a task's classifier"):
-            module = self.copies[task] if task in self.copies else self.base  # noqa: SIM401 (ModuleDict has no get)
+            i = self._index.get(task)
+            module = self.base if i is None else self.copies[i]
             parts.append(module(x[rows]))
         width = max(p.shape[-1] for p in parts)
         return torch.cat([nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
@@ -355,6 +379,7 @@ class BankTask:
     heads_total: int
     adapter_bytes: int  # as stored in the file (k-bit codes and constants)
     resident_bytes: int  # what it holds in memory: decoded factors, their row/column indices, its classifier copy
+    # (counted when the task was added, at the bank's dtype then: a bank cast later, .half() say, holds less)
     info: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
@@ -449,24 +474,45 @@ class AdapterBank:
             known = self._linears.get(wname)
             if known is not None and known.base_layer is not wrapper.base_layer:
                 raise UnsupportedBackboneError(f"loading {path} replaced the Linear {wname}: the bank cannot share it")
-        # checked: from here on the task is added whole
-        resident = 0
-        for wname, wrapper in wrappers.items():
-            bank_linear = self._linears.get(wname)
-            if bank_linear is None:
-                bank_linear = BankLinear(wrapper.base_layer, self._route)
-                self._linears[wname] = bank_linear
-            resident += bank_linear.add_task(name, list(wrapper.lora.values()))
-        for s, module in copies.items():
-            holder = self._saved.get(s)
-            if holder is None:
-                holder = BankModule(originals[s], self._route)
-                self._saved[s] = holder
-            holder.copies[name] = module.eval().requires_grad_(False)
-            resident += sum(t.numel() * t.element_size() for t in _unique_tensors(module))
-        for bank_linear in self._linears.values():
-            bank_linear.set_tasks([*self.tasks, name])
-        self._install()
+        # checked: from here on the task is added whole, or (on any error) not at all
+        linears, saved = dict(self._linears), dict(self._saved)
+        states = {n: m.snapshot() for n, m in self._linears.items()}
+        added_to: list[BankModule] = []
+        try:
+            resident = 0
+            for wname, wrapper in wrappers.items():
+                bank_linear = self._linears.get(wname)
+                if bank_linear is None:
+                    bank_linear = BankLinear(wrapper.base_layer, self._route)
+                    self._linears[wname] = bank_linear
+                resident += bank_linear.add_task(name, list(wrapper.lora.values()))
+            for s, module in copies.items():
+                holder = self._saved.get(s)
+                if holder is None:
+                    holder = BankModule(originals[s], self._route)
+                    self._saved[s] = holder
+                holder.add(name, module.eval().requires_grad_(False))
+                added_to.append(holder)
+                resident += sum(t.numel() * t.element_size() for t in _unique_tensors(module))
+            for bank_linear in self._linears.values():
+                bank_linear.set_tasks([*self.tasks, name])
+            self._install()
+        except BaseException:
+            for holder in added_to:
+                holder.remove_last(name)
+            for n, state in states.items():
+                self._linears[n].restore(state)
+            for n, m in self._linears.items():  # wrappers made for this task only: the plain modules back
+                if n not in linears:
+                    _set_module(self.model, n, m.base_layer)
+            for n, m in self._saved.items():
+                if n not in saved:
+                    _set_module(self.model, n, m.base)
+            self._linears, self._saved = linears, saved
+            for bank_linear in self._linears.values():
+                bank_linear.set_tasks(list(self.tasks))
+            self._install()
+            raise
         task = BankTask(name, names or [str(i) for i in range(num or 0)], str(path), int(num or 0),
                         run.get("img_size") or spec.get("img_size"), int(info["config"].get("bits", 32)),
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
