@@ -57,6 +57,24 @@ def test_float_adapter_bytes_count_active_rows_only(tmp_path: Path) -> None:
     assert hl.save_adapter(model, tmp_path / "f.safetensors").adapter_bytes == per_layer
 
 
+def test_an_adapter_loaded_inside_autocast_is_the_one_that_runs_there(tmp_path: Path) -> None:
+    """Loading inside an autocast block, then running in that same block, uses the loaded weights (autocast caches
+    half-precision copies of weights, and a load writes into weights in place)."""
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
+    randomize(model)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(1.0)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loaded = hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors")
+        inside = loaded(x).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh_block = loaded(x).float()
+    torch.testing.assert_close(inside, fresh_block, atol=0, rtol=0)
+
+
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     model, _ = make_family("timm_vit")

@@ -410,6 +410,9 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
             except (RuntimeError, KeyError) as e:
                 raise AdapterFileError(f"{path}: module {name!r} does not fit this backbone ({str(e).splitlines()[0]});"
                                        f" build the backbone with the file's num_classes and pool") from None
+    # attach's probe forward, run inside a caller's autocast block, leaves half-precision copies of the weights in
+    # autocast's cache, which the in-place loads above do not refresh: that block would run the unloaded adapter
+    torch.clear_autocast_cache()
     return model
 
 
