@@ -99,16 +99,12 @@ class BankLinear(nn.Module):
         self._route = route
         self._kinds: dict[str, _Kind] = {}
         self._slots: dict[str, int] = {}  # task -> slot
-        self._plans: list[dict[str, dict[str, Any]]] = []  # per slot: kind key -> {"r", "heads", "a0", "b0", "rows"}
+        # per slot: kind key -> {"r", "heads", "a0", "b0", "rows"}, and for q, k, v "a_rows": the rows of a_out that
+        # hold the task's A factors of all its q, k, v projections (consecutive: they share one product)
+        self._plans: list[dict[str, dict[str, Any]]] = []
         w = base_layer.weight
-        self.register_buffer("a_out", w.new_zeros(1, self._in_features()))
+        self.register_buffer("a_out", w.new_zeros(1, w.shape[1]))
         self.register_buffer("slot_of_task", torch.zeros(0, dtype=torch.long, device=w.device))
-
-    def _in_features(self) -> int:
-        return int(self.base_layer.weight.shape[1])
-
-    def _out_features(self) -> int:
-        return int(self.base_layer.weight.shape[0])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -170,6 +166,9 @@ class BankLinear(nn.Module):
                 self.register_buffer(entry["rows"], rows.to(self.a_out.device).clone())
                 added += rows.numel() * rows.element_size()
             plan[key] = entry
+        out_side = [e for k, e in plan.items() if self._kinds[k].out_side]
+        for e in out_side:
+            e["a_rows"] = (out_side[0]["a0"], out_side[0]["a0"] + sum(v["r"] for v in out_side))
         if plan:
             self._slots[task] = len(self._plans)
             self._plans.append(plan)
@@ -229,20 +228,18 @@ class BankLinear(nn.Module):
         self.slot_of_task = torch.tensor([self._slots.get(t, empty) for t in order], dtype=torch.long,
                                          device=self.a_out.device)
 
+    def _factor_tables(self) -> list[torch.Tensor]:
+        return [t for n, t in self.named_buffers(recurse=False) if n == "a_out" or n.startswith(("bt_", "ao_", "bo_"))]
+
     def routing_bytes(self) -> int:
         """Bytes of the batched path's index tables and of every factor table's zero row."""
-        total = 0
-        for n, t in self.named_buffers(recurse=False):
-            if n == "a_out" or n.startswith(("bt_", "ao_", "bo_")):
-                total += t.shape[1] * t.element_size()
-            elif n.startswith(("route_", "full_")) or n == "slot_of_task":
-                total += t.numel() * t.element_size()
-        return total
+        zero_rows = sum(t.shape[1] * t.element_size() for t in self._factor_tables())
+        return zero_rows + sum(t.numel() * t.element_size() for n, t in self.named_buffers(recurse=False)
+                               if n.startswith(("route_", "full_")) or n == "slot_of_task")
 
     def factor_bytes(self) -> int:
         """Bytes of the stored factors (every table less its zero row)."""
-        return sum((t.shape[0] - 1) * t.shape[1] * t.element_size() for n, t in self.named_buffers(recurse=False)
-                   if n == "a_out" or n.startswith(("bt_", "ao_", "bo_")))
+        return sum((t.shape[0] - 1) * t.shape[1] * t.element_size() for t in self._factor_tables())
 
     # --- running -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,10 +269,8 @@ class BankLinear(nn.Module):
             kind = self._kinds[key]
             r, n, d = e["r"], len(e["heads"]), kind.head_dim
             if kind.out_side:
-                if h is None:  # q, k, v share one product with their A rows, which are consecutive in a_out
-                    first = min(v["a0"] for k, v in plan.items() if self._kinds[k].out_side)
-                    width = sum(v["r"] for k, v in plan.items() if self._kinds[k].out_side)
-                    h = x @ _as(self.a_out[first:first + width], x).t()
+                if h is None:  # q, k, v share one product with their A rows
+                    h = x @ _as(self.a_out[e["a_rows"][0]:e["a_rows"][1]], x).t()
                 bt = getattr(self, f"bt_{key}")[e["b0"]:e["b0"] + r * n].view(r, n * d)
                 _add_rows(y, h[:, lo:lo + r] @ _as(bt, x), e["rows"], self)
                 lo += r
