@@ -398,3 +398,40 @@ def test_predict_reads_images_through_the_same_bomb_check(tmp_path: Path) -> Non
     bomb = png_bomb(tmp_path / "bomb.png")
     with pytest.raises(ImageTooLargeError, match=r"bomb\.png is too large to decode"):
         read_image(bomb, 32)
+
+
+def test_vtab_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path: Path):
+    """PIL's convert("L") clips a 16-bit image above 255, so every such image became white."""
+    import numpy as np
+
+    wide = np.array([[0, 257, 32768, 65535]] * 4, dtype=np.uint16)
+    images = {"w.png": Image.fromarray(wide), "dark.png": Image.fromarray((wide // 64).astype(np.uint16))}
+    root = write_vtab(tmp_path / "t", {"train800": "w.png 0\ndark.png 1\n", "val200": "w.png 0\n",
+                                       "test": "dark.png 1\n"}, images)
+    assert Image.open(root / "w.png").mode.startswith("I")  # the file really is 16-bit
+    x, _ = get_task(f"vtab:{root}").load("train800", 4)
+    assert x[0, 0, 0].tolist() == [0, 1, 128, 255] and (x[0] == x[0, :1]).all()  # scaled, gray on 3 channels
+    assert x[1, 0, 0].tolist() == [0, 0, 2, 4]  # a dark 16-bit image stays dark
+
+
+def test_vtab_lists_saved_with_a_byte_order_mark_and_other_encodings(tmp_path: Path):
+    good = {"a.png": Image.new("L", (4, 4)), "b.png": Image.new("L", (4, 4), 255)}
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\nb.png 1\n", "val200": "a.png 0\n", "test": "b.png 1\n"},
+                      good)
+    (root / "train800.txt").write_bytes("a.png 0\r\nb.png 1\r\n".encode("utf-8-sig"))  # Notepad's UTF-8
+    (root / "classes.txt").write_bytes("cat\ndog\n".encode("utf-8-sig"))
+    task = get_task(f"vtab:{root}")
+    assert task.class_names == ["cat", "dog"] and task.load("train800", 4)[1].tolist() == [0, 1]
+    (root / "val200.txt").write_bytes("\u00e9t\u00e9.png 0\n".encode("latin-1"))
+    with pytest.raises(TaskError, match=r"val200\.txt is not UTF-8 text .*save it as UTF-8"):
+        get_task(f"vtab:{root}")
+
+
+def test_vtab_a_file_instead_of_a_folder_is_named_as_such(tmp_path: Path):
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\n", "val200": "a.png 0\n", "test": "a.png 0\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    with pytest.raises(TaskError, match=r"train800\.txt is a file; pass vtab:/path/to/task, the folder"):
+        get_task(f"vtab:{root / 'train800.txt'}")
+    with pytest.raises(TaskError, match="does not exist") as error:
+        get_task(f"vtab:{tmp_path / 'nowhere'}")
+    assert "optional" in str(error.value)

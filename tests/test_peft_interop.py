@@ -208,7 +208,7 @@ def test_export_refuses_timm_fused_qkv(tmp_path):
         export_peft(model, tmp_path / "x")
 
 
-def test_cli_export_and_prune(hf_dir, tmp_path, capsys):
+def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     from heartlora.cli.main import main
 
     family, path, size = hf_dir
@@ -218,6 +218,12 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys):
     hl.save_adapter(model, tmp_path / "a.safetensors")
     assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"), "--format", "peft"]) == 0
     assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    before = {f.name: f.read_bytes() for f in (tmp_path / "exported").iterdir()}
+    assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported")]) == 2  # nothing replaced
+    assert "already holds adapter_config.json, adapter_model.safetensors" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "exported").iterdir()} == before
+    assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"), "--overwrite"]) == 0
+    capsys.readouterr()
     back = import_peft(tmp_path / "exported").eval()
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
@@ -240,3 +246,19 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys):
                                                               for layer in info["layers"]}
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
     assert "neither auto nor a number" in capsys.readouterr().err
+
+    # An existing output is refused before any scoring; the count says which heads the PEFT folder had off already.
+    kept = out.read_bytes()
+    again = ["prune", str(tmp_path / "again"), "--task", "digits", "--ne", "1", "--batches", "1", "--batch-size", "8",
+             "--img-size", str(size), "--out", str(out), "--backbone", str(path)]
+    assert main(again) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == kept
+    assert main([*again, "--overwrite", "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    total = report["heads_total"]
+    assert (len(second["heads_off"]), second["heads_on_before"], second["heads_on"]) == (1, total - 2, total - 3)
+    monkeypatch.setenv("COLUMNS", "250")  # the table in one line per row
+    assert main([*again, "--overwrite"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"1 of {total}; with the 2 off in the PEFT folder (all-zero rows), 3 off, {total - 3} on" in text
+    assert sum(not on for layer in hl.read_adapter_info(out)["layers"] for on in layer["head_mask"]) == 3

@@ -376,3 +376,20 @@ def test_a_failed_save_keeps_the_previous_file(saved: Path, monkeypatch: pytest.
     with pytest.raises(OSError):
         hl.save_adapter(model, saved)
     assert saved.read_bytes() == before and [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_adapter_gets_the_permissions_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """safetensors writes its file as 0600 whatever the umask; a saved adapter must be readable as any file the user
+    writes is (an adapter another account serves was unreadable)."""
+    import os
+    import stat
+
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+    before = os.umask(umask)
+    try:
+        hl.save_adapter(model, tmp_path / "a.safetensors")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~umask

@@ -112,10 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from heartlora.engine import default_out, resolve, train
 
     cfg = _train_config(args)
-    if cfg.out is None and not cfg.resume:
+    if cfg.out is None:  # the folder the same flags name, also with --resume (README: "the same command")
         cfg.out = default_out(resolve(cfg))
-    if cfg.out is None:
-        raise HeartLoRAError("--resume needs --out: name the folder of the run to continue")
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -187,6 +185,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from heartlora.engine import classify, collect_images, load_trained
     from heartlora.engine.distributed import resolve_device
 
+    if args.top_k < 1:
+        raise HeartLoRAError(f"--top-k {args.top_k}: give at least 1 label per image")
     files = collect_images(args.inputs)  # fail on a missing path before the model is built
     device = resolve_device(args.device)
     if len(args.adapter) > 1:
@@ -339,6 +339,7 @@ def _inspect_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from heartlora.integrations import export_peft
 
+    _refuse_to_replace(Path(args.dir), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     report = export_peft(_adapter_path(args.adapter), args.dir)
     print(f"wrote {report.path}: PEFT LoRA folder for transformers {report.model_class} "
           f"({report.heads_on} of {report.heads_total} heads on, {report.lora_bytes:,} bytes of LoRA weights); load "
@@ -353,6 +354,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise HeartLoRAError(f"--ne {args.ne!r} is neither auto nor a number of heads")
     ne: int | str = args.ne if args.ne == "auto" else int(args.ne)
     out = args.out or str(Path(args.peft_dir).with_name(Path(args.peft_dir).name + ".pruned.safetensors"))
+    _refuse_to_replace(Path(out), args.overwrite)  # before any scoring time is spent
+    if args.peft_out:
+        _refuse_to_replace(Path(args.peft_out), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
                    out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope)
     r.pop("model")
@@ -362,7 +366,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print_table(f"heartlora prune: {args.peft_dir}", [
         ("task", f"{r['task']}: heads scored on {r['scoring_images']} training images"),
         ("heads switched off", f"{len(r['heads_off'])} of {r['heads_total']}"
-                               + (" (--ne auto)" if r["ne_choice"] else "")),
+                               + (" (--ne auto)" if r["ne_choice"] else "")
+                               + (f"; with the {r['heads_total'] - r['heads_on_before']} off in the PEFT folder "
+                                  f"(all-zero rows), {r['heads_total'] - r['heads_on']} off, {r['heads_on']} on"
+                                  if r["heads_on_before"] < r["heads_total"] else "")),
         (f"accuracy ({r['split']}, {r['images']} images)",
          f"{100 * r['accuracy_before']:.2f} % before, {100 * r['accuracy_after']:.2f} % after"),
         ("bytes", f"{r['peft_lora_bytes']:,} PEFT LoRA weights before, {r['adapter_bytes']:,} after"),
@@ -400,7 +407,8 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print("  ".join(x for x in r if x))
-    print("also: vtab:/path/to/folder (VTAB-1K layout) and NAME@Kshot (few-shot, K in 1, 2, 4, 8, 16)")
+    print("also: vtab:/path/to/folder (VTAB-1K layout) and NAME@Kshot (few-shot: K training images a class, any K "
+          "every class of train800 has; the benchmarks use 1, 2, 4, 8, 16)")
     return 0
 
 
@@ -410,6 +418,23 @@ def cmd_data_export(args: argparse.Namespace) -> int:
     out = export_task(get_task(args.task), args.dir, img_size=args.img_size, overwrite=args.overwrite)
     print(f"wrote {args.task} to {out} (VTAB-1K layout: read it back with --task vtab:{out})")
     return 0
+
+
+def _refuse_to_replace(path: Path, overwrite: bool, names: tuple[str, ...] = ()) -> None:
+    """Refuse to write over an existing file (``names`` empty) or a folder holding one of ``names``, unless
+    ``--overwrite``: nothing a user made is replaced without being asked."""
+    if overwrite:
+        return
+    if names:
+        if path.exists() and not path.is_dir():
+            raise HeartLoRAError(f"{path} is a file, not a folder: name a folder to write")
+        taken = [n for n in names if (path / n).exists()]
+        if taken:
+            raise HeartLoRAError(f"{path} already holds {', '.join(taken)}: name another folder, or pass --overwrite "
+                                 "to replace them")
+    elif path.exists():
+        raise HeartLoRAError(f"{path} already exists: name another file with --out, or pass --overwrite to replace "
+                             "it")
 
 
 def _adapter_path(value: str) -> Path:
@@ -538,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder to write")
     p.add_argument("--format", default="peft", choices=["peft"],
                    help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")
+    p.add_argument("--overwrite", action="store_true", help="replace the PEFT files DIR already holds")
 
     p = add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
@@ -553,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")
     p.add_argument("--img-size", type=int, help="image size (default: the backbone's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or --peft-out folder")
     p.add_argument("--json", action="store_true")
 
     data = sub.add_parser("data", parents=[common], help="list or export tasks")

@@ -20,7 +20,7 @@ from heartlora.errors import TaskError
 
 GROUPS = ("natural", "specialized", "structured", "few-shot", "unknown")
 # Part of every resized-cache key: bump it when resize_image changes, so old cache files are not reused.
-RESIZE_VERSION = 1
+RESIZE_VERSION = 2  # 2: 16-bit grayscale is scaled to 8 bits (version 1 clipped it to white)
 
 NativeImage = np.ndarray | Image.Image
 
@@ -70,7 +70,12 @@ def to_pil(image: NativeImage) -> Image.Image:
         pil = Image.fromarray(array)
     if pil.mode in ("L", "RGB"):
         return pil
-    if pil.mode in ("1", "I", "I;16", "I;16B", "I;16L", "F"):
+    if pil.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale (PNG, TIFF; 32-bit "I" is read on the same 0..65535 scale): rounded to 8 bits. PIL's own
+        # convert("L") clips every value above 255, which turns a 16-bit image white.
+        wide = np.asarray(pil).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    if pil.mode in ("1", "F"):
         return pil.convert("L")
     return pil.convert("RGB")  # palette, RGBA (alpha dropped), CMYK, YCbCr, LA…
 

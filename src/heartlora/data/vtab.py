@@ -39,7 +39,7 @@ def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
     """Parse a VTAB-1K list file. Blank lines and extra spaces are ignored; the label is the last field, so a path
     may contain spaces. A malformed line or a label of ``MAX_CLASSES`` or more is a TaskError naming file:line."""
     entries = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(list_file).splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
@@ -62,9 +62,12 @@ class VtabFolderTask(Task):
 
     def __init__(self, folder: str) -> None:
         root = Path(folder).expanduser()
+        if root.is_file():
+            raise TaskError(f"{root} is a file; pass vtab:/path/to/task, the folder holding train800.txt, val200.txt "
+                            "and test.txt")
         if not root.is_dir():
             raise TaskError(f"VTAB-1K folder {root} does not exist; pass vtab:/path/to/task, a folder holding "
-                            "train800.txt, val200.txt, train800val200.txt and test.txt")
+                            "train800.txt, val200.txt and test.txt (train800val200.txt and classes.txt are optional)")
         self.root = root.resolve()
         required = ["train800", "val200", "test"]
         missing = [f"{s}.txt" for s in required if not (self.root / f"{s}.txt").is_file()]
@@ -82,7 +85,7 @@ class VtabFolderTask(Task):
         group = "unknown"
         group_file = self.root / "group.txt"
         if group_file.is_file():
-            group = group_file.read_text(encoding="utf-8").strip().lower()
+            group = _read_text(group_file).strip().lower()
             if group not in GROUPS:
                 raise TaskError(f"{group_file} says {group!r}; write one of {', '.join(GROUPS)}")
         super().__init__(f"vtab:{folder}", class_names, group)
@@ -95,7 +98,7 @@ class VtabFolderTask(Task):
         top = max((e for entries in self.lists.values() for e in entries), key=lambda e: e.label)
         classes_file = self.root / "classes.txt"
         if classes_file.is_file():
-            names = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+            names = [c.strip() for c in _read_text(classes_file).splitlines() if c.strip()]
             if top.label >= len(names):
                 raise TaskError(f"{top.list_file}:{top.line}: label {top.label} but {classes_file} names only "
                                 f"{len(names)} classes; give one name per line for every label")
@@ -146,6 +149,15 @@ class VtabFolderTask(Task):
                 digest.update(f"{entry.path}\0{entry.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             self._keys[split] = f"vtab-{self.root.name}-{digest.hexdigest()[:20]}"
         return self._keys[split]
+
+
+def _read_text(path: Path) -> str:
+    """A list or names file as text: UTF-8, with the byte-order mark some Windows editors write dropped (it would
+    otherwise become part of the first path or class name)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise TaskError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
 def _missing(entry: ListEntry) -> str:

@@ -205,7 +205,10 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ImageReadError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES[:4])}, …)")
+                subfolders = sorted(f.name for f in p.iterdir() if f.is_dir())
+                hint = (f"; its subfolders ({', '.join(subfolders[:3])}{', …' if len(subfolders) > 3 else ''}) are "
+                        "not searched: name them" if subfolders else "")
+                raise ImageReadError(f"folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES[:4])}, …){hint}")
             files.extend(found)
         elif p.exists():
             files.append(p)

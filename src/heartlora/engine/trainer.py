@@ -221,6 +221,14 @@ class Trainer:
         if not fresh:
             return []
         notes = list(self.cfg.notes)
+        classes = self.task.num_classes
+        unseen = sorted(set(range(classes)) - set(self.train_y.unique().tolist()))
+        if unseen:
+            shown = ", ".join(str(c) for c in unseen[:8]) + (", …" if len(unseen) > 8 else "")
+            notes.append(f"{len(unseen)} of the task's {classes} classes have no training image in "
+                         f"{PROTOCOLS[self.cfg.protocol][0]} (labels {shown}); the classifier has {classes} outputs "
+                         "(the largest label of any split + 1, or classes.txt): if that is not meant, check the "
+                         "labels of val200.txt and test.txt")
         if self.cfg.profile == "paper" and self.info.device.type == "cpu" and self.cfg.img_size >= 224:
             notes.append("the paper profile (224 px, 100 epochs) is very slow on a CPU; --profile cpu sets CPU-sized "
                          "defaults")

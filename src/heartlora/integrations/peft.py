@@ -445,13 +445,15 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
         return float((predict_logits(model, eval_x, torch.device("cpu"), 128).argmax(1) == eval_y).float().mean())
 
     before = acc()
+    heads_on_before = sum(sum(m) for m in head_masks(model).values())  # heads already off: all-zero rows in the file
     result = score_and_prune(model, to_batches(score_idx), ne, heldout=to_batches(held_idx), scope=scope)
     after = acc()
     _, tensors, _ = read_peft(peft_dir)
     peft_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if ".lora_" in k)
     result.update(task=t.name, split=split, images=len(eval_y), accuracy_before=before, accuracy_after=after,
                   heads_total=sum(layer.num_heads for layer in attention_layers(model)), peft_lora_bytes=peft_bytes,
-                  scoring_images=int(n_score))
+                  scoring_images=int(n_score), heads_on_before=heads_on_before,
+                  heads_on=sum(sum(m) for m in head_masks(model).values()))
     if out is not None:
         run = {"task": t.name, "method": "peft-lora, heads pruned by heartlora", "img_size": size,
                "class_names": list(getattr(t, "class_names", []) or []), "backbone_spec": root.spec,
