@@ -71,6 +71,23 @@ def test_callback_checks_its_settings():
         HeartLoRACallback(warmup_steps=0, ne=1)
 
 
+def test_callback_refuses_auto_and_impossible_counts_before_training(tmp_path):
+    """ne='auto' used to crash mid-train with a TypeError; ne above the head count, or a warmup as long as the run
+    (no heads ever switched off), were found only at the end of the warmup or never."""
+    with pytest.raises(ConfigError, match="ne='auto' is not offered"):
+        HeartLoRACallback(warmup_steps=2, ne="auto")
+    with pytest.raises(ConfigError, match=r"fraction 1\.5 must be in \[0, 1\)"):
+        HeartLoRACallback(warmup_steps=2, fraction=1.5)
+    model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))  # 2 layers of 4 heads
+    with pytest.raises(ConfigError, match="ne 9 is more than the model's 8 attention heads"):
+        _trainer(model, HeartLoRACallback(warmup_steps=1, ne=9), tmp_path, steps=3).train()
+    with pytest.raises(ConfigError, match="ne 5 is more than the model's 4 heads in its smallest layer"):
+        _trainer(model, HeartLoRACallback(warmup_steps=1, ne=5, scope="layer"), tmp_path, steps=3).train()
+    with pytest.raises(ConfigError, match="warmup_steps 3 is not below the run's 3 optimizer steps"):
+        _trainer(model, HeartLoRACallback(warmup_steps=3, ne=1), tmp_path, steps=3).train()
+    assert all(all(m) for m in hl.head_masks(model).values())
+
+
 def test_ecosystem_example_runs(tmp_path, capsys):
     import re
     from pathlib import Path

@@ -94,6 +94,35 @@ def test_disabled_adapters_give_the_base_model() -> None:
     assert torch.equal(model(x), base)
 
 
+def test_merged_adapters_cannot_be_disabled_nor_disabled_ones_merged() -> None:
+    """Disabling a merged model used to leave the deltas in its weights (the output stayed the adapted one)."""
+    model, x = make_family("timm_vit")
+    base = model(x)
+    with pytest.raises(ConfigError, match="no heartlora adapters"):
+        hl.merge(model)
+    hl.attach(model, ALL)
+    randomize(model)
+    hl.merge(model)
+    with pytest.raises(ConfigError, match="merged into the base weights.*unmerge"):
+        hl.set_adapters_enabled(model, False)
+    hl.unmerge(model)
+    hl.set_adapters_enabled(model, False)
+    with pytest.raises(ConfigError, match="adapters are disabled"):
+        hl.merge(model)
+    assert torch.equal(model(x), base)
+
+
+def test_a_tracker_is_built_when_the_first_layer_has_every_head_off() -> None:
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
+    first = hl.attention_layers(model)[0]
+    hl.deactivate_heads(model, heads=[(first.name, h) for h in range(first.num_heads)])
+    tracker = hl.ResponsivenessTracker(model)
+    model(x).sum().backward()
+    tracker.update()
+    assert tracker.scores()[first.name].abs().sum() == 0
+
+
 @pytest.mark.parametrize("target", ["q", "v"])
 def test_off_head_leaves_its_slice_of_the_projection_identical(family: str, target: str) -> None:
     model, x = make_family(family)

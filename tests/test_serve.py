@@ -120,8 +120,36 @@ def test_get_on_predict_is_refused(server):
     port, _ = server
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
     conn.request("GET", "/predict?task=digits")
-    assert conn.getresponse().status == 405
+    resp = conn.getresponse()
+    assert resp.status == 405 and "POST" in resp.getheader("Allow", "")
+    assert "GET /predict: Method Not Allowed" in json.loads(resp.read())["error"]  # JSON like every other error
     conn.close()
+    got, out = _request(port, "GET", "/nowhere")
+    assert got == 404 and "GET /nowhere: Not Found; this server answers" in out["error"]
+
+
+def test_an_image_too_large_to_decode_is_named_for_the_client(server, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    port, _ = server
+    buf = io.BytesIO()
+    Image.new("L", (64, 64)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # the server runs in this process (below 2x: our check)
+    got, out = _request(port, "POST", "/predict?task=digits", buf.getvalue())
+    assert got == 400 and out["error"].startswith("the posted image is 64x64 = 4,096 pixels")
+    assert "send a smaller image" in out["error"] and "BytesIO" not in out["error"]
+
+
+def test_serve_refuses_a_port_out_of_range_or_in_use(bank, server):
+    from heartlora.errors import ConfigError, HeartLoRAError
+    from heartlora.serve import serve
+
+    with pytest.raises(ConfigError, match="--port 99999 is not a TCP port"):
+        serve(bank, 32, port=99999)
+    with pytest.raises(HeartLoRAError, match=f"could not start on {HOST}:{server[0]}"):
+        serve(bank, 32, host=HOST, port=server[0], log_level="critical")  # the test server holds that port
 
 
 def test_batcher_groups_requests_across_tasks(bank):

@@ -393,3 +393,22 @@ def test_a_saved_adapter_gets_the_permissions_the_umask_gives(tmp_path: Path, um
     finally:
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_refused_load_leaves_the_backbone_as_it_came(saved: Path) -> None:
+    """The file's classifier does not fit (7 classes, not 5): the error used to leave adapters attached and every
+    weight frozen, so a retry on the same backbone was refused as "already has heartlora adapters"."""
+    import timm
+
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=4, num_classes=7)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in other.named_parameters()}
+    modules = {n: type(m) for n, m in other.named_modules()}
+    with pytest.raises(AdapterFileError, match="does not fit this backbone"):
+        hl.load_adapter(other, saved, check_fingerprint=False)
+    assert not hl.is_adapted(other) and {n: type(m) for n, m in other.named_modules()} == modules
+    assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in other.named_parameters())
+    fresh, x = make_family("timm_vit")
+    hl.load_adapter(fresh, saved)  # a right backbone still loads
+    with pytest.raises(AdapterFileError, match="does not fit"):
+        hl.load_adapter(other, saved, check_fingerprint=False)  # and the same refusal again, not "already adapted"

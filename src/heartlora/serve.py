@@ -38,7 +38,8 @@ def decode_image(data: bytes, img_size: int) -> torch.Tensor:
     if not data:
         raise ConfigError("the request body is empty: POST the image file's bytes")
     try:
-        with open_image(io.BytesIO(data)) as im:  # refuses decompression bombs before decoding
+        # refuses decompression bombs before decoding; the message is for the client, not the server's operator
+        with open_image(io.BytesIO(data), name="the posted image", hint="send a smaller image") as im:
             rgb = im.convert("RGB")
     except HeartLoRAError:
         raise
@@ -133,6 +134,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
@@ -179,8 +181,16 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         finally:
             await batcher.stop()
 
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """The router's own 404 and 405 as one-line JSON, like every other error (405 keeps its Allow header)."""
+        response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; this server answers "
+                         "GET /health, GET /tasks and POST /predict?task=NAME")
+        response.headers.update(exc.headers or {})
+        return response
+
     app = Starlette(routes=[Route("/health", health), Route("/tasks", tasks),
-                            Route("/predict", predict, methods=["POST"])], lifespan=lifespan)
+                            Route("/predict", predict, methods=["POST"])], lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error})
     app.state.batcher = batcher
     return app
 
@@ -190,7 +200,15 @@ def serve(bank: AdapterBank, img_size: int, host: str = "127.0.0.1", port: int =
     """Run the server until interrupted (uvicorn)."""
     import uvicorn
 
-    uvicorn.run(create_app(bank, img_size, max_batch, max_wait_ms), host=host, port=port, log_level=log_level)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port: choose one from 1 to 65535 (0: any free port)")
+    try:
+        uvicorn.run(create_app(bank, img_size, max_batch, max_wait_ms), host=host, port=port, log_level=log_level)
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port in use, an address not here)
+        if exc.code not in (0, None):
+            raise HeartLoRAError(f"the server could not start on {host}:{port} (uvicorn's error above says why, e.g. "
+                                 "the port is in use): choose another --port or --host") from None
+        raise
 
 
 def require_serving() -> None:

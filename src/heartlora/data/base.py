@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,23 +29,26 @@ class ImageTooLargeError(TaskError):
     """An image file declares more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and decode one image file (use it in a ``with``). Its size is checked from the header before any pixel
-    is decoded: more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is an `ImageTooLargeError`, since a small file can
-    declare gigabytes of pixels. Missing or unreadable files raise what PIL raises (OSError and its subclasses)."""
+def open_image(path: Any, name: str | None = None,
+               hint: str = "shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+               ) -> Image.Image:
+    """Open and decode one image file or file object (use it in a ``with``). Its size is checked from the header
+    before any pixel is decoded: more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is an `ImageTooLargeError`, since a
+    small file can declare gigabytes of pixels; its message names the image as ``name`` (default ``image PATH``) and
+    ends with ``hint``. Missing or unreadable files raise what PIL raises (OSError and its subclasses)."""
     limit = Image.MAX_IMAGE_PIXELS
-    hint = "shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+    name = name or f"image {path}"
     # PIL only warns between 1x and 2x its limit and raises above; both are refused here, with one message.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(path)
         except Image.DecompressionBombError as error:
-            raise ImageTooLargeError(f"image {path} is too large to decode ({error}); {hint}") from None
+            raise ImageTooLargeError(f"{name} is too large to decode ({error}); {hint}") from None
     width, height = image.size
     if limit is not None and width * height > limit:
         image.close()
-        raise ImageTooLargeError(f"image {path} is {width}x{height} = {width * height:,} pixels, above the limit of "
+        raise ImageTooLargeError(f"{name} is {width}x{height} = {width * height:,} pixels, above the limit of "
                                  f"{limit:,} (a decompression bomb or a mistaken file); {hint}")
     try:
         image.load()

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from heartlora.errors import ConfigError
-from heartlora.method import ResponsivenessTracker, deactivate_heads, is_adapted
+from heartlora.method import ResponsivenessTracker, attention_layers, deactivate_heads, is_adapted
 from heartlora.method.deactivate import SCOPES
 
 
@@ -33,6 +33,11 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"warmup_steps {warmup_steps} must be at least 1: heads are scored during the warmup")
         if (ne is None) == (fraction is None):
             raise ConfigError("give exactly one of ne (a number of heads) or fraction (a share of heads)")
+        if ne is not None and (isinstance(ne, bool) or not isinstance(ne, int) or ne < 0):
+            raise ConfigError(f"ne {ne!r} must be a number of heads >= 0 (ne='auto' is not offered by the callback: it "
+                              "needs a fixed sample of training batches; use heartlora train --ne auto, or a fraction)")
+        if fraction is not None and not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"fraction {fraction} must be in [0, 1): the share of heads to switch off")
         if scope not in SCOPES:
             raise ConfigError(f"scope {scope!r} is unknown: choose global or layer")
         self.warmup_steps, self.ne, self.fraction, self.scope, self.mode = warmup_steps, ne, fraction, scope, mode
@@ -48,6 +53,15 @@ class HeartLoRACallback(TrainerCallback):
         if state.global_step > 0:
             raise ConfigError("HeartLoRACallback cannot resume a Trainer run from a checkpoint (the heads that were "
                               "switched off are not in it): train from the start")
+        if state.max_steps and self.warmup_steps >= state.max_steps:
+            raise ConfigError(f"warmup_steps {self.warmup_steps} is not below the run's {state.max_steps} optimizer "
+                              "steps: no step would train with the heads off; choose a smaller warmup_steps")
+        if self.ne is not None:
+            heads = [layer.num_heads for layer in attention_layers(model)]
+            limit = sum(heads) if self.scope == "global" else min(heads)
+            if self.ne > limit:
+                where = "attention heads" if self.scope == "global" else "heads in its smallest layer"
+                raise ConfigError(f"ne {self.ne} is more than the model's {limit} {where}: choose ne <= {limit}")
         self.tracker = ResponsivenessTracker(model, mode=self.mode)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -374,24 +374,42 @@ def wrappers(model: nn.Module) -> list[HeadLoRALinear]:
     return [m for m in getattr(model, "module", model).modules() if isinstance(m, HeadLoRALinear)]
 
 
+def _adapted_wrappers(model: nn.Module, what: str) -> list[HeadLoRALinear]:
+    found = wrappers(model)
+    if not found:
+        raise ConfigError(f"{what}: the model has no heartlora adapters; attach or load an adapter first")
+    return found
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Write every adapter delta into its base weight; the adapters stop computing. :func:`unmerge` restores the
-    original weights exactly (they are kept aside)."""
-    for w in wrappers(model):
+    original weights exactly (they are kept aside). Refused while the adapters are disabled (the merged model would
+    not be the disabled one)."""
+    found = _adapted_wrappers(model, "merge")
+    if not all(w.enabled for w in found):
+        raise ConfigError("merge: the adapters are disabled; set_adapters_enabled(model, True) first, or keep the "
+                          "model unmerged")
+    for w in found:
         w.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for w in wrappers(model):
+    """Restore the base weights :func:`merge` changed, bit for bit."""
+    for w in _adapted_wrappers(model, "unmerge"):
         w.unmerge()
     return model
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn the adapters' deltas on or off (the base model alone when off)."""
-    for w in wrappers(model):
-        w.enabled = enabled
+    """Turn the adapters' deltas on or off (the base model alone when off). Refused on a merged model, whose
+    weights already hold the deltas: :func:`unmerge` it first."""
+    found = _adapted_wrappers(model, "set_adapters_enabled")
+    if any(w.merged for w in found):
+        raise ConfigError("set_adapters_enabled: the adapters are merged into the base weights, so they cannot be "
+                          "switched off there; call unmerge(model) first")
+    for w in found:
+        w.enabled = bool(enabled)
     return model
 
 

@@ -32,7 +32,12 @@ class ResponsivenessTracker:
             raise ConfigError(f"ema {ema} must be in [0, 1)")
         self.model, self.mode, self.ema = model, mode, ema
         self.layers = attention_layers(model)
-        device = next(next(iter(self.layers[0].projections.values())).parameters()).device
+        # The device of any adapter factor: a layer whose heads are all off has none (and may come first).
+        factors = (p for layer in self.layers for proj in layer.projections.values() for p in proj.parameters())
+        first = next(factors, None)
+        if first is None:
+            first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         self._acc = [torch.zeros(layer.num_heads, dtype=torch.float64, device=device) for layer in self.layers]
         self.steps = 0
 

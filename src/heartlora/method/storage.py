@@ -28,7 +28,8 @@ from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads
 from heartlora.method.layer import HeadLoRAProjection
-from heartlora.method.model import _state, attach, attention_layers, backbone_fingerprint, head_masks, is_adapted
+from heartlora.method.model import (_detach, _state, attach, attention_layers, backbone_fingerprint, head_masks,
+                                    is_adapted)
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +385,32 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
     if absent:
         raise AdapterFileError(f"{path} stores modules {absent} this backbone does not have: use the backbone it "
                                f"was trained on ({want['name']!r})")
+    grads = [(p, p.requires_grad) for p in backbone.parameters()]
+    saved = {name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
+             for name in cfg.modules_to_save}
     model = attach(backbone, cfg)
+    try:
+        _fill(model, path, meta, tensors, cfg, modules)
+    except BaseException:
+        # A refused file leaves the backbone as it came: no adapters, its requires_grad flags and classifier back.
+        _detach(model)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for name, sd in saved.items():
+                modules[name].load_state_dict(sd)
+        raise
+    # attach's probe forward, run inside a caller's autocast block, leaves half-precision copies of the weights in
+    # autocast's cache, which the in-place loads above do not refresh: that block would run the unloaded adapter
+    torch.clear_autocast_cache()
+    return model
+
+
+def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: HeartLoRAConfig,
+          modules: dict[str, nn.Module]) -> None:
+    """The part of :func:`load_adapter` after attach: check the layers, switch heads off, load factors and
+    modules."""
+    want = meta["backbone"]
     layers = {l.name: l for l in attention_layers(model)}
     stored = {l["name"]: l for l in meta["layers"]}
     if set(layers) != set(stored) or any((layers[n].num_heads, layers[n].head_dim)
@@ -410,10 +436,6 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
             except (RuntimeError, KeyError) as e:
                 raise AdapterFileError(f"{path}: module {name!r} does not fit this backbone ({str(e).splitlines()[0]});"
                                        f" build the backbone with the file's num_classes and pool") from None
-    # attach's probe forward, run inside a caller's autocast block, leaves half-precision copies of the weights in
-    # autocast's cache, which the in-place loads above do not refresh: that block would run the unloaded adapter
-    torch.clear_autocast_cache()
-    return model
 
 
 def _assign(proj: HeadLoRAProjection, factor: str, w: torch.Tensor, path: Any) -> None:
