@@ -264,11 +264,27 @@ def test_refusals(tmp_path):
         bank(torch.rand(2, 3, 32, 32), ["a"])
     torch.manual_seed(1)  # other random weights: another backbone
     other = hl.AdapterBank(hl.create_backbone("vit_tiny_patch16_224", num_classes=4, img_size=32, pretrained=False))
-    with pytest.raises(AdapterFileError, match="other weights or shapes"):
+    with pytest.raises(AdapterFileError, match=r"other weights or shapes.*random weights: .*torch.manual_seed\(0\)"):
         other.add(path)
     assert not other.tasks and not other._linears  # a refused file leaves the bank as it was
     with pytest.raises(ConfigError, match="3 class names"):
         bank.add(path, name="b", class_names=["p", "q", "r"])
+    x = torch.rand(3, 3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(bank(x, "a"), bank(x, ["a"] * 3)))  # one name for every row
+    with pytest.raises(ConfigError, match=r"float tensor .* got torch.uint8 .* x.float\(\) / 255"):
+        bank((x * 255).to(torch.uint8), "a")  # gave NaN logits
+    with pytest.raises(ConfigError, match=r"float tensor \(batch, 3, height, width\)"):
+        bank(x[0], "a")
+
+
+def test_a_vtab_task_is_named_by_its_folder_and_a_run_folder_can_be_added(tmp_path):
+    model = hl.attach(_vit(4), hl.HeartLoRAConfig(rank=2), verify=False)
+    run = tmp_path / "run"
+    for task, want in [("vtab:/data/my tasks/cifar@8shot", "cifar@8shot"), ("vtab:/data/a@b/pets", "pets")]:
+        run.mkdir(exist_ok=True)
+        hl.save_adapter(model, run / "adapter.safetensors", extra_metadata={"heartlora_run": {"task": task}})
+        bank = hl.AdapterBank(_vit(4))
+        assert bank.add(run).name == want and list(bank.tasks) == [want]
 
 
 def test_cli_predict_with_several_adapters_labels_each_image_by_every_task(tmp_path, capsys):

@@ -175,6 +175,10 @@ def test_defaults_profiles_and_overrides() -> None:
     assert [resolve(TrainConfig(task="digits", method=m)).scale for m in ("bi-lora", "heart-bi-lora", "lora")] == \
         [16.0, 16.0, 4.0]
     assert resolve(TrainConfig(task="digits", method="bi-lora", scale=2.0)).scale == 2.0  # asked for: kept
+    one_bit = resolve(TrainConfig(task="digits", method="lora", bits=1))  # a float method with 1-bit adapters
+    assert one_bit.scale == 16.0 and any("--bits 1: scale 16" in n for n in one_bit.notes)
+    assert resolve(TrainConfig(task="digits", method="lora", bits=1, scale=3.0)).scale == 3.0
+    assert resolve(TrainConfig(task="digits", method="lora", bits=2)).scale == 4.0  # only 1 bit was chosen for
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
                 dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),

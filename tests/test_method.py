@@ -506,3 +506,27 @@ def test_shared_product_of_a_fused_linear_equals_one_delta_per_projection(target
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("scale", 0, "scale 0 must be a finite number > 0"),
+    ("scale", float("nan"), "scale nan must be"),
+    ("rank", 2.5, "rank 2.5 must be a positive integer"),
+    ("rank", True, "rank True must be a positive integer"),
+    ("bits", 1.5, "bits 1.5 is not supported"),
+])
+def test_config_refuses_values_that_used_to_fail_later_or_silently(field: str, value: object, match: str) -> None:
+    """scale 0 made attach blame the backbone (no delta reaches the output); rank 2.5 failed inside torch.empty."""
+    with pytest.raises(ConfigError, match=match):
+        hl.HeartLoRAConfig(**{field: value})
+
+
+def test_attach_names_a_wrong_model_or_config_and_takes_a_dict(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="attach needs a torch.nn.Module .* got str"):
+        hl.attach("vit", hl.HeartLoRAConfig())
+    with pytest.raises(ConfigError, match="config must be a HeartLoRAConfig .* got int"):
+        hl.attach(make_family("timm_vit")[0], 4)
+    model = hl.attach(make_family("timm_vit")[0], {"rank": 2, "targets": "q,v"})
+    assert hl.adapter_config(model).rank == 2 and hl.adapter_config(model).targets == ("q", "v")
+    with pytest.raises(ConfigError, match="is a folder: name the file to write"):
+        hl.save_adapter(model, tmp_path)

@@ -412,3 +412,14 @@ def test_a_refused_load_leaves_the_backbone_as_it_came(saved: Path) -> None:
     hl.load_adapter(fresh, saved)  # a right backbone still loads
     with pytest.raises(AdapterFileError, match="does not fit"):
         hl.load_adapter(other, saved, check_fingerprint=False)  # and the same refusal again, not "already adapted"
+
+
+def test_a_run_folder_stands_for_its_adapter_file(saved: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter.safetensors").write_bytes(saved.read_bytes())
+    model, x = make_family("timm_vit")
+    hl.load_adapter(model, run)  # used to say "adapter file run does not exist" for a folder that does
+    assert hl.read_adapter_info(run)["config"] == hl.read_adapter_info(saved)["config"]
+    with pytest.raises(AdapterFileError, match="is a folder without adapter.safetensors"):
+        hl.read_adapter_info(tmp_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from torch import nn
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import _detach, is_adapted
-from heartlora.method.storage import load_adapter, read_adapter_info
+from heartlora.method.storage import adapter_file, load_adapter, read_adapter_info
 
 RUN_KEY = "heartlora_run"  # the engine's run facts inside an adapter file's extra metadata (task, class names)
 
@@ -431,10 +432,14 @@ class AdapterBank:
         """Load one adapter file. ``name`` defaults to the task the file was trained on (its run facts), else the
         file's folder or stem; ``class_names`` to the file's. Refuses a file for another backbone (fingerprint), a
         name already in the bank, and backbones whose attention reads the adapted weight directly."""
+        path = adapter_file(path)  # a run folder stands for its adapter.safetensors
         info = read_adapter_info(path)
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
-        path = Path(path)
-        name = name or run.get("task") or (path.parent.name if path.stem == "adapter" else path.stem)
+        task = str(run.get("task") or "")
+        vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
+        if vtab:  # a VTAB folder's task is named by the folder, not by its whole path
+            task = Path(vtab.group(1)).name + (vtab.group(2) or "")
+        name = name or task or (path.parent.name if path.stem == "adapter" else path.stem)
         if name in self.tasks:
             raise ConfigError(f"the bank already holds a task named {name!r} ({self.tasks[name].path}): "
                               "give this adapter another name")
@@ -518,7 +523,9 @@ class AdapterBank:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         """Logits of each row under its own task's adapter and classifier: a list of ``len(images)`` 1-D tensors
-        (length: that task's class count)."""
+        (length: that task's class count). ``tasks`` may be one name for every row."""
+        if isinstance(tasks, str):
+            tasks = [tasks] * len(images)
         if not self.tasks:
             raise ConfigError("the bank holds no adapters: add adapter files with bank.add(path)")
         if len(tasks) != len(images):
@@ -553,6 +560,8 @@ class AdapterBank:
         """Per row, the ``k`` most probable labels of its task: ``{"label", "index", "prob"}`` each."""
         if k < 1:
             raise ConfigError(f"top_k must be at least 1, got {k}")
+        if isinstance(tasks, str):
+            tasks = [tasks] * len(images)
         rows = []
         for logits, task in zip(self(images, tasks), tasks):
             probs = logits.float().softmax(0)

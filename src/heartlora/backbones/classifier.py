@@ -56,6 +56,10 @@ class ImageClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], shape (B, 3, S, S) → pooled features, shape (B, head.in_features)."""
+        if x.ndim != 4 or not x.is_floating_point():  # dtype and rank only: no host sync
+            raise ConfigError(f"images must be a float tensor (batch, 3, height, width) in [0, 1], got {x.dtype} of "
+                              f"shape {tuple(x.shape)}" + (" (uint8 images: x.float() / 255)"
+                                                          if not x.is_floating_point() else ""))
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         cls, patches = self.encode(x)
         if self.pool == "cls":

@@ -175,6 +175,11 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     if out.method not in method_names():
         raise ConfigError(f"unknown method {out.method!r}: choose one of {', '.join(method_names())}")
     method = get_method(out.method)
+    if out.scale is None and out.bits == 1 and method.bits != 1:  # a float method asked for 1-bit adapters
+        from heartlora.engine.methods import BI_SCALE
+
+        out.scale = BI_SCALE["scale"]
+        out.notes.append(f"--bits 1: scale {out.scale:g}, the 1-bit methods' default (--scale sets it yourself)")
     for k, v in {**DEFAULTS, **method.defaults}.items():
         if getattr(out, k) is None:
             setattr(out, k, v)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -44,8 +46,15 @@ class HeartLoRAConfig:
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"targets {list(self.targets)} repeat a projection: name each of q, k, v, o once")
         self.targets = tuple(t for t in TARGETS if t in self.targets)
-        if int(self.rank) < 1:
-            raise ConfigError(f"rank {self.rank} must be a positive integer")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, numbers.Integral) or self.rank < 1:
+            raise ConfigError(f"rank {self.rank!r} must be a positive integer")
+        self.rank = int(self.rank)
+        if (isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale)
+                or self.scale <= 0):
+            raise ConfigError(f"scale {self.scale!r} must be a finite number > 0 (the delta is scale * B @ A; 0 would "
+                              "make the adapter a no-op)")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral):
+            raise ConfigError(f"bits {self.bits!r} is not supported: use 32 (float) or 1..8 (quantized)")
         if not (1 <= int(self.bits) <= 8 or int(self.bits) == FLOAT_BITS):
             raise ConfigError(f"bits {self.bits} is not supported: use 32 (float) or 1..8 (quantized)")
         if not 0.0 <= float(self.dropout) < 1.0:

@@ -116,6 +116,13 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
     >>> len(hl.attention_layers(vit)), hl.coverage(vit).summary()
     (12, 'adapted 12 of 12 attention modules')
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"attach needs a torch.nn.Module (a timm, transformers or torchvision model), got "
+                          f"{type(model).__name__}")
+    if isinstance(config, dict):
+        config = HeartLoRAConfig(**config)
+    elif config is not None and not isinstance(config, HeartLoRAConfig):
+        raise ConfigError(f"config must be a HeartLoRAConfig (or a dict of its fields), got {type(config).__name__}")
     config = config or HeartLoRAConfig()
     if getattr(model, _STATE, None) is not None:
         raise ConfigError("this model already has heartlora adapters: attach them to a fresh backbone")

@@ -114,6 +114,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
                  extra_metadata: dict[str, Any] | None = None) -> AdapterReport:
     """Write the adapter (active heads only), the saved modules (classifier) and metadata to ``path``
     (safetensors, written atomically). ``extra_metadata`` must be JSON-able; it is covered by the checksum too."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a folder: name the file to write, e.g. {Path(path) / 'adapter.safetensors'}")
     state = _state(model)
     cfg = state.config
     tensors: dict[str, torch.Tensor] = {}
@@ -313,8 +315,19 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> Heart
     return cfg
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], HeartLoRAConfig]:
+def adapter_file(path: str | os.PathLike) -> Path:
+    """``path``, or the ``adapter.safetensors`` inside it when it is a run folder (as the CLI takes it)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "adapter.safetensors").is_file():
+            raise AdapterFileError(f"{path} is a folder without adapter.safetensors: name the adapter file, or the "
+                                   "folder of a finished run")
+        return path / "adapter.safetensors"
+    return path
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], HeartLoRAConfig]:
+    path = adapter_file(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist: check the path (train writes adapter.safetensors)")
     try:
@@ -361,7 +374,8 @@ def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
 def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
     """Attach the file's adapter to ``backbone`` (a fresh one, built as the file's ``backbone`` spec says), switch
     off its heads, load its weights and classifier. Refuses a file for another backbone or configuration; the file
-    is checked completely before anything is attached."""
+    is checked completely before anything is attached. ``path`` may be a run folder (its adapter.safetensors)."""
+    path = adapter_file(path)
     meta, tensors, cfg = _read(path)
     cfg.modules_to_save = tuple(meta["modules_to_save"])
     if is_adapted(backbone):
@@ -371,10 +385,13 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
     if check_fingerprint:
         fp = backbone_fingerprint(backbone, skip=cfg.modules_to_save)
         if fp != meta["fingerprint"]:
+            run = (meta.get("extra") or {}).get("heartlora_run") or {}
+            random = (f"; it was trained on random weights: build the backbone after torch.manual_seed("
+                      f"{run['init_seed']})" if run.get("pretrained") is False and "init_seed" in run else "")
             raise AdapterFileError(
                 f"{path} was trained on a backbone with other weights or shapes (fingerprint "
                 f"{meta['fingerprint'][:12]}, this one {fp[:12]}): load the same pretrained backbone "
-                f"({want['name']!r}, same img_size and num_classes), or pass check_fingerprint=False")
+                f"({want['name']!r}, same img_size and num_classes), or pass check_fingerprint=False{random}")
     elif isinstance(spec, dict) and spec.get("name") != want["name"]:
         # Without the fingerprint the name is all there is to go on (with it, equal weights may come by any name).
         raise AdapterFileError(f"{path} was trained on backbone {want['name']!r}, not {spec.get('name')!r}: "
