@@ -36,9 +36,7 @@ from torch import nn
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import _detach, is_adapted
-from heartlora.method.storage import adapter_file, load_adapter, read_adapter_info
-
-RUN_KEY = "heartlora_run"  # the engine's run facts inside an adapter file's extra metadata (task, class names)
+from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
 
 
 class _Route:

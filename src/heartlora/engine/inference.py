@@ -23,9 +23,9 @@ from torch import nn
 from heartlora.data.base import open_image
 from heartlora.errors import AdapterFileError, ImageReadError
 from heartlora.method.model import backbone_fingerprint
+from heartlora.method.storage import RUN_KEY
 
 WEIGHTS_FORMAT = "heartlora-weights-2"  # -1 files had no checksum
-RUN_KEY = "heartlora_run"  # key of the run's facts inside the file's metadata
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

@@ -33,6 +33,7 @@ from heartlora.engine.precision import compiled, matmul_precision, resolve_preci
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
 from heartlora.errors import ConfigError, HeartLoRAError, RunFolderError
+from heartlora.method.deactivate import ne_limit
 
 log = logging.getLogger(__name__)
 # --ne auto decides on this many training images (one forward pass each per candidate share).
@@ -211,7 +212,7 @@ class Trainer:
         cfg = self.cfg
         if not self.method.heart or not isinstance(cfg.ne, int):
             return
-        limit = sum(self.per_layer) if cfg.scope == "global" else min(self.per_layer)
+        limit = ne_limit(self.per_layer, cfg.scope)
         where = (f"the {limit} attention heads of {cfg.backbone}" if cfg.scope == "global"
                  else f"the {limit} attention heads per layer")
         if cfg.ne > limit:

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from heartlora.errors import ConfigError
 from heartlora.method import ResponsivenessTracker, attention_layers, deactivate_heads, is_adapted
-from heartlora.method.deactivate import SCOPES
+from heartlora.method.deactivate import SCOPES, ne_limit
 
 
 class HeartLoRACallback(TrainerCallback):
@@ -57,8 +57,7 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"warmup_steps {self.warmup_steps} is not below the run's {state.max_steps} optimizer "
                               "steps: no step would train with the heads off; choose a smaller warmup_steps")
         if self.ne is not None:
-            heads = [layer.num_heads for layer in attention_layers(model)]
-            limit = sum(heads) if self.scope == "global" else min(heads)
+            limit = ne_limit([layer.num_heads for layer in attention_layers(model)], self.scope)
             if self.ne > limit:
                 where = "attention heads" if self.scope == "global" else "heads in its smallest layer"
                 raise ConfigError(f"ne {self.ne} is more than the model's {limit} {where}: choose ne <= {limit}")

@@ -14,6 +14,11 @@ from heartlora.method.model import attention_layers
 SCOPES = ("global", "layer")
 
 
+def ne_limit(heads_per_layer: list[int], scope: str) -> int:
+    """The largest ne a model with these head counts takes: every head (``global``), or its smallest layer's."""
+    return sum(heads_per_layer) if scope == "global" else min(heads_per_layer)
+
+
 def select_heads(scores: dict[str, torch.Tensor], ne: int | None = None, fraction: float | None = None,
                  scope: str = "global", active: dict[str, list[bool]] | None = None) -> list[tuple[str, int]]:
     """The heads to switch off: the ``ne`` least responsive over all layers (``scope="global"``) or in each layer

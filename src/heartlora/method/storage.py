@@ -32,6 +32,8 @@ from heartlora.method.model import (_detach, _state, attach, attention_layers, b
                                     is_adapted)
 
 log = logging.getLogger(__name__)
+# The engine's run facts (task, class names, seed) inside a file's extra metadata.
+RUN_KEY = "heartlora_run"
 
 FORMAT = "heartlora-adapter"
 # 2: the metadata JSON has its own sha256 (``heartlora_sha256``). 1: only the tensors were checked; still read,
@@ -385,7 +387,7 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
     if check_fingerprint:
         fp = backbone_fingerprint(backbone, skip=cfg.modules_to_save)
         if fp != meta["fingerprint"]:
-            run = (meta.get("extra") or {}).get("heartlora_run") or {}
+            run = (meta.get("extra") or {}).get(RUN_KEY) or {}
             random = (f"; it was trained on random weights: build the backbone after torch.manual_seed("
                       f"{run['init_seed']})" if run.get("pretrained") is False and "init_seed" in run else "")
             raise AdapterFileError(
