@@ -23,6 +23,7 @@ subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -226,6 +227,9 @@ def _profile(args: argparse.Namespace) -> Profile:
         RESULTS = Path(args.results)
     if getattr(args, "runs", None):
         RUNS = Path(args.runs)
+    elif ENGINE_FLAGS:  # other flags, other runs: never resume (or count as done) the default runs' folders
+        key = hashlib.sha256(json.dumps(ENGINE_FLAGS, sort_keys=True).encode()).hexdigest()[:10]
+        RUNS = RUNS.parent / f"suite-flags-{key}"
     return profile
 
 

@@ -120,6 +120,25 @@ def test_report_marks_partial_results(tmp_path, monkeypatch):
     assert "mean of the 2 group means" in text and "mean of all 2 tasks" in text
 
 
+def test_engine_flags_runs_never_reuse_the_default_runs_folders(monkeypatch):
+    import argparse
+
+    import suite as script  # benchmarks/suite.py, the command line over heartlora.experiments
+
+    monkeypatch.setattr(script, "RUNS", script.ROOT / "runs" / "suite")
+    monkeypatch.setattr(script, "RESULTS", script.RESULTS)
+    args = argparse.Namespace(profile="cpu", seeds=None, tasks=None, methods=None, results="x.json", runs=None)
+    script._profile(args)
+    default = script.RUNS
+    folders = set()
+    for flags in ({"heart-lora": ["--score-steps", "2"]}, {"heart-lora": ["--score-steps", "4"]}):
+        monkeypatch.setattr(script, "RUNS", default)
+        monkeypatch.setattr(script, "ENGINE_FLAGS", dict(flags))
+        script._profile(args)
+        folders.add(script.RUNS)
+    assert default not in folders and len(folders) == 2  # a finished default run is not "resumed" with other flags
+
+
 def test_storage_spreads_heads_over_layers():
     from types import SimpleNamespace
 

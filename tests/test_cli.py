@@ -96,7 +96,7 @@ def test_resume_without_out_continues_the_default_folder(tmp_path: Path, task: s
     (folder,) = (tmp_path / "runs").iterdir()
     capsys.readouterr()
     assert main([*argv, "--resume"]) == 0
-    assert f"{Path('runs') / folder.name} holds a finished run" in capsys.readouterr().out
+    assert f"{Path('runs') / folder.name} holds a finished run" in capsys.readouterr().err
 
 
 def test_classes_without_training_images_are_noted(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:

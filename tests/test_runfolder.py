@@ -194,3 +194,37 @@ def test_failed_writes_name_their_cause() -> None:
     assert describe_os_error(OSError(errno.EROFS, "Read-only file system")) == "the file system is read-only"
     torch_full = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4050")
     assert describe_os_error(torch_full) == "the write stopped part-way (is the disk full?)"
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(
+        tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.log").write_text("started\n")  # all a run leaves when it is killed inside its first epoch
+    line = _fails(["train", "--out", str(out), "--resume"], capsys, "no checkpoint yet")
+    assert "--task" in line and (out / "train.log").read_text() == "started\n"  # refused, and nothing lost
+    assert main(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out), "--resume"]) == 0
+    assert "starting it from the beginning" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    # A folder holding anything else of a run (here the adapter) but no checkpoint is still refused.
+    (out / "checkpoint.pt").unlink()
+    _fails(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out), "--resume"], capsys,
+           "no checkpoint.pt to resume from")
+
+
+def test_resume_and_overwrite_together_are_refused_by_name(tmp_path: Path, task: str,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    _fails(["train", "--task", task, *FLAGS, "--out", str(tmp_path / "run"), "--resume", "--overwrite"], capsys,
+           "--resume and --overwrite contradict each other")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_json_of_a_finished_run_prints_only_json(tmp_path: Path, task: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "already_finished"
+    assert "holds a finished run" in captured.err

@@ -122,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.out} --resume")
         return 0
     if metrics["status"] == "already_finished":
-        print(f"{cfg.out} holds a finished run; showing its results (--overwrite trains again)")
+        print(f"{cfg.out} holds a finished run; showing its results (--overwrite trains again)", file=sys.stderr)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -146,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     metrics = train(cfg)
     if metrics["status"] == "already_finished":
-        print(f"{cfg.out} holds a finished demo; showing its results (--overwrite runs it again)")
+        print(f"{cfg.out} holds a finished demo; showing its results (--overwrite runs it again)", file=sys.stderr)
     rows = summary_rows(metrics, cfg.out)
     rows.append(("this command took", f"{time.perf_counter() - t0:.0f} s"))
     print_table("heartlora demo: results", rows)

@@ -142,6 +142,9 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     saved values fill the gaps, and an explicit flag that disagrees with them is an error."""
     from heartlora.engine.methods import get_method, method_names
 
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                          "--overwrite starts it again from the beginning; pass one of them")
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
         given = {k: v for k, v in cfg.settings().items() if v is not None}

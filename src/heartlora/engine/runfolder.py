@@ -19,6 +19,8 @@ from heartlora.errors import HeartLoRAError, RunFolderError
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
              "checkpoint.pt")
 LOCK_NAME = ".heartlora.lock"
+# What a run writes before its first checkpoint: --resume of a folder holding only these starts that run again.
+BEFORE_FIRST_CHECKPOINT = {"train.log"}
 
 
 def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
@@ -39,6 +41,8 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         return {"error": f"output folder {out} already holds files ({listed}): pass --resume to continue that run, "
                          "--overwrite to replace its files, or choose another --out"}
     if "checkpoint.pt" not in present:
+        if set(present) <= BEFORE_FIRST_CHECKPOINT:  # killed before its first checkpoint: nothing to continue from
+            return {"mode": "fresh", "restart": True}
         return {"error": f"output folder {out} holds no checkpoint.pt to resume from: choose another --out, "
                          "or --overwrite to start there afresh"}
     try:

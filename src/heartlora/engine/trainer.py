@@ -70,6 +70,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     decision = broadcast_object(_look(out, cfg) if info.is_main else None, info)
     if "error" in decision:
         raise _error(decision)
+    if decision.get("restart"):  # --resume of a run killed before its first checkpoint: it starts again
+        why = f"{out} holds no checkpoint yet (the run stopped before its first one)"
+        if cfg.task is None:
+            raise ConfigError(f"{why}, so there is nothing to resume from: run the command that started it (its "
+                              "--task and flags) again with --resume")
+        if info.is_main:
+            print(f"note: {why}: starting it from the beginning", file=sys.stderr)
     state = TrainState.from_checkpoint(decision["state"]) if "state" in decision else None
     if decision["mode"] == "done":
         resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
@@ -358,25 +365,28 @@ class Trainer:
         t0 = time.perf_counter()
         for step in range(self.steps_per_epoch):
             batch = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if len(batch) < info.world_size:
-                continue  # a last batch smaller than the number of ranks would leave a rank idle: skip it
             mine = shard(batch, info)
+            # DDP averages gradients over ranks; scaling by W / global batch makes that the mean over the batch.
+            weight = info.world_size / len(batch)
+            idle = len(mine) == 0
+            if idle:  # a last batch smaller than the number of ranks: every rank must still take the step, so this
+                mine, weight = batch[:1], 0.0  # one runs one image at weight 0 (no gradient, not counted)
             x = self.train_x[mine].float().div_(255.0)
             y = self.train_y[mine]
             with self.precision.autocast():
                 logits = self.net(x)
             batch_loss = loss_fn(logits.float(), y)
-            # DDP averages gradients over ranks; scaling by W / global batch makes that the mean over the batch.
-            self.precision.backward(batch_loss * (info.world_size / len(batch)))
+            self.precision.backward(batch_loss * weight)
             if scoring:
                 self.precision.unscale(self.optimizer)
                 self.tracker.update()
             self.precision.step(self.optimizer)
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loss_acc += batch_loss.detach()
-            correct_acc += (logits.detach().argmax(1) == y).sum()
-            seen += len(mine)
+            if not idle:
+                loss_acc += batch_loss.detach()
+                correct_acc += (logits.detach().argmax(1) == y).sum()
+                seen += len(mine)
             self.bar.update(1)
             if scoring and cfg.score_steps is not None and self.tracker.steps >= cfg.score_steps:
                 scoring = False
