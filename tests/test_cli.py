@@ -99,6 +99,18 @@ def test_resume_without_out_continues_the_default_folder(tmp_path: Path, task: s
     assert f"{Path('runs') / folder.name} holds a finished run" in capsys.readouterr().err
 
 
+def test_a_warmup_that_fills_the_run_is_noted(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    """--epochs 1 on a heart method: the one epoch is the scoring warmup, so the heads go off after the last step
+    and the learning rate never decays. Allowed (a smoke run), but said; a run with epochs after warmup is not."""
+    argv = ["train", "--task", task, "--method", "heart-lora", "--ne", "3", *TINY]
+    assert main([*argv, "--epochs", "1", "--out", str(tmp_path / "one")]) == 0
+    err = capsys.readouterr().err
+    assert "scoring fills the whole run (3 of its 3 optimizer steps)" in err and "never decays" in err
+    assert main([*argv, "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "two")]) == 0
+    err = capsys.readouterr().err
+    assert "scoring fills" not in err and "never decays" not in err
+
+
 def test_classes_without_training_images_are_noted(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
     """A test label no training image has (a typo, or a class VTAB-1K's 1,000 images missed) widens the classifier:
     allowed, since real VTAB-1K tasks can miss classes, but said."""

@@ -228,3 +228,20 @@ def test_resume_json_of_a_finished_run_prints_only_json(tmp_path: Path, task: st
     captured = capsys.readouterr()
     assert json.loads(captured.out)["status"] == "already_finished"
     assert "holds a finished run" in captured.err
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path: Path, task: str) -> None:
+    """A job scheduler's stop (SIGTERM) says what happened, releases the folder, and --resume continues."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "heartlora", "train", "--task", task, *FLAGS, "--epochs", "200", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
+    assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +21,11 @@ from heartlora.errors import HeartLoRAError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell or a job scheduler expects of a process it stopped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, `kill`, torchrun ending its workers) inside train or demo."""
 BACKBONE_HELP = ("build this backbone instead of the one the file names (a file never makes heartlora download: "
                  "name a hub model here to fetch it, or give a local copy); its weights must match the file's")
 
@@ -607,8 +614,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    previous = None
+    if args.func in (cmd_train, cmd_demo) and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: the run folder is released
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("\nterminated (SIGTERM): the last finished epoch is checkpointed; continue with --resume",
+              file=sys.stderr)
+        return EXIT_TERMINATED
     except HeartLoRAError as exc:
         if debug:
             raise
@@ -627,7 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is checkpointed; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_ERROR
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

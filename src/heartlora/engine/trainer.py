@@ -237,9 +237,19 @@ class Trainer:
                          f"{PROTOCOLS[self.cfg.protocol][0]} (labels {shown}); the classifier has {classes} outputs "
                          "(the largest label of any split + 1, or classes.txt): if that is not meant, check the "
                          "labels of val200.txt and test.txt")
-        if self.cfg.profile == "paper" and self.info.device.type == "cpu" and self.cfg.img_size >= 224:
+        cfg = self.cfg
+        if cfg.profile == "paper" and self.info.device.type == "cpu" and cfg.img_size >= 224 and cfg.epochs >= 50:
             notes.append("the paper profile (224 px, 100 epochs) is very slow on a CPU; --profile cpu sets CPU-sized "
                          "defaults")
+        total = cfg.epochs * math.ceil(len(self.train_x) / cfg.batch_size)
+        scoring = cfg.score_steps if cfg.score_steps is not None else cfg.warmup_epochs * (total // cfg.epochs)
+        if self.method.heart and not cfg.score_restart and scoring >= total:
+            notes.append(f"scoring fills the whole run ({scoring} of its {total} optimizer steps): the heads are "
+                         "switched off after the last step, so the adapter is never trained without them; give more "
+                         "--epochs than --warmup-epochs, or a smaller --score-steps")
+        if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
+            notes.append(f"the learning-rate warmup fills all {cfg.epochs} epoch(s) (--warmup-epochs "
+                         f"{cfg.warmup_epochs}): the learning rate rises to --lr and never decays")
         return notes
 
     def say(self, msg: str, echo: bool = True) -> None:
