@@ -56,8 +56,9 @@ def test_train_prints_a_summary_and_writes_the_run(run_dir: Path, capsys: pytest
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["heads_off_count"] == 4 and metrics["protocol"] == "val"
     assert main(["train", "--out", str(run_dir), "--resume", "--quiet"]) == 0  # finished: shows the stored result
-    out = "".join(capsys.readouterr().out.split())  # the table may wrap long paths
-    assert "finishedrun" in out and "accuracy(val200)" in out and "4of12" in out and "responsiveness.png" in out
+    captured = capsys.readouterr()
+    out = "".join(captured.out.split())  # the table may wrap long paths
+    assert "holds a finished run" in captured.err and "accuracy(val200)" in out and "4of12" in out and "responsiveness.png" in out
 
 
 def test_eval_predict_inspect(run_dir: Path, task: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -174,6 +175,9 @@ def test_corrupt_and_mismatched_adapters(run_dir: Path, tmp_path: Path, task: st
         _fails(["eval", "--adapter", str(path), "--task", task], capsys, str(path))
         _fails(["inspect", str(path)], capsys, str(path))
     _fails(["predict", "--adapter", str(tmp_path / "missing.safetensors"), str(truncated)], capsys, "does not exist")
+    (tmp_path / "no_run").mkdir()
+    for argv in (["inspect", str(tmp_path / "no_run")], ["export", str(tmp_path / "no_run"), str(tmp_path / "x")]):
+        _fails(argv, capsys, "is a folder without adapter.safetensors")
     _fails(["eval", "--adapter", str(run_dir), "--task", "digits"], capsys, "classes")
     assert (run_dir / "adapter.safetensors").read_bytes() == good
 

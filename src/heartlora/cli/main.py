@@ -445,9 +445,10 @@ def _refuse_to_replace(path: Path, overwrite: bool, names: tuple[str, ...] = ())
 
 
 def _adapter_path(value: str) -> Path:
-    """A run folder stands for the adapter.safetensors inside it."""
-    p = Path(value)
-    return p / "adapter.safetensors" if p.is_dir() else p
+    """A run folder stands for the adapter.safetensors inside it (the library's rule: storage.adapter_file)."""
+    from heartlora.method.storage import adapter_file
+
+    return adapter_file(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
