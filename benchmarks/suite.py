@@ -219,17 +219,19 @@ def _profile(args: argparse.Namespace) -> Profile:
                 raise SystemExit(f"--{key} {','.join(unknown)}: not in profile {profile.name} "
                                  f"({', '.join(allowed)})")
             subset[key] = chosen
-    if subset:
-        profile = replace(profile, **subset)
-        if not getattr(args, "results", None):
-            RESULTS = RUNS / f"{profile.name}-subset" / "results.json"
-    if getattr(args, "results", None):
-        RESULTS = Path(args.results)
     if getattr(args, "runs", None):
         RUNS = Path(args.runs)
-    elif ENGINE_FLAGS:  # other flags, other runs: never resume (or count as done) the default runs' folders
+    elif ENGINE_FLAGS:  # other flags, other runs: never resume the default runs' folders
         key = hashlib.sha256(json.dumps(ENGINE_FLAGS, sort_keys=True).encode()).hexdigest()[:10]
         RUNS = RUNS.parent / f"suite-flags-{key}"
+    if subset:
+        profile = replace(profile, **subset)
+    if getattr(args, "results", None):
+        RESULTS = Path(args.results)
+    elif ENGINE_FLAGS:  # nor count the default runs' records as done, nor replace them in docs/results.json
+        RESULTS = RUNS / f"{profile.name}{'-subset' if subset else ''}" / "results.json"
+    elif subset:
+        RESULTS = RUNS / f"{profile.name}-subset" / "results.json"
     return profile
 
 

@@ -127,16 +127,23 @@ def test_engine_flags_runs_never_reuse_the_default_runs_folders(monkeypatch):
 
     monkeypatch.setattr(script, "RUNS", script.ROOT / "runs" / "suite")
     monkeypatch.setattr(script, "RESULTS", script.RESULTS)
-    args = argparse.Namespace(profile="cpu", seeds=None, tasks=None, methods=None, results="x.json", runs=None)
+    args = argparse.Namespace(profile="cpu", seeds=None, tasks=None, methods=None, results=None, runs=None)
     script._profile(args)
-    default = script.RUNS
-    folders = set()
+    default, docs = script.RUNS, script.RESULTS
+    assert docs == script.ROOT / "docs" / "results.json"
+    places = set()
     for flags in ({"heart-lora": ["--score-steps", "2"]}, {"heart-lora": ["--score-steps", "4"]}):
         monkeypatch.setattr(script, "RUNS", default)
+        monkeypatch.setattr(script, "RESULTS", docs)
         monkeypatch.setattr(script, "ENGINE_FLAGS", dict(flags))
         script._profile(args)
-        folders.add(script.RUNS)
-    assert default not in folders and len(folders) == 2  # a finished default run is not "resumed" with other flags
+        assert script.RESULTS.parent.parent == script.RUNS  # its records beside its runs, never in docs/
+        places.add((script.RUNS, script.RESULTS))
+    # a finished default run is neither "resumed" with other flags nor counted as done, nor replaced in docs/
+    assert len(places) == 2 and not {default, docs} & {p for pair in places for p in pair}
+    monkeypatch.setattr(script, "RESULTS", docs)
+    script._profile(argparse.Namespace(**{**vars(args), "results": "mine.json", "runs": "r"}))
+    assert (script.RUNS, script.RESULTS) == (Path("r"), Path("mine.json"))  # given places are kept
 
 
 def test_storage_spreads_heads_over_layers():

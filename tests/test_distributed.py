@@ -57,3 +57,31 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     # Only rank 0 wrote, and it wrote one run's files.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(RUN_FILES)
     assert done.stdout.count("heartlora train:") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
+def test_sigterm_to_one_rank_ends_the_job(tmp_path: Path) -> None:
+    """SIGTERM to one worker of a torchrun job (an OOM killer, a user's `kill`) ends the whole job promptly: no rank
+    waits in a collective for a rank that is gone."""
+    import signal
+    import time
+
+    task = write_tiny_vtab(tmp_path / "task")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "heartlora", "train", "--task", task, "--out", str(out), "--quiet",
+           *_cli_flags({**FLAGS, "epochs": 400})]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    os.kill(int(workers[0]), signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 20  # torchrun's own grace period before SIGKILL is 30 s
+    assert proc.returncode != 0 and not (out / "metrics.json").exists()

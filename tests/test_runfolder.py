@@ -245,3 +245,39 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path: Path, task: str) -> None:
     assert "terminated (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
     assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] >= 1
+
+
+def test_the_sigterm_handler_is_only_borrowed(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() called from a program with its own SIGTERM handler leaves it alone (the signal reaches the host, the
+    command goes on); in a plain process the borrowed handler is given back."""
+    import heartlora.cli.main as cli
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", task, *FLAGS, "--epochs", "1", "--out", str(out)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    seen = []
+
+    def host(signum, frame):  # the host program's own handler
+        seen.append(signum)
+
+    real_table = cli.print_table
+
+    def table_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes
+        return real_table(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "print_table", table_after_a_sigterm)
+    previous = signal.signal(signal.SIGTERM, host)
+    try:
+        assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is host
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_threads_below_one_are_one_line(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    for value in ("0", "-1"):
+        _fails(["train", "--task", task, *FLAGS, "--threads", value, "--out", str(tmp_path / value)], capsys,
+               f"--threads must be at least 1, got {value}")

@@ -126,7 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if metrics["status"] == "stopped":
         print(f"stopped after epoch {metrics['epochs_done']}; continue with: heartlora train --out "
-              f"{cfg.out} --resume")
+              f"{cfg.out} --resume", file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(metrics, indent=2))
         return 0
     if metrics["status"] == "already_finished":
         print(f"{cfg.out} holds a finished run; showing its results (--overwrite trains again)", file=sys.stderr)
@@ -615,14 +617,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    previous = None
-    if args.func in (cmd_train, cmd_demo) and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: the run folder is released
+    installed = _catch_sigterm(args)
     try:
         return int(args.func(args) or 0)
     except Terminated:
-        print("\nterminated (SIGTERM): the last finished epoch is checkpointed; continue with --resume",
-              file=sys.stderr)
+        _say_stopped(args, "terminated (SIGTERM)")
         return EXIT_TERMINATED
     except HeartLoRAError as exc:
         if debug:
@@ -640,16 +639,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is checkpointed; continue with --resume", file=sys.stderr)
+        _say_stopped(args, "interrupted")
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return EXIT_ERROR
 
 
+def _catch_sigterm(args: argparse.Namespace) -> bool:
+    """train and demo unwind on SIGTERM like on Ctrl-C (the run folder is released, the exit says so). Only in a
+    plain process: not where the host program has its own handler, not off the main thread, and not under torchrun,
+    whose ranks may be inside a collective the signalled rank will never finish (torchrun stops them itself)."""
+    if args.func not in (cmd_train, cmd_demo) or threading.current_thread() is not threading.main_thread():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _terminate)
+    return True
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one-shot: a second SIGTERM must not break the unwinding
     raise Terminated
+
+
+def _say_stopped(args: argparse.Namespace, how: str) -> None:
+    """What a stopped command leaves and how to go on (rank 0 only under torchrun)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.func is cmd_train:
+        then = ": the last finished epoch is checkpointed; continue with the same command and --resume"
+    elif args.func is cmd_demo:
+        then = ": the last finished epoch is checkpointed; `heartlora demo` again continues it"
+    else:
+        then = ""
+    print(f"\n{how}{then}", file=sys.stderr)
 
 
 if __name__ == "__main__":

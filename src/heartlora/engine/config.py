@@ -137,6 +137,11 @@ DEFAULTS: dict[str, Any] = {f.name: f.metadata["fill"] for f in dataclasses.fiel
                             if f.metadata.get("fill") is not None}
 
 
+def check_threads(threads: int | None) -> None:
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads} (leave it out for torch's own choice)")
+
+
 def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
     """A copy of ``cfg`` with every default filled in and checked. With ``saved`` (a resumed run's settings) the
     saved values fill the gaps, and an explicit flag that disagrees with them is an error."""
@@ -249,8 +254,7 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     if not 0 <= out.warmup_epochs <= out.epochs or (method.heart and out.warmup_epochs < 1):
         raise ConfigError(f"--warmup-epochs {out.warmup_epochs} must be between {1 if method.heart else 0} and "
                           f"--epochs {out.epochs}")
-    if out.threads is not None and int(out.threads) < 1:
-        raise ConfigError(f"--threads must be at least 1, got {out.threads} (leave it out for torch's own choice)")
+    check_threads(out.threads)
     if out.lr <= 0 or out.weight_decay < 0:
         raise ConfigError("--lr must be positive and --weight-decay not negative")
     if out.stop_after_epoch is not None and out.stop_after_epoch < 1:

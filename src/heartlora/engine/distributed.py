@@ -71,10 +71,12 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def teardown() -> None:
-    """Leave the process group, if one was joined."""
+def teardown(barrier: bool = True) -> None:
+    """Leave the process group, if one was joined. ``barrier=False`` when leaving on an error or a signal: the other
+    ranks may be inside a collective this rank will never join, and waiting for them would hang."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

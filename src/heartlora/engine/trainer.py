@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import PROTOCOLS, TrainConfig, default_out, resolve
+from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
@@ -48,16 +48,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Under torchrun (WORLD_SIZE set) this joins the process group and leaves it at the end, unless the caller had
     already joined one; the CPU thread count it changes is restored.
     """
+    check_threads(cfg.threads)
     threads_before = torch.get_num_threads()
     had_group = dist.is_available() and dist.is_initialized()
     info = setup(cfg.device)
+    finished = False
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return _train(cfg, info)
+        result = _train(cfg, info)
+        finished = True
+        return result
     finally:
         if info.enabled and not had_group:
-            teardown()
+            teardown(barrier=finished)
         torch.set_num_threads(threads_before)
 
 
