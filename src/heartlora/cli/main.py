@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="heartlora", parents=[common],
         description="Heart-LoRA fine-tuning of vision transformers: LoRA with the least responsive attention heads "
                     "switched off.",
-        epilog="Multi-process: torchrun --nproc_per_node N -m heartlora train …  (README.md: 'Many machines')")
+        epilog="Multi-process: torchrun --nproc_per_node N -m heartlora train …  (README.md: 'Many processes and machines')")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
