@@ -41,7 +41,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture, match: str) -> str:
     code = main(argv)
     captured = capsys.readouterr()
     assert code == EXIT_ERROR, captured
-    lines = [line for line in captured.err.splitlines() if line.strip()]
+    lines = [line for line in captured.err.splitlines() if line.strip() and not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert "Traceback" not in captured.err + captured.out
     assert match in lines[0], lines[0]

@@ -162,13 +162,21 @@ def test_train_leaves_a_process_group_it_did_not_create(monkeypatch: pytest.Monk
     left = []
     monkeypatch.setattr(trainer.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(trainer, "setup", lambda device: DistInfo(0, 2, 0, torch.device("cpu")))
-    monkeypatch.setattr(trainer, "teardown", lambda: left.append(True))
+    monkeypatch.setattr(trainer, "teardown", lambda barrier=True: left.append(barrier))
     monkeypatch.setattr(trainer, "_train", lambda cfg, info: {"status": "finished"})
     trainer.train(TrainConfig(task="x"))
     assert left == []  # the caller's group stays
     monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
     trainer.train(TrainConfig(task="x"))
     assert left == [True]  # the group train() joined is left
+
+    def fails(cfg, info):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_train", fails)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(TrainConfig(task="x"))
+    assert left == [True, False]  # leaving on an error: no barrier the other ranks may never reach
 
 
 def test_plots_do_not_switch_the_matplotlib_backend() -> None:
