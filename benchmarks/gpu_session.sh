@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_session.sh paper   # the paper profile (224 px, 100 epochs) of the same tasks, bf16
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
-#                                          # --score-steps 2, every task and seed, into its own results file)
+#                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
 #                                          # results are in docs/sweeps/defaults.json (not run again); the second
 #                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
@@ -162,10 +162,11 @@ prune_curve() {
 
 score_check() {
   # heart-lora with a 2-step scoring probe (issue 11) on the cpu profile: its own results file (the run ids equal the
-  # default heart-lora's), compared with the default runs by `benchmarks/scoring.py --suite-check`
-  local flags="{\"*\": [\"--precision\", \"tf32\", \"--score-steps\", \"2\"$(tiny_json)]}" extra=""
+  # default heart-lora's), compared with the default runs by `benchmarks/scoring.py --suite-check`. A fixed --ne 24
+  # (the default runs' median choice): --ne auto is refused after a probe shorter than the warmup (METHOD.md §2)
+  local flags="{\"*\": [\"--precision\", \"tf32\", \"--score-steps\", \"2\", \"--ne\", \"24\"$(tiny_json)]}" extra=""
   [ "$SMOKE" = 1 ] && extra="--tasks digits --seeds 42"
-  log "score check (heart-lora --score-steps 2)"
+  log "score check (heart-lora --score-steps 2 --ne 24)"
   timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --methods heart-lora \
     --engine-flags "$flags" --results $RUNS/score2-results.json --runs $RUNS/score2 --deadline-s $(limit ${1:-60}) \
     --report-every 0 $extra >>$RUNS/score2.log 2>&1

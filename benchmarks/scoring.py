@@ -195,8 +195,9 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
 def suite_check(check: Path, against: Path, dest: Path | None) -> str:
     """Issue 11's accuracy check of a scoring budget: the ``cpu`` suite's default heart-lora final runs (``against``)
     paired by task and seed with the same runs made with ``--score-steps N`` (``check``: a results file of
-    ``suite.py run --profile cpu --methods heart-lora --engine-flags '{"*": ["--score-steps", "N"]}'``). Test
-    accuracy, as the suite reports it; nothing is chosen from it."""
+    ``suite.py run --profile cpu --methods heart-lora --engine-flags '{"*": ["--score-steps", "N", "--ne", "K"]}'``:
+    a fixed count, since --ne auto is refused after a probe shorter than the warmup). Test accuracy, as the suite
+    reports it; nothing is chosen from it."""
     import statistics
 
     def final(path: Path, probe: bool) -> dict[tuple[str, int], dict[str, Any]]:
@@ -207,7 +208,7 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
 
     base, probe = final(against, False), final(check, True)
     # every setting but the probe itself must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
-    free = {"task", "seed", "score_steps", "precision"}
+    free = {"task", "seed", "score_steps", "precision", "ne", "ne_fraction", "ne_tolerance"}  # the count: shown
 
     def same(k: tuple[str, int]) -> bool:
         x, y = base[k]["settings"], probe[k]["settings"]
@@ -220,8 +221,9 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
     steps = sorted({probe[k]["settings"]["score_steps"] for k in pairs})
     lines = [f"# Heart-LoRA with a {'/'.join(map(str, steps))}-step scoring probe against the full warmup", "",
              (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}`: the `cpu` suite's "
-              "heart-lora final runs (test accuracy %, ne auto) paired by task and seed; every setting equal but the "
-              "probe (and the precision, listed). ± is the sample std over seeds."),
+              "heart-lora final runs (test accuracy %; the full warmup's at ne auto, the probe's at its fixed count) "
+              "paired by task and seed; every setting equal but the probe, the count (heads off, listed) and the "
+              "precision (listed). ± is the sample std over seeds."),
              "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) | precision |",
              "|---|---|---|---|---|---|---|"]
 

@@ -73,15 +73,26 @@ def test_sigterm_to_one_rank_ends_the_job(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "heartlora", "train", "--task", task, "--out", str(out), "--quiet",
            *_cli_flags({**FLAGS, "epochs": 400})]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
-    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    assert len(workers) == 2
-    t0 = time.monotonic()
-    os.kill(int(workers[0]), signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert time.monotonic() - t0 < 20  # torchrun's own grace period before SIGKILL is 30 s
-    assert proc.returncode != 0 and not (out / "metrics.json").exists()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a failed test leaves nothing running
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(workers) == 2
+        t0 = time.monotonic()
+        os.kill(int(workers[0]), signal.SIGTERM)
+        try:
+            proc.communicate(timeout=25)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job was still running 25 s after one rank got SIGTERM (a rank waits in a collective)")
+        assert proc.returncode != 0 and not (out / "metrics.json").exists()
+        assert time.monotonic() - t0 < 20  # torchrun's own grace period before SIGKILL is 30 s
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -244,11 +244,15 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path: Path, task: str) -> None:
     cmd = [sys.executable, "-m", "heartlora", "train", "--task", task, *FLAGS, "--epochs", "200", "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has exited; a failed test leaves nothing running
+        proc.wait()
     assert proc.returncode == 143, err[-2000:]
     assert "terminated (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
     assert not (out / LOCK_NAME).exists() and not (out / "metrics.json").exists()

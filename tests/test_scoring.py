@@ -86,6 +86,18 @@ def test_probe_longer_than_the_run_is_refused(tmp_path: Path, task: str) -> None
         train(tiny(tmp_path, task, method="heart-lora", ne=2, score_steps=7))
 
 
+def test_a_short_probe_needs_a_fixed_count(tmp_path: Path, task: str) -> None:
+    """--ne auto after a probe shorter than the warmup sees adapters near zero: every share passes, so it is refused
+    before any training; a fixed count or share runs, and a probe as long as the warmup may keep --ne auto."""
+    with pytest.raises(ConfigError, match="--score-steps 2 with --ne auto"):
+        train(tiny(tmp_path / "auto", task, method="heart-lora", ne="auto", score_steps=2))
+    assert not (tmp_path / "auto").exists()
+    fixed = train(tiny(tmp_path / "fraction", task, method="heart-lora", ne_fraction=0.25, score_steps=2))
+    assert fixed["heads_off_count"] == 3
+    whole = train(tiny(tmp_path / "whole", task, method="heart-lora", ne="auto", score_steps=3))  # = the warmup
+    assert whole["ne_choice"]["candidates"]
+
+
 # -- stability metrics on hand-made rankings ------------------------------------------------------------------------
 REF = {"l0": [1.0, 2.0, 3.0], "l1": [4.0, 5.0, 6.0]}
 

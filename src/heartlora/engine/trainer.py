@@ -217,6 +217,13 @@ class Trainer:
         if cfg.score_steps is not None and cfg.score_steps > total:
             raise ConfigError(f"--score-steps {cfg.score_steps} is more than the run's {total} optimizer steps "
                               f"({cfg.epochs} epochs): choose --score-steps ≤ {total}")
+        warmup = cfg.warmup_epochs * (total // cfg.epochs)
+        if cfg.score_steps is not None and cfg.score_steps < warmup and cfg.ne == "auto":
+            # Measured (benchmarks/results_notes.md): after a 2-step probe every share passed, 48 of 72 heads went off.
+            raise ConfigError(f"--score-steps {cfg.score_steps} with --ne auto: --ne auto judges a share of heads by "
+                              "the loss change of switching it off, and a probe that ends before the warmup (step "
+                              f"{warmup}) leaves adapters too close to their zero start for any share to change it, "
+                              "so the largest would always pass; give --ne N or --ne-fraction F with a short probe")
 
     def _check_ne(self) -> None:
         """Refuse an impossible --ne before any training time is spent (the core would refuse it after warmup)."""
