@@ -112,6 +112,34 @@ def test_merged_adapters_cannot_be_disabled_nor_disabled_ones_merged() -> None:
     assert torch.equal(model(x), base)
 
 
+def test_switching_heads_off_refuses_a_merged_model_a_foreign_optimizer_and_bad_counts() -> None:
+    """Each used to be accepted: heads "off" on a merged model kept their deltas in the weights (the output still
+    changed), an optimizer without the adapter Parameters silently stopped training the heads that stay, and a
+    fractional ne or a string head index were tracebacks. Every refusal leaves the model as it was."""
+    model, x = make_family("timm_vit")
+    hl.attach(model, ALL)
+    randomize(model)
+    layer = hl.attention_layers(model)[0].name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hl.merge(model)
+    with pytest.raises(ConfigError, match="merged into the base weights.*unmerge"):
+        hl.deactivate_heads(model, heads=[(layer, 0)])
+    hl.unmerge(model)
+    other = torch.optim.AdamW([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ConfigError, match="holds none of this model's adapter parameters"):
+        hl.deactivate_heads(model, heads=[(layer, 0)], optimizer=other)
+    scores = {n.name: torch.arange(n.num_heads, dtype=torch.float64) for n in hl.attention_layers(model)}
+    for ne in (2.5, "3", True):
+        with pytest.raises(ConfigError, match="whole number of heads"):
+            hl.deactivate_heads(model, scores, ne=ne)
+    with pytest.raises(ConfigError, match="head index must be a whole number"):
+        hl.deactivate_heads(model, heads=[(layer, "0")])
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    mine = torch.optim.AdamW(hl.adapter_parameters(model))
+    assert hl.deactivate_heads(model, heads=[(layer, 0)], optimizer=mine) == [(layer, 0)]
+
+
 def test_a_tracker_is_built_when_the_first_layer_has_every_head_off() -> None:
     model, x = make_family("timm_vit")
     hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))

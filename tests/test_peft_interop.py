@@ -208,6 +208,17 @@ def test_export_refuses_timm_fused_qkv(tmp_path):
         export_peft(model, tmp_path / "x")
 
 
+def test_export_of_a_transformers_model_attached_directly_says_what_to_do(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    hl.attach(model, hl.HeartLoRAConfig(rank=2))
+    with pytest.raises(UnsupportedBackboneError, match="attached directly.*create_backbone"):
+        export_peft(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     from heartlora.cli.main import main
 

@@ -119,6 +119,23 @@ def test_file_for_another_backbone_is_refused(saved: Path) -> None:
         hl.load_adapter(make_family("hf_vit")[0], saved, check_fingerprint=False)
 
 
+def test_a_backbone_cast_to_another_dtype_is_named_as_the_cause(saved: Path) -> None:
+    with pytest.raises(AdapterFileError, match="weights are bfloat16 and the fingerprint covers dtypes"):
+        hl.load_adapter(make_family("timm_vit")[0].to(torch.bfloat16), saved)
+
+
+def test_save_names_diverged_weights(tmp_path: Path) -> None:
+    """A NaN adapter (fp16 weights under AdamW) used to be reported as a "corrupt" file of the right dtype/shape."""
+    from heartlora.errors import ConfigError
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=2))
+    with torch.no_grad():
+        hl.adapter_parameters(model)[0].fill_(float("nan"))
+    with pytest.raises(ConfigError, match="holds NaN or infinite values, so training diverged"):
+        hl.save_adapter(model, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_not_an_adapter_and_missing_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))

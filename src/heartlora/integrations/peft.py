@@ -77,6 +77,11 @@ def _hf_target(root: nn.Module) -> tuple[str, str, str]:
 
     backbone = getattr(root, "backbone", None)
     kind = type(backbone).__name__
+    if not isinstance(root, HFClassifier) and hasattr(root, "config") and hasattr(root, "base_model_prefix"):
+        raise UnsupportedBackboneError(
+            f"PEFT export reads the Hugging Face models heartlora builds (hl.create_backbone('hf:DIR'), or heartlora "
+            f"train --backbone hf:DIR), whose classifier layout it knows; this {type(root).__name__} was attached "
+            "directly: keep the heartlora adapter file (save_adapter), or build the backbone with create_backbone")
     if not isinstance(root, HFClassifier) or kind not in HF_CLASSIFIERS:
         name = getattr(root, "spec", {}).get("name", type(root).__name__)
         raise UnsupportedBackboneError(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
 
 from heartlora.errors import ConfigError
 from heartlora.method.layer import FactorChange
-from heartlora.method.model import attention_layers
+from heartlora.method.model import _adapted_wrappers, adapter_parameters, attention_layers
 
 SCOPES = ("global", "layer")
 
@@ -31,6 +32,8 @@ def select_heads(scores: dict[str, torch.Tensor], ne: int | None = None, fractio
         raise ConfigError("give exactly one of ne (a number of heads) or fraction (a share of heads)")
     if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"fraction {fraction} must be between 0 and 1")
+    if ne is not None and (isinstance(ne, bool) or not isinstance(ne, Integral)):
+        raise ConfigError(f"ne {ne!r} must be a whole number of heads (or use fraction= for a share)")
     if ne is not None and ne < 0:
         raise ConfigError(f"ne {ne} must not be negative")
     order = list(scores)
@@ -61,6 +64,16 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
     with its state (AdamW's moments) carried over for the heads that stay. A projection with no head left drops
     both factors."""
     layers = {layer.name: layer for layer in attention_layers(model)}
+    if any(w.merged for w in _adapted_wrappers(model, "deactivate_heads")):
+        raise ConfigError("deactivate_heads: the adapters are merged into the base weights, which would keep the "
+                          "deltas of the heads switched off; call unmerge(model) first")
+    if optimizer is not None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = adapter_parameters(model)
+        if params and not any(id(p) in held for p in params):
+            raise ConfigError(f"deactivate_heads: the {type(optimizer).__name__} given holds none of this model's "
+                              "adapter parameters, so the heads that stay would no longer be trained; pass the "
+                              "optimizer that trains them, or none and create it after switching heads off")
     if heads is None:
         if scores is None:
             raise ConfigError("give scores (from ResponsivenessTracker.scores()) or an explicit list of heads")
@@ -72,6 +85,8 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
     changes: list[FactorChange] = []
     by_layer: dict[str, list[int]] = {}
     for name, h in heads:
+        if isinstance(h, bool) or not isinstance(h, Integral):
+            raise ConfigError(f"head ({name!r}, {h!r}): the head index must be a whole number")
         if name not in layers or not 0 <= h < layers[name].num_heads:
             raise ConfigError(f"head ({name}, {h}) does not exist in this model")
         by_layer.setdefault(name, []).append(h)

@@ -151,6 +151,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         "payload_sha256": _payload_hash(tensors),
         "extra": extra_metadata or {},
     }
+    diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if diverged:
+        more = f" (and {len(diverged) - 1} more)" if len(diverged) > 1 else ""
+        raise ConfigError(f"cannot save {path}: {diverged[0]}{more} holds NaN or infinite values, so training "
+                          "diverged (for example fp16 weights under AdamW, whose eps underflows there: keep the "
+                          "adapters in float32 and use autocast, or lower the learning rate); nothing was written")
     try:
         text = json.dumps(meta, allow_nan=False)
         # Refuse to write what load_adapter would refuse to read: every file heartlora writes can be used.
@@ -390,6 +396,11 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
             run = (meta.get("extra") or {}).get(RUN_KEY) or {}
             random = (f"; it was trained on random weights: build the backbone after torch.manual_seed("
                       f"{run['init_seed']})" if run.get("pretrained") is False and "init_seed" in run else "")
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in backbone.parameters()
+                             if p.is_floating_point()} - {"float32"})
+            if dtypes:
+                random += (f"; this backbone's weights are {', '.join(dtypes)} and the fingerprint covers dtypes: "
+                           "load onto the float32 backbone, then cast")
             raise AdapterFileError(
                 f"{path} was trained on a backbone with other weights or shapes (fingerprint "
                 f"{meta['fingerprint'][:12]}, this one {fp[:12]}): load the same pretrained backbone "
