@@ -205,3 +205,17 @@ def test_dinov2_linear_probe_beats_random_weights(weights_cache) -> None:
     pretrained, random = probe(True), probe(False)
     assert pretrained >= 0.8, pretrained
     assert pretrained >= random + 0.2, (pretrained, random)
+
+
+def test_conventional_pool_reads_a_local_folders_model_type(tmp_path) -> None:
+    """A local DINOv2 folder not named after its family still gets DINOv2's convention (class + mean patch token)."""
+    from heartlora.backbones import conventional_pool
+
+    folder = tmp_path / "my_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
+    assert conventional_pool(f"hf:{folder}") == "cls+mean"
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert conventional_pool(f"hf:{folder}") == "cls"
+    assert conventional_pool("hf:facebook/dinov2-small") == "cls+mean"  # a hub id: its name
+    assert conventional_pool(f"hf:{tmp_path / 'missing'}") == "cls" and conventional_pool("dinov2_small") == "cls+mean"

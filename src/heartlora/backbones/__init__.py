@@ -30,8 +30,21 @@ __all__ = ["ImageClassifier", "conventional_pool", "create_backbone", "download_
 def conventional_pool(name: str) -> str:
     """The classifier input a backbone family uses by its own convention: DINOv2's linear evaluation and
     transformers' ``Dinov2ForImageClassification`` read the class token and the mean patch token ("cls+mean");
-    ViT, DeiT, CLIP and the others read the class token (or their own pooled output) ("cls")."""
-    return "cls+mean" if "dinov2" in str(name).lower() else "cls"
+    ViT, DeiT, CLIP and the others read the class token (or their own pooled output) ("cls"). A local
+    ``hf:DIR`` folder is known by its config.json's ``model_type``, whatever the folder is called."""
+    if "dinov2" in str(name).lower():
+        return "cls+mean"
+    if str(name).startswith("hf:"):
+        import json
+        from pathlib import Path
+
+        try:
+            kind = json.loads((Path(str(name)[3:]) / "config.json").read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):  # a hub id, or no readable config: the name decides
+            kind = ""
+        if "dinov2" in str(kind).lower():
+            return "cls+mean"
+    return "cls"
 
 
 def create_backbone(name: str, num_classes: int, img_size: int | None = None, pretrained: bool = True,
@@ -40,8 +53,8 @@ def create_backbone(name: str, num_classes: int, img_size: int | None = None, pr
 
     ``img_size`` None means the backbone's native (or, for ``dinov2_small``, 224 px) resolution; ``pool`` is
     ``"cls"`` (class token), ``"cls+mean"`` (class token ⊕ mean patch token) or ``"auto"``, the family's own
-    convention (:func:`conventional_pool`); ``drop_path`` is the stochastic depth rate. ``create_backbone(**model.spec)``
-    rebuilds the same architecture (the spec holds the resolved pool).
+    convention (:func:`conventional_pool`); ``drop_path`` is the stochastic depth rate.
+    ``create_backbone(**model.spec)`` rebuilds the same architecture (the spec holds the resolved pool).
     """
     if pool == "auto":
         pool = conventional_pool(name)
