@@ -167,6 +167,7 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
     for m in methods:
         bs = [r["adapter_bytes"] for r in recs if r["suite_method"] == m]
         summary.setdefault(m, {})["bytes"] = sum(bs) / len(bs) if bs else None
+        summary[m]["bytes_range"] = (min(bs), max(bs)) if bs else None
         byts.append("—" if not bs else (fmt_bytes(min(bs)) if min(bs) == max(bs) else
                                         f"{fmt_bytes(min(bs))}–{fmt_bytes(max(bs))}"))
     lines.append("| adapter bytes (classifier excluded) | | " + " | ".join(byts) + " |")
@@ -443,31 +444,52 @@ def storage_lines() -> list[str]:
 
 
 def pareto_plot(summary: dict[str, Any], profile: str, out: Path) -> bool:
-    """Mean accuracy over all tasks against adapter bytes, one point per method."""
+    """Mean accuracy over all tasks against adapter bytes, one point per method: the whole range (left) and a zoom
+    on the adapter methods (right). Vertical bars: the sample std over seeds of the all-task mean; horizontal bars:
+    the smallest and largest adapter of the method's runs (heart methods vary with the chosen ne). A method with one
+    seed has no seed spread: drawn hollow and labelled so, never with a made-up bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(m, s["bytes"], s["mean_all"]) for m, s in summary.items()
-           if s.get("bytes") is not None and s.get("mean_all")]
+    pts = [(m, s["bytes"], s.get("bytes_range") or (s["bytes"], s["bytes"]), s["mean_all"], len(s.get("seeds", ())))
+           for m, s in summary.items() if s.get("bytes") is not None and s.get("mean_all")]
     if not pts:
         return False
-    fig, ax = plt.subplots(figsize=(10.5, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": (1, 1.3)})
     markers = "osD^v<>P"
-    for i, (m, b, (acc, sd)) in enumerate(pts):
-        x = max(b, 1.0)  # the linear probe stores no adapter: drawn at 1 byte on the log axis
-        label = f"{METHOD_LABELS[m]}: {100 * acc:.1f} %, {fmt_bytes(b)} B"
-        ax.errorbar([x], [100 * acc], yerr=[100 * sd] if sd else None, fmt=markers[i % len(markers)], capsize=3,
-                    label=label, markersize=7, alpha=0.85)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points stay visible
-    ax.set_xscale("log")
-    ax.set_xlabel("adapter bytes per task (log; classifier excluded)")
-    ax.set_ylabel("mean test accuracy over all tasks (%)")
-    ax.set_title(f"Accuracy vs adapter size — DINOv2-S/14, suite profile {profile}", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.text(0.01, 0.01, f".venv/bin/python benchmarks/suite.py report --profile {profile}", fontsize=7, alpha=0.7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    zoom = [p for p in pts if p[1] > 0]  # the adapter methods (the linear probe stores no adapter)
+    for ax in axes:
+        for i, (m, b, (lo, hi), (acc, sd), n_seeds) in enumerate(pts):
+            if ax is axes[1] and b <= 0:
+                continue
+            x = max(b, 1.0)  # the linear probe stores no adapter: drawn at 1 byte on the log axis
+            xerr = [[x - max(lo, 1.0)], [max(hi, 1.0) - x]] if hi > lo else None
+            one = n_seeds == 1
+            label = (f"{METHOD_LABELS[m]}: {100 * acc:.1f} %"
+                     + (" (1 seed: no spread)" if one else f" ± {100 * sd:.1f} ({n_seeds} seeds)")
+                     + f", {fmt_bytes(b)} B" + (f" ({fmt_bytes(lo)}–{fmt_bytes(hi)})" if hi > lo else ""))
+            color = f"C{i}"
+            ax.errorbar([x], [100 * acc], yerr=[100 * sd] if sd else None, xerr=xerr, fmt=markers[i % len(markers)],
+                        capsize=3, markersize=7, alpha=0.9, color=color, mfc="none" if one else color,
+                        label=label if ax is axes[0] else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter bytes per task (log; classifier excluded)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean test accuracy over all tasks (%)")
+    axes[0].set_title(f"all methods — DINOv2-S/14, suite profile {profile}", fontsize=10)
+    axes[1].set_title("zoom: the adapter methods", fontsize=10)
+    if zoom:
+        accs = [100 * a for *_, (a, _s), _n in zoom]
+        sds = [100 * (s or 0) for *_, (_a, s), _n in zoom]
+        lo_y = min(a - s for a, s in zip(accs, sds))
+        hi_y = max(a + s for a, s in zip(accs, sds))
+        pad = max(0.3, 0.15 * (hi_y - lo_y))
+        axes[1].set_ylim(lo_y - pad, hi_y + pad)
+    fig.legend(fontsize=7, loc="lower center", ncol=2, bbox_to_anchor=(0.5, 0.035))
+    fig.text(0.01, 0.005, f".venv/bin/python benchmarks/suite.py report --profile {profile}", fontsize=7, alpha=0.7)
+    fig.tight_layout(rect=(0, 0.24, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return True
@@ -679,7 +701,10 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     if pareto_plot(facts["summary"], profile.name, out_dir / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
                   (f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
-                   "adapter bytes (heart methods vary by task with the chosen ne). Made by "
+                   "adapter bytes; left every method, right a zoom on the adapter methods. Vertical bars: the sample "
+                   "std over seeds of the all-task mean; horizontal bars: the smallest and largest adapter of the "
+                   "method's runs (heart methods vary by task with the chosen ne); hollow markers: one seed, no "
+                   "spread to draw. Made by "
                    f"`.venv/bin/python benchmarks/suite.py report --profile {profile.name}`."), ""]
     chosen = pick_heatmap_records(facts["recs"])
     lines += ["## Responsiveness by task group (METHOD.md §6.1)", ""]
@@ -700,7 +725,7 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--profile", choices=list(suite.PROFILES), default="quick")
+    p.add_argument("--profile", choices=list(suite.PROFILES), default="cpu")
     p.add_argument("--results", type=Path, help="results file (default docs/results.json)")
     p.add_argument("--readme-table", action="store_true", help="print the README's first table (writes nothing)")
     args = p.parse_args(argv)

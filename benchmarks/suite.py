@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="runs done, left, and a rough time left")
     o = sub.add_parser("report", help="write docs/RESULTS.md and the plots from docs/results.json")
     for sp in (r, s, o):
-        sp.add_argument("--profile", choices=list(PROFILES), default="quick")
+        sp.add_argument("--profile", choices=list(PROFILES), default="cpu",
+                        help="cpu (default: the suite that learns), paper (GPU), full; quick is a smoke profile")
         sp.add_argument("--seeds", help="comma-separated seeds, the profile's first (e.g. 42,43): extra seeds' final "
                                         "runs are added to the tables once complete")
         sp.add_argument("--tasks", help="a subset of the profile's tasks (its records go to runs/suite/, not docs/)")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--results", help="results file (default docs/results.json; a subset's: runs/suite/)")
         sp.add_argument("--runs", help=argparse.SUPPRESS)
     for sp in (r, s):
-        sp.add_argument("--jobs", type=int, default=1 if sp is s else 2,
+        sp.add_argument("--jobs", type=int, default=2,
                         help="runs side by side (each single-threaded on the cpu profile)")
     args = p.parse_args(argv)
     if args.cmd == "run":
