@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
 #                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
+#   bash benchmarks/gpu_session.sh control # the random-ranking control: heart-lora --ne 24 ranked by the Taylor score
+#                                          # and by chance (--score-mode random), every task and seed of the cpu suite
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
 #                                          # results are in docs/sweeps/defaults.json (not run again); the second
 #                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
@@ -160,17 +162,34 @@ prune_curve() {
   log "pruning curve done"
 }
 
-score_check() {
-  # heart-lora with a 2-step scoring probe (issue 11) on the cpu profile: its own results file (the run ids equal the
-  # default heart-lora's), compared with the default runs by `benchmarks/scoring.py --suite-check`. A fixed --ne 24
-  # (the default runs' median choice): --ne auto is refused after a probe shorter than the warmup (METHOD.md §2)
-  local flags="{\"*\": [\"--precision\", \"tf32\", \"--score-steps\", \"2\", \"--ne\", \"24\"$(tiny_json)]}" extra=""
+heart_suite() {
+  # NAME JOBS MARGIN FLAGS…: the cpu profile's heart-lora runs with more flags, in their own results file (their run
+  # ids equal the default heart-lora's), compared with other runs by `benchmarks/scoring.py --suite-check`
+  local name=$1 jobs=$2 margin=$3 extra=""
+  shift 3
+  local flags="{\"*\": [\"--precision\", \"tf32\"$(printf ', "%s"' "$@")$(tiny_json)]}"
   [ "$SMOKE" = 1 ] && extra="--tasks digits --seeds 42"
-  log "score check (heart-lora --score-steps 2 --ne 24)"
-  timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile cpu --jobs $JOBS --device $DEV --methods heart-lora \
-    --engine-flags "$flags" --results $RUNS/score2-results.json --runs $RUNS/score2 --deadline-s $(limit ${1:-60}) \
-    --report-every 0 $extra >>$RUNS/score2.log 2>&1
-  log "score check exit $?"
+  log "$name (heart-lora $*)"
+  timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile cpu --jobs $jobs --device $DEV --methods heart-lora \
+    --engine-flags "$flags" --results $RUNS/$name-results.json --runs $RUNS/$name --deadline-s $(limit $margin) \
+    --report-every 0 $extra >>$RUNS/$name.log 2>&1
+  log "$name exit $?"
+}
+
+score_check() {
+  # heart-lora with a 2-step scoring probe (issue 11), a fixed --ne 24 (the default runs' median choice): --ne auto
+  # is refused after a probe shorter than the warmup (METHOD.md §2)
+  heart_suite score2 $JOBS ${1:-60} --score-steps 2 --ne 24
+}
+
+control() {
+  # what the Taylor ranking adds over chance: heart-lora at a fixed --ne 24 with the full warmup's Taylor ranking
+  # beside the same count drawn at random (--score-mode random), every task and seed, half the jobs each; then
+  # `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json --against runs/gpu/taylor24-results.json`
+  heart_suite taylor24 $((JOBS / 2)) ${1:-60} --ne 24 &
+  local pid=$!
+  heart_suite random24 $((JOBS - JOBS / 2)) ${1:-60} --ne 24 --score-mode random
+  wait $pid
 }
 
 speed_compiled() {
@@ -207,6 +226,10 @@ case "${1:-first}" in
   sweep)
     unpack
     sweep
+    ;;
+  control)
+    unpack
+    control 60
     ;;
   extra)
     unpack

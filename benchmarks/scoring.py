@@ -192,23 +192,38 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
     return paths
 
 
-def suite_check(check: Path, against: Path, dest: Path | None) -> str:
-    """Issue 11's accuracy check of a scoring budget: the ``cpu`` suite's default heart-lora final runs (``against``)
-    paired by task and seed with the same runs made with ``--score-steps N`` (``check``: a results file of
-    ``suite.py run --profile cpu --methods heart-lora --engine-flags '{"*": ["--score-steps", "N", "--ne", "K"]}'``:
-    a fixed count, since --ne auto is refused after a probe shorter than the warmup). Test accuracy, as the suite
-    reports it; nothing is chosen from it."""
+# What --suite-check can compare: the setting the two sides differ in, its default (the `against` side), and how
+# the table names the two sides.
+CHECKS: dict[str, dict[str, Any]] = {
+    "score_steps": {"default": None, "a": "full warmup", "b": "probe",
+                    "title": "Heart-LoRA with a {values}-step scoring probe against the full warmup",
+                    "what": "the full warmup's at ne auto, the probe's at its fixed count"},
+    "score_mode": {"default": "abs_sum", "a": "Taylor", "b": "random",
+                   "title": "Heart-LoRA: heads switched off at random ({values}) against the Taylor ranking",
+                   "what": "the same count of heads off, chosen by the Taylor score or at random"},
+}
+
+
+def suite_check(check: Path, against: Path, dest: Path | None, key: str = "score_steps") -> str:
+    """The accuracy check of a change to how heads are chosen: the ``cpu`` suite's heart-lora final runs of
+    ``against`` (``key`` at its default) paired by task and seed with the same runs of ``check`` made with another
+    ``key``: a scoring budget (``score_steps``, issue 11: a results file of ``suite.py run --profile cpu --methods
+    heart-lora --engine-flags '{"*": ["--score-steps", "N", "--ne", "K"]}'``, a fixed count since --ne auto is
+    refused after a probe shorter than the warmup) or the random-ranking control (``score_mode`` random against
+    abs_sum at the same --ne). Test accuracy, as the suite reports it; nothing is chosen from it."""
     import statistics
 
-    def final(path: Path, probe: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    spec = CHECKS[key]
+
+    def final(path: Path, changed: bool) -> dict[tuple[str, int], dict[str, Any]]:
         recs = json.loads(path.read_text())["records"]
         return {(r["task"], r["seed"]): r for r in recs
                 if r.get("profile") == "cpu" and r.get("suite_method") == "heart-lora" and r.get("role") == "final"
-                and bool(r["settings"].get("score_steps")) == probe}
+                and (r["settings"].get(key, spec["default"]) not in (None, spec["default"])) == changed}
 
     base, probe = final(against, False), final(check, True)
-    # every setting but the probe itself must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
-    free = {"task", "seed", "score_steps", "precision", "ne", "ne_fraction", "ne_tolerance"}  # the count: shown
+    # every setting but the compared one must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
+    free = {"task", "seed", key, "precision", "ne", "ne_fraction", "ne_tolerance"}  # the count: shown
 
     def same(k: tuple[str, int]) -> bool:
         x, y = base[k]["settings"], probe[k]["settings"]
@@ -216,15 +231,17 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
 
     pairs = sorted(k for k in set(base) & set(probe) if same(k))
     if not pairs:
-        raise SystemExit(f"no task and seed has both a default heart-lora run in {against} and a --score-steps run "
-                         f"in {check} with the same settings (all but {', '.join(sorted(free))})")
-    steps = sorted({probe[k]["settings"]["score_steps"] for k in pairs})
-    lines = [f"# Heart-LoRA with a {'/'.join(map(str, steps))}-step scoring probe against the full warmup", "",
-             (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}`: the `cpu` suite's "
-              "heart-lora final runs (test accuracy %; the full warmup's at ne auto, the probe's at its fixed count) "
-              "paired by task and seed; every setting equal but the probe, the count (heads off, listed) and the "
+        raise SystemExit(f"no task and seed has both a heart-lora run with the default {key} in {against} and one "
+                         f"with another {key} in {check} with the same settings (all but {', '.join(sorted(free))})")
+    values = sorted({str(probe[k]["settings"][key]) for k in pairs})
+    la, lb = spec["a"], spec["b"]
+    lines = [f"# {spec['title'].format(values='/'.join(values))}", "",
+             (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}"
+              + (f" --differ-in {key}" if key != "score_steps" else "") + "`: the `cpu` suite's "
+              f"heart-lora final runs (test accuracy %; {spec['what']}) "
+              f"paired by task and seed; every setting equal but {key}, the count (heads off, listed) and the "
               "precision (listed). ± is the sample std over seeds."),
-             "", "| task | seeds | full warmup | probe | probe − full | heads off (full → probe) | precision |",
+             "", f"| task | seeds | {la} | {lb} | {lb} − {la} | heads off ({la} → {lb}) | precision |",
              "|---|---|---|---|---|---|---|"]
 
     def ms(v: list[float]) -> str:
@@ -249,10 +266,10 @@ def suite_check(check: Path, against: Path, dest: Path | None) -> str:
                 for sd in seeds}
     full_means = [statistics.mean(100 * base[(t, sd)]["accuracy"] for t in tasks) for sd in seeds]
     mean = statistics.mean(per_seed.values())
-    lines += ["", f"Over the {len(tasks)} task(s) every compared seed has ({', '.join(tasks)}), mean of probe − full: "
+    lines += ["", f"Over the {len(tasks)} task(s) every compared seed has ({', '.join(tasks)}), mean of {lb} − {la}: "
               f"{mean:+.2f} points"
               + (f" (per seed {', '.join(f'{sd}: {d:+.2f}' for sd, d in sorted(per_seed.items()))}; their std "
-                 f"{statistics.stdev(per_seed.values()):.2f}). The full warmup's own seed spread of its mean over "
+                 f"{statistics.stdev(per_seed.values()):.2f}). The {la} runs' own seed spread of their mean over "
                  f"those tasks: ± {statistics.stdev(full_means):.2f}" if len(seeds) > 1 else
                  f" (seed {seeds[0]} only: no spread to compare with)") + ".", ""]
     text = "\n".join(lines)
@@ -282,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/scoring/records.json"))
     p.add_argument("--suite-check", type=Path, default=None, metavar="RESULTS",
                    help="instead: compare the heart-lora --score-steps runs in RESULTS with the suite's default ones")
+    p.add_argument("--differ-in", choices=list(CHECKS), default="score_steps",
+                   help="--suite-check: the setting the two sides differ in (score_mode: the random-ranking control)")
     p.add_argument("--against", type=Path, default=Path("docs/results.json"), help="--suite-check's default runs")
     p.add_argument("--dest", type=Path, default=None, help="--suite-check: also write the table here")
     a = p.parse_args(argv)
     if a.suite_check:
-        print(suite_check(a.suite_check, a.against, a.dest))
+        print(suite_check(a.suite_check, a.against, a.dest, a.differ_in))
         return 0
     if a.smoke:
         for k, v in SMOKE.items():

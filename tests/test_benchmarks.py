@@ -367,7 +367,7 @@ def test_scoring_suite_check_pairs_runs_by_task_and_seed(tmp_path):
     assert "| a | 2 | 82.0 ± 2.8 | 83.0 ± 1.4 | +1.0 | 12→24, 12→12 | None→None |" in text
     assert "| b | 2 | 55.0 ± 7.1 | 53.0 ± 5.7 | -2.0 | 0→0, 0→0 | None→None |" in text  # seed 44: no probe run
     # per seed: 42: (+2 - 1) / 2 = +0.5; 43: (0 - 3) / 2 = -1.5 (std 1.41); the full warmup's means 65 and 72: 4.95
-    assert "mean of probe − full: -0.50 points (per seed 42: +0.50, 43: -1.50; their std 1.41)" in text
+    assert "mean of probe − full warmup: -0.50 points (per seed 42: +0.50, 43: -1.50; their std 1.41)" in text
     assert "± 4.95" in text
     # unbalanced: a third task on seed 42 only leaves the summary on the tasks both seeds have
     extra = [rec("c", 42, 0.99, None, 0)], [rec("c", 42, 0.50, 2, 0)]
@@ -378,6 +378,31 @@ def test_scoring_suite_check_pairs_runs_by_task_and_seed(tmp_path):
     assert "± 4.95" in text
     with pytest.raises(SystemExit, match="no task and seed"):
         scoring.suite_check(tmp_path / "base.json", tmp_path / "base.json", None)
+
+
+def test_scoring_suite_check_compares_the_random_ranking_control_with_the_taylor_one(tmp_path):
+    import json
+
+    import scoring
+
+    def rec(task, seed, acc, mode, ne=24, steps=None):
+        return {"profile": "cpu", "suite_method": "heart-lora", "role": "final", "task": task, "seed": seed,
+                "accuracy": acc, "heads_off_count": ne, "settings": {"score_mode": mode, "ne": ne,
+                                                                      "score_steps": steps}}
+
+    taylor = [rec("a", 42, 0.80, "abs_sum"), rec("a", 43, 0.70, "abs_sum"), rec("a", 44, 0.75, "abs_sum", ne=12)]
+    random_ = [rec("a", 42, 0.78, "random"), rec("a", 43, 0.66, "random"),
+               rec("a", 44, 0.60, "random", steps=2)]  # a probe run differs in more than the ranking: not paired
+    (tmp_path / "taylor.json").write_text(json.dumps({"records": taylor}))
+    (tmp_path / "random.json").write_text(json.dumps({"records": random_}))
+    text = scoring.suite_check(tmp_path / "random.json", tmp_path / "taylor.json", None, key="score_mode")
+    assert "heads switched off at random (random) against the Taylor ranking" in text
+    assert "| a | 2 | 75.0 ± 7.1 | 72.0 ± 8.5 | -3.0 | 24→24, 24→24 | None→None |" in text
+    assert "mean of random − Taylor: -3.00 points (per seed 42: -2.00, 43: -4.00; their std 1.41)" in text
+    assert "--differ-in score_mode" in text
+    # the Taylor runs are not a random-ranking run, whatever file they are in
+    with pytest.raises(SystemExit, match="no task and seed"):
+        scoring.suite_check(tmp_path / "taylor.json", tmp_path / "taylor.json", None, key="score_mode")
 
 
 def test_cpu_suite_leaves_the_schedule_to_the_engine_profile_so_kshot_runs_get_the_step_floor(tmp_path):

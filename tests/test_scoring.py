@@ -71,6 +71,22 @@ def test_restart_survives_a_kill_after_the_probe(tmp_path: Path, task: str) -> N
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_random_control_switches_off_the_heads_its_seed_draws(tmp_path: Path, task: str) -> None:
+    # --score-mode random: a seeded random ranking, whatever the training did (another learning rate, same seed:
+    # same heads), another seed another draw; the heads off are exactly the lowest random scores.
+    kw = dict(method="heart-lora", ne=4, score_mode="random")
+    a = train(tiny(tmp_path / "a", task, **kw))
+    b = train(tiny(tmp_path / "b", task, lr=1e-2, **kw))
+    c = train(tiny(tmp_path / "c", task, seed=7, **kw))
+    taylor = train(tiny(tmp_path / "taylor", task, method="heart-lora", ne=4))
+    assert a["responsiveness"] == b["responsiveness"] and a["heads_off"] == b["heads_off"]
+    assert a["final_train_loss"] != b["final_train_loss"]  # the two runs did train differently
+    assert a["heads_off"] != c["heads_off"] and a["heads_off"] != taylor["heads_off"]
+    ranked = sorted((s, name, h) for name, v in a["responsiveness"].items() for h, s in enumerate(v))
+    assert {(name, h) for _, name, h in ranked[:4]} == {(name, h) for name, h in a["heads_off"]}
+    assert _ckpt(tmp_path / "a")["tracker"]["steps"] == 3  # the warmup's steps are still counted
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(method="lora", score_steps=3), "heart-"),
     (dict(method="heart-lora", score_steps=0), "at least 1"),

@@ -80,8 +80,9 @@ class TrainConfig:
     scope: str | None = _opt(help="rank attention heads over the model or per layer", group="adapter",
                              choices=("global", "layer"), fill="global",
                              default_text="global; layer for heart-lora-layer")
-    score_mode: str | None = _opt(help="responsiveness: |Σ θ·g| per head (abs_sum) or Σ |θ·g| (sum_abs)",
-                                  group="adapter", choices=("abs_sum", "sum_abs"), fill="abs_sum")
+    score_mode: str | None = _opt(help="responsiveness: |Σ θ·g| per head (abs_sum) or Σ |θ·g| (sum_abs); random: a "
+                                       "control, a seeded random ranking (what the Taylor score adds over chance)",
+                                  group="adapter", choices=("abs_sum", "sum_abs", "random"), fill="abs_sum")
     score_ema: float | None = _opt(help="responsiveness as an exponential moving average with this decay in [0, 1) "
                                         "instead of the running sum", group="adapter", default_text="the running sum")
     score_steps: int | None = _opt(help="heart-*: score heads over the first N optimizer steps, then switch them off "

@@ -122,7 +122,7 @@ class HeadLoRA(TrainingMethod):
     def tracker(self, model: nn.Module, cfg: Any) -> Any:
         from heartlora.method import ResponsivenessTracker
 
-        return ResponsivenessTracker(model, mode=cfg.score_mode, ema=cfg.score_ema)
+        return ResponsivenessTracker(model, mode=cfg.score_mode, ema=cfg.score_ema, seed=cfg.seed)
 
     def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
                       optimizer: torch.optim.Optimizer, heldout: Callable[[], list] | None = None,

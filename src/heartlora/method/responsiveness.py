@@ -12,7 +12,7 @@ from torch import nn
 from heartlora.errors import ConfigError
 from heartlora.method.model import attention_layers
 
-MODES = ("abs_sum", "sum_abs")
+MODES = ("abs_sum", "sum_abs", "random")
 
 
 class ResponsivenessTracker:
@@ -20,17 +20,19 @@ class ResponsivenessTracker:
 
     ``abs_sum`` (default): ``R = Σ_t |Σ_θ θ_t·g_t|`` over the weights θ head h of layer l owns (its B rows for q, k,
     v; its A columns for o). ``sum_abs``: ``Σ_t Σ_θ |θ_t·g_t|``. ``ema=β`` replaces the running sum with an
-    exponential moving average ``R ← β R + (1 - β) r_t``.
+    exponential moving average ``R ← β R + (1 - β) r_t``. ``random``: a control, not a method: every head gets a
+    uniform random score drawn from ``seed`` (the same on every rank, whatever the training did), so that switching
+    off a random set of heads can be compared with switching off the least responsive ones at the same count.
 
     Call :meth:`update` after ``loss.backward()`` and before ``optimizer.step()``.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "abs_sum", ema: float | None = None) -> None:
+    def __init__(self, model: nn.Module, mode: str = "abs_sum", ema: float | None = None, seed: int = 0) -> None:
         if mode not in MODES:
             raise ConfigError(f"responsiveness mode {mode!r} is unknown: choose one of {', '.join(MODES)}")
         if ema is not None and not 0.0 <= ema < 1.0:
             raise ConfigError(f"ema {ema} must be in [0, 1)")
-        self.model, self.mode, self.ema = model, mode, ema
+        self.model, self.mode, self.ema, self.seed = model, mode, ema, int(seed)
         self.layers = attention_layers(model)
         # The device of any adapter factor: a layer whose heads are all off has none (and may come first).
         factors = (p for layer in self.layers for proj in layer.projections.values() for p in proj.parameters())
@@ -56,6 +58,9 @@ class ResponsivenessTracker:
 
     @torch.no_grad()
     def update(self) -> None:
+        if self.mode == "random":  # the ranking is drawn in scores(); only the steps are counted
+            self.steps += 1
+            return
         for acc, r in zip(self._acc, self.step_scores()):
             if self.ema is None:
                 acc.add_(r)
@@ -69,6 +74,10 @@ class ResponsivenessTracker:
         """Layer name → per-head score (float64, CPU). Under torch.distributed the ranks' scores are averaged, so
         every rank ranks the heads the same way."""
         flat = torch.cat(self._acc)
+        if self.mode == "random":  # own generator: the training's random state is not touched
+            flat = torch.rand(flat.numel(), generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64)
+            parts = flat.split([a.numel() for a in self._acc])
+            return {layer.name: p.clone() for layer, p in zip(self.layers, parts)}
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = flat.clone()
             dist.all_reduce(flat)
@@ -77,12 +86,13 @@ class ResponsivenessTracker:
         return {layer.name: p.clone() for layer, p in zip(self.layers, parts)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "ema": self.ema, "steps": self.steps,
+        return {"mode": self.mode, "ema": self.ema, "steps": self.steps, "seed": self.seed,
                 "scores": [a.detach().cpu().clone() for a in self._acc]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["scores"]) != len(self._acc):
             raise ConfigError("tracker state has a different number of layers than this model")
         self.mode, self.ema, self.steps = state["mode"], state["ema"], int(state["steps"])
+        self.seed = int(state.get("seed", self.seed))  # checkpoints before the random control had none
         for acc, s in zip(self._acc, state["scores"]):
             acc.copy_(s.to(acc.device))
