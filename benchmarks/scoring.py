@@ -195,10 +195,13 @@ def plot(summary: dict[str, Any], records: list[dict[str, Any]], out: Path) -> l
 # What --suite-check can compare: the setting the two sides differ in, its default (the `against` side), and how
 # the table names the two sides.
 CHECKS: dict[str, dict[str, Any]] = {
-    "score_steps": {"default": None, "a": "full warmup", "b": "probe",
+    # score_steps: any budget against none; the count may differ (--ne auto is refused after a short probe)
+    "score_steps": {"default": None, "value": None, "free": ("ne", "ne_fraction", "ne_tolerance"),
+                    "a": "full warmup", "b": "probe",
                     "title": "Heart-LoRA with a {values}-step scoring probe against the full warmup",
                     "what": "the full warmup's at ne auto, the probe's at its fixed count"},
-    "score_mode": {"default": "abs_sum", "a": "Taylor", "b": "random",
+    # score_mode: the random control against the Taylor ranking at the same count of heads
+    "score_mode": {"default": "abs_sum", "value": "random", "free": (), "a": "Taylor", "b": "random",
                    "title": "Heart-LoRA: heads switched off at random ({values}) against the Taylor ranking",
                    "what": "the same count of heads off, chosen by the Taylor score or at random"},
 }
@@ -219,11 +222,14 @@ def suite_check(check: Path, against: Path, dest: Path | None, key: str = "score
         recs = json.loads(path.read_text())["records"]
         return {(r["task"], r["seed"]): r for r in recs
                 if r.get("profile") == "cpu" and r.get("suite_method") == "heart-lora" and r.get("role") == "final"
-                and (r["settings"].get(key, spec["default"]) not in (None, spec["default"])) == changed}
+                and (is_changed(r["settings"].get(key, spec["default"])) == changed)}
+
+    def is_changed(v: Any) -> bool:
+        return v == spec["value"] if spec["value"] is not None else v not in (None, spec["default"])
 
     base, probe = final(against, False), final(check, True)
     # every setting but the compared one must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
-    free = {"task", "seed", key, "precision", "ne", "ne_fraction", "ne_tolerance"}  # the count: shown
+    free = {"task", "seed", key, "precision", *spec["free"]}  # the count, where free, is shown
 
     def same(k: tuple[str, int]) -> bool:
         x, y = base[k]["settings"], probe[k]["settings"]
@@ -233,7 +239,7 @@ def suite_check(check: Path, against: Path, dest: Path | None, key: str = "score
     if not pairs:
         raise SystemExit(f"no task and seed has both a heart-lora run with the default {key} in {against} and one "
                          f"with another {key} in {check} with the same settings (all but {', '.join(sorted(free))})")
-    values = sorted({str(probe[k]["settings"][key]) for k in pairs})
+    values = [str(v) for v in sorted({probe[k]["settings"][key] for k in pairs})]
     la, lb = spec["a"], spec["b"]
     lines = [f"# {spec['title'].format(values='/'.join(values))}", "",
              (f"Made by `python benchmarks/scoring.py --suite-check {check} --against {against}"
@@ -298,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny settings (random test_vit, 32 px) to check the script")
     p.add_argument("--out", type=Path, default=Path("runs/scoring/records.json"))
     p.add_argument("--suite-check", type=Path, default=None, metavar="RESULTS",
-                   help="instead: compare the heart-lora --score-steps runs in RESULTS with the suite's default ones")
+                   help="instead: compare the heart-lora runs in RESULTS made with another --differ-in setting "
+                        "(--score-steps N by default) with the runs of --against")
     p.add_argument("--differ-in", choices=list(CHECKS), default="score_steps",
                    help="--suite-check: the setting the two sides differ in (score_mode: the random-ranking control)")
     p.add_argument("--against", type=Path, default=Path("docs/results.json"), help="--suite-check's default runs")

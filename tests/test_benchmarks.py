@@ -400,6 +400,15 @@ def test_scoring_suite_check_compares_the_random_ranking_control_with_the_taylor
     assert "| a | 2 | 75.0 ± 7.1 | 72.0 ± 8.5 | -3.0 | 24→24, 24→24 | None→None |" in text
     assert "mean of random − Taylor: -3.00 points (per seed 42: -2.00, 43: -4.00; their std 1.41)" in text
     assert "--differ-in score_mode" in text
+    # the count must match: a Taylor run at another ne (an auto choice) is no control for a random one
+    taylor[0]["settings"]["ne"] = "auto"
+    (tmp_path / "taylor.json").write_text(json.dumps({"records": taylor}))
+    text = scoring.suite_check(tmp_path / "random.json", tmp_path / "taylor.json", None, key="score_mode")
+    assert "| a | 1 | 70.0 | 66.0 | -4.0 | 24→24 | None→None |" in text
+    # a sum_abs run is not the random control
+    (tmp_path / "sum_abs.json").write_text(json.dumps({"records": [rec("a", 43, 0.5, "sum_abs")]}))
+    with pytest.raises(SystemExit, match="no task and seed"):
+        scoring.suite_check(tmp_path / "sum_abs.json", tmp_path / "taylor.json", None, key="score_mode")
     # the Taylor runs are not a random-ranking run, whatever file they are in
     with pytest.raises(SystemExit, match="no task and seed"):
         scoring.suite_check(tmp_path / "taylor.json", tmp_path / "taylor.json", None, key="score_mode")

@@ -27,12 +27,12 @@ def _data(n=16):
     return [{"pixel_values": torch.rand(3, 16, 16, generator=g), "labels": int(i % 3)} for i in range(n)]
 
 
-def _trainer(model, callback, tmp_path, steps=5):
+def _trainer(model, callback, tmp_path, steps=5, seed=0):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                             logging_strategy="no", disable_tqdm=True, seed=seed, dataloader_num_workers=0)
     return Trainer(model=model, args=args, train_dataset=_data(), callbacks=[callback])
 
 
@@ -57,6 +57,18 @@ def test_callback_scores_then_switches_heads_off(tmp_path):
     for p in adapters:
         st = opt.state[p]
         assert st["exp_avg"].shape == p.shape and int(st["step"]) == 5
+
+
+def test_callback_random_control_draws_from_the_trainer_seed(tmp_path):
+    offs = []
+    for seed in (7, 7, 8):
+        model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+        cb = HeartLoRACallback(warmup_steps=2, ne=3, mode="random")
+        _trainer(model, cb, tmp_path / str(len(offs)), seed=seed).train()
+        expected = hl.ResponsivenessTracker(model, mode="random", seed=seed).scores()
+        assert all(torch.equal(cb.scores[k], expected[k]) for k in expected)
+        offs.append(sorted(cb.heads_off))
+    assert offs[0] == offs[1] != offs[2]
 
 
 def test_callback_refuses_a_model_without_heartlora_adapters(tmp_path):

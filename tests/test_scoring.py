@@ -91,6 +91,8 @@ def test_random_control_switches_off_the_heads_its_seed_draws(tmp_path: Path, ta
     (dict(method="lora", score_steps=3), "heart-"),
     (dict(method="heart-lora", score_steps=0), "at least 1"),
     (dict(method="heart-lora", score_restart=True), "--score-steps N"),
+    (dict(method="lora", score_mode="random"), "random .* needs a heart-\\* method"),
+    (dict(method="heart-lora", score_mode="random", score_ema=0.5), "no --score-ema"),
 ])
 def test_score_flags_refuse_nonsense(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

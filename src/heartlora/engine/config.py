@@ -239,6 +239,9 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
                           f"{out.method}")
     if out.score_ema is not None and not (method.adapters and 0.0 <= out.score_ema < 1.0):
         raise ConfigError(f"--score-ema {out.score_ema} needs an adapter method and a decay in [0, 1)")
+    if out.score_mode == "random" and (not method.heart or out.score_ema is not None):
+        raise ConfigError("--score-mode random (a random ranking of the heads to switch off) needs a heart-* method "
+                          "and no --score-ema (it ignores the scores)")
     if out.score_steps is not None and (not method.heart or int(out.score_steps) < 1):
         raise ConfigError(f"--score-steps {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:

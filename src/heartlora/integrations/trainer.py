@@ -61,7 +61,7 @@ class HeartLoRACallback(TrainerCallback):
             if self.ne > limit:
                 where = "attention heads" if self.scope == "global" else "heads in its smallest layer"
                 raise ConfigError(f"ne {self.ne} is more than the model's {limit} {where}: choose ne <= {limit}")
-        self.tracker = ResponsivenessTracker(model, mode=self.mode)
+        self.tracker = ResponsivenessTracker(model, mode=self.mode, seed=getattr(args, "seed", 0))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.heads_off is None and state.global_step < self.warmup_steps:
