@@ -13,6 +13,8 @@
 #                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
 #   bash benchmarks/gpu_session.sh control # the random-ranking control: heart-lora --ne 24 ranked by the Taylor score
 #                                          # and by chance (--score-mode random), every task and seed of the cpu suite
+#   bash benchmarks/gpu_session.sh round3  # the defaults sweep's round 3 (issue 16): 126 val200 runs on 3 seeds and
+#                                          # its rule (benchmarks/sweep_defaults.py --round 3)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
 #                                          # results are in docs/sweeps/defaults.json (not run again); the second
 #                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
@@ -46,7 +48,7 @@ if [ "$SMOKE" = 1 ]; then DEV=cpu; TINY="--img-size 28 --epochs 1"; fi
 
 pack_results() {
   log "packing results"
-  find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen.json' \
+  find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen*.json' -o -name 'round3.*' \
     -o -name 'RESULTS*.md' -o -name '*.jsonl' -o -name 'prune.md' -o -name 'prune.png' -o -name '*results.json' \
     -o -path '*-peft/adapter_*' \
     | tar czf "$OUT/results.tgz" -T - 2>/dev/null
@@ -162,6 +164,20 @@ prune_curve() {
   log "pruning curve done"
 }
 
+round3() {
+  # the defaults sweep's round 3 (issue 16): 6 rows × 7 tasks × seeds 42-44 on val200, 126 runs; its own rule
+  mkdir -p $RUNS/sweep
+  log "defaults sweep round 3 (val200, 3 seeds), $JOBS side by side"
+  local extra=() tasks=()
+  [ "$SMOKE" = 1 ] && extra=(--tasks digits --seeds 42 --configs "hf-peft|default") && tasks=(--tasks digits --seeds 42)
+  timeout -s INT $(limit 20) $PY benchmarks/sweep_defaults.py --round 3 --jobs $JOBS --device $DEV \
+    --engine-flags "--precision tf32 $TINY" --baseline-flags "--precision tf32 $TINY" --runs $RUNS/sweep \
+    --dest $RUNS/sweep/round3.md --deadline-s $(limit ${1:-60}) "${extra[@]}" >$RUNS/round3.log 2>&1
+  $PY benchmarks/sweep_defaults.py --round 3 --runs $RUNS/sweep --dest $RUNS/sweep/round3.md --report \
+    --choose $RUNS/chosen3.json "${tasks[@]}" >>$RUNS/round3.log 2>&1
+  tail -n 3 $RUNS/sweep/round3.md | tee -a "$OUT/session.log"
+}
+
 heart_suite() {
   # NAME JOBS MARGIN FLAGS…: the cpu profile's heart-lora runs with more flags, in their own results file (their run
   # ids equal the default heart-lora's), compared with other runs by `benchmarks/scoring.py --suite-check`
@@ -179,6 +195,8 @@ heart_suite() {
 score_check() {
   # heart-lora with a 2-step scoring probe (issue 11), a fixed --ne 24 (the default runs' median choice): --ne auto
   # is refused after a probe shorter than the warmup (METHOD.md §2)
+  # start from the committed records (docs/scoring/score2-results.json), so a run finished before is never redone
+  [ -f $RUNS/score2-results.json ] || cp docs/scoring/score2-results.json $RUNS/score2-results.json
   heart_suite score2 $JOBS ${1:-60} --score-steps 2 --ne 24
 }
 
@@ -226,6 +244,10 @@ case "${1:-first}" in
   sweep)
     unpack
     sweep
+    ;;
+  round3)
+    unpack
+    round3 60
     ;;
   control)
     unpack

@@ -479,6 +479,35 @@ def test_sweep_rule_prefers_heart_rows_at_the_chosen_scale_once_they_are_complet
     assert sw.caveats(chosen)[-1].endswith("and no heart-lora row ran at scale 4.")  # listed rows do not count
 
 
+def test_sweep_round3_changes_the_defaults_only_for_a_clear_lead_on_most_seeds():
+    import sweep_defaults as sw
+
+    tasks, seeds = ("a", "b"), (42, 43, 44)
+    ref, wd = sw.REFERENCE3, "lora, scale 4, weight-decay 1e-2"
+
+    def row(per_seed):  # seed -> accuracy on every task
+        return {t: {str(s): {"val200": acc} for s, acc in per_seed.items()} for t in tasks}
+
+    rows = {n: row({42: 0.70, 43: 0.70, 44: 0.70}) for n in sw.ROUND3}
+    rows[wd] = row({42: 0.72, 43: 0.69, 44: 0.72})  # +0.67 points on the mean, ahead on 2 of 3 seeds
+    chosen = sw.choose_round3(rows, tasks, seeds)
+    assert chosen["winner"] == wd and chosen["settings"]["weight_decay"] == "1e-2"
+    assert chosen["settings"]["targets"] == "q,v" and chosen["settings"]["scale"] == "4"
+    assert chosen["per_seed"][wd][43] == pytest.approx(-0.01)
+    rows[wd] = row({42: 0.715, 43: 0.70, 44: 0.70})  # +0.5 points on the mean, but from one seed only
+    chosen = sw.choose_round3(rows, tasks, seeds)
+    assert chosen["winner"] is None and chosen["verdict"].startswith("the defaults stay: the best row, " + wd)
+    rows[wd] = row({42: 0.704, 43: 0.704, 44: 0.704})  # ahead on every seed, by less than the margin
+    assert sw.choose_round3(rows, tasks, seeds)["winner"] is None
+    del rows["lora, scale 2"]["b"]  # an incomplete lora row: nothing is decided
+    assert sw.choose_round3(rows, tasks, seeds)["verdict"].startswith("not decided: 1 of 5")
+    # the plan: every row, task and seed, each run pinning what the round compares
+    plan = sw.plan(Path("/tmp/x"), tasks, seeds, configs=sw.ROUND3)
+    assert len(plan) == len(sw.ROUND3) * len(tasks) * len(seeds)
+    qkvo = next(cmd for name, *_, cmd in plan if name.endswith("rank 4"))
+    assert qkvo[qkvo.index("--targets") + 1] == "q,k,v,o" and qkvo[qkvo.index("--weight-decay") + 1] == "1e-4"
+
+
 def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path):
     import json
 
