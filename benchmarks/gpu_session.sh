@@ -203,7 +203,12 @@ score_check() {
 control() {
   # what the Taylor ranking adds over chance: heart-lora at a fixed --ne 24 with the full warmup's Taylor ranking
   # beside the same count drawn at random (--score-mode random), every task and seed, half the jobs each; then
-  # `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json --against runs/gpu/taylor24-results.json`
+  # `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json --against runs/gpu/taylor24-results.json
+  # --differ-in score_mode`
+  local f
+  for f in taylor24 random24; do  # start from the committed records: a run finished before is never redone
+    [ -f $RUNS/$f-results.json ] || [ ! -f docs/scoring/$f-results.json ] || cp docs/scoring/$f-results.json $RUNS/
+  done
   heart_suite taylor24 $((JOBS / 2)) ${1:-60} --ne 24 &
   local pid=$!
   heart_suite random24 $((JOBS - JOBS / 2)) ${1:-60} --ne 24 --score-mode random
