@@ -224,8 +224,8 @@ def suite_check(check: Path, against: Path, dest: Path | None, key: str = "score
                 if r.get("profile") == "cpu" and r.get("suite_method") == "heart-lora" and r.get("role") == "final"
                 and (is_changed(r["settings"].get(key, spec["default"])) == changed)}
 
-    def is_changed(v: Any) -> bool:
-        return v == spec["value"] if spec["value"] is not None else v not in (None, spec["default"])
+    def is_changed(v: Any) -> bool:  # the one value the check asks for, else any but the default
+        return v == spec["value"] if spec["value"] is not None else v != spec["default"]
 
     base, probe = final(against, False), final(check, True)
     # every setting but the compared one must match (precision may differ: a GPU's TF32 against a CPU's fp32, shown)
