@@ -74,11 +74,9 @@ class ResponsivenessTracker:
         """Layer name → per-head score (float64, CPU). Under torch.distributed the ranks' scores are averaged, so
         every rank ranks the heads the same way."""
         flat = torch.cat(self._acc)
-        if self.mode == "random":  # own generator: the training's random state is not touched
+        if self.mode == "random":  # own generator: the training's random state is not touched; no rank averages
             flat = torch.rand(flat.numel(), generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64)
-            parts = flat.split([a.numel() for a in self._acc])
-            return {layer.name: p.clone() for layer, p in zip(self.layers, parts)}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = flat.clone()
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
