@@ -15,7 +15,8 @@ Markdown table and a plot (accuracy against heads off, both methods, one panel p
 CPU-hours at the defaults on the visible tasks (about 19 minutes a training run on one core; on a GPU, half a
 minute); run one process per task side by side. ``--smoke`` runs a tiny version (one task, one epoch, 28 px):
 
-    .venv/bin/python benchmarks/prune.py --tasks digits --ne 0,12,24,36,48 --out runs/prune/digits.jsonl
+    .venv/bin/python benchmarks/prune.py --tasks digits --ne 0,12,24,36,48,60,auto --trained-ne 0,24,48 \
+        --out runs/prune/digits.jsonl
     .venv/bin/python benchmarks/prune.py --report runs/prune/*.jsonl --dest docs/prune.md
     .venv/bin/python benchmarks/prune.py --smoke --out /tmp/prune-smoke.jsonl
 """
@@ -35,6 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 PEFT_ROW = "peft-lora"
 PRUNED = "peft-lora + heartlora prune"
+PRUNED_AUTO = "peft-lora + heartlora prune --ne auto"
 TRAINED = "heart-lora (heads off after warmup)"
 
 
@@ -101,13 +103,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = {"task": task, **{k: getattr(args, k) for k in key}, "device": args.device}
         # a row counts only if it was made with these settings (the same --out may hold other runs' rows)
         have = {(r["task"], r["method"], r["ne"]) for r in done if all(r.get(k) == base[k] for k in key)}
-        nes = [int(n) for n in args.ne.split(",")]
+        tokens = [n.strip() for n in args.ne.split(",")]
+        auto = "auto" in tokens  # prune's own choice of the count (choose_ne on held-out training images)
+        nes = [int(n) for n in tokens if n != "auto"]
+        trained = nes if args.trained_ne is None else [int(n) for n in args.trained_ne.split(",")]
+        auto_done = any(r[0] == task and r[1] == PRUNED_AUTO for r in have)
         folder = args.work / f"{task}-{tag(args)}-peft"
-        if not all((task, PRUNED, ne) in have for ne in nes) or (task, PEFT_ROW, 0) not in have:
+        if (not all((task, PRUNED, ne) in have for ne in nes) or (task, PEFT_ROW, 0) not in have
+                or (auto and not auto_done)):
             peft = train_peft(task, folder, args)
             if (task, PEFT_ROW, 0) not in have:
                 emit({**base, "method": PEFT_ROW, "ne": 0, "val200": float(peft["accuracy"]),
                       "adapter_bytes": peft["adapter_bytes"], "wall_s": peft["wall_s"]})
+        # every post-hoc prune first (a scoring pass and a val200 pass each: seconds to a minute), then the trainings
+        # (a full run each), so a benchmark stopped midway still has the whole pruned curve
         for ne in nes:
             if (task, PRUNED, ne) not in have:
                 t0 = time.perf_counter()
@@ -117,6 +126,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 emit({**base, "method": PRUNED, "ne": ne, "val200": r["accuracy_after"],
                       "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
                       "wall_s": time.perf_counter() - t0})
+        if auto and not auto_done:
+            t0 = time.perf_counter()
+            r = prune_peft(folder, task, "auto", batches=args.batches, batch_size=args.batch_size, split="val200",
+                           img_size=args.img_size, seed=args.seed,
+                           out=args.work / f"{task}-{tag(args)}-pruned-auto.safetensors")
+            emit({**base, "method": PRUNED_AUTO, "ne": r["ne"], "val200": r["accuracy_after"],
+                  "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
+                  "ne_choice": r["ne_choice"], "wall_s": time.perf_counter() - t0})
+        for ne in trained:
             if (task, TRAINED, ne) not in have:
                 m = heart_lora(task, ne, args.work / f"{task}-{tag(args)}-heart-lora-{ne}", args)
                 emit({**base, "method": TRAINED, "ne": ne, "val200": m["accuracy"],
@@ -134,8 +152,9 @@ def report(files: list[Path], dest: Path) -> str:
     if not rows:
         raise SystemExit(f"no rows in {', '.join(map(str, files))}: run the benchmark first")
     tasks = sorted({r["task"] for r in rows})
-    nes = sorted({r["ne"] for r in rows if r["method"] != PEFT_ROW})
+    nes = sorted({r["ne"] for r in rows if r["method"] in (PRUNED, TRAINED)})
     by = {(r["task"], r["method"], r["ne"]): r for r in rows}
+    by_auto = {r["task"]: r for r in rows if r["method"] == PRUNED_AUTO}
     settings = sorted({(r["img_size"], r["epochs"], r["seed"], r.get("device", "cpu"), r.get("precision", "fp32"))
                        for r in rows})
     lines = [
@@ -159,6 +178,10 @@ def report(files: list[Path], dest: Path) -> str:
             acc = [f"{100 * r['val200']:.1f}" if r else "—" for r in (p, h)]
             size = [f"{r['adapter_bytes']:,}" if r else "—" for r in (p, h)]
             lines.append(f"| {t} | {ne} | " + " | ".join(acc + size) + " |")
+        a = by_auto.get(t)
+        if a:
+            lines.append(f"| {t} | `--ne auto` chose {a['ne']} | {100 * a['val200']:.1f} | "
+                         f"| {a['adapter_bytes']:,} | |")
     fig = Figure(figsize=(3.2 * len(tasks) + 1, 3.4), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, t in zip(axes, tasks):
@@ -166,6 +189,9 @@ def report(files: list[Path], dest: Path) -> str:
             pts = sorted((ne, 100 * by[(t, method, ne)]["val200"]) for ne in nes if (t, method, ne) in by)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=method)
+        if t in by_auto:
+            ax.plot([by_auto[t]["ne"]], [100 * by_auto[t]["val200"]], marker="*", markersize=11, linestyle="none",
+                    color="black", label="prune --ne auto")
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("heads switched off (of 72)")
     axes[0].set_ylabel("val200 accuracy (%)")
@@ -183,7 +209,11 @@ def report(files: list[Path], dest: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="digits,mnist,fashion_mnist")
-    ap.add_argument("--ne", default="0,12,24,36,48", help="heads switched off, comma-separated (of 72)")
+    ap.add_argument("--ne", default="0,12,24,36,48,auto",
+                    help="heads switched off, comma-separated (of 72); 'auto' adds prune's own choice (--ne auto)")
+    ap.add_argument("--trained-ne", default=None,
+                    help="the counts Heart-LoRA is trained at (a full run each; default: every --ne). Post-hoc pruning "
+                         "costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -209,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         ap.error("--out is required (or --report FILES)")
     if args.smoke:
-        args.tasks, args.ne, args.epochs, args.img_size, args.batches = "digits", "0,6", 1, 28, 1
+        args.tasks, args.ne, args.trained_ne = "digits", "0,6,auto", "0,6"
+        args.epochs, args.img_size, args.batches = 1, 28, 1
     args.work = args.work or Path("runs/prune-smoke" if args.smoke else "runs/prune")
     run(args)
     return 0
