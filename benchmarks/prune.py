@@ -6,7 +6,9 @@ then, for each ``ne``, ``heartlora.integrations.prune_peft`` switches off the ``
 same adapter (scored on ``--batches`` training batches, no retraining), against ``heartlora train --method
 heart-lora --ne N`` at the engine's defaults (the heads switched off after the warmup, then trained without them).
 Both are reported on val200 (test is never read); the PEFT adapter is scored on its heads after training,
-Heart-LoRA during its warmup. ``ne`` 0 is the unpruned adapter and heartlora's LoRA.
+Heart-LoRA during its warmup. ``ne`` 0 is the unpruned adapter and heartlora's LoRA. A control at every nonzero count
+(``--random-seeds``, seconds a draw): the same count of the same adapter's heads switched off at random
+(``prune_peft(score_mode="random")``), so the table says whether the Taylor ranking finds the heads that matter.
 
 Rows go to ``--out`` as JSON lines, one per (task, method, ne), written as each finishes; a row already there is not
 run again (the PEFT run folder too), so a killed benchmark resumes. ``--report`` turns one or more such files into a
@@ -37,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 PEFT_ROW = "peft-lora"
 PRUNED = "peft-lora + heartlora prune"
 PRUNED_AUTO = "peft-lora + heartlora prune --ne auto"
+PRUNED_RANDOM = "peft-lora, random heads pruned (control)"
 TRAINED = "heart-lora (heads off after warmup)"
 
 
@@ -95,47 +98,51 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"{row['task']:<14} {row['method']:<38} ne {row['ne']:>3}  val200 {100 * row['val200']:6.2f} %  "
+        print(f"{row['task']:<14} {row['method']:<40} ne {row['ne']:>3}  val200 {100 * row['val200']:6.2f} %  "
               f"{row.get('adapter_bytes', 0):>9,} bytes", flush=True)
 
     key = ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches")
     for task in args.tasks.split(","):
         base = {"task": task, **{k: getattr(args, k) for k in key}, "device": args.device}
         # a row counts only if it was made with these settings (the same --out may hold other runs' rows)
-        have = {(r["task"], r["method"], r["ne"]) for r in done if all(r.get(k) == base[k] for k in key)}
+        have = {(r["task"], r["method"], r["ne"], r.get("random_seed")) for r in done
+                if all(r.get(k) == base[k] for k in key)}
         tokens = [n.strip() for n in args.ne.split(",")]
         auto = "auto" in tokens  # prune's own choice of the count (choose_ne on held-out training images)
         nes = [int(n) for n in tokens if n != "auto"]
         trained = nes if args.trained_ne is None else [int(n) for n in args.trained_ne.split(",")]
+        draws = [int(s) for s in args.random_seeds.split(",")] if args.random_seeds else []
+        # the random control at every count but 0 (nothing to draw there)
+        todo = ([(PRUNED, ne, None) for ne in nes if (task, PRUNED, ne, None) not in have]
+                + [(PRUNED_RANDOM, ne, rs) for ne in nes if ne for rs in draws
+                   if (task, PRUNED_RANDOM, ne, rs) not in have])
         auto_done = any(r[0] == task and r[1] == PRUNED_AUTO for r in have)
         folder = args.work / f"{task}-{tag(args)}-peft"
-        if (not all((task, PRUNED, ne) in have for ne in nes) or (task, PEFT_ROW, 0) not in have
-                or (auto and not auto_done)):
+        if todo or (task, PEFT_ROW, 0, None) not in have or (auto and not auto_done):
             peft = train_peft(task, folder, args)
-            if (task, PEFT_ROW, 0) not in have:
+            if (task, PEFT_ROW, 0, None) not in have:
                 emit({**base, "method": PEFT_ROW, "ne": 0, "val200": float(peft["accuracy"]),
                       "adapter_bytes": peft["adapter_bytes"], "wall_s": peft["wall_s"]})
+
+        def prune(ne: int | str, method: str, rs: int | None) -> None:
+            t0 = time.perf_counter()
+            name = f"{task}-{tag(args)}-pruned-{ne}" + (f"-random{rs}" if rs is not None else "")
+            r = prune_peft(folder, task, ne, batches=args.batches, batch_size=args.batch_size, split="val200",
+                           img_size=args.img_size, seed=args.seed, out=args.work / f"{name}.safetensors",
+                           score_mode="random" if rs is not None else "abs_sum", score_seed=rs)
+            emit({**base, "method": method, "ne": r["ne"], "val200": r["accuracy_after"],
+                  "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
+                  **({"random_seed": rs} if rs is not None else {}),
+                  **({"ne_choice": r["ne_choice"]} if ne == "auto" else {}), "wall_s": time.perf_counter() - t0})
+
         # every post-hoc prune first (a scoring pass and a val200 pass each: seconds to a minute), then the trainings
         # (a full run each), so a benchmark stopped midway still has the whole pruned curve
-        for ne in nes:
-            if (task, PRUNED, ne) not in have:
-                t0 = time.perf_counter()
-                r = prune_peft(folder, task, ne, batches=args.batches, batch_size=args.batch_size, split="val200",
-                               img_size=args.img_size, seed=args.seed,
-                               out=args.work / f"{task}-{tag(args)}-pruned-{ne}.safetensors")
-                emit({**base, "method": PRUNED, "ne": ne, "val200": r["accuracy_after"],
-                      "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
-                      "wall_s": time.perf_counter() - t0})
+        for method, ne, rs in todo:
+            prune(ne, method, rs)
         if auto and not auto_done:
-            t0 = time.perf_counter()
-            r = prune_peft(folder, task, "auto", batches=args.batches, batch_size=args.batch_size, split="val200",
-                           img_size=args.img_size, seed=args.seed,
-                           out=args.work / f"{task}-{tag(args)}-pruned-auto.safetensors")
-            emit({**base, "method": PRUNED_AUTO, "ne": r["ne"], "val200": r["accuracy_after"],
-                  "val200_before": r["accuracy_before"], "adapter_bytes": r["adapter_bytes"],
-                  "ne_choice": r["ne_choice"], "wall_s": time.perf_counter() - t0})
+            prune("auto", PRUNED_AUTO, None)
         for ne in trained:
-            if (task, TRAINED, ne) not in have:
+            if (task, TRAINED, ne, None) not in have:
                 m = heart_lora(task, ne, args.work / f"{task}-{tag(args)}-heart-lora-{ne}", args)
                 emit({**base, "method": TRAINED, "ne": ne, "val200": m["accuracy"],
                       "adapter_bytes": m["adapter_bytes"], "wall_s": m["wall_s"]})
@@ -155,6 +162,16 @@ def report(files: list[Path], dest: Path) -> str:
     nes = sorted({r["ne"] for r in rows if r["method"] in (PRUNED, TRAINED)})
     by = {(r["task"], r["method"], r["ne"]): r for r in rows}
     by_auto = {r["task"]: r for r in rows if r["method"] == PRUNED_AUTO}
+    draws: dict[tuple[str, int], list[float]] = {}  # the random control's accuracies, per (task, count)
+    for r in rows:
+        if r["method"] == PRUNED_RANDOM:
+            draws.setdefault((r["task"], r["ne"]), []).append(100 * r["val200"])
+
+    def control(t: str, ne: int) -> str:
+        v = draws.get((t, ne))
+        return f"{sum(v) / len(v):.1f} [{min(v):.1f}–{max(v):.1f}]" if v else "—"
+
+    n_draws = sorted({len(v) for v in draws.values()})
     settings = sorted({(r["img_size"], r["epochs"], r["seed"], r.get("device", "cpu"), r.get("precision", "fp32"))
                        for r in rows})
     lines = [
@@ -163,24 +180,27 @@ def report(files: list[Path], dest: Path) -> str:
         f"Made by `python benchmarks/prune.py --report {' '.join(str(f) for f in files)} --dest {dest}` from the rows "
         "of `python benchmarks/prune.py --tasks T --ne " + ",".join(map(str, nes)) + " --out FILE`. Settings "
         "(img size, epochs, seed, device, precision): " + "; ".join(map(str, settings)) + ". Accuracy on val200 "
-        "(trained on train800; test never read), one seed: differences under about 1.5 points are within noise.",
+        "(trained on train800; test never read), one seed: differences under about 1.5 points are within noise. "
+        "The control switches off the same number of heads of the same PEFT adapter at random (`prune --score-mode "
+        f"random`; mean [min–max] of {'/'.join(map(str, n_draws)) or 'no'} draws): where the Taylor ranking keeps "
+        "more accuracy than the random draws, it found the heads that matter.",
         "",
-        ("| task | heads off | PEFT LoRA, heads pruned after training (%) | Heart-LoRA, trained with them off (%) "
-         "| pruned adapter bytes | Heart-LoRA bytes |"),
-        "|---|---|---|---|---|---|",
+        ("| task | heads off | PEFT LoRA, heads pruned after training (%) | the same count at random (%) "
+         "| Heart-LoRA, trained with them off (%) | pruned adapter bytes | Heart-LoRA bytes |"),
+        "|---|---|---|---|---|---|---|",
     ]
     for t in tasks:
         peft = by.get((t, PEFT_ROW, 0))
         if peft:
-            lines.append(f"| {t} | unpruned PEFT adapter | {100 * peft['val200']:.1f} | | | |")
+            lines.append(f"| {t} | unpruned PEFT adapter | {100 * peft['val200']:.1f} | | | | |")
         for ne in nes:
             p, h = by.get((t, PRUNED, ne)), by.get((t, TRAINED, ne))
             acc = [f"{100 * r['val200']:.1f}" if r else "—" for r in (p, h)]
             size = [f"{r['adapter_bytes']:,}" if r else "—" for r in (p, h)]
-            lines.append(f"| {t} | {ne} | " + " | ".join(acc + size) + " |")
+            lines.append(f"| {t} | {ne} | " + " | ".join([acc[0], control(t, ne), acc[1], *size]) + " |")
         a = by_auto.get(t)
         if a:
-            lines.append(f"| {t} | `--ne auto` chose {a['ne']} | {100 * a['val200']:.1f} | "
+            lines.append(f"| {t} | `--ne auto` chose {a['ne']} | {100 * a['val200']:.1f} | | "
                          f"| {a['adapter_bytes']:,} | |")
     fig = Figure(figsize=(3.2 * len(tasks) + 1, 3.4), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
@@ -189,6 +209,11 @@ def report(files: list[Path], dest: Path) -> str:
             pts = sorted((ne, 100 * by[(t, method, ne)]["val200"]) for ne in nes if (t, method, ne) in by)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=method)
+        pts = sorted((ne, sum(v) / len(v), min(v), max(v)) for (tt, ne), v in draws.items() if tt == t)
+        if pts:
+            ne_, mean, lo, hi = map(list, zip(*pts))
+            ax.errorbar(ne_, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+                        marker="^", linestyle=":", capsize=3, label="random heads pruned (min–max)")
         if t in by_auto:
             ax.plot([by_auto[t]["ne"]], [100 * by_auto[t]["val200"]], marker="*", markersize=11, linestyle="none",
                     color="black", label="prune --ne auto")
@@ -214,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trained-ne", default=None,
                     help="the counts Heart-LoRA is trained at (a full run each; default: every --ne). Post-hoc pruning "
                          "costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48")
+    ap.add_argument("--random-seeds", default="1,2,3",
+                    help="draws of the random control (prune --score-mode random: the same count of heads off, "
+                         "chosen at random; seconds each) at every nonzero count; '' for none")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--batch-size", type=int, default=32)

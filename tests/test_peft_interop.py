@@ -169,6 +169,30 @@ def test_prune_then_file_equals_peft_with_heads_zeroed(hf_dir, tmp_path):
         assert not torch.allclose(full(x), theirs, atol=1e-4)
 
 
+def test_random_control_prunes_the_heads_its_seed_draws(hf_dir, tmp_path):
+    # mode="random": the heads off are the lowest of a uniform draw from the seed, whatever the batches say (no pass
+    # over them), another seed another set; the Taylor ranking of the same adapter is a different set.
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+    pool = "cls" if family == "vit" else "cls+mean"
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    other = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g))]
+
+    def prune(b, **kw):
+        return score_and_prune(import_peft(folder, _hl(path, size, pool)), b, ne=3, **kw)
+
+    a, b = prune(batches, mode="random", seed=5), prune(other, mode="random", seed=5)
+    c = prune(batches, mode="random", seed=6)
+    draw = torch.rand(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    layers = list(a["scores"])
+    expected = {(layers[int(i) // 4], int(i) % 4) for i in draw.argsort()[:3]}
+    assert {tuple(h) for h in a["heads_off"]} == expected == {tuple(h) for h in b["heads_off"]}
+    assert {tuple(h) for h in c["heads_off"]} != expected
+    taylor = prune(batches)
+    assert taylor["scores"] != a["scores"]
+
+
 def test_export_import_round_trip_keeps_heads_off(hf_dir, tmp_path):
     _, path, size = hf_dir
     model = _hl(path, size)
@@ -255,6 +279,11 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     assert info["extra"]["heartlora_run"]["task"] == "digits"
     assert hl.head_masks(import_peft(tmp_path / "again")) == {layer["name"]: layer["head_mask"]
                                                               for layer in info["layers"]}
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--batches", "1", "--img-size", str(size),
+                 "--score-mode", "random", "--seed", "3", "--out", str(tmp_path / "random.safetensors"),
+                 "--json"]) == 0
+    control = json.loads(capsys.readouterr().out)
+    assert control["score_mode"] == "random" and control["scoring_images"] == 0 and len(control["heads_off"]) == 2
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
     assert "neither auto nor a number" in capsys.readouterr().err
 

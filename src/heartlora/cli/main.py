@@ -367,13 +367,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.peft_out:
         _refuse_to_replace(Path(args.peft_out), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
-                   out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope)
+                   out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope,
+                   seed=args.seed, score_mode=args.score_mode)
     r.pop("model")
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "scores"}, indent=2, default=str))
         return 0
     print_table(f"heartlora prune: {args.peft_dir}", [
-        ("task", f"{r['task']}: heads scored on {r['scoring_images']} training images"),
+        ("task", f"{r['task']}: " + (f"heads ranked at random (--score-mode random, seed {args.seed})"
+                                      if r["score_mode"] == "random" else
+                                      f"heads scored on {r['scoring_images']} training images")),
         ("heads switched off", f"{len(r['heads_off'])} of {r['heads_total']}"
                                + (" (--ne auto)" if r["ne_choice"] else "")
                                + (f"; with the {r['heads_total'] - r['heads_on_before']} off in the PEFT folder "
@@ -585,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
                    help="split for the accuracy before and after (default val200)")
     p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--score-mode", default="abs_sum", choices=["abs_sum", "sum_abs", "random"],
+                   help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
+                        "that switches off a random set of the same size, drawn from --seed")
+    p.add_argument("--seed", type=int, default=0, help="samples the scoring images (and random's draw); default 0")
     p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")

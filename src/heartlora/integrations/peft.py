@@ -379,10 +379,15 @@ def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_si
 # Scoring and pruning
 
 
-def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], mode: str = "abs_sum",
+                seed: int = 0) -> dict[str, torch.Tensor]:
     """Taylor responsiveness of every head from one forward and backward per batch (images in [0, 1]); no weight
-    changes. The model is in eval mode meanwhile (no dropout), gradients are cleared afterwards."""
-    tracker = ResponsivenessTracker(model)
+    changes. The model is in eval mode meanwhile (no dropout), gradients are cleared afterwards. ``mode`` is the
+    tracker's (``abs_sum``, ``sum_abs``, or ``random``: the control, a uniform score per head drawn from ``seed``,
+    with no pass over the batches)."""
+    tracker = ResponsivenessTracker(model, mode=mode, seed=seed)
+    if mode == "random":
+        return tracker.scores()
     was = model.training
     model.eval()
     try:
@@ -398,12 +403,13 @@ def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
 
 def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ne: int | str = "auto",
                     heldout: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    scope: str = "global") -> dict[str, Any]:
+                    scope: str = "global", mode: str = "abs_sum", seed: int = 0) -> dict[str, Any]:
     """Score heads on ``batches`` and switch off ``ne`` of them (``"auto"``: :func:`choose_ne` on ``heldout``
-    training batches). Returns the scores, the heads switched off and the ne choice."""
+    training batches). ``mode="random"`` switches off a random set drawn from ``seed`` instead (a control).
+    Returns the scores, the heads switched off and the ne choice."""
     if not batches:
         raise ConfigError("scoring needs at least one batch of training images")
-    scores = score_heads(model, batches)
+    scores = score_heads(model, batches, mode=mode, seed=seed)
     choice = None
     if ne == "auto":
         if not heldout:
@@ -418,10 +424,13 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
 def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *, batches: int = 8,
                batch_size: int = 32, split: str = "val200", out: str | os.PathLike | None = None,
                peft_out: str | os.PathLike | None = None, backbone: str | None = None, img_size: int | None = None,
-               scope: str = "global", heldout_images: int = 256, seed: int = 0) -> dict[str, Any]:
+               scope: str = "global", heldout_images: int = 256, seed: int = 0, score_mode: str = "abs_sum",
+               score_seed: int | None = None) -> dict[str, Any]:
     """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
     the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``
-    and, when asked, a PEFT folder to ``peft_out``."""
+    and, when asked, a PEFT folder to ``peft_out``. ``seed`` samples the scoring and held-out images;
+    ``score_mode="random"`` ranks the heads at random instead (drawn from ``score_seed``, else ``seed``): the control
+    that says whether the Taylor ranking beats chance at the same count."""
     from heartlora.data import get_task
     from heartlora.engine.inference import RUN_KEY
     from heartlora.engine.metrics import predict_logits
@@ -451,13 +460,15 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
 
     before = acc()
     heads_on_before = sum(sum(m) for m in head_masks(model).values())  # heads already off: all-zero rows in the file
-    result = score_and_prune(model, to_batches(score_idx), ne, heldout=to_batches(held_idx), scope=scope)
+    result = score_and_prune(model, to_batches(score_idx), ne, heldout=to_batches(held_idx), scope=scope,
+                             mode=score_mode, seed=seed if score_seed is None else score_seed)
     after = acc()
     _, tensors, _ = read_peft(peft_dir)
     peft_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if ".lora_" in k)
     result.update(task=t.name, split=split, images=len(eval_y), accuracy_before=before, accuracy_after=after,
                   heads_total=sum(layer.num_heads for layer in attention_layers(model)), peft_lora_bytes=peft_bytes,
-                  scoring_images=int(n_score), heads_on_before=heads_on_before,
+                  scoring_images=0 if score_mode == "random" else int(n_score), score_mode=score_mode,
+                  heads_on_before=heads_on_before,
                   heads_on=sum(sum(m) for m in head_masks(model).values()))
     if out is not None:
         run = {"task": t.name, "method": "peft-lora, heads pruned by heartlora", "img_size": size,
