@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         tokens = [n.strip() for n in args.ne.split(",")]
         auto = "auto" in tokens  # prune's own choice of the count (choose_ne on held-out training images)
         nes = [int(n) for n in tokens if n != "auto"]
-        trained = nes if args.trained_ne is None else [int(n) for n in args.trained_ne.split(",")]
+        trained = nes if args.trained_ne is None else [int(n) for n in args.trained_ne.split(",") if n.strip()]
         draws = [int(s) for s in args.random_seeds.split(",")] if args.random_seeds else []
         # the random control at every count but 0 (nothing to draw there)
         todo = ([(PRUNED, ne, None) for ne in nes if (task, PRUNED, ne, None) not in have]
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="heads switched off, comma-separated (of 72); 'auto' adds prune's own choice (--ne auto)")
     ap.add_argument("--trained-ne", default=None,
                     help="the counts Heart-LoRA is trained at (a full run each; default: every --ne). Post-hoc pruning "
-                         "costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48")
+                         "costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48; '' for none")
     ap.add_argument("--random-seeds", default="1,2,3",
                     help="draws of the random control (prune --score-mode random: the same count of heads off, "
                          "chosen at random; seconds each) at every nonzero count; '' for none")
