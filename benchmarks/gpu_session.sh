@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
 #                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
-#   bash benchmarks/gpu_session.sh control # the random-ranking control: heart-lora --ne 24 ranked by the Taylor score
-#                                          # and by chance (--score-mode random), every task and seed of the cpu suite
+#   bash benchmarks/gpu_session.sh control # the random-ranking control: heart-lora --ne 24, then 48, ranked by the
+#                                          # Taylor score and by chance (--score-mode random), every task and seed
 #   bash benchmarks/gpu_session.sh round3  # the defaults sweep's round 3 (issue 16): 126 val200 runs on 3 seeds and
 #                                          # its rule (benchmarks/sweep_defaults.py --round 3)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
@@ -201,18 +201,21 @@ score_check() {
 }
 
 control() {
-  # what the Taylor ranking adds over chance: heart-lora at a fixed --ne 24 with the full warmup's Taylor ranking
-  # beside the same count drawn at random (--score-mode random), every task and seed, half the jobs each; then
-  # `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json --against runs/gpu/taylor24-results.json
-  # --differ-in score_mode`
-  local f
-  for f in taylor24 random24; do  # start from the committed records: a run finished before is never redone
-    [ -f $RUNS/$f-results.json ] || [ ! -f docs/scoring/$f-results.json ] || cp docs/scoring/$f-results.json $RUNS/
+  # what the Taylor ranking adds over chance: heart-lora at a fixed count with the full warmup's Taylor ranking
+  # beside the same count drawn at random (--score-mode random), every task and seed, half the jobs each; 24 heads
+  # first (the default runs' median choice), then 48 (where post-hoc pruning separates the two, docs/prune.md);
+  # CONTROL_COUNTS overrides. Then `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json
+  # --against runs/gpu/taylor24-results.json --differ-in score_mode` (and the same for 48)
+  local f n pid
+  for n in ${CONTROL_COUNTS:-24 48}; do
+    for f in taylor$n random$n; do  # start from the committed records: a run finished before is never redone
+      [ -f $RUNS/$f-results.json ] || [ ! -f docs/scoring/$f-results.json ] || cp docs/scoring/$f-results.json $RUNS/
+    done
+    heart_suite taylor$n $((JOBS / 2)) ${1:-60} --ne $n &
+    pid=$!
+    heart_suite random$n $((JOBS - JOBS / 2)) ${1:-60} --ne $n --score-mode random
+    wait $pid
   done
-  heart_suite taylor24 $((JOBS / 2)) ${1:-60} --ne 24 &
-  local pid=$!
-  heart_suite random24 $((JOBS - JOBS / 2)) ${1:-60} --ne 24 --score-mode random
-  wait $pid
 }
 
 speed_compiled() {
