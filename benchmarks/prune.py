@@ -205,15 +205,15 @@ def report(files: list[Path], dest: Path) -> str:
     fig = Figure(figsize=(3.2 * len(tasks) + 1, 3.4), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, t in zip(axes, tasks):
-        for method, marker in ((PRUNED, "o"), (TRAINED, "s")):
+        for method, marker, color in ((PRUNED, "o", "C0"), (TRAINED, "s", "C1")):  # one colour a method, every panel
             pts = sorted((ne, 100 * by[(t, method, ne)]["val200"]) for ne in nes if (t, method, ne) in by)
             if pts:
-                ax.plot(*zip(*pts), marker=marker, label=method)
+                ax.plot(*zip(*pts), marker=marker, color=color, label=method)
         pts = sorted((ne, sum(v) / len(v), min(v), max(v)) for (tt, ne), v in draws.items() if tt == t)
         if pts:
             ne_, mean, lo, hi = map(list, zip(*pts))
             ax.errorbar(ne_, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
-                        marker="^", linestyle=":", capsize=3, label="random heads pruned (min–max)")
+                        marker="^", linestyle=":", capsize=3, color="C2", label="random heads pruned (min–max)")
         if t in by_auto:
             ax.plot([by_auto[t]["ne"]], [100 * by_auto[t]["val200"]], marker="*", markersize=11, linestyle="none",
                     color="black", label="prune --ne auto")
