@@ -237,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ne", default="0,12,24,36,48,auto",
                     help="heads switched off, comma-separated (of 72); 'auto' adds prune's own choice (--ne auto)")
     ap.add_argument("--trained-ne", default=None,
-                    help="the counts Heart-LoRA is trained at (a full run each; default: every --ne). Post-hoc pruning "
-                         "costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48; '' for none")
+                    help="the counts Heart-LoRA is trained at (a full run each; default: every --ne). Post-hoc "
+                         "pruning costs seconds a count, so --ne can be dense and --trained-ne sparse, e.g. 0,24,48; "
+                         "'' for none")
     ap.add_argument("--random-seeds", default="1,2,3",
                     help="draws of the random control (prune --score-mode random: the same count of heads off, "
                          "chosen at random; seconds each) at every nonzero count; '' for none")
