@@ -10,9 +10,9 @@ Heart-LoRA during its warmup. ``ne`` 0 is the unpruned adapter and heartlora's L
 (``--random-seeds``, seconds a draw): the same count of the same adapter's heads switched off at random
 (``prune_peft(score_mode="random")``), so the table says whether the Taylor ranking finds the heads that matter.
 
-Rows go to ``--out`` as JSON lines, one per (task, method, ne), written as each finishes; a row already there is not
-run again (the PEFT run folder too), so a killed benchmark resumes. ``--report`` turns one or more such files into a
-Markdown table and a plot (accuracy against heads off, both methods, one panel per task).
+Rows go to ``--out`` as JSON lines, one per (task, method, ne, random draw), written as each finishes; a row already
+there is not run again (the PEFT run folder too), so a killed benchmark resumes. ``--report`` turns one or more such
+files into a Markdown table and a plot (accuracy against heads off, every method, one panel per task).
 
 CPU-hours at the defaults on the visible tasks (about 19 minutes a training run on one core; on a GPU, half a
 minute); run one process per task side by side. ``--smoke`` runs a tiny version (one task, one epoch, 28 px):
@@ -149,6 +149,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _settings(row: dict[str, Any]) -> tuple:
+    """What a row's accuracy depends on besides its method and count."""
+    return tuple(row.get(k) for k in ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches",
+                                      "device"))
+
+
 def report(files: list[Path], dest: Path) -> str:
     """The rows of ``files`` as a Markdown table (val200 % per task, ne and method) and a plot beside ``dest``."""
     from matplotlib.figure import Figure
@@ -158,6 +164,13 @@ def report(files: list[Path], dest: Path) -> str:
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     if not rows:
         raise SystemExit(f"no rows in {', '.join(map(str, files))}: run the benchmark first")
+    # one row per (task, method, count, draw): a row written twice (two processes on one file) counts once
+    rows = list({(r["task"], r["method"], r["ne"], r.get("random_seed")): r for r in rows}.values())
+    mixed = {t: sorted({_settings(r) for r in rows if r["task"] == t}) for t in {r["task"] for r in rows}}
+    mixed = {t: v for t, v in mixed.items() if len(v) > 1}
+    if mixed:
+        raise SystemExit(f"rows of {', '.join(sorted(mixed))} were made with different settings "
+                         f"({'; '.join(map(str, next(iter(mixed.values()))))}): report one setting per file set")
     tasks = sorted({r["task"] for r in rows})
     nes = sorted({r["ne"] for r in rows if r["method"] in (PRUNED, TRAINED)})
     by = {(r["task"], r["method"], r["ne"]): r for r in rows}
@@ -178,12 +191,16 @@ def report(files: list[Path], dest: Path) -> str:
         "# Post-hoc head pruning of a PEFT adapter vs Heart-LoRA trained with the heads off",
         "",
         f"Made by `python benchmarks/prune.py --report {' '.join(str(f) for f in files)} --dest {dest}` from the rows "
-        "of `python benchmarks/prune.py --tasks T --ne " + ",".join(map(str, nes)) + " --out FILE`. Settings "
+        "of `python benchmarks/prune.py --tasks T --ne " + ",".join(map(str, nes)) + ",auto --trained-ne "
+        + ",".join(map(str, sorted({r["ne"] for r in rows if r["method"] == TRAINED}))) + " --random-seeds "
+        + ",".join(map(str, sorted({r["random_seed"] for r in rows if r["method"] == PRUNED_RANDOM})))
+        + " --out FILE` (one process per task, one thread each). Settings "
         "(img size, epochs, seed, device, precision): " + "; ".join(map(str, settings)) + ". Accuracy on val200 "
         "(trained on train800; test never read), one seed: differences under about 1.5 points are within noise. "
         "The control switches off the same number of heads of the same PEFT adapter at random (`prune --score-mode "
-        f"random`; mean [min–max] of {'/'.join(map(str, n_draws)) or 'no'} draws): where the Taylor ranking keeps "
-        "more accuracy than the random draws, it found the heads that matter.",
+        f"random`; mean [min–max] of {'/'.join(map(str, n_draws)) or 'no'} draws, each draw the same head set on "
+        "every task): where the Taylor ranking keeps more accuracy than the random draws, it found the heads that "
+        "matter.",
         "",
         ("| task | heads off | PEFT LoRA, heads pruned after training (%) | the same count at random (%) "
          "| Heart-LoRA, trained with them off (%) | pruned adapter bytes | Heart-LoRA bytes |"),
@@ -257,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                          "is bf16 autocast (on a CPU too)")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default runs/prune; --smoke: "
                                                               "runs/prune-smoke)")
-    ap.add_argument("--out", type=Path, help="JSON lines, one per (task, method, ne); resumable")
+    ap.add_argument("--out", type=Path, help="JSON lines, one per (task, method, ne, random draw); resumable")
     ap.add_argument("--report", type=Path, nargs="+", help="JSON-lines files to turn into a table and a plot")
     ap.add_argument("--dest", type=Path, default=Path("runs/prune/prune.md"), help="--report's Markdown file")
     ap.add_argument("--smoke", action="store_true", help="digits, ne 0 and 6, 1 epoch, 28 px: checks the script")

@@ -280,10 +280,15 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     assert hl.head_masks(import_peft(tmp_path / "again")) == {layer["name"]: layer["head_mask"]
                                                               for layer in info["layers"]}
     assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--batches", "1", "--img-size", str(size),
-                 "--score-mode", "random", "--seed", "3", "--out", str(tmp_path / "random.safetensors"),
+                 "--score-mode", "random", "--score-seed", "3", "--out", str(tmp_path / "random.safetensors"),
                  "--json"]) == 0
     control = json.loads(capsys.readouterr().out)
-    assert control["score_mode"] == "random" and control["scoring_images"] == 0 and len(control["heads_off"]) == 2
+    assert control["score_mode"] == "random" and control["scoring_images"] == 0
+    draw = torch.rand(8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # 2 layers x 4 heads
+    saved = hl.read_adapter_info(tmp_path / "random.safetensors")["layers"]
+    off = {(layer["name"], h) for layer in saved for h, on in enumerate(layer["head_mask"]) if not on}
+    assert off == {(saved[int(i) // 4]["name"], int(i) % 4) for i in draw.argsort()[:2]}  # --score-seed 3's draw
+    assert off == {tuple(h) for h in control["heads_off"]}
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
     assert "neither auto nor a number" in capsys.readouterr().err
 

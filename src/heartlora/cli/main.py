@@ -368,13 +368,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _refuse_to_replace(Path(args.peft_out), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
                    out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope,
-                   seed=args.seed, score_mode=args.score_mode)
+                   score_mode=args.score_mode, score_seed=args.score_seed)
     r.pop("model")
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "scores"}, indent=2, default=str))
         return 0
     print_table(f"heartlora prune: {args.peft_dir}", [
-        ("task", f"{r['task']}: " + (f"heads ranked at random (--score-mode random, seed {args.seed})"
+        ("task", f"{r['task']}: " + (f"heads ranked at random (--score-mode random, --score-seed {args.score_seed})"
                                       if r["score_mode"] == "random" else
                                       f"heads scored on {r['scoring_images']} training images")),
         ("heads switched off", f"{len(r['heads_off'])} of {r['heads_total']}"
@@ -590,8 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="global", choices=["global", "layer"])
     p.add_argument("--score-mode", default="abs_sum", choices=["abs_sum", "sum_abs", "random"],
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
-                        "that switches off a random set of the same size, drawn from --seed")
-    p.add_argument("--seed", type=int, default=0, help="samples the scoring images (and random's draw); default 0")
+                        "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
+                        "count as a Taylor prune, to compare the two)")
+    p.add_argument("--score-seed", type=int, default=0, help="the random control's draw (default 0)")
     p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")

@@ -428,9 +428,10 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
                score_seed: int | None = None) -> dict[str, Any]:
     """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
     the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``
-    and, when asked, a PEFT folder to ``peft_out``. ``seed`` samples the scoring and held-out images;
-    ``score_mode="random"`` ranks the heads at random instead (drawn from ``score_seed``, else ``seed``): the control
-    that says whether the Taylor ranking beats chance at the same count."""
+    and, when asked, a PEFT folder to ``peft_out``. ``seed`` samples the scoring and held-out images (and a few-shot
+    task's split: keep the adapter's training seed); ``score_mode="random"`` ranks the heads at random instead, drawn
+    from ``score_seed`` (else ``seed``): with a number for ``ne``, the control that says whether the Taylor ranking
+    beats chance at the same count (with ``"auto"``, the count is chosen for the random ranking)."""
     from heartlora.data import get_task
     from heartlora.engine.inference import RUN_KEY
     from heartlora.engine.metrics import predict_logits
