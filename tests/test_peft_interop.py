@@ -193,6 +193,26 @@ def test_random_control_prunes_the_heads_its_seed_draws(hf_dir, tmp_path):
     assert taylor["scores"] != a["scores"]
 
 
+def test_prune_auto_tolerance_reaches_the_choice(hf_dir, tmp_path):
+    # ne="auto" judges each share against `tolerance` x the loss with every head on: a huge tolerance passes every
+    # share (the largest is taken), a negative one is refused; the default never takes more than the huge one.
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+    pool = "cls" if family == "vit" else "cls+mean"
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+
+    def prune(**kw):
+        return score_and_prune(import_peft(folder, _hl(path, size, pool)), batches[:1], "auto", heldout=batches[1:],
+                               **kw)
+
+    loose, default = prune(tolerance=1e9), prune()
+    assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0
+    assert default["ne"] <= loose["ne"] and "0.02" in default["ne_choice"]["rule"]
+    with pytest.raises(ConfigError, match="must not be negative"):
+        prune(tolerance=-0.1)
+
+
 def test_export_import_round_trip_keeps_heads_off(hf_dir, tmp_path):
     _, path, size = hf_dir
     model = _hl(path, size)
@@ -289,6 +309,10 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     off = {(layer["name"], h) for layer in saved for h, on in enumerate(layer["head_mask"]) if not on}
     assert off == {(saved[int(i) // 4]["name"], int(i) % 4) for i in draw.argsort()[:2]}  # --score-seed 3's draw
     assert off == {tuple(h) for h in control["heads_off"]}
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "auto", "--ne-tolerance", "1e9", "--batches", "1",
+                 "--img-size", str(size), "--out", str(tmp_path / "loose.safetensors"), "--json"]) == 0
+    loose = json.loads(capsys.readouterr().out)  # every share passes: the largest candidate is taken
+    assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
     assert "neither auto nor a number" in capsys.readouterr().err
 

@@ -368,7 +368,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _refuse_to_replace(Path(args.peft_out), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
                    out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope,
-                   score_mode=args.score_mode, score_seed=args.score_seed)
+                   score_mode=args.score_mode, score_seed=args.score_seed, tolerance=args.ne_tolerance)
     r.pop("model")
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "scores"}, indent=2, default=str))
@@ -593,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
                         "count as a Taylor prune, to compare the two)")
     p.add_argument("--score-seed", type=int, default=0, help="the random control's draw (default 0)")
+    p.add_argument("--ne-tolerance", type=float, default=None,
+                   help="--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
+                        "training images by at most this fraction of it (default 0.02). An adapter that fits its "
+                        "training images has a loss near 0, so 0.02 of it is strict: raise it, or give a number")
     p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")

@@ -403,9 +403,11 @@ def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
 
 def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ne: int | str = "auto",
                     heldout: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    scope: str = "global", mode: str = "abs_sum", seed: int = 0) -> dict[str, Any]:
+                    scope: str = "global", mode: str = "abs_sum", seed: int = 0,
+                    tolerance: float | None = None) -> dict[str, Any]:
     """Score heads on ``batches`` and switch off ``ne`` of them (``"auto"``: :func:`choose_ne` on ``heldout``
-    training batches). ``mode="random"`` switches off a random set drawn from ``seed`` instead (a control).
+    training batches, at ``tolerance``, else its default). ``mode="random"`` switches off a random set drawn from
+    ``seed`` instead (a control).
     Returns the scores, the heads switched off and the ne choice."""
     if not batches:
         raise ConfigError("scoring needs at least one batch of training images")
@@ -413,8 +415,10 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     choice = None
     if ne == "auto":
         if not heldout:
-            raise ConfigError("ne='auto' needs batches of training images held out from scoring: pass heldout= or a number for ne")
-        choice = choose_ne(model, scores, heldout, scope=scope)
+            raise ConfigError("ne='auto' needs batches of training images held out from scoring: pass heldout= or "
+                              "a number for ne")
+        choice = choose_ne(model, scores, heldout, scope=scope,
+                           **({"tolerance": tolerance} if tolerance is not None else {}))
         ne = choice.ne
     off = deactivate_heads(model, scores, ne=int(ne), scope=scope)
     return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off, "ne": int(ne),
@@ -425,13 +429,14 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
                batch_size: int = 32, split: str = "val200", out: str | os.PathLike | None = None,
                peft_out: str | os.PathLike | None = None, backbone: str | None = None, img_size: int | None = None,
                scope: str = "global", heldout_images: int = 256, seed: int = 0, score_mode: str = "abs_sum",
-               score_seed: int | None = None) -> dict[str, Any]:
+               score_seed: int | None = None, tolerance: float | None = None) -> dict[str, Any]:
     """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
     the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``
     and, when asked, a PEFT folder to ``peft_out``. ``seed`` samples the scoring and held-out images (and a few-shot
     task's split: keep the adapter's training seed); ``score_mode="random"`` ranks the heads at random instead, drawn
     from ``score_seed`` (else ``seed``): with a number for ``ne``, the control that says whether the Taylor ranking
-    beats chance at the same count (with ``"auto"``, the count is chosen for the random ranking)."""
+    beats chance at the same count (with ``"auto"``, the count is chosen for the random ranking). ``tolerance``:
+    ``ne="auto"``'s (:func:`choose_ne`; relative to the training loss, which a converged adapter has near 0)."""
     from heartlora.data import get_task
     from heartlora.engine.inference import RUN_KEY
     from heartlora.engine.metrics import predict_logits
@@ -462,7 +467,7 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     before = acc()
     heads_on_before = sum(sum(m) for m in head_masks(model).values())  # heads already off: all-zero rows in the file
     result = score_and_prune(model, to_batches(score_idx), ne, heldout=to_batches(held_idx), scope=scope,
-                             mode=score_mode, seed=seed if score_seed is None else score_seed)
+                             mode=score_mode, seed=seed if score_seed is None else score_seed, tolerance=tolerance)
     after = acc()
     _, tensors, _ = read_peft(peft_dir)
     peft_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if ".lora_" in k)
