@@ -197,6 +197,8 @@ def report(files: list[Path], dest: Path) -> str:
         + " --out FILE` (one process per task, one thread each). Settings "
         "(img size, epochs, seed, device, precision): " + "; ".join(map(str, settings)) + ". Accuracy on val200 "
         "(trained on train800; test never read), one seed: differences under about 1.5 points are within noise. "
+        "The PEFT adapter follows the plain HF + PEFT recipe (benchmarks/baselines/hf_peft.py), Heart-LoRA heartlora's "
+        "defaults, so each curve starts from its own 0 (heartlora's LoRA there): read each against its start. "
         "The control switches off the same number of heads of the same PEFT adapter at random (`prune --score-mode "
         f"random`; mean [min–max] of {'/'.join(map(str, n_draws)) or 'no'} draws, each draw the same head set on "
         "every task): where the Taylor ranking keeps more accuracy than the random draws, it found the heads that "
