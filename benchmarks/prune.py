@@ -41,6 +41,8 @@ PRUNED = "peft-lora + heartlora prune"
 PRUNED_AUTO = "peft-lora + heartlora prune --ne auto"
 PRUNED_RANDOM = "peft-lora, random heads pruned (control)"
 TRAINED = "heart-lora (heads off after warmup)"
+# the arguments a row's accuracy depends on besides its method and count (with the device)
+SETTINGS = ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches")
 
 
 def tag(args: argparse.Namespace) -> str:
@@ -101,12 +103,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"{row['task']:<14} {row['method']:<40} ne {row['ne']:>3}  val200 {100 * row['val200']:6.2f} %  "
               f"{row.get('adapter_bytes', 0):>9,} bytes", flush=True)
 
-    key = ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches")
     for task in args.tasks.split(","):
-        base = {"task": task, **{k: getattr(args, k) for k in key}, "device": args.device}
+        base = {"task": task, **{k: getattr(args, k) for k in SETTINGS}, "device": args.device}
         # a row counts only if it was made with these settings (the same --out may hold other runs' rows)
         have = {(r["task"], r["method"], r["ne"], r.get("random_seed")) for r in done
-                if all(r.get(k) == base[k] for k in key)}
+                if all(r.get(k) == base[k] for k in SETTINGS)}
         tokens = [n.strip() for n in args.ne.split(",")]
         auto = "auto" in tokens  # prune's own choice of the count (choose_ne on held-out training images)
         nes = [int(n) for n in tokens if n != "auto"]
@@ -151,8 +152,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _settings(row: dict[str, Any]) -> tuple:
     """What a row's accuracy depends on besides its method and count."""
-    return tuple(row.get(k) for k in ("img_size", "epochs", "batch_size", "lr", "rank", "seed", "precision", "batches",
-                                      "device"))
+    return tuple(row.get(k) for k in (*SETTINGS, "device"))
 
 
 def report(files: list[Path], dest: Path) -> str:

@@ -169,18 +169,24 @@ def test_prune_then_file_equals_peft_with_heads_zeroed(hf_dir, tmp_path):
         assert not torch.allclose(full(x), theirs, atol=1e-4)
 
 
-def test_random_control_prunes_the_heads_its_seed_draws(hf_dir, tmp_path):
-    # mode="random": the heads off are the lowest of a uniform draw from the seed, whatever the batches say (no pass
-    # over them), another seed another set; the Taylor ranking of the same adapter is a different set.
+def _imported_and_batches(hf_dir, tmp_path, n=2):
+    """A function giving a fresh heartlora model of a PEFT adapter each call, and ``n`` batches of random images."""
     family, path, size = hf_dir
     _, folder = _peft_adapter(family, path, tmp_path)
     pool = "cls" if family == "vit" else "cls+mean"
     g = torch.Generator().manual_seed(7)
-    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
-    other = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g))]
+    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+    return (lambda: import_peft(folder, _hl(path, size, pool))), batches
+
+
+def test_random_control_prunes_the_heads_its_seed_draws(hf_dir, tmp_path):
+    # mode="random": the heads off are the lowest of a uniform draw from the seed, whatever the batches say (no pass
+    # over them), another seed another set; the Taylor ranking of the same adapter is a different set.
+    fresh, all_batches = _imported_and_batches(hf_dir, tmp_path, n=3)
+    batches, other = all_batches[:2], all_batches[2:]
 
     def prune(b, **kw):
-        return score_and_prune(import_peft(folder, _hl(path, size, pool)), b, ne=3, **kw)
+        return score_and_prune(fresh(), b, ne=3, **kw)
 
     a, b = prune(batches, mode="random", seed=5), prune(other, mode="random", seed=5)
     c = prune(batches, mode="random", seed=6)
@@ -196,15 +202,10 @@ def test_random_control_prunes_the_heads_its_seed_draws(hf_dir, tmp_path):
 def test_prune_auto_tolerance_reaches_the_choice(hf_dir, tmp_path):
     # ne="auto" judges each share against `tolerance` x the loss with every head on: a huge tolerance passes every
     # share (the largest is taken), a negative one is refused; the default never takes more than the huge one.
-    family, path, size = hf_dir
-    _, folder = _peft_adapter(family, path, tmp_path)
-    pool = "cls" if family == "vit" else "cls+mean"
-    g = torch.Generator().manual_seed(7)
-    batches = [(torch.rand(4, 3, size, size, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    fresh, batches = _imported_and_batches(hf_dir, tmp_path)
 
     def prune(**kw):
-        return score_and_prune(import_peft(folder, _hl(path, size, pool)), batches[:1], "auto", heldout=batches[1:],
-                               **kw)
+        return score_and_prune(fresh(), batches[:1], "auto", heldout=batches[1:], **kw)
 
     loose, default = prune(tolerance=1e9), prune()
     assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0

@@ -498,6 +498,15 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     groups["run"].add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
 
 
+def _field_choices(name: str) -> tuple[str, ...]:
+    """A TrainConfig field's choices, for a flag of another command that takes the same values."""
+    import dataclasses
+
+    from heartlora.engine import TrainConfig
+
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata["choices"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -588,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
                    help="split for the accuracy before and after (default val200)")
     p.add_argument("--scope", default="global", choices=["global", "layer"])
-    p.add_argument("--score-mode", default="abs_sum", choices=["abs_sum", "sum_abs", "random"],
+    p.add_argument("--score-mode", default="abs_sum", choices=_field_choices("score_mode"),
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
                         "count as a Taylor prune, to compare the two)")
