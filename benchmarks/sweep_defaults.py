@@ -27,7 +27,9 @@ the first rounds did not (weight decay, a lower learning rate, scale 2 at every 
 and o at rank 4: the same bytes as q and v at rank 8) on three seeds, and its rule (``choose_round3``, fixed before
 any of its runs) asks more than the best mean: once every ``lora`` row of the round is complete, the best row
 replaces today's default only if its mean over the 21 (task, seed) cells is at least ``MARGIN3`` (0.5 points) above
-the default's and it leads the default's mean on at least two of the three seeds. Otherwise the defaults stay.
+the default's and it leads the default's mean on at least two of the three seeds. Otherwise the defaults stay. The
+rule decides on one device's table: the lora rows' cells must all come from the CPU or all from a GPU (a GPU
+session's runs go to their own ``--dest``, docs/sweeps/round3-gpu.md, and the first complete table decides).
 
     python benchmarks/sweep_defaults.py                         # run what is left, one at a time
     python benchmarks/sweep_defaults.py --jobs 14 --device cuda --engine-flags "--precision tf32" \
@@ -243,6 +245,12 @@ def choose_round3(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, 
     missing = [n for n, c in cells.items() if c is None]
     if missing:
         out["verdict"] = f"not decided: {len(missing)} of {len(lora)} lora rows are incomplete"
+        return out
+    devices = sorted({str(rows[n][t][str(s)].get("device") or "cpu").split(":")[0]
+                      for n in lora for t in tasks for s in seeds})
+    if len(devices) > 1:  # a TF32 GPU run and a CPU run of one setting differ by up to 4 points on one seed
+        out["verdict"] = (f"not decided: the lora rows mix devices ({', '.join(devices)}); decide on one device's "
+                          "table (a GPU's goes to its own --dest)")
         return out
     out["why"] = {n: sum(c) / len(c) for n, c in cells.items()}
 

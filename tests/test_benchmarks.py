@@ -499,6 +499,15 @@ def test_sweep_round3_changes_the_defaults_only_for_a_clear_lead_on_most_seeds()
     assert chosen["winner"] is None and chosen["verdict"].startswith("the defaults stay: the best row, " + wd)
     rows[wd] = row({42: 0.704, 43: 0.704, 44: 0.704})  # ahead on every seed, by less than the margin
     assert sw.choose_round3(rows, tasks, seeds)["winner"] is None
+    rows[wd] = row({42: 0.72, 43: 0.69, 44: 0.72})
+    rows[wd]["a"]["43"]["device"] = "cuda:0"  # one GPU cell among CPU cells: nothing is decided
+    verdict = sw.choose_round3(rows, tasks, seeds)["verdict"]
+    assert verdict.startswith("not decided: the lora rows mix devices (cpu, cuda)")
+    for name in sw.ROUND3:  # every cell from the GPU: decided as on the CPU
+        for t in tasks:
+            for s in seeds:
+                rows[name][t][str(s)]["device"] = "cuda"
+    assert sw.choose_round3(rows, tasks, seeds)["winner"] == wd
     del rows["lora, scale 2"]["b"]  # an incomplete lora row: nothing is decided
     assert sw.choose_round3(rows, tasks, seeds)["verdict"].startswith("not decided: 1 of 5")
     # the plan: every row, task and seed, each run pinning what the round compares
