@@ -236,6 +236,11 @@ def choose(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = 
     return out
 
 
+def _device(record: dict) -> str:
+    """The kind of device a cell ran on ("cuda:0" and "cuda" alike; "cpu" when the record does not say)."""
+    return str(record.get("device") or "cpu").split(":")[0]
+
+
 def choose_round3(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, ...] = SEEDS3) -> dict[str, Any]:
     """Round 3's rule (the module docstring): ``{"verdict", "winner", "settings", "why": {row: mean},
     "per_seed": {row: {seed: mean − the reference's}}}``; ``settings`` are the new defaults (``None``: they stay)."""
@@ -246,8 +251,7 @@ def choose_round3(rows: dict, tasks: tuple[str, ...] = TASKS, seeds: tuple[int, 
     if missing:
         out["verdict"] = f"not decided: {len(missing)} of {len(lora)} lora rows are incomplete"
         return out
-    devices = sorted({str(rows[n][t][str(s)].get("device") or "cpu").split(":")[0]
-                      for n in lora for t in tasks for s in seeds})
+    devices = sorted({_device(rows[n][t][str(s)]) for n in lora for t in tasks for s in seeds})
     if len(devices) > 1:  # a TF32 GPU run and a CPU run of one setting differ by up to 4 points on one seed
         out["verdict"] = (f"not decided: the lora rows mix devices ({', '.join(devices)}); decide on one device's "
                           "table (a GPU's goes to its own --dest)")
@@ -310,8 +314,8 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps({"tasks": tasks, "seeds": seeds, "common": COMMON,
                                                      "configs": configs, "results": rows}, indent=1))
-    devices = sorted({rec.get("device", "cpu").split(":")[0] for by_task in rows.values() for by_seed in
-                      by_task.values() for rec in by_seed.values()})
+    devices = sorted({_device(rec) for by_task in rows.values() for by_seed in by_task.values()
+                      for rec in by_seed.values()})
     lines = ["# Defaults sweep" + (", round 3" if round3 else "") + " (val200 only)", "",
              (f"Command: `python benchmarks/sweep_defaults.py{' --round 3' if round3 else ''}` (on a GPU: `--jobs 14 "
               "--device cuda --engine-flags "
