@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from heartlora._paths import atomic_path
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("fashion_mnist", "mnist", "digits", "dsprites_loc", "smallnorb_ele", "clevr_count", "fashion_mnist@4shot")
 SEEDS = (42,)
@@ -309,11 +311,23 @@ def float_or(value: str) -> float | str:
         return value
 
 
+def _cell(rows: dict, name: str, task: str, seeds: tuple[int, ...]) -> float | None:
+    """One table cell: the mean val200 over the seeds this row has for ``task`` (None: none yet)."""
+    vals = [rows.get(name, {}).get(task, {}).get(str(s), {}).get("val200") for s in seeds]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` in one rename, so a killed report never leaves a half-written table."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...], round3: bool = False) -> None:
     configs = ROUND3 if round3 else CONFIGS
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.with_suffix(".json").write_text(json.dumps({"tasks": tasks, "seeds": seeds, "common": COMMON,
-                                                     "configs": configs, "results": rows}, indent=1))
+    _write(dest.with_suffix(".json"), json.dumps({"tasks": tasks, "seeds": seeds, "common": COMMON,
+                                                  "configs": configs, "results": rows}, indent=1))
     devices = sorted({_device(rec) for by_task in rows.values() for by_seed in by_task.values()
                       for rec in by_seed.values()})
     lines = ["# Defaults sweep" + (", round 3" if round3 else "") + " (val200 only)", "",
@@ -328,27 +342,37 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
              "are the JSON's `configs`); settings it does not name took `heartlora train`'s defaults of the time. "
              "The rule that picks the defaults is in the script's docstring."), "",
              "| settings | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
+    table = {name: [_cell(rows, name, t, seeds) for t in tasks] for name in configs}
+    # A partial row's own mean covers whichever tasks it has, so two partial rows' means need not be comparable;
+    # the shared mean covers only the tasks (and, per task, the seeds) that every row with a cell there has.
+    shared = [i for i, t in enumerate(tasks) if all(table[n][i] is not None for n in configs)]
     for name in configs:
-        cells = []
-        for t in tasks:
-            vals = [rows.get(name, {}).get(t, {}).get(str(s), {}).get("val200") for s in seeds]
-            vals = [v for v in vals if v is not None]
-            cells.append(sum(vals) / len(vals) if vals else None)
+        cells = table[name]
         done = [c for c in cells if c is not None]
         mean = (f"{100 * sum(done) / len(done):.1f}" + ("" if len(done) == len(tasks) else " (partial)")) if done \
             else ""
         lines.append(f"| {label(name, configs)} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells)
                      + f" | {mean} |")
+    if shared and len(shared) < len(tasks):
+        common_seeds = [s for s in seeds if all(rows.get(n, {}).get(tasks[i], {}).get(str(s), {}).get("val200")
+                                                is not None for n in configs for i in shared)]
+        if common_seeds:
+            lines += ["", f"Rows compared on the cells every row has ({', '.join(tasks[i] for i in shared)}; "
+                      f"seed{'s' * (len(common_seeds) > 1)} {', '.join(map(str, common_seeds))}), mean val200 %:", "",
+                      "| settings | shared mean |", "|---|---|"]
+            for name in configs:
+                vals = [_cell(rows, name, tasks[i], tuple(common_seeds)) for i in shared]
+                lines.append(f"| {label(name, configs)} | {100 * sum(vals) / len(vals):.1f} |")
     if round3:
         chosen3 = choose_round3(rows, tasks, seeds)
         lines += ["", f"Round 3's rule: {chosen3['verdict']}."]
-        dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        _write(dest.with_suffix(".md"), "\n".join(lines) + "\n")
         return
     chosen = choose(rows, tasks, seeds)
     picks = [f"{f}: {label(chosen[f])}" for f in ("lora", "bi-lora", "heart-lora") if f in chosen]
     lines += ["", "Chosen by the rule: " + ("; ".join(picks) or "nothing yet (no complete configuration)")]
     lines += caveats(chosen)
-    dest.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _write(dest.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def run_all(todo: list, jobs: int, threads: int | None, deadline: float | None) -> None:
@@ -412,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
             print(args.dest.with_suffix(".md").read_text())
         if args.choose:
             rule = choose_round3 if round3 else choose
-            args.choose.write_text(json.dumps(rule(rows, tasks, seeds), indent=1))
+            _write(args.choose, json.dumps(rule(rows, tasks, seeds), indent=1))
             print(args.choose.read_text())
         return
     done = recorded(args.dest)

@@ -517,6 +517,29 @@ def test_sweep_round3_changes_the_defaults_only_for_a_clear_lead_on_most_seeds()
     assert qkvo[qkvo.index("--targets") + 1] == "q,k,v,o" and qkvo[qkvo.index("--weight-decay") + 1] == "1e-4"
 
 
+def test_sweep_report_compares_partial_rows_on_the_cells_they_share(tmp_path):
+    import json
+
+    import sweep_defaults as sw
+
+    tasks, seeds = ("a", "b", "c"), (42, 43)
+    rows = {n: {"a": {"42": {"val200": 0.80}, "43": {"val200": 0.60}}} for n in sw.ROUND3}
+    rows["hf-peft"]["b"] = {"42": {"val200": 0.20}}  # a task the other rows have not reached
+    rows[sw.REFERENCE3]["a"]["44"] = {"val200": 0.0}  # a seed outside the table: never read
+    del rows["lora, scale 2"]["a"]["43"]  # one row lacks seed 43 on "a": the shared cells are seed 42's
+    sw.report(rows, tmp_path / "r3.md", tasks, seeds, round3=True)
+    text = (tmp_path / "r3.md").read_text()
+    assert "| hf-peft | 70.0 | 20.0 |  | 45.0 (partial) |" in text  # its own mean mixes tasks: not comparable
+    assert "Rows compared on the cells every row has (a; seed 42), mean val200 %:" in text
+    assert "| hf-peft | 80.0 |" in text and "| lora, scale 2, " in text
+    assert text.count(" | 80.0 |\n") == len(sw.ROUND3)  # every row on the same cells: 80.0, not 70.0
+    assert json.loads((tmp_path / "r3.json").read_text())["results"] == rows
+    assert not list(tmp_path.glob(".*.tmp"))  # written by rename, nothing left behind
+    rows = {n: {t: {"42": {"val200": 0.5}} for t in tasks} for n in sw.ROUND3}  # complete: no extra table
+    sw.report(rows, tmp_path / "r3.md", tasks, (42,), round3=True)
+    assert "Rows compared" not in (tmp_path / "r3.md").read_text()
+
+
 def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path):
     import json
 
