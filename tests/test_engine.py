@@ -127,6 +127,19 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str) -> Non
     assert again["status"] == "already_finished" and again["accuracy"] == whole["accuracy"]
 
 
+def test_evaluating_less_often_trains_the_same_model(tmp_path: Path, task: str) -> None:
+    """Few-shot runs evaluate val200 every few epochs (the step floor multiplies their epochs); that must not move
+    a single trained weight, also with dropout drawing from the RNG."""
+    kw = dict(method="heart-lora", ne=3, epochs=3, warmup_epochs=1, dropout=0.1)
+    every = train(tiny(tmp_path / "every", task, **kw))
+    sparse = train(tiny(tmp_path / "sparse", task, eval_every=2, **kw))
+    assert [h.get("eval_acc") is not None for h in sparse["history"]] == [False, True, True]  # 2nd and the last
+    assert sparse["accuracy"] == every["accuracy"] and sparse["heads_off"] == every["heads_off"]
+    assert sparse["final_train_loss"] == every["final_train_loss"]
+    a, b = load_file(tmp_path / "every" / "adapter.safetensors"), load_file(tmp_path / "sparse" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_other_settings(tmp_path: Path, task: str) -> None:
     train(tiny(tmp_path, task, method="lora", stop_after_epoch=1))
     with pytest.raises(ConfigError, match="--lr"):
@@ -299,6 +312,10 @@ def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
     assert any("few-shot" in n for n in cfg.notes)
     assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).epochs == 7  # asked for: kept
     assert resolve(TrainConfig(task="digits", profile="cpu")).epochs == 10
+    # as many val200 evaluations as the profile's 10 epochs, unless --eval-every is given
+    assert cfg.eval_every == 5 and resolve(TrainConfig(task="digits@4shot", profile="cpu", eval_every=1)).eval_every == 1
+    assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).eval_every == 1
+    assert resolve(TrainConfig(task="digits", profile="cpu")).eval_every == 1
 
 
 def test_resuming_with_the_same_flags_as_typed_is_accepted() -> None:

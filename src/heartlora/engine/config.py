@@ -250,7 +250,7 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         if int(getattr(out, name)) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
     if "epochs" in filled:
-        _few_shot_floor(out)
+        _few_shot_floor(out, keep_evaluations=cfg.eval_every is None)
     if out.warmup_epochs is None:
         out.warmup_epochs = max(1, round(WARMUP_SHARE * out.epochs)) if out.epochs > 1 else 0
         if method.heart:
@@ -279,8 +279,11 @@ def _parse_ne(value: Any) -> int | str | None:
         raise ConfigError(f"--ne {value!r} is neither a number of attention heads nor auto") from None
 
 
-def _few_shot_floor(out: TrainConfig) -> None:
-    """Raise the profile's epochs of a K-shot task so that it trains for at least MIN_FEWSHOT_STEPS steps."""
+def _few_shot_floor(out: TrainConfig, keep_evaluations: bool = False) -> None:
+    """Raise the profile's epochs of a K-shot task so that it trains for at least MIN_FEWSHOT_STEPS steps. With
+    ``keep_evaluations`` (no --eval-every given) the val200 evaluations stay as many as the profile's epochs: a
+    4-shot epoch is 40 images, and evaluating 200 after each would take most of the run's time. Evaluation never
+    changes training (its own data order, no gradients), and the last epoch is always evaluated."""
     m = re.search(r"@(\d+)shot$", str(out.task))
     if not m:
         return
@@ -294,6 +297,10 @@ def _few_shot_floor(out: TrainConfig) -> None:
         out.notes.append(f"few-shot: {images} training images are {steps_per_epoch} step(s) an epoch, so epochs go "
                          f"from {before} to {out.epochs} (at least {MIN_FEWSHOT_STEPS} optimizer steps; --epochs "
                          "sets them yourself)")
+        if keep_evaluations:
+            out.eval_every = math.ceil(out.epochs / before)
+            out.notes.append(f"few-shot: val200 is evaluated every {out.eval_every} epochs and after the last "
+                             "(--eval-every sets it yourself)")
 
 
 def _norm(v: Any) -> Any:
