@@ -343,9 +343,10 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
              "The rule that picks the defaults is in the script's docstring."), "",
              "| settings | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
     table = {name: [_cell(rows, name, t, seeds) for t in tasks] for name in configs}
-    # A partial row's own mean covers whichever tasks it has, so two partial rows' means need not be comparable;
-    # the shared mean covers only the tasks (and, per task, the seeds) that every row with a cell there has.
-    shared = [i for i, t in enumerate(tasks) if all(table[n][i] is not None for n in configs)]
+
+    def has(name: str, task: str, seed: int) -> bool:
+        return rows.get(name, {}).get(task, {}).get(str(seed), {}).get("val200") is not None
+
     for name in configs:
         cells = table[name]
         done = [c for c in cells if c is not None]
@@ -353,16 +354,22 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
             else ""
         lines.append(f"| {label(name, configs)} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells)
                      + f" | {mean} |")
-    if shared and len(shared) < len(tasks):
-        common_seeds = [s for s in seeds if all(rows.get(n, {}).get(tasks[i], {}).get(str(s), {}).get("val200")
-                                                is not None for n in configs for i in shared)]
-        if common_seeds:
-            lines += ["", f"Rows compared on the cells every row has ({', '.join(tasks[i] for i in shared)}; "
-                      f"seed{'s' * (len(common_seeds) > 1)} {', '.join(map(str, common_seeds))}), mean val200 %:", "",
-                      "| settings | shared mean |", "|---|---|"]
-            for name in configs:
-                vals = [_cell(rows, name, tasks[i], tuple(common_seeds)) for i in shared]
-                lines.append(f"| {label(name, configs)} | {100 * sum(vals) / len(vals):.1f} |")
+    # A row's own mean covers whichever tasks and seeds it has, so two unfinished rows' means need not be
+    # comparable; the shared mean covers only the (task, seed) cells that every row has.
+    shared = {t: tuple(s for s in seeds if all(has(n, t, s) for n in configs)) for t in tasks}
+    shared = {t: ss for t, ss in shared.items() if ss}
+    extra = any(has(n, t, s) and s not in shared.get(t, ()) for n in configs for t in tasks for s in seeds)
+    if shared and extra:
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for t, ss in shared.items():
+            groups.setdefault(ss, []).append(t)
+        where = "; ".join(f"seed{'s' * (len(ss) > 1)} {', '.join(map(str, ss))} on "
+                          + ("every task" if len(ts) == len(tasks) else ", ".join(ts)) for ss, ts in groups.items())
+        lines += ["", f"Rows compared on the cells every row has ({where}), mean val200 %:", "",
+                  "| settings | shared mean |", "|---|---|"]
+        for name in configs:
+            vals = [_cell(rows, name, t, ss) for t, ss in shared.items()]
+            lines.append(f"| {label(name, configs)} | {100 * sum(vals) / len(vals):.1f} |")
     if round3:
         chosen3 = choose_round3(rows, tasks, seeds)
         lines += ["", f"Round 3's rule: {chosen3['verdict']}."]

@@ -530,14 +530,22 @@ def test_sweep_report_compares_partial_rows_on_the_cells_they_share(tmp_path):
     sw.report(rows, tmp_path / "r3.md", tasks, seeds, round3=True)
     text = (tmp_path / "r3.md").read_text()
     assert "| hf-peft | 70.0 | 20.0 |  | 45.0 (partial) |" in text  # its own mean mixes tasks: not comparable
-    assert "Rows compared on the cells every row has (a; seed 42), mean val200 %:" in text
+    assert "Rows compared on the cells every row has (seed 42 on a), mean val200 %:" in text
     assert "| hf-peft | 80.0 |" in text and "| lora, scale 2, " in text
     assert text.count(" | 80.0 |\n") == len(sw.ROUND3)  # every row on the same cells: 80.0, not 70.0
     assert json.loads((tmp_path / "r3.json").read_text())["results"] == rows
     assert not list(tmp_path.glob(".*.tmp"))  # written by rename, nothing left behind
-    rows = {n: {t: {"42": {"val200": 0.5}} for t in tasks} for n in sw.ROUND3}  # complete: no extra table
-    sw.report(rows, tmp_path / "r3.md", tasks, (42,), round3=True)
+    rows = {n: {t: {"42": {"val200": 0.5}} for t in tasks} for n in sw.ROUND3}  # one seed everywhere: no extra table
+    sw.report(rows, tmp_path / "r3.md", tasks, seeds, round3=True)
     assert "Rows compared" not in (tmp_path / "r3.md").read_text()
+    rows["hf-peft"]["a"]["43"] = {"val200": 0.9}  # one row ran a second seed on every task it has: compare on 42
+    rows[sw.REFERENCE3]["b"]["43"] = {"val200": 0.1}
+    for n in sw.ROUND3:
+        rows[n]["c"]["43"] = {"val200": 0.3}  # ... and every row ran seed 43 on "c": that cell is shared
+    sw.report(rows, tmp_path / "r3.md", tasks, seeds, round3=True)
+    text = (tmp_path / "r3.md").read_text()
+    assert "(seed 42 on a, b; seeds 42, 43 on c)" in text
+    assert text.split("Rows compared")[1].count(" | 46.7 |\n") == len(sw.ROUND3)  # a, b: 0.5; c: (0.5 + 0.3) / 2; for every row
 
 
 def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path):
