@@ -201,8 +201,13 @@ def collect(runs: Path, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ..
     return rows
 
 
+def _val(rows: dict, name: str, task: str, seed: int) -> float | None:
+    """One run's val200 accuracy (None: not run yet)."""
+    return rows.get(name, {}).get(task, {}).get(str(seed), {}).get("val200")
+
+
 def _cells(rows: dict, name: str, tasks: tuple[str, ...], seeds: tuple[int, ...]) -> list[float] | None:
-    vals = [rows.get(name, {}).get(t, {}).get(str(s), {}).get("val200") for t in tasks for s in seeds]
+    vals = [_val(rows, name, t, s) for t in tasks for s in seeds]
     return None if any(v is None for v in vals) else vals
 
 
@@ -313,8 +318,7 @@ def float_or(value: str) -> float | str:
 
 def _cell(rows: dict, name: str, task: str, seeds: tuple[int, ...]) -> float | None:
     """One table cell: the mean val200 over the seeds this row has for ``task`` (None: none yet)."""
-    vals = [rows.get(name, {}).get(task, {}).get(str(s), {}).get("val200") for s in seeds]
-    vals = [v for v in vals if v is not None]
+    vals = [v for v in (_val(rows, name, task, s) for s in seeds) if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -342,13 +346,8 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
              "are the JSON's `configs`); settings it does not name took `heartlora train`'s defaults of the time. "
              "The rule that picks the defaults is in the script's docstring."), "",
              "| settings | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
-    table = {name: [_cell(rows, name, t, seeds) for t in tasks] for name in configs}
-
-    def has(name: str, task: str, seed: int) -> bool:
-        return rows.get(name, {}).get(task, {}).get(str(seed), {}).get("val200") is not None
-
     for name in configs:
-        cells = table[name]
+        cells = [_cell(rows, name, t, seeds) for t in tasks]
         done = [c for c in cells if c is not None]
         mean = (f"{100 * sum(done) / len(done):.1f}" + ("" if len(done) == len(tasks) else " (partial)")) if done \
             else ""
@@ -356,9 +355,10 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
                      + f" | {mean} |")
     # A row's own mean covers whichever tasks and seeds it has, so two unfinished rows' means need not be
     # comparable; the shared mean covers only the (task, seed) cells that every row has.
-    shared = {t: tuple(s for s in seeds if all(has(n, t, s) for n in configs)) for t in tasks}
+    shared = {t: tuple(s for s in seeds if all(_val(rows, n, t, s) is not None for n in configs)) for t in tasks}
     shared = {t: ss for t, ss in shared.items() if ss}
-    extra = any(has(n, t, s) and s not in shared.get(t, ()) for n in configs for t in tasks for s in seeds)
+    extra = any(_val(rows, n, t, s) is not None and s not in shared.get(t, ())
+                for n in configs for t in tasks for s in seeds)
     if shared and extra:
         groups: dict[tuple[int, ...], list[str]] = {}
         for t, ss in shared.items():
