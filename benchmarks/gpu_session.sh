@@ -268,12 +268,12 @@ case "${1:-first}" in
     score_check 120
     wait $prune_pid
     ;;
-  paper)  # the paper profile (224 px, 100 epochs, batch 64) for lora, heart-lora, heart-bi-lora: bf16 autocast
+  paper)  # the paper profile (224 px, 100 epochs, batch 64): hf-peft, lora, heart-lora, heart-bi-lora; bf16 autocast
     unpack
     [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
     log "paper profile, $JOBS side by side"
     timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
-      --engine-flags '{"*": ["--precision", "bf16"]}' --results $SUITE_RESULTS --runs $RUNS/suite \
+      --engine-flags '{"*": ["--precision", "bf16"], "baseline": ["--precision", "bf16"]}' --results $SUITE_RESULTS --runs $RUNS/suite \
       --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
     $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
     ;;
