@@ -273,8 +273,8 @@ case "${1:-first}" in
     [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
     log "paper profile, $JOBS side by side"
     timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
-      --engine-flags '{"*": ["--precision", "bf16"], "baseline": ["--precision", "bf16"]}' --results $SUITE_RESULTS --runs $RUNS/suite \
-      --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
+      --engine-flags '{"*": ["--precision", "bf16"], "baseline": ["--precision", "bf16"]}' \
+      --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
     $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
     ;;
   pack) ;;
