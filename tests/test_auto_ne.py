@@ -49,16 +49,63 @@ def test_candidates_are_nested_and_their_losses_are_those_of_the_switched_off_mo
 def test_the_first_failing_candidate_stops_the_search() -> None:
     model, scores, batches = _setup()
     choice = choose_ne(model, scores, batches, fractions=(0.25, 0.5, 1.0), tolerance=0.0)
-    passes = [c["passes"] for c in choice.candidates]
+    passes = [c["passes"] for c in choice.candidates if not c["refine"]]
     assert passes[0] is True
     if False in passes:
         first_fail = passes.index(False)
-        assert len(passes) == first_fail + 1  # nothing tried after it
+        assert len(passes) == first_fail + 1  # no coarse share tried after it
         assert choice.candidates[first_fail]["increase"] > 0
-        assert choice.fraction == choice.candidates[first_fail - 1]["fraction"]
+        assert choice.fraction in (choice.candidates[first_fail - 1]["fraction"],
+                                   *(c["fraction"] for c in choice.candidates if c["refine"] and c["passes"]))
     else:
         assert choice.fraction == 1.0
     assert choice.to_dict()["rule"].startswith("largest share")
+
+
+def _fine_table(model, scores, batches) -> dict[float, float]:
+    """Loss increase for switching off 1, 2, ..., 8 of the 8 heads (nested), every share judged."""
+    fine = choose_ne(model, scores, batches, fractions=tuple(k / 8 for k in range(1, 9)), tolerance=1e9)
+    return {c["fraction"]: c["increase"] for c in fine.candidates}
+
+
+def test_a_failing_share_is_refined_halfway_and_the_refined_share_can_be_chosen() -> None:
+    model, scores, batches = _setup()
+    inc = _fine_table(model, scores, batches)
+    # a coarse share b that fails at a tolerance its half b/2 (and 0) passes: the search must then take b/2
+    b = next(b for b in (0.25, 0.5, 0.75, 1.0) if inc[b] > max(inc[b / 2], 0.0))
+    base = choose_ne(model, scores, batches, fractions=(b,), tolerance=1e9).candidates[0]["loss"]
+    tol = max(inc[b / 2], 0.0) / base
+    choice = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol)
+    assert [(c["fraction"], c["passes"], c["refine"]) for c in choice.candidates] == [
+        (0.0, True, False), (b, False, False), (b / 2, True, True)]
+    assert choice.fraction == b / 2 and choice.ne == choice.candidates[2]["heads_off"] == round(8 * b / 2)
+    # the refined share's loss is that of a model with exactly its heads off
+    ref = copy.deepcopy(model)
+    hl.deactivate_heads(ref, scores, fraction=b / 2)
+    ref.eval()
+    with torch.no_grad():
+        loss = torch.cat([F.cross_entropy(ref(x), y, reduction="none") for x, y in batches]).double().mean()
+    assert choice.candidates[2]["loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert choice.candidates[2]["increase"] == pytest.approx(inc[b / 2], abs=1e-9)
+    assert "halfway" in choice.rule
+    # without refinement the same coarse table ends at the last coarse pass
+    coarse = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol, refine=False)
+    assert coarse.candidates == choice.candidates[:2] and coarse.fraction == 0.0 and "halfway" not in coarse.rule
+
+
+def test_refinement_is_skipped_when_the_halfway_share_adds_no_head() -> None:
+    model, scores, batches = _setup()
+    # per layer, 4 heads: at tolerance 0 the first share (1 head a layer) fails; halfway to 0 (1/8 of 4 heads) is
+    # no head at all, so there is nothing more to try and every head stays
+    choice = choose_ne(model, scores, batches, fractions=(0.25, 0.5), scope="layer", tolerance=0.0)
+    assert [(c["fraction"], c["passes"], c["refine"]) for c in choice.candidates] == [
+        (0.0, True, False), (0.25, False, False)]
+    assert choice.ne == 0 and choice.fraction == 0.0
+    # a first share of 2 heads a layer that fails: halfway is 1 head a layer, which is tried (and recorded)
+    wide = choose_ne(model, scores, batches, fractions=(0.5,), scope="layer", tolerance=0.0)
+    assert [(c["fraction"], c["heads_off"], c["ne"], c["refine"]) for c in wide.candidates] == [
+        (0.0, 0, 0, False), (0.5, 4, 2, False), (0.25, 2, 1, True)]
+    assert wide.ne == (1 if wide.candidates[2]["passes"] else 0)
 
 
 def test_bad_settings_are_refused() -> None:

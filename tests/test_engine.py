@@ -293,11 +293,14 @@ def test_ne_auto_chooses_on_sampled_training_images_and_records_why(tmp_path: Pa
     metrics = train(tiny(tmp_path, task, method="heart-lora", epochs=2, warmup_epochs=1))
     choice = metrics["ne_choice"]
     assert metrics["settings"]["ne"] == "auto" and choice is not None
-    fractions = [c["fraction"] for c in choice["candidates"]]
+    coarse = [c for c in choice["candidates"] if not c["refine"]]
+    fractions = [c["fraction"] for c in coarse]
     assert fractions[0] == 0.0 and fractions == sorted(fractions)
-    assert choice["fraction"] in fractions and 0 <= choice["ne"] <= metrics["heads_total"]
+    assert choice["fraction"] in [c["fraction"] for c in choice["candidates"] if c["passes"]]
+    assert 0 <= choice["ne"] <= metrics["heads_total"]
     assert metrics["heads_off_count"] == choice["ne"]  # the choice is what was switched off
-    assert all(c["passes"] for c in choice["candidates"][:-1])  # the search stops at the first failure
+    assert all(c["passes"] for c in coarse[:-1])  # the search stops at the first failure
+    assert len(choice["candidates"]) - len(coarse) <= 1  # at most one refining share, after the coarse ones
     assert 0 < choice["images"] <= 256 and "sampled training images" in choice["rule"]
     assert 0 < choice["seconds"] < metrics["wall_s"]  # what choosing cost, part of the run's time
     assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
