@@ -75,7 +75,7 @@ def test_a_failing_share_is_refined_halfway_and_the_refined_share_can_be_chosen(
     b = next(b for b in (0.25, 0.5, 0.75, 1.0) if inc[b] > max(inc[b / 2], 0.0))
     base = choose_ne(model, scores, batches, fractions=(b,), tolerance=1e9).candidates[0]["loss"]
     tol = max(inc[b / 2], 0.0) / base
-    choice = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol)
+    choice = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol, refine=True)
     assert [(c["fraction"], c["passes"], c["refine"]) for c in choice.candidates] == [
         (0.0, True, False), (b, False, False), (b / 2, True, True)]
     assert choice.fraction == b / 2 and choice.ne == choice.candidates[2]["heads_off"] == round(8 * b / 2)
@@ -88,8 +88,8 @@ def test_a_failing_share_is_refined_halfway_and_the_refined_share_can_be_chosen(
     assert choice.candidates[2]["loss"] == pytest.approx(float(loss), rel=1e-6)
     assert choice.candidates[2]["increase"] == pytest.approx(inc[b / 2], abs=1e-9)
     assert "halfway" in choice.rule
-    # without refinement the same coarse table ends at the last coarse pass
-    coarse = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol, refine=False)
+    # without refinement (the default) the same coarse table ends at the last coarse pass
+    coarse = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol)
     assert coarse.candidates == choice.candidates[:2] and coarse.fraction == 0.0 and "halfway" not in coarse.rule
 
 
@@ -97,12 +97,12 @@ def test_refinement_is_skipped_when_the_halfway_share_adds_no_head() -> None:
     model, scores, batches = _setup()
     # per layer, 4 heads: at tolerance 0 the first share (1 head a layer) fails; halfway to 0 (1/8 of 4 heads) is
     # no head at all, so there is nothing more to try and every head stays
-    choice = choose_ne(model, scores, batches, fractions=(0.25, 0.5), scope="layer", tolerance=0.0)
+    choice = choose_ne(model, scores, batches, fractions=(0.25, 0.5), scope="layer", tolerance=0.0, refine=True)
     assert [(c["fraction"], c["passes"], c["refine"]) for c in choice.candidates] == [
         (0.0, True, False), (0.25, False, False)]
     assert choice.ne == 0 and choice.fraction == 0.0
     # a first share of 2 heads a layer that fails: halfway is 1 head a layer, which is tried (and recorded)
-    wide = choose_ne(model, scores, batches, fractions=(0.5,), scope="layer", tolerance=0.0)
+    wide = choose_ne(model, scores, batches, fractions=(0.5,), scope="layer", tolerance=0.0, refine=True)
     assert [(c["fraction"], c["heads_off"], c["ne"], c["refine"]) for c in wide.candidates] == [
         (0.0, 0, 0, False), (0.5, 4, 2, False), (0.25, 2, 1, True)]
     assert wide.ne == (1 if wide.candidates[2]["passes"] else 0)

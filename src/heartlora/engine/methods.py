@@ -134,7 +134,8 @@ class HeadLoRA(TrainingMethod):
         if cfg.ne == "auto":
             if heldout is None:
                 raise ConfigError("--ne auto needs sampled training images; give a number with --ne")
-            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance)
+            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance,
+                               refine=bool(getattr(cfg, "ne_refine", False)))
             if record is not None:
                 record["ne_choice"] = choice.to_dict()
             return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)

@@ -5,9 +5,10 @@ each candidate switches off the next least responsive heads), a copy of the mode
 evaluated on a fixed sample of *training* images (images it has trained on; never validation or test data), and the
 per-image loss is compared with the model that keeps every head, image by image. The choice is the largest candidate
 whose mean loss increase stays within ``tolerance`` of the full model's loss; larger candidates are not tried once
-one fails. When one fails, the share halfway between it and the last that passed is tried once more (``refine``), so
-the step between candidates (12 of a ViT-S's 72 heads by default) does not decide alone. Cost: one forward pass over
-those images per candidate, no training.
+one fails. With ``refine``, the share halfway between the failing one and the last that passed is then tried once
+more, so that the step between candidates (12 of a ViT-S's 72 heads by default) does not decide alone; it is off by
+default until benchmarks/ne_refine.py's val200 comparison decides (docs/sweeps/ne_refine.md). Cost: one forward
+pass over those images per candidate, no training.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
               scope: str = "global", fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
               tolerance: float = DEFAULT_TOLERANCE,
               forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-              refine: bool = True) -> NeChoice:
+              refine: bool = False) -> NeChoice:
     """Pick ``ne`` for ``deactivate_heads(model, scores, ne=..., scope=...)`` (per layer when ``scope="layer"``).
 
     ``batches``: (images, labels) of sampled training data, already on the model's device and in the form the
