@@ -87,8 +87,9 @@ def coarse_of(choice: dict[str, Any]) -> int:
 
 
 def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
-    """(what, command, folder) still to run: probes first, then the completions the probes asked for."""
-    out = []
+    """(what, command, folder) still to run: every probe first (cheap: they say where the rules differ), then the
+    completions the probes asked for."""
+    probes, out = [], []
     for seed in SEEDS:
         for task in TASKS:
             refined, coarse = folders(runs, task, seed)
@@ -96,8 +97,8 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
             if choice is None:
                 stop = ["--stop-after-epoch", str(warmup_epochs(task))]
                 flags = ["--resume"] if refined.is_dir() and any(refined.iterdir()) else []
-                out.append((f"probe {task} s{seed}", cmd(task, seed, refined, *AUTO, "--ne-refine", *stop, *flags),
-                            refined))
+                probes.append((f"probe {task} s{seed}", cmd(task, seed, refined, *AUTO, "--ne-refine", *stop, *flags),
+                               refined))
                 continue
             if choice["ne"] == coarse_of(choice):
                 continue
@@ -108,7 +109,7 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
                          else ["--overwrite"] if coarse.is_dir() and any(coarse.iterdir()) else [])
                 out.append((f"coarse {task} s{seed}", cmd(task, seed, coarse, "--ne", str(coarse_of(choice)), *flags),
                             coarse))
-    return out
+    return probes + out
 
 
 def final_items() -> list[tuple[str, str, int, str, dict[str, Any] | None]]:
