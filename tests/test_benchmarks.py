@@ -605,3 +605,41 @@ def test_auto_ne_cost_is_reported_as_a_share_of_the_run():
     (line, _) = report.auto_ne_cost_lines(recs)
     assert "median 2.0 % of a run's wall time, at most 3.0 %, over the 3 heart runs" in line
     assert report.auto_ne_cost_lines(recs[3:]) == []
+
+
+def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import ne_refine
+
+    monkeypatch.setattr(ne_refine, "TASKS", ("digits", "mnist"))
+    monkeypatch.setattr(ne_refine, "SEEDS", (1,))
+    cand = [{"ne": 0, "passes": True, "refine": False}, {"ne": 12, "passes": False, "refine": False}]
+    agree = {"ne": 0, "candidates": [*cand, {"ne": 6, "passes": False, "refine": True}]}
+    differ = {"ne": 6, "candidates": [*cand, {"ne": 6, "passes": True, "refine": True}]}
+    assert ne_refine.coarse_of(agree) == ne_refine.coarse_of(differ) == 0
+    # nothing probed yet: a probe per cell, to the end of the warmup, with the refined search
+    left = ne_refine.todo(tmp_path)
+    assert [w for w, _, _ in left] == ["probe digits s1", "probe mnist s1"]
+    assert all("--ne-refine" in c and c[c.index("--stop-after-epoch") + 1] == "1" for _, c, _ in left)
+    # probed: where the choices agree nothing more runs; where they differ, the refined run resumes and the coarse
+    # one runs in full as --ne N (no --ne auto flags)
+    for task, choice in (("digits", agree), ("mnist", differ)):
+        folder = ne_refine.folders(tmp_path, task, 1)[0]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"ne_choice": choice}))  # read as the probe's choice
+    monkeypatch.setattr(ne_refine, "probe_choice", lambda f: (
+        json.loads((f / "metrics.json").read_text())["ne_choice"] if f.name.startswith("refined") else None))
+    left = ne_refine.todo(tmp_path)
+    assert [w for w, _, _ in left] == ["coarse mnist s1"]  # the refined one has a metrics.json here
+    coarse_cmd = left[0][1]
+    assert coarse_cmd[coarse_cmd.index("--ne") + 1] == "0" and "--ne-tolerance" not in coarse_cmd
+    data = {"cells": {"digits s1": {"coarse_ne": 0, "refined_ne": 0},
+                      "mnist s1": {"coarse_ne": 0, "refined_ne": 6, "coarse_acc": 0.90, "refined_acc": 0.89}}}
+    v = ne_refine.verdict(data)
+    assert v["changed"] == 1 and v["heads_saved"] == 6 and v["mean_change"] == pytest.approx(-0.005)
+    assert v["decision"].startswith("--ne-refine stays an option")  # -0.5 points on the mean: below -0.3
+    data["cells"]["mnist s1"]["refined_acc"] = 0.897
+    assert ne_refine.verdict(data)["decision"] == "--ne-refine becomes the default"  # -0.15 points
+    del data["cells"]["mnist s1"]["coarse_acc"]
+    assert "decision" not in ne_refine.verdict(data)  # a cell still running decides nothing
