@@ -86,14 +86,26 @@ def coarse_of(choice: dict[str, Any]) -> int:
     return [c["ne"] for c in choice["candidates"] if not c.get("refine") and c["passes"]][-1]
 
 
+def committed() -> dict[str, dict[str, Any]]:
+    """The cells already in docs/sweeps/ne_refine.json: a later session (a fresh machine, no runs/) keeps them."""
+    path = DEST.with_suffix(".json")
+    return json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+
+
 def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
     """(what, command, folder) still to run: every probe first (cheap: they say where the rules differ), then the
-    completions the probes asked for."""
+    completions the probes asked for. A cell the committed JSON has complete is not run again; one it has half
+    (the choices and one accuracy) runs only the missing half."""
     probes, out = [], []
+    saved = committed()
     for seed in SEEDS:
         for task in TASKS:
             refined, coarse = folders(runs, task, seed)
             choice = probe_choice(refined)
+            old = saved.get(f"{task} s{seed}", {})
+            if choice is None and old and (old["coarse_ne"] == old["refined_ne"] or "refined_acc" in old):
+                choice = {"ne": old["refined_ne"], "candidates": old["candidates"]}  # the committed probe
+            need_refined = "refined_acc" not in old and not (refined / "metrics.json").is_file()
             if choice is None:
                 stop = ["--stop-after-epoch", str(warmup_epochs(task))]
                 flags = ["--resume"] if refined.is_dir() and any(refined.iterdir()) else []
@@ -102,9 +114,9 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
                 continue
             if choice["ne"] == coarse_of(choice):
                 continue
-            if not (refined / "metrics.json").is_file():
+            if need_refined:
                 out.append((f"refined {task} s{seed}", cmd(task, seed, refined, *AUTO, "--resume"), refined))
-            if not (coarse / "metrics.json").is_file():
+            if "coarse_acc" not in old and not (coarse / "metrics.json").is_file():
                 flags = (["--resume"] if (coarse / "checkpoint.pt").is_file()
                          else ["--overwrite"] if coarse.is_dir() and any(coarse.iterdir()) else [])
                 out.append((f"coarse {task} s{seed}", cmd(task, seed, coarse, "--ne", str(coarse_of(choice)), *flags),
@@ -212,8 +224,7 @@ def run(runs: Path, jobs: int, deadline: float | None, final: bool = False) -> N
 
 def collect(runs: Path) -> dict[str, Any]:
     """Per (task, seed): both choices and, where they differ, both val200 accuracies and adapter bytes."""
-    old = json.loads((DEST.with_suffix(".json")).read_text()) if DEST.with_suffix(".json").is_file() else {}
-    cells = dict(old.get("cells", {}))
+    cells = committed()
     for seed in SEEDS:
         for task in TASKS:
             key = f"{task} s{seed}"
@@ -229,7 +240,7 @@ def collect(runs: Path) -> dict[str, Any]:
                         m = json.loads((folder / "metrics.json").read_text())
                         cell[f"{name}_acc"], cell[f"{name}_bytes"] = m["accuracy"], m["adapter_bytes"]
                         cell[f"{name}_device"] = m["device"]
-            cells[key] = cell if cell.get("refined_acc") is not None or key not in cells else cells[key]
+            cells[key] = {**cells.get(key, {}), **cell}  # what this machine ran adds to what was committed
     return {"protocol": "train800 -> val200 (last epoch), cpu profile: 112 px, 10 epochs, batch 32 (4-shot: the "
                         "100-step floor); seeds 42, 43, 44; heart-lora with today's defaults pinned: "
                         + " ".join(PINNED[2:]), "margin": MARGIN, "cells": cells}

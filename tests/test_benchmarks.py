@@ -614,6 +614,7 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
 
     monkeypatch.setattr(ne_refine, "TASKS", ("digits", "mnist"))
     monkeypatch.setattr(ne_refine, "SEEDS", (1,))
+    monkeypatch.setattr(ne_refine, "DEST", tmp_path / "ne_refine")  # no committed cells
     cand = [{"ne": 0, "passes": True, "refine": False}, {"ne": 12, "passes": False, "refine": False}]
     agree = {"ne": 0, "candidates": [*cand, {"ne": 6, "passes": False, "refine": True}]}
     differ = {"ne": 6, "candidates": [*cand, {"ne": 6, "passes": True, "refine": True}]}
@@ -629,7 +630,7 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({"ne_choice": choice}))  # read as the probe's choice
     monkeypatch.setattr(ne_refine, "probe_choice", lambda f: (
-        json.loads((f / "metrics.json").read_text())["ne_choice"] if f.name.startswith("refined") else None))
+        json.loads((f / "metrics.json").read_text())["ne_choice"] if (f / "metrics.json").is_file() else None))
     left = ne_refine.todo(tmp_path)
     assert [w for w, _, _ in left] == ["coarse mnist s1"]  # the refined one has a metrics.json here
     coarse_cmd = left[0][1]
@@ -643,3 +644,9 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
     assert ne_refine.verdict(data)["decision"] == "--ne-refine becomes the default"  # -0.15 points
     del data["cells"]["mnist s1"]["coarse_acc"]
     assert "decision" not in ne_refine.verdict(data)  # a cell still running decides nothing
+    # a fresh machine (no runs/): the committed cells are kept; a half-done one runs its missing half only
+    (tmp_path / "ne_refine.json").write_text(json.dumps({"cells": {
+        "digits s1": {"coarse_ne": 0, "refined_ne": 0, "candidates": agree["candidates"]},
+        "mnist s1": {"coarse_ne": 0, "refined_ne": 6, "candidates": differ["candidates"], "refined_acc": 0.9}}}))
+    left = ne_refine.todo(tmp_path / "elsewhere")
+    assert [w for w, _, _ in left] == ["coarse mnist s1"]
