@@ -16,8 +16,9 @@ same run. So, per (task, seed):
 
 The rule, fixed before any of these runs: the refinement becomes the default if the mean val200 change (refined −
 coarse) over all 21 (task, seed) cells is at least ``-MARGIN`` (0.3 points, the accuracy issue 16 allows a heart
-method below LoRA), and ``--ne-refine`` then becomes the default of ``--ne auto``; otherwise it stays an option.
-The bytes it saves are reported beside it.
+method below LoRA), and ``--ne-refine`` then becomes the default of ``--ne auto`` (for every heart method: the
+search does not depend on the adapter's bits); otherwise it stays an option. The bytes it saves are reported beside
+it.
 
     python benchmarks/ne_refine.py --jobs 2            # resumable; runs what is left
     python benchmarks/ne_refine.py --status
@@ -149,23 +150,27 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
     to the end of its warmup in the suite's own folder (the suite's command, ``--stop-after-epoch``); only where the
     refined choice differs from the coarse one is it completed (``--resume``), and its record replaced. Where they
     agree the record stands: the refined search trains the same run."""
-    import suite
     from dataclasses import replace
 
-    from heartlora.experiments import PROFILES
+    import suite
 
     from heartlora.engine.config import TrainConfig, resolve
+    from heartlora.experiments import PROFILES
 
     if not resolve(TrainConfig(task="digits")).ne_refine:
         raise SystemExit("--final reruns the suite's heart runs under the refined search, which they get once "
                          "--ne-refine is the default: run it after the val200 verdict made it so (--report)")
     profile = replace(PROFILES["cpu"], seeds=SEEDS)
+    path = DEST.with_suffix(".json")
+    saved = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     out = []
     for run, task, seed, method, rec in final_items():
         if rec is None or refined_record(rec):
             continue
         folder = suite.RUNS / run
         choice = probe_choice(folder)
+        if choice is None and run in saved and saved[run]["coarse_ne"] == saved[run]["refined_ne"]:
+            continue  # probed in an earlier session: the record stands
         command = suite.run_command(profile, "final", task, method, {}, seed, folder, "auto", 1)
         if choice is None:
             out.append((f"final probe {task} s{seed} {method}",
@@ -177,8 +182,9 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
 
 def record_finals() -> list[str]:
     """Replace the records of the completed refined test runs (the suite's own record_run: locked, atomic)."""
-    import suite
     from dataclasses import replace
+
+    import suite
 
     from heartlora.experiments import PROFILES
 
@@ -251,7 +257,8 @@ def final_cells() -> dict[str, Any]:
     machine, the choice of the record it had, and whether the run was completed under the refined search."""
     import suite
 
-    cells = {}
+    path = DEST.with_suffix(".json")
+    cells = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     for run, task, seed, method, rec in final_items():
         choice = probe_choice(suite.RUNS / run)
         if choice is None:
