@@ -145,7 +145,7 @@ def refined_record(rec: dict[str, Any] | None) -> bool:
     return rec is not None and any("refine" in c for c in (rec.get("ne_choice") or {}).get("candidates", []))
 
 
-def final_todo() -> list[tuple[str, list[str], Path]]:
+def final_todo(probes_only: bool = False) -> list[tuple[str, list[str], Path]]:
     """The suite's test runs under the refined search: each default heart run whose record predates it is probed
     to the end of its warmup in the suite's own folder (the suite's command, ``--stop-after-epoch``); only where the
     refined choice differs from the coarse one is it completed (``--resume``), and its record replaced. Where they
@@ -175,7 +175,7 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
         if choice is None:
             out.append((f"final probe {task} s{seed} {method}",
                         [*command, "--stop-after-epoch", str(warmup_epochs(task))], folder))
-        elif choice["ne"] != coarse_of(choice) and not (folder / "metrics.json").is_file():
+        elif choice["ne"] != coarse_of(choice) and not (folder / "metrics.json").is_file() and not probes_only:
             out.append((f"final {task} s{seed} {method}", command, folder))
     return out
 
@@ -199,12 +199,12 @@ def record_finals() -> list[str]:
     return done
 
 
-def run(runs: Path, jobs: int, deadline: float | None, final: bool = False) -> None:
+def run(runs: Path, jobs: int, deadline: float | None, final: bool = False, probes_only: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running: list[tuple[subprocess.Popen, str, float]] = []
     started: set[str] = set()
     while True:
-        queue = [t for t in (final_todo() if final else todo(runs)) if t[0] not in started]
+        queue = [t for t in (final_todo(probes_only) if final else todo(runs)) if t[0] not in started]
         while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
             what, command, folder = queue.pop(0)
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -343,9 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--final", action="store_true",
                     help="the suite's test runs under the refined search (run only after the val200 verdict)")
+    ap.add_argument("--probes-only", action="store_true",
+                    help="with --final: probe every test run (which ones the refined search changes), complete none")
     args = ap.parse_args(argv)
     if args.status:
-        left = final_todo() if args.final else todo(args.runs)
+        left = final_todo(args.probes_only) if args.final else todo(args.runs)
         print(f"{len(left)} runs ready to start (probes decide what follows):")
         for what, _, _ in left:
             print("  " + what)
@@ -353,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report(args.runs)
         return
-    run(args.runs, max(1, args.jobs), None if args.deadline_s is None else time.time() + args.deadline_s, args.final)
+    run(args.runs, max(1, args.jobs), None if args.deadline_s is None else time.time() + args.deadline_s, args.final,
+        args.probes_only)
     report(args.runs)
 
 
