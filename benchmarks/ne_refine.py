@@ -246,6 +246,9 @@ def collect(runs: Path) -> dict[str, Any]:
                         m = json.loads((folder / "metrics.json").read_text())
                         cell[f"{name}_acc"], cell[f"{name}_bytes"] = m["accuracy"], m["adapter_bytes"]
                         cell[f"{name}_device"] = m["device"]
+                        cell[f"{name}_wall_s"] = m["wall_s"]
+                        if name == "refined" and m.get("ne_choice"):
+                            cell["choice_seconds"] = m["ne_choice"].get("seconds")
             cells[key] = {**cells.get(key, {}), **cell}  # what this machine ran adds to what was committed
     return {"protocol": "train800 -> val200 (last epoch), cpu profile: 112 px, 10 epochs, batch 32 (4-shot: the "
                         "100-step floor); seeds 42, 43, 44; heart-lora with today's defaults pinned: "
@@ -306,12 +309,23 @@ def report(runs: Path) -> None:
                 lines.append(f"| {task} | {seed} | {c['coarse_ne']} | {c['refined_ne']} | same run | same run | 0 |")
                 continue
             a, b = c.get("coarse_acc"), c.get("refined_acc")
-            fa = f"{100 * a:.1f}" if a is not None else "running"
-            fb = f"{100 * b:.1f}" if b is not None else "running"
+            fa = f"{100 * a:.1f}" if a is not None else "not yet"
+            fb = f"{100 * b:.1f}" if b is not None else "not yet"
             ch = f"{100 * (b - a):+.1f}" if a is not None and b is not None else ""
             lines.append(f"| {task} | {seed} | {c['coarse_ne']} | {c['refined_ne']} | {fa} | {fb} | {ch} |")
     lines += ["", f"Cells done: {v['cells_done']} of {v['cells']}; the refining share changed the choice in "
               f"{v['changed']} of them, {v['heads_saved']} more heads off in all."]
+    both = [c for c in data["cells"].values() if c.get("coarse_bytes") and c.get("refined_bytes")]
+    if both:
+        ratio = mean(c["refined_bytes"] / c["coarse_bytes"] for c in both)
+        lines.append(f"Where the choice changed ({len(both)} cells with both runs), the refined adapters are "
+                     f"{ratio:.3f} x the coarse ones' bytes on average.")
+    cost = [c["choice_seconds"] / c["refined_wall_s"] for c in data["cells"].values()
+            if c.get("choice_seconds") and c.get("refined_wall_s")]
+    if cost:
+        lines.append(f"The choice's own cost with the refining share (`ne_choice.seconds` over the run's wall time, "
+                     f"the {len(cost)} refined runs; two runs side by side on 2 CPU cores): median "
+                     f"{100 * sorted(cost)[len(cost) // 2]:.1f} %, at most {100 * max(cost):.1f} %.")
     if v["mean_change"] is not None:
         lines.append(f"Mean val200 change over the cells done (0 where the choice is the same): "
                      f"{100 * v['mean_change']:+.2f} points.")
@@ -331,7 +345,7 @@ def report(runs: Path) -> None:
                          f"| {state} |")
     with atomic_path(DEST.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-3:]))
+    print("\n".join(line for line in lines if line.startswith(("Cells", "Where", "The choice", "Mean", "Verdict"))))
 
 
 def main(argv: list[str] | None = None) -> None:
