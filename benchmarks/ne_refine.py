@@ -50,7 +50,8 @@ MARGIN = 0.003  # 0.3 points of val200 accuracy
 PINNED = ["--method", "heart-lora", "--profile", "cpu", "--protocol", "val", "--pool", "cls+mean", "--drop-path", "0",
           "--scale", "4", "--lr", "1e-3", "--weight-decay", "1e-4", "--targets", "q,v", "--rank", "8",
           "--scope", "global"]
-AUTO = ["--ne", "auto", "--ne-tolerance", "0.02"]  # + --ne-refine for the probe (a resumed run keeps its settings)
+AUTO = ["--ne", "auto", "--ne-tolerance", "0.02"]  # the refined search is the default (the first probes gave
+# --ne-refine, the flag of the time); a resumed run keeps its settings
 DEST = ROOT / "docs" / "sweeps" / "ne_refine"
 FINAL_METHODS = ("heart-lora", "heart-bi-lora")
 
@@ -110,7 +111,7 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
             if choice is None:
                 stop = ["--stop-after-epoch", str(warmup_epochs(task))]
                 flags = ["--resume"] if refined.is_dir() and any(refined.iterdir()) else []
-                probes.append((f"probe {task} s{seed}", cmd(task, seed, refined, *AUTO, "--ne-refine", *stop, *flags),
+                probes.append((f"probe {task} s{seed}", cmd(task, seed, refined, *AUTO, *stop, *flags),
                                refined))
                 continue
             if choice["ne"] == coarse_of(choice):

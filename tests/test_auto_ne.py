@@ -88,8 +88,8 @@ def test_a_failing_share_is_refined_halfway_and_the_refined_share_can_be_chosen(
     assert choice.candidates[2]["loss"] == pytest.approx(float(loss), rel=1e-6)
     assert choice.candidates[2]["increase"] == pytest.approx(inc[b / 2], abs=1e-9)
     assert "halfway" in choice.rule
-    # without refinement (the default) the same coarse table ends at the last coarse pass
-    coarse = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol)
+    # without refinement the same coarse table ends at the last coarse pass
+    coarse = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol, refine=False)
     assert coarse.candidates == choice.candidates[:2] and coarse.fraction == 0.0 and "halfway" not in coarse.rule
 
 

@@ -622,7 +622,7 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
     # nothing probed yet: a probe per cell, to the end of the warmup, with the refined search
     left = ne_refine.todo(tmp_path)
     assert [w for w, _, _ in left] == ["probe digits s1", "probe mnist s1"]
-    assert all("--ne-refine" in c and c[c.index("--stop-after-epoch") + 1] == "1" for _, c, _ in left)
+    assert all("--no-ne-refine" not in c and c[c.index("--stop-after-epoch") + 1] == "1" for _, c, _ in left)
     # probed: where the choices agree nothing more runs; where they differ, the refined run resumes and the coarse
     # one runs in full as --ne N (no --ne auto flags)
     for task, choice in (("digits", agree), ("mnist", differ)):

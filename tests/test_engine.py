@@ -180,7 +180,7 @@ def test_defaults_profiles_and_overrides() -> None:
     assert resolve(TrainConfig(task="digits", ne="12")).ne == 12  # the command line gives strings
     assert resolve(TrainConfig(task="digits", ne="AUTO")).ne == "auto"
     assert resolve(TrainConfig(task="digits", method="lora")).ne_tolerance is None
-    assert paper.ne_refine is False and resolve(TrainConfig(task="digits", ne_refine=True)).ne_refine is True
+    assert paper.ne_refine is True and resolve(TrainConfig(task="digits", ne_refine=False)).ne_refine is False
     assert resolve(TrainConfig(task="digits", ne=12)).ne_refine is None
     cpu = resolve(TrainConfig(task="digits", profile="cpu", img_size=64))
     assert cpu.img_size == 64 and cpu.epochs == 10 and cpu.batch_size == 32 and cpu.warmup_epochs == 1
@@ -197,7 +197,7 @@ def test_defaults_profiles_and_overrides() -> None:
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
                 dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),
-                dict(method="lora", ne_tolerance=0.1), dict(ne=3, ne_refine=True), dict(method="lora", ne_refine=True),
+                dict(method="lora", ne_tolerance=0.1), dict(ne=3, ne_refine=False), dict(method="lora", ne_refine=False),
                 dict(protocol="test"), dict(method="full", bits=1), dict(warmup_epochs=0), dict(threads=0)):
         with pytest.raises(ConfigError):
             resolve(TrainConfig(task="digits", **bad))
@@ -306,19 +306,23 @@ def test_ne_auto_chooses_on_sampled_training_images_and_records_why(tmp_path: Pa
     assert 0 < choice["images"] <= 256 and "sampled training images" in choice["rule"]
     assert 0 < choice["seconds"] < metrics["wall_s"]  # what choosing cost, part of the run's time
     assert json.loads((tmp_path / "metrics.json").read_text())["ne_choice"] == choice
-    assert len(coarse) == len(choice["candidates"]) and "halfway" not in choice["rule"]  # --ne-refine is off
+    assert len(choice["candidates"]) - len(coarse) <= 1 and "halfway" in choice["rule"]  # --ne-refine: the default
 
 
 def test_ne_refine_reaches_the_choice(tmp_path: Path, task: str) -> None:
-    # at tolerance 0 the first share (2 of the 12 heads) fails; --ne-refine then tries 1 head (halfway to 0), which
-    # fails too here, so nothing goes off; the extra candidate is recorded after the coarse ones
-    metrics = train(tiny(tmp_path, task, method="heart-lora", epochs=2, warmup_epochs=1, ne_refine=True,
-                         ne_tolerance=0.0))
+    # at tolerance 0 the first share (2 of the 12 heads) fails; the refined search (the default) then tries 1 head
+    # (halfway to 0), which fails too here, so nothing goes off; the extra candidate is recorded after the coarse ones
+    metrics = train(tiny(tmp_path / "on", task, method="heart-lora", epochs=2, warmup_epochs=1, ne_tolerance=0.0))
     choice = metrics["ne_choice"]
     assert metrics["settings"]["ne_refine"] is True and "halfway" in choice["rule"]
     assert [(c["heads_off"], c["passes"], c["refine"]) for c in choice["candidates"]] == [
         (0, True, False), (2, False, False), (1, False, True)]
     assert choice["ne"] == metrics["heads_off_count"] == 0
+    # --no-ne-refine: the coarse search alone, the same run otherwise
+    off = train(tiny(tmp_path / "off", task, method="heart-lora", epochs=2, warmup_epochs=1, ne_tolerance=0.0,
+                     ne_refine=False))
+    assert off["settings"]["ne_refine"] is False and "halfway" not in off["ne_choice"]["rule"]
+    assert off["ne_choice"]["candidates"] == choice["candidates"][:2]
 
 
 def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:

@@ -490,7 +490,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, help=text)  # not choices=: registered baselines join at run time
         elif kind in (bool, bool | None):
             # --no-pretrained stores False, --quiet turns progress off, the others switch a feature on.
-            const = not (f.default if isinstance(f.default, bool) else meta.get("fill", True))
+            const = False if flag.startswith("--no-") else not (f.default if isinstance(f.default, bool)
+                                                                 else meta.get("fill", True))
             g.add_argument(flag, dest=f.name, action="store_const", const=const, default=f.default, help=text)
         else:
             typ = next((t for t in (int, float) if kind in (t, t | None)), str)

@@ -77,9 +77,10 @@ class TrainConfig:
     ne_fraction: float | None = _opt(help="share of attention heads to switch off instead of --ne", group="adapter")
     ne_tolerance: float | None = _opt(help="--ne auto: the relative loss increase on sampled training images a "
                                            "share of heads may cost", group="adapter", default_text="0.02")
-    ne_refine: bool | None = _opt(help="--ne auto: after the first share of heads that fails, also try the share "
-                                       "halfway to the last that passed (one more forward pass)", group="adapter",
-                                  default_text="off")
+    ne_refine: bool | None = _opt(help="--ne auto: do not try the share of heads halfway between the first share "
+                                       "that fails and the last that passed (on by default: one more forward pass "
+                                       "that can switch off 6 more of DINOv2-S's heads; docs/sweeps/ne_refine.md)",
+                                  group="adapter", flag="--no-ne-refine")
     scope: str | None = _opt(help="rank attention heads over the model or per layer", group="adapter",
                              choices=("global", "layer"), fill="global",
                              default_text="global; layer for heart-lora-layer")
@@ -230,15 +231,15 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
             out.ne_tolerance = AUTO_TOLERANCE if out.ne_tolerance is None else float(out.ne_tolerance)
             if out.ne_tolerance < 0:
                 raise ConfigError(f"--ne-tolerance {out.ne_tolerance} must not be negative")
-            out.ne_refine = bool(out.ne_refine)
-        elif out.ne_tolerance is not None or out.ne_refine:
+            out.ne_refine = True if out.ne_refine is None else bool(out.ne_refine)
+        elif out.ne_tolerance is not None or out.ne_refine is not None:
             raise ConfigError(f"--ne-{'tolerance' if out.ne_tolerance is not None else 'refine'} applies to --ne auto "
                               "only")
         if isinstance(out.ne, int) and out.ne < 0:
             raise ConfigError(f"--ne {out.ne} must be 0 or more")
         if out.ne_fraction is not None and not 0.0 <= out.ne_fraction <= 1.0:
             raise ConfigError(f"--ne-fraction {out.ne_fraction} must be between 0 and 1")
-    elif out.ne is not None or out.ne_fraction is not None or out.ne_tolerance is not None or out.ne_refine:
+    elif any(v is not None for v in (out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)):
         heart = ", ".join(n for n in method_names() if get_method(n).heart)
         raise ConfigError(f"--ne/--ne-fraction switch attention heads off: use a method that does ({heart}), not "
                           f"{out.method}")

@@ -6,9 +6,9 @@ evaluated on a fixed sample of *training* images (images it has trained on; neve
 per-image loss is compared with the model that keeps every head, image by image. The choice is the largest candidate
 whose mean loss increase stays within ``tolerance`` of the full model's loss; larger candidates are not tried once
 one fails. With ``refine``, the share halfway between the failing one and the last that passed is then tried once
-more, so that the step between candidates (12 of a ViT-S's 72 heads by default) does not decide alone; it is off by
-default until benchmarks/ne_refine.py's val200 comparison decides (docs/sweeps/ne_refine.md). Cost: one forward
-pass over those images per candidate, no training.
+more, so that the step between candidates (12 of a ViT-S's 72 heads by default) does not decide alone (on by default:
+benchmarks/ne_refine.py's val200 comparison, docs/sweeps/ne_refine.md). Cost: one forward pass over those images per
+candidate, no training.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
               scope: str = "global", fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
               tolerance: float = DEFAULT_TOLERANCE,
               forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-              refine: bool = False) -> NeChoice:
+              refine: bool = True) -> NeChoice:
     """Pick ``ne`` for ``deactivate_heads(model, scores, ne=..., scope=...)`` (per layer when ``scope="layer"``).
 
     ``batches``: (images, labels) of sampled training data, already on the model's device and in the form the
