@@ -1,7 +1,8 @@
 """Does refining ``--ne auto``'s search change accuracy? val200 only (train on train800, score on val200; test is
 never read), at the ``cpu`` profile with today's defaults pinned, on the visible tasks and seeds 42, 43 and 44.
 
-The refinement (``--ne-refine``, ``choose_ne(refine=True)``): when a share of heads fails the tolerance, the share
+The refinement (``choose_ne(refine=True)``; ``--ne-refine`` when these runs were made, the default since this
+comparison's verdict, turned off with ``--no-ne-refine``): when a share of heads fails the tolerance, the share
 halfway between it and the last that passed is tried once more and chosen if it passes. It can only change a run
 where that extra share passes; everything before the choice (the warmup, the scores, the coarse candidates) is the
 same run. So, per (task, seed):
