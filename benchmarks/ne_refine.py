@@ -24,7 +24,7 @@ it.
     python benchmarks/ne_refine.py --jobs 2            # resumable; runs what is left
     python benchmarks/ne_refine.py --status
     python benchmarks/ne_refine.py --report            # docs/sweeps/ne_refine.{md,json}
-    python benchmarks/ne_refine.py --final --jobs 2    # the cpu suite's heart runs (test), after the verdict
+    python benchmarks/ne_refine.py --final --jobs 2    # probe the cpu suite's heart runs (test), after the verdict
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from statistics import mean
 from typing import Any
 
 from heartlora._paths import atomic_path
+from heartlora.experiments import METHODS, PROFILES, load_results, run_id
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from sweep_defaults import TASKS  # noqa: E402
+TASKS = PROFILES["cpu"].tasks  # the visible tasks, as the defaults sweep has them
+SUITE_RESULTS = ROOT / "docs" / "results.json"
+SUITE_RUNS = ROOT / "runs" / "suite"  # benchmarks/suite.py's run folders
 
 SEEDS = (42, 43, 44)
 MARGIN = 0.003  # 0.3 points of val200 accuracy
@@ -129,11 +131,8 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
 
 def final_items() -> list[tuple[str, str, int, str, dict[str, Any] | None]]:
     """The cpu suite's default heart runs (docs/results.json): (run id, task, seed, method, its record)."""
-    import suite
-    from heartlora.experiments import PROFILES, load_results, run_id
-
     profile = PROFILES["cpu"]
-    by_id = {r["id"]: r for r in load_results(suite.RESULTS)["records"]}
+    by_id = {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]}
     out = []
     for seed in SEEDS:
         for task in TASKS:
@@ -147,66 +146,48 @@ def refined_record(rec: dict[str, Any] | None) -> bool:
     return rec is not None and any("refine" in c for c in (rec.get("ne_choice") or {}).get("candidates", []))
 
 
-def final_todo(probes_only: bool = False) -> list[tuple[str, list[str], Path]]:
-    """The suite's test runs under the refined search: each default heart run whose record predates it is probed
-    to the end of its warmup in the suite's own folder (the suite's command, ``--stop-after-epoch``); only where the
-    refined choice differs from the coarse one is it completed (``--resume``), and its record replaced. Where they
-    agree the record stands: the refined search trains the same run."""
-    from dataclasses import replace
+def final_probe_command(task: str, seed: int, method: str, out: Path) -> list[str]:
+    """benchmarks/suite.py's command for this run (its ``run_command``, which tests/test_benchmarks.py compares), up
+    to the end of the warmup."""
+    profile, spec = PROFILES["cpu"], dict(METHODS[method])
+    command = [sys.executable, "-m", "heartlora", "train", "--method", spec.pop("method"), "--task", task,
+               "--protocol", "final", "--seed", str(seed), "--out", str(out), "--device", "auto", "--profile",
+               profile.engine_profile]
+    for key, value in spec.items():
+        command += ["--" + key.replace("_", "-"), str(value)]
+    return [*command, "--threads", str(profile.threads), "--stop-after-epoch", str(warmup_epochs(task))]
 
-    import suite
 
+def final_todo() -> list[tuple[str, list[str], Path]]:
+    """The suite's test runs under the refined search, first step: each default heart run whose record predates it
+    is probed to the end of its warmup in the suite's own folder (the suite's command, ``--stop-after-epoch``), which
+    says whether the refined choice differs from the coarse one. Where they agree the record stands: the refined
+    search trains the same run. Where they differ, the run is to be completed from that checkpoint by the suite and
+    its record replaced (not automated yet: the suite never reruns a recorded run)."""
     from heartlora.engine.config import TrainConfig, resolve
-    from heartlora.experiments import PROFILES
 
     if not resolve(TrainConfig(task="digits")).ne_refine:
-        raise SystemExit("--final reruns the suite's heart runs under the refined search, which they get once "
+        raise SystemExit("--final probes the suite's heart runs under the refined search, which they get once "
                          "--ne-refine is the default: run it after the val200 verdict made it so (--report)")
-    profile = replace(PROFILES["cpu"], seeds=SEEDS)
     path = DEST.with_suffix(".json")
     saved = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     out = []
     for run, task, seed, method, rec in final_items():
-        if rec is None or refined_record(rec):
-            continue
-        folder = suite.RUNS / run
-        choice = probe_choice(folder)
-        if choice is None and run in saved and saved[run]["coarse_ne"] == saved[run]["refined_ne"]:
-            continue  # probed in an earlier session: the record stands
-        command = suite.run_command(profile, "final", task, method, {}, seed, folder, "auto", 1)
-        if choice is None:
-            out.append((f"final probe {task} s{seed} {method}",
-                        [*command, "--stop-after-epoch", str(warmup_epochs(task))], folder))
-        elif choice["ne"] != coarse_of(choice) and not (folder / "metrics.json").is_file() and not probes_only:
-            out.append((f"final {task} s{seed} {method}", command, folder))
+        if rec is None or refined_record(rec) or run in saved:
+            continue  # not in the suite, already under the refined search, or probed in an earlier session
+        folder = SUITE_RUNS / run
+        if probe_choice(folder) is None:
+            out.append((f"final probe {task} s{seed} {method}", final_probe_command(task, seed, method, folder),
+                        folder))
     return out
 
 
-def record_finals() -> list[str]:
-    """Replace the records of the completed refined test runs (the suite's own record_run: locked, atomic)."""
-    from dataclasses import replace
-
-    import suite
-
-    from heartlora.experiments import PROFILES
-
-    profile = replace(PROFILES["cpu"], seeds=SEEDS)
-    done = []
-    for run, task, seed, method, rec in final_items():
-        folder = suite.RUNS / run
-        if rec is not None and not refined_record(rec) and (folder / "metrics.json").is_file():
-            metrics = json.loads((folder / "metrics.json").read_text())
-            suite.record_run(profile, ("final", task, method, {}, seed, rec.get("selection_info")), metrics, 1)
-            done.append(run)
-    return done
-
-
-def run(runs: Path, jobs: int, deadline: float | None, final: bool = False, probes_only: bool = False) -> None:
+def run(runs: Path, jobs: int, deadline: float | None, final: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running: list[tuple[subprocess.Popen, str, float]] = []
     started: set[str] = set()
     while True:
-        queue = [t for t in (final_todo(probes_only) if final else todo(runs)) if t[0] not in started]
+        queue = [t for t in (final_todo() if final else todo(runs)) if t[0] not in started]
         while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
             what, command, folder = queue.pop(0)
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -225,9 +206,6 @@ def run(runs: Path, jobs: int, deadline: float | None, final: bool = False, prob
                 print(f"    exit {proc.returncode} after {time.time() - t0:.0f} s: {what}", flush=True)
                 if proc.returncode == 0 and "probe" in what:
                     started.discard(what)  # a probe may be followed by its completions
-                if final and proc.returncode == 0 and "probe" not in what:
-                    for rid in record_finals():
-                        print(f"    recorded {rid}", flush=True)
 
 
 def collect(runs: Path) -> dict[str, Any]:
@@ -260,12 +238,10 @@ def collect(runs: Path) -> dict[str, Any]:
 def final_cells() -> dict[str, Any]:
     """The suite's test runs (choices only: accuracies are docs/RESULTS.md's): the coarse and refined choice on this
     machine, the choice of the record it had, and whether the run was completed under the refined search."""
-    import suite
-
     path = DEST.with_suffix(".json")
     cells = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     for run, task, seed, method, rec in final_items():
-        choice = probe_choice(suite.RUNS / run)
+        choice = probe_choice(SUITE_RUNS / run)
         if choice is None:
             continue
         cells[run] = {"coarse_ne": coarse_of(choice), "refined_ne": choice["ne"],
@@ -358,12 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--status", action="store_true")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--final", action="store_true",
-                    help="the suite's test runs under the refined search (run only after the val200 verdict)")
-    ap.add_argument("--probes-only", action="store_true",
-                    help="with --final: probe every test run (which ones the refined search changes), complete none")
+                    help="probe the suite's test runs under the refined search (only after the val200 verdict)")
     args = ap.parse_args(argv)
     if args.status:
-        left = final_todo(args.probes_only) if args.final else todo(args.runs)
+        left = final_todo() if args.final else todo(args.runs)
         print(f"{len(left)} runs ready to start (probes decide what follows):")
         for what, _, _ in left:
             print("  " + what)
@@ -371,8 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report(args.runs)
         return
-    run(args.runs, max(1, args.jobs), None if args.deadline_s is None else time.time() + args.deadline_s, args.final,
-        args.probes_only)
+    run(args.runs, max(1, args.jobs), None if args.deadline_s is None else time.time() + args.deadline_s, args.final)
     report(args.runs)
 
 

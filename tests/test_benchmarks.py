@@ -650,3 +650,19 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
         "mnist s1": {"coarse_ne": 0, "refined_ne": 6, "candidates": differ["candidates"], "refined_acc": 0.9}}}))
     left = ne_refine.todo(tmp_path / "elsewhere")
     assert [w for w, _, _ in left] == ["coarse mnist s1"]
+
+
+def test_ne_refine_probes_a_test_run_with_the_suites_own_command(tmp_path: Path) -> None:
+    import importlib
+
+    import ne_refine
+
+    bench_suite = importlib.import_module("suite")  # benchmarks/suite.py (this module's `suite` is the library's)
+    profile = replace(suite.PROFILES["cpu"], seeds=(42, 43, 44))
+    for method in ne_refine.FINAL_METHODS:
+        for task in ("mnist", "fashion_mnist@4shot"):
+            out = tmp_path / method / task
+            want = bench_suite.run_command(profile, "final", task, method, {}, 43, out, "auto", profile.threads)
+            got = ne_refine.final_probe_command(task, 43, method, out)
+            assert got[:-2] == want and got[-2] == "--stop-after-epoch"
+            assert got[-1] == str(ne_refine.warmup_epochs(task))  # 1 of 10 epochs; 5 of the 4-shot task's 50
