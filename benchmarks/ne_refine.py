@@ -162,8 +162,8 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
     """The suite's test runs under the refined search, first step: each default heart run whose record predates it
     is probed to the end of its warmup in the suite's own folder (the suite's command, ``--stop-after-epoch``), which
     says whether the refined choice differs from the coarse one. Where they agree the record stands: the refined
-    search trains the same run. Where they differ, the run is to be completed from that checkpoint by the suite and
-    its record replaced (not automated yet: the suite never reruns a recorded run)."""
+    search trains the same run. Where they differ, ``benchmarks/suite.py run --redo IDS`` (the command --report
+    writes) completes the run from that checkpoint and replaces its record."""
     from heartlora.engine.config import TrainConfig, resolve
 
     if not resolve(TrainConfig(task="digits")).ne_refine:
@@ -321,6 +321,11 @@ def report(runs: Path) -> None:
             state = ("replaced" if c["rerun"] else "stands" if c["coarse_ne"] == c["refined_ne"] else "to rerun")
             lines.append(f"| {rid} | {c['record_ne']} ({c['record_device']}) | {c['coarse_ne']} | {c['refined_ne']} "
                          f"| {state} |")
+        todo_ids = [rid for rid, c in fin.items() if not c["rerun"] and c["coarse_ne"] != c["refined_ne"]]
+        if todo_ids:
+            lines += ["", f"To rerun ({len(todo_ids)}; each resumes from its probe's checkpoint, and its record is "
+                          "replaced): `.venv/bin/python benchmarks/suite.py run --profile cpu --seeds 42,43,44 "
+                          f"--jobs 2 --redo {','.join(todo_ids)}`, then `benchmarks/suite.py report --profile cpu`."]
     with atomic_path(DEST.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     print("\n".join(line for line in lines if line.startswith(("Cells", "Where", "The choice", "Mean", "Verdict"))))

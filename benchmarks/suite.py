@@ -146,9 +146,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed: set[str] = set()
     started = finished = 0
     deadline = time.time() + max(args.deadline_s, 0.0) if getattr(args, "deadline_s", None) is not None else None
+    redo = {x.strip() for x in (getattr(args, "redo", None) or "").split(",") if x.strip()}
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if redo:
+        recorded = {r["id"] for r in load_results(RESULTS)["records"]}
+        for run in sorted(redo):
+            if run not in recorded:
+                raise SystemExit(f"--redo {run}: {RESULTS} has no record with that id (the ids are the records' "
+                                 "`id`); nothing was run")
+            if (RUNS / run / "metrics.json").is_file():
+                raise SystemExit(f"--redo {run}: {RUNS / run} holds a finished run, which would be recorded again "
+                                 "instead of redone: move that folder away first; nothing was run")
+
+    def current() -> dict[str, Any]:
+        """The results, without the records --redo replaces (until this command has written them again)."""
+        data = load_results(RESULTS)
+        if redo:
+            data["records"] = [r for r in data["records"]
+                               if r["id"] not in redo or r.get("recorded_at", "") >= since]
+        return data
+
     try:
         while True:
-            data = load_results(RESULTS)
+            data = current()
             for item in plan(profile, data):
                 if len(running) >= jobs or (args.max_runs is not None and started >= args.max_runs) or \
                         (deadline is not None and time.time() >= deadline):
@@ -193,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         for proc, *_ in running.values():  # interrupted: the children stop too; their checkpoints resume them
             proc.terminate()
-    left = len(plan(profile, load_results(RESULTS)))
+    left = len(plan(profile, current()))
     print(f"profile {profile.name}: {finished} runs recorded now, {len(failed)} failed, {left} ready to run", flush=True)
     report(profile.name)
     return 1 if failed else 0
@@ -312,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--report-every", type=int, default=5, help="rewrite RESULTS.md every N runs")
     r.add_argument("--engine-flags", help='JSON: suite method (or "*") -> more `heartlora train` flags')
     r.add_argument("--deadline-s", type=float, help="start no run after this many seconds (the rest resume later)")
+    r.add_argument("--redo", help="comma-separated record ids to run again although recorded (a checkpoint in the "
+                                  "run's folder resumes); each record is replaced when its run finishes")
     s = sub.add_parser("status", help="runs done, left, and a rough time left")
     o = sub.add_parser("report", help="write docs/RESULTS.md and the plots from docs/results.json")
     for sp in (r, s, o):

@@ -666,3 +666,28 @@ def test_ne_refine_probes_a_test_run_with_the_suites_own_command(tmp_path: Path)
             got = ne_refine.final_probe_command(task, 43, method, out)
             assert got[:-2] == want and got[-2] == "--stop-after-epoch"
             assert got[-1] == str(ne_refine.warmup_epochs(task))  # 1 of 10 epochs; 5 of the 4-shot task's 50
+
+
+def test_runner_redoes_recorded_runs_on_request_and_replaces_their_records(runner):
+    script, log, tmp = runner
+    assert script.main(["run", "--profile", "small", "--jobs", "2"]) == 0
+    ids = sorted(r["id"] for r in suite.load_results(tmp / "results.json")["records"])
+    first = len(launched(log))
+    again = next(i for i in ids if "/lora_s" in i)
+    (tmp / "runs" / again / "metrics.json").unlink()  # its folder keeps a checkpoint (a probe's, say): it resumes
+    (tmp / "runs" / again / "checkpoint.pt").write_bytes(b"x")
+    old = {r["id"]: r["recorded_at"] for r in suite.load_results(tmp / "results.json")["records"]}
+    import time as _time
+
+    _time.sleep(1.1)  # records are stamped to the second
+    assert script.main(["run", "--profile", "small", "--jobs", "2", "--redo", again]) == 0
+    assert launched(log)[first:] == [f"{short(again)} resume"]  # that run only, once
+    data = suite.load_results(tmp / "results.json")
+    assert sorted(r["id"] for r in data["records"]) == ids  # replaced, not added
+    assert {r["id"]: r["recorded_at"] for r in data["records"]}[again] > old[again]
+    # refused before anything runs: an id with no record, or a folder that holds a finished run
+    with pytest.raises(SystemExit, match="no record"):
+        script.main(["run", "--profile", "small", "--redo", "small/nope_s1"])
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        script.main(["run", "--profile", "small", "--redo", next(i for i in ids if i != again)])
+    assert len(launched(log)) == first + 1
