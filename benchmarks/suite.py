@@ -18,6 +18,7 @@ subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--resu
     .venv/bin/python benchmarks/suite.py --profile cpu --jobs 2     # = run; resumable; report at the end
     .venv/bin/python benchmarks/suite.py --profile cpu --status     # done / left / rough time left
     .venv/bin/python benchmarks/suite.py run --profile quick        # the smoke profile: says nothing about accuracy
+    .venv/bin/python benchmarks/suite.py run --profile cpu --redo ID,ID  # run recorded runs again, replace records
 """
 
 from __future__ import annotations
