@@ -208,6 +208,22 @@ def run(runs: Path, jobs: int, deadline: float | None, final: bool = False) -> N
                     started.discard(what)  # a probe may be followed by its completions
 
 
+def same_warmup_check(refined: Path, coarse: Path) -> dict[str, bool]:
+    """What lets an unchanged cell count as 0: the two arms train the same run up to the choice (equal scores and
+    first-epoch loss), and ``--ne N`` switches off exactly the heads of the coarse search's share."""
+    import torch
+
+    from heartlora.method.deactivate import select_heads
+
+    mr, mc = (json.loads((f / "metrics.json").read_text()) for f in (refined, coarse))
+    share = [c["fraction"] for c in mr["ne_choice"]["candidates"] if not c.get("refine") and c["passes"]][-1]
+    scores = {k: torch.tensor(v, dtype=torch.float64) for k, v in mr["responsiveness"].items()}
+    want = sorted(map(tuple, select_heads(scores, fraction=share)))
+    return {"same_warmup": mr["responsiveness"] == mc["responsiveness"]
+            and mr["history"][0]["train_loss"] == mc["history"][0]["train_loss"],
+            "coarse_heads_match": want == sorted(map(tuple, mc["heads_off"]))}
+
+
 def collect(runs: Path) -> dict[str, Any]:
     """Per (task, seed): both choices and, where they differ, both val200 accuracies and adapter bytes."""
     cells = committed()
@@ -221,6 +237,8 @@ def collect(runs: Path) -> dict[str, Any]:
             cell = {"task": task, "seed": seed, "coarse_ne": coarse_of(choice), "refined_ne": choice["ne"],
                     "candidates": choice["candidates"]}
             if cell["coarse_ne"] != cell["refined_ne"]:
+                if (refined / "metrics.json").is_file() and (coarse / "metrics.json").is_file():
+                    cell.update(same_warmup_check(refined, coarse))
                 for name, folder in (("refined", refined), ("coarse", coarse)):
                     if (folder / "metrics.json").is_file():
                         m = json.loads((folder / "metrics.json").read_text())
@@ -298,6 +316,13 @@ def report(runs: Path) -> None:
         ratio = mean(c["refined_bytes"] / c["coarse_bytes"] for c in both)
         lines.append(f"Where the choice changed ({len(both)} cells with both runs), the refined adapters are "
                      f"{ratio:.3f} x the coarse ones' bytes on average.")
+    checked = [c for c in data["cells"].values() if "same_warmup" in c]
+    if checked:
+        ok = sum(c["same_warmup"] and c["coarse_heads_match"] for c in checked)
+        lines.append(f"Check: in {ok} of the {len(checked)} changed cells with both runs, the two arms' warmups are "
+                     "identical (the same responsiveness scores and first-epoch loss, bit for bit) and the coarse "
+                     "arm's `--ne N` switched off exactly the coarse search's heads: what lets a cell whose choice "
+                     "did not change count as 0.")
     cost = [c["choice_seconds"] / c["refined_wall_s"] for c in data["cells"].values()
             if c.get("choice_seconds") and c.get("refined_wall_s")]
     if cost:
@@ -328,7 +353,7 @@ def report(runs: Path) -> None:
                           f"--jobs 2 --redo {','.join(todo_ids)}`, then `benchmarks/suite.py report --profile cpu`."]
     with atomic_path(DEST.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
-    print("\n".join(line for line in lines if line.startswith(("Cells", "Where", "The choice", "Mean", "Verdict"))))
+    print("\n".join(line for line in lines if line.startswith(("Cells", "Where", "Check", "The choice", "Mean", "Verdict"))))
 
 
 def main(argv: list[str] | None = None) -> None:
