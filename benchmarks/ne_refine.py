@@ -338,14 +338,22 @@ def report(runs: Path) -> None:
     if fin:
         lines += ["", "## The suite's test runs (`--final`)", "",
                   "Each default heart run of the cpu suite (docs/results.json) probed to the end of its warmup on "
-                  "this machine: where the refined choice differs from the coarse one, the run was completed and its "
-                  "record replaced; elsewhere the record stands. Accuracies are in docs/RESULTS.md.", "",
+                  "this machine: where the refined choice differs from the coarse one, the run is completed from "
+                  "that checkpoint and its record replaced (the `--redo` command below); elsewhere the record stands. "
+                  "Accuracies are in docs/RESULTS.md.", "",
                   "| run | record's heads off (device) | coarse here | refined here | record |",
                   "|---|---|---|---|---|"]
         for rid, c in fin.items():
             state = ("replaced" if c["rerun"] else "stands" if c["coarse_ne"] == c["refined_ne"] else "to rerun")
             lines.append(f"| {rid} | {c['record_ne']} ({c['record_device']}) | {c['coarse_ne']} | {c['refined_ne']} "
                          f"| {state} |")
+        other = [rid for rid, c in fin.items() if not c["rerun"] and c["coarse_ne"] != c["record_ne"]]
+        if other:
+            lines += ["", f"On {len(other)} runs the coarse choice made here differs from the record's: "
+                          + ", ".join(f"{rid.split('/final/')[1]} ({fin[rid]['record_device']}, "
+                                      f"{fin[rid]['record_ne']} there, {fin[rid]['coarse_ne']} here)" for rid in other)
+                          + ". A record made on another device (a GPU in TF32) can choose otherwise from the same "
+                          "seed; where the refined choice here equals the coarse one, that record stands as made."]
         todo_ids = [rid for rid, c in fin.items() if not c["rerun"] and c["coarse_ne"] != c["refined_ne"]]
         if todo_ids:
             lines += ["", f"To rerun ({len(todo_ids)}; each resumes from its probe's checkpoint, and its record is "
