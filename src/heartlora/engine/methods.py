@@ -135,7 +135,7 @@ class HeadLoRA(TrainingMethod):
             if heldout is None:
                 raise ConfigError("--ne auto needs sampled training images; give a number with --ne")
             choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance,
-                               refine=bool(getattr(cfg, "ne_refine", True)))
+                               refine=bool(cfg.ne_refine))
             if record is not None:
                 record["ne_choice"] = choice.to_dict()
             return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)
