@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import IO, Any
 
 from heartlora._paths import atomic_path
 from heartlora.experiments import METHODS, PROFILES, load_results, run_id
@@ -184,24 +184,25 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
 
 def run(runs: Path, jobs: int, deadline: float | None, final: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running: list[tuple[subprocess.Popen, str, float]] = []
+    running: list[tuple[subprocess.Popen, str, float, IO]] = []
     started: set[str] = set()
     while True:
         queue = [t for t in (final_todo() if final else todo(runs)) if t[0] not in started]
         while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
             what, command, folder = queue.pop(0)
             folder.parent.mkdir(parents=True, exist_ok=True)
-            log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed with the process)
+            log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
             running.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                            what, time.time()))
+                            what, time.time(), log))
             started.add(what)
             print(f"[{time.strftime('%H:%M:%S')}] start {what}", flush=True)
         if not running:
             return
         time.sleep(2.0)
         for item in list(running):
-            proc, what, t0 = item
+            proc, what, t0, log = item
             if proc.poll() is not None:
+                log.close()
                 running.remove(item)
                 print(f"    exit {proc.returncode} after {time.time() - t0:.0f} s: {what}", flush=True)
                 if proc.returncode == 0 and "probe" in what:

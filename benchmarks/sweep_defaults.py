@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from heartlora._paths import atomic_path
 
@@ -384,7 +384,7 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
 
 def run_all(todo: list, jobs: int, threads: int | None, deadline: float | None) -> None:
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    running: list[tuple[subprocess.Popen, str, float]] = []
+    running: list[tuple[subprocess.Popen, str, float, IO]] = []
     queue = list(todo)
     while queue or running:
         while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
@@ -392,16 +392,17 @@ def run_all(todo: list, jobs: int, threads: int | None, deadline: float | None) 
             if "-m" in cmd and folder.is_dir() and any(folder.iterdir()):
                 cmd = cmd + (["--resume"] if (folder / "checkpoint.pt").is_file() else ["--overwrite"])
             folder.parent.mkdir(parents=True, exist_ok=True)
-            log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed with the process)
+            log = open(folder.parent / f"{folder.name}.log", "a")  # noqa: SIM115 (closed when the process ends)
             running.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
-                            f"{name} on {task} s{seed}", time.time()))
+                            f"{name} on {task} s{seed}", time.time(), log))
             print(f"[{time.strftime('%H:%M:%S')}] start {name} on {task} s{seed}", flush=True)
         if deadline is not None and time.time() >= deadline:
             queue = []
         time.sleep(1.0)
         for item in list(running):
-            proc, what, t0 = item
+            proc, what, t0, log = item
             if proc.poll() is not None:
+                log.close()
                 running.remove(item)
                 print(f"    exit {proc.returncode} after {time.time() - t0:.0f} s: {what}", flush=True)
 
