@@ -255,18 +255,38 @@ def collect(runs: Path) -> dict[str, Any]:
 
 
 def final_cells() -> dict[str, Any]:
-    """The suite's test runs (choices only: accuracies are docs/RESULTS.md's): the coarse and refined choice on this
-    machine, the choice of the record it had, and whether the run was completed under the refined search."""
+    """The suite's test runs (choices only: accuracies are docs/RESULTS.md's): the coarse and refined choice of the
+    probe, the choice of the record it probed, and whether the run was completed under the refined search. A cell
+    keeps its probe's figures once it has them: the folder of a redone run holds the completed run, which may have
+    been made on another machine than the probe, so its choice goes beside them (``redone_ne``, ``redone_cpu``)."""
     path = DEST.with_suffix(".json")
     cells = json.loads(path.read_text()).get("final", {}) if path.is_file() else {}
     for run, task, seed, method, rec in final_items():
-        choice = probe_choice(SUITE_RUNS / run)
-        if choice is None:
-            continue
-        cells[run] = {"coarse_ne": coarse_of(choice), "refined_ne": choice["ne"],
-                      "record_ne": rec["heads_off_count"] if rec else None,
-                      "record_device": rec.get("device") if rec else None, "rerun": refined_record(rec)}
+        if run not in cells:
+            choice = probe_choice(SUITE_RUNS / run)
+            if choice is None:
+                continue
+            cells[run] = {"coarse_ne": coarse_of(choice), "refined_ne": choice["ne"],
+                          "record_ne": rec["heads_off_count"] if rec else None,
+                          "record_device": rec.get("device") if rec else None, "rerun": False}
+        if refined_record(rec) and not cells[run]["rerun"] and cells[run]["coarse_ne"] != cells[run]["refined_ne"]:
+            cells[run].update(rerun=True, redone_ne=rec["heads_off_count"],
+                              redone_cpu=(rec.get("machine") or {}).get("cpu"), redone_choice=rec["ne_choice"],
+                              redone_tolerance=rec["settings"]["ne_tolerance"])
     return cells
+
+
+def why_moved(cell: dict[str, Any]) -> str:
+    """Why a redone run's choice differs from its probe's: the sampled loss of the probe's share, in the redone run."""
+    choice = cell["redone_choice"]
+    full = choice["candidates"][0]["loss"]
+    probe = [c for c in choice["candidates"] if c["ne"] == cell["refined_ne"]]
+    if not probe:
+        return "the redone run did not try that share"
+    c = probe[0]
+    return (f"there that share raised the sampled loss by {100 * c['increase'] / full:.2f} % "
+            f"of its value with every head, over the {100 * cell['redone_tolerance']:g} % tolerance; the probe's machine "
+            "passed it: two CPUs round the same run differently")
 
 
 def verdict(data: dict[str, Any]) -> dict[str, Any]:
@@ -338,23 +358,35 @@ def report(runs: Path) -> None:
     fin = data["final"]
     if fin:
         lines += ["", "## The suite's test runs (`--final`)", "",
-                  "Each default heart run of the cpu suite (docs/results.json) probed to the end of its warmup on "
-                  "this machine: where the refined choice differs from the coarse one, the run is completed from "
-                  "that checkpoint and its record replaced (the `--redo` command below); elsewhere the record stands. "
-                  "Accuracies are in docs/RESULTS.md.", "",
-                  "| run | record's heads off (device) | coarse here | refined here | record |",
+                  "Each default heart run of the cpu suite (docs/results.json) probed to the end of its warmup "
+                  "(`--final`, with the suite's own command): where the probe's refined choice differs from its "
+                  "coarse one, the run is done again under the refined search (`benchmarks/suite.py run --redo IDS`, "
+                  "which resumes a probe's checkpoint where it finds one) and its record replaced; elsewhere the "
+                  "record stands. Accuracies are in docs/RESULTS.md.", "",
+                  "| run | record's heads off (device) | coarse (probe) | refined (probe) | record now |",
                   "|---|---|---|---|---|"]
         for rid, c in fin.items():
-            state = ("replaced" if c["rerun"] else "stands" if c["coarse_ne"] == c["refined_ne"] else "to rerun")
+            state = (f"replaced: {c['redone_ne']} off" if c["rerun"]
+                     else "stands" if c["coarse_ne"] == c["refined_ne"] else "to rerun")
             lines.append(f"| {rid} | {c['record_ne']} ({c['record_device']}) | {c['coarse_ne']} | {c['refined_ne']} "
                          f"| {state} |")
-        other = [rid for rid, c in fin.items() if not c["rerun"] and c["coarse_ne"] != c["record_ne"]]
+        other = [rid for rid, c in fin.items() if c["coarse_ne"] != c["record_ne"]]
         if other:
-            lines += ["", f"On {len(other)} runs the coarse choice made here differs from the record's: "
+            lines += ["", f"On {len(other)} runs the probe's coarse choice differs from the record it probed: "
                           + ", ".join(f"{rid.split('/final/')[1]} ({fin[rid]['record_device']}, "
-                                      f"{fin[rid]['record_ne']} there, {fin[rid]['coarse_ne']} here)" for rid in other)
+                                      f"{fin[rid]['record_ne']} there, {fin[rid]['coarse_ne']} in the probe)"
+                                      for rid in other)
                           + ". A record made on another device (a GPU in TF32) can choose otherwise from the same "
-                          "seed; where the refined choice here equals the coarse one, that record stands as made."]
+                          "seed; where the probe's refined choice equals its coarse one, that record stands as made."]
+        redone = [rid for rid, c in fin.items() if c["rerun"]]
+        if redone:
+            cpus = sorted({str(fin[rid].get("redone_cpu")) for rid in redone})
+            moved = [rid for rid in redone if fin[rid]["redone_ne"] != fin[rid]["refined_ne"]]
+            lines += ["", f"Redone: {len(redone)} runs, on {', '.join(cpus)} (each record's `machine`); the probes ran "
+                          "in an earlier session. The redone run chose the probe's refined share on "
+                          f"{len(redone) - len(moved)} of {len(redone)}."
+                          + "".join(f" {rid.split('/final/')[1]}: {fin[rid]['redone_ne']} heads where the probe had "
+                                    f"{fin[rid]['refined_ne']} ({why_moved(fin[rid])})." for rid in moved)]
         todo_ids = [rid for rid, c in fin.items() if not c["rerun"] and c["coarse_ne"] != c["refined_ne"]]
         if todo_ids:
             lines += ["", f"To rerun ({len(todo_ids)}; each resumes from its probe's checkpoint, and its record is "

@@ -652,6 +652,45 @@ def test_ne_refine_probes_first_and_judges_with_zeros_where_the_rules_agree(tmp_
     assert [w for w, _, _ in left] == ["coarse mnist s1"]
 
 
+def test_ne_refine_keeps_the_probes_figures_when_a_redone_run_replaces_its_folder(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import json
+
+    import ne_refine
+
+    monkeypatch.setattr(ne_refine, "DEST", tmp_path / "ne_refine")
+    monkeypatch.setattr(ne_refine, "SUITE_RUNS", tmp_path / "runs")
+    full = 2.0
+    redone = {"ne": 12, "candidates": [
+        {"ne": 0, "loss": full, "increase": 0.0, "passes": True, "refine": False},
+        {"ne": 12, "loss": 2.03, "increase": 0.03, "passes": True, "refine": False},
+        {"ne": 24, "loss": 2.2, "increase": 0.2, "passes": False, "refine": False},
+        {"ne": 18, "loss": 2.05, "increase": 0.05, "passes": False, "refine": True}]}
+    coarse_rec = {"heads_off_count": 12, "device": "cpu", "ne_choice": {"ne": 12, "candidates": [
+        {"ne": 0, "passes": True}, {"ne": 12, "passes": True}, {"ne": 24, "passes": False}]}}
+    new_rec = {"heads_off_count": 12, "device": "cpu", "machine": {"cpu": "Other CPU"}, "ne_choice": redone,
+               "settings": {"ne_tolerance": 0.02}}
+    items = [("a", "digits", 1, "heart-lora", coarse_rec), ("b", "mnist", 1, "heart-lora", coarse_rec)]
+    monkeypatch.setattr(ne_refine, "final_items", lambda: items)
+    probes = {"a": {"ne": 18, "candidates": [*coarse_rec["ne_choice"]["candidates"],
+                                             {"ne": 18, "passes": True, "refine": True}]},
+              "b": {"ne": 12, "candidates": coarse_rec["ne_choice"]["candidates"]}}
+    monkeypatch.setattr(ne_refine, "probe_choice", lambda folder: probes.get(folder.name))
+    cells = ne_refine.final_cells()
+    assert cells["a"] == {"coarse_ne": 12, "refined_ne": 18, "record_ne": 12, "record_device": "cpu", "rerun": False}
+    assert cells["b"]["coarse_ne"] == cells["b"]["refined_ne"] == 12 and not cells["b"]["rerun"]
+    (tmp_path / "ne_refine.json").write_text(json.dumps({"final": cells}))
+    # run a is redone (on another machine, which chose 12): its folder now holds the finished run, and its record
+    # is replaced; the probe's figures stay, and the redone choice goes beside them with the reason it moved
+    items[0] = ("a", "digits", 1, "heart-lora", new_rec)
+    probes["a"] = redone
+    cells = ne_refine.final_cells()
+    assert (cells["a"]["coarse_ne"], cells["a"]["refined_ne"], cells["a"]["record_ne"]) == (12, 18, 12)
+    assert cells["a"]["rerun"] and cells["a"]["redone_ne"] == 12 and cells["a"]["redone_cpu"] == "Other CPU"
+    assert "2.50 % of its value with every head, over the 2 % tolerance" in ne_refine.why_moved(cells["a"])
+    assert not cells["b"]["rerun"]  # a record that agreed with its probe is never marked redone
+
+
 def test_ne_refine_probes_a_test_run_with_the_suites_own_command(tmp_path: Path) -> None:
     import importlib
 
