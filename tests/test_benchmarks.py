@@ -730,3 +730,14 @@ def test_runner_redoes_recorded_runs_on_request_and_replaces_their_records(runne
     with pytest.raises(SystemExit, match="holds a finished run"):
         script.main(["run", "--profile", "small", "--redo", next(i for i in ids if i != again)])
     assert len(launched(log)) == first + 1
+
+
+def test_docs_results_md_is_what_the_report_writes(tmp_path: Path) -> None:
+    """docs/RESULTS.md is generated: its tables from docs/results.json, its reading from benchmarks/results_notes.md.
+    An edit made to the page by hand is lost at the next `suite.py report`, so the page must equal the report's."""
+    docs = Path(report.__file__).resolve().parent.parent / "docs"
+    (tmp_path / "results.json").write_bytes((docs / "results.json").read_bytes())
+    written = report.write_all("cpu", tmp_path / "results.json").read_text()
+    assert written == (docs / "RESULTS.md").read_text(), (
+        "docs/RESULTS.md differs from what `benchmarks/suite.py report --profile cpu` writes: edit "
+        "benchmarks/results_notes.md (the hand-written part), not the page, and run the report")
