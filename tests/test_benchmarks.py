@@ -741,3 +741,15 @@ def test_docs_results_md_is_what_the_report_writes(tmp_path: Path) -> None:
     assert written == (docs / "RESULTS.md").read_text(), (
         "docs/RESULTS.md differs from what `benchmarks/suite.py report --profile cpu` writes: edit "
         "benchmarks/results_notes.md (the hand-written part), not the page, and run the report")
+
+
+def test_heldout_profile_runs_only_tasks_no_default_was_chosen_on() -> None:
+    import ne_refine
+    import sweep_defaults
+
+    held = set(suite.PROFILES["heldout"].tasks)
+    chosen_on = set(sweep_defaults.TASKS) | set(ne_refine.TASKS) | set(suite.PROFILES["cpu"].tasks)
+    assert held and not held & chosen_on
+    # the other half of a visible source counts too: no held-out task is a K-shot view of a visible one
+    assert not {t.split("@")[0] for t in held} & {t.split("@")[0] for t in chosen_on}
+    assert suite.PROFILES["heldout"].engine_profile == suite.PROFILES["cpu"].engine_profile  # same settings
