@@ -155,6 +155,16 @@ def _settings(row: dict[str, Any]) -> tuple:
     return tuple(row.get(k) for k in (*SETTINGS, "device"))
 
 
+def auto_tried(row: dict[str, Any]) -> str:
+    """The shares ``--ne auto`` tried beyond 0, each with the rise of the sampled loss it caused (% of the loss with
+    every head), as a parenthesis for the table; empty for a row without its ``ne_choice``."""
+    cands = (row.get("ne_choice") or {}).get("candidates", [])
+    if len(cands) < 2 or not cands[0]["loss"]:
+        return ""
+    tried = [f"{c['ne']}: {100 * c['increase'] / cands[0]['loss']:+.0f} %" for c in cands[1:]]
+    return f" (tried {', '.join(tried)})"
+
+
 def report(files: list[Path], dest: Path) -> str:
     """The rows of ``files`` as a Markdown table (val200 % per task, ne and method) and a plot beside ``dest``."""
     from matplotlib.figure import Figure
@@ -219,7 +229,7 @@ def report(files: list[Path], dest: Path) -> str:
             lines.append(f"| {t} | {ne} | " + " | ".join([acc[0], control(t, ne), acc[1], *size]) + " |")
         a = by_auto.get(t)
         if a:
-            lines.append(f"| {t} | `--ne auto` chose {a['ne']} | {100 * a['val200']:.1f} | | "
+            lines.append(f"| {t} | `--ne auto` chose {a['ne']}{auto_tried(a)} | {100 * a['val200']:.1f} | | "
                          f"| {a['adapter_bytes']:,} | |")
     fig = Figure(figsize=(3.2 * len(tasks) + 1, 3.4), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]

@@ -753,3 +753,13 @@ def test_heldout_profile_runs_only_tasks_no_default_was_chosen_on() -> None:
     # the other half of a visible source counts too: no held-out task is a K-shot view of a visible one
     assert not {t.split("@")[0] for t in held} & {t.split("@")[0] for t in chosen_on}
     assert suite.PROFILES["heldout"].engine_profile == suite.PROFILES["cpu"].engine_profile  # same settings
+
+
+def test_prune_table_names_what_ne_auto_tried() -> None:
+    import prune
+
+    row = {"ne": 0, "ne_choice": {"candidates": [{"ne": 0, "loss": 0.05, "increase": 0.0},
+                                                 {"ne": 12, "loss": 0.06, "increase": 0.01},
+                                                 {"ne": 6, "loss": 0.051, "increase": 0.001}]}}
+    assert prune.auto_tried(row) == " (tried 12: +20 %, 6: +2 %)"
+    assert prune.auto_tried({"ne": 0}) == ""  # a row from before ne_choice was kept
