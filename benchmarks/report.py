@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import heartlora.experiments as suite
+from heartlora._paths import atomic_path
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs"
@@ -719,7 +720,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     if extra.is_file():
         lines += [extra.read_text().rstrip(), ""]
     out = out_dir / "RESULTS.md"
-    out.write_text("\n".join(lines) + "\n")
+    with atomic_path(out) as tmp:  # a reader (or a killed report) never sees half a page
+        tmp.write_text("\n".join(lines) + "\n")
     return out
 
 
