@@ -284,9 +284,9 @@ def why_moved(cell: dict[str, Any]) -> str:
     if not probe:
         return "the redone run did not try that share"
     c = probe[0]
-    return (f"there that share raised the sampled loss by {100 * c['increase'] / full:.2f} % "
-            f"of its value with every head, over the {100 * cell['redone_tolerance']:g} % tolerance; the probe's machine "
-            "passed it: two CPUs round the same run differently")
+    return (f"there that share raised the sampled loss by {100 * c['increase'] / full:.2f} % of its value with "
+            f"every head, over the {100 * cell['redone_tolerance']:g} % tolerance; the probe's machine passed it: "
+            "two CPUs round the same run differently")
 
 
 def verdict(data: dict[str, Any]) -> dict[str, Any]:
