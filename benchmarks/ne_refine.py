@@ -394,7 +394,8 @@ def report(runs: Path) -> None:
                           f"--jobs 2 --redo {','.join(todo_ids)}`, then `benchmarks/suite.py report --profile cpu`."]
     with atomic_path(DEST.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
-    print("\n".join(line for line in lines if line.startswith(("Cells", "Where", "Check", "The choice", "Mean", "Verdict"))))
+    heads = ("Cells", "Where", "Check", "The choice", "Mean", "Verdict")
+    print("\n".join(line for line in lines if line.startswith(heads)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,7 +197,8 @@ def test_defaults_profiles_and_overrides() -> None:
     assert resolve(TrainConfig(task="digits", method="linear")).drop_path == 0.0
     for bad in (dict(method="nope"), dict(method="lora", ne=3), dict(ne=2, ne_fraction=0.1), dict(epochs=0),
                 dict(ne="some"), dict(ne=3, ne_tolerance=0.1), dict(ne_tolerance=-1.0),
-                dict(method="lora", ne_tolerance=0.1), dict(ne=3, ne_refine=False), dict(method="lora", ne_refine=False),
+                dict(method="lora", ne_tolerance=0.1), dict(ne=3, ne_refine=False),
+                dict(method="lora", ne_refine=False),
                 dict(protocol="test"), dict(method="full", bits=1), dict(warmup_epochs=0), dict(threads=0)):
         with pytest.raises(ConfigError):
             resolve(TrainConfig(task="digits", **bad))
