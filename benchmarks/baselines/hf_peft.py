@@ -10,8 +10,20 @@ DINOv2 weights (``heartlora.backbones.dinov2_offline``) come from heartlora; the
 transformers', PEFT's and torch's. A finished run writes ``metrics.json`` with the keys of heartlora's runs (method
 ``hf-peft`` or ``linear-probe``), so a suite reads it as one more column.
 
+Any other PEFT method runs the same recipe with ``--method NAME``: the presets in ``PEFT_METHODS`` (LoRA at rank 1,
+2, 4 and 8, VeRA, FourierFT, VB-LoRA, IA³, LN tuning, LoHa, LoKr), each at the settings its paper or PEFT's docs give,
+or ``--method peft:<ConfigClass>`` with ``--peft-kwargs JSON`` for any config PEFT ships (``target_modules``
+defaults to q and v). ``--lr`` defaults to the preset's reference learning rate. Every run reports the bytes a user
+keeps per task beyond the frozen backbone, counted one way for every method: the tensors PEFT's ``save_pretrained``
+writes (``get_peft_model_state_dict``) without the classifier, at the precision PEFT stores them
+(``adapter_bytes``), at fp16 for the float ones (``adapter_bytes_fp16``), and the classifier apart
+(``classifier_bytes``, fp32). Tensors regenerated from a stored seed (VeRA's shared projections, FourierFT's
+frequency positions) are not counted, since PEFT rebuilds them from the config.
+
     python benchmarks/baselines/hf_peft.py --task digits --protocol val --out runs/base/digits-hf-peft
     python benchmarks/baselines/hf_peft.py --task vtab:/data/cifar --method linear-probe --out runs/base/cifar-lp
+    python benchmarks/baselines/hf_peft.py --task digits --method vera --lr 3e-3 --out runs/base/digits-vera
+    python benchmarks/baselines/hf_peft.py --task digits --method peft:LoraConfig --peft-kwargs '{"r": 2}' --out X
 """
 
 from __future__ import annotations
@@ -32,7 +44,97 @@ from torch import nn
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
 MIN_FEWSHOT_STEPS = 100  # as heartlora's engine: a K-shot task trains for at least this many optimizer steps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-METHODS = ("hf-peft", "linear-probe")
+LEGACY_LR = 1e-3  # hf-peft's and linear-probe's learning rate (the plain recipe's)
+
+
+def _find(model: nn.Module, leaf: tuple[str, ...], cls: type = nn.Linear, inside: str = ".encoder.") -> list[str]:
+    """Full names of the modules of type ``cls`` under the encoder whose last name part is one of ``leaf``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, cls) and inside in n and n.rsplit(".", 1)[-1] in leaf]
+    if not names:
+        raise SystemExit(f"no {'/'.join(leaf)} modules found in {type(model).__name__}")
+    return names
+
+
+def _qv(model: nn.Module) -> list[str]:
+    return _find(model, ("query", "value", "q_proj", "v_proj"))
+
+
+def _lora(r: int) -> dict[str, Any]:
+    # PEFT's default lora_alpha (8) at every rank: the plain recipe a user gets by changing r alone
+    return {"cls": "LoraConfig", "kwargs": lambda m: {"r": r, "lora_alpha": 8, "target_modules": _qv(m),
+                                                      "bias": "none"},
+            "lr": 1e-3, "settings": f"LoRA r{r} on q and v, lora_alpha 8 (PEFT's default), no dropout"}
+
+
+# Preset → PEFT config class, its kwargs for the DINOv2 classifier, the reference learning rate (the centre of the
+# grid a sweep searches) and where the settings come from. "param_groups" splits the optimizer where the method's
+# paper trains two kinds of parameters at different rates.
+PEFT_METHODS: dict[str, dict[str, Any]] = {
+    "hf-peft": {**_lora(8), "settings": "LoRA r8 on q and v, lora_alpha 8: the plain recipe (= lora-r8)"},
+    "lora-r1": _lora(1),
+    "lora-r2": _lora(2),
+    "lora-r4": _lora(4),
+    "lora-r8": _lora(8),
+    "vera": {"cls": "VeraConfig",
+             "kwargs": lambda m: {"r": 256, "target_modules": _qv(m), "d_initial": 0.1, "projection_prng_key": 0,
+                                  "save_projection": False},
+             "lr": 1e-2, "settings": "VeRA r 256 (PEFT's default) on q and v, d_initial 0.1; the shared random "
+                                     "projections are rebuilt from projection_prng_key, not stored"},
+    "fourierft": {"cls": "FourierFTConfig",
+                  "kwargs": lambda m: {"n_frequency": 1000, "scaling": 300.0, "target_modules": _qv(m),
+                                       "random_loc_seed": 777},
+                  "lr": 1e-2, "settings": "FourierFT on q and v, 1000 frequencies a matrix (PEFT's default), "
+                                          "scaling 300 (PEFT's docs for ViT image classification)"},
+    "vblora": {"cls": "VBLoRAConfig",
+               "kwargs": lambda m: {"r": 4, "num_vectors": 90, "vector_length": 128, "topk": 2,
+                                    "target_modules": _qv(m), "save_only_topk_weights": True},
+               "lr": 1e-2, "param_groups": {"vector_bank": 0.1},
+               "settings": "VB-LoRA r 4, top-2 of a bank of 90 vectors (the paper's base-model bank) of length 128 "
+                           "(its 256 does not divide DINOv2-S's 384), on q and v; the bank trains at lr/10, the "
+                           "logits at lr (the paper's 1e-3 / 1e-2 split); only the top-k weights are stored"},
+    "ia3": {"cls": "IA3Config",
+            "kwargs": lambda m: {"target_modules": _find(m, ("key", "value", "k_proj", "v_proj", "fc2")),
+                                 "feedforward_modules": _find(m, ("fc2",))},
+            "lr": 3e-3, "settings": "(IA)³ on k, v and the MLP's second Linear (the paper's placement); lr "
+                                    "centred on the paper's 3e-3"},
+    "ln-tuning": {"cls": "LNTuningConfig",
+                  "kwargs": lambda m: {"target_modules": _find(m, ("norm1", "norm2", "layernorm"), nn.LayerNorm,
+                                                                inside="dinov2.")},
+                  "lr": 1e-3, "settings": "LN tuning: every LayerNorm's weight and bias (both norms of each block "
+                                          "and the final one)"},
+    "loha": {"cls": "LoHaConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
+             "lr": 1e-3, "settings": "LoHa r 4, alpha 4, on q and v"},
+    "lokr": {"cls": "LoKrConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
+             "lr": 1e-3, "settings": "LoKr r 4, alpha 4, on q and v"},
+}
+METHODS = ("linear-probe", *PEFT_METHODS)
+
+
+def peft_spec(method: str, peft_kwargs: str | None) -> dict[str, Any]:
+    """The preset of ``method``, or for ``peft:<ConfigClass>`` a spec built from ``--peft-kwargs``."""
+    if method.startswith("peft:"):
+        extra = json.loads(peft_kwargs or "{}")
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--peft-kwargs must be a JSON object, got {peft_kwargs!r}")
+        return {"cls": method[5:], "kwargs": lambda m: {"target_modules": _qv(m), **extra}, "lr": 1e-3,
+                "settings": f"{method[5:]}({json.dumps(extra, sort_keys=True)}), target_modules q and v unless given"}
+    if peft_kwargs:
+        raise SystemExit("--peft-kwargs goes with --method peft:<ConfigClass>; a preset's settings are fixed")
+    return PEFT_METHODS[method]
+
+
+def stored_bytes(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Bytes a user keeps per task: the adapter's tensors as stored, the same at fp16 (float tensors at 2 bytes, the
+    others as they are), and the classifier's (fp32), from the state dict PEFT saves."""
+    out = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "classifier_bytes": 0, "adapter_tensors": 0}
+    for key, t in state.items():
+        if "classifier" in key:
+            out["classifier_bytes"] += t.numel() * 4
+            continue
+        out["adapter_tensors"] += 1
+        out["adapter_bytes"] += t.numel() * t.element_size()
+        out["adapter_bytes_fp16"] += t.numel() * (2 if t.is_floating_point() else t.element_size())
+    return out
 
 
 def build_model(num_classes: int) -> nn.Module:
@@ -53,11 +155,7 @@ def build_model(num_classes: int) -> nn.Module:
 
 def lora_targets(model: nn.Module) -> list[str]:
     """Full names of the attention's q and v Linears, under either naming of the installed transformers."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".attention." in n
-             and n.rsplit(".", 1)[-1] in ("query", "value", "q_proj", "v_proj")]
-    if not names:
-        raise SystemExit(f"no q/v attention Linears found in {type(model).__name__}")
-    return names
+    return _qv(model)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -76,11 +174,15 @@ def features(model: nn.Module, images: torch.Tensor, device: torch.device, batch
     return torch.cat(out)
 
 
-def train_loop(step_fn: Any, params: list[nn.Parameter], n: int, args: argparse.Namespace) -> float:
-    """AdamW + OneCycleLR over ``args.epochs`` epochs of shuffled batches; ``step_fn(idx)`` returns the loss."""
+def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], n: int,
+               args: argparse.Namespace) -> float:
+    """AdamW + OneCycleLR over ``args.epochs`` epochs of shuffled batches; ``step_fn(idx)`` returns the loss.
+    ``params`` may be parameter groups, each with its own ``lr`` (its one-cycle peak)."""
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(params, lr=args.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+    peaks = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else args.lr,
+                                                total_steps=args.epochs * steps_per_epoch)
     t0 = time.perf_counter()
     for epoch in range(args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
@@ -111,22 +213,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the same floor heartlora's engine applies to K-shot tasks, so both train for as many steps
         args.epochs = -(-MIN_FEWSHOT_STEPS // steps_per_epoch)
     model = build_model(task.num_classes).to(device)
-    adapter_bytes = 0
+    sizes: dict[str, int] = {}
+    peft_info: dict[str, Any] = {}
     if args.method == "linear-probe":
         model.eval()
         f_train, f_eval = features(model, train_x, device), features(model, eval_x, device)
         clf = nn.Linear(f_train.shape[1], task.num_classes).to(device)
         params = list(clf.parameters())
+        sizes = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "adapter_tensors": 0,
+                 "classifier_bytes": sum(p.numel() * 4 for p in params)}
         train_s = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)), train_y[idx].to(device)),
                              params, len(train_x), args)
         with torch.no_grad():
             pred = torch.cat([clf(f_eval[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(f_eval), 512)])
     else:
-        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+        import peft
+        from peft import get_peft_model, get_peft_model_state_dict
 
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=lora_targets(model),
-                                                 modules_to_save=["classifier"], bias="none"))
-        params = [p for p in model.parameters() if p.requires_grad]
+        spec = peft_spec(args.method, args.peft_kwargs)
+        config_cls = getattr(peft, spec["cls"], None)
+        if config_cls is None or not spec["cls"].endswith("Config"):
+            raise SystemExit(f"--method peft:{spec['cls']}: peft {peft.__version__} has no config class of that name")
+        peft_kwargs = spec["kwargs"](model)
+        for flag, key in (("rank", "r"), ("alpha", "lora_alpha")):
+            if getattr(args, flag, None) is not None:
+                if spec["cls"] != "LoraConfig" or args.method.startswith("peft:"):
+                    raise SystemExit(f"--{flag} goes with the LoRA presets (hf-peft, lora-rN) only")
+                peft_kwargs[key] = getattr(args, flag)
+        config = config_cls(**peft_kwargs, modules_to_save=["classifier"])
+        model = get_peft_model(model, config)
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params: list[Any] = [p for _, p in trainable]
+        groups = spec.get("param_groups") or {}
+        if groups:  # parameters whose name holds a key train at lr × its factor
+            split: dict[float, list[nn.Parameter]] = {}
+            for n, p in trainable:
+                factor = next((f for k, f in groups.items() if k in n), 1.0)
+                split.setdefault(factor, []).append(p)
+            params = [{"params": ps, "lr": args.lr * f} for f, ps in sorted(split.items())]
+        peaks = sorted({g["lr"] for g in params} if groups else {args.lr})  # before the schedule changes them
         model.train()
 
         def step(idx: torch.Tensor) -> torch.Tensor:
@@ -139,19 +264,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
             model.peft_config["default"].base_model_name_or_path = "dinov2_small"
             model.save_pretrained(str(args.save_peft))
-        adapter_bytes = sum(t.numel() * t.element_size() for k, t in get_peft_model_state_dict(model).items()
-                            if "lora_" in k)
         model.eval()
+        sizes = stored_bytes(get_peft_model_state_dict(model))
+        peft_info = {"peft_config": spec["cls"], "peft_settings": spec["settings"],
+                     "peft_kwargs": {k: v for k, v in peft_kwargs.items() if k != "target_modules"},
+                     "target_modules": len(peft_kwargs.get("target_modules", [])),
+                     "peft_version": peft.__version__,
+                     "peak_lrs": peaks}
         with torch.no_grad():
             pred = torch.cat([model(pixel_values=normalise(eval_x[i:i + 128].to(device))).logits.argmax(1).cpu()
                               for i in range(0, len(eval_x), 128)])
     acc = float((pred == eval_y).float().mean())
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device", "threads", "save_peft")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "device", "threads", "save_peft")
+                and not (k in ("peft_kwargs", "rank", "alpha") and v is None)}
     return {
         "task": args.task, "method": args.method, "backbone": "dinov2_small", "protocol": args.protocol,
         "seed": args.seed, "settings": settings, "accuracy": acc, "accuracy_split": eval_split,
         "train_split": train_split, "selection": "none: the last epoch is reported; evaluated once, after training",
-        "adapter_bytes": adapter_bytes, "trainable_params": sum(p.numel() for p in params),
+        **sizes, **peft_info,
+        "trainable_params": sum(p.numel() for g in params for p in (g["params"] if isinstance(g, dict) else [g])),
         "heads_total": 0, "heads_off": [], "wall_s": time.perf_counter() - t_start,
         "train_images_per_s": args.epochs * len(train_x) / max(train_s, 1e-9),
         "engine": "outside heartlora: transformers + PEFT + torch (benchmarks/baselines/hf_peft.py)",
@@ -163,14 +295,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", required=True, help="any task heartlora reads: a name, vtab:DIR, NAME@Kshot")
-    ap.add_argument("--method", default="hf-peft", choices=METHODS)
+    ap.add_argument("--method", default="hf-peft",
+                    help=f"one of {', '.join(METHODS)}, or peft:<ConfigClass> (any config PEFT ships) with "
+                         "--peft-kwargs")
+    ap.add_argument("--peft-kwargs", default=None, help="JSON: the config's arguments for --method peft:<ConfigClass>")
     ap.add_argument("--protocol", default="final", choices=tuple(PROTOCOLS))
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate (default: the method's reference rate; 1e-3 for hf-peft and linear-probe)")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA presets: another rank (r)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA presets: another lora_alpha")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                     help="fp32 (exact, as on a CPU), tf32 (TF32 matmuls on CUDA) or bf16 (autocast; TF32 too)")
@@ -179,6 +315,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, required=True, help="run folder; a folder with metrics.json is not run again")
     ap.add_argument("--save-peft", type=Path, default=None, help="hf-peft: also save the trained adapter (PEFT folder)")
     args = ap.parse_args(argv)
+    if args.method not in METHODS and not args.method.startswith("peft:"):
+        ap.error(f"--method {args.method}: not one of {', '.join(METHODS)} nor peft:<ConfigClass>")
+    if args.lr is None:
+        args.lr = LEGACY_LR if args.method == "linear-probe" else peft_spec(args.method, args.peft_kwargs)["lr"]
+    if not (args.lr > 0 and args.lr < float("inf")):
+        ap.error(f"--lr {args.lr}: must be a positive finite number")
     done = args.out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())

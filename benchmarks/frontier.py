@@ -1,0 +1,453 @@
+"""Accuracy against stored bytes: heartlora's points against every small-adapter method a user could pick in PEFT.
+
+Protocol (the cpu suite's, so its records can be reused): the offline DINOv2 ViT-S/14, 112 px, 10 epochs (1 warmup
+for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and the heldout profile's 3.
+
+1. **Learning rate, on val200 only, the same rule for every method** (heartlora's included): each method has a
+   reference rate (its paper's or PEFT's docs', heartlora's default); the grid is reference × {1, 1/3, 3}; a point
+   trains on train800 and is scored on val200 of the selection tasks (``SELECT_TASKS``: one few-shot, one structured,
+   one natural task of the cpu suite; seed 42); the best mean val200 accuracy wins (ties: the earlier grid point, so
+   the reference). When the best is at an end of the grid, the grid grows one step (× 3 or ÷ 3) that way, at most
+   ``MAX_EXTEND`` times, so a reference off by a decade is still found. Points marked ``lr_from`` take another
+   point's choice (heartlora's variants of one method share its rate).
+2. **Final runs**: train800val200 → test, seed 42 on all 10 tasks first, then seeds 43 and 44 on the 7 cpu tasks.
+   A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) is
+   read from docs/results.json instead of run again (its record says ``reused_from``).
+3. **Bytes**: what a user keeps per task beyond the frozen backbone, counted one way for all (the baseline script's
+   docstring): the adapter's tensors at the precision the method stores them, the same at fp16 for float adapters,
+   the classifier apart.
+
+Each run is its own process (``heartlora train`` or benchmarks/baselines/hf_peft.py), ``--jobs`` side by side, each
+finished run's record added to ``benchmarks/records/frontier.json`` at once (locked, atomic); a recorded run is never
+redone; an interrupted engine run resumes from its checkpoint.
+
+    .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
+    .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
+    .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from heartlora.experiments import add_record, load_results, machine
+from heartlora.experiments.suite import CPU_TASKS, HELDOUT_TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "benchmarks" / "records" / "frontier.json"
+SUITE_RESULTS = ROOT / "docs" / "results.json"
+RUNS = ROOT / "runs"  # a run folder is runs/<its id>, and every id starts with frontier/
+BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
+DOC = ROOT / "docs" / "research" / "FRONTIER.md"
+PLOT = ROOT / "docs" / "research" / "frontier.png"
+SCHEDULE = {"img_size": 112, "epochs": 10, "batch_size": 32}
+TAG = "frontier/112px-10ep-b32"
+SELECT_TASKS = ("fashion_mnist@4shot", "dsprites_loc", "fashion_mnist")
+TASKS = CPU_TASKS + HELDOUT_TASKS
+SEEDS = (42, 43, 44)
+LR_STEP = 3.0
+MAX_EXTEND = 2
+POLL_S = 2.0
+
+# name → how it runs. "peft": the baseline script's --method; "engine": `heartlora train` flags; "lr": the reference
+# rate; "lr_from": take that point's chosen rate; "suite": the suite method whose records are this point's runs at
+# the reference rate; "family": the line it belongs to in the plot.
+POINTS: dict[str, dict[str, Any]] = {
+    "lora-r1": {"peft": "lora-r1", "lr": 1e-3, "family": "PEFT LoRA (q, v)"},
+    "lora-r2": {"peft": "lora-r2", "lr": 1e-3, "family": "PEFT LoRA (q, v)"},
+    "lora-r4": {"peft": "lora-r4", "lr": 1e-3, "family": "PEFT LoRA (q, v)"},
+    "lora-r8": {"peft": "hf-peft", "lr": 1e-3, "suite": "hf-peft", "family": "PEFT LoRA (q, v)"},
+    "vera": {"peft": "vera", "lr": 1e-2, "family": "PEFT VeRA"},
+    "fourierft": {"peft": "fourierft", "lr": 1e-2, "family": "PEFT FourierFT"},
+    "vblora": {"peft": "vblora", "lr": 1e-2, "family": "PEFT VB-LoRA"},
+    "ia3": {"peft": "ia3", "lr": 3e-3, "family": "PEFT (IA)³"},
+    "ln-tuning": {"peft": "ln-tuning", "lr": 1e-3, "family": "PEFT LN tuning"},
+    "heart-bi-lora": {"engine": ["--method", "heart-bi-lora", "--scope", "global"], "lr": 1e-3,
+                      "suite": "heart-bi-lora", "family": "heartlora 1-bit"},
+    "bi-lora": {"engine": ["--method", "bi-lora"], "lr_from": "heart-bi-lora", "suite": "bi-lora",
+                "family": "heartlora 1-bit"},
+    "heart-lora": {"engine": ["--method", "heart-lora", "--scope", "global"], "lr": 1e-3, "suite": "heart-lora",
+                   "family": "heartlora float"},
+    "lora": {"engine": ["--method", "lora"], "lr_from": "heart-lora", "suite": "lora", "family": "heartlora float"},
+    # budget reallocation: the bytes of switched-off heads spent on a higher rank for the heads kept
+    "heart-lora-r16-ne36": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "16", "--ne", "36"],
+                            "lr_from": "heart-lora", "family": "heartlora float"},
+    "heart-lora-r12-ne54": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "12", "--ne", "54"],
+                            "lr_from": "heart-lora", "family": "heartlora float"},
+}
+PEFT_POINTS = tuple(p for p, s in POINTS.items() if "peft" in s)
+HEART_POINTS = tuple(p for p, s in POINTS.items() if "engine" in s)
+
+
+def lr_str(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def run_id(protocol: str, task: str, point: str, lr: float, seed: int) -> str:
+    return f"{TAG}/{protocol}/{task}/{point}_lr{lr_str(lr)}_s{seed}"
+
+
+def grid(ref: float, extra_down: int = 0, extra_up: int = 0) -> list[float]:
+    """The rates tried, in tie-break order: the reference, then ÷3 and ×3, then the steps the rule added."""
+    pts = [ref, ref / LR_STEP, ref * LR_STEP]
+    pts += [ref / LR_STEP ** (k + 2) for k in range(extra_down)] + [ref * LR_STEP ** (k + 2) for k in range(extra_up)]
+    return pts
+
+
+def choose_lr(point: str, val: dict[tuple[str, str, float], float]) -> tuple[float | None, list[float], list]:
+    """(chosen rate or None while val runs are missing, the rates still to run, the table of mean val accuracy).
+    ``val`` maps (point, task, rate) → val200 accuracy of seed 42."""
+    spec = POINTS[point]
+    if "lr_from" in spec:
+        return choose_lr(spec["lr_from"], val)[0], [], []
+    down = up = 0
+    while True:
+        rates = grid(spec["lr"], down, up)
+        missing = [r for r in rates if any((point, t, r) not in val for t in SELECT_TASKS)]
+        if missing:
+            return None, missing, []
+        table = [(r, statistics.fmean(val[(point, t, r)] for t in SELECT_TASKS)) for r in rates]
+        best = max(range(len(table)), key=lambda i: (table[i][1], -i))
+        lowest, highest = min(rates), max(rates)
+        if table[best][0] == lowest and down < MAX_EXTEND:
+            down += 1
+        elif table[best][0] == highest and up < MAX_EXTEND:
+            up += 1
+        else:
+            return table[best][0], [], sorted(table)
+
+
+def val_index(data: dict[str, Any]) -> dict[tuple[str, str, float], float]:
+    return {(r["frontier_point"], r["task"], float(r["frontier_lr"])): float(r["accuracy"])
+            for r in data["records"] if r.get("role") == "select"}
+
+
+def plan(data: dict[str, Any]) -> list[tuple[str, str, str, float, int]]:
+    """Every run that can start now, as (protocol, task, point, lr, seed), in priority order: the val runs of the
+    rate search (few-shot task first: it is the cheapest), then seed 42's final runs (cpu tasks, then heldout), then
+    seeds 43 and 44 on the cpu tasks. Called again after each run, so new choices open new runs."""
+    done = {r["id"] for r in data["records"]}
+    val = val_index(data)
+    ready: list[tuple[tuple, tuple[str, str, str, float, int]]] = []
+    for pi, point in enumerate(POINTS):
+        chosen, missing, _ = choose_lr(point, val)
+        for lr in missing:
+            for ti, task in enumerate(SELECT_TASKS):
+                if run_id("val", task, point, lr, SEEDS[0]) not in done:
+                    ready.append(((0, ti, pi), ("val", task, point, lr, SEEDS[0])))
+        if chosen is None:
+            continue
+        for si, seed in enumerate(SEEDS):
+            for ti, task in enumerate(TASKS if seed == SEEDS[0] else CPU_TASKS):
+                if run_id("final", task, point, chosen, seed) not in done:
+                    ready.append(((1 + si, ti, pi), ("final", task, point, chosen, seed)))
+    return [item for _, item in sorted(ready, key=lambda kv: kv[0])]
+
+
+def suite_record(suite: dict[str, Any], task: str, point: str, lr: float, seed: int) -> dict[str, Any] | None:
+    """The cpu / heldout suite's record of exactly this final run (same method and settings, the reference rate)."""
+    spec = POINTS[point]
+    ref = spec.get("lr") or POINTS[spec.get("lr_from", point)].get("lr")
+    if "suite" not in spec or not math.isclose(lr, ref):
+        return None
+    profile = "cpu" if task in CPU_TASKS else "heldout"
+    return suite.get(f"{profile}/112px-10ep-b32/final/{task}/{spec['suite']}_s{seed}")
+
+
+def command(protocol: str, task: str, point: str, lr: float, seed: int, out: Path, threads: int) -> list[str]:
+    spec = POINTS[point]
+    common = ["--task", task, "--protocol", protocol, "--seed", str(seed), "--out", str(out), "--lr", repr(lr),
+              "--threads", str(threads)]
+    if "peft" in spec:
+        return [sys.executable, str(BASELINE), "--method", spec["peft"], *common,
+                *(f"--{k.replace('_', '-')}={v}" for k, v in SCHEDULE.items())]
+    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--device", "cpu", "--profile", "cpu"]
+    if out.is_dir() and any(out.iterdir()):
+        cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
+    return cmd
+
+
+def stored(metrics: dict[str, Any]) -> dict[str, int]:
+    """The bytes of a run, counted as the baseline script counts them (heartlora's runs: the adapter's packed tensors
+    at the stored precision; fp16 halves the float ones; the classifier is the fp32 Linear on CLS + mean patch)."""
+    if "adapter_bytes_fp16" in metrics:
+        return {k: int(metrics[k]) for k in ("adapter_bytes", "adapter_bytes_fp16", "classifier_bytes")}
+    bits = int(metrics["settings"].get("bits", 32))
+    n = int(metrics["adapter_bytes"])
+    classes = int(metrics.get("num_classes") or 0)
+    return {"adapter_bytes": n, "adapter_bytes_fp16": n // 2 if bits == 32 else n,
+            "classifier_bytes": (768 * classes + classes) * 4}
+
+
+def make_record(item: tuple[str, str, str, float, int], metrics: dict[str, Any],
+                reused_from: str | None = None) -> dict[str, Any]:
+    protocol, task, point, lr, seed = item
+    rec = {k: v for k, v in metrics.items()
+           if k not in ("history", "status", "files", "responsiveness", "head_masks", "heads_off", "epoch_seconds")}
+    rec.update(stored(metrics))
+    rec.update({"id": run_id(*item), "role": "select" if protocol == "val" else "final", "frontier_point": point,
+                "frontier_lr": lr, "family": POINTS[point]["family"],
+                "command": ".venv/bin/python benchmarks/frontier.py run",
+                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if reused_from:
+        rec["reused_from"] = reused_from
+    return rec
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    suite = {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]}
+    running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
+    failed: set[str] = set()
+    started = finished = 0
+    deadline = time.time() + args.deadline_s if args.deadline_s is not None else None
+    try:
+        while True:
+            data = load_results(RECORDS)
+            for item in plan(data):
+                if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs) or \
+                        (deadline is not None and time.time() >= deadline):
+                    break
+                run = run_id(*item)
+                if run in running or run in failed:
+                    continue
+                if item[0] == "final" and (old := suite_record(suite, item[1], item[2], item[3], item[4])):
+                    add_record(make_record(item, old, reused_from=old["id"]), RECORDS)
+                    print(f"reused {old['id']} as {run}", flush=True)
+                    continue
+                out = RUNS / run
+                if (out / "metrics.json").is_file():
+                    add_record(make_record(item, json.loads((out / "metrics.json").read_text())), RECORDS)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed when the run ends)
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                proc = subprocess.Popen(command(*item, out, args.threads), stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=ROOT)
+                running[run] = (proc, item, time.time(), log)
+                started += 1
+                print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
+            if not running:
+                break
+            time.sleep(POLL_S)
+            for run, (proc, item, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[run]
+                metrics_path = RUNS / run / "metrics.json"
+                if proc.returncode != 0 or not metrics_path.is_file():
+                    failed.add(run)
+                    print(f"    FAILED {run} (exit {proc.returncode}): see {RUNS / run}.log", flush=True)
+                    continue
+                rec = make_record(item, json.loads(metrics_path.read_text()))
+                rec["machine"] = {**machine(), "threads": args.threads}
+                add_record(rec, RECORDS)
+                finished += 1
+                print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
+                      f"{time.time() - t0:.0f} s", flush=True)
+    finally:
+        for proc, *_ in running.values():
+            proc.terminate()
+    print(f"frontier: {finished} runs recorded now, {len(failed)} failed, {len(plan(load_results(RECORDS)))} ready",
+          flush=True)
+    report()
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The report: table and plot from the records.
+
+
+def finals(data: dict[str, Any]) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
+    """point → (task, seed) → its final record at the chosen rate."""
+    val = val_index(data)
+    out: dict[str, dict[tuple[str, int], dict[str, Any]]] = {p: {} for p in POINTS}
+    for r in data["records"]:
+        if r.get("role") != "final":
+            continue
+        point = r["frontier_point"]
+        if math.isclose(float(r["frontier_lr"]), choose_lr(point, val)[0] or -1.0):
+            out[point][(r["task"], int(r["seed"]))] = r
+    return out
+
+
+def paired(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
+           cells: set[tuple[str, int]] | None = None) -> tuple[float, float, int] | None:
+    """Mean of b − a over the (task, seed) cells both have (within ``cells``), in points, with its standard error."""
+    keys = sorted(set(a) & set(b) & (cells if cells is not None else set(a)))
+    if not keys:
+        return None
+    d = [100 * (float(b[k]["accuracy"]) - float(a[k]["accuracy"])) for k in keys]
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return statistics.fmean(d), se, len(d)
+
+
+def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16") -> float | None:
+    return statistics.fmean(int(r[key]) for r in runs.values()) if runs else None
+
+
+def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | None:
+    """A point's mean val200 accuracy over the selection tasks at its chosen rate (what picks heartlora's points)."""
+    lr = choose_lr(point, val)[0]
+    own = point
+    if lr is None:
+        return None
+    vals = [val.get((own, t, lr)) for t in SELECT_TASKS]
+    return statistics.fmean(vals) if all(v is not None for v in vals) else None
+
+
+def report() -> None:
+    data = load_results(RECORDS)
+    val = val_index(data)
+    fin = finals(data)
+    cpu_cells = {(t, s) for t in CPU_TASKS for s in SEEDS}
+    held_cells = {(t, 42) for t in HELDOUT_TASKS}
+    lines = ["# Accuracy per stored byte: heartlora against PEFT's small adapters", "",
+             "Generated by `.venv/bin/python benchmarks/frontier.py report` from benchmarks/records/frontier.json "
+             "(the protocol and the rules are in benchmarks/frontier.py's docstring). Offline DINOv2 ViT-S/14, 112 px, "
+             "10 epochs, batch 32; train800val200 → test; learning rates chosen per method on val200 of "
+             f"{', '.join(SELECT_TASKS)} (seed 42), never on test. Bytes: per task, beyond the frozen backbone, "
+             "classifier excluded (it is the same fp32 Linear for every method); float adapters at fp16.", ""]
+    lines += ["## Learning rates chosen on val200", "", "| point | reference | chosen | mean val200 per rate |",
+              "|---|---|---|---|"]
+    for point, spec in POINTS.items():
+        chosen, missing, table = choose_lr(point, val)
+        if "lr_from" in spec:
+            lines.append(f"| {point} | from {spec['lr_from']} | {lr_str(chosen) if chosen else '…'} | |")
+            continue
+        cells = ", ".join(f"{lr_str(r)}: {100 * a:.1f}" for r, a in table) if table else \
+            f"{len(missing)} rates left to run"
+        lines.append(f"| {point} | {lr_str(spec['lr'])} | {lr_str(chosen) if chosen else '…'} | {cells} |")
+    lines += ["", "## Frontier (test accuracy, mean over tasks)", "",
+              "| point | bytes (fp16) | bytes as stored | cpu tasks s42 | cpu tasks, all seeds | heldout s42 | runs |",
+              "|---|---|---|---|---|---|---|"]
+    rows = []
+    for point in POINTS:
+        runs = fin[point]
+        if not runs:
+            continue
+        s42 = [100 * float(r["accuracy"]) for (t, s), r in runs.items() if s == 42 and t in CPU_TASKS]
+        allc = [100 * float(r["accuracy"]) for k, r in runs.items() if k in cpu_cells]
+        held = [100 * float(r["accuracy"]) for k, r in runs.items() if k in held_cells]
+
+        def m(xs: list[float], n: int) -> str:
+            return f"{statistics.fmean(xs):.1f}" + ("" if len(xs) == n else f" ({len(xs)}/{n})") if xs else "…"
+        rows.append((mean_bytes(runs), point))
+        lines.append(f"| {point} | {mean_bytes(runs):,.0f} | {mean_bytes(runs, 'adapter_bytes'):,.0f} | "
+                     f"{m(s42, len(CPU_TASKS))} | {m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
+                     f"{len(runs)} |")
+    lines += ["", "## Each PEFT method against heartlora's best point at no more bytes", "",
+              "heartlora's point is the one with the best mean val200 accuracy (selection tasks, chosen rate) among "
+              "its points whose mean fp16 bytes do not exceed the PEFT method's; the difference is heartlora − PEFT "
+              "in test points, paired over the (task, seed) cells both have, ± its standard error.", "",
+              "| PEFT method | bytes (fp16) | heartlora point | its bytes | cpu tasks: diff ± se (n) | "
+              "heldout: diff ± se (n) |", "|---|---|---|---|---|---|"]
+    for point in PEFT_POINTS:
+        budget = mean_bytes(fin[point])
+        if budget is None:
+            continue
+        fits = [(val_score(h, val), h) for h in HEART_POINTS
+                if fin[h] and (mean_bytes(fin[h]) or 0) <= budget and val_score(h, val) is not None]
+        if not fits:
+            lines.append(f"| {point} | {budget:,.0f} | none fits yet | | | |")
+            continue
+        best = max(fits)[1]
+
+        def fmt(res: tuple[float, float, int] | None) -> str:
+            return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
+        lines.append(f"| {point} | {budget:,.0f} | {best} | {mean_bytes(fin[best]):,.0f} | "
+                     f"{fmt(paired(fin[point], fin[best], cpu_cells))} | "
+                     f"{fmt(paired(fin[point], fin[best], held_cells))} |")
+    left = plan(data)
+    lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)} (more open as the rate "
+              "search finishes). A row with (k/n) is partial."]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    from heartlora._paths import atomic_path
+
+    with atomic_path(DOC) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    plot(fin)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+
+
+def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:
+    """Test accuracy (mean over the cpu tasks, seed 42) against bytes (fp16, log axis), one line per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams: dict[str, list[tuple[float, float, str]]] = {}
+    for point, runs in fin.items():
+        s42 = [100 * float(r["accuracy"]) for (t, s), r in runs.items() if s == 42 and t in CPU_TASKS]
+        if len(s42) == len(CPU_TASKS):
+            fams.setdefault(POINTS[point]["family"], []).append((mean_bytes(runs) or 1.0, statistics.fmean(s42), point))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fam, pts in sorted(fams.items()):
+        pts.sort()
+        style = "-o" if fam.startswith("heartlora") else "--s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=fam)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes per task (fp16 for float adapters, classifier excluded)")
+    ax.set_ylabel(f"test accuracy, mean of {len(CPU_TASKS)} tasks, seed 42 (%)")
+    ax.set_title("Accuracy per stored byte (DINOv2 ViT-S/14, 112 px, 10 epochs)")
+    ax.grid(True, which="both", alpha=0.3)
+    if fams:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = load_results(RECORDS)
+    ready = plan(data)
+    val = sum(1 for r in data["records"] if r.get("role") == "select")
+    fin = sum(1 for r in data["records"] if r.get("role") == "final")
+    print(f"frontier: {val} val runs and {fin} final runs recorded; {len(ready)} ready now")
+    for item in ready[:5]:
+        print(f"  next: {run_id(*item)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    global RECORDS, RUNS, DOC, PLOT
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run every missing run (resumable), then write the report")
+    r.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    r.add_argument("--max-runs", type=int, help="start at most this many runs")
+    r.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    sub.add_parser("status", help="runs recorded and what runs next")
+    sub.add_parser("report", help="write docs/research/FRONTIER.md and the plot")
+    for sp in sub.choices.values():
+        sp.add_argument("--records", type=Path, help=argparse.SUPPRESS)
+        sp.add_argument("--runs", type=Path, help=argparse.SUPPRESS)
+        sp.add_argument("--doc", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    RECORDS, RUNS = args.records or RECORDS, args.runs or RUNS
+    if args.doc:
+        DOC, PLOT = args.doc, args.doc.with_suffix(".png")
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "status":
+        return cmd_status(args)
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

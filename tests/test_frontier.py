@@ -1,0 +1,159 @@
+"""The accuracy-per-byte frontier (benchmarks/frontier.py) and the PEFT baselines it runs
+(benchmarks/baselines/hf_peft.py): the learning-rate rule reads val200 only, the run order, reuse of the suite's
+records, the byte count, and one real tiny run of a PEFT method with two learning rates in one optimizer."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "baselines"))
+
+frontier = importlib.import_module("frontier")
+hf_peft = importlib.import_module("hf_peft")
+_plan = frontier.plan
+
+
+def val_rec(point: str, task: str, lr: float, acc: float) -> dict:
+    return {"id": frontier.run_id("val", task, point, lr, 42), "role": "select", "frontier_point": point,
+            "task": task, "frontier_lr": lr, "accuracy": acc, "seed": 42}
+
+
+def fill_val(data: dict, point: str, acc_of_lr) -> None:
+    """Record every val run the plan asks of ``point`` until its rate is chosen."""
+    for _ in range(10):
+        chosen, missing, _ = frontier.choose_lr(point, frontier.val_index(data))
+        if chosen is not None:
+            return
+        for lr in missing:
+            for task in frontier.SELECT_TASKS:
+                data["records"].append(val_rec(point, task, lr, acc_of_lr(lr)))
+    raise AssertionError("the rate search did not end")
+
+
+def test_rate_rule_picks_the_best_mean_val_and_grows_the_grid_at_an_edge():
+    data = {"records": []}
+    fill_val(data, "vera", lambda lr: {1e-2: 0.5}.get(lr, 0.4))  # the reference wins: no growth
+    chosen, _, table = frontier.choose_lr("vera", frontier.val_index(data))
+    assert chosen == 1e-2 and len(table) == 3
+    data = {"records": []}
+    # accuracy rises with the rate up to 9e-2 and falls after: the grid grows upward twice and stops at its cap
+    fill_val(data, "ia3", lambda lr: -abs(lr - 0.081))
+    chosen, _, table = frontier.choose_lr("ia3", frontier.val_index(data))
+    rates = sorted(r for r, _ in table)
+    assert len(rates) == 3 + frontier.MAX_EXTEND
+    assert chosen == pytest.approx(3e-3 * 27) and chosen == max(rates)  # the cap: best at the end, not grown again
+
+
+def test_rate_rule_breaks_ties_for_the_reference_and_shares_choices():
+    data = {"records": []}
+    fill_val(data, "heart-lora", lambda lr: 0.7)
+    val = frontier.val_index(data)
+    assert frontier.choose_lr("heart-lora", val)[0] == 1e-3
+    for follower in ("lora", "heart-lora-r16-ne36", "heart-lora-r12-ne54"):
+        assert frontier.choose_lr(follower, val)[0] == 1e-3
+    assert frontier.choose_lr("bi-lora", val)[0] is None  # its leader (heart-bi-lora) has no val runs yet
+
+
+def test_plan_runs_val_first_then_seed_42_on_every_task_then_more_seeds_and_never_reads_test():
+    data = {"records": []}
+    first = frontier.plan(data)
+    assert all(item[0] == "val" for item in first) and first[0][1] == frontier.SELECT_TASKS[0]
+    searched = [p for p, s in frontier.POINTS.items() if "lr_from" not in s]
+    assert len(first) == 3 * len(frontier.SELECT_TASKS) * len(searched)
+    fill_val(data, "lora-r1", lambda lr: 0.5 if lr == 1e-3 else 0.4)
+    # a test record with an absurd accuracy at another rate must not move the choice
+    data["records"].append({"id": "x", "role": "final", "frontier_point": "lora-r1", "task": "digits",
+                            "frontier_lr": 3e-3, "accuracy": 1.0, "seed": 42})
+    finals = [item for item in frontier.plan(data) if item[0] == "final"]
+    assert {item[2] for item in finals} == {"lora-r1"} and {item[3] for item in finals} == {1e-3}
+    assert [item[1] for item in finals if item[4] == 42] == list(frontier.TASKS)
+    assert {item[1] for item in finals if item[4] != 42} == set(frontier.CPU_TASKS)
+    order = frontier.plan(data)
+    assert max(i for i, it in enumerate(order) if it[0] == "val") < min(i for i, it in enumerate(order)
+                                                                       if it[0] == "final")
+
+
+def test_final_runs_reuse_the_suites_record_only_at_the_reference_rate():
+    rec = {"id": "cpu/112px-10ep-b32/final/digits/heart-lora_s43", "accuracy": 0.9}
+    suite = {rec["id"]: rec}
+    assert frontier.suite_record(suite, "digits", "heart-lora", 1e-3, 43) is rec
+    assert frontier.suite_record(suite, "digits", "heart-lora", 3e-3, 43) is None  # another rate: run it
+    assert frontier.suite_record(suite, "digits", "heart-lora-r16-ne36", 1e-3, 43) is None  # not a suite method
+    held = {"heldout/112px-10ep-b32/final/clevr_dist/lora_s42": {"id": "h"}}
+    assert frontier.suite_record(held, "clevr_dist", "lora", 1e-3, 42) == {"id": "h"}
+
+
+def test_runner_records_reused_runs_and_never_reruns_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(frontier, "RECORDS", tmp_path / "frontier.json")
+    monkeypatch.setattr(frontier, "report", lambda: None)
+    suite = {"format": "heartlora-suite-results", "records": []}
+    for task in frontier.CPU_TASKS:
+        for seed in frontier.SEEDS:
+            suite["records"].append({"id": f"cpu/112px-10ep-b32/final/{task}/lora_s{seed}", "task": task,
+                                     "seed": seed, "accuracy": 0.8, "accuracy_split": "test", "num_classes": 10,
+                                     "adapter_bytes": 589824, "settings": {"bits": 32}})
+    (tmp_path / "results.json").write_text(json.dumps(suite))
+    monkeypatch.setattr(frontier, "SUITE_RESULTS", tmp_path / "results.json")
+    data = {"format": "heartlora-suite-results", "records": []}
+    fill_val(data, "heart-lora", lambda lr: 0.7)
+    (tmp_path / "frontier.json").write_text(json.dumps(data))
+    started = []
+    monkeypatch.setattr(frontier.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("ran"))
+    monkeypatch.setattr(frontier, "plan", lambda d: [it for it in _plan(d) if it[2] == "lora" and
+                                                      it[1] in frontier.CPU_TASKS])
+    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None)
+    assert frontier.cmd_run(args) == 0
+    recs = {r["id"]: r for r in json.loads((tmp_path / "frontier.json").read_text())["records"]}
+    reused = [r for r in recs.values() if r.get("reused_from")]
+    assert len(reused) == len(frontier.CPU_TASKS) * len(frontier.SEEDS) and not started
+    one = reused[0]
+    assert one["adapter_bytes_fp16"] == 589824 // 2 and one["classifier_bytes"] == (768 * 10 + 10) * 4
+
+
+
+def test_stored_bytes_counts_the_adapter_at_its_dtype_and_fp16_and_the_classifier_apart():
+    state = {"base_model.model.dinov2.encoder.layer.0.attention.q_proj.lora_A.weight": torch.zeros(8, 384),
+             "base_model.model.vblora_vector_bank": torch.zeros(90, 128),
+             "base_model.model.topk_indices": torch.zeros(10, 2, dtype=torch.uint8),
+             "base_model.model.classifier.modules_to_save.default.weight": torch.zeros(10, 768),
+             "base_model.model.classifier.modules_to_save.default.bias": torch.zeros(10)}
+    got = hf_peft.stored_bytes(state)
+    assert got == {"adapter_bytes": 8 * 384 * 4 + 90 * 128 * 4 + 20, "adapter_bytes_fp16": 8 * 384 * 2 + 90 * 128 * 2
+                   + 20, "classifier_bytes": 7690 * 4, "adapter_tensors": 3}
+
+
+def test_baseline_refuses_unknown_methods_and_stray_settings(capsys):
+    with pytest.raises(SystemExit):
+        hf_peft.main(["--task", "digits", "--method", "nope", "--out", "/tmp/x"])
+    assert "not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--peft-kwargs goes with"):
+        hf_peft.peft_spec("vera", '{"r": 4}')
+    with pytest.raises(SystemExit, match="JSON object"):
+        hf_peft.peft_spec("peft:LoraConfig", "[1]")
+    with pytest.raises(SystemExit):
+        hf_peft.main(["--task", "digits", "--method", "vera", "--lr", "nan", "--out", "/tmp/x"])
+
+
+@pytest.mark.slow
+def test_a_peft_method_with_two_rates_trains_and_reports_its_bytes(tmp_path):
+    """VB-LoRA (its bank at lr/10, its logits at lr) on digits at 28 px, one epoch: the run finishes, learns more
+    than chance, and counts the bank and the top-k weights it stores, not the full logits it trained."""
+    out = tmp_path / "vb"
+    m = hf_peft.main(["--task", "digits", "--protocol", "val", "--img-size", "28", "--epochs", "1", "--method",
+                      "vblora", "--out", str(out), "--threads", "1", "--seed", "1"])
+    assert json.loads((out / "metrics.json").read_text()) == m
+    assert m["settings"]["lr"] == 1e-2 and m["peft_config"] == "VBLoRAConfig"
+    assert m["peak_lrs"] == pytest.approx([1e-3, 1e-2])
+    assert m["accuracy"] > 0.2  # 10 classes
+    bank = 90 * 128 * 4
+    assert bank < m["adapter_bytes"] < bank + 24 * 4 * 3 * 2 * 2 * 8 * 2  # bank + top-2 weights and indices
+    assert m["trainable_params"] > m["adapter_bytes"] // 4  # the full logits train; only the top-k are kept
+    assert m["classifier_bytes"] == (768 * 10 + 10) * 4
