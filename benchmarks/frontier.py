@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heartlora.experiments import add_record, load_results, machine
-from heartlora.experiments.suite import CPU_TASKS, HELDOUT_TASKS
+from heartlora_bench import add_record, load_results, machine
+from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "frontier.json"

@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--generate", default="", help="pack: tasks to generate on the GPU machine instead of carrying")
     args = ap.parse_args()
     if args.action == "merge":  # a GPU session's suite records into docs/results.json (by id; locked, atomic)
-        from heartlora.experiments import add_record, load_results
+        from heartlora_bench import add_record, load_results
 
         dest = Path(__file__).resolve().parent.parent / "docs" / "results.json"
         have = {r["id"] for r in load_results(dest)["records"]}

@@ -40,7 +40,7 @@ from statistics import mean
 from typing import IO, Any
 
 from heartlora._paths import atomic_path
-from heartlora.experiments import METHODS, PROFILES, load_results, run_id
+from heartlora_bench import METHODS, PROFILES, load_results, run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = PROFILES["cpu"].tasks  # the visible tasks, as the defaults sweep has them

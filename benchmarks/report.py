@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import heartlora.experiments as suite
+import heartlora_bench as suite
 from heartlora._paths import atomic_path
 
 HERE = Path(__file__).resolve().parent
@@ -618,8 +618,8 @@ def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]])
 def pooled_group_lines(runs: dict[tuple[str, int], dict[str, list[float]]]) -> list[str]:
     """Q1 on the suite's own runs, once two seeds are there: every pair of runs of different seeds pooled by kind
     (same task: the noise floor; same group; other group), with the permutation test over the tasks' groups
-    (heartlora.experiments.stability.group_correlations, as benchmarks/scoring.py reports it)."""
-    from heartlora.experiments.stability import group_correlations
+    (heartlora_bench.stability.group_correlations, as benchmarks/scoring.py reports it)."""
+    from heartlora_bench.stability import group_correlations
 
     if len({s for _, s in runs}) < 2 or len({t for t, _ in runs}) < 2:
         return []
@@ -685,9 +685,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                "1e-3 with OneCycleLR: the recipe a user would pick instead, run outside heartlora's engine by "
                "benchmarks/baselines/hf_peft.py on the same splits and seeds); `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
-               "the engine's loop as method `peft-lora` of heartlora.experiments.peft_lora; the recorded runs predate that "
-               "and came from benchmarks/peft_lora.py (removed since, commit 88c1aeb), a copy of the same loop with "
-               "the same data order, optimizer, schedule and evaluation), "
+               "the engine's loop as method `peft-lora` (benchmarks/heartlora_bench/peft_lora.py): same data order, "
+               "optimizer, schedule and evaluation as `lora`), "
                "`heart-lora` (global ranking), `heart-lora-layer` (per-layer ranking, the paper's Heart-LoRA†), "
                "`bi-lora` (1-bit adapters), `heart-bi-lora` (1-bit with heads off).")
     machine = "- Machine(s): " + "; ".join(f"{p}: " + " / ".join(", ".join(f"{k} {v}" for k, v in m.items())

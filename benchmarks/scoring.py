@@ -4,7 +4,7 @@ predict what switching a head off really costs?
 Per task and seed: LoRA on every head trains through the full warmup (``--warmup-epochs`` of ``--epochs``' LR
 schedule, as ``heartlora train`` would), and the head ranking (``ResponsivenessTracker.scores()``) is recorded after
 1, 2, 4, … steps up to the whole warmup. Each snapshot is compared with the full-warmup ranking (Kendall τ, and the
-Jaccard overlap of the ``--ne`` heads it would switch off, ``heartlora.experiments.stability``); the full-warmup
+Jaccard overlap of the ``--ne`` heads it would switch off, ``heartlora_bench.stability``); the full-warmup
 rankings of different seeds of one task are compared with each other too: the noise floor a budget has to reach.
 Then, for ``--sample-heads`` heads, the val200 loss change when that head alone is switched off after warmup,
 against its Taylor score (Spearman ρ per task).
@@ -34,8 +34,8 @@ from heartlora._paths import atomic_path
 from heartlora.backbones import create_backbone
 from heartlora.data import get_task
 from heartlora.engine.trainer import make_schedule
-from heartlora.experiments import group_of
-from heartlora.experiments.stability import (
+from heartlora_bench import group_of
+from heartlora_bench.stability import (
     doubling_steps,
     group_correlations,
     heatmap_grid,
@@ -134,7 +134,7 @@ def summarize(records: list[dict[str, Any]], ne: int) -> dict[str, Any]:
 
 def by_group(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Q1: the full-warmup rankings compared between tasks of one group, of different groups, and (the noise floor)
-    between seeds of one task (``heartlora.experiments.stability.group_correlations``); and each task's share of
+    between seeds of one task (``heartlora_bench.stability.group_correlations``); and each task's share of
     responsiveness by depth (the layers in three equal parts), mean over its seeds."""
     runs = {(r["task"], r["seed"]): r["snapshots"][-1][1] for r in records}
     depth: dict[str, Any] = {}

@@ -63,7 +63,7 @@ def build(variant: str, img_size: int, seed: int = 0) -> tuple[nn.Module, torch.
         attach(model, HeartLoRAConfig(targets=("q", "v"), rank=8, scale=1.0))
         tracker = ResponsivenessTracker(model)
     elif variant == "peft":
-        from heartlora.experiments.peft_lora import peft_model
+        from heartlora_bench.peft_lora import peft_model
 
         model = peft_model(model, ("q", "v"), rank=8, scale=1.0)
     elif variant == "floor":
@@ -119,7 +119,7 @@ def infer_step(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 def machine() -> dict[str, Any]:
     """The suite's machine record (CPU, cores, torch, threads, GPU) plus the load when the timing started."""
-    from heartlora.experiments import machine as suite_machine
+    from heartlora_bench import machine as suite_machine
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {**suite_machine(), "load_avg_1min_at_start": load}

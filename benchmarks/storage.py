@@ -64,7 +64,7 @@ def measure(backbone: str, img_size: int | None, rank: int, bits: int, heads_off
 def measure_peft(img_size: int, rank: int) -> dict[str, Any]:
     """PEFT's LoRA on dinov2_small q, v: bytes of the LoRA tensors PEFT saves, and its saved file size."""
     from heartlora.backbones import create_backbone
-    from heartlora.experiments.peft_lora import peft_adapter_bytes, peft_model
+    from heartlora_bench.peft_lora import peft_adapter_bytes, peft_model
 
     model = peft_model(create_backbone("dinov2_small", num_classes=10, img_size=img_size), ("q", "v"), rank, 1.0)
     with tempfile.TemporaryDirectory() as tmp:

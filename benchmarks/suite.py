@@ -1,6 +1,6 @@
 """The accuracy suite: methods × tasks × seeds on the offline DINOv2-S/14, resumable, into docs/results.json.
 
-Protocol (docs/METHOD.md §5, with val200 selection; the logic is heartlora.experiments.selection): for each task and each method with settings to choose (``ne``, ``scale``),
+Protocol (docs/METHOD.md §5, with val200 selection; the logic is heartlora_bench.selection): for each task and each method with settings to choose (``ne``, ``scale``),
 every grid point trains on train800 and is scored on val200 (``--protocol val``, first seed only); the best mean val
 accuracy wins (ties: the earlier grid point). The final runs then train on train800val200 with the chosen settings,
 one per seed, and are scored once on test (``--protocol final``). Test accuracy never chooses anything.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from heartlora.engine.config import PROFILES as ENGINE_PROFILES
-from heartlora.experiments import (
+from heartlora_bench import (
     METHODS,
     PROFILES,
     Profile,

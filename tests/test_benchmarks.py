@@ -1,4 +1,4 @@
-"""Fast checks of the suite's planning (heartlora.experiments) and the benchmark scripts on fake records: plan and
+"""Fast checks of the suite's planning (heartlora_bench) and the benchmark scripts on fake records: plan and
 resume logic, selection on val, the table maths of the report, and where a trial report goes. No training and no
 timing."""
 
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import report
 
-import heartlora.experiments as suite
+import heartlora_bench as suite
 
 TINY = suite.Profile(name="tiny", img_size=28, epochs=2, batch_size=32, seeds=(1, 2), tasks=("digits", "dsprites_loc"),
                      methods=("linear", "heart-lora", "heart-lora-layer"),
@@ -123,7 +123,7 @@ def test_report_marks_partial_results(tmp_path, monkeypatch):
 def test_engine_flags_runs_never_reuse_the_default_runs_folders(monkeypatch):
     import argparse
 
-    import suite as script  # benchmarks/suite.py, the command line over heartlora.experiments
+    import suite as script  # benchmarks/suite.py, the command line over heartlora_bench
 
     monkeypatch.setattr(script, "RUNS", script.ROOT / "runs" / "suite")
     monkeypatch.setattr(script, "RESULTS", script.RESULTS)

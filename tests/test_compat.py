@@ -80,7 +80,7 @@ def test_peft_lora_attaches_to_the_installed_transformers(family_name: str):
     """The PEFT baseline finds q and v of every layer under either attention naming (query/value or q_proj/v_proj),
     its zero-initialised B leaves the output alone, a trained B changes it, and merging keeps it."""
     pytest.importorskip("peft")
-    from heartlora.experiments.peft_lora import peft_model
+    from heartlora_bench.peft_lora import peft_model
 
     model, x = make_family(family_name)
     with torch.no_grad():

@@ -248,8 +248,9 @@ def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str
     from test_backbones import _tiny_hf_dir
 
     from heartlora.engine.methods import get_method
-    from heartlora.experiments.peft_lora import PEFT_LORA
+    from heartlora_bench.peft_lora import PEFT_LORA
 
+    # found through the benchmarks' package's entry point (heartlora.methods), not by importing it first
     assert get_method("peft-lora") is PEFT_LORA and "peft-lora" in METHODS
     hf = str(_tiny_hf_dir(tmp_path, "vit"))
     kw = dict(TINY, backbone=hf, epochs=2, drop_path=0.0)

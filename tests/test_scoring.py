@@ -121,7 +121,7 @@ REF = {"l0": [1.0, 2.0, 3.0], "l1": [4.0, 5.0, 6.0]}
 
 
 def test_kendall_and_spearman_on_known_rankings() -> None:
-    from heartlora.experiments.stability import kendall_tau, spearman
+    from heartlora_bench.stability import kendall_tau, spearman
 
     assert kendall_tau(REF, REF) == pytest.approx(1.0)
     reversed_ = {"l0": [6.0, 5.0, 4.0], "l1": [3.0, 2.0, 1.0]}
@@ -136,7 +136,7 @@ def test_kendall_and_spearman_on_known_rankings() -> None:
 
 
 def test_jaccard_of_switched_off_sets() -> None:
-    from heartlora.experiments.stability import compare, jaccard, switched_off
+    from heartlora_bench.stability import compare, jaccard, switched_off
 
     assert switched_off(REF, 2) == {("l0", 0), ("l0", 1)}
     assert switched_off(REF, 2, scope="layer") == {("l0", 0), ("l0", 1), ("l1", 0), ("l1", 1)}
@@ -147,7 +147,7 @@ def test_jaccard_of_switched_off_sets() -> None:
 
 
 def test_stability_curve_and_layout_check() -> None:
-    from heartlora.experiments.stability import doubling_steps, pairwise, stability_curve
+    from heartlora_bench.stability import doubling_steps, pairwise, stability_curve
 
     snaps = [(1, {"l0": [3.0, 2.0, 1.0], "l1": [6.0, 5.0, 4.0]}), (2, REF)]
     rows = stability_curve(snaps, REF, ne=3)
@@ -164,7 +164,7 @@ def test_stability_curve_and_layout_check() -> None:
 def test_group_correlations_pool_pairs_of_different_seeds() -> None:
     import numpy as np
 
-    from heartlora.experiments.stability import group_correlations, normalised
+    from heartlora_bench.stability import group_correlations, normalised
 
     a1, a2 = {"l0": [1.0, 2.0], "l1": [3.0, 4.0]}, {"l0": [2.0, 4.0], "l1": [6.0, 8.0]}  # a2 = 2·a1: same shares
     b1 = {"l0": [1.0, 2.0], "l1": [4.0, 3.0]}
@@ -209,7 +209,7 @@ def test_group_correlations_pool_pairs_of_different_seeds() -> None:
 # -- inspect --compare ------------------------------------------------------------------------------------------------
 def test_inspect_compare_two_runs(tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
     from heartlora.cli.main import main
-    from heartlora.experiments.stability import kendall_tau, spearman
+    from heartlora_bench.stability import kendall_tau, spearman
 
     a = train(tiny(tmp_path / "a", task, method="heart-lora", ne=3, epochs=1, seed=1))
     b = train(tiny(tmp_path / "b", task, method="heart-lora", ne=3, epochs=1, seed=2))

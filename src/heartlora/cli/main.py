@@ -304,7 +304,8 @@ def _inspect_compare(args: argparse.Namespace) -> int:
     """``inspect --compare A B …``: the files' head rankings side by side (Kendall τ and Spearman ρ of their
     responsiveness scores, Jaccard of the heads they switched off), and with --plot a heatmap grid."""
     from heartlora.engine import read_run_info
-    from heartlora.experiments.stability import heatmap_grid, jaccard, kendall_tau, spearman
+    from heartlora.engine.compare import jaccard, kendall_tau, spearman
+    from heartlora.engine.plots import heatmap_grid
 
     given = ([args.file] if args.file else []) + list(args.compare)
     if len(given) < 2:

@@ -1,13 +1,17 @@
 """Training methods: what trains, what happens at the end of warmup, and what is stored. One registry.
 
-A method is a small object (``TrainingMethod``); the trainer calls its hooks and knows nothing else about it. A
-baseline registers its own (``register_method``), e.g. ``heartlora.experiments.peft_lora`` puts PEFT's LoRA into
-the same loop, so that only the adapter implementation differs between it and ``lora``.
+A method is a small object (``TrainingMethod``); the trainer calls its hooks and knows nothing else about it. Other
+code adds its own in one of two ways: ``register_method`` at run time, or, so that ``heartlora train --method NAME``
+finds it too, an entry point of the group ``heartlora.methods`` in the package that defines it (``NAME =
+"module:object"``, the object a ``TrainingMethod`` or its class), loaded the first time NAME is asked for. The
+benchmarks' package (benchmarks/pyproject.toml) installs PEFT's LoRA as ``peft-lora`` this way, so that only the
+adapter implementation differs between it and ``lora``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -167,15 +171,40 @@ def register_method(name: str, method: TrainingMethod, replace: bool = False) ->
     return method
 
 
+ENTRY_POINT_GROUP = "heartlora.methods"
+
+
+def _installed(name: str | None = None) -> list[Any]:
+    """The ``heartlora.methods`` entry points of the installed packages (those named ``name``)."""
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in found if name is None or ep.name == name]
+
+
 def get_method(name: str) -> TrainingMethod:
+    """The method registered as ``name``, else the one an installed package declares under that name."""
+    if name not in _REGISTRY:
+        for ep in _installed(name):
+            where = getattr(ep.dist, "name", None) or ep.value
+            try:
+                obj = ep.load()
+            except Exception as exc:  # noqa: BLE001 (any import failure of a plug-in is reported the same way)
+                raise ConfigError(f"method {name!r} of the installed package {where} failed to load "
+                                  f"({type(exc).__name__}: {exc}): install what it needs, or uninstall it") from None
+            method = obj() if isinstance(obj, type) else obj
+            if not isinstance(method, TrainingMethod):
+                raise ConfigError(f"method {name!r} of the installed package {where} is a {type(method).__name__}, "
+                                  "not a heartlora TrainingMethod: its entry point must name one")
+            register_method(name, method)
+            break
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}") from None
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(method_names())}") from None
 
 
 def method_names() -> list[str]:
-    return list(_REGISTRY)
+    """Every method's name: the registered ones, then those installed packages declare (not loaded yet)."""
+    return list(_REGISTRY) + sorted({ep.name for ep in _installed()} - set(_REGISTRY))
 
 
 register_method("linear", LinearProbe())

@@ -91,6 +91,41 @@ def training_curves(path: str | Path, history: Sequence[Mapping[str, Any]], warm
     return _save(fig, path, dpi=100)
 
 
+def heatmap_grid(path: str | Path,
+                 panels: Mapping[str, tuple[Mapping[str, Sequence[float]], Mapping[str, Sequence[bool]]]],
+                 title: str = "") -> Path:
+    """One layers × heads responsiveness panel per name (scores ÷ each panel's largest, × on heads switched off),
+    side by side, saved to ``path``: which heads several tasks or seeds share."""
+    fig = Figure(figsize=(min(3.0 + 2.6 * len(panels), 24), 5.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    image = None
+    for ax, (name, (scores, masks)) in zip(axes, panels.items()):
+        width = max(len(v) for v in scores.values())
+        grid = np.full((len(scores), width), np.nan)
+        for i, row in enumerate(scores.values()):
+            grid[i, :len(row)] = [float(x) for x in row]
+        top = np.nanmax(grid)
+        image = ax.imshow(np.ma.masked_invalid(grid / top if top > 0 else grid), aspect="auto", cmap=cmap,
+                          vmin=0.0, vmax=1.0)
+        for i, layer in enumerate(scores):
+            for h, on in enumerate(masks.get(layer, ())):
+                if not on:
+                    ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
+        ax.set_title("\n".join(line if len(line) <= 30 else "…" + line[-29:] for line in name.split("\n")),
+                     fontsize=8)
+        ax.set_xlabel("head")
+    axes[0].set_ylabel("attention layer")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
+    marked = any(not on for _, masks in panels.values() for row in masks.values() for on in row)
+    fig.suptitle((f"{title}\nresponsiveness (÷ each panel's max)" + ("; × = switched off" if marked else "")).strip(),
+                 fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return Path(path)
+
+
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out and write atomically as PNG."""
     fig.tight_layout()

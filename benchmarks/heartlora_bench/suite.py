@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from heartlora.experiments.selection import Profile
+from heartlora_bench.selection import Profile
 
 # Method name in the suite → engine method and fixed settings. heart-lora-layer is the paper's Heart-LoRA†.
 # "baseline": run by benchmarks/baselines/hf_peft.py (outside the engine) with that --method.

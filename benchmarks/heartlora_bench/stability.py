@@ -1,5 +1,6 @@
-"""How stable a head ranking is: Kendall τ and Spearman ρ between two responsiveness score vectors, the Jaccard
-overlap of the heads each would switch off, and a curve of snapshots (after 1, 2, 4, … steps) against a reference.
+"""How stable a head ranking is, for the research scripts: the Jaccard overlap of the heads two rankings would
+switch off, curves of snapshots (after 1, 2, 4, … steps) against a reference, and correlations pooled by task group.
+The rank statistics themselves (Kendall τ, Spearman ρ) are the library's (``heartlora.engine.compare``).
 
 Scores are ``{layer name: per-head scores}`` as ``ResponsivenessTracker.scores()``, metrics.json and adapter files
 hold them; two score sets compare only when they name the same layers with the same head counts.
@@ -15,38 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from heartlora.engine.compare import flatten, jaccard, kendall_tau, spearman
+from heartlora.engine.plots import heatmap_grid
 from heartlora.errors import ConfigError
 
 Scores = Mapping[str, Sequence[float]]
 Head = tuple[str, int]
-
-
-def flatten(scores: Scores, like: Scores | None = None) -> np.ndarray:
-    """The scores as one vector in layer order; with ``like``, refuse a different layout (layers or head counts)."""
-    if like is not None:
-        shape = [(n, len(v)) for n, v in scores.items()]
-        other = [(n, len(v)) for n, v in like.items()]
-        if shape != other:
-            raise ConfigError("the two score sets have different layers or head counts (different backbones?): "
-                              "compare rankings of the same model only")
-    if not scores:
-        raise ConfigError("no responsiveness scores to compare: the file or run has none (a non-adapter method?)")
-    return np.concatenate([np.asarray([float(x) for x in v], dtype=float) for v in scores.values()])
-
-
-def kendall_tau(a: Scores, b: Scores) -> float:
-    """Kendall's τ-b between the two rankings of the same heads (1: same order, -1: reversed; NaN if one is
-    constant)."""
-    from scipy.stats import kendalltau
-
-    return float(kendalltau(flatten(a), flatten(b, like=a)).statistic)
-
-
-def spearman(a: Scores, b: Scores) -> float:
-    """Spearman's ρ between the two rankings of the same heads."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(flatten(a), flatten(b, like=a)).statistic)
 
 
 def switched_off(scores: Scores, ne: int, scope: str = "global") -> set[Head]:
@@ -59,9 +34,6 @@ def switched_off(scores: Scores, ne: int, scope: str = "global") -> set[Head]:
                             scope=scope))
 
 
-def jaccard(a: set[Any], b: set[Any]) -> float:
-    """|A ∩ B| / |A ∪ B|; two empty sets agree fully (1.0)."""
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
 
 
 def compare(a: Scores, b: Scores, ne: int, scope: str = "global") -> dict[str, float]:
@@ -194,42 +166,6 @@ def _group_permutation(by_pair: Mapping[str, list[float]], groups: Mapping[str, 
             "regroupings": len(drawn), "sampled": True}
 
 
-def heatmap_grid(path: Path, panels: Mapping[str, tuple[Scores, Mapping[str, Sequence[bool]]]], title: str = "") -> Path:
-    """One layers × heads responsiveness panel per name (scores ÷ each panel's largest, × on heads switched off),
-    side by side, saved to ``path``: which heads several tasks or seeds share."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    from heartlora._paths import atomic_path
-
-    fig = Figure(figsize=(min(3.0 + 2.6 * len(panels), 24), 5.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    image = None
-    for ax, (name, (scores, masks)) in zip(axes, panels.items()):
-        width = max(len(v) for v in scores.values())
-        grid = np.full((len(scores), width), np.nan)
-        for i, row in enumerate(scores.values()):
-            grid[i, :len(row)] = [float(x) for x in row]
-        top = np.nanmax(grid)
-        image = ax.imshow(np.ma.masked_invalid(grid / top if top > 0 else grid), aspect="auto", cmap=cmap,
-                          vmin=0.0, vmax=1.0)
-        for i, layer in enumerate(scores):
-            for h, on in enumerate(masks.get(layer, ())):
-                if not on:
-                    ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=9, fontweight="bold")
-        ax.set_title("\n".join(line if len(line) <= 30 else "…" + line[-29:] for line in name.split("\n")),
-                     fontsize=8)
-        ax.set_xlabel("head")
-    axes[0].set_ylabel("attention layer")
-    if image is not None:
-        fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02)
-    marked = any(not on for _, masks in panels.values() for row in masks.values() for on in row)
-    fig.suptitle((f"{title}\nresponsiveness (÷ each panel's max)" + ("; × = switched off" if marked else "")).strip(),
-                 fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
 
 
 __all__ = ["compare", "doubling_steps", "flatten", "group_correlations", "heatmap_grid", "jaccard", "kendall_tau",

@@ -1,5 +1,6 @@
-"""PEFT's LoRA as a training method of the engine (``--method peft-lora`` once this module is imported): the peer
-baseline of the accuracy suite. Only the adapter implementation differs from ``lora``: the same defaults, backbone,
+"""PEFT's LoRA as a training method of the engine: the peer baseline of the accuracy suite. The benchmarks' package
+declares it as the entry point ``peft-lora`` of the group ``heartlora.methods`` (benchmarks/pyproject.toml), so
+``heartlora train --method peft-lora`` finds it once that package is installed (``make setup`` installs it). Only the adapter implementation differs from ``lora``: the same defaults, backbone,
 seed, data order, AdamW, schedule, loss and evaluation, because it is the engine's loop.
 
 Needs ``peft`` (the ``bench`` extra). Its model file is the engine's plain weights file of the trainable tensors
@@ -13,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from heartlora.engine.methods import TrainingMethod, register_method
+from heartlora.engine.methods import TrainingMethod, get_method
 from heartlora.errors import ConfigError
 
 # The q/k/v/o Linears of the HF DINOv2 / ViT attention (transformers 5 names and the older ones).
@@ -65,6 +66,11 @@ class PeftLoRA(TrainingMethod):
         return peft_adapter_bytes(model)
 
 
-PEFT_LORA = register_method("peft-lora", PeftLoRA(), replace=True)
+PEFT_LORA = PeftLoRA()  # the entry point's object: the engine registers it as ``peft-lora`` when first asked
 
-__all__ = ["PEFT_LORA", "PeftLoRA", "peft_adapter_bytes", "peft_model", "target_modules"]
+
+def registered() -> TrainingMethod:
+    """The engine's ``peft-lora`` (this module's ``PEFT_LORA`` when the benchmarks' package is installed)."""
+    return get_method("peft-lora")
+
+__all__ = ["PEFT_LORA", "PeftLoRA", "peft_adapter_bytes", "peft_model", "registered", "target_modules"]

@@ -2,7 +2,7 @@
 and the val-only selection of settings (grid, choose, plan). ``benchmarks/suite.py`` runs it; ``benchmarks/report.py``
 writes docs/RESULTS.md from its results. The PEFT baseline is a training method of the engine (``peft_lora``)."""
 
-from heartlora.experiments.selection import (
+from heartlora_bench.selection import (
     FORMAT,
     Profile,
     add_record,
@@ -17,7 +17,7 @@ from heartlora.experiments.selection import (
     save_results,
     settings_tag,
 )
-from heartlora.experiments.suite import (
+from heartlora_bench.suite import (
     CPU_METHODS,
     CPU_TASKS,
     ENGINE_METHODS,
