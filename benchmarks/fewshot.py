@@ -3,7 +3,7 @@ against the plain HF + PEFT recipe, each trained for at least the engine's floor
 (``MIN_FEWSHOT_STEPS``; the baseline script applies the same floor). Protocol final: train on the K-shot set (K
 images per class from train800), test once on the 2,000 test images; seed 42; defaults only.
 
-Resumable (a run folder with a metrics.json is finished); ``--report`` writes docs/sweeps/fewshot.md.
+Resumable (a run folder with a metrics.json is finished); ``--report`` writes docs/research/sweeps/fewshot.md.
 
     python benchmarks/fewshot.py --jobs 1          # one thread per run
     python benchmarks/fewshot.py --report
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--report", action="store_true")
-    ap.add_argument("--dest", type=Path, default=ROOT / "docs" / "sweeps" / "fewshot.md")
+    ap.add_argument("--dest", type=Path, default=ROOT / "docs" / "research" / "sweeps" / "fewshot.md")
     args = ap.parse_args()
     if args.report:
         report(args.runs, args.dest, args.seed)

@@ -12,7 +12,7 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
    point's choice (heartlora's variants of one method share its rate).
 2. **Final runs**: train800val200 → test, seed 42 on all 10 tasks first, then seeds 43 and 44 on the 7 cpu tasks.
    A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) is
-   read from docs/results.json instead of run again (its record says ``reused_from``).
+   read from benchmarks/records/results.json instead of run again (its record says ``reused_from``).
 3. **Bytes**: what a user keeps per task beyond the frozen backbone, counted one way for all (the baseline script's
    docstring): the adapter's tensors at the precision the method stores them, the same at fp16 for float adapters,
    the classifier apart.
@@ -44,7 +44,7 @@ from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "frontier.json"
-SUITE_RESULTS = ROOT / "docs" / "results.json"
+SUITE_RESULTS = ROOT / "benchmarks" / "records" / "results.json"
 RUNS = ROOT / "runs"  # a run folder is runs/<its id>, and every id starts with frontier/
 BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
 DOC = ROOT / "docs" / "research" / "FRONTIER.md"

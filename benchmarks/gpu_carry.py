@@ -8,7 +8,7 @@ sha256 is compared with the one packed here (``--generate``), so both machines t
 
     python benchmarks/gpu_carry.py pack .gpu --generate smallnorb_ele
     python benchmarks/gpu_carry.py unpack .gpu        # on the GPU machine, HEARTLORA_CACHE set
-    python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into docs/results.json
+    python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into benchmarks/records/results.json
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def main() -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--generate", default="", help="pack: tasks to generate on the GPU machine instead of carrying")
     args = ap.parse_args()
-    if args.action == "merge":  # a GPU session's suite records into docs/results.json (by id; locked, atomic)
+    if args.action == "merge":  # a GPU session's suite records into benchmarks/records/results.json (by id; locked, atomic)
         from heartlora_bench import add_record, load_results
 
-        dest = Path(__file__).resolve().parent.parent / "docs" / "results.json"
+        dest = Path(__file__).resolve().parent.parent / "benchmarks" / "records" / "results.json"
         have = {r["id"] for r in load_results(dest)["records"]}
         new = [r for r in load_results(args.dir)["records"] if r["id"] not in have]
         # a probe check's records (gpu_session.sh extra: heart-lora with --score-steps) share the default runs' ids;

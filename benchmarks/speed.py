@@ -20,7 +20,7 @@ waits for a core other processes hold), otherwise wall time. Variants:
   above the resting model (ru_maxrss alone would keep the model-loading peak); CUDA —
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, in process.
 
-    .venv/bin/python benchmarks/speed.py                       # table, writes docs/speed.json
+    .venv/bin/python benchmarks/speed.py                       # table, writes benchmarks/records/speed.json
     .venv/bin/python benchmarks/speed.py --json                # also print the JSON
     .venv/bin/python benchmarks/speed.py --profile-ops         # torch.profiler top ops of heartlora vs peft steps
 """
@@ -45,7 +45,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OUT = ROOT / "docs" / "speed.json"
+OUT = ROOT / "benchmarks" / "records" / "speed.json"
 VARIANTS = ("heartlora", "peft", "floor", "half_off")
 NUM_CLASSES = 10
 

@@ -9,7 +9,7 @@
 Heads are switched off spread over layers (head i goes to layer i mod L), so no layer loses all of them unless the
 count forces it; a layer with every head off would also drop its shared A (``AdapterReport`` shows it).
 
-    .venv/bin/python benchmarks/storage.py            # table, writes docs/storage.json
+    .venv/bin/python benchmarks/storage.py            # table, writes benchmarks/records/storage.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "docs" / "storage.json"
+OUT = HERE.parent / "benchmarks" / "records" / "storage.json"
 
 
 def spread_heads(layers: list[Any], count: int) -> list[tuple[str, int]]:

@@ -130,7 +130,7 @@ def test_engine_flags_runs_never_reuse_the_default_runs_folders(monkeypatch):
     args = argparse.Namespace(profile="cpu", seeds=None, tasks=None, methods=None, results=None, runs=None)
     script._profile(args)
     default, docs = script.RUNS, script.RESULTS
-    assert docs == script.ROOT / "docs" / "results.json"
+    assert docs == script.ROOT / "benchmarks" / "records" / "results.json"
     places = set()
     for flags in ({"heart-lora": ["--score-steps", "2"]}, {"heart-lora": ["--score-steps", "4"]}):
         monkeypatch.setattr(script, "RUNS", default)
@@ -294,7 +294,7 @@ def test_status_counts_and_time_left(runner):
 def test_subset_run_never_touches_docs(runner, capsys):
     script, log, tmp = runner
     docs_before = {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()}
-    standin = tmp / "docs" / "results.json"  # where a plain invocation would write (docs/results.json)
+    standin = tmp / "benchmarks" / "records" / "results.json"  # where a plain invocation would write (benchmarks/records/results.json)
     script.RESULTS = standin
     assert script.main(["run", "--profile", "small", "--tasks", "dsprites_loc", "--methods", "lora"]) == 0
     assert len(launched(log)) == 2  # lora on dsprites_loc, seeds 1 and 2
@@ -733,13 +733,13 @@ def test_runner_redoes_recorded_runs_on_request_and_replaces_their_records(runne
 
 
 def test_docs_results_md_is_what_the_report_writes(tmp_path: Path) -> None:
-    """docs/RESULTS.md is generated: its tables from docs/results.json, its reading from benchmarks/results_notes.md.
+    """docs/research/RESULTS.md is generated: its tables from benchmarks/records/results.json, its reading from
+    benchmarks/results_notes.md.
     An edit made to the page by hand is lost at the next `suite.py report`, so the page must equal the report's."""
-    docs = Path(report.__file__).resolve().parent.parent / "docs"
-    (tmp_path / "results.json").write_bytes((docs / "results.json").read_bytes())
+    (tmp_path / "results.json").write_bytes((report.RECORDS / "results.json").read_bytes())
     written = report.write_all("cpu", tmp_path / "results.json").read_text()
-    assert written == (docs / "RESULTS.md").read_text(), (
-        "docs/RESULTS.md differs from what `benchmarks/suite.py report --profile cpu` writes: edit "
+    assert written == (report.DOCS / "RESULTS.md").read_text(), (
+        "docs/research/RESULTS.md differs from what `benchmarks/suite.py report --profile cpu` writes: edit "
         "benchmarks/results_notes.md (the hand-written part), not the page, and run the report")
 
 

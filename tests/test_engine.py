@@ -171,7 +171,7 @@ def test_defaults_profiles_and_overrides() -> None:
     paper = resolve(TrainConfig(task="digits"))
     assert (paper.img_size, paper.epochs, paper.batch_size, paper.warmup_epochs) == (224, 100, 64, 10)
     assert (paper.lr, paper.weight_decay, paper.drop_path, paper.seed, paper.rank) == (1e-3, 1e-4, 0.0, 42, 8)
-    assert paper.scale == 4.0  # chosen on val200 (docs/sweeps/defaults.md), as the 1-bit methods' 16 below
+    assert paper.scale == 4.0  # chosen on val200 (docs/research/sweeps/defaults.md), as the 1-bit methods' 16 below
     assert paper.targets == ("q", "v") and paper.method == "heart-lora"
     assert paper.ne == "auto" and paper.ne_fraction is None and paper.ne_tolerance == 0.02  # chosen on data
     assert paper.pool == "cls+mean"  # DINOv2's own convention (the default backbone is dinov2_small)

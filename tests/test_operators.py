@@ -1,7 +1,7 @@
 """The adapter layout's cost in operators: one training step (forward, backward, AdamW step) counted at the ATen
 level, heartlora against PEFT's LoRA on the same tiny Hugging Face ViT (12 heads). Operator counts are
 deterministic, so these are real tests, not timings; on a GPU each operator is at least one kernel launch, which is
-what a small-adapter step's time is made of (docs/SPEED.md)."""
+what a small-adapter step's time is made of (docs/research/SPEED.md)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ class BankLinear(nn.Module):
     zero unit) through small index tables, and runs one batched product per factor for the whole batch: a fixed
     number of operators whatever the number of tasks."""
 
-    GATHER_FROM = 16  # groups in a call from which the batched path runs (docs/ECOSYSTEM_BANK.md: the crossover)
+    GATHER_FROM = 16  # groups in a call from which the batched path runs (docs/research/ECOSYSTEM_BANK.md: the crossover)
 
     def __init__(self, base_layer: nn.Module, route: _Route) -> None:
         super().__init__()

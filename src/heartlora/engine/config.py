@@ -27,7 +27,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 # validation data, which a user running defaults does not do. --ne-fraction 1/6 was the fixed default before.
 DEFAULT_NE_FRACTION = 1 / 6
 # --ne auto's default, chosen on val200 over 0.05 at --scale 1 and checked again at today's --scale 4 (74.8 against
-# 74.1 mean val200, docs/sweeps/defaults.md).
+# 74.1 mean val200, docs/research/sweeps/defaults.md).
 AUTO_TOLERANCE = 0.02
 # A K-shot run trains for at least this many optimizer steps (its epochs are raised when the profile's epochs give
 # fewer): 4 shots of 10 classes in batches of 32 are 2 steps an epoch, 20 steps in 10 epochs, too few to learn.
@@ -66,7 +66,7 @@ class TrainConfig:
     targets: tuple[str, ...] | None = _opt(help="projections to adapt, comma-separated from q,k,v,o", group="adapter",
                                            fill=("q", "v"), default_text="q,v")
     rank: int | None = _opt(help="LoRA rank", group="adapter", fill=8)
-    scale: float | None = _opt(help="LoRA scale s of the update s·BA (chosen on val200, docs/sweeps/defaults.md)",
+    scale: float | None = _opt(help="LoRA scale s of the update s·BA (chosen on val200, docs/research/sweeps/defaults.md)",
                                group="adapter", fill=4.0, default_text="4; 16 for the 1-bit methods")
     bits: int | None = _opt(help="adapter bits: 32 float, 1..8 quantized", group="adapter",
                             default_text="1 for *bi-lora, else 32")
@@ -79,7 +79,7 @@ class TrainConfig:
                                            "share of heads may cost", group="adapter", default_text="0.02")
     ne_refine: bool | None = _opt(help="--ne auto: do not try the share of heads halfway between the first share "
                                        "that fails and the last that passed (on by default: one more forward pass "
-                                       "that can switch off 6 more of DINOv2-S's heads; docs/sweeps/ne_refine.md)",
+                                       "that can switch off 6 more of DINOv2-S's heads; docs/research/sweeps/ne_refine.md)",
                                   group="adapter", flag="--no-ne-refine")
     scope: str | None = _opt(help="rank attention heads over the model or per layer", group="adapter",
                              choices=("global", "layer"), fill="global",

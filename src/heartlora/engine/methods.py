@@ -210,7 +210,7 @@ def method_names() -> list[str]:
 register_method("linear", LinearProbe())
 register_method("full", FullFineTune())
 register_method("lora", HeadLoRA("LoRA on the target projections, all attention heads"))
-# The 1-bit methods' scale: the best of {1, 4, 16} on val200 of the visible tasks (docs/sweeps/defaults.md); the
+# The 1-bit methods' scale: the best of {1, 4, 16} on val200 of the visible tasks (docs/research/sweeps/defaults.md); the
 # float methods take TrainConfig's (4).
 BI_SCALE = {"scale": 16.0}
 register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1,

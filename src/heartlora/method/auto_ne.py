@@ -7,7 +7,7 @@ per-image loss is compared with the model that keeps every head, image by image.
 whose mean loss increase stays within ``tolerance`` of the full model's loss; larger candidates are not tried once
 one fails. With ``refine``, the share halfway between the failing one and the last that passed is then tried once
 more, so that the step between candidates (12 of a ViT-S's 72 heads by default) does not decide alone (on by default:
-benchmarks/ne_refine.py's val200 comparison, docs/sweeps/ne_refine.md). Cost: one forward pass over those images per
+benchmarks/ne_refine.py's val200 comparison, docs/research/sweeps/ne_refine.md). Cost: one forward pass over those images per
 candidate, no training.
 """
 

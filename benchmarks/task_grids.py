@@ -1,5 +1,5 @@
 """Draw an 8×8 grid of the first training images of every generated structured task, labelled with their class,
-into docs/tasks/<task>.png (run from anywhere: ``python docs/tasks/make_grids.py [task ...]``)."""
+into docs/tasks/<task>.png (run from anywhere: ``python benchmarks/task_grids.py [task ...]``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from heartlora.data import get_task  # noqa: E402
 from heartlora.data.generated import preview  # noqa: E402
 
 TASKS = ("dsprites_loc", "dsprites_ori", "clevr_count", "clevr_dist", "smallnorb_azi", "smallnorb_ele")
-OUT = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[1] / "docs" / "tasks"
 
 
 def draw_grid(name: str, rows: int = 8, cols: int = 8) -> Path:
