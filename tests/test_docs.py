@@ -30,3 +30,36 @@ def test_every_public_name_resolves() -> None:
         assert getattr(heartlora, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         heartlora.not_a_name  # noqa: B018
+
+
+@pytest.mark.slow
+def test_the_site_builds_strictly_and_documents_every_public_name(tmp_path: Path) -> None:
+    """`make docs`: mkdocs with --strict (a broken link, a missing page or a docstring that does not parse fails it);
+    every name ``import heartlora`` exports has its entry in the generated reference of the module defining it, and
+    no page of the site links to a commit, a GitHub issue or a file outside the repository."""
+    import subprocess
+    import sys
+
+    import heartlora
+
+    pytest.importorskip("mkdocstrings")
+    root = DOC.parents[1]
+    site = tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)], cwd=root,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    for name, module in heartlora._LAZY.items():
+        page = site / "reference" / module.split(".")[1] / "index.html"
+        assert f'id="{module}.{name}"' in page.read_text(), f"{module}.{name} has no entry in the API reference"
+    for name in ("ConfigError", "HeartLoRAError", "AdapterFileError"):
+        assert f'id="heartlora.errors.{name}"' in (site / "reference" / "errors" / "index.html").read_text()
+
+
+def test_readme_is_a_front_page() -> None:
+    """The README stays short (≤ 10 KB), keeps its two set-up commands first and carries no issue numbers or commit
+    hashes (the history of figures belongs in docs/research/)."""
+    readme = (DOC.parents[1] / "README.md").read_text()
+    assert len(readme.encode()) <= 10_240
+    first_code = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    assert [line.split()[:2] for line in first_code.splitlines()] == [["make", "demo"], ["make", "test"]]
+    assert not re.search(r"\bissue \d+|#\d{2,}\b|\bcommit [0-9a-f]{7}", readme)
