@@ -8,7 +8,8 @@ For 1, 8 and 32 adapters (random weights, random heads off, alternately float an
     written into its weights) on a batch of the same size: --repeats timed calls of each, alternating, after one
     warm-up; images/s from the median call, the ratio the median of the per-pair ratios.
 
-    OMP_NUM_THREADS=1 python benchmarks/bank.py --backbone dinov2_small --img-size 112 --out benchmarks/records/bank_dinov2.json
+    OMP_NUM_THREADS=1 python benchmarks/bank.py --backbone dinov2_small --img-size 112 \
+        --out benchmarks/records/bank_dinov2.json
     OMP_NUM_THREADS=1 python benchmarks/bank.py --img-size 64 --batch 64 --repeats 15 --out benchmarks/records/bank.json
 """
 

@@ -295,13 +295,24 @@ def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16
     return statistics.fmean(int(r[key]) for r in runs.values()) if runs else None
 
 
+def partial(point: str, val: dict[tuple[str, str, float], float]) -> str:
+    """The val200 means so far of a point whose rate search is still running, with how many tasks each has."""
+    rates = sorted({lr for (p, _, lr) in val if p == point})
+    if not rates:
+        return "not started"
+    cells = []
+    for lr in rates:
+        accs = [val[(point, t, lr)] for t in SELECT_TASKS if (point, t, lr) in val]
+        cells.append(f"{lr_str(lr)}: {100 * statistics.fmean(accs):.1f} ({len(accs)}/{len(SELECT_TASKS)} tasks)")
+    return "so far " + ", ".join(cells)
+
+
 def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | None:
     """A point's mean val200 accuracy over the selection tasks at its chosen rate (what picks heartlora's points)."""
     lr = choose_lr(point, val)[0]
-    own = point
     if lr is None:
         return None
-    vals = [val.get((own, t, lr)) for t in SELECT_TASKS]
+    vals = [val.get((point, t, lr)) for t in SELECT_TASKS]
     return statistics.fmean(vals) if all(v is not None for v in vals) else None
 
 
@@ -324,8 +335,7 @@ def report() -> None:
         if "lr_from" in spec:
             lines.append(f"| {point} | from {spec['lr_from']} | {lr_str(chosen) if chosen else '…'} | |")
             continue
-        cells = ", ".join(f"{lr_str(r)}: {100 * a:.1f}" for r, a in table) if table else \
-            f"{len(missing)} rates left to run"
+        cells = ", ".join(f"{lr_str(r)}: {100 * a:.1f}" for r, a in table) if table else partial(point, val)
         lines.append(f"| {point} | {lr_str(spec['lr'])} | {lr_str(chosen) if chosen else '…'} | {cells} |")
     lines += ["", "## Frontier (test accuracy, mean over tasks)", "",
               "| point | bytes (fp16) | bytes as stored | cpu tasks s42 | cpu tasks, all seeds | heldout s42 | runs |",

@@ -8,7 +8,8 @@ sha256 is compared with the one packed here (``--generate``), so both machines t
 
     python benchmarks/gpu_carry.py pack .gpu --generate smallnorb_ele
     python benchmarks/gpu_carry.py unpack .gpu        # on the GPU machine, HEARTLORA_CACHE set
-    python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into benchmarks/records/results.json
+    python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into the suite's
+                                                                       # benchmarks/records/results.json
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--generate", default="", help="pack: tasks to generate on the GPU machine instead of carrying")
     args = ap.parse_args()
-    if args.action == "merge":  # a GPU session's suite records into benchmarks/records/results.json (by id; locked, atomic)
+    if args.action == "merge":  # a GPU session's suite records into the suite's records (by id; locked, atomic)
         from heartlora_bench import add_record, load_results
 
         dest = Path(__file__).resolve().parent.parent / "benchmarks" / "records" / "results.json"

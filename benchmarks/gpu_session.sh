@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_session.sh round3  # the defaults sweep's round 3 (issue 16): 126 val200 runs on 3 seeds and
 #                                          # its rule (benchmarks/sweep_defaults.py --round 3)
 #   bash benchmarks/gpu_session.sh sweep   # the defaults sweep (val200) and its rule's choice: the first round's
-#                                          # results are in docs/research/sweeps/defaults.json (not run again); the second
+#                                          # results are in docs/research/sweeps/defaults.json (not run again); the
+#                                          # second
 #                                          # round's tolerance rows ran on a CPU (committed too); what is left of it,
 #                                          # a fixed third of the heads and the per-layer ranking, is 14 runs
 #
@@ -195,7 +196,8 @@ heart_suite() {
 score_check() {
   # heart-lora with a 2-step scoring probe (issue 11), a fixed --ne 24 (the default runs' median choice): --ne auto
   # is refused after a probe shorter than the warmup (METHOD.md §2)
-  # start from the committed records (benchmarks/records/scoring/score2-results.json), so a run finished before is never redone
+  # start from the committed records (benchmarks/records/scoring/score2-results.json), so a run finished before is
+  # never redone
   [ -f $RUNS/score2-results.json ] || cp benchmarks/records/scoring/score2-results.json $RUNS/score2-results.json
   heart_suite score2 $JOBS ${1:-60} --score-steps 2 --ne 24
 }
@@ -209,7 +211,8 @@ control() {
   local f n pid
   for n in ${CONTROL_COUNTS:-24 48}; do
     for f in taylor$n random$n; do  # start from the committed records: a run finished before is never redone
-      [ -f $RUNS/$f-results.json ] || [ ! -f benchmarks/records/scoring/$f-results.json ] || cp benchmarks/records/scoring/$f-results.json $RUNS/
+      rec=benchmarks/records/scoring/$f-results.json
+      [ -f $RUNS/$f-results.json ] || [ ! -f $rec ] || cp $rec $RUNS/
     done
     heart_suite taylor$n $((JOBS / 2)) ${1:-60} --ne $n &
     pid=$!

@@ -92,7 +92,8 @@ def coarse_of(choice: dict[str, Any]) -> int:
 
 
 def committed() -> dict[str, dict[str, Any]]:
-    """The cells already in docs/research/sweeps/ne_refine.json: a later session (a fresh machine, no runs/) keeps them."""
+    """The cells already in docs/research/sweeps/ne_refine.json: a later session (a fresh machine, no runs/) keeps
+    them."""
     path = DEST.with_suffix(".json")
     return json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
 
@@ -130,7 +131,8 @@ def todo(runs: Path) -> list[tuple[str, list[str], Path]]:
 
 
 def final_items() -> list[tuple[str, str, int, str, dict[str, Any] | None]]:
-    """The cpu suite's default heart runs (benchmarks/records/results.json): (run id, task, seed, method, its record)."""
+    """The cpu suite's default heart runs (benchmarks/records/results.json): (run id, task, seed, method, its
+    record)."""
     profile = PROFILES["cpu"]
     by_id = {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]}
     out = []
@@ -255,7 +257,8 @@ def collect(runs: Path) -> dict[str, Any]:
 
 
 def final_cells() -> dict[str, Any]:
-    """The suite's test runs (choices only: accuracies are docs/research/RESULTS.md's): the coarse and refined choice of the
+    """The suite's test runs (choices only: accuracies are docs/research/RESULTS.md's): the coarse and refined
+    choice of the
     probe, the choice of the record it probed, and whether the run was completed under the refined search. A cell
     keeps its probe's figures once it has them: the folder of a redone run holds the completed run, which may have
     been made on another machine than the probe, so its choice goes beside them (``redone_ne``, ``redone_cpu``)."""
@@ -358,7 +361,8 @@ def report(runs: Path) -> None:
     fin = data["final"]
     if fin:
         lines += ["", "## The suite's test runs (`--final`)", "",
-                  "Each default heart run of the cpu suite (benchmarks/records/results.json) probed to the end of its warmup "
+                  "Each default heart run of the cpu suite (benchmarks/records/results.json) probed to the end of "
+                  "its warmup "
                   "(`--final`, with the suite's own command): where the probe's refined choice differs from its "
                   "coarse one, the run is done again under the refined search (`benchmarks/suite.py run --redo IDS`, "
                   "which resumes a probe's checkpoint where it finds one) and its record replaced; elsewhere the "

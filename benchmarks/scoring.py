@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(--score-steps N by default) with the runs of --against")
     p.add_argument("--differ-in", choices=list(CHECKS), default="score_steps",
                    help="--suite-check: the setting the two sides differ in (score_mode: the random-ranking control)")
-    p.add_argument("--against", type=Path, default=Path("benchmarks/records/results.json"), help="--suite-check's default runs")
+    p.add_argument("--against", type=Path, default=Path("benchmarks/records/results.json"),
+                   help="--suite-check's default runs")
     p.add_argument("--dest", type=Path, default=None, help="--suite-check: also write the table here")
     a = p.parse_args(argv)
     if a.suite_check:

@@ -1,12 +1,15 @@
-"""The accuracy suite: methods × tasks × seeds on the offline DINOv2-S/14, resumable, into benchmarks/records/results.json.
+"""The accuracy suite: methods × tasks × seeds on the offline DINOv2-S/14, resumable, into
+benchmarks/records/results.json.
 
-Protocol (docs/METHOD.md §5, with val200 selection; the logic is heartlora_bench.selection): for each task and each method with settings to choose (``ne``, ``scale``),
+Protocol (docs/METHOD.md §5, with val200 selection; the logic is heartlora_bench.selection): for each task and each
+method with settings to choose (``ne``, ``scale``),
 every grid point trains on train800 and is scored on val200 (``--protocol val``, first seed only); the best mean val
 accuracy wins (ties: the earlier grid point). The final runs then train on train800val200 with the chosen settings,
 one per seed, and are scored once on test (``--protocol final``). Test accuracy never chooses anything.
 
 Each run has its own folder ``runs/suite/<profile>/<protocol>/<task>/<method>[_<settings>]_s<seed>`` and one
-record in ``benchmarks/records/results.json`` (the run's metrics.json fields, without the per-epoch history, plus the suite's).
+record in ``benchmarks/records/results.json`` (the run's metrics.json fields, without the per-epoch history, plus
+the suite's).
 A run whose record is there is never redone; an interrupted run resumes from its checkpoint.
 
 Each run is its own process (``heartlora train``, or benchmarks/baselines/hf_peft.py for ``linear-probe`` and
@@ -249,7 +252,7 @@ def _profile(args: argparse.Namespace) -> Profile:
         profile = replace(profile, **subset)
     if getattr(args, "results", None):
         RESULTS = Path(args.results)
-    elif ENGINE_FLAGS:  # nor count the default runs' records as done, nor replace them in benchmarks/records/results.json
+    elif ENGINE_FLAGS:  # nor count the default runs' records as done, nor replace them in the suite's records
         RESULTS = RUNS / f"{profile.name}{'-subset' if subset else ''}" / "results.json"
     elif subset:
         RESULTS = RUNS / f"{profile.name}-subset" / "results.json"
@@ -336,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--redo", help="comma-separated record ids to run again although recorded (a checkpoint in the "
                                   "run's folder resumes); each record is replaced when its run finishes")
     s = sub.add_parser("status", help="runs done, left, and a rough time left")
-    o = sub.add_parser("report", help="write docs/research/RESULTS.md and the plots from benchmarks/records/results.json")
+    o = sub.add_parser("report", help="write docs/research/RESULTS.md and the plots from the suite's records")
     for sp in (r, s, o):
         sp.add_argument("--profile", choices=list(PROFILES), default="cpu",
                         help="cpu (default: the suite that learns), paper (GPU), full; quick is a smoke profile")
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "runs are added to the tables once complete")
         sp.add_argument("--tasks", help="a subset of the profile's tasks (its records go to runs/suite/, not docs/)")
         sp.add_argument("--methods", help="a subset of the profile's methods (likewise)")
-        sp.add_argument("--results", help="results file (default benchmarks/records/results.json; a subset's: runs/suite/)")
+        sp.add_argument("--results", help="results file (default benchmarks/records/results.json; a subset's: "
+                                          "runs/suite/)")
         sp.add_argument("--runs", help=argparse.SUPPRESS)
     for sp in (r, s):
         sp.add_argument("--jobs", type=int, default=2,

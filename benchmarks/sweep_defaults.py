@@ -6,7 +6,8 @@ Resumable: each run writes its own folder under ``--runs``; a folder with a metr
 again, and a result already in ``--dest``'s JSON is not run again either, so the command continues where the last
 one stopped. ``--jobs`` runs side by side (one thread each on a CPU); ``--device cuda --engine-flags '--precision
 tf32' --baseline-flags '--precision tf32'`` runs the same protocol on a GPU (TF32 matrix products). ``--status``
-counts what is done. ``--report`` writes the table of val200 accuracies (docs/research/sweeps/defaults.md and .json) from the
+counts what is done. ``--report`` writes the table of val200 accuracies (docs/research/sweeps/defaults.md and .json)
+from the
 JSON's results and the finished runs under ``--runs``; it trains nothing. A run there only fills a cell the JSON
 lacks: a committed cell (say, a GPU run) is never overwritten by an older local run of the same configuration, task
 and seed unless ``--replace`` is given. ``--choose FILE`` applies the rule that picks the defaults (fixed before any
@@ -20,7 +21,8 @@ the lora rule chose is complete (the second round, added before any of its runs)
 configuration counts only when all its cells ran; ``heart-lora-fixed`` and ``heart-lora-layer`` rows are reported and
 never chosen.
 
-Round 3 (``--round 3``; its own configurations, ``ROUND3``, three seeds, docs/research/sweeps/round3.{md,json}): after the
+Round 3 (``--round 3``; its own configurations, ``ROUND3``, three seeds, docs/research/sweeps/round3.{md,json}):
+after the
 first rounds' choice the defaults tie the plain HF + PEFT recipe on test (+0.3 ± 0.7 points over 3 seeds, where
 issue 16 asks for +1; the one-seed val200 lead that chose them, +1.4, did not carry over). So round 3 tries settings
 the first rounds did not (weight decay, a lower learning rate, scale 2 at every setting pinned, adapters on q, k, v
@@ -411,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sweep-defaults")
     ap.add_argument("--round", type=int, choices=(1, 3), default=1,
-                    help="1: the first rounds (CONFIGS, seed 42, docs/research/sweeps/defaults); 3: ROUND3, seeds 42-44, "
+                    help="1: the first rounds (CONFIGS, seed 42, docs/research/sweeps/defaults); 3: ROUND3, "
+                         "seeds 42-44, "
                          "docs/research/sweeps/round3")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default=None, help="default: the round's (42; round 3: 42,43,44)")
@@ -428,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--choose", type=Path, help="write the rule's choice (JSON) here")
     ap.add_argument("--replace", action="store_true",
                     help="with --report/--choose: finished runs under --runs replace committed cells too")
-    ap.add_argument("--dest", type=Path, default=None, help="default: docs/research/sweeps/defaults.md (round 3: round3.md)")
+    ap.add_argument("--dest", type=Path, default=None,
+                    help="default: docs/research/sweeps/defaults.md (round 3: round3.md)")
     args = ap.parse_args(argv)
     round3 = args.round == 3
     configs = ROUND3 if round3 else CONFIGS

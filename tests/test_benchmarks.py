@@ -294,7 +294,7 @@ def test_status_counts_and_time_left(runner):
 def test_subset_run_never_touches_docs(runner, capsys):
     script, log, tmp = runner
     docs_before = {p.name: p.stat().st_mtime_ns for p in report.DOCS.iterdir()}
-    standin = tmp / "benchmarks" / "records" / "results.json"  # where a plain invocation would write (benchmarks/records/results.json)
+    standin = tmp / "benchmarks" / "records" / "results.json"  # where a plain invocation would write
     script.RESULTS = standin
     assert script.main(["run", "--profile", "small", "--tasks", "dsprites_loc", "--methods", "lora"]) == 0
     assert len(launched(log)) == 2  # lora on dsprites_loc, seeds 1 and 2

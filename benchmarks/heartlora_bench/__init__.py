@@ -1,6 +1,7 @@
 """Experiments over many runs: the accuracy suite's definition (profiles, methods, task groups), its results file,
 and the val-only selection of settings (grid, choose, plan). ``benchmarks/suite.py`` runs it; ``benchmarks/report.py``
-writes docs/research/RESULTS.md from its results. The PEFT baseline is a training method of the engine (``peft_lora``)."""
+writes docs/research/RESULTS.md from its results. The PEFT baseline is a training method of the engine
+(``peft_lora``)."""
 
 from heartlora_bench.selection import (
     FORMAT,

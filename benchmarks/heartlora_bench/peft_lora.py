@@ -1,7 +1,8 @@
 """PEFT's LoRA as a training method of the engine: the peer baseline of the accuracy suite. The benchmarks' package
 declares it as the entry point ``peft-lora`` of the group ``heartlora.methods`` (benchmarks/pyproject.toml), so
-``heartlora train --method peft-lora`` finds it once that package is installed (``make setup`` installs it). Only the adapter implementation differs from ``lora``: the same defaults, backbone,
-seed, data order, AdamW, schedule, loss and evaluation, because it is the engine's loop.
+``heartlora train --method peft-lora`` finds it once that package is installed (``make setup`` installs it). Only
+the adapter implementation differs from ``lora``: the same defaults, backbone, seed, data order, AdamW, schedule,
+loss and evaluation, because it is the engine's loop.
 
 Needs ``peft`` (the ``bench`` extra). Its model file is the engine's plain weights file of the trainable tensors
 (PEFT's names): ``heartlora eval`` does not rebuild PEFT models, so evaluate through metrics.json.
