@@ -160,7 +160,7 @@ def test_output_folder_of_another_run_is_refused_and_kept(tmp_path: Path, task: 
 
 
 def test_impossible_ne_fails_before_anything_is_written(tmp_path: Path, task: str) -> None:
-    with pytest.raises(ConfigError, match="--ne 13"):
+    with pytest.raises(ConfigError, match="ne 13 is more than"):
         train(tiny(tmp_path / "run", task, method="heart-lora", ne=HEADS + 1))
     with pytest.raises(ConfigError, match="per layer"):
         train(tiny(tmp_path / "run", task, method="heart-lora", ne=3, scope="layer"))

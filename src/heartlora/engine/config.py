@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from heartlora.errors import ConfigError
+from heartlora.method.auto_ne import DEFAULT_TOLERANCE
+from heartlora.method.heads_off import parse_heads_off, parse_ne
 
 # Defaults per profile. "paper" is the VTAB-1K protocol of the reference code (docs/METHOD.md §5); "cpu" fits a
 # 2-core machine.
@@ -22,13 +24,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"img_size": 224, "epochs": 100, "batch_size": 64},
     "cpu": {"img_size": 112, "epochs": 10, "batch_size": 32},
 }
-# Without --ne or --ne-fraction, the number of heads switched off is chosen at the end of warmup from a fixed
-# sample of training images (heartlora.method.auto_ne, docs/METHOD.md §3): the paper tunes ne per task on
-# validation data, which a user running defaults does not do. --ne-fraction 1/6 was the fixed default before.
-DEFAULT_NE_FRACTION = 1 / 6
-# --ne auto's default, chosen on val200 over 0.05 at --scale 1 and checked again at today's --scale 4 (74.8 against
-# 74.1 mean val200, docs/sweeps/defaults.md).
-AUTO_TOLERANCE = 0.02
+# The heads-off settings (ne, ne_fraction, ne_tolerance, ne_refine) are parsed and checked by
+# heartlora.method.heads_off, which holds their defaults: without a count or a share, the count is chosen at the end
+# of warmup on a fixed sample of training images (heartlora.method.auto_ne, docs/METHOD.md §3).
 # A K-shot run trains for at least this many optimizer steps (its epochs are raised when the profile's epochs give
 # fewer): 4 shots of 10 classes in batches of 32 are 2 steps an epoch, 20 steps in 10 epochs, too few to learn.
 MIN_FEWSHOT_STEPS = 100
@@ -76,7 +74,8 @@ class TrainConfig:
                                      "images by more than --ne-tolerance)", group="adapter", default_text="auto")
     ne_fraction: float | None = _opt(help="share of attention heads to switch off instead of --ne", group="adapter")
     ne_tolerance: float | None = _opt(help="--ne auto: the relative loss increase on sampled training images a "
-                                           "share of heads may cost", group="adapter", default_text="0.02")
+                                           "share of heads may cost", group="adapter",
+                                      default_text=f"{DEFAULT_TOLERANCE:g}")
     ne_refine: bool | None = _opt(help="--ne auto: do not try the share of heads halfway between the first share "
                                        "that fails and the last that passed (on by default: one more forward pass "
                                        "that can switch off 6 more of DINOv2-S's heads; docs/sweeps/ne_refine.md)",
@@ -160,7 +159,7 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         given = {k: v for k, v in cfg.settings().items() if v is not None}
         # the command line gives strings and "auto"s; the saved settings hold resolved values
         if "ne" in given:
-            given["ne"] = _parse_ne(given["ne"])
+            given["ne"] = parse_ne(given["ne"])
         if isinstance(cfg.targets, str):
             given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
         if given.get("pool") == "auto":
@@ -222,23 +221,8 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         out.targets = tuple(t for t in re.split(r"[,\s]+", out.targets) if t)
     out.targets = tuple(out.targets)
     if method.heart:
-        out.ne = _parse_ne(out.ne)
-        if out.ne is not None and out.ne_fraction is not None:
-            raise ConfigError("give --ne or --ne-fraction, not both")
-        if out.ne is None and out.ne_fraction is None:
-            out.ne = "auto"
-        if out.ne == "auto":
-            out.ne_tolerance = AUTO_TOLERANCE if out.ne_tolerance is None else float(out.ne_tolerance)
-            if out.ne_tolerance < 0:
-                raise ConfigError(f"--ne-tolerance {out.ne_tolerance} must not be negative")
-            out.ne_refine = True if out.ne_refine is None else bool(out.ne_refine)
-        elif out.ne_tolerance is not None or out.ne_refine is not None:
-            raise ConfigError(f"--ne-{'tolerance' if out.ne_tolerance is not None else 'refine'} applies to --ne auto "
-                              "only")
-        if isinstance(out.ne, int) and out.ne < 0:
-            raise ConfigError(f"--ne {out.ne} must be 0 or more")
-        if out.ne_fraction is not None and not 0.0 <= out.ne_fraction <= 1.0:
-            raise ConfigError(f"--ne-fraction {out.ne_fraction} must be between 0 and 1")
+        rule = parse_heads_off(out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)
+        out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine = rule.ne, rule.fraction, rule.tolerance, rule.refine
     elif any(v is not None for v in (out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)):
         heart = ", ".join(n for n in method_names() if get_method(n).heart)
         raise ConfigError(f"--ne/--ne-fraction switch attention heads off: use a method that does ({heart}), not "
@@ -270,19 +254,6 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
         raise ConfigError(f"--stop-after-epoch {out.stop_after_epoch} must be at least 1")
     return out
-
-
-def _parse_ne(value: Any) -> int | str | None:
-    """--ne as given (a string from the command line): None, "auto" or a count."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"--ne {value!r} is neither a number of attention heads nor auto") from None
 
 
 def _few_shot_floor(out: TrainConfig, keep_evaluations: bool = False) -> None:

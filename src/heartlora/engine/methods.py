@@ -129,18 +129,14 @@ class HeadLoRA(TrainingMethod):
                       record: dict[str, Any] | None = None) -> Heads:
         if not self.heart:
             return []
-        from heartlora.method import choose_ne, deactivate_heads
+        from heartlora.method.heads_off import parse_heads_off, switch_off
 
-        if cfg.ne == "auto":
-            if heldout is None:
-                raise ConfigError("--ne auto needs sampled training images; give a number with --ne")
-            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance,
-                               refine=bool(cfg.ne_refine))
-            if record is not None:
-                record["ne_choice"] = choice.to_dict()
-            return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)
-        return deactivate_heads(model, scores, ne=cfg.ne, fraction=cfg.ne_fraction, scope=cfg.scope,
-                                optimizer=optimizer)
+        rule = parse_heads_off(cfg.ne, cfg.ne_fraction, cfg.ne_tolerance, cfg.ne_refine)
+        off, choice = switch_off(model, scores, rule, scope=cfg.scope, optimizer=optimizer,
+                                 heldout=heldout() if rule.auto and heldout is not None else None)
+        if choice is not None and record is not None:
+            record["ne_choice"] = choice.to_dict()
+        return off
 
     def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
         if off:

@@ -33,7 +33,7 @@ from heartlora.engine.precision import compiled, matmul_precision, resolve_preci
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
 from heartlora.errors import ConfigError, HeartLoRAError, RunFolderError
-from heartlora.method.deactivate import ne_limit
+from heartlora.method.heads_off import check_count
 
 log = logging.getLogger(__name__)
 # --ne auto decides on this many training images (one forward pass each per candidate share).
@@ -227,14 +227,8 @@ class Trainer:
 
     def _check_ne(self) -> None:
         """Refuse an impossible --ne before any training time is spent (the core would refuse it after warmup)."""
-        cfg = self.cfg
-        if not self.method.heart or not isinstance(cfg.ne, int):
-            return
-        limit = ne_limit(self.per_layer, cfg.scope)
-        where = (f"the {limit} attention heads of {cfg.backbone}" if cfg.scope == "global"
-                 else f"the {limit} attention heads per layer")
-        if cfg.ne > limit:
-            raise ConfigError(f"--ne {cfg.ne} is more than {where}: choose --ne ≤ {limit} (or --ne-fraction)")
+        if self.method.heart:
+            check_count(self.cfg.ne, self.per_layer, self.cfg.scope, model=f"{self.cfg.backbone}'s")
 
     def notes(self, fresh: bool) -> list[str]:
         if not fresh:
