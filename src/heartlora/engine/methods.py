@@ -113,10 +113,9 @@ class HeadLoRA(TrainingMethod):
         self.description, self.bits, self.heart, self.defaults = description, bits, heart, defaults or {}
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-        from heartlora.method import HeartLoRAConfig, attach
+        from heartlora.method import attach
 
-        attach(model, HeartLoRAConfig(targets=cfg.targets, rank=cfg.rank, scale=cfg.scale, dropout=cfg.dropout,
-                                      bits=cfg.bits))
+        attach(model, cfg.adapter_config())
         return model, {}
 
     def tracker(self, model: nn.Module, cfg: Any) -> Any:
@@ -177,16 +176,12 @@ def method_names() -> list[str]:
 register_method("linear", LinearProbe())
 register_method("full", FullFineTune())
 register_method("lora", HeadLoRA("LoRA on the target projections, all attention heads"))
-# The 1-bit methods' scale: the best of {1, 4, 16} on val200 of the visible tasks (docs/sweeps/defaults.md); the
-# float methods take TrainConfig's (4).
-BI_SCALE = {"scale": 16.0}
-register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1,
-                                    defaults=BI_SCALE))
+# The 1-bit methods' adapters get HeartLoRAConfig's scale for 1 bit (16; 4 for the float ones, both chosen on val200).
+register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1))
 register_method("heart-lora", HeadLoRA("LoRA; least responsive attention heads off after warmup", heart=True))
 register_method("heart-lora-layer", HeadLoRA("heart-lora ranking heads within each layer (the paper's "
                                              "Heart-LoRA†)", heart=True, defaults={"scope": "layer"}))
-register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True,
-                                          defaults=BI_SCALE))
+register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True))
 
 METHODS = _REGISTRY  # name → method, live: registered baselines appear here too
 
