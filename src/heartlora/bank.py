@@ -35,7 +35,7 @@ from torch import nn
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.model import _detach, is_adapted
+from heartlora.method.model import is_adapted, remove_adapters
 from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
 
 
@@ -452,7 +452,7 @@ class AdapterBank:
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
                 copies = {s: self.model.get_submodule(s) for s in originals}
-                _detach(model)
+                remove_adapters(model)
             finally:
                 for s, m in originals.items():
                     _set_module(self.model, s, m)
