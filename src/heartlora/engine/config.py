@@ -159,14 +159,14 @@ DEFAULTS: dict[str, Any] = {f.name: f.metadata["fill"] for f in dataclasses.fiel
 FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag")}
 
 
-def _error(template: str) -> SettingError:
+def setting_error(template: str) -> SettingError:
     """An error about TrainConfig settings: ``{name}`` is the field in Python, the flag in the CLI."""
     return SettingError(template, flags=FLAGS)
 
 
 def check_threads(threads: int | None) -> None:
     if threads is not None and int(threads) < 1:
-        raise _error(f"{{threads}} must be at least 1, got {threads} (leave it out for PyTorch's own choice)")
+        raise setting_error(f"{{threads}} must be at least 1, got {threads} (leave it out for PyTorch's own choice)")
 
 
 def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
@@ -175,7 +175,7 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     resumed run's settings) the saved values fill the gaps instead, and an explicit setting that disagrees with them
     is an error. Errors name the TrainConfig field (``SettingError``; the CLI shows the flag)."""
     if cfg.resume and cfg.overwrite:
-        raise _error("{resume} and {overwrite} contradict each other: {resume} continues the run in {out}, "
+        raise setting_error("{resume} and {overwrite} contradict each other: {resume} continues the run in {out}, "
                      "{overwrite} starts it again from the beginning; pass one of them")
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
@@ -210,7 +210,7 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
              if _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
     if clash:
         what = ", ".join(f"{{{k}}} {a} (run has {b})" for k, (a, b) in clash.items())
-        raise _error(f"cannot resume with other settings: {what}; drop those, or start afresh with {{overwrite}} or "
+        raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with {{overwrite}} or "
                      "a new {out}")
     for k, v in saved.items():
         if hasattr(out, k):
@@ -227,11 +227,11 @@ def _method_defaults(out: TrainConfig) -> Any:
     from heartlora.engine.methods import get_method, method_names
 
     if out.task is None:
-        raise _error("no task given: set {task} (`heartlora data list` shows the task names)")
+        raise setting_error("no task given: set {task} (`heartlora data list` shows the task names)")
     if out.method is None:
         out.method = DEFAULTS["method"]
     if out.method not in method_names():
-        raise _error(f"unknown {{method}} {out.method!r}: choose one of {', '.join(method_names())}")
+        raise setting_error(f"unknown {{method}} {out.method!r}: choose one of {', '.join(method_names())}")
     method = get_method(out.method)
     for k, v in {**DEFAULTS, **method.defaults}.items():
         if getattr(out, k) is None:
@@ -245,7 +245,7 @@ def _method_defaults(out: TrainConfig) -> Any:
     if out.bits is None:
         out.bits = method.bits
     if not method.adapters and out.bits != FLOAT_BITS:
-        raise _error(f"{{bits}} applies to adapter methods only, not {out.method}")
+        raise setting_error(f"{{bits}} applies to adapter methods only, not {out.method}")
     adapter = out.adapter_config()
     if out.scale is None and adapter.bits == 1 and method.bits != 1:  # a float method asked for 1-bit adapters
         out.notes.append(f"--bits 1: scale {adapter.scale:g}, the 1-bit adapters' default (--scale sets it "
@@ -257,7 +257,7 @@ def _method_defaults(out: TrainConfig) -> Any:
         out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine = rule.ne, rule.fraction, rule.tolerance, rule.refine
     elif any(v is not None for v in (out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)):
         heart = ", ".join(n for n in method_names() if get_method(n).heart)
-        raise _error(f"{{ne}} and {{ne_fraction}} switch attention heads off: use a method that does ({heart}), "
+        raise setting_error(f"{{ne}} and {{ne_fraction}} switch attention heads off: use a method that does ({heart}), "
                      f"not {out.method}")
     return method
 
@@ -265,7 +265,7 @@ def _method_defaults(out: TrainConfig) -> Any:
 def _profile_defaults(out: TrainConfig) -> list[str]:
     """Step 2: the profile's schedule where none is given; returns the settings it filled."""
     if out.profile not in PROFILES:
-        raise _error(f"unknown {{profile}} {out.profile!r}: choose one of {', '.join(PROFILES)}")
+        raise setting_error(f"unknown {{profile}} {out.profile!r}: choose one of {', '.join(PROFILES)}")
     profile = PROFILES[out.profile]
     filled = [k for k, v in profile.items() if getattr(out, k) is None]
     for k in filled:
@@ -278,26 +278,26 @@ def _profile_defaults(out: TrainConfig) -> list[str]:
 def _check(out: TrainConfig, method: Any) -> None:
     """Step 3: the settings that no default fixes, checked."""
     if out.protocol not in PROTOCOLS:
-        raise _error(f"unknown {{protocol}} {out.protocol!r}: use val (train800 → val200) or final (→ test)")
+        raise setting_error(f"unknown {{protocol}} {out.protocol!r}: use val (train800 → val200) or final (→ test)")
     if out.precision not in PRECISIONS:
-        raise _error(f"unknown {{precision}} {out.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise setting_error(f"unknown {{precision}} {out.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if out.score_ema is not None and not (method.adapters and 0.0 <= out.score_ema < 1.0):
-        raise _error(f"{{score_ema}} {out.score_ema} needs an adapter method and a decay in [0, 1)")
+        raise setting_error(f"{{score_ema}} {out.score_ema} needs an adapter method and a decay in [0, 1)")
     if out.score_mode == "random" and (not method.heart or out.score_ema is not None):
-        raise _error("{score_mode} random (a random ranking of the heads to switch off) needs a heart-* method and "
+        raise setting_error("{score_mode} random (a random ranking of the heads to switch off) needs a heart-* method and "
                      "no {score_ema} (it ignores the scores)")
     if out.score_steps is not None and (not method.heart or int(out.score_steps) < 1):
-        raise _error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
+        raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
-        raise _error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
+        raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
     for name in ("epochs", "batch_size", "img_size", "eval_every"):
         if int(getattr(out, name)) < 1:
-            raise _error(f"{{{name}}} must be at least 1, got {getattr(out, name)}")
+            raise setting_error(f"{{{name}}} must be at least 1, got {getattr(out, name)}")
     check_threads(out.threads)
     if out.lr <= 0 or out.weight_decay < 0:
-        raise _error("{lr} must be positive and {weight_decay} not negative")
+        raise setting_error("{lr} must be positive and {weight_decay} not negative")
     if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
-        raise _error(f"{{stop_after_epoch}} {out.stop_after_epoch} must be at least 1")
+        raise setting_error(f"{{stop_after_epoch}} {out.stop_after_epoch} must be at least 1")
 
 
 def _warmup(out: TrainConfig, method: Any) -> None:
@@ -307,7 +307,7 @@ def _warmup(out: TrainConfig, method: Any) -> None:
         if method.heart:
             out.warmup_epochs = max(1, out.warmup_epochs)
     if not 0 <= out.warmup_epochs <= out.epochs or (method.heart and out.warmup_epochs < 1):
-        raise _error(f"{{warmup_epochs}} {out.warmup_epochs} must be between {1 if method.heart else 0} and "
+        raise setting_error(f"{{warmup_epochs}} {out.warmup_epochs} must be between {1 if method.heart else 0} and "
                      f"{{epochs}} {out.epochs}")
 
 

@@ -39,6 +39,7 @@ from heartlora.method import (
     deactivate_heads,
     head_masks,
 )
+from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 
@@ -429,7 +430,7 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
 def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *, batches: int = 8,
                batch_size: int = 32, split: str = "val200", out: str | os.PathLike | None = None,
                peft_out: str | os.PathLike | None = None, backbone: str | None = None, img_size: int | None = None,
-               scope: str = "global", heldout_images: int = 256, seed: int = 0, score_mode: str = "abs_sum",
+               scope: str = "global", heldout_images: int = HELDOUT_IMAGES, seed: int = 0, score_mode: str = "abs_sum",
                score_seed: int | None = None, tolerance: float | None = None) -> dict[str, Any]:
     """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
     the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``

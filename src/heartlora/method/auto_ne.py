@@ -31,6 +31,9 @@ DEFAULT_FRACTIONS = (0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3)
 # ne auto's tolerance, chosen on val200 over 0.05 at scale 1 and checked again at today's default scale 4 (74.8
 # against 74.1 mean val200, docs/sweeps/defaults.md). The one definition: the CLI's help and the defaults read it.
 DEFAULT_TOLERANCE = 0.02
+# ne auto decides on this many sampled training images (one forward pass each per candidate share): heartlora train
+# and heartlora prune take the same number.
+HELDOUT_IMAGES = 256
 
 
 @dataclass
