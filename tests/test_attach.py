@@ -47,8 +47,8 @@ def test_deit_distilled_trains_and_stores_both_heads() -> None:
     hl.attach(model, hl.HeartLoRAConfig(rank=2))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora" not in n}
     assert trainable == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
-    from heartlora.method.model import _state
-    assert _state(model).modules_to_save == ("head", "head_dist")
+    from heartlora.method.model import attach_state
+    assert attach_state(model).modules_to_save == ("head", "head_dist")
 
 
 def test_verify_needs_an_input_it_can_tell() -> None:

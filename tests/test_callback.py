@@ -77,19 +77,23 @@ def test_callback_refuses_a_model_without_heartlora_adapters(tmp_path):
 
 
 def test_callback_checks_its_settings():
-    with pytest.raises(ConfigError, match="exactly one of ne"):
+    with pytest.raises(ConfigError, match=r"give ne \(a number of heads, or auto\) or fraction"):
         HeartLoRACallback(warmup_steps=2)
     with pytest.raises(ConfigError, match="at least 1"):
         HeartLoRACallback(warmup_steps=0, ne=1)
 
 
-def test_callback_refuses_auto_and_impossible_counts_before_training(tmp_path):
+def test_callback_refuses_impossible_settings_before_training(tmp_path):
     """ne='auto' used to crash mid-train with a TypeError; ne above the head count, or a warmup as long as the run
     (no heads ever switched off), were found only at the end of the warmup or never."""
-    with pytest.raises(ConfigError, match="ne='auto' is not offered"):
+    with pytest.raises(ConfigError, match=r"ne='auto' chooses the count on a fixed sample .* pass heldout="):
         HeartLoRACallback(warmup_steps=2, ne="auto")
-    with pytest.raises(ConfigError, match=r"fraction 1\.5 must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match="heldout= is what ne='auto' chooses on"):
+        HeartLoRACallback(warmup_steps=2, ne=1, heldout=[(torch.zeros(1, 3, 16, 16), torch.zeros(1).long())])
+    with pytest.raises(ConfigError, match=r"fraction 1\.5 must be a share of the attention heads between 0 and 1"):
         HeartLoRACallback(warmup_steps=2, fraction=1.5)
+    with pytest.raises(ConfigError, match="tolerance applies to ne auto only"):
+        HeartLoRACallback(warmup_steps=2, ne=1, tolerance=0.1)
     model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))  # 2 layers of 4 heads
     with pytest.raises(ConfigError, match="ne 9 is more than the model's 8 attention heads"):
         _trainer(model, HeartLoRACallback(warmup_steps=1, ne=9), tmp_path, steps=3).train()
@@ -98,6 +102,19 @@ def test_callback_refuses_auto_and_impossible_counts_before_training(tmp_path):
     with pytest.raises(ConfigError, match="warmup_steps 3 is not below the run's 3 optimizer steps"):
         _trainer(model, HeartLoRACallback(warmup_steps=3, ne=1), tmp_path, steps=3).train()
     assert all(all(m) for m in hl.head_masks(model).values())
+
+
+def test_callback_chooses_ne_auto_on_heldout_batches_as_train_does(tmp_path):
+    """ne='auto' goes through the same parser and the same choice as `heartlora train --ne auto`: at an infinite
+    tolerance every candidate share passes and the largest is switched off, with the evidence in ``choice``."""
+    model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    data = _data(8)
+    heldout = [(torch.stack([d["pixel_values"] for d in data]), torch.tensor([d["labels"] for d in data]))]
+    cb = HeartLoRACallback(warmup_steps=2, ne="auto", tolerance=1e9, heldout=heldout)
+    assert cb.rule.refine is True and cb.rule.tolerance == 1e9
+    _trainer(model, cb, tmp_path).train()
+    assert cb.choice is not None and cb.choice.fraction == max(c["fraction"] for c in cb.choice.candidates) > 0
+    assert len(cb.heads_off) == cb.choice.ne == sum(not on for m in hl.head_masks(model).values() for on in m) > 0
 
 
 def test_ecosystem_example_runs(tmp_path, capsys):

@@ -274,11 +274,12 @@ def test_resigned_damage_loads_or_raises_a_heartlora_error(bits: int, version: i
 
 
 def test_a_changed_setting_with_the_old_checksum_is_corrupt(tmp_path: Path) -> None:
-    """Item 1 of issue 10: ``"scale": 1.0`` → ``9.0`` used to load silently and change every prediction."""
+    """Item 1 of issue 10: a stored scale edited (``"scale": 4.0`` → ``9.0``) used to load silently and change every
+    prediction."""
     good = tmp_path / "adapter.safetensors"
     write_run_file(good, 32)
     header, payload = split(good.read_bytes())
-    for old, new in [('"scale": 1.0', '"scale": 9.0'), ('["a", "b", "c"]', '["c", "b", "a"]')]:
+    for old, new in [('"scale": 4.0', '"scale": 9.0'), ('["a", "b", "c"]', '["c", "b", "a"]')]:
         text = header["__metadata__"][storage._META_KEY]
         assert old in text
         edited = {**header, "__metadata__": {**header["__metadata__"], storage._META_KEY: text.replace(old, new)}}

@@ -210,7 +210,7 @@ def test_prune_auto_tolerance_reaches_the_choice(hf_dir, tmp_path):
     loose, default = prune(tolerance=1e9), prune()
     assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0
     assert default["ne"] <= loose["ne"] and "0.02" in default["ne_choice"]["rule"]
-    with pytest.raises(ConfigError, match="must not be negative"):
+    with pytest.raises(ConfigError, match="tolerance -0.1 must be a number >= 0"):
         prune(tolerance=-0.1)
 
 
@@ -315,7 +315,9 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     loose = json.loads(capsys.readouterr().out)  # every share passes: the largest candidate is taken
     assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
-    assert "neither auto nor a number" in capsys.readouterr().err
+    assert "error: --ne 'many' is neither a number of attention heads nor auto" in capsys.readouterr().err
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--ne-tolerance", "0.1"]) == 2
+    assert "error: --ne-tolerance applies to --ne auto only" in capsys.readouterr().err  # the CLI names its flags
 
     # An existing output is refused before any scoring; the count says which heads the PEFT folder had off already.
     kept = out.read_bytes()

@@ -90,9 +90,9 @@ def test_random_control_switches_off_the_heads_its_seed_draws(tmp_path: Path, ta
 @pytest.mark.parametrize("kw, match", [
     (dict(method="lora", score_steps=3), "heart-"),
     (dict(method="heart-lora", score_steps=0), "at least 1"),
-    (dict(method="heart-lora", score_restart=True), "--score-steps N"),
+    (dict(method="heart-lora", score_restart=True), "give score_steps too"),
     (dict(method="lora", score_mode="random"), "random .* needs a heart-\\* method"),
-    (dict(method="heart-lora", score_mode="random", score_ema=0.5), "no --score-ema"),
+    (dict(method="heart-lora", score_mode="random", score_ema=0.5), "no score_ema"),
 ])
 def test_score_flags_refuse_nonsense(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -107,7 +107,7 @@ def test_probe_longer_than_the_run_is_refused(tmp_path: Path, task: str) -> None
 def test_a_short_probe_needs_a_fixed_count(tmp_path: Path, task: str) -> None:
     """--ne auto after a probe shorter than the warmup sees adapters near zero: every share passes, so it is refused
     before any training; a fixed count or share runs, and a probe as long as the warmup may keep --ne auto."""
-    with pytest.raises(ConfigError, match="--score-steps 2 with --ne auto"):
+    with pytest.raises(ConfigError, match="score_steps 2 with ne auto"):
         train(tiny(tmp_path / "auto", task, method="heart-lora", ne="auto", score_steps=2))
     assert not (tmp_path / "auto").exists()
     fixed = train(tiny(tmp_path / "fraction", task, method="heart-lora", ne_fraction=0.25, score_steps=2))

@@ -1,4 +1,4 @@
-"""Adapter files: round trips, the byte counts of SPEC §4, and refusing bad files."""
+"""Adapter files: round trips, the byte counts of docs/METHOD.md §4, and refusing bad files."""
 
 from __future__ import annotations
 

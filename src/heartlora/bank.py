@@ -35,7 +35,7 @@ from torch import nn
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.model import _detach, is_adapted
+from heartlora.method.model import is_adapted, remove_adapters
 from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
 
 
@@ -90,7 +90,8 @@ class BankLinear(nn.Module):
     zero unit) through small index tables, and runs one batched product per factor for the whole batch: a fixed
     number of operators whatever the number of tasks."""
 
-    GATHER_FROM = 16  # groups in a call from which the batched path runs (docs/research/ECOSYSTEM_BANK.md: the crossover)
+    # groups in a call from which the batched path runs (docs/research/ECOSYSTEM_BANK.md: the crossover)
+    GATHER_FROM = 16
 
     def __init__(self, base_layer: nn.Module, route: _Route) -> None:
         super().__init__()
@@ -452,7 +453,7 @@ class AdapterBank:
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
                 copies = {s: self.model.get_submodule(s) for s in originals}
-                _detach(model)
+                remove_adapters(model)
             finally:
                 for s, m in originals.items():
                     _set_module(self.model, s, m)

@@ -1,6 +1,11 @@
 """Errors a user can act on. Each message names the problem and the fix in one line; the CLI prints it without a
 traceback (``--debug`` shows one)."""
 
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
 
 class HeartLoRAError(Exception):
     """Base class of every error heartlora raises on purpose."""
@@ -8,6 +13,23 @@ class HeartLoRAError(Exception):
 
 class ConfigError(HeartLoRAError, ValueError):
     """A setting is invalid (unknown target, ne larger than the number of heads, …)."""
+
+
+class SettingError(ConfigError):
+    """A ConfigError about named settings, written once for two audiences: ``str()`` names each setting as the Python
+    field (``ne_fraction``, or the caller's own name from ``names``), ``for_cli()`` as the command line's flag
+    (``--ne-fraction``, or the one in ``flags``). In ``template`` a setting's name stands as ``{name}``."""
+
+    def __init__(self, template: str, names: Mapping[str, str] | None = None,
+                 flags: Mapping[str, str] | None = None) -> None:
+        self.template, self.names, self.flags = template, dict(names or {}), dict(flags or {})
+        super().__init__(self._render(lambda n: self.names.get(n, n)))
+
+    def for_cli(self) -> str:
+        return self._render(lambda n: self.flags.get(n) or "--" + n.replace("_", "-"))
+
+    def _render(self, name: Callable[[str], str]) -> str:
+        return re.sub(r"\{([a-z][a-z0-9_]*)\}", lambda m: name(m.group(1)), self.template)
 
 
 class UnsupportedBackboneError(HeartLoRAError):

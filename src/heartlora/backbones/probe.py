@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.model import _call, _tensors, attention_layers, wrappers
+from heartlora.method.model import attention_layers, call_model, float_tensors, wrappers
 
 C = 2.0
 TOL = 1e-9  # float64: exact identities hold to ~1e-14
@@ -58,7 +58,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def row_checks(model: nn.Module, example_input: Any, layers: list[str] | None = None,
                heads: tuple[int, ...] = (0, -1)) -> dict[str, dict[str, str]]:
     """Layer name → {check: "ok" or what went wrong} for the adapted ``layers`` (all by default) of ``model``,
-    which is left untouched (the checks run on a float64 copy)."""
+    which is left untouched (the checks run on a float64 copy), as is the caller's random stream (each forward
+    reseeds, inside a fork of the generators)."""
+    gpus = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=gpus):
+        return _row_checks(model, example_input, layers, heads, gpus)
+
+
+def _row_checks(model: nn.Module, example_input: Any, layers: list[str] | None, heads: tuple[int, ...],
+                gpus: list[int]) -> dict[str, dict[str, str]]:
     model = copy.deepcopy(model).double().eval()
     _zero_biases(model)
     x = example_input.double() if isinstance(example_input, torch.Tensor) and example_input.is_floating_point() \
@@ -72,12 +80,15 @@ def row_checks(model: nn.Module, example_input: Any, layers: list[str] | None = 
         # o's output: affine in v and free of what follows o (BERT's residual LayerNorm); the module's without o
         module = _wrapper_of(model, projs["o"]) if "o" in projs else model.get_submodule(layer.name)
         seen: list[torch.Tensor] = []
-        hook = module.register_forward_hook(lambda m, i, o, seen=seen: seen.extend(_tensors(o)) if not seen else None)
+        hook = module.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.extend(float_tensors(o)) if not seen else None)
 
         def out(seen: list[torch.Tensor] = seen) -> torch.Tensor:
             seen.clear()
-            torch.manual_seed(0)  # models that draw noise in their forward (ViTMAE's shuffle) draw the same
-            _call(model, x)
+            torch.default_generator.manual_seed(0)  # models that draw noise in their forward (ViTMAE's shuffle)
+            for i in gpus:  # draw the same each time
+                torch.cuda.default_generators[i].manual_seed(0)
+            call_model(model, x)
             return torch.cat([t.detach().reshape(-1) for t in seen])
 
         w = {t: _wrapper_of(model, p).base_layer.weight for t, p in projs.items()}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from heartlora.errors import HeartLoRAError
+from heartlora.errors import HeartLoRAError, SettingError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -360,9 +360,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from heartlora.integrations import prune_peft
 
-    if args.ne != "auto" and not args.ne.isdigit():
-        raise HeartLoRAError(f"--ne {args.ne!r} is neither auto nor a number of heads")
-    ne: int | str = args.ne if args.ne == "auto" else int(args.ne)
+    from heartlora.method.heads_off import parse_heads_off
+
+    ne = parse_heads_off(args.ne, tolerance=args.ne_tolerance).ne  # checked before any file is looked at
     out = args.out or str(Path(args.peft_dir).with_name(Path(args.peft_dir).name + ".pruned.safetensors"))
     _refuse_to_replace(Path(out), args.overwrite)  # before any scoring time is spent
     if args.peft_out:
@@ -510,6 +510,8 @@ def _field_choices(name: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from heartlora.method.auto_ne import DEFAULT_TOLERANCE
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
@@ -605,9 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "count as a Taylor prune, to compare the two)")
     p.add_argument("--score-seed", type=int, default=0, help="the random control's draw (default 0)")
     p.add_argument("--ne-tolerance", type=float, default=None,
-                   help="--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
-                        "training images by at most this fraction of it (default 0.02). An adapter that fits its "
-                        "training images has a loss near 0, so 0.02 of it is strict: raise it, or give a number")
+                   help=f"--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
+                        f"training images by at most this fraction of it (default {DEFAULT_TOLERANCE:g}). An adapter "
+                        f"that fits its training images has a loss near 0, so {DEFAULT_TOLERANCE:g} of it is strict: "
+                        "raise it, or give a number")
     p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")
@@ -631,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join((exc.for_cli() if isinstance(exc, SettingError) else str(exc)).split())
     return text or type(exc).__name__
 
 

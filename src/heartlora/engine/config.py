@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heartlora.errors import ConfigError
+from heartlora.errors import SettingError
+from heartlora.method.auto_ne import DEFAULT_TOLERANCE
+from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
+from heartlora.method.heads_off import parse_heads_off, parse_ne
 
 # Defaults per profile. "paper" is the VTAB-1K protocol of the reference code (docs/METHOD.md §5); "cpu" fits a
 # 2-core machine.
@@ -22,13 +25,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {"img_size": 224, "epochs": 100, "batch_size": 64},
     "cpu": {"img_size": 112, "epochs": 10, "batch_size": 32},
 }
-# Without --ne or --ne-fraction, the number of heads switched off is chosen at the end of warmup from a fixed
-# sample of training images (heartlora.method.auto_ne, docs/METHOD.md §3): the paper tunes ne per task on
-# validation data, which a user running defaults does not do. --ne-fraction 1/6 was the fixed default before.
-DEFAULT_NE_FRACTION = 1 / 6
-# --ne auto's default, chosen on val200 over 0.05 at --scale 1 and checked again at today's --scale 4 (74.8 against
-# 74.1 mean val200, docs/research/sweeps/defaults.md).
-AUTO_TOLERANCE = 0.02
+# The heads-off settings (ne, ne_fraction, ne_tolerance, ne_refine) are parsed and checked by
+# heartlora.method.heads_off, which holds their defaults: without a count or a share, the count is chosen at the end
+# of warmup on a fixed sample of training images (heartlora.method.auto_ne, docs/METHOD.md §3).
 # A K-shot run trains for at least this many optimizer steps (its epochs are raised when the profile's epochs give
 # fewer): 4 shots of 10 classes in batches of 32 are 2 steps an epoch, 20 steps in 10 epochs, too few to learn.
 MIN_FEWSHOT_STEPS = 100
@@ -47,6 +46,19 @@ def _opt(default: Any = None, help: str = "", group: str = "run", default_text: 
     return field(default=default, metadata=meta)
 
 
+_ADAPTER = {f.name: f for f in dataclasses.fields(HeartLoRAConfig)}
+# The adapter settings a run takes: HeartLoRAConfig declares them, their help and their defaults (the one source);
+# here None means "HeartLoRAConfig's default for the method's bits".
+ADAPTER_FIELDS = ("targets", "rank", "scale", "bits", "dropout")
+
+
+def _adapter_opt(name: str, cli: str = "", default_text: str | None = None) -> Any:
+    """A TrainConfig field for HeartLoRAConfig's setting ``name``, with its help (plus ``cli``) and its default."""
+    f = _ADAPTER[name]
+    shown = f.metadata.get("default_text") or (",".join(f.default) if isinstance(f.default, tuple) else f.default)
+    return _opt(help=f.metadata["help"] + cli, group="adapter", default_text=default_text or str(shown))
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``None`` means "the default of the profile / protocol / method" (see
@@ -63,23 +75,22 @@ class TrainConfig:
                                  "(cls+mean), or the backbone family's own convention (auto: cls+mean for DINOv2, cls "
                                  "for the others)", group="what to train", choices=("auto", "cls", "cls+mean"),
                             fill="auto")
-    targets: tuple[str, ...] | None = _opt(help="projections to adapt, comma-separated from q,k,v,o", group="adapter",
-                                           fill=("q", "v"), default_text="q,v")
-    rank: int | None = _opt(help="LoRA rank", group="adapter", fill=8)
-    scale: float | None = _opt(help="LoRA scale s of the update s·BA (chosen on val200, docs/research/sweeps/defaults.md)",
-                               group="adapter", fill=4.0, default_text="4; 16 for the 1-bit methods")
-    bits: int | None = _opt(help="adapter bits: 32 float, 1..8 quantized", group="adapter",
-                            default_text="1 for *bi-lora, else 32")
-    dropout: float | None = _opt(help="adapter input dropout", group="adapter", fill=0.0)
+    targets: tuple[str, ...] | None = _adapter_opt("targets", cli=", comma-separated")
+    rank: int | None = _adapter_opt("rank")
+    scale: float | None = _adapter_opt("scale")
+    bits: int | None = _adapter_opt("bits", default_text="1 for *bi-lora, else 32")
+    dropout: float | None = _adapter_opt("dropout")
     ne: int | str | None = _opt(help="attention heads to switch off after warmup (heart-*): a count, or auto (the "
                                      "largest share whose switch-off does not raise the loss on sampled training "
                                      "images by more than --ne-tolerance)", group="adapter", default_text="auto")
     ne_fraction: float | None = _opt(help="share of attention heads to switch off instead of --ne", group="adapter")
     ne_tolerance: float | None = _opt(help="--ne auto: the relative loss increase on sampled training images a "
-                                           "share of heads may cost", group="adapter", default_text="0.02")
+                                           "share of heads may cost", group="adapter",
+                                      default_text=f"{DEFAULT_TOLERANCE:g}")
     ne_refine: bool | None = _opt(help="--ne auto: do not try the share of heads halfway between the first share "
                                        "that fails and the last that passed (on by default: one more forward pass "
-                                       "that can switch off 6 more of DINOv2-S's heads; docs/research/sweeps/ne_refine.md)",
+                                       "that can switch off 6 more of DINOv2-S's heads; "
+                                       "docs/research/sweeps/ne_refine.md)",
                                   group="adapter", flag="--no-ne-refine")
     scope: str | None = _opt(help="rank attention heads over the model or per layer", group="adapter",
                              choices=("global", "layer"), fill="global",
@@ -130,6 +141,10 @@ class TrainConfig:
     stop_after_epoch: int | None = _opt(help="end after this epoch's checkpoint", runtime=True, hidden=True)
     notes: list[str] = field(default_factory=list, repr=False, metadata={"runtime": True, "hidden": True})
 
+    def adapter_config(self) -> HeartLoRAConfig:
+        """The adapter these settings attach (HeartLoRAConfig's defaults where none is given)."""
+        return HeartLoRAConfig(**{k: getattr(self, k) for k in ADAPTER_FIELDS if getattr(self, k) is not None})
+
     def settings(self) -> dict[str, Any]:
         """The result-determining settings as a JSON-able dict."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("runtime")}
@@ -142,57 +157,83 @@ DEFAULTS: dict[str, Any] = {f.name: f.metadata["fill"] for f in dataclasses.fiel
                             if f.metadata.get("fill") is not None}
 
 
+FLAGS = {f.name: f.metadata["flag"] for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag")}
+
+
+def setting_error(template: str) -> SettingError:
+    """An error about TrainConfig settings: ``{name}`` is the field in Python, the flag in the CLI."""
+    return SettingError(template, flags=FLAGS)
+
+
 def check_threads(threads: int | None) -> None:
     if threads is not None and int(threads) < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads} (leave it out for torch's own choice)")
+        raise setting_error(f"{{threads}} must be at least 1, got {threads} (leave it out for PyTorch's own choice)")
 
 
 def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
-    """A copy of ``cfg`` with every default filled in and checked. With ``saved`` (a resumed run's settings) the
-    saved values fill the gaps, and an explicit flag that disagrees with them is an error."""
-    from heartlora.engine.methods import get_method, method_names
-
+    """A copy of ``cfg`` with every default filled in and checked, in named steps: the method's defaults (and the
+    adapter's, from HeartLoRAConfig), the profile's, the checks, the few-shot floor, the warmup. With ``saved`` (a
+    resumed run's settings) the saved values fill the gaps instead, and an explicit setting that disagrees with them
+    is an error. Errors name the TrainConfig field (``SettingError``; the CLI shows the flag)."""
     if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
-                          "--overwrite starts it again from the beginning; pass one of them")
+        raise setting_error("{resume} and {overwrite} contradict each other: {resume} continues the run in {out}, "
+                     "{overwrite} starts it again from the beginning; pass one of them")
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
-        given = {k: v for k, v in cfg.settings().items() if v is not None}
-        # the command line gives strings and "auto"s; the saved settings hold resolved values
-        if "ne" in given:
-            given["ne"] = _parse_ne(given["ne"])
-        if isinstance(cfg.targets, str):
-            given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
-        if given.get("pool") == "auto":
-            from heartlora.backbones import conventional_pool
+        return _with_saved(cfg, out, saved)
+    method = _method_defaults(out)
+    filled = _profile_defaults(out)
+    _check(out, method)
+    if "epochs" in filled:
+        _few_shot_floor(out, keep_evaluations=cfg.eval_every is None)
+    _warmup(out, method)
+    return out
 
-            given["pool"] = conventional_pool(given.get("backbone", saved.get("backbone", "")))
-        clash = {k: (v, saved.get(k, DEFAULTS.get(k))) for k, v in given.items()
-                 if _norm(v) != _norm(saved.get(k, DEFAULTS.get(k)))}
-        if clash:
-            what = ", ".join(f"--{k.replace('_', '-')} {a} (run has {b})" for k, (a, b) in clash.items())
-            raise ConfigError(f"cannot resume with other settings: {what}; drop those flags, or start afresh with "
-                              "--overwrite or a new --out")
-        for k, v in saved.items():
-            if hasattr(out, k):
-                setattr(out, k, tuple(v) if k == "targets" and v is not None else v)
-        for k, v in DEFAULTS.items():  # settings added after the run was started keep their old behaviour
-            if getattr(out, k) is None and k not in saved:
-                setattr(out, k, v)
-        return out
+
+def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
+    """Resume: the saved settings fill ``out``; a setting given that disagrees with them is an error."""
+    given = {k: v for k, v in cfg.settings().items() if v is not None}
+    # the command line gives strings and "auto"s; the saved settings hold resolved values
+    if "ne" in given:
+        given["ne"] = parse_ne(given["ne"])
+    if isinstance(cfg.targets, str):
+        given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
+    if "targets" in given and saved.get("targets") is not None:  # the same projections in any order: the same run
+        given["targets"] = [t for t in TARGETS if t in given["targets"]]
+        was = {**saved, "targets": [t for t in TARGETS if t in saved["targets"]]}
+    else:
+        was = saved
+    if given.get("pool") == "auto":
+        from heartlora.backbones import conventional_pool
+
+        given["pool"] = conventional_pool(given.get("backbone", saved.get("backbone", "")))
+    clash = {k: (v, was.get(k, DEFAULTS.get(k))) for k, v in given.items()
+             if _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
+    if clash:
+        what = ", ".join(f"{{{k}}} {a} (run has {b})" for k, (a, b) in clash.items())
+        raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with {{overwrite}} or "
+                     "a new {out}")
+    for k, v in saved.items():
+        if hasattr(out, k):
+            setattr(out, k, tuple(v) if k == "targets" and v is not None else v)
+    for k, v in DEFAULTS.items():  # settings added after the run was started keep their old behaviour
+        if getattr(out, k) is None and k not in saved:
+            setattr(out, k, v)
+    return out
+
+
+def _method_defaults(out: TrainConfig) -> Any:
+    """Step 1: the method and what it decides: the global and the method's defaults, the backbone's pool, the
+    adapter (HeartLoRAConfig's defaults for the method's bits) and the heads-off rule. Returns the method."""
+    from heartlora.engine.methods import get_method, method_names
 
     if out.task is None:
-        raise ConfigError("no task given: pass --task NAME (`heartlora data list` shows them)")
+        raise setting_error("no task given: set {task} (`heartlora data list` shows the task names)")
     if out.method is None:
         out.method = DEFAULTS["method"]
     if out.method not in method_names():
-        raise ConfigError(f"unknown method {out.method!r}: choose one of {', '.join(method_names())}")
+        raise setting_error(f"unknown {{method}} {out.method!r}: choose one of {', '.join(method_names())}")
     method = get_method(out.method)
-    if out.scale is None and out.bits == 1 and method.bits != 1:  # a float method asked for 1-bit adapters
-        from heartlora.engine.methods import BI_SCALE
-
-        out.scale = BI_SCALE["scale"]
-        out.notes.append(f"--bits 1: scale {out.scale:g}, the 1-bit methods' default (--scale sets it yourself)")
     for k, v in {**DEFAULTS, **method.defaults}.items():
         if getattr(out, k) is None:
             setattr(out, k, v)
@@ -200,93 +241,79 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
         from heartlora.backbones import conventional_pool
 
         out.pool = conventional_pool(out.backbone)
+    for k, v in method.forced.items():
+        setattr(out, k, v)
+    if out.bits is None:
+        out.bits = method.bits
+    if not method.adapters and out.bits != FLOAT_BITS:
+        raise setting_error(f"{{bits}} applies to adapter methods only, not {out.method}")
+    adapter = out.adapter_config()
+    if out.scale is None and adapter.bits == 1 and method.bits != 1:  # a float method asked for 1-bit adapters
+        out.notes.append(f"--bits 1: scale {adapter.scale:g}, the 1-bit adapters' default (--scale sets it "
+                         "yourself)")
+    for k in ADAPTER_FIELDS:
+        setattr(out, k, getattr(adapter, k))
+    if method.heart:
+        rule = parse_heads_off(out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)
+        out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine = rule.ne, rule.fraction, rule.tolerance, rule.refine
+    elif any(v is not None for v in (out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)):
+        heart = ", ".join(n for n in method_names() if get_method(n).heart)
+        raise setting_error(f"{{ne}} and {{ne_fraction}} switch attention heads off: use a method that does ({heart}), "
+                     f"not {out.method}")
+    return method
+
+
+def _profile_defaults(out: TrainConfig) -> list[str]:
+    """Step 2: the profile's schedule where none is given; returns the settings it filled."""
     if out.profile not in PROFILES:
-        raise ConfigError(f"unknown profile {out.profile!r}: choose one of {', '.join(PROFILES)}")
-    if out.protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {out.protocol!r}: use val (train800 → val200) or final (→ test)")
-    if out.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {out.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise setting_error(f"unknown {{profile}} {out.profile!r}: choose one of {', '.join(PROFILES)}")
     profile = PROFILES[out.profile]
     filled = [k for k, v in profile.items() if getattr(out, k) is None]
     for k in filled:
         setattr(out, k, profile[k])
     if out.profile != "paper" and filled:
         out.notes.append(f"profile {out.profile}: " + ", ".join(f"{k.replace('_', '-')} {profile[k]}" for k in filled))
-    if out.bits is None:
-        out.bits = method.bits
-    if not method.adapters and out.bits != 32:
-        raise ConfigError(f"--bits applies to adapter methods only, not {out.method}")
-    for k, v in method.forced.items():
-        setattr(out, k, v)
-    if isinstance(out.targets, str):
-        out.targets = tuple(t for t in re.split(r"[,\s]+", out.targets) if t)
-    out.targets = tuple(out.targets)
-    if method.heart:
-        out.ne = _parse_ne(out.ne)
-        if out.ne is not None and out.ne_fraction is not None:
-            raise ConfigError("give --ne or --ne-fraction, not both")
-        if out.ne is None and out.ne_fraction is None:
-            out.ne = "auto"
-        if out.ne == "auto":
-            out.ne_tolerance = AUTO_TOLERANCE if out.ne_tolerance is None else float(out.ne_tolerance)
-            if out.ne_tolerance < 0:
-                raise ConfigError(f"--ne-tolerance {out.ne_tolerance} must not be negative")
-            out.ne_refine = True if out.ne_refine is None else bool(out.ne_refine)
-        elif out.ne_tolerance is not None or out.ne_refine is not None:
-            raise ConfigError(f"--ne-{'tolerance' if out.ne_tolerance is not None else 'refine'} applies to --ne auto "
-                              "only")
-        if isinstance(out.ne, int) and out.ne < 0:
-            raise ConfigError(f"--ne {out.ne} must be 0 or more")
-        if out.ne_fraction is not None and not 0.0 <= out.ne_fraction <= 1.0:
-            raise ConfigError(f"--ne-fraction {out.ne_fraction} must be between 0 and 1")
-    elif any(v is not None for v in (out.ne, out.ne_fraction, out.ne_tolerance, out.ne_refine)):
-        heart = ", ".join(n for n in method_names() if get_method(n).heart)
-        raise ConfigError(f"--ne/--ne-fraction switch attention heads off: use a method that does ({heart}), not "
-                          f"{out.method}")
+    return filled
+
+
+def _check(out: TrainConfig, method: Any) -> None:
+    """Step 3: the settings that no default fixes, checked."""
+    if out.protocol not in PROTOCOLS:
+        raise setting_error(f"unknown {{protocol}} {out.protocol!r}: use val (train800 → val200) or final (→ test)")
+    if out.precision not in PRECISIONS:
+        raise setting_error(f"unknown {{precision}} {out.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if out.score_ema is not None and not (method.adapters and 0.0 <= out.score_ema < 1.0):
-        raise ConfigError(f"--score-ema {out.score_ema} needs an adapter method and a decay in [0, 1)")
+        raise setting_error(f"{{score_ema}} {out.score_ema} needs an adapter method and a decay in [0, 1)")
     if out.score_mode == "random" and (not method.heart or out.score_ema is not None):
-        raise ConfigError("--score-mode random (a random ranking of the heads to switch off) needs a heart-* method "
-                          "and no --score-ema (it ignores the scores)")
+        raise setting_error("{score_mode} random (a random ranking of the heads to switch off) needs a heart-* "
+                            "method and no {score_ema} (it ignores the scores)")
     if out.score_steps is not None and (not method.heart or int(out.score_steps) < 1):
-        raise ConfigError(f"--score-steps {out.score_steps} needs a heart-* method and at least 1 step")
+        raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
-        raise ConfigError("--score-restart restarts after a --score-steps probe: give --score-steps N too")
-    for name in ("epochs", "batch_size", "img_size", "rank", "eval_every"):
+        raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
+    for name in ("epochs", "batch_size", "img_size", "eval_every"):
         if int(getattr(out, name)) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
-    if "epochs" in filled:
-        _few_shot_floor(out, keep_evaluations=cfg.eval_every is None)
+            raise setting_error(f"{{{name}}} must be at least 1, got {getattr(out, name)}")
+    check_threads(out.threads)
+    if out.lr <= 0 or out.weight_decay < 0:
+        raise setting_error("{lr} must be positive and {weight_decay} not negative")
+    if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
+        raise setting_error(f"{{stop_after_epoch}} {out.stop_after_epoch} must be at least 1")
+
+
+def _warmup(out: TrainConfig, method: Any) -> None:
+    """Step 5 (after the few-shot floor, which may raise the epochs): the warmup epochs, filled and checked."""
     if out.warmup_epochs is None:
         out.warmup_epochs = max(1, round(WARMUP_SHARE * out.epochs)) if out.epochs > 1 else 0
         if method.heart:
             out.warmup_epochs = max(1, out.warmup_epochs)
     if not 0 <= out.warmup_epochs <= out.epochs or (method.heart and out.warmup_epochs < 1):
-        raise ConfigError(f"--warmup-epochs {out.warmup_epochs} must be between {1 if method.heart else 0} and "
-                          f"--epochs {out.epochs}")
-    check_threads(out.threads)
-    if out.lr <= 0 or out.weight_decay < 0:
-        raise ConfigError("--lr must be positive and --weight-decay not negative")
-    if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
-        raise ConfigError(f"--stop-after-epoch {out.stop_after_epoch} must be at least 1")
-    return out
-
-
-def _parse_ne(value: Any) -> int | str | None:
-    """--ne as given (a string from the command line): None, "auto" or a count."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"--ne {value!r} is neither a number of attention heads nor auto") from None
+        raise setting_error(f"{{warmup_epochs}} {out.warmup_epochs} must be between {1 if method.heart else 0} and "
+                     f"{{epochs}} {out.epochs}")
 
 
 def _few_shot_floor(out: TrainConfig, keep_evaluations: bool = False) -> None:
-    """Raise the profile's epochs of a K-shot task so that it trains for at least MIN_FEWSHOT_STEPS steps. With
+    """Step 4: raise the profile's epochs of a K-shot task so that it trains for at least MIN_FEWSHOT_STEPS steps. With
     ``keep_evaluations`` (no --eval-every given) the val200 evaluations stay as many as the profile's epochs: a
     4-shot epoch is 40 images, and evaluating 200 after each would take most of the run's time. Evaluation never
     changes training (its own data order, no gradients), and the last epoch is always evaluated."""

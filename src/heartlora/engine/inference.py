@@ -120,7 +120,8 @@ def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override
                    source: str = "this file") -> nn.Module:
     """The backbone a run was trained on, built again from its spec (same seed, so random inits match too). A
     backbone the spec names is never downloaded (`refuse_download`); ``override`` (the user's choice) is built
-    instead of the spec's name, with the spec's other settings."""
+    instead of the spec's name, with the spec's other settings. The caller's random state is left as it was: the
+    seed applies inside a fork of the CPU generator (the backbone is built on the CPU)."""
     from heartlora.backbones import create_backbone, refuse_download
 
     spec = dict(run["backbone_spec"])
@@ -129,8 +130,9 @@ def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override
         spec["name"] = override
     else:
         refuse_download(spec["name"], pretrained, source)
-    torch.manual_seed(int(run.get("init_seed", 0)))
-    return create_backbone(**spec, pretrained=pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(run.get("init_seed", 0)))
+        return create_backbone(**spec, pretrained=pretrained)
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu",

@@ -117,10 +117,9 @@ class HeadLoRA(TrainingMethod):
         self.description, self.bits, self.heart, self.defaults = description, bits, heart, defaults or {}
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-        from heartlora.method import HeartLoRAConfig, attach
+        from heartlora.method import attach
 
-        attach(model, HeartLoRAConfig(targets=cfg.targets, rank=cfg.rank, scale=cfg.scale, dropout=cfg.dropout,
-                                      bits=cfg.bits))
+        attach(model, cfg.adapter_config())
         return model, {}
 
     def tracker(self, model: nn.Module, cfg: Any) -> Any:
@@ -133,18 +132,14 @@ class HeadLoRA(TrainingMethod):
                       record: dict[str, Any] | None = None) -> Heads:
         if not self.heart:
             return []
-        from heartlora.method import choose_ne, deactivate_heads
+        from heartlora.method.heads_off import parse_heads_off, switch_off
 
-        if cfg.ne == "auto":
-            if heldout is None:
-                raise ConfigError("--ne auto needs sampled training images; give a number with --ne")
-            choice = choose_ne(model, scores, heldout(), scope=cfg.scope, tolerance=cfg.ne_tolerance,
-                               refine=bool(cfg.ne_refine))
-            if record is not None:
-                record["ne_choice"] = choice.to_dict()
-            return deactivate_heads(model, scores, fraction=choice.fraction, scope=cfg.scope, optimizer=optimizer)
-        return deactivate_heads(model, scores, ne=cfg.ne, fraction=cfg.ne_fraction, scope=cfg.scope,
-                                optimizer=optimizer)
+        rule = parse_heads_off(cfg.ne, cfg.ne_fraction, cfg.ne_tolerance, cfg.ne_refine)
+        off, choice = switch_off(model, scores, rule, scope=cfg.scope, optimizer=optimizer,
+                                 heldout=heldout() if rule.auto and heldout is not None else None)
+        if choice is not None and record is not None:
+            record["ne_choice"] = choice.to_dict()
+        return off
 
     def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
         if off:
@@ -210,16 +205,12 @@ def method_names() -> list[str]:
 register_method("linear", LinearProbe())
 register_method("full", FullFineTune())
 register_method("lora", HeadLoRA("LoRA on the target projections, all attention heads"))
-# The 1-bit methods' scale: the best of {1, 4, 16} on val200 of the visible tasks (docs/research/sweeps/defaults.md); the
-# float methods take TrainConfig's (4).
-BI_SCALE = {"scale": 16.0}
-register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1,
-                                    defaults=BI_SCALE))
+# The 1-bit methods' adapters get HeartLoRAConfig's scale for 1 bit (16; 4 for the float ones, both chosen on val200).
+register_method("bi-lora", HeadLoRA("1-bit quantized LoRA (Bi-LoRA), all attention heads", bits=1))
 register_method("heart-lora", HeadLoRA("LoRA; least responsive attention heads off after warmup", heart=True))
 register_method("heart-lora-layer", HeadLoRA("heart-lora ranking heads within each layer (the paper's "
                                              "Heart-LoRA†)", heart=True, defaults={"scope": "layer"}))
-register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True,
-                                          defaults=BI_SCALE))
+register_method("heart-bi-lora", HeadLoRA("1-bit LoRA with attention heads switched off", bits=1, heart=True))
 
 METHODS = _REGISTRY  # name → method, live: registered baselines appear here too
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve
+from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve, setting_error
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
@@ -33,11 +33,10 @@ from heartlora.engine.precision import compiled, matmul_precision, resolve_preci
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
 from heartlora.errors import ConfigError, HeartLoRAError, RunFolderError
-from heartlora.method.deactivate import ne_limit
+from heartlora.method.auto_ne import HELDOUT_IMAGES
+from heartlora.method.heads_off import check_count
 
 log = logging.getLogger(__name__)
-# --ne auto decides on this many training images (one forward pass each per candidate share).
-HELDOUT_IMAGES = 256
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -215,26 +214,21 @@ class Trainer:
         cfg = self.cfg
         total = cfg.epochs * math.ceil(len(self.train_x) / cfg.batch_size)
         if cfg.score_steps is not None and cfg.score_steps > total:
-            raise ConfigError(f"--score-steps {cfg.score_steps} is more than the run's {total} optimizer steps "
-                              f"({cfg.epochs} epochs): choose --score-steps ≤ {total}")
+            raise setting_error(f"{{score_steps}} {cfg.score_steps} is more than the run's {total} optimizer steps "
+                                f"({cfg.epochs} epochs): choose {{score_steps}} <= {total}")
         warmup = cfg.warmup_epochs * (total // cfg.epochs)
         if cfg.score_steps is not None and cfg.score_steps < warmup and cfg.ne == "auto":
             # Measured (benchmarks/results_notes.md): after a 2-step probe every share passed, 48 of 72 heads went off.
-            raise ConfigError(f"--score-steps {cfg.score_steps} with --ne auto: --ne auto judges a share of heads by "
-                              "the loss change of switching it off, and a probe that ends before the warmup (step "
-                              f"{warmup}) leaves adapters too close to their zero start for any share to change it, "
-                              "so the largest would always pass; give --ne N or --ne-fraction F with a short probe")
+            raise setting_error(f"{{score_steps}} {cfg.score_steps} with {{ne}} auto: ne auto judges a share of heads "
+                                "by the loss change of switching it off, and a probe that ends before the warmup "
+                                f"(step {warmup}) leaves adapters too close to their zero start for any share to "
+                                "change it, so the largest would always pass; give a count ({ne}) or a share "
+                                "({ne_fraction}) with a short probe")
 
     def _check_ne(self) -> None:
         """Refuse an impossible --ne before any training time is spent (the core would refuse it after warmup)."""
-        cfg = self.cfg
-        if not self.method.heart or not isinstance(cfg.ne, int):
-            return
-        limit = ne_limit(self.per_layer, cfg.scope)
-        where = (f"the {limit} attention heads of {cfg.backbone}" if cfg.scope == "global"
-                 else f"the {limit} attention heads per layer")
-        if cfg.ne > limit:
-            raise ConfigError(f"--ne {cfg.ne} is more than {where}: choose --ne ≤ {limit} (or --ne-fraction)")
+        if self.method.heart:
+            check_count(self.cfg.ne, self.per_layer, self.cfg.scope, model=f"{self.cfg.backbone}'s")
 
     def notes(self, fresh: bool) -> list[str]:
         if not fresh:

@@ -36,10 +36,11 @@ from heartlora.method import (
     adapter_config,
     attach,
     attention_layers,
-    choose_ne,
     deactivate_heads,
     head_masks,
 )
+from heartlora.method.auto_ne import HELDOUT_IMAGES
+from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -401,6 +402,10 @@ def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
     return tracker.scores()
 
 
+# score_and_prune's and prune_peft's names of the heads-off settings (parse_heads_off's errors use them)
+PRUNE_NAMES = {"ne_tolerance": "tolerance"}
+
+
 def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], ne: int | str = "auto",
                     heldout: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                     scope: str = "global", mode: str = "abs_sum", seed: int = 0,
@@ -411,24 +416,21 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     Returns the scores, the heads switched off and the ne choice."""
     if not batches:
         raise ConfigError("scoring needs at least one batch of training images")
+    rule = parse_heads_off(ne, tolerance=tolerance, names=PRUNE_NAMES)
     scores = score_heads(model, batches, mode=mode, seed=seed)
-    choice = None
-    if ne == "auto":
-        if not heldout:
-            raise ConfigError("ne='auto' needs batches of training images held out from scoring: pass heldout= or "
-                              "a number for ne")
-        choice = choose_ne(model, scores, heldout, scope=scope,
-                           **({"tolerance": tolerance} if tolerance is not None else {}))
-        ne = choice.ne
-    off = deactivate_heads(model, scores, ne=int(ne), scope=scope)
-    return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off, "ne": int(ne),
+    if rule.auto and not heldout:
+        raise ConfigError("ne='auto' needs batches of training images held out from scoring: pass heldout= or "
+                          "a number for ne")
+    off, choice = switch_off(model, scores, rule, scope=scope, heldout=heldout, names=PRUNE_NAMES)
+    count = choice.ne if choice is not None else rule.ne
+    return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off, "ne": int(count),
             "ne_choice": choice.to_dict() if choice else None}
 
 
 def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *, batches: int = 8,
                batch_size: int = 32, split: str = "val200", out: str | os.PathLike | None = None,
                peft_out: str | os.PathLike | None = None, backbone: str | None = None, img_size: int | None = None,
-               scope: str = "global", heldout_images: int = 256, seed: int = 0, score_mode: str = "abs_sum",
+               scope: str = "global", heldout_images: int = HELDOUT_IMAGES, seed: int = 0, score_mode: str = "abs_sum",
                score_seed: int | None = None, tolerance: float | None = None) -> dict[str, Any]:
     """Import a PEFT LoRA adapter, score its heads on ``batches`` batches of ``task``'s training split, switch off
     the least responsive, and report accuracy on ``split`` before and after. Writes a heartlora adapter to ``out``
@@ -442,6 +444,7 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     from heartlora.engine.metrics import predict_logits
     from heartlora.method import save_adapter
 
+    rule = parse_heads_off(ne, tolerance=tolerance, names=PRUNE_NAMES)  # before any time is spent
     t = get_task(task)
     model = import_peft(peft_dir, backbone=backbone, img_size=img_size)
     root = getattr(model, "module", model)
@@ -453,7 +456,7 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
     n_score = min(batches * batch_size, len(order))
     score_idx, held_idx = order[:n_score], order[n_score:n_score + heldout_images]
-    if ne == "auto" and not len(held_idx):  # every image went to scoring: decide on a fixed sample of them
+    if rule.auto and not len(held_idx):  # every image went to scoring: decide on a fixed sample of them
         held_idx = order[:heldout_images]
 
     def to_batches(idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,12 +14,18 @@ from typing import Any
 from transformers import TrainerCallback
 
 from heartlora.errors import ConfigError
-from heartlora.method import ResponsivenessTracker, attention_layers, deactivate_heads, is_adapted
-from heartlora.method.deactivate import SCOPES, ne_limit
+from heartlora.method import NeChoice, ResponsivenessTracker, attention_layers, is_adapted
+from heartlora.method.deactivate import SCOPES
+from heartlora.method.heads_off import check_count, parse_heads_off, switch_off
+
+# the callback's names of the heads-off settings (parse_heads_off's errors use them)
+CALLBACK_NAMES = {"ne_fraction": "fraction", "ne_tolerance": "tolerance", "ne_refine": "refine"}
 
 
 class HeartLoRACallback(TrainerCallback):
-    """Score heads for ``warmup_steps`` optimizer steps, then switch off ``ne`` of them (or a ``fraction``).
+    """Score heads for ``warmup_steps`` optimizer steps, then switch off ``ne`` of them (or a ``fraction``). With
+    ``ne="auto"`` the count is chosen then as ``heartlora train --ne auto`` chooses it (``heartlora.choose_ne``, at
+    ``tolerance`` and ``refine``), on ``heldout``: a few (pixel_values, labels) batches sampled from the training set.
 
     The model the Trainer trains must carry heartlora's adapters (``heartlora.attach(model, config)`` on the
     transformers model, or ``heartlora.integrations.import_peft`` for an existing PEFT adapter); a PEFT-wrapped
@@ -27,20 +33,23 @@ class HeartLoRACallback(TrainerCallback):
     (layer, head) pairs and ``scores`` the responsiveness; ``heartlora.save_adapter(model, path)`` stores the result.
     """
 
-    def __init__(self, warmup_steps: int, ne: int | None = None, fraction: float | None = None,
-                 scope: str = "global", mode: str = "abs_sum") -> None:
+    def __init__(self, warmup_steps: int, ne: int | str | None = None, fraction: float | None = None,
+                 scope: str = "global", mode: str = "abs_sum", tolerance: float | None = None,
+                 refine: bool | None = None, heldout: list[tuple[Any, Any]] | None = None) -> None:
         if warmup_steps < 1:
             raise ConfigError(f"warmup_steps {warmup_steps} must be at least 1: heads are scored during the warmup")
-        if (ne is None) == (fraction is None):
-            raise ConfigError("give exactly one of ne (a number of heads) or fraction (a share of heads)")
-        if ne is not None and (isinstance(ne, bool) or not isinstance(ne, int) or ne < 0):
-            raise ConfigError(f"ne {ne!r} must be a number of heads >= 0 (ne='auto' is not offered by the callback: it "
-                              "needs a fixed sample of training batches; use heartlora train --ne auto, or a fraction)")
-        if fraction is not None and not 0.0 <= fraction < 1.0:
-            raise ConfigError(f"fraction {fraction} must be in [0, 1): the share of heads to switch off")
+        self.rule = parse_heads_off(ne, fraction, tolerance, refine, default=None, names=CALLBACK_NAMES)
+        heldout = None if heldout is None else list(heldout)
+        if self.rule.auto and not heldout:
+            raise ConfigError("ne='auto' chooses the count on a fixed sample of training images: pass heldout=[(pixel_"
+                              "values, labels), …] (a few batches of the training set), or give ne or fraction")
+        if heldout and not self.rule.auto:
+            raise ConfigError("heldout= is what ne='auto' chooses on: leave it out with a fixed ne or fraction")
         if scope not in SCOPES:
             raise ConfigError(f"scope {scope!r} is unknown: choose global or layer")
-        self.warmup_steps, self.ne, self.fraction, self.scope, self.mode = warmup_steps, ne, fraction, scope, mode
+        self.warmup_steps, self.scope, self.mode = warmup_steps, scope, mode
+        self.ne, self.fraction, self.heldout = self.rule.ne, self.rule.fraction, heldout
+        self.choice: NeChoice | None = None  # ne='auto': the count chosen and the evidence
         self.tracker: ResponsivenessTracker | None = None
         self.heads_off: list[tuple[str, int]] | None = None
         self.scores: dict[str, Any] | None = None
@@ -56,11 +65,8 @@ class HeartLoRACallback(TrainerCallback):
         if state.max_steps and self.warmup_steps >= state.max_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} is not below the run's {state.max_steps} optimizer "
                               "steps: no step would train with the heads off; choose a smaller warmup_steps")
-        if self.ne is not None:
-            limit = ne_limit([layer.num_heads for layer in attention_layers(model)], self.scope)
-            if self.ne > limit:
-                where = "attention heads" if self.scope == "global" else "heads in its smallest layer"
-                raise ConfigError(f"ne {self.ne} is more than the model's {limit} {where}: choose ne <= {limit}")
+        check_count(self.ne, [layer.num_heads for layer in attention_layers(model)], self.scope,
+                    names=CALLBACK_NAMES)
         self.tracker = ResponsivenessTracker(model, mode=self.mode, seed=getattr(args, "seed", 0))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -75,5 +81,15 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError("the Trainer passed no optimizer to HeartLoRACallback: its state cannot follow the "
                               "switched-off heads")
         self.scores = self.tracker.scores()
-        self.heads_off = deactivate_heads(model, self.scores, ne=self.ne, fraction=self.fraction, scope=self.scope,
-                                          optimizer=optimizer)
+        heldout = None
+        if self.rule.auto:
+            device = next(model.parameters()).device
+            heldout = [(x.to(device), y.to(device)) for x, y in self.heldout]
+        self.heads_off, self.choice = switch_off(model, self.scores, self.rule, scope=self.scope, optimizer=optimizer,
+                                                 heldout=heldout, forward=_logits, names=CALLBACK_NAMES)
+
+
+def _logits(model: Any, x: Any) -> Any:
+    """The logits of a transformers model's output (or of a model that returns them)."""
+    out = model(x)
+    return getattr(out, "logits", out)

@@ -3,6 +3,7 @@
 from heartlora.method.config import HeartLoRAConfig
 from heartlora.method.auto_ne import NeChoice, choose_ne
 from heartlora.method.deactivate import deactivate_heads, select_heads
+from heartlora.method.heads_off import HeadsOff, parse_heads_off
 from heartlora.method.layer import HeadLoRAConv1x1, HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.layouts import (LAYOUTS, AttentionSites, HeadLayout, Site, block_index, find_attention,
                                      interleaved_index, register_layout, scan_attention)
@@ -15,7 +16,8 @@ from heartlora.method.storage import AdapterReport, load_adapter, read_adapter_i
 __all__ = [
     "HeartLoRAConfig", "attach", "adapter_parameters", "adapter_config", "attention_layers", "head_masks",
     "is_adapted", "merge", "unmerge", "set_adapters_enabled", "remove_from_optimizer", "backbone_fingerprint",
-    "ResponsivenessTracker", "deactivate_heads", "select_heads", "choose_ne", "NeChoice", "save_adapter", "load_adapter",
+    "ResponsivenessTracker", "deactivate_heads", "select_heads", "choose_ne", "NeChoice", "parse_heads_off", "HeadsOff",
+    "save_adapter", "load_adapter",
     "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRAConv1x1", "HeadLoRALinear", "HeadLoRAProjection",
     "HeadLayout",
     "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention", "scan_attention", "block_index",

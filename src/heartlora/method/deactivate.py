@@ -1,4 +1,4 @@
-"""Switching heads off: the least responsive heads lose their adapter weights (SPEC §3)."""
+"""Switching heads off: the least responsive heads lose their adapter weights (docs/METHOD.md §3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from heartlora.errors import ConfigError
 from heartlora.method.layer import FactorChange
-from heartlora.method.model import _adapted_wrappers, adapter_parameters, attention_layers
+from heartlora.method.model import adapted_wrappers, adapter_parameters, attention_layers
 
 SCOPES = ("global", "layer")
 
@@ -64,7 +64,7 @@ def deactivate_heads(model: nn.Module, scores: dict[str, torch.Tensor] | None = 
     with its state (AdamW's moments) carried over for the heads that stay. A projection with no head left drops
     both factors."""
     layers = {layer.name: layer for layer in attention_layers(model)}
-    if any(w.merged for w in _adapted_wrappers(model, "deactivate_heads")):
+    if any(w.merged for w in adapted_wrappers(model, "deactivate_heads")):
         raise ConfigError("deactivate_heads: the adapters are merged into the base weights, which would keep the "
                           "deltas of the heads switched off; call unmerge(model) first")
     if optimizer is not None:

@@ -30,8 +30,8 @@ MODES = ("forward", "weight")
 @dataclass
 class FactorChange:
     """How one Parameter changed when heads switched off: ``new`` (None when the factor was dropped) keeps the
-    slices ``keep`` of ``old`` along ``dim``. :func:`heartlora.method.model.replace_in_optimizer` uses it to carry
-    the optimizer state of the heads that stay."""
+    slices ``keep`` of ``old`` along ``dim``. :func:`heartlora.method.deactivate.replace_in_optimizer` uses it to
+    carry the optimizer state of the heads that stay."""
 
     old: nn.Parameter
     new: nn.Parameter | None

@@ -60,7 +60,9 @@ class Coverage:
 
 
 @dataclass
-class _AttachState:
+class AttachState:
+    """What ``attach`` records on the model it adapted (``attach_state(model)`` reads it)."""
+
     config: HeartLoRAConfig
     layers: list[AttentionHeads]
     fingerprint: str
@@ -179,12 +181,12 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
     for s in save:
         for p in names[s].parameters():
             p.requires_grad_(True)
-    setattr(model, _STATE, _AttachState(config, layers, fingerprint, tuple(save), cover))
+    setattr(model, _STATE, AttachState(config, layers, fingerprint, tuple(save), cover))
     if verify:
         try:
             verify_adapters(model, example_input)
         except BaseException:
-            _detach(model)
+            remove_adapters(model)
             for p in trainable:
                 p.requires_grad_(True)
             raise
@@ -193,7 +195,7 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
 
 def coverage(model: nn.Module) -> Coverage:
     """What :func:`attach` adapted and what it left, with reasons; ``coverage(model).summary()`` is one line."""
-    return _state(model).coverage
+    return attach_state(model).coverage
 
 
 def dummy_input(model: nn.Module) -> torch.Tensor:
@@ -236,22 +238,25 @@ def dummy_input(model: nn.Module) -> torch.Tensor:
                       "example_input= (one batch the model accepts) or verify=False")
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def float_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a model's output (a tensor, or dicts, lists and tuples of them), in order."""
     if isinstance(out, torch.Tensor):
         return [out] if out.is_floating_point() else []
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
+        return [t for o in out for t in float_tensors(o)]
     return []
 
 
-def _call(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+def call_model(model: nn.Module, example_input: Any) -> list[torch.Tensor]:
+    """``model`` called on ``example_input`` (keyword arguments for a dict, positional ones for a tuple or list, else
+    the one input), its floating-point outputs as ``float_tensors`` lists them."""
     if isinstance(example_input, dict):
-        return _tensors(model(**example_input))
+        return float_tensors(model(**example_input))
     if isinstance(example_input, (tuple, list)):
-        return _tensors(model(*example_input))
-    return _tensors(model(example_input))
+        return float_tensors(model(*example_input))
+    return float_tensors(model(example_input))
 
 
 def verify_adapters(model: nn.Module, example_input: Any) -> None:
@@ -268,7 +273,7 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            seen.setdefault(name, _tensors(out))  # the first call, if a module runs twice
+            seen.setdefault(name, float_tensors(out))  # the first call, if a module runs twice
         return hook
 
     hooks = [model.get_submodule(layer.name).register_forward_hook(record(layer.name)) for layer in layers]
@@ -282,7 +287,7 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
                     for w in enabled:  # the reference is the base model: k-bit adapters start nonzero
                         w.enabled = False
                     try:
-                        _call(model, example_input)
+                        call_model(model, example_input)
                     finally:
                         for w, on in enabled.items():
                             w.enabled = on
@@ -291,7 +296,7 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
                     for q in params:
                         if not q.detach().any():
                             q.copy_((torch.randn(q.shape, generator=g) * 0.1).to(q))
-                _call(model, example_input)
+                call_model(model, example_input)
             except Exception as e:
                 raise UnsupportedBackboneError(
                     f"attach could not run {type(model).__name__} on its check input ({type(e).__name__}: "
@@ -333,8 +338,9 @@ def verify_adapters(model: nn.Module, example_input: Any) -> None:
             m.training = flag
 
 
-def _detach(model: nn.Module) -> None:
-    """Undo a failed attach's wrapping, so the caller keeps a usable model."""
+def remove_adapters(model: nn.Module) -> None:
+    """Undo ``attach``'s wrapping: every wrapped Linear back to its base layer, the attach state dropped (used when an
+    attach or a load fails, so the caller keeps a usable model). ``requires_grad`` flags stay as they are."""
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             if isinstance(child, HeadLoRALinear):
@@ -342,7 +348,9 @@ def _detach(model: nn.Module) -> None:
     delattr(model, _STATE)
 
 
-def _state(model: nn.Module) -> _AttachState:
+def attach_state(model: nn.Module) -> AttachState:
+    """What ``attach`` recorded on ``model`` (its config, layers, fingerprint, saved modules); a ConfigError when it
+    has no adapters."""
     model = getattr(model, "module", model)  # DistributedDataParallel / DataParallel
     state = getattr(model, _STATE, None)
     if state is None:
@@ -355,12 +363,12 @@ def is_adapted(model: nn.Module) -> bool:
 
 
 def adapter_config(model: nn.Module) -> HeartLoRAConfig:
-    return _state(model).config
+    return attach_state(model).config
 
 
 def attention_layers(model: nn.Module) -> list[AttentionHeads]:
     """The adapted attention layers, in module order."""
-    return _state(model).layers
+    return attach_state(model).layers
 
 
 def head_masks(model: nn.Module) -> dict[str, list[bool]]:
@@ -381,7 +389,8 @@ def wrappers(model: nn.Module) -> list[HeadLoRALinear]:
     return [m for m in getattr(model, "module", model).modules() if isinstance(m, HeadLoRALinear)]
 
 
-def _adapted_wrappers(model: nn.Module, what: str) -> list[HeadLoRALinear]:
+def adapted_wrappers(model: nn.Module, what: str) -> list[HeadLoRALinear]:
+    """``wrappers(model)``, or a ConfigError naming ``what`` (the caller) when the model has none."""
     found = wrappers(model)
     if not found:
         raise ConfigError(f"{what}: the model has no heartlora adapters; attach or load an adapter first")
@@ -392,7 +401,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Write every adapter delta into its base weight; the adapters stop computing. :func:`unmerge` restores the
     original weights exactly (they are kept aside). Refused while the adapters are disabled (the merged model would
     not be the disabled one)."""
-    found = _adapted_wrappers(model, "merge")
+    found = adapted_wrappers(model, "merge")
     if not all(w.enabled for w in found):
         raise ConfigError("merge: the adapters are disabled; set_adapters_enabled(model, True) first, or keep the "
                           "model unmerged")
@@ -403,7 +412,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore the base weights :func:`merge` changed, bit for bit."""
-    for w in _adapted_wrappers(model, "unmerge"):
+    for w in adapted_wrappers(model, "unmerge"):
         w.unmerge()
     return model
 
@@ -411,7 +420,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
     """Turn the adapters' deltas on or off (the base model alone when off). Refused on a merged model, whose
     weights already hold the deltas: :func:`unmerge` it first."""
-    found = _adapted_wrappers(model, "set_adapters_enabled")
+    found = adapted_wrappers(model, "set_adapters_enabled")
     if any(w.merged for w in found):
         raise ConfigError("set_adapters_enabled: the adapters are merged into the base weights, so they cannot be "
                           "switched off there; call unmerge(model) first")

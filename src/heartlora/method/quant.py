@@ -1,5 +1,5 @@
-"""k-bit quantization of adapter matrices (Bi-LoRA, SPEC §4): standardise each matrix with its own mean and std,
-snap to a codebook that is optimal for N(0, 1), rescale; straight-through gradient; bit packing for storage."""
+"""k-bit quantization of adapter matrices (Bi-LoRA, docs/METHOD.md §4): standardise each matrix with its own mean and
+std, snap to a codebook that is optimal for N(0, 1), rescale; straight-through gradient; bit packing for storage."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from functools import cache
 import numpy as np
 import torch
 
-# SPEC §4 fixes the 1- and 2-bit codebooks (those of the Bi-LoRA reference code). Wider codes use the Lloyd-Max
-# levels for N(0, 1), computed once below.
+# The 1- and 2-bit codebooks are those of the Bi-LoRA reference code (JieShibo/PETL-ViT, docs/METHOD.md §4). Wider
+# codes use the Lloyd-Max levels for N(0, 1), computed once below.
 _FIXED_LEVELS = {1: (-0.6745, 0.6745), 2: (-1.266, -0.378, 0.378, 1.266)}
 
 

@@ -1,5 +1,6 @@
 """Head responsiveness: the first-order Taylor estimate of the loss change when a head's adapter is removed
-(SPEC §2), accumulated after each backward() from the weights each head owns. No extra forward or backward."""
+(docs/METHOD.md §2), accumulated after each backward() from the weights each head owns. No extra forward or
+backward."""
 
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads
 from heartlora.method.layer import HeadLoRAProjection
-from heartlora.method.model import (_detach, _state, attach, attention_layers, backbone_fingerprint, head_masks,
-                                    is_adapted)
+from heartlora.method.model import (attach, attach_state, attention_layers, backbone_fingerprint, head_masks,
+                                    is_adapted, remove_adapters)
 
 log = logging.getLogger(__name__)
 # The engine's run facts (task, class names, seed) inside a file's extra metadata.
@@ -118,7 +118,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     (safetensors, written atomically). ``extra_metadata`` must be JSON-able; it is covered by the checksum too."""
     if Path(path).is_dir():
         raise ConfigError(f"{path} is a folder: name the file to write, e.g. {Path(path) / 'adapter.safetensors'}")
-    state = _state(model)
+    state = attach_state(model)
     cfg = state.config
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
@@ -418,12 +418,16 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
     grads = [(p, p.requires_grad) for p in backbone.parameters()]
     saved = {name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
              for name in cfg.modules_to_save}
-    model = attach(backbone, cfg)
+    # attach draws the factors' random init, which the file's weights replace: from a fork, so that loading leaves
+    # the caller's random stream (CPU and the backbone's GPUs) as it was
+    gpus = sorted({p.device.index or 0 for p in backbone.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=gpus):
+        model = attach(backbone, cfg)
     try:
         _fill(model, path, meta, tensors, cfg, modules)
     except BaseException:
         # A refused file leaves the backbone as it came: no adapters, its requires_grad flags and classifier back.
-        _detach(model)
+        remove_adapters(model)
         for p, flag in grads:
             p.requires_grad_(flag)
         with torch.no_grad():
