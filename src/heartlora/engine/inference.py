@@ -96,15 +96,15 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
 
 def _checked_run(run: Any, path: Path) -> dict[str, Any]:
     """The run facts, if every field that is used has a sane type and range (before anything is built)."""
-    from heartlora.method.storage import MAX_IMG_SIZE, check_backbone_spec
+    from heartlora.method.storage import check_backbone_spec
 
     if not isinstance(run, dict):
         raise AdapterFileError(f"{path} is corrupt: its run facts are not a JSON object; re-run training")
     names, seed, size = run.get("class_names", []), run.get("init_seed", 0), run.get("img_size")
     ok = (isinstance(run.get("task", ""), str) and isinstance(run.get("method", ""), str)
           and isinstance(names, list) and all(isinstance(c, str) for c in names)
-          and isinstance(run.get("pretrained", True), bool) and type(seed) is int and 0 <= seed < 2**63
-          and (size is None or (type(size) is int and 1 <= size <= MAX_IMG_SIZE)))
+          and isinstance(run.get("pretrained", True), bool) and _valid("seed", seed)
+          and (size is None or _valid("img_size", size)))
     if not ok:
         raise AdapterFileError(f"{path} is corrupt: a field of its run facts has the wrong type or range; "
                                "re-run training")
@@ -114,6 +114,18 @@ def _checked_run(run: Any, path: Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path} is corrupt: it names {len(run['class_names'])} classes for a "
                                    f"{spec.get('num_classes')}-way classifier; re-run training")
     return run
+
+
+def _valid(name: str, value: Any) -> bool:
+    """Whether a stored setting is one ``heartlora train`` accepts (the same ``RANGES`` its flags are checked with)."""
+    from heartlora.engine.config import RANGES
+    from heartlora.errors import ConfigError
+
+    try:
+        RANGES[name].check(name, value)
+    except ConfigError:
+        return False
+    return True
 
 
 def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override: str | None = None,
