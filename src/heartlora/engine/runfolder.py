@@ -8,19 +8,24 @@ Rank 0 alone touches the folder. Every write goes through a temporary file and o
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from heartlora.engine.metrics import read_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
 
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
              "checkpoint.pt")
 LOCK_NAME = ".heartlora.lock"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # files of a run folder are opened without following a link
 # What a run writes before its first checkpoint: --resume of a folder holding only these starts that run again.
 BEFORE_FIRST_CHECKPOINT = {"train.log"}
+IDENTITY_LINE = re.compile(r"run identity (\{.*\})[ \t]*$", re.MULTILINE)  # Trainer.run logs it in train.log
 
 
 def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
@@ -30,6 +35,9 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
 
     if out.exists() and not out.is_dir():
         return {"error": f"--out {out} is a file, not a folder: choose another --out"}
+    link = find_link(out)
+    if link:
+        return {"error": link, "kind": "folder"}
     try:
         present = sorted(p.name for p in out.iterdir() if not _is_ours_hidden(p.name)) if out.is_dir() else []
     except OSError as exc:
@@ -49,8 +57,78 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         state = ckpt.load_checkpoint(out / "checkpoint.pt")
     except HeartLoRAError as exc:
         return {"error": str(exc)}
-    done = state.get("finished", False) and "metrics.json" in present
-    return {"mode": "done" if done else "resume", "state": state}
+    foreign = _foreign_checkpoint(out, state.get("identity"))
+    if foreign:
+        return {"error": foreign}
+    if not (state.get("finished", False) and "metrics.json" in present):
+        return {"mode": "resume", "state": state}
+    try:  # a finished run: its metrics.json is shown only once it is known to be this run's, undamaged
+        metrics = read_metrics(out / "metrics.json")
+    except HeartLoRAError as exc:
+        return {"error": str(exc)}
+    other = _metrics_of_another_run(out, metrics, state)
+    if other:
+        return {"error": other}
+    return {"mode": "done", "state": state, "metrics": metrics}
+
+
+def find_link(out: Path) -> str | None:
+    """The error for a symbolic link where the run keeps a file (the lock, the log, the checkpoint, metrics.json,
+    …): heartlora would read or write the file it points to, so it refuses, whatever the link's target."""
+    for name in (*RUN_FILES, LOCK_NAME):
+        if os.path.islink(out / name):
+            return (f"{out / name} is a symbolic link: heartlora does not follow links inside a run folder (it would "
+                    "write to or read from the file it points to); remove the link, or choose another --out")
+    return None
+
+
+def recorded_identity(out: Path) -> dict[str, Any] | None:
+    """The run identity train.log records last (the trainer logs it when a run starts or resumes), or None."""
+    try:
+        text = (out / "train.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = None
+    for match in IDENTITY_LINE.finditer(text):
+        try:
+            found = json.loads(match.group(1))
+        except ValueError:
+            continue
+    return found if isinstance(found, dict) else None
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], where: str) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k} {a.get(k)!r} ({where}: {b.get(k)!r})" for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+
+
+def _foreign_checkpoint(out: Path, identity: dict[str, Any] | None) -> str | None:
+    """The error for a checkpoint of another run than the one the folder's train.log records (a copied file)."""
+    record = recorded_identity(out)
+    if not identity or not record or record.get("run_id") == identity.get("run_id"):
+        return None
+    what = (_differences(identity.get("settings") or {}, record.get("settings") or {}, "train.log")
+            or f"run {identity.get('run_id')}, train.log records run {record.get('run_id')}")
+    return (f"{out / 'checkpoint.pt'} belongs to another run than the one {out / 'train.log'} records ({what}): put "
+            "this run's checkpoint back, or start afresh with --overwrite")
+
+
+def _metrics_of_another_run(out: Path, metrics: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """The error for a metrics.json whose settings or accuracy are not those of the finished checkpoint."""
+    try:
+        settings = json.loads(state["settings"])
+        result = json.loads(state.get("result") or "null")
+    except (KeyError, TypeError, ValueError):
+        return None  # the checkpoint was checked when loaded; an older one may lack these
+    where = out / "metrics.json"
+    way_out = f"`heartlora eval --adapter {out}` evaluates the run's adapter again, or --overwrite trains it again"
+    if isinstance(settings, dict) and metrics["settings"] != settings:
+        return (f"{where} is not the result of the run in {out / 'checkpoint.pt'} "
+                f"({_differences(metrics['settings'], settings, 'checkpoint')}): {way_out}")
+    if isinstance(result, dict) and "accuracy" in result and result["accuracy"] != metrics["accuracy"]:
+        return (f"{where} reports accuracy {metrics['accuracy']!r}, the finished checkpoint {result['accuracy']!r}: "
+                f"{way_out}")
+    return None
 
 
 def _is_ours_hidden(name: str) -> bool:
@@ -113,6 +191,7 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.log: Any = None  # train.log's stream, once open_log opened it
 
     # -- one writer at a time ----------------------------------------------------------------------------------------
     def check_free(self) -> None:
@@ -121,7 +200,7 @@ class RunFolder:
         try:
             import fcntl
 
-            fd = os.open(lock, os.O_RDWR)
+            fd = os.open(lock, os.O_RDWR | NOFOLLOW)
         except (ImportError, OSError):
             return  # no lock file (or no flock): acquire() decides
         try:
@@ -146,10 +225,15 @@ class RunFolder:
         except ImportError:  # not POSIX: no OS file locks to rely on, so refuse rather than run unprotected
             raise RunFolderError("run-folder locking needs a POSIX system (fcntl): run heartlora on Linux or "
                                  "macOS") from None
+        link = find_link(self.path)
+        if link:
+            raise RunFolderError(link)
         while True:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise RunFolderError(find_link(self.path) or f"{lock} is a symbolic link: remove it") from exc
                 raise RunFolderError(f"cannot write to output folder {self.path}: {describe_os_error(exc)}: choose "
                                      "another --out") from exc
             try:
@@ -196,6 +280,19 @@ class RunFolder:
             if p.is_file():
                 p.unlink()
 
+    def open_log(self, append: bool) -> Any:
+        """train.log for writing (appended on resume), opened without following a link at its name."""
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | NOFOLLOW
+        try:
+            fd = os.open(self.path / "train.log", flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RunFolderError(find_link(self.path) or f"{self.path / 'train.log'} is a symbolic link: remove "
+                                     "it") from exc
+            raise RunFolderError(f"cannot write train.log to {self.path}: {describe_os_error(exc)}: choose another "
+                                 "--out") from exc
+        return os.fdopen(fd, "a", encoding="utf-8")
+
     @contextmanager
     def writing(self, what: str) -> Iterator[None]:
         """Turn a failed write into one line naming the folder and the cause (the old file stays, see above)."""
@@ -214,8 +311,9 @@ class RunFolder:
         umask = os.umask(0)
         os.umask(umask)
         for name in RUN_FILES:
-            if (self.path / name).is_file():
-                os.chmod(self.path / name, 0o666 & ~umask)
+            p = self.path / name
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, 0o666 & ~umask)
 
 
 def _read_pid(fd: int) -> str:
