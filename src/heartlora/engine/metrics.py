@@ -84,13 +84,17 @@ def metrics_digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def way_out_of_bad_metrics(folder: Path) -> str:
+    """What a user does about a run folder whose metrics.json cannot be shown."""
+    return f"`heartlora eval --adapter {folder}` evaluates the run's adapter again, or --overwrite trains it again"
+
+
 def read_metrics(path: str | Path) -> dict[str, Any]:
     """Read a ``metrics.json`` and check it before anything reports it: JSON, the schema (version, required keys,
     the types of the reported numbers) and its checksum. A file of an older heartlora, without a checksum, is read
     with a warning. Anything else is one MetricsError line naming the file and the way out."""
     path = Path(path)
-    way_out = (f"`heartlora eval --adapter {path.parent}` evaluates the run's adapter again, or --overwrite trains "
-               "it again")
+    way_out = way_out_of_bad_metrics(path.parent)
 
     def damaged(why: str) -> MetricsError:
         return MetricsError(f"{path} is damaged ({why}): {way_out}")

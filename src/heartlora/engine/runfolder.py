@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from heartlora.engine.metrics import read_metrics
+from heartlora._paths import describe_os_error, folder_error
+from heartlora.engine.metrics import read_metrics, way_out_of_bad_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
 
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
@@ -121,7 +122,7 @@ def _metrics_of_another_run(out: Path, metrics: dict[str, Any], state: dict[str,
     except (KeyError, TypeError, ValueError):
         return None  # the checkpoint was checked when loaded; an older one may lack these
     where = out / "metrics.json"
-    way_out = f"`heartlora eval --adapter {out}` evaluates the run's adapter again, or --overwrite trains it again"
+    way_out = way_out_of_bad_metrics(out)
     if isinstance(settings, dict) and metrics["settings"] != settings:
         return (f"{where} is not the result of the run in {out / 'checkpoint.pt'} "
                 f"({_differences(metrics['settings'], settings, 'checkpoint')}): {way_out}")
@@ -137,52 +138,13 @@ def _is_ours_hidden(name: str) -> bool:
                                  and any(name.startswith(f".{f}.") for f in RUN_FILES))
 
 
-def describe_os_error(exc: BaseException) -> str:
-    """The cause of a failed write in a few words (a full disk, a read-only one, a missing permission, …)."""
-    err = getattr(exc, "errno", None)
-    if err is None and isinstance(exc.__cause__, OSError):
-        err = exc.__cause__.errno
-    causes = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.EDQUOT: "the disk quota is exceeded"}
-    if err in causes:
-        return causes[err]
-    if "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc):
-        return "the write stopped part-way (is the disk full?)"  # how torch.save reports a full disk
-    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
-    return (text or type(exc).__name__)[:120]
-
-
 def make_folder(out: Path) -> None:
     """Create ``out`` (and its parents), naming the real cause when that is impossible."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        parent = next((p for p in out.parents if p.exists()), None)
-        if exc.errno == errno.ENOENT and parent is not None and parent.is_dir():
-            # e.g. /proc or /sys: the folder is there, but its file system does not hold user folders
-            cause = (f"{parent} is on a {_fs_type(parent) or 'special'} file system that does not accept new "
-                     "folders")
-        elif exc.errno == errno.ENOTDIR:
-            cause = "a part of the path is a file, not a folder"
-        else:
-            cause = describe_os_error(exc)
-        raise RunFolderError(f"cannot create output folder {out}: {cause}: choose another --out") from exc
-
-
-def _fs_type(path: Path) -> str | None:
-    """The file system type holding ``path`` (Linux /proc/mounts), or None."""
-    try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    best, kind = "", None
-    resolved = str(path.resolve())
-    for parts in mounts:
-        inside = len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
-        if inside and len(parts[1]) > len(best):
-            best, kind = parts[1], parts[2]
-    return kind
+        raise RunFolderError(f"cannot create output folder {out}: {folder_error(out, exc)}: choose another --out"
+                             ) from exc
 
 
 class RunFolder:
