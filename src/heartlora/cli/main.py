@@ -245,9 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_serving()
     bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
-    print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{args.host}:{args.port} "
-          "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr)
-    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+
+    def listening(host: str, port: int) -> None:  # once the port is bound, never before
+        print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{host}:{port} "
+              "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr, flush=True)
+
+    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          on_listening=listening)
     return 0
 
 
