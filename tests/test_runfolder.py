@@ -136,6 +136,7 @@ def test_linear_and_full_weight_files_are_checksummed(tmp_path: Path, task: str,
         flipped[-3] ^= 0x01  # the lowest bit of a weight near the end of the data
         (out / "adapter.safetensors").write_bytes(bytes(flipped))
         _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+        _fails(["inspect", str(out)], capsys, "corrupt")  # issue 36: inspect showed what eval refused
         header = int.from_bytes(good[:8], "little")
         assert b"init_seed" in good[8:8 + header]
         relabelled = good[:8] + good[8:8 + header].replace(b"init_seed\\\": 42", b"init_seed\\\": 43") \
@@ -143,6 +144,7 @@ def test_linear_and_full_weight_files_are_checksummed(tmp_path: Path, task: str,
         assert relabelled != good and len(relabelled) == len(good)
         (out / "adapter.safetensors").write_bytes(relabelled)
         _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+        _fails(["inspect", str(out)], capsys, "corrupt")
 
 
 def test_train_restores_threads_and_logs_through_the_module_logger(tmp_path: Path, task: str,

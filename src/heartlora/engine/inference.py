@@ -85,13 +85,29 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
         if not isinstance(run, dict) or not isinstance(run.get("backbone_spec"), dict):
             raise AdapterFileError(f"{path} is corrupt: its run facts name no backbone; re-run training")
-        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta}
+        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta,
+                "tensors": _checked_weights(path, meta)}
     from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
     # A file from the API's save_adapter has no run facts: an empty run (eval then needs --task).
     run = (info.get("extra") or {}).get(RUN_KEY, {})
     return {"kind": "adapter", "run": _checked_run(run, path), "adapter": info}
+
+
+def _checked_weights(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, once its checksum matches them and its run facts (every reader checks it:
+    inspect as eval and predict)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
+    if weights_digest(tensors, meta[RUN_KEY]) != meta.get("sha256"):
+        raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
+                               "copy the file again or re-run training")
+    return tensors
 
 
 def _checked_run(run: Any, path: Path) -> dict[str, Any]:
@@ -149,8 +165,6 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
                  backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``; ``backbone``
     builds that backbone instead of the one the file names (the fingerprint check still applies)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     info = read_run_info(path)
     run = info["run"]
@@ -167,13 +181,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
     else:
         full = run.get("method") == "full"
         model = build_backbone(run, pretrained=False if full else None, override=backbone, source=str(path))
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
-        if weights_digest(tensors, info["meta"][RUN_KEY]) != info["meta"].get("sha256"):
-            raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
-                                   "copy the file again or re-run training")
+        tensors = info["tensors"]
         state = model.state_dict()
         bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
         if bad:
