@@ -389,6 +389,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         (f"accuracy ({r['split']}, {r['images']} images)",
          f"{100 * r['accuracy_before']:.2f} % before, {100 * r['accuracy_after']:.2f} % after"),
         ("bytes", f"{r['peft_lora_bytes']:,} PEFT LoRA weights before, {r['adapter_bytes']:,} after"),
+        ("checked", "the files parse; shapes; r against the tensors; finite values"),
+        ("unchecked", r["unchecked"]),
     ])
     print(f"adapter: {r['out']}")
     if r.get("peft_out"):
