@@ -315,7 +315,7 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     loose = json.loads(capsys.readouterr().out)  # every share passes: the largest candidate is taken
     assert loose["ne"] == max(c["ne"] for c in loose["ne_choice"]["candidates"]) > 0
     assert main(["prune", str(folder), "--task", "digits", "--ne", "many"]) == 2
-    assert "neither auto nor a number" in capsys.readouterr().err
+    assert "--ne many is not a whole number" in capsys.readouterr().err
 
     # An existing output is refused before any scoring; the count says which heads the PEFT folder had off already.
     kept = out.read_bytes()

@@ -504,6 +504,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             typ = next((t for t in (int, float) if kind in (t, t | None)), str)
             if f.name in RANGES:
                 typ = number(f.name)
+            elif f.name == "ne":
+                typ = heads_flag(flag)
             g.add_argument(flag, dest=f.name, type=typ, choices=meta.get("choices"), default=f.default, help=text)
     groups["run"].add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
 
@@ -514,9 +516,9 @@ OTHER_RANGES = {"port": ("int", 0, 65535, "(0: any free port)"), "max_batch": ("
                 "batches": ("int", 1, 100_000, "")}
 
 
-def number(name: str) -> Callable[[str], Any]:
-    """The argparse type of a numeric flag: its text as a number in the setting's range (``RANGES``), else one line
-    naming the flag and the range, before anything is loaded."""
+def number(name: str, flag: str | None = None) -> Callable[[str], Any]:
+    """The argparse type of a numeric flag (``flag``, default ``--name``): its text as a number in the setting's
+    range (``RANGES``), else one line naming the flag and the range, before anything is loaded."""
     from heartlora.engine.config import RANGES, Range
 
     if name in RANGES:
@@ -524,7 +526,7 @@ def number(name: str) -> Callable[[str], Any]:
     else:
         kind, lo, hi, hint = OTHER_RANGES[name]
         rule = Range(int if kind == "int" else float, lo, hi, hint=hint)
-    flag = "--" + name.replace("_", "-")
+    flag = flag or "--" + name.replace("_", "-")
 
     def parse(text: str) -> Any:
         try:
@@ -533,6 +535,27 @@ def number(name: str) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     parse.__name__ = name  # argparse names the type in its messages
+    parse.rule = rule  # type: ignore[attr-defined]  (tests/test_fuzz.py enumerates the numeric flags by it)
+    return parse
+
+
+def heads_flag(flag: str) -> Callable[[str], str]:
+    """The argparse type of --ne: auto, or a whole number of heads ≥ 0 (kept as text, as resolve reads it)."""
+    from heartlora.engine.config import Range
+
+    rule = Range(int, 0, hint="heads, or auto")
+
+    def parse(text: str) -> str:
+        if text.strip().lower() == "auto":
+            return text
+        try:
+            rule.check(flag, text)
+        except HeartLoRAError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    parse.__name__ = "ne"
+    parse.rule = rule  # type: ignore[attr-defined]
     return parse
 
 
@@ -639,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
     p.add_argument("--task", required=True, help="the task the adapter was trained on (its training split scores)")
-    p.add_argument("--ne", default="auto", help="heads to switch off: a number, or auto (default; decided on "
+    p.add_argument("--ne", default="auto", type=heads_flag("--ne"), help="heads to switch off: a number, or auto (default; decided on "
                    "sampled training images)")
     p.add_argument("--batches", type=number("batches"), default=8, help="training batches to score heads on (default 8)")
     p.add_argument("--batch-size", type=number("batch_size"), default=32)
@@ -650,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
                         "count as a Taylor prune, to compare the two)")
-    p.add_argument("--score-seed", type=number("seed"), default=0, help="the random control's draw (default 0)")
+    p.add_argument("--score-seed", type=number("seed", "--score-seed"), default=0,
+                   help="the random control's draw (default 0)")
     p.add_argument("--ne-tolerance", type=number("ne_tolerance"), default=None,
                    help="--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
                         "training images by at most this fraction of it (default 0.02). An adapter that fits its "
