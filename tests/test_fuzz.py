@@ -480,7 +480,8 @@ def peft_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for p in list(hl.adapter_parameters(model)) + list(model.head.parameters()):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
         export_peft(model, root / name)
-    return {"root": root, "backbone": backbone, "x": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))}
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    return {"root": root, "backbone": backbone, "x": x}
 
 
 def _peft_logits(folder: Path, env: dict[str, Any]) -> torch.Tensor:

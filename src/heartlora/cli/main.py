@@ -606,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=number("img_size"))
     p.add_argument("--out")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=number("threads"), help="CPU threads (default 1: robust on a shared 2-core machine)")
+    p.add_argument("--threads", type=number("threads"),
+                   help="CPU threads (default 1: robust on a shared 2-core machine)")
     p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")
     p.add_argument("--quiet", action="store_true")
 
@@ -662,9 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
     p.add_argument("--task", required=True, help="the task the adapter was trained on (its training split scores)")
-    p.add_argument("--ne", default="auto", type=heads_flag("--ne"), help="heads to switch off: a number, or auto (default; decided on "
-                   "sampled training images)")
-    p.add_argument("--batches", type=number("batches"), default=8, help="training batches to score heads on (default 8)")
+    p.add_argument("--ne", default="auto", type=heads_flag("--ne"),
+                   help="heads to switch off: a number, or auto (default; decided on sampled training images)")
+    p.add_argument("--batches", type=number("batches"), default=8,
+                   help="training batches to score heads on (default 8)")
     p.add_argument("--batch-size", type=number("batch_size"), default=32)
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
                    help="split for the accuracy before and after (default val200)")
