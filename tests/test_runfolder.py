@@ -373,3 +373,31 @@ def test_a_format_1_checkpoint_resumes_with_a_warning(tmp_path: Path, task: str,
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
     assert "without a checksum" in caplog.text
     assert load_checkpoint(out / "checkpoint.pt")["identity"]["seed"] == 42  # rewritten in format 2
+
+
+def test_a_checkpoint_of_other_backbone_weights_is_refused(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity's backbone fingerprint: the same name giving other weights (an updated hub model, another local
+    copy) is not resumed into."""
+    import heartlora.engine.trainer as trainer
+
+    out = tmp_path / "r"
+    _stopped_run(out, task)
+    monkeypatch.setattr(trainer, "backbone_fingerprint", lambda model, skip=(): "0" * 64)
+    before = (out / "checkpoint.pt").read_bytes()
+    _fails(["train", "--out", str(out), "--resume", "--quiet"], capsys, "was made on other backbone weights")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_old_metrics_json_without_a_checksum_is_shown_with_a_warning(tmp_path: Path, task: str,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "--task", task, *FLAGS, "--out", str(out)]) == 0
+    old = json.loads((out / "metrics.json").read_text())
+    old.pop("sha256")
+    (out / "metrics.json").write_text(json.dumps(old, indent=2))
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == old["accuracy"]
+    assert "without a checksum" in caplog.text
