@@ -86,7 +86,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     state = TrainState.from_checkpoint(decision["state"]) if "state" in decision else None
     if decision["mode"] == "done":
         resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
-        metrics = broadcast_object(decision.get("metrics"), info)  # checked by inspect_out
+        metrics = decision["metrics"]  # read and checked by inspect_out (rank 0), broadcast with the decision
         return {**metrics, "status": "already_finished"}
     cfg = resolve(cfg, state.settings if state else None)
     trainer = Trainer(cfg, info, t_start)  # everything that can fail on bad input fails here, before any write
