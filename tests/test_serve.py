@@ -273,3 +273,26 @@ def test_the_startup_line_comes_once_the_port_is_bound(bank, server):
     with pytest.raises(HeartLoRAError, match="could not start"):  # the port is the test server's: never announced
         serve(bank, 32, host=HOST, port=server[0], log_level="critical", on_listening=lambda h, p: said.append(p))
     assert said == []
+
+
+def test_the_cli_says_where_it_serves_once_it_listens(tmp_path):
+    """`heartlora serve --port 0`: the startup line names the port the OS chose, and that port answers."""
+    import os
+    import subprocess
+    import sys
+
+    path = _make_adapter(tmp_path, _vit, "digits", 4, 32, 4, 0, seed=0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "heartlora", "serve", "--adapter", str(path), "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            line = proc.stderr.readline()
+        port = int(line.split(f"http://{HOST}:")[1].split()[0])
+        assert port > 0 and _request(port, "GET", "/health") == (200, {"status": "ok", "tasks": 1})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
