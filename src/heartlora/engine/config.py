@@ -153,6 +153,7 @@ class Range:
     above: bool = False
     below: bool = False  # value < hi
     hint: str = ""
+    only: tuple[int, ...] = ()  # when given, the only valid values (``hint`` then says which)
 
     def check(self, flag: str, value: Any) -> Any:
         """``value`` (a number, or the text of a flag) as ``kind``, or a one-line ConfigError naming ``flag``."""
@@ -169,11 +170,15 @@ class Range:
         if not math.isfinite(value):
             raise ConfigError(f"{what} is not a finite number{self._want()}")
         if ((self.lo is not None and (value <= self.lo if self.above else value < self.lo))
-                or (self.hi is not None and (value >= self.hi if self.below else value > self.hi))):
+                or (self.hi is not None and (value >= self.hi if self.below else value > self.hi))
+                or (self.only and value not in self.only)):
             raise ConfigError(f"{what} is out of range{self._want()}")
         return value
 
     def _want(self) -> str:
+        if self.only:
+            return f": give {self.hint}"
+
         def show(v: float) -> str:
             return str(int(v)) if self.kind is int or float(v).is_integer() else f"{v:g}"
 
@@ -188,7 +193,8 @@ class Range:
 # (heartlora.engine.inference) check the same fields against it.
 MAX_SEED = 2**63 - 1
 RANGES: dict[str, Range] = {
-    "rank": Range(int, 1, MAX_RANK), "scale": Range(float, 0, None, above=True), "bits": Range(int, 1, 32),
+    "rank": Range(int, 1, MAX_RANK), "scale": Range(float, 0, None, above=True),
+    "bits": Range(int, 1, 32, only=(1, 2, 3, 4, 5, 6, 7, 8, 32), hint="32 (float) or 1 to 8 (quantized)"),
     "dropout": Range(float, 0, 1, below=True), "ne_fraction": Range(float, 0, 1), "ne_tolerance": Range(float, 0),
     "score_ema": Range(float, 0, 1, below=True), "score_steps": Range(int, 1), "epochs": Range(int, 1, 100_000),
     "warmup_epochs": Range(int, 0, 100_000), "lr": Range(float, 0, 10, above=True), "min_lr_ratio": Range(float, 0, 1),
