@@ -72,7 +72,8 @@ def test_train_flags_take_help_and_defaults_from_heartloraconfig(capsys):
 
 
 @pytest.mark.parametrize("settings, argv, python, flag", [
-    (dict(rank=0), ["--rank", "0"], "rank 0 must be a positive integer", "--rank 0 must be a positive integer"),
+    (dict(rank=0), ["--rank", "0"], "rank 0 is out of range: give at least 1",
+     "--rank 0 is out of range: give at least 1"),
     (dict(targets="q,x"), ["--targets", "q,x"], "targets ['q', 'x'] are not valid",
      "--targets ['q', 'x'] are not valid"),
     (dict(warmup_epochs=0), ["--warmup-epochs", "0"], "warmup_epochs 0 must be between 1 and epochs 100",

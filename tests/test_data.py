@@ -435,3 +435,34 @@ def test_vtab_a_file_instead_of_a_folder_is_named_as_such(tmp_path: Path):
     with pytest.raises(TaskError, match="does not exist") as error:
         get_task(f"vtab:{tmp_path / 'nowhere'}")
     assert "optional" in str(error.value)
+
+
+def test_split_paths_must_stay_inside_the_task_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 36: '../../../../etc/passwd 0' was opened, and a real image outside the folder trained with exit 0."""
+    elsewhere = tmp_path / "imgs"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "i0.png")
+    root = tmp_path / "task"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    (root / "linked.png").symlink_to(elsewhere / "i0.png")
+    for split in ("train800", "val200", "test"):
+        (root / f"{split}.txt").write_text("ok.png 0\nok.png 1\n")
+    monkeypatch.delenv("HEARTLORA_IMAGE_ROOTS", raising=False)
+    for bad in ("../../../../etc/passwd", "../imgs/i0.png", str(elsewhere / "i0.png"), "linked.png"):
+        (root / "val200.txt").write_text(f"ok.png 0\n{bad} 1\n")
+        with pytest.raises(TaskError, match=r"val200\.txt:2: image .* is outside the task folder") as info:
+            get_task(f"vtab:{root}")
+        assert "\n" not in str(info.value) and "HEARTLORA_IMAGE_ROOTS" in str(info.value)
+    monkeypatch.setenv("HEARTLORA_IMAGE_ROOTS", str(elsewhere))  # the user says where the images are
+    assert get_task(f"vtab:{root}").load("val200", img_size=8)[1].tolist() == [0, 1]
+
+
+def test_export_to_an_impossible_folder_names_that_folder(tmp_path: Path) -> None:
+    """Issue 36: `data export digits /proc/x` named a temporary staging path instead of the user's folder."""
+    (tmp_path / "file").write_text("")
+    for out, cause in (("/proc/x", "file system that does not accept new folders"),
+                       (str(tmp_path / "file" / "x"), "a part of the path is a file")):
+        with pytest.raises(TaskError, match=f"cannot write {out}: .*{cause}") as info:
+            export_task("digits", out)
+        assert ".export" not in str(info.value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import resource
 import struct
@@ -288,6 +289,388 @@ def test_a_changed_setting_with_the_old_checksum_is_corrupt(tmp_path: Path) -> N
         good.with_name("edited.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + payload)
         with pytest.raises(AdapterFileError, match="metadata does not match the checksum"):
             hl.read_adapter_info(good.with_name("edited.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run folders (issue 36): checkpoint.pt and metrics.json damaged, swapped between runs, or replaced by links. Every
+# `heartlora train --out X --resume` must refuse in one line, naming the file, with the folder left as it was, or
+# give exactly the undamaged folder's result. A traceback, another exit status, or another result fails the test.
+
+# Sampled with fixed seeds; HEARTLORA_FUZZ_SCALE=N tries N times as many (the deeper run docs/RELIABILITY.md quotes).
+SCALE = max(1, int(os.environ.get("HEARTLORA_FUZZ_SCALE", "1")))
+RUN_CASES = 20 * SCALE  # per file (checkpoint.pt, metrics.json)
+
+
+def report(what: str, results: list[tuple[str, str]]) -> None:
+    """The outcome counts docs/RELIABILITY.md quotes (shown with pytest -s)."""
+    from collections import Counter
+
+    by_kind: dict[str, Counter] = {}
+    for kind, outcome in results:
+        by_kind.setdefault(kind, Counter())[outcome] += 1
+    total = Counter(outcome for _, outcome in results)
+    print(f"\nFUZZ {what}: {len(results)} cases, {dict(total)}; by kind: "
+          + ", ".join(f"{k} {dict(v)}" for k, v in sorted(by_kind.items())))
+
+
+def _run_flags(task: str, seed: int, epochs: int) -> list[str]:
+    return ["train", "--task", task, "--method", "heart-lora", "--ne", "3", "--epochs", str(epochs), "--seed",
+            str(seed), "--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--batch-size", "32",
+            "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four real run folders: stopped after epoch 1 of 2 (seeds 42 and 7) and finished (seeds 42 and 7)."""
+    from test_engine import write_tiny_vtab
+
+    from heartlora.cli.main import main
+
+    root = tmp_path_factory.mktemp("fuzz_runs")
+    task = write_tiny_vtab(root / "task")
+    torch.set_num_threads(1)
+    folders = {}
+    for name, seed, epochs, stop in (("stopped", 42, 2, True), ("stopped7", 7, 2, True), ("finished", 42, 1, False),
+                                     ("finished7", 7, 1, False)):
+        folders[name] = root / name
+        argv = _run_flags(task, seed, epochs) + ["--out", str(folders[name])] + (["--stop-after-epoch", "1"] * stop)
+        assert main(argv) == 0
+    return folders
+
+
+def _snapshot(folder: Path) -> dict[str, Any]:
+    """Every entry of a folder: file bytes, a link's target, or "folder"."""
+    out: dict[str, Any] = {}
+    for p in sorted(folder.iterdir()):
+        out[p.name] = (f"-> {os.readlink(p)}" if p.is_symlink() else "folder" if p.is_dir() else p.read_bytes())
+    return out
+
+
+def _resume(folder: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    from heartlora.cli.main import main
+
+    capsys.readouterr()
+    code = main(["train", "--out", str(folder), "--resume", "--quiet", "--json"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _losses(metrics: dict[str, Any]) -> list[tuple]:
+    """The result-bearing part of a run's history (its timings differ from run to run)."""
+    return [(h.get("train_loss"), h.get("train_acc"), h.get("eval_acc")) for h in metrics["history"]]
+
+
+def damage_file(folder: Path, name: str, kind: str, rng: random.Random, other: Path) -> None:
+    """Damage ``folder/name`` as ``kind`` says; ``other`` is the same file of another run."""
+    target = folder / name
+    data = target.read_bytes()
+    if kind == "flip":
+        target.write_bytes(flip(data, 0, len(data), rng))
+    elif kind == "truncate":
+        target.write_bytes(data[:rng.randrange(len(data))])
+    elif kind == "append":
+        target.write_bytes(data + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+    elif kind == "swap":
+        target.write_bytes(other.read_bytes())
+    elif kind == "link":
+        target.unlink()
+        target.symlink_to(other)
+    elif kind == "folder":
+        target.unlink()
+        target.mkdir()
+    elif kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "edit":  # metrics.json: a reported number changed, the old checksum kept
+        doc = json.loads(data)
+        doc[rng.choice(["accuracy", "wall_s", "heads_total", "seed"])] = rng.choice([0.99, 0, 7, 1e9])
+        target.write_text(json.dumps(doc, indent=2))
+    elif kind == "resigned":  # metrics.json: the accuracy changed and the checksum recomputed
+        from heartlora.engine.metrics import metrics_digest
+
+        doc = json.loads(data)
+        doc["accuracy"] = 0.99
+        doc["sha256"] = metrics_digest(doc)
+        target.write_text(json.dumps(doc, indent=2))
+    elif kind == "list":
+        target.write_text("[]")
+    else:
+        raise AssertionError(kind)
+
+
+RUN_DAMAGE = {"checkpoint.pt": ["flip", "flip", "truncate", "append", "swap", "link", "folder", "empty"],
+              "metrics.json": ["flip", "flip", "truncate", "edit", "resigned", "swap", "link", "folder", "empty",
+                               "list"]}
+
+
+def fuzz_run_folder(runs: dict[str, Path], name: str, scratch: Path, capsys: pytest.CaptureFixture
+                    ) -> list[tuple[str, str]]:
+    """The seeded cases on ``name`` (checkpoint.pt of the stopped run, metrics.json of the finished one)."""
+    import shutil
+
+    source, other = ("stopped", "stopped7") if name == "checkpoint.pt" else ("finished", "finished7")
+    reference = scratch / "reference"
+    shutil.copytree(runs[source], reference)
+    code, ref_out, err = _resume(reference, capsys)
+    assert code == 0, err
+    ref = json.loads(ref_out)
+    rng = random.Random(3600 + len(name))
+    kinds = RUN_DAMAGE[name]
+    cases = kinds + [rng.choice(kinds) for _ in range(RUN_CASES - len(kinds))]
+    results = []
+    for i, kind in enumerate(cases):
+        folder = scratch / f"case{i}"
+        shutil.copytree(runs[source], folder)
+        damage_file(folder, name, kind, rng, runs[other] / name)
+        before = _snapshot(folder)
+        code, out, err = _resume(folder, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert "Traceback" not in err + out, f"{name} {kind}: {err}"
+        if code == 0:
+            got = json.loads(out)
+            same = all(got.get(k) == ref.get(k) for k in ("accuracy", "final_train_loss", "seed", "settings",
+                                                          "heads_off", "head_masks")) and _losses(got) == _losses(ref)
+            assert same, f"{name} {kind} (case {i}): exit 0 with another result: {err}"
+            results.append((kind, "identical"))
+        else:
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{name} {kind}: {err!r}"
+            assert str(folder / name) in lines[0], f"{name} {kind}: the line does not name the file: {lines[0]}"
+            assert _snapshot(folder) == before, f"{name} {kind}: the folder changed"
+            results.append((kind, "refused"))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(RUN_DAMAGE))
+def test_run_folder_damage_is_refused_or_harmless(runs: dict[str, Path], name: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    results = fuzz_run_folder(runs, name, tmp_path, capsys)
+    report(f"{name} (resume)", results)
+    # Content cut or replaced, another run's file, a link, a folder: always refused. A flipped bit or appended bytes
+    # may fall where nothing is read (zip padding), and then the run must resume to the undamaged result (checked).
+    assert all(outcome == "refused" for kind, outcome in results if kind not in ("append", "flip")), results
+    assert sum(outcome == "refused" for kind, outcome in results if kind == "flip") >= 1, results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PEFT folders (issue 36): what `heartlora prune` reads. Each load ends in a one-line HeartLoRAError or loads; a load
+# that gives other logits is allowed only where the folder holds a value that cannot be checked (UNCHECKED: a PEFT
+# folder carries no checksum): lora_alpha, lora_dropout, a weight's value.
+
+PEFT_CASES = 60 * SCALE
+
+
+@pytest.fixture(scope="module")
+def peft_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("peft")
+    from transformers import ViTConfig, ViTModel
+
+    from heartlora.backbones import create_backbone
+    from heartlora.integrations import export_peft
+
+    root = tmp_path_factory.mktemp("fuzz_peft")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, attn_implementation="eager")).save_pretrained(root / "vit")
+
+    def backbone() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return create_backbone(f"hf:{root / 'vit'}", num_classes=5, img_size=32, pool="cls")
+
+    for name, rank, seed in (("a", 3, 2), ("b", 2, 3)):
+        model = backbone()
+        hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=rank))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in list(hl.adapter_parameters(model)) + list(model.head.parameters()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        export_peft(model, root / name)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    return {"root": root, "backbone": backbone, "x": x}
+
+
+def _peft_logits(folder: Path, env: dict[str, Any]) -> torch.Tensor:
+    from heartlora.integrations import import_peft
+
+    with torch.no_grad():
+        return import_peft(folder, env["backbone"]()).eval()(env["x"])
+
+
+def peft_mutation(folder: Path, other: Path, rng: random.Random) -> str:
+    """Damage one file of a PEFT folder; returns the kind (``unchecked:`` for an edit no check can see)."""
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    kind = rng.choice(["weights-empty", "weights-random", "weights-truncate", "weights-header", "weights-data",
+                       "config-truncate", "config-flip", "config-list", "config-value", "swap-config", "swap-weights",
+                       "link", "weights-nan"])
+    data = weights.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    text = config.read_text()
+    if kind == "weights-empty":
+        weights.write_bytes(b"")
+    elif kind == "weights-random":
+        weights.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))))
+    elif kind == "weights-truncate":
+        weights.write_bytes(data[:rng.randrange(len(data))])
+    elif kind == "weights-header":
+        weights.write_bytes(flip(data, 0, 8 + n, rng))
+    elif kind == "weights-data":
+        weights.write_bytes(flip(data, 8 + n, len(data), rng))
+        kind = "unchecked:weights-data"  # another finite value is legal; a NaN or an infinity is refused
+    elif kind == "weights-nan":
+        tensors = dict(st_load(data))
+        key = rng.choice(sorted(tensors))
+        tensors[key] = tensors[key].clone().fill_(float("nan"))
+        weights.write_bytes(st_save(tensors, metadata=split(data)[0].get("__metadata__")))
+    elif kind == "config-truncate":
+        config.write_text(text[:rng.randrange(len(text))])
+    elif kind == "config-flip":
+        config.write_bytes(flip(text.encode(), 0, len(text), rng))
+        kind = "unchecked:config-flip"  # a flipped bit may give another legal value (a digit of lora_alpha)
+    elif kind == "config-list":
+        config.write_text("[]")
+    elif kind == "config-value":
+        doc = json.loads(text)
+        key = rng.choice(["r", "lora_alpha", "lora_dropout"])
+        doc[key] = rng.choice([0, -1, 2 * (doc[key] or 1), float("nan"), 1e9, "x", None])
+        config.write_text(json.dumps(doc))
+        kind = f"unchecked:config-{key}" if key != "r" else "config-r"
+    elif kind == "swap-config":
+        config.write_bytes((other / "adapter_config.json").read_bytes())
+    elif kind == "swap-weights":
+        weights.write_bytes((other / "adapter_model.safetensors").read_bytes())
+    else:  # a link in place of the weights, to another folder's: read as that folder's (PEFT folders are not ours)
+        weights.unlink()
+        weights.symlink_to(other / "adapter_model.safetensors")
+        kind = "unchecked:link"
+    return kind
+
+
+def fuzz_peft(env: dict[str, Any], scratch: Path) -> list[tuple[str, str]]:
+    import shutil
+
+    reference = _peft_logits(env["root"] / "a", env)
+    rng = random.Random(3636)
+    results = []
+    for case in range(PEFT_CASES):
+        folder = scratch / f"case{case}"
+        shutil.copytree(env["root"] / "a", folder)
+        kind = peft_mutation(folder, env["root"] / "b", rng)
+        try:
+            logits = _peft_logits(folder, env)
+            outcome = "identical" if torch.equal(logits, reference) else "other output"
+        except HeartLoRAError as e:
+            assert str(e) and "\n" not in str(e), f"case {case} ({kind}): {e!r}"
+            outcome = "refused"
+        except Exception as e:  # the point of the fuzz: name the case that escaped
+            raise AssertionError(f"case {case} ({kind}) raised {type(e).__name__}: {e}") from e
+        results.append((kind, outcome))
+    return results
+
+
+def test_peft_folder_damage_is_one_line_or_an_unchecked_value(peft_folders: dict[str, Any], tmp_path: Path) -> None:
+    results = fuzz_peft(peft_folders, tmp_path)
+    report("PEFT folder (import_peft, what prune reads)", results)
+    assert not [r for r in results if r[1] == "other output" and not r[0].startswith("unchecked:")], results
+    assert sum(outcome == "refused" for _, outcome in results) >= len(results) // 2
+
+
+def test_prune_of_a_damaged_peft_folder_is_one_line(peft_folders: dict[str, Any], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """The issue's invocations: `heartlora prune` on an empty / truncated weights file or a truncated config."""
+    import shutil
+
+    from heartlora.cli.main import main
+
+    for i, (name, damage) in enumerate([("adapter_model.safetensors", lambda b: b""),
+                                        ("adapter_model.safetensors", lambda b: b[:len(b) // 2]),
+                                        ("adapter_config.json", lambda b: b[:len(b) // 2])]):
+        folder = tmp_path / f"p{i}"
+        shutil.copytree(peft_folders["root"] / "a", folder)
+        (folder / name).write_bytes(damage((folder / name).read_bytes()))
+        before = _snapshot(tmp_path)
+        capsys.readouterr()
+        assert main(["prune", str(folder), "--task", "digits", "--ne", "1", "--backbone",
+                     f"hf:{peft_folders['root'] / 'vit'}"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and str(folder / name) in lines[0] and "Traceback" not in err, err
+        assert _snapshot(tmp_path) == before  # no .pruned.safetensors, nothing else written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad command lines (issue 36): every numeric flag of every command at nan, inf, 0 and -1. A value outside the
+# flag's range (heartlora.engine.config.RANGES, the CLI's OTHER_RANGES) must be refused in one line naming the flag,
+# exit 2, with nothing written; values inside the range are the table's "accepted" cases (not run: they would train).
+
+BAD_VALUES = ("nan", "inf", "0", "-1")
+CONTEXT = {"train": [], "demo": [], "eval": ["--adapter", "A"], "predict": ["--adapter", "A", "img.png"],
+           "serve": ["--adapter", "A"], "prune": ["P", "--task", "digits"], "data export": ["digits", "D"]}
+ISSUE_CASES = [("train", "--seed", "-1"), ("eval", "--seed", "-1"), ("eval", "--img-size", "0"),
+               ("train", "--lr", "nan"), ("eval", "--batch-size", "0"), ("serve", "--port", "70000"),
+               ("serve", "--max-batch", "0"), ("train", "--img-size", "0")]
+
+
+def numeric_flags() -> list[tuple[str, str, Any]]:
+    """(command, flag, its argparse type) for every flag of every command that takes a number."""
+    import argparse
+
+    from heartlora.cli.main import build_parser
+
+    found = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}".strip())
+            elif action.option_strings and (action.type in (int, float) or hasattr(action.type, "rule")):
+                found.append((prefix, action.option_strings[0], action.type))
+    walk(build_parser(), "")
+    return found
+
+
+def bad_cli_cases() -> list[tuple[str, str, str, bool]]:
+    """(command, flag, value, refused?) for every numeric flag at BAD_VALUES, then the issue's own cases."""
+    from heartlora.errors import HeartLoRAError as Refused
+
+    cases = []
+    for command, flag, parse in numeric_flags():
+        for value in BAD_VALUES:
+            try:
+                parse(value)
+                cases.append((command, flag, value, False))
+            except Exception:  # noqa: BLE001 (argparse's ArgumentTypeError, or a HeartLoRAError)
+                cases.append((command, flag, value, True))
+    return cases + [(c, f, v, True) for c, f, v in ISSUE_CASES]
+
+
+def test_every_number_flag_is_range_checked() -> None:
+    """No numeric flag escapes the table: each is parsed by heartlora.cli.main.number (not a bare int or float)."""
+    flags = numeric_flags()
+    assert len(flags) >= 30
+    plain = [(c, f) for c, f, t in flags if t in (int, float)]
+    assert not plain, f"flags with a bare int/float type, outside RANGES: {plain}"
+
+
+@pytest.mark.parametrize("command", sorted(CONTEXT))
+def test_bad_numbers_on_the_command_line_are_one_line(command: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from heartlora.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("a user's file\n")
+    cases = [c for c in bad_cli_cases() if c[0] == command and c[3]]
+    assert cases
+    with capsys.disabled():
+        report(f"heartlora {command} (numeric flags)", [(v, "refused" if refused else "in range: " + f)
+                                                         for c, f, v, refused in bad_cli_cases() if c == command])
+    for _, flag, value, _ in cases:
+        capsys.readouterr()
+        code = main([*command.split(), *CONTEXT[command], flag, value])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        named = (f"error: {flag} {value} ", f"error: {flag} '{value}' ")  # the value as given, or quoted (text)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(named), (flag, value, err)
+        assert "Traceback" not in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"], (flag, value)
 
 
 if __name__ == "__main__":  # the outcome counts quoted in docs/RELIABILITY.md: python tests/test_fuzz.py

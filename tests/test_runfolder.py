@@ -5,6 +5,7 @@ effects (threads, process group, logging, matplotlib)."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -70,7 +71,9 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_writes_no_met
 
     real_save, calls = torch.save, []
 
-    def full_disk(obj, f, *args, **kwargs):  # the second checkpoint (end of epoch 2) hits a full disk
+    def full_disk(obj, f, *args, **kwargs):  # the second checkpoint file (end of epoch 2) hits a full disk
+        if isinstance(f, io.BytesIO):  # the checksummed payload, serialised in memory first
+            return real_save(obj, f, *args, **kwargs)
         calls.append(f)
         if len(calls) == 2:
             Path(f).write_bytes(b"partial")
@@ -133,6 +136,7 @@ def test_linear_and_full_weight_files_are_checksummed(tmp_path: Path, task: str,
         flipped[-3] ^= 0x01  # the lowest bit of a weight near the end of the data
         (out / "adapter.safetensors").write_bytes(bytes(flipped))
         _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+        _fails(["inspect", str(out)], capsys, "corrupt")  # issue 36: inspect showed what eval refused
         header = int.from_bytes(good[:8], "little")
         assert b"init_seed" in good[8:8 + header]
         relabelled = good[:8] + good[8:8 + header].replace(b"init_seed\\\": 42", b"init_seed\\\": 43") \
@@ -140,6 +144,7 @@ def test_linear_and_full_weight_files_are_checksummed(tmp_path: Path, task: str,
         assert relabelled != good and len(relabelled) == len(good)
         (out / "adapter.safetensors").write_bytes(relabelled)
         _fails(["eval", "--adapter", str(out), "--split", "val200"], capsys, "corrupt")
+        _fails(["inspect", str(out)], capsys, "corrupt")
 
 
 def test_train_restores_threads_and_logs_through_the_module_logger(tmp_path: Path, task: str,
@@ -292,4 +297,107 @@ def test_the_sigterm_handler_is_only_borrowed(tmp_path: Path, task: str, capsys:
 def test_threads_below_one_are_one_line(tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
     for value in ("0", "-1"):
         _fails(["train", "--task", task, *FLAGS, "--threads", value, "--out", str(tmp_path / value)], capsys,
-               f"--threads must be at least 1, got {value}")
+               f"--threads {value} is out of range: give at least 1")
+
+
+def _stopped_run(out: Path, task: str, seed: int = 42) -> None:
+    assert main(["train", "--task", task, *FLAGS, "--seed", str(seed), "--stop-after-epoch", "1",
+                 "--out", str(out)]) == 0
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_by_name(tmp_path: Path, task: str,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Issue 36: a flipped bit resumed with exit 0 and another loss; another run's checkpoint resumed as this run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _stopped_run(a, task, 42)
+    _stopped_run(b, task, 7)
+    good = (a / "checkpoint.pt").read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1
+    (a / "checkpoint.pt").write_bytes(bytes(flipped))
+    line = _fails(["train", "--out", str(a), "--resume", "--quiet"], capsys, str(a / "checkpoint.pt"))
+    assert "damaged" in line or "cannot be read" in line
+    (a / "checkpoint.pt").write_bytes((b / "checkpoint.pt").read_bytes())
+    _fails(["train", "--out", str(a), "--resume", "--quiet"], capsys, "seed 7 (train.log: 42)")
+    assert (a / "checkpoint.pt").read_bytes() == (b / "checkpoint.pt").read_bytes()  # nothing was written
+    (a / "checkpoint.pt").write_bytes(good)
+    assert main(["train", "--out", str(a), "--resume", "--quiet"]) == 0
+
+
+def test_an_edited_or_damaged_metrics_json_is_not_shown(tmp_path: Path, task: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "--task", task, *FLAGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    good = (out / "metrics.json").read_text()
+    edited = json.loads(good) | {"accuracy": 0.99}
+    for text in (json.dumps(edited), "", good[:100], "[]"):
+        (out / "metrics.json").write_text(text)
+        line = _fails(["train", "--out", str(out), "--resume", "--quiet"], capsys, str(out / "metrics.json"))
+        assert "heartlora eval --adapter" in line and "--overwrite" in line
+    # re-signed with a matching checksum, the edit still disagrees with the finished checkpoint
+    from heartlora.engine.metrics import metrics_digest
+
+    edited["sha256"] = metrics_digest(edited)
+    (out / "metrics.json").write_text(json.dumps(edited))
+    _fails(["train", "--out", str(out), "--resume", "--quiet"], capsys, "the finished checkpoint")
+    (out / "metrics.json").write_text(good)
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == json.loads(good)["accuracy"]
+
+
+@pytest.mark.parametrize("name", [LOCK_NAME, "train.log", "checkpoint.pt", "metrics.json"])
+def test_no_link_in_a_run_folder_is_followed(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
+                                             name: str) -> None:
+    """Issue 36: a link at .heartlora.lock made train overwrite its target with a PID; train.log appended to it."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file\n")
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    for extra in ([], ["--resume"]):
+        _fails(["train", "--task", task, *FLAGS, "--out", str(out), *extra], capsys, f"{out / name} is a symbolic link")
+    assert victim.read_text() == "the user's file\n" and (out / name).is_symlink()
+
+
+def test_a_format_1_checkpoint_resumes_with_a_warning(tmp_path: Path, task: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints written before issue 36 have no checksum: they are resumed, with a warning that says so."""
+    from heartlora.engine import checkpoint as ckpt
+
+    out = tmp_path / "r"
+    _stopped_run(out, task)
+    state = load_checkpoint(out / "checkpoint.pt")
+    old = {k: v for k, v in state.items() if k not in ("identity", "result")} | {"format": ckpt.FORMAT_1}
+    torch.save(old, out / "checkpoint.pt")
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "without a checksum" in caplog.text
+    assert load_checkpoint(out / "checkpoint.pt")["identity"]["seed"] == 42  # rewritten in format 2
+
+
+def test_a_checkpoint_of_other_backbone_weights_is_refused(tmp_path: Path, task: str, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity's backbone fingerprint: the same name giving other weights (an updated hub model, another local
+    copy) is not resumed into."""
+    import heartlora.engine.trainer as trainer
+
+    out = tmp_path / "r"
+    _stopped_run(out, task)
+    monkeypatch.setattr(trainer, "backbone_fingerprint", lambda model, skip=(): "0" * 64)
+    before = (out / "checkpoint.pt").read_bytes()
+    _fails(["train", "--out", str(out), "--resume", "--quiet"], capsys, "was made on other backbone weights")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_old_metrics_json_without_a_checksum_is_shown_with_a_warning(tmp_path: Path, task: str,
+                                                                        capsys: pytest.CaptureFixture,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "--task", task, *FLAGS, "--out", str(out)]) == 0
+    old = json.loads((out / "metrics.json").read_text())
+    old.pop("sha256")
+    (out / "metrics.json").write_text(json.dumps(old, indent=2))
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == old["accuracy"]
+    assert "without a checksum" in caplog.text

@@ -219,3 +219,80 @@ def test_decode_image_resizes_to_rgb_in_unit_range():
     x = decode_image(gray.getvalue(), 16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert torch.allclose(x, torch.ones_like(x))
+
+
+def _asgi_post(app, messages) -> tuple[list[dict], int]:
+    """POST /predict?task=digits straight to the ASGI app with ``messages`` (an iterator of receive() events);
+    returns what the app sent and how many events it asked for."""
+    sent: list[dict] = []
+    asked = [0]
+
+    async def receive():
+        asked[0] += 1
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"task=digits", "root_path": "",
+             "headers": [(b"transfer-encoding", b"chunked")], "client": ("127.0.0.1", 1), "server": (HOST, 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent, asked[0]
+
+
+def test_a_client_that_hangs_up_is_one_log_line(bank, caplog):
+    """Issue 36: every client that hung up mid-upload left a ClientDisconnect traceback in the log."""
+    import logging
+
+    app = create_app(bank, img_size=32)
+    events = iter([{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}])
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        sent, _ = _asgi_post(app, events)
+    assert sent[0]["status"] == 400
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["a client hung up after 4 bytes of its image (POST /predict)"]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_the_body_limit_holds_while_a_chunked_body_is_read(bank):
+    """Issue 36: a chunked body was read whole before the 20 MiB limit was checked."""
+    from heartlora.serve import MAX_BODY_BYTES
+
+    chunk = b"x" * 2**20
+    endless = ({"type": "http.request", "body": chunk, "more_body": True} for _ in range(10**6))
+    sent, asked = _asgi_post(create_app(bank, img_size=32), endless)
+    assert sent[0]["status"] == 413 and asked == MAX_BODY_BYTES // len(chunk) + 1  # stopped just past the limit
+
+
+def test_the_startup_line_comes_once_the_port_is_bound(bank, server):
+    from heartlora.errors import HeartLoRAError
+    from heartlora.serve import serve
+
+    said: list[tuple[str, int]] = []
+    with pytest.raises(HeartLoRAError, match="could not start"):  # the port is the test server's: never announced
+        serve(bank, 32, host=HOST, port=server[0], log_level="critical", on_listening=lambda h, p: said.append(p))
+    assert said == []
+
+
+def test_the_cli_says_where_it_serves_once_it_listens(tmp_path):
+    """`heartlora serve --port 0`: the startup line names the port the OS chose, and that port answers."""
+    import os
+    import subprocess
+    import sys
+
+    path = _make_adapter(tmp_path, _vit, "digits", 4, 32, 4, 0, seed=0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "heartlora", "serve", "--adapter", str(path), "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            line = proc.stderr.readline()
+        port = int(line.split(f"http://{HOST}:")[1].split()[0])
+        assert port > 0 and _request(port, "GET", "/health") == (200, {"status": "ok", "tasks": 1})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,7 +1,9 @@
-"""Where heartlora keeps its caches, and atomic file writes shared by every part of the package."""
+"""Where heartlora keeps its caches, atomic file writes, and failed writes named by their cause: shared by every
+part of the package."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,3 +41,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """The cause of a failed write in a few words (a full disk, a read-only one, a missing permission, …)."""
+    err = getattr(exc, "errno", None)
+    if err is None and isinstance(exc.__cause__, OSError):
+        err = exc.__cause__.errno
+    causes = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EDQUOT: "the disk quota is exceeded"}
+    if err in causes:
+        return causes[err]
+    if "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc):
+        return "the write stopped part-way (is the disk full?)"  # how torch.save reports a full disk
+    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+    return (text or type(exc).__name__)[:120]
+
+
+def folder_error(out: Path, exc: OSError) -> str:
+    """Why folder ``out`` could not be created (``exc``), in a few words that name the real cause."""
+    parent = next((p for p in out.parents if p.exists()), None)
+    if exc.errno == errno.ENOENT and parent is not None and parent.is_dir():
+        # e.g. /proc or /sys: the folder is there, but its file system does not hold user folders
+        return f"{parent} is on a {_fs_type(parent) or 'special'} file system that does not accept new folders"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a part of the path is a file, not a folder"
+    return describe_os_error(exc)
+
+
+def _fs_type(path: Path) -> str | None:
+    """The file system type holding ``path`` (Linux /proc/mounts), or None."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    best, kind = "", None
+    resolved = str(path.resolve())
+    for parts in mounts:
+        inside = len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
+        if inside and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
+    return kind
+
+

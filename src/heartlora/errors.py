@@ -48,6 +48,10 @@ class CheckpointError(HeartLoRAError):
     """A training checkpoint cannot be read or does not belong to this run."""
 
 
+class MetricsError(HeartLoRAError):
+    """A run's metrics.json cannot be read, is damaged, or is not the result of the run in its folder."""
+
+
 class RunFolderError(HeartLoRAError):
     """The output folder cannot be created or written (full or read-only disk), or another run holds it."""
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,7 +136,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -163,9 +164,18 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             return error(413, f"the image is {int(size):,} bytes, more than {MAX_BODY_BYTES:,}: send a smaller file")
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return error(413, f"the image is more than {MAX_BODY_BYTES:,} bytes: send a smaller file")
+        chunks, read = [], 0
+        try:  # the limit holds while reading, for a chunked body (no Content-Length) too
+            async for chunk in request.stream():
+                read += len(chunk)
+                if read > MAX_BODY_BYTES:
+                    return error(413, f"the image is more than {MAX_BODY_BYTES:,} bytes: send a smaller file")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client hung up mid-upload: one line in the server's log, no traceback
+            logging.getLogger("uvicorn.error").info("a client hung up after %s bytes of its image (POST /predict)",
+                                                    f"{read:,}")
+            return error(400, "the client hung up before the image was read")
+        body = b"".join(chunks)
         try:
             image = decode_image(body, img_size)
         except HeartLoRAError as exc:
@@ -196,14 +206,25 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
 
 def serve(bank: AdapterBank, img_size: int, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
-          max_wait_ms: float = 5.0, log_level: str = "info") -> None:
-    """Run the server until interrupted (uvicorn)."""
+          max_wait_ms: float = 5.0, log_level: str = "info",
+          on_listening: Callable[[str, int], None] | None = None) -> None:
+    """Run the server until interrupted (uvicorn). ``on_listening(host, port)`` is called once the port is bound
+    (with the port the OS chose for ``port=0``): a startup line printed there is never a promise the server breaks."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port: choose one from 1 to 65535 (0: any free port)")
+    app = create_app(bank, img_size, max_batch, max_wait_ms)  # checks max_batch and max_wait_ms before binding
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started and on_listening is not None:
+                bound = [s.getsockname()[1] for srv in self.servers for s in (srv.sockets or [])]
+                on_listening(host, bound[0] if bound else port)
+
     try:
-        uvicorn.run(create_app(bank, img_size, max_batch, max_wait_ms), host=host, port=port, log_level=log_level)
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
     except SystemExit as exc:  # uvicorn exits 3 when it cannot start (the port in use, an address not here)
         if exc.code not in (0, None):
             raise HeartLoRAError(f"the server could not start on {host}:{port} (uvicorn's error above says why, e.g. "

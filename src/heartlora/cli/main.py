@@ -245,9 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_serving()
     bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
-    print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{args.host}:{args.port} "
-          "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr)
-    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+
+    def listening(host: str, port: int) -> None:  # once the port is bound, never before
+        print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{host}:{port} "
+              "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr, flush=True)
+
+    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          on_listening=listening)
     return 0
 
 
@@ -386,6 +390,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         (f"accuracy ({r['split']}, {r['images']} images)",
          f"{100 * r['accuracy_before']:.2f} % before, {100 * r['accuracy_after']:.2f} % after"),
         ("bytes", f"{r['peft_lora_bytes']:,} PEFT LoRA weights before, {r['adapter_bytes']:,} after"),
+        ("checked", "the files parse; shapes; r against the tensors; finite values"),
+        ("unchecked", r["unchecked"]),
     ])
     print(f"adapter: {r['out']}")
     if r.get("peft_out"):
@@ -471,6 +477,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     import typing
 
     from heartlora.engine import METHODS, TrainConfig
+    from heartlora.engine.config import RANGES
 
     groups = {key: p.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     hints = typing.get_type_hints(TrainConfig)
@@ -496,8 +503,73 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, action="store_const", const=const, default=f.default, help=text)
         else:
             typ = next((t for t in (int, float) if kind in (t, t | None)), str)
+            if f.name in RANGES:
+                typ = number(f.name)
+            elif f.name == "ne":
+                typ = heads_flag(flag)
             g.add_argument(flag, dest=f.name, type=typ, choices=meta.get("choices"), default=f.default, help=text)
     groups["run"].add_argument("--json", action="store_true", help="print metrics.json instead of the summary")
+
+
+# Numeric flags of the commands other than train, checked like train's (heartlora.engine.config.RANGES).
+OTHER_RANGES = {"port": ("int", 0, 65535, "(0: any free port)"), "max_batch": ("int", 1, 100_000, ""),
+                "max_wait_ms": ("float", 0, 60_000, "milliseconds"), "top_k": ("int", 1, 1000, ""),
+                "batches": ("int", 1, 100_000, "")}
+
+
+def number(name: str, flag: str | None = None) -> Callable[[str], Any]:
+    """The argparse type of a numeric flag (``flag``, default ``--name``): its text as a number in the setting's
+    range (``RANGES``), else one line naming the flag and the range, before anything is loaded."""
+    from heartlora.engine.config import RANGES, Range
+
+    if name in RANGES:
+        rule = RANGES[name]
+    else:
+        kind, lo, hi, hint = OTHER_RANGES[name]
+        rule = Range(int if kind == "int" else float, lo, hi, hint=hint)
+    flag = flag or "--" + name.replace("_", "-")
+
+    def parse(text: str) -> Any:
+        try:
+            return rule.check(flag, text)
+        except HeartLoRAError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in its messages
+    parse.rule = rule  # type: ignore[attr-defined]  (tests/test_fuzz.py enumerates the numeric flags by it)
+    return parse
+
+
+def heads_flag(flag: str) -> Callable[[str], str]:
+    """The argparse type of --ne: auto, or a whole number of heads ≥ 0 (kept as text, as resolve reads it), checked
+    by the one parser of the heads-off rule (``heartlora.method.heads_off.parse_ne``)."""
+    from heartlora.engine.config import Range
+    from heartlora.method.heads_off import parse_ne
+
+    rule = Range(int, 0, hint="heads, or auto")  # what tests/test_fuzz.py tries (nan, inf, 0, -1)
+    names = {"ne": flag}
+
+    def parse(text: str) -> str:
+        try:
+            parse_ne(text, names)
+        except HeartLoRAError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    parse.__name__ = "ne"
+    parse.rule = rule  # type: ignore[attr-defined]
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Parse errors in one line, like every other error (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> Any:
+        message = " ".join(message.split())
+        if message.startswith("argument ") and ": --" in message:  # "argument --lr: --lr nan is …": once is enough
+            message = message.split(": ", 1)[1]
+        self.exit(EXIT_ERROR, f"error: {message} (heartlora {self.prog.split(' ', 1)[-1]} --help shows the flags)\n"
+                  if " " in self.prog else f"error: {message} (heartlora --help shows the commands)\n")
 
 
 def _field_choices(name: str) -> tuple[str, ...]:
@@ -512,10 +584,10 @@ def _field_choices(name: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="heartlora", parents=[common],
         description="Heart-LoRA fine-tuning of vision transformers: LoRA with the least responsive attention heads "
                     "switched off.",
@@ -534,11 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
             "on 2 CPU cores)")
     p.add_argument("--task")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=number("epochs"))
+    p.add_argument("--img-size", type=number("img_size"))
     p.add_argument("--out")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads (default 1: robust on a shared 2-core machine)")
+    p.add_argument("--threads", type=number("threads"),
+                   help="CPU threads (default 1: robust on a shared 2-core machine)")
     p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")
     p.add_argument("--quiet", action="store_true")
 
@@ -547,9 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="default: the task the adapter was trained on")
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
-    p.add_argument("--img-size", type=int, help="default: the training size")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="few-shot sample (NAME@Kshot tasks)")
+    p.add_argument("--img-size", type=number("img_size"), help="default: the training size")
+    p.add_argument("--batch-size", type=number("batch_size"), default=128)
+    p.add_argument("--seed", type=number("seed"), default=0, help="few-shot sample (NAME@Kshot tasks)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
@@ -559,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(an AdapterBank): each image is then labelled by every task")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=number("top_k"), default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
@@ -567,11 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, action="append", help="adapter.safetensors (or the run folder); "
                    "repeat it for every task to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=number("port"), default=8000)
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one bank call")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-batch", type=number("max_batch"), default=32, help="most requests answered by one bank call")
+    p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,
                    help="how long the first request of a batch waits for others to join it")
 
     p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
@@ -594,10 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")
     p.add_argument("--task", required=True, help="the task the adapter was trained on (its training split scores)")
-    p.add_argument("--ne", default="auto", help="heads to switch off: a number, or auto (default; decided on "
-                   "sampled training images)")
-    p.add_argument("--batches", type=int, default=8, help="training batches to score heads on (default 8)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--ne", default="auto", type=heads_flag("--ne"),
+                   help="heads to switch off: a number, or auto (default; decided on sampled training images)")
+    p.add_argument("--batches", type=number("batches"), default=8,
+                   help="training batches to score heads on (default 8)")
+    p.add_argument("--batch-size", type=number("batch_size"), default=32)
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
                    help="split for the accuracy before and after (default val200)")
     p.add_argument("--scope", default="global", choices=["global", "layer"])
@@ -605,8 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
                         "count as a Taylor prune, to compare the two)")
-    p.add_argument("--score-seed", type=int, default=0, help="the random control's draw (default 0)")
-    p.add_argument("--ne-tolerance", type=float, default=None,
+    p.add_argument("--score-seed", type=number("seed", "--score-seed"), default=0,
+                   help="the random control's draw (default 0)")
+    p.add_argument("--ne-tolerance", type=number("ne_tolerance"), default=None,
                    help=f"--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
                         f"training images by at most this fraction of it (default {DEFAULT_TOLERANCE:g}). An adapter "
                         f"that fits its training images has a loss near 0, so {DEFAULT_TOLERANCE:g} of it is strict: "
@@ -614,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="heartlora adapter to write (default: PEFT_DIR.pruned.safetensors beside it)")
     p.add_argument("--peft-out", help="also write the pruned adapter as a PEFT folder here")
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")
-    p.add_argument("--img-size", type=int, help="image size (default: the backbone's)")
+    p.add_argument("--img-size", type=number("img_size"), help="image size (default: the backbone's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or --peft-out folder")
     p.add_argument("--json", action="store_true")
 
@@ -627,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("export", parents=[common], help="write a task as a VTAB-1K folder")
     p.add_argument("task")
     p.add_argument("dir")
-    p.add_argument("--img-size", type=int, help="resize (default: native size)")
+    p.add_argument("--img-size", type=number("img_size"), help="resize (default: native size)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_export)
     return parser
@@ -641,7 +716,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heartlora`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag refused in one line (_Parser.error): the status, not an exit
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     debug = getattr(args, "debug", False)
     installed = _catch_sigterm(args)
     try:

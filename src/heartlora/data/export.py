@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from heartlora._paths import folder_error
 from heartlora.data.base import Task, to_pil
 from heartlora.errors import TaskError
 
@@ -29,8 +30,11 @@ def export_task(task: Task | str, out_dir: str | Path, img_size: int | None = No
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise TaskError(f"{out} already exists and is not empty; choose another folder or pass overwrite=True "
                         "(--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    try:  # the folder the user named, and the cause, not the staging folder's temporary name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    except OSError as exc:
+        raise TaskError(f"cannot write {out}: {folder_error(out, exc)}: choose another folder") from exc
     try:
         _write(task, staging, img_size, seed)
         _replace(staging, out)

@@ -5,11 +5,14 @@
 ``classes.txt`` (one class name per line, in label order; otherwise the names are "0".."K-1") and ``group.txt``
 (natural, specialized, structured or few-shot; otherwise the group is "unknown"). When ``train800val200.txt``
 is absent it is train800 followed by val200. Images may be any format PIL reads, of any size, RGB or grayscale.
+A listed image must resolve (links followed) inside the folder, or inside a folder the user names in
+``$HEARTLORA_IMAGE_ROOTS``: a line such as ``../../etc/passwd 0`` is refused, naming its line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -30,6 +33,10 @@ class ListEntry(NamedTuple):
     line: int
 
 
+# Folders outside a task folder where its listed images may live, named by the user (never by the folder itself):
+# os.pathsep-separated. A list line whose image resolves (links followed) anywhere else is refused.
+IMAGE_ROOTS_ENV = "HEARTLORA_IMAGE_ROOTS"
+
 # More classes than any classification benchmark has; a larger label is a typo or a hostile file, refused before a
 # list of class names is built from it.
 MAX_CLASSES = 100_000
@@ -39,6 +46,7 @@ def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
     """Parse a VTAB-1K list file. Blank lines and extra spaces are ignored; the label is the last field, so a path
     may contain spaces. A malformed line or a label of ``MAX_CLASSES`` or more is a TaskError naming file:line."""
     entries = []
+    roots = _allowed_roots(root)
     for number, line in enumerate(_read_text(list_file).splitlines(), start=1):
         line = line.strip()
         if not line:
@@ -51,7 +59,13 @@ def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
         if len(fields[1]) > len(str(MAX_CLASSES)) or int(fields[1]) >= MAX_CLASSES:
             raise TaskError(f"{list_file}:{number}: label {fields[1]} is not below {MAX_CLASSES:,}, heartlora's "
                             "bound on the number of classes; labels are class indices 0..K-1")
-        entries.append(ListEntry(root / fields[0].strip(), int(fields[1]), list_file, number))
+        path = root / fields[0].strip()
+        real = os.path.realpath(path)
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            raise TaskError(f"{list_file}:{number}: image {fields[0].strip()!r} is outside the task folder {root}: "
+                            f"list images inside it, or name the folder that holds them in ${IMAGE_ROOTS_ENV} "
+                            f"(folders separated by {os.pathsep!r})")
+        entries.append(ListEntry(path, int(fields[1]), list_file, number))
     if not entries:
         raise TaskError(f"{list_file} lists no images; add 'relative/path label' lines")
     return entries
@@ -149,6 +163,12 @@ class VtabFolderTask(Task):
                 digest.update(f"{entry.path}\0{entry.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             self._keys[split] = f"vtab-{self.root.name}-{digest.hexdigest()[:20]}"
         return self._keys[split]
+
+
+def _allowed_roots(root: Path) -> list[str]:
+    """The task folder and the folders of ``$HEARTLORA_IMAGE_ROOTS``, links resolved."""
+    extra = [p for p in os.environ.get(IMAGE_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [os.path.realpath(root)] + [os.path.realpath(os.path.expanduser(p)) for p in extra]
 
 
 def _read_text(path: Path) -> str:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heartlora.errors import SettingError
+from heartlora.errors import ConfigError, SettingError
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.heads_off import parse_heads_off, parse_ne
+from heartlora.method.storage import MAX_IMG_SIZE, MAX_RANK
 
 # Defaults per profile. "paper" is the VTAB-1K protocol of the reference code (docs/METHOD.md §5); "cpu" fits a
 # 2-core machine.
@@ -165,9 +166,82 @@ def setting_error(template: str) -> SettingError:
     return SettingError(template, flags=FLAGS)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``lo`` ≤ value ≤ ``hi`` (``lo`` < value with ``above``), finite."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    above: bool = False
+    below: bool = False  # value < hi
+    hint: str = ""
+    only: tuple[int, ...] = ()  # when given, the only valid values (``hint`` then says which)
+
+    def check(self, flag: str, value: Any) -> Any:
+        """``value`` (a number, or the text of a flag) as ``kind``, or a one-line ConfigError naming ``flag``."""
+        what = f"{flag} {value}"
+        if isinstance(value, str):
+            try:
+                value = self.kind(value.strip()) if self.kind is int else float(value)
+            except ValueError:
+                raise ConfigError(f"{what} is not {'a whole number' if self.kind is int else 'a number'}"
+                                  f"{self._want()}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int
+                                                                              and not isinstance(value, int)):
+            raise ConfigError(f"{what} is not {'a whole number' if self.kind is int else 'a number'}{self._want()}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{what} is not a finite number{self._want()}")
+        if ((self.lo is not None and (value <= self.lo if self.above else value < self.lo))
+                or (self.hi is not None and (value >= self.hi if self.below else value > self.hi))
+                or (self.only and value not in self.only)):
+            raise ConfigError(f"{what} is out of range{self._want()}")
+        return value
+
+    def _want(self) -> str:
+        if self.only:
+            return f": give {self.hint}"
+
+        def show(v: float) -> str:
+            return str(int(v)) if self.kind is int or float(v).is_integer() else f"{v:g}"
+
+        lo = None if self.lo is None else f"{'more than' if self.above else 'at least'} {show(self.lo)}"
+        hi = None if self.hi is None else f"{'less than' if self.below else 'at most'} {show(self.hi)}"
+        text = " and ".join(x for x in (lo, hi) if x)
+        return (f": give {text}" if text else "") + (f" {self.hint}" if self.hint else "")
+
+
+# The one definition of a valid numeric setting, for the writer and the readers alike: the CLI checks every flag
+# with it as it parses, resolve() checks the API's TrainConfig with it, and the readers of a run's files
+# (heartlora.engine.inference) check the same fields against it.
+MAX_SEED = 2**63 - 1
+RANGES: dict[str, Range] = {
+    "rank": Range(int, 1, MAX_RANK), "scale": Range(float, 0, None, above=True),
+    "bits": Range(int, 1, 32, only=(1, 2, 3, 4, 5, 6, 7, 8, 32), hint="32 (float) or 1 to 8 (quantized)"),
+    "dropout": Range(float, 0, 1, below=True), "ne_fraction": Range(float, 0, 1), "ne_tolerance": Range(float, 0),
+    "score_ema": Range(float, 0, 1, below=True), "score_steps": Range(int, 1), "epochs": Range(int, 1, 100_000),
+    "warmup_epochs": Range(int, 0, 100_000), "lr": Range(float, 0, 10, above=True), "min_lr_ratio": Range(float, 0, 1),
+    "weight_decay": Range(float, 0, 10), "batch_size": Range(int, 1, 1_000_000),
+    "img_size": Range(int, 1, MAX_IMG_SIZE, hint="pixels"), "drop_path": Range(float, 0, 1, below=True),
+    "seed": Range(int, 0, MAX_SEED), "eval_every": Range(int, 1), "threads": Range(int, 1, 4096),
+    "stop_after_epoch": Range(int, 1),
+}
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` checked against ``RANGES[name]``: a one-line SettingError naming the field in Python and the flag
+    in the CLI."""
+    try:
+        return RANGES[name].check("{" + name + "}", value)
+    except SettingError:
+        raise
+    except ConfigError as exc:
+        raise setting_error(str(exc)) from None
+
+
 def check_threads(threads: int | None) -> None:
-    if threads is not None and int(threads) < 1:
-        raise setting_error(f"{{threads}} must be at least 1, got {threads} (leave it out for PyTorch's own choice)")
+    if threads is not None:
+        check_setting("threads", threads)
 
 
 def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
@@ -178,6 +252,9 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     if cfg.resume and cfg.overwrite:
         raise setting_error("{resume} and {overwrite} contradict each other: {resume} continues the run in {out}, "
                      "{overwrite} starts it again from the beginning; pass one of them")
+    for name in RANGES:  # the API's values are checked as the CLI's flags are
+        if getattr(cfg, name) is not None:
+            check_setting(name, getattr(cfg, name))
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
         return _with_saved(cfg, out, saved)

@@ -85,7 +85,8 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path} has damaged metadata: re-run training") from exc
         if not isinstance(run, dict) or not isinstance(run.get("backbone_spec"), dict):
             raise AdapterFileError(f"{path} is corrupt: its run facts name no backbone; re-run training")
-        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta}
+        return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta,
+                "tensors": _checked_weights(path, meta)}
     from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
@@ -94,17 +95,32 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
     return {"kind": "adapter", "run": _checked_run(run, path), "adapter": info}
 
 
+def _checked_weights(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, once its checksum matches them and its run facts (every reader checks it:
+    inspect as eval and predict)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
+    if weights_digest(tensors, meta[RUN_KEY]) != meta.get("sha256"):
+        raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
+                               "copy the file again or re-run training")
+    return tensors
+
+
 def _checked_run(run: Any, path: Path) -> dict[str, Any]:
     """The run facts, if every field that is used has a sane type and range (before anything is built)."""
-    from heartlora.method.storage import MAX_IMG_SIZE, check_backbone_spec
+    from heartlora.method.storage import check_backbone_spec
 
     if not isinstance(run, dict):
         raise AdapterFileError(f"{path} is corrupt: its run facts are not a JSON object; re-run training")
     names, seed, size = run.get("class_names", []), run.get("init_seed", 0), run.get("img_size")
     ok = (isinstance(run.get("task", ""), str) and isinstance(run.get("method", ""), str)
           and isinstance(names, list) and all(isinstance(c, str) for c in names)
-          and isinstance(run.get("pretrained", True), bool) and type(seed) is int and 0 <= seed < 2**63
-          and (size is None or (type(size) is int and 1 <= size <= MAX_IMG_SIZE)))
+          and isinstance(run.get("pretrained", True), bool) and _valid("seed", seed)
+          and (size is None or _valid("img_size", size)))
     if not ok:
         raise AdapterFileError(f"{path} is corrupt: a field of its run facts has the wrong type or range; "
                                "re-run training")
@@ -114,6 +130,18 @@ def _checked_run(run: Any, path: Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path} is corrupt: it names {len(run['class_names'])} classes for a "
                                    f"{spec.get('num_classes')}-way classifier; re-run training")
     return run
+
+
+def _valid(name: str, value: Any) -> bool:
+    """Whether a stored setting is one ``heartlora train`` accepts (the same ``RANGES`` its flags are checked with)."""
+    from heartlora.engine.config import RANGES
+    from heartlora.errors import ConfigError
+
+    try:
+        RANGES[name].check(name, value)
+    except ConfigError:
+        return False
+    return True
 
 
 def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override: str | None = None,
@@ -139,8 +167,6 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
                  backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``; ``backbone``
     builds that backbone instead of the one the file names (the fingerprint check still applies)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     info = read_run_info(path)
     run = info["run"]
@@ -157,13 +183,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
     else:
         full = run.get("method") == "full"
         model = build_backbone(run, pretrained=False if full else None, override=backbone, source=str(path))
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise AdapterFileError(f"{path} is damaged ({str(exc)[:100]}): re-run training") from exc
-        if weights_digest(tensors, info["meta"][RUN_KEY]) != info["meta"].get("sha256"):
-            raise AdapterFileError(f"{path} is corrupt (its checksum does not match its weights and metadata): "
-                                   "copy the file again or re-run training")
+        tensors = info["tensors"]
         state = model.state_dict()
         bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
         if bad:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,9 @@ from torch import nn
 
 from heartlora._paths import atomic_path
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, shard
+from heartlora.errors import MetricsError
+
+log = logging.getLogger(__name__)
 
 # Bump when a key changes meaning or disappears (adding keys does not need a bump).
 SCHEMA_VERSION = 1
@@ -60,16 +65,63 @@ def _clean(value: Any) -> Any:
 
 
 def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write ``metrics`` as indented JSON, atomically; it must carry every key of REQUIRED_KEYS."""
+    """Write ``metrics`` as indented JSON, atomically, with a sha256 of its content (``sha256``, checked by
+    ``read_metrics``); it must carry every key of REQUIRED_KEYS."""
     missing = [k for k in REQUIRED_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}")
     path = Path(path)
+    data = _clean({"schema_version": SCHEMA_VERSION, **metrics})
+    data["sha256"] = metrics_digest(data)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_clean({"schema_version": SCHEMA_VERSION, **metrics}), indent=2) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
+def metrics_digest(data: dict[str, Any]) -> str:
+    """sha256 of a metrics.json's content (every key but ``sha256``, in a canonical JSON form)."""
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def way_out_of_bad_metrics(folder: Path) -> str:
+    """What a user does about a run folder whose metrics.json cannot be shown."""
+    return f"`heartlora eval --adapter {folder}` evaluates the run's adapter again, or --overwrite trains it again"
+
+
 def read_metrics(path: str | Path) -> dict[str, Any]:
-    """Read a ``metrics.json``."""
-    return json.loads(Path(path).read_text())
+    """Read a ``metrics.json`` and check it before anything reports it: JSON, the schema (version, required keys,
+    the types of the reported numbers) and its checksum. A file of an older heartlora, without a checksum, is read
+    with a warning. Anything else is one MetricsError line naming the file and the way out."""
+    path = Path(path)
+    way_out = way_out_of_bad_metrics(path.parent)
+
+    def damaged(why: str) -> MetricsError:
+        return MetricsError(f"{path} is damaged ({why}): {way_out}")
+
+    if path.is_symlink():
+        raise MetricsError(f"{path} is a symbolic link: heartlora does not follow links inside a run folder; remove "
+                           "it, then " + way_out.replace("`heartlora", "run `heartlora", 1))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as exc:
+        raise damaged(f"it cannot be read: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+    except ValueError:
+        raise damaged("it is not JSON") from None
+    if not isinstance(data, dict):
+        raise damaged(f"it holds a JSON {type(data).__name__}, not an object")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise damaged(f"schema_version {data.get('schema_version')!r}, not {SCHEMA_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise damaged(f"it lacks {', '.join(missing[:3])}")
+    acc = data["accuracy"]
+    if not (acc is None or (type(acc) in (int, float) and 0 <= acc <= 1)) or not isinstance(data["settings"], dict):
+        raise damaged("its accuracy or settings have the wrong type or range")
+    if "sha256" not in data:
+        log.warning("%s was written by an older heartlora without a checksum: it is shown unchecked", path)
+    elif data["sha256"] != metrics_digest(data):
+        raise damaged("its checksum does not match its content")
+    return data

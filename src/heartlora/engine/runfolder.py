@@ -8,19 +8,25 @@ Rank 0 alone touches the folder. Every write goes through a temporary file and o
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from heartlora._paths import describe_os_error, folder_error
+from heartlora.engine.metrics import read_metrics, way_out_of_bad_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
 
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
              "checkpoint.pt")
 LOCK_NAME = ".heartlora.lock"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # files of a run folder are opened without following a link
 # What a run writes before its first checkpoint: --resume of a folder holding only these starts that run again.
 BEFORE_FIRST_CHECKPOINT = {"train.log"}
+IDENTITY_LINE = re.compile(r"run identity (\{.*\})[ \t]*$", re.MULTILINE)  # Trainer.run logs it in train.log
 
 
 def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
@@ -30,6 +36,9 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
 
     if out.exists() and not out.is_dir():
         return {"error": f"--out {out} is a file, not a folder: choose another --out"}
+    link = find_link(out)
+    if link:
+        return {"error": link, "kind": "folder"}
     try:
         present = sorted(p.name for p in out.iterdir() if not _is_ours_hidden(p.name)) if out.is_dir() else []
     except OSError as exc:
@@ -49,8 +58,78 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         state = ckpt.load_checkpoint(out / "checkpoint.pt")
     except HeartLoRAError as exc:
         return {"error": str(exc)}
-    done = state.get("finished", False) and "metrics.json" in present
-    return {"mode": "done" if done else "resume", "state": state}
+    foreign = _foreign_checkpoint(out, state.get("identity"))
+    if foreign:
+        return {"error": foreign}
+    if not (state.get("finished", False) and "metrics.json" in present):
+        return {"mode": "resume", "state": state}
+    try:  # a finished run: its metrics.json is shown only once it is known to be this run's, undamaged
+        metrics = read_metrics(out / "metrics.json")
+    except HeartLoRAError as exc:
+        return {"error": str(exc)}
+    other = _metrics_of_another_run(out, metrics, state)
+    if other:
+        return {"error": other}
+    return {"mode": "done", "state": state, "metrics": metrics}
+
+
+def find_link(out: Path) -> str | None:
+    """The error for a symbolic link where the run keeps a file (the lock, the log, the checkpoint, metrics.json,
+    …): heartlora would read or write the file it points to, so it refuses, whatever the link's target."""
+    for name in (*RUN_FILES, LOCK_NAME):
+        if os.path.islink(out / name):
+            return (f"{out / name} is a symbolic link: heartlora does not follow links inside a run folder (it would "
+                    "write to or read from the file it points to); remove the link, or choose another --out")
+    return None
+
+
+def recorded_identity(out: Path) -> dict[str, Any] | None:
+    """The run identity train.log records last (the trainer logs it when a run starts or resumes), or None."""
+    try:
+        text = (out / "train.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = None
+    for match in IDENTITY_LINE.finditer(text):
+        try:
+            found = json.loads(match.group(1))
+        except ValueError:
+            continue
+    return found if isinstance(found, dict) else None
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], where: str) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k} {a.get(k)!r} ({where}: {b.get(k)!r})" for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+
+
+def _foreign_checkpoint(out: Path, identity: dict[str, Any] | None) -> str | None:
+    """The error for a checkpoint of another run than the one the folder's train.log records (a copied file)."""
+    record = recorded_identity(out)
+    if not identity or not record or record.get("run_id") == identity.get("run_id"):
+        return None
+    what = (_differences(identity.get("settings") or {}, record.get("settings") or {}, "train.log")
+            or f"run {identity.get('run_id')}, train.log records run {record.get('run_id')}")
+    return (f"{out / 'checkpoint.pt'} belongs to another run than the one {out / 'train.log'} records ({what}): put "
+            "this run's checkpoint back, or start afresh with --overwrite")
+
+
+def _metrics_of_another_run(out: Path, metrics: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """The error for a metrics.json whose settings or accuracy are not those of the finished checkpoint."""
+    try:
+        settings = json.loads(state["settings"])
+        result = json.loads(state.get("result") or "null")
+    except (KeyError, TypeError, ValueError):
+        return None  # the checkpoint was checked when loaded; an older one may lack these
+    where = out / "metrics.json"
+    way_out = way_out_of_bad_metrics(out)
+    if isinstance(settings, dict) and metrics["settings"] != settings:
+        return (f"{where} is not the result of the run in {out / 'checkpoint.pt'} "
+                f"({_differences(metrics['settings'], settings, 'checkpoint')}): {way_out}")
+    if isinstance(result, dict) and "accuracy" in result and result["accuracy"] != metrics["accuracy"]:
+        return (f"{where} reports accuracy {metrics['accuracy']!r}, the finished checkpoint {result['accuracy']!r}: "
+                f"{way_out}")
+    return None
 
 
 def _is_ours_hidden(name: str) -> bool:
@@ -59,52 +138,13 @@ def _is_ours_hidden(name: str) -> bool:
                                  and any(name.startswith(f".{f}.") for f in RUN_FILES))
 
 
-def describe_os_error(exc: BaseException) -> str:
-    """The cause of a failed write in a few words (a full disk, a read-only one, a missing permission, …)."""
-    err = getattr(exc, "errno", None)
-    if err is None and isinstance(exc.__cause__, OSError):
-        err = exc.__cause__.errno
-    causes = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.EDQUOT: "the disk quota is exceeded"}
-    if err in causes:
-        return causes[err]
-    if "unexpected pos" in str(exc) or "PytorchStreamWriter" in str(exc):
-        return "the write stopped part-way (is the disk full?)"  # how torch.save reports a full disk
-    text = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
-    return (text or type(exc).__name__)[:120]
-
-
 def make_folder(out: Path) -> None:
     """Create ``out`` (and its parents), naming the real cause when that is impossible."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        parent = next((p for p in out.parents if p.exists()), None)
-        if exc.errno == errno.ENOENT and parent is not None and parent.is_dir():
-            # e.g. /proc or /sys: the folder is there, but its file system does not hold user folders
-            cause = (f"{parent} is on a {_fs_type(parent) or 'special'} file system that does not accept new "
-                     "folders")
-        elif exc.errno == errno.ENOTDIR:
-            cause = "a part of the path is a file, not a folder"
-        else:
-            cause = describe_os_error(exc)
-        raise RunFolderError(f"cannot create output folder {out}: {cause}: choose another --out") from exc
-
-
-def _fs_type(path: Path) -> str | None:
-    """The file system type holding ``path`` (Linux /proc/mounts), or None."""
-    try:
-        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    best, kind = "", None
-    resolved = str(path.resolve())
-    for parts in mounts:
-        inside = len(parts) >= 3 and (resolved == parts[1] or resolved.startswith(parts[1].rstrip("/") + "/"))
-        if inside and len(parts[1]) > len(best):
-            best, kind = parts[1], parts[2]
-    return kind
+        raise RunFolderError(f"cannot create output folder {out}: {folder_error(out, exc)}: choose another --out"
+                             ) from exc
 
 
 class RunFolder:
@@ -113,6 +153,7 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.log: Any = None  # train.log's stream, once open_log opened it
 
     # -- one writer at a time ----------------------------------------------------------------------------------------
     def check_free(self) -> None:
@@ -121,7 +162,7 @@ class RunFolder:
         try:
             import fcntl
 
-            fd = os.open(lock, os.O_RDWR)
+            fd = os.open(lock, os.O_RDWR | NOFOLLOW)
         except (ImportError, OSError):
             return  # no lock file (or no flock): acquire() decides
         try:
@@ -146,10 +187,15 @@ class RunFolder:
         except ImportError:  # not POSIX: no OS file locks to rely on, so refuse rather than run unprotected
             raise RunFolderError("run-folder locking needs a POSIX system (fcntl): run heartlora on Linux or "
                                  "macOS") from None
+        link = find_link(self.path)
+        if link:
+            raise RunFolderError(link)
         while True:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise RunFolderError(find_link(self.path) or f"{lock} is a symbolic link: remove it") from exc
                 raise RunFolderError(f"cannot write to output folder {self.path}: {describe_os_error(exc)}: choose "
                                      "another --out") from exc
             try:
@@ -196,6 +242,19 @@ class RunFolder:
             if p.is_file():
                 p.unlink()
 
+    def open_log(self, append: bool) -> Any:
+        """train.log for writing (appended on resume), opened without following a link at its name."""
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | NOFOLLOW
+        try:
+            fd = os.open(self.path / "train.log", flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RunFolderError(find_link(self.path) or f"{self.path / 'train.log'} is a symbolic link: remove "
+                                     "it") from exc
+            raise RunFolderError(f"cannot write train.log to {self.path}: {describe_os_error(exc)}: choose another "
+                                 "--out") from exc
+        return os.fdopen(fd, "a", encoding="utf-8")
+
     @contextmanager
     def writing(self, what: str) -> Iterator[None]:
         """Turn a failed write into one line naming the folder and the cause (the old file stays, see above)."""
@@ -214,8 +273,9 @@ class RunFolder:
         umask = os.umask(0)
         os.umask(umask)
         for name in RUN_FILES:
-            if (self.path / name).is_file():
-                os.chmod(self.path / name, 0o666 & ~umask)
+            p = self.path / name
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, 0o666 & ~umask)
 
 
 def _read_pid(fd: int) -> str:

@@ -35,6 +35,16 @@ class TrainState:
     tracker: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
+    # The run's identity (checkpoint.py keeps it beside the state, under the checksum): a token drawn when the run
+    # starts, and the sha256 of the backbone's weights before training. None in checkpoints of format 1.
+    run_id: str | None = None
+    fingerprint: str | None = None
+    result: dict[str, Any] | None = None  # the finished run's reported accuracy, to check metrics.json against
+
+    def identity(self) -> dict[str, Any]:
+        """What makes this run this run: resume refuses a checkpoint whose identity is another's."""
+        return {"run_id": self.run_id, "seed": self.settings.get("seed"), "backbone_fingerprint": self.fingerprint,
+                "settings": self.settings}
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -44,11 +54,12 @@ class TrainState:
             "heads_off": [[name, h] for name, h in self.heads_off], "head_masks": self.head_masks,
             "decisions": json.dumps(self.decisions),
             "history": self.history, "train_time": self.train_time, "images_seen": self.images_seen,
-            "wall_s": self.wall_s,
+            "wall_s": self.wall_s, "result": json.dumps(self.result),
         }
 
     @classmethod
     def from_checkpoint(cls, d: dict[str, Any]) -> TrainState:
+        identity = d.get("identity") or {}
         schedule = d.get("schedule")
         if schedule is not None and "lr_lambdas" not in schedule:
             schedule = {**schedule, "lr_lambdas": [None]}  # written by the former LambdaLR subclass: same numbers
@@ -60,4 +71,5 @@ class TrainState:
             head_masks=d.get("head_masks") or {}, train_time=float(d["train_time"]),
             images_seen=int(d["images_seen"]), wall_s=float(d["wall_s"]), model=d["model"],
             optimizer=d["optimizer"], schedule=schedule, tracker=d.get("tracker"), scaler=d.get("scaler"),
-            rng=d["rng"])
+            rng=d["rng"], run_id=identity.get("run_id"), fingerprint=identity.get("backbone_fingerprint"),
+            result=json.loads(d.get("result") or "null"))

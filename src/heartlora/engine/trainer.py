@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -28,13 +29,14 @@ from heartlora.engine import checkpoint as ckpt
 from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve, setting_error
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.methods import TrainingMethod, get_method
-from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
+from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
-from heartlora.errors import ConfigError, HeartLoRAError, RunFolderError
+from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
+from heartlora.method.model import backbone_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     state = TrainState.from_checkpoint(decision["state"]) if "state" in decision else None
     if decision["mode"] == "done":
         resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
-        metrics = broadcast_object(read_metrics(out / "metrics.json") if info.is_main else None, info)
+        metrics = decision["metrics"]  # read and checked by inspect_out (rank 0), broadcast with the decision
         return {**metrics, "status": "already_finished"}
     cfg = resolve(cfg, state.settings if state else None)
     trainer = Trainer(cfg, info, t_start)  # everything that can fail on bad input fails here, before any write
+    if state is not None:
+        trainer.check_identity(state)
     folder = RunFolder(out)
     if info.is_main:
         for note in trainer.notes(state is None):
@@ -94,7 +98,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     claimed = broadcast_object(_claim(folder, cfg, state is None) if info.is_main else None, info)
     if "error" in claimed:
         raise _error(claimed)
-    handler = _log_to(out / "train.log", append=state is not None) if info.is_main else None
+    handler = _log_to(folder.log) if info.is_main else None
     try:
         return trainer.run(folder, state)
     finally:
@@ -121,6 +125,7 @@ def _claim(folder: RunFolder, cfg: TrainConfig, fresh: bool) -> dict[str, Any]:
             folder.clean_temporary_files()
             if cfg.overwrite and fresh:
                 folder.clear_run_files()
+        folder.log = folder.open_log(append=not fresh)
     except HeartLoRAError as exc:
         folder.release()
         return {"error": str(exc), "kind": "folder"}
@@ -131,9 +136,19 @@ def _error(decision: dict[str, Any]) -> HeartLoRAError:
     return (RunFolderError if decision.get("kind") == "folder" else ConfigError)(decision["error"])
 
 
-def _log_to(path: Path, append: bool) -> logging.Handler:
+class _LogFile(logging.StreamHandler):
+    """A handler that owns its stream (train.log, opened by RunFolder.open_log without following a link)."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
+
+
+def _log_to(stream: Any) -> logging.Handler:
     """train.log: this module's records (they also propagate to the application's handlers)."""
-    handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
+    handler = _LogFile(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
@@ -156,6 +171,10 @@ def make_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     """The stock LambdaLR; a ``functools.partial`` (not a lambda) keeps its state plain numbers for weights_only."""
     factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def count_heads(model: nn.Module) -> list[int]:
@@ -207,7 +226,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # random inits (tests, --no-pretrained) must be the same on resume and on load
         model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
                                 pretrained=cfg.pretrained, pool=cfg.pool, drop_path=cfg.drop_path)
+        self.fingerprint = backbone_fingerprint(model, skip=("head",))  # part of the run's identity (checkpoint.pt)
         return self.method.prepare(model, self.cfg)
+
+    def check_identity(self, state: TrainState) -> None:
+        """Resume only a checkpoint made on these backbone weights (its settings were checked by resolve)."""
+        if state.fingerprint is not None and state.fingerprint != self.fingerprint:
+            raise CheckpointError(f"{Path(self.cfg.out) / 'checkpoint.pt'} was made on other backbone weights than "
+                                  f"{self.cfg.backbone} gives here (fingerprint {state.fingerprint[:12]}…, here "
+                                  f"{self.fingerprint[:12]}…): resume with the run's backbone weights, or start "
+                                  "afresh with --overwrite")
 
     def _check_score_steps(self) -> None:
         """--score-steps must end inside the run, or the heads would never be switched off."""
@@ -276,7 +304,9 @@ class Trainer:
         self.train_x, self.train_y = self.train_x.to(device), self.train_y.to(device)
         self.tracker = self.method.tracker(self.model, cfg)
         self._build_optimization()
-        self.state = state or TrainState(settings=cfg.settings())
+        self.state = state or TrainState(settings=cfg.settings(), run_id=secrets.token_hex(8))
+        self.state.run_id = self.state.run_id or secrets.token_hex(8)  # a format-1 checkpoint had none
+        self.state.fingerprint = self.fingerprint
         self.wall_before = self.state.wall_s
         if state is not None:
             self._restore(state)
@@ -325,6 +355,7 @@ class Trainer:
         self.folder = folder
         with matmul_precision(self.precision):
             self._setup_optimization(state)
+            self.say("run identity " + json.dumps(self.state.identity()), echo=False)  # runfolder.check_record
             if state is None and self._coverage() is not None:
                 self.say(f"{cfg.backbone}: {self._coverage()}")
             if state is None:
@@ -496,7 +527,7 @@ class Trainer:
         s.rng, s.head_masks = ckpt.rng_state(), _masks(self.model)
         s.wall_s = self.wall()
         with self.folder.writing("checkpoint.pt"):
-            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", s.to_checkpoint())
+            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", s.to_checkpoint(), s.identity())
 
     def wall(self) -> float:
         """Wall seconds of the whole run, over resumes."""
@@ -570,6 +601,7 @@ class Trainer:
                     metrics["files"]["responsiveness_plot"] = "responsiveness.png"
                 training_curves(out / "curves.png", self.state.history,
                                 cfg.warmup_epochs if self.method.adapters else 0, title=title)
+            self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
             self.save_checkpoint(finished=True)
             with self.folder.writing("metrics.json"):
                 write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"})

@@ -42,6 +42,7 @@ from heartlora.method import (
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+from heartlora.method.storage import MAX_RANK
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -188,7 +189,7 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
         raise AdapterFileError(f"{d} has no {CONFIG_NAME}: name a folder written by PEFT's save_pretrained")
     if not (d / WEIGHTS_NAME).is_file():
         raise AdapterFileError(f"{d} has no {WEIGHTS_NAME}: save the PEFT adapter with safe_serialization=True")
-    cfg = peft.PeftConfig.from_pretrained(str(d))
+    cfg = _read_config(peft, d)
     why = None
     if str(getattr(cfg, "peft_type", "")).rsplit(".", 1)[-1] != "LORA":
         why = f"it is a {cfg.peft_type} adapter, not LoRA"
@@ -202,10 +203,55 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
         why = "it sets lora_alpha per module (alpha_pattern)"
     if why:
         raise ConfigError(f"{d}: heartlora cannot convert this adapter exactly: {why}")
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise AdapterFileError(f"{d / WEIGHTS_NAME} is not a readable safetensors file ({_first_line(exc)}): save "
+                               "the adapter again with PEFT's save_pretrained") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(f"{d / WEIGHTS_NAME}: tensor {bad[0]} holds NaN or infinite values; the folder is "
+                               "damaged: save the adapter again")
     return cfg, tensors, meta
+
+
+# What a PEFT folder cannot prove about itself: it carries no checksum, so a value changed to another legal value
+# (lora_alpha doubled, a weight edited to another finite number) reads as that value. prune names these.
+UNCHECKED = "lora_alpha, lora_dropout and the values of the weights (a PEFT folder carries no checksum)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:100] if text else type(exc).__name__)
+
+
+def _read_config(peft: Any, d: Path) -> Any:
+    """adapter_config.json as PEFT reads it, with its numbers checked (r, lora_alpha, lora_dropout): one line for
+    a file that is not JSON, not a PEFT config, or holds a value no LoRA adapter has."""
+    path = d / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdapterFileError(f"{path} cannot be read ({_first_line(exc)}): save the adapter again with PEFT's "
+                               "save_pretrained") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(raw).__name__}, not a PEFT config: save the adapter again")
+    try:
+        cfg = peft.PeftConfig.from_pretrained(str(d))
+    except Exception as exc:  # PEFT raises many kinds (TypeError, ValueError, KeyError) for a config it cannot use
+        raise AdapterFileError(f"{path} is not a config PEFT can read ({type(exc).__name__}: {_first_line(exc)}): "
+                               "save the adapter again with PEFT's save_pretrained") from None
+    r, alpha = getattr(cfg, "r", None), getattr(cfg, "lora_alpha", None)
+    dropout = getattr(cfg, "lora_dropout", 0.0) or 0.0
+    ok = (type(r) is int and 1 <= r <= MAX_RANK and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+          and math.isfinite(alpha) and alpha > 0 and isinstance(dropout, (int, float)) and 0 <= dropout < 1)
+    if str(getattr(cfg, "peft_type", "")).rsplit(".", 1)[-1] == "LORA" and not ok:
+        raise AdapterFileError(f"{path}: r {r!r}, lora_alpha {alpha!r} or lora_dropout {dropout!r} is not a LoRA "
+                               f"setting (r from 1 to {MAX_RANK}, lora_alpha a finite number > 0, lora_dropout in "
+                               "[0, 1)): the folder is damaged")
+    return cfg
 
 
 def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -228,6 +274,11 @@ def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tupl
     broken = [n for n, p in pairs.items() if set(p) != {"lora_A", "lora_B"}]
     if broken:
         raise AdapterFileError(f"{where}: {broken[0]} has only one LoRA factor; the folder is damaged")
+    for n, p in pairs.items():
+        a, b = p["lora_A"], p["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
+            raise AdapterFileError(f"{where}: the LoRA factors of {n} do not fit each other (A {tuple(a.shape)}, "
+                                   f"B {tuple(b.shape)}); the folder is damaged")
     return {n: (p["lora_A"].float(), p["lora_B"].float()) for n, p in pairs.items()}, rest
 
 
@@ -253,6 +304,11 @@ def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, 
     pairs, rest = _pairs(tensors, peft_dir)
     if not pairs:
         raise ConfigError(f"{peft_dir} has no LoRA factors")
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if not getattr(cfg, "rank_pattern", None) and ranks != {cfg.r}:
+        shown = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
+        raise AdapterFileError(f"{peft_dir}: its LoRA factors have rank {shown}, its {CONFIG_NAME} says r={cfg.r}; "
+                               "the folder is damaged")
     head_name, head_w, head_b = _classifier(rest, peft_dir)
     if model is None:
         model = _build_backbone(cfg, meta, backbone, img_size, head_w, peft_dir)
@@ -475,6 +531,7 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     _, tensors, _ = read_peft(peft_dir)
     peft_bytes = sum(v.numel() * v.element_size() for k, v in tensors.items() if ".lora_" in k)
     result.update(task=t.name, split=split, images=len(eval_y), accuracy_before=before, accuracy_after=after,
+                  unchecked=UNCHECKED,
                   heads_total=sum(layer.num_heads for layer in attention_layers(model)), peft_lora_bytes=peft_bytes,
                   scoring_images=0 if score_mode == "random" else int(n_score), score_mode=score_mode,
                   heads_on_before=heads_on_before,
