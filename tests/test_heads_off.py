@@ -108,4 +108,4 @@ def test_every_caller_goes_through_the_one_parser(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(trainer, "parse_heads_off", spy)
     with pytest.raises(ConfigError, match=want):
         trainer.HeartLoRACallback(warmup_steps=1, ne="x")
-    assert len(calls) == 4
+    assert len(calls) == 3
