@@ -142,6 +142,40 @@ DEFAULTS: dict[str, Any] = {f.name: f.metadata["fill"] for f in dataclasses.fiel
                             if f.metadata.get("fill") is not None}
 
 
+CONFIG_NAME = "config.yaml"  # a run's resolved settings, as `heartlora train --config FILE` reads them
+
+
+def flag_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that decide a run's result, keyed by their ``heartlora train`` flag (without the dashes), as
+    ``--config FILE`` reads them: a switch ``--no-X`` is written as ``no-X: true|false``, targets as ``q,v``, and a
+    setting left to its default (None after ``resolve``) is left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("runtime") or f.metadata.get("hidden") or value is None:
+            continue
+        flag = (f.metadata.get("flag") or "--" + f.name.replace("_", "-"))[2:]
+        if isinstance(value, bool) and flag.startswith("no-"):
+            value = not value
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        out[flag] = value
+    return out
+
+
+def write_config_file(path: str | os.PathLike, settings: dict[str, Any], command: str = "train") -> None:
+    """``settings`` (flag name → value) as a YAML file, written atomically, that ``--config`` reads back."""
+    import yaml
+
+    from heartlora._paths import atomic_path
+
+    text = (f"# heartlora {command} --config {Path(path).name} repeats this run; flags given on the command line "
+            "win (e.g. --out)\n" + yaml.safe_dump(settings, sort_keys=False, default_flow_style=False,
+                                                   allow_unicode=True))
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def check_threads(threads: int | None) -> None:
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads} (leave it out for torch's own choice)")

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve
+from heartlora.engine.config import (CONFIG_NAME, PROTOCOLS, TrainConfig, check_threads, default_out, flag_settings,
+                                     resolve, write_config_file)
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, read_metrics, write_metrics
@@ -339,6 +340,9 @@ class Trainer:
                          f"{cfg.warmup_epochs}), batch {cfg.batch_size}, device {info.device}, precision "
                          f"{self.precision.name}, {info.world_size} process(es)", echo=False)
                 self.say("settings " + json.dumps(cfg.settings()), echo=False)
+                if info.is_main:
+                    with folder.writing(CONFIG_NAME):
+                        write_config_file(folder.path / CONFIG_NAME, flag_settings(cfg))
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
