@@ -126,6 +126,9 @@ class TrainConfig:
                                default_text="PyTorch's, split across torchrun ranks")
     compile: bool = _opt(False, help="run the model under torch.compile", runtime=True)
     progress: bool = _opt(True, help="no progress bar", runtime=True, flag="--quiet")
+    log_to: str | None = _opt(help="where to log every epoch, comma-separated from csv (metrics.csv), tensorboard "
+                                   "(DIR/tensorboard, with the heads' scores), wandb, mlflow; the last three need "
+                                   "their package", runtime=True, default_text="csv")
     # Testing aid: end after this epoch's checkpoint, as a kill would.
     stop_after_epoch: int | None = _opt(help="end after this epoch's checkpoint", runtime=True, hidden=True)
     notes: list[str] = field(default_factory=list, repr=False, metadata={"runtime": True, "hidden": True})

@@ -17,10 +17,10 @@ from typing import Any
 from heartlora.errors import HeartLoRAError, RunFolderError
 
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
-             "checkpoint.pt", "config.yaml")
+             "checkpoint.pt", "config.yaml", "metrics.csv")
 LOCK_NAME = ".heartlora.lock"
 # What a run writes before its first checkpoint: --resume of a folder holding only these starts that run again.
-BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml"}
+BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml", "tensorboard", "wandb"}  # the last two: --log-to's folders
 
 
 def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
