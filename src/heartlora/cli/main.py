@@ -244,14 +244,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from heartlora.bank import bank_from_files
     from heartlora.engine.distributed import resolve_device
     from heartlora.serve import require_serving, serve
+    from heartlora.serve_api import check_token, create_api, require_api
 
     require_serving()
+    require_api()
+    token = check_token(args.admin_token)  # before the adapters are loaded
     bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
+    app = create_api(bank, img_size, args.max_batch, args.max_wait_ms, admin_token=token)
     if not args.quiet:
+        admin = "; POST, DELETE /adapters with the admin token" if token else ""
         print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{args.host}:{args.port} "
-              "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr)
+              "(POST /predict?task=NAME with the image as the body or a form field; GET /tasks, /health; the API "
+              f"and its schema: /docs, /openapi.json{admin})", file=sys.stderr)
     serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          log_level="warning" if args.quiet else "debug" if getattr(args, "verbose", False) else "info")
+          log_level="warning" if args.quiet else "debug" if getattr(args, "verbose", False) else "info", app=app)
     return 0
 
 
@@ -591,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="most requests answered by one bank call")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--admin-token", metavar="TOKEN",
+                   help="enable POST /adapters and DELETE /adapters/NAME (add and remove tasks while serving) for "
+                        "requests with Authorization: Bearer TOKEN; at least 16 characters (default: "
+                        "$HEARTLORA_ADMIN_TOKEN, else off)")
 
     p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
     p.add_argument("file", nargs="?", help="adapter.safetensors (or the run folder)")
