@@ -117,6 +117,9 @@ def test_ecosystem_save_and_load_example_runs(tmp_path, capsys):
     from pathlib import Path
 
     pytest.importorskip("peft")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("from_pretrained(DIR) of the example's random model needs transformers 5 (4.x builds the base "
+                    "named in adapter_config.json, which a model made from a config does not have)")
     doc = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
     blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.DOTALL)
     save = next(b for b in blocks if "trainer.save_model" in b)
@@ -166,9 +169,10 @@ def test_trainer_save_model_loads_back_exactly_every_way(tmp_path):
     pytest.importorskip("peft")
     from peft import PeftModel
 
-    plain, info = ViTForImageClassification.from_pretrained(str(final), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    torch.testing.assert_close(_logits(plain), trained, atol=1e-6, rtol=0)  # transformers loads the PEFT adapter too
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 4.x loads the base named in adapter_config.json instead
+        plain, info = ViTForImageClassification.from_pretrained(str(final), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        torch.testing.assert_close(_logits(plain), trained, atol=1e-6, rtol=0)  # with the embedded PEFT adapter
     peft_model = PeftModel.from_pretrained(_model(), str(final))  # the documented PEFT load, on the original base
     torch.testing.assert_close(_logits(peft_model), trained, atol=1e-6, rtol=0)
     assert not torch.allclose(_logits(_model()), trained, atol=1e-3)  # the comparison can fail
