@@ -221,6 +221,10 @@ class BankLinear(nn.Module):
                 self.register_buffer(f"full_{kind.key}", kind.index.reshape(-1).to(dev))
         self.register_buffer("route_a", a_index.to(dev))
 
+    def forget(self, task: str) -> None:
+        """No route reaches ``task``'s slot any more (its rows stay in the tables)."""
+        self._slots.pop(task, None)
+
     def set_tasks(self, order: Sequence[str]) -> None:
         """The bank's task order (the route's row labels) -> this Linear's slots; tasks without deltas here read
         the empty slot."""
@@ -347,8 +351,13 @@ class BankModule(nn.Module):
         self._index[task] = len(self.copies)
         self.copies.append(module)
 
-    def remove_last(self, task: str) -> None:
-        del self.copies[self._index.pop(task)]
+    def remove(self, task: str) -> None:
+        """Drop ``task``'s copy (the copies after it move up one place)."""
+        i = self._index.pop(task, None)
+        if i is None:
+            return
+        del self.copies[i]
+        self._index = {t: j - (j > i) for t, j in self._index.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = []
@@ -498,7 +507,7 @@ class AdapterBank:
             self._install()
         except BaseException:
             for holder in added_to:
-                holder.remove_last(name)
+                holder.remove(name)
             for n, state in states.items():
                 self._linears[n].restore(state)
             for n, m in self._linears.items():  # wrappers made for this task only: the plain modules back
@@ -516,6 +525,21 @@ class AdapterBank:
                         run.get("img_size") or spec.get("img_size"), int(info["config"].get("bits", 32)),
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
         self.tasks[name] = task
+        return task
+
+    def remove(self, name: str) -> BankTask:
+        """Take task ``name`` out of the bank: its rows are no longer accepted and its classifier copy is freed. Its
+        factors stay in the shared tables, unreachable, until the bank is built again (they are small: the adapter's
+        own bytes, decoded). Returns the task removed."""
+        if name not in self.tasks:
+            raise ConfigError(f"unknown task {name!r}: the bank holds {', '.join(self.tasks) or 'no tasks'}")
+        with self._lock:  # not while a call routes rows
+            task = self.tasks.pop(name)
+            for holder in self._saved.values():
+                holder.remove(name)
+            for bank_linear in self._linears.values():
+                bank_linear.forget(name)
+                bank_linear.set_tasks(list(self.tasks))
         return task
 
     # --- running -----------------------------------------------------------------------------------------------

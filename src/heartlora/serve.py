@@ -8,12 +8,15 @@ Endpoints:
 
 Requests are batched across tasks: a :class:`Batcher` gathers what arrives within ``max_wait_ms`` of the first
 request (up to ``max_batch``) and runs one bank call for all of them, in a worker thread so the event loop keeps
-accepting requests. Install the extra: ``pip install 'heartlora[serve]'``.
+accepting requests. Install the extra: ``pip install 'heartlora[serve]'``. ``heartlora serve`` itself runs the
+FastAPI version of this app (:mod:`heartlora.serve_api`: OpenAPI schema, /docs, form uploads, adapters added and
+removed while serving), with the same endpoints and JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Sequence
@@ -119,14 +122,30 @@ class Batcher:
                 if not future.done():  # the client may have gone
                     future.set_result(answer)
 
-    def _answer(self, items: Sequence[tuple]) -> list[list[dict[str, Any]]]:
-        images = torch.stack([i[0] for i in items])
-        tops = self.bank.top_k(images, [i[1] for i in items], k=max(i[2] for i in items))
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        """Started inside the block, stopped after it: an ASGI app's lifespan."""
+        self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def run_exclusive(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the bank's worker thread, between two bank calls: how adapters are added to or removed
+        from a running server without disturbing the batches around it."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _answer(self, items: Sequence[tuple]) -> list[list[dict[str, Any]] | None]:
+        """The top labels of each request; None for one whose task was removed while it waited."""
+        live = [i for i in items if i[1] in self.bank.tasks]
+        tops = iter(self.bank.top_k(torch.stack([i[0] for i in live]), [i[1] for i in live],
+                                    k=max(i[2] for i in live)) if live else [])
         self.stats.requests += len(items)
         self.stats.calls += 1
         self.stats.largest = max(self.stats.largest, len(items))
         self.stats.sizes.append(len(items))
-        return [top[:k] for top, (_, _, k, _) in zip(tops, items)]
+        return [next(tops)[:k] if task in self.bank.tasks else None for _, task, k, _ in items]
 
 
 def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0) -> Any:
@@ -207,14 +226,16 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
 def serve(bank: AdapterBank, img_size: int, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32,
           max_wait_ms: float = 5.0, log_level: str = "info",
-          on_listening: Callable[[str, int], None] | None = None) -> None:
+          on_listening: Callable[[str, int], None] | None = None, app: Any = None) -> None:
     """Run the server until interrupted (uvicorn). ``on_listening(host, port)`` is called once the port is bound
-    (with the port the OS chose for ``port=0``): a startup line printed there is never a promise the server breaks."""
+    (with the port the OS chose for ``port=0``): a startup line printed there is never a promise the server breaks.
+    ``app``: another ASGI app over ``bank`` (heartlora serve runs :func:`heartlora.serve_api.create_api`), else
+    :func:`create_app`'s."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port: choose one from 1 to 65535 (0: any free port)")
-    app = create_app(bank, img_size, max_batch, max_wait_ms)  # checks max_batch and max_wait_ms before binding
+    app = app if app is not None else create_app(bank, img_size, max_batch, max_wait_ms)  # checks its settings first
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:

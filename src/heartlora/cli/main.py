@@ -7,13 +7,15 @@ exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,15 +244,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from heartlora.bank import bank_from_files
     from heartlora.engine.distributed import resolve_device
     from heartlora.serve import require_serving, serve
+    from heartlora.serve_api import check_token, create_api, require_api
 
     require_serving()
+    require_api()
+    token = check_token(args.admin_token)  # before the adapters are loaded
     bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
+    app = create_api(bank, img_size, args.max_batch, args.max_wait_ms, admin_token=token)
+    admin = "; POST, DELETE /adapters with the admin token" if token else ""
 
     def listening(host: str, port: int) -> None:  # once the port is bound, never before
-        print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{host}:{port} "
-              "(POST /predict?task=NAME with an image body; GET /tasks, /health)", file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{host}:{port} "
+                  "(POST /predict?task=NAME with the image as the body or a form field; GET /tasks, /health; the "
+                  f"API and its schema: /docs, /openapi.json{admin})", file=sys.stderr, flush=True)
 
     serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          log_level="warning" if args.quiet else "debug" if getattr(args, "verbose", False) else "info", app=app,
           on_listening=listening)
     return 0
 
@@ -581,30 +591,44 @@ def _field_choices(name: str) -> tuple[str, ...]:
     return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata["choices"]
 
 
+CONFIG_HELP = ("read the flags from a YAML or TOML file whose keys are the flag names (e.g. `img-size: 112`); flags "
+               "given on the command line win. A run folder's config.yaml repeats that run")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from heartlora import __version__
     from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also show what transformers, huggingface_hub and heartlora log (load reports, "
+                             "progress bars), silenced by default")
+    quiet = _Parser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="print only the results and errors")
     parser = _Parser(
         prog="heartlora", parents=[common],
         description="Heart-LoRA fine-tuning of vision transformers: LoRA with the least responsive attention heads "
                     "switched off.",
         epilog="Multi-process: torchrun --nproc_per_node N -m heartlora train …  (README.md: 'Many processes and machines')")
+    parser.add_argument("--version", action="version", version=f"heartlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str,
+            own_quiet: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common] if own_quiet else [common, quiet], help=help, description=help)
         p.set_defaults(func=func)
         return p
 
-    add_config_flags(add("train", cmd_train,
-                         "fine-tune a backbone on a task (warmup → score → switch off → train)"))
+    p = add("train", cmd_train, "fine-tune a backbone on a task (warmup → score → switch off → train)",
+            own_quiet=True)
+    add_config_flags(p)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
     p = add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
-            "on 2 CPU cores)")
+            "on 2 CPU cores)", own_quiet=True)
     p.add_argument("--task")
     p.add_argument("--epochs", type=number("epochs"))
     p.add_argument("--img-size", type=number("img_size"))
@@ -616,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("--task", help="default: the task the adapter was trained on")
     p.add_argument("--backbone", help=BACKBONE_HELP)
@@ -637,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("serve", cmd_serve, "an HTTP server for one or more adapters on one backbone (needs heartlora[serve])")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--adapter", required=True, action="append", help="adapter.safetensors (or the run folder); "
                    "repeat it for every task to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -646,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=number("max_batch"), default=32, help="most requests answered by one bank call")
     p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,
                    help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--admin-token", metavar="TOKEN",
+                   help="enable POST /adapters and DELETE /adapters/NAME (add and remove tasks while serving) for "
+                        "requests with Authorization: Bearer TOKEN; at least 16 characters (default: "
+                        "$HEARTLORA_ADMIN_TOKEN, else off)")
 
     p = add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
     p.add_argument("file", nargs="?", help="adapter.safetensors (or the run folder)")
@@ -696,10 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", parents=[common], help="list or export tasks")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
-    p = data_sub.add_parser("list", parents=[common], help="every registered task")
+    p = data_sub.add_parser("list", parents=[common, quiet], help="every registered task")
     p.add_argument("--sizes", action="store_true", help="also count split sizes (builds generated tasks)")
     p.set_defaults(func=cmd_data_list)
-    p = data_sub.add_parser("export", parents=[common], help="write a task as a VTAB-1K folder")
+    p = data_sub.add_parser("export", parents=[common, quiet], help="write a task as a VTAB-1K folder")
     p.add_argument("task")
     p.add_argument("dir")
     p.add_argument("--img-size", type=number("img_size"), help="resize (default: native size)")
@@ -713,17 +743,69 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+CONFIG_COMMANDS = ("train", "eval", "serve")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, with ``--config FILE``'s values as the defaults of train, eval and serve."""
+    from heartlora.cli.configfile import apply_config, find_config
+
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = find_config(argv)
+    command = next((tok for tok in argv if not tok.startswith("-")), None)
+    if path is not None and command in CONFIG_COMMANDS:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        apply_config(subparsers.choices[command], path, argv, command)
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def third_party_output(verbose: bool, loads_models: bool = True) -> Iterator[None]:
+    """For a command that builds models: transformers' load reports and progress bars (huggingface_hub's too) off,
+    unless ``verbose``, which also shows heartlora's own log records on stderr. transformers' settings are put
+    back afterwards."""
+    tlog = sys.modules.get("transformers.utils.logging")
+    if tlog is None and loads_models:
+        import transformers.utils.logging as tlog  # the command imports transformers anyway
+    before = (tlog.get_verbosity(), tlog.is_progress_bar_enabled()) if tlog else None
+    if tlog:
+        tlog.set_verbosity(logging.INFO if verbose else logging.ERROR)
+        (tlog.enable_progress_bar if verbose else tlog.disable_progress_bar)()
+    ours = logging.getLogger("heartlora")
+    handler = logging.StreamHandler(sys.stderr) if verbose else None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            ours.removeHandler(handler)
+            ours.setLevel(logging.NOTSET)
+        if tlog and before:
+            tlog.set_verbosity(before[0])
+            if tlog.is_progress_bar_enabled() != before[1]:
+                (tlog.enable_progress_bar if before[1] else tlog.disable_progress_bar)()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``heartlora`` console script; returns the exit status."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(argv)
+    except HeartLoRAError as exc:  # --config FILE: a missing, malformed or unknown-key file
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except SystemExit as exc:  # --help, or a flag refused in one line (_Parser.error): the status, not an exit
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     debug = getattr(args, "debug", False)
+    verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False) or getattr(args, "progress", True) is False
     installed = _catch_sigterm(args)
     try:
-        return int(args.func(args) or 0)
+        with third_party_output(verbose, loads_models=args.func not in (cmd_data_list, cmd_data_export, cmd_inspect)):
+            return int(args.func(args) or 0)
     except Terminated:
         _say_stopped(args, "terminated (SIGTERM)")
         return EXIT_TERMINATED

@@ -138,6 +138,9 @@ class TrainConfig:
                                default_text="PyTorch's, split across torchrun ranks")
     compile: bool = _opt(False, help="run the model under torch.compile", runtime=True)
     progress: bool = _opt(True, help="no progress bar", runtime=True, flag="--quiet")
+    log_to: str | None = _opt(help="where to log every epoch, comma-separated from csv (metrics.csv), tensorboard "
+                                   "(DIR/tensorboard, with the heads' scores), wandb, mlflow; the last three need "
+                                   "their package", runtime=True, default_text="csv")
     # Testing aid: end after this epoch's checkpoint, as a kill would.
     stop_after_epoch: int | None = _opt(help="end after this epoch's checkpoint", runtime=True, hidden=True)
     notes: list[str] = field(default_factory=list, repr=False, metadata={"runtime": True, "hidden": True})
@@ -237,6 +240,40 @@ def check_setting(name: str, value: Any) -> Any:
         raise
     except ConfigError as exc:
         raise setting_error(str(exc)) from None
+
+
+CONFIG_NAME = "config.yaml"  # a run's resolved settings, as `heartlora train --config FILE` reads them
+
+
+def flag_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that decide a run's result, keyed by their ``heartlora train`` flag (without the dashes), as
+    ``--config FILE`` reads them: a switch ``--no-X`` is written as ``no-X: true|false``, targets as ``q,v``, and a
+    setting left to its default (None after ``resolve``) is left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("runtime") or f.metadata.get("hidden") or value is None:
+            continue
+        flag = (f.metadata.get("flag") or "--" + f.name.replace("_", "-"))[2:]
+        if isinstance(value, bool) and flag.startswith("no-"):
+            value = not value
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        out[flag] = value
+    return out
+
+
+def write_config_file(path: str | os.PathLike, settings: dict[str, Any], command: str = "train") -> None:
+    """``settings`` (flag name → value) as a YAML file, written atomically, that ``--config`` reads back."""
+    import yaml
+
+    from heartlora._paths import atomic_path
+
+    text = (f"# heartlora {command} --config {Path(path).name} repeats this run; flags given on the command line "
+            "win (e.g. --out)\n" + yaml.safe_dump(settings, sort_keys=False, default_flow_style=False,
+                                                   allow_unicode=True))
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def check_threads(threads: int | None) -> None:

@@ -21,11 +21,11 @@ from heartlora.engine.metrics import read_metrics, way_out_of_bad_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
 
 RUN_FILES = ("metrics.json", "adapter.safetensors", "responsiveness.png", "curves.png", "train.log",
-             "checkpoint.pt")
+             "checkpoint.pt", "config.yaml", "metrics.csv")
 LOCK_NAME = ".heartlora.lock"
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # files of a run folder are opened without following a link
 # What a run writes before its first checkpoint: --resume of a folder holding only these starts that run again.
-BEFORE_FIRST_CHECKPOINT = {"train.log"}
+BEFORE_FIRST_CHECKPOINT = {"train.log", "config.yaml", "tensorboard", "wandb"}  # the last two: --log-to's folders
 IDENTITY_LINE = re.compile(r"run identity (\{.*\})[ \t]*$", re.MULTILINE)  # Trainer.run logs it in train.log
 
 

@@ -26,8 +26,10 @@ import torch.distributed as dist
 from torch import nn
 
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import PROTOCOLS, TrainConfig, check_threads, default_out, resolve, setting_error
+from heartlora.engine.config import (CONFIG_NAME, PROTOCOLS, TrainConfig, check_threads, default_out, flag_settings,
+                                     resolve, setting_error, write_config_file)
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
+from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
@@ -206,6 +208,8 @@ class Trainer:
         from heartlora.data import get_task
 
         self.cfg, self.info, self.t_start = cfg, info, t_start
+        self.log_to = parse_log_to(cfg.log_to)  # a logger whose package is missing: refused before any work
+        self.loggers: RunLoggers | None = None
         self.method: TrainingMethod = get_method(cfg.method)
         self.task = get_task(cfg.task)
         train_split, eval_split = PROTOCOLS[cfg.protocol]
@@ -364,6 +368,12 @@ class Trainer:
                          f"{cfg.warmup_epochs}), batch {cfg.batch_size}, device {info.device}, precision "
                          f"{self.precision.name}, {info.world_size} process(es)", echo=False)
                 self.say("settings " + json.dumps(cfg.settings()), echo=False)
+                if info.is_main:
+                    with folder.writing(CONFIG_NAME):
+                        write_config_file(folder.path / CONFIG_NAME, flag_settings(cfg))
+            if info.is_main:
+                with folder.writing("the --log-to logs"):
+                    self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch)
             from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
@@ -389,6 +399,8 @@ class Trainer:
                         return self.metrics(self.state.history[-1]["eval_acc"], status="stopped")
             finally:
                 self.bar.close()
+                if self.loggers is not None:
+                    self.loggers.close()
             return self.finish()
 
     def train_epoch(self, epoch: int) -> dict[str, Any] | None:
@@ -454,6 +466,8 @@ class Trainer:
     def end_of_warmup(self) -> None:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""
         self.state.scores = self.tracker.scores()
+        if self.loggers is not None:
+            self.loggers.head_scores(self.state.scores, step=self.state.epoch + 1)
         record: dict[str, Any] = {}
         t0 = time.perf_counter()
         with self.precision.autocast():
@@ -514,6 +528,11 @@ class Trainer:
                  f"{record['train_acc']:.4f}" + (f" {record['eval_split']} acc {acc:.4f}" if acc is not None else "")
                  + f" ({record['images_per_s']:.1f} img/s)", echo=False)
         self.save_checkpoint()
+        if self.loggers is not None:
+            masks = _masks(self.model)
+            with self.folder.writing("the --log-to logs"):
+                self.loggers.epoch(record, sum(map(sum, masks.values())) if masks else None,
+                                   sum(map(len, masks.values())) if masks else None)
 
     def save_checkpoint(self, finished: bool = False) -> None:
         if not self.info.is_main:

@@ -42,6 +42,7 @@ from heartlora.method import (
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+from heartlora.method.model import attach_state
 from heartlora.method.storage import MAX_RANK
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -132,14 +133,33 @@ def _load_model(source: str | os.PathLike | nn.Module) -> nn.Module:
 def export_peft(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike) -> PeftExport:
     """Write a heartlora adapter (a file, a run folder or an adapted model) as a PEFT LoRA folder for the backbone's
     transformers image classifier (``PeftExport.model_class``). Refuses, in one line, a backbone without one."""
-    peft = _need_peft()
+    _need_peft()
     model = _load_model(source)
     root = getattr(model, "module", model)
     cls_name, prefix, pool = _hf_target(root)
     if root.pool != pool and not (pool == "cls+mean" and root.pool == "cls"):
         raise UnsupportedBackboneError(f"{cls_name} classifies the class token only; this adapter's head reads "
                                        f"{root.pool!r}: train with pool 'cls' to export it")
-    cfg = adapter_config(model)
+    tensors, targets = _lora_entries(root, lambda name: prefix + name[len("backbone"):])
+    head = root.head
+    w, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
+    if root.pool == "cls" and pool == "cls+mean":  # the mean-patch half of the classifier's input is ignored
+        w = torch.cat([w, torch.zeros_like(w)], dim=1)
+    tensors[f"{PREFIX}classifier.weight"] = w.contiguous()
+    tensors[f"{PREFIX}classifier.bias"] = bias.contiguous()
+    spec = root.spec
+    # The heartlora entry lets `heartlora prune` rebuild the same backbone.
+    out = _write_peft(out_dir, model, tensors, targets, ["classifier"], spec["name"].removeprefix("hf:"),
+                      {"heartlora_backbone": json.dumps(spec)})
+    masks = head_masks(model)
+    lora_bytes = sum(t.numel() * 4 for k, t in tensors.items() if ".lora_" in k)
+    return PeftExport(str(out), cls_name, lora_bytes, sum(sum(m) for m in masks.values()),
+                      sum(len(m) for m in masks.values()))
+
+
+def _lora_entries(root: nn.Module, rename: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT's lora_A / lora_B tensors of every adapted Linear (``rename``: heartlora module name → PEFT's), and the
+    target module names. Refuses, in one line, what PEFT's one LoRA pair per Linear cannot express."""
     tensors: dict[str, torch.Tensor] = {}
     targets = []
     for name, mod in root.named_modules():
@@ -149,32 +169,43 @@ def export_peft(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLik
             raise UnsupportedBackboneError(f"{name} computes {len(mod.lora)} projections or is read by weight: PEFT "
                                            "adds one LoRA pair in a Linear's forward")
         (proj,) = mod.lora.values()
-        target = prefix + name[len("backbone"):]
+        target = rename(name)
         a, b = _full_factors(proj)
         tensors[f"{PREFIX}{target}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{target}.lora_B.weight"] = b.contiguous()
         targets.append(target)
-    head = root.head
-    w, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
-    if root.pool == "cls" and pool == "cls+mean":  # the mean-patch half of the classifier's input is ignored
-        w = torch.cat([w, torch.zeros_like(w)], dim=1)
-    tensors[f"{PREFIX}classifier.weight"] = w.contiguous()
-    tensors[f"{PREFIX}classifier.bias"] = bias.contiguous()
-    spec = root.spec
-    ref = spec["name"].removeprefix("hf:")
+    return tensors, targets
+
+
+def _write_peft(out_dir: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor], targets: list[str],
+                modules_to_save: list[str], base_ref: str | None, metadata: dict[str, str]) -> Path:
+    """Write adapter_model.safetensors (atomically) and adapter_config.json into ``out_dir``."""
+    peft = _need_peft()
+    cfg = adapter_config(model)
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.scale * cfg.rank, lora_dropout=cfg.dropout,
-                           target_modules=sorted(targets), modules_to_save=["classifier"], bias="none",
-                           base_model_name_or_path=ref, inference_mode=True)
+                           target_modules=sorted(targets), modules_to_save=list(modules_to_save), bias="none",
+                           base_model_name_or_path=base_ref, inference_mode=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
-        # PEFT reads "format"; the heartlora entry lets `heartlora prune` rebuild the same backbone.
-        save_file(tensors, str(tmp), metadata={"format": "pt", "heartlora_backbone": json.dumps(spec)})
+        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})  # PEFT reads "format"
     lora.save_pretrained(str(out))
-    masks = head_masks(model)
-    lora_bytes = sum(t.numel() * 4 for k, t in tensors.items() if ".lora_" in k)
-    return PeftExport(str(out), cls_name, lora_bytes, sum(sum(m) for m in masks.values()),
-                      sum(len(m) for m in masks.values()))
+    return out
+
+
+def export_peft_transformers(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write the adapter of a transformers model adapted directly (``heartlora.attach`` on a
+    ``*ForImageClassification``) as a PEFT folder for that same class: target and saved-module names are the
+    model's own. Used by :class:`heartlora.integrations.HeartLoRACallback` for the folders the Trainer saves."""
+    root = getattr(model, "module", model)
+    tensors, targets = _lora_entries(root, lambda name: name)
+    saved = list(attach_state(model).modules_to_save)
+    modules = dict(root.named_modules())
+    for name in saved:
+        for k, v in modules[name].state_dict().items():
+            tensors[f"{PREFIX}{name}.{k}"] = v.detach().float().cpu().contiguous()
+    base_ref = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    return _write_peft(out_dir, model, tensors, targets, saved, base_ref, {})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

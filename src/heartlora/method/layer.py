@@ -275,6 +275,7 @@ class HeadLoRALinear(nn.Module):
         self.merged = False
         self.enabled = True
         self._original_weight: torch.Tensor | None = None
+        self._register_load_state_dict_pre_hook(_load_plain_linear, with_module=True)
 
     @property
     def in_features(self) -> int:
@@ -332,6 +333,19 @@ class HeadLoRALinear(nn.Module):
         self._original_weight = None
         self.merged = False
 
+
+
+def _load_plain_linear(module: HeadLoRALinear, state_dict: dict, prefix: str, *args: object) -> None:
+    """A state dict of the model without heartlora (``….query.weight``, as a transformers Trainer checkpoint saved by
+    HeartLoRACallback holds) loads into the adapted model: the Linear's entries go to ``base_layer``, and the
+    adapter factors, which such a dict does not have, keep their values."""
+    if prefix + "weight" not in state_dict or prefix + "base_layer.weight" in state_dict:
+        return
+    for name in ("weight", "bias"):
+        if prefix + name in state_dict:
+            state_dict[prefix + "base_layer." + name] = state_dict.pop(prefix + name)
+    for name, value in module.lora.state_dict().items():
+        state_dict.setdefault(f"{prefix}lora.{name}", value)
 
 
 def add_deltas(owner: nn.Module, y: torch.Tensor, x: torch.Tensor, projs: list[HeadLoRAProjection]) -> torch.Tensor:

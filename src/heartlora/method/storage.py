@@ -379,10 +379,47 @@ def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint: bool = True) -> nn.Module:
+def _transformers_backbone(folder: Path) -> nn.Module:
+    """The transformers model a Trainer folder holds (config.json + model.safetensors, the frozen backbone and the
+    trained classifier), built without the PEFT adapter beside it, which transformers would otherwise load."""
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"load_adapter({str(folder)!r}) without a backbone needs a folder saved by a "
+                          "transformers Trainer with HeartLoRACallback (config.json, model.safetensors); else pass "
+                          "the backbone: load_adapter(create_backbone(**read_adapter_info(path)['backbone']), path)")
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    names = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise ConfigError(f"{folder}/config.json names no transformers model class (architectures): load the model "
+                          "yourself and pass it, load_adapter(model, path)")
+    # from_pretrained maps the file's key names (transformers writes its older names) to the class's; given no
+    # folder, it does not look for the PEFT adapter beside the weights
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten, leaves the caller's RNG alone
+        model, info = cls.from_pretrained(None, config=config, state_dict=load_file(str(folder / "model.safetensors")),
+                                          output_loading_info=True)
+    wrong = sorted(set(info["missing_keys"]) | set(info["unexpected_keys"]) | set(map(str, info["mismatched_keys"])))
+    if wrong:
+        raise AdapterFileError(f"{folder}/model.safetensors does not fit {names[0]} ({len(wrong)} weights missing, "
+                               f"unexpected or misshapen: {wrong[0]}, …): save the folder again with "
+                               "HeartLoRACallback")
+    return model.eval()
+
+
+def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLike | None = None,
+                 check_fingerprint: bool = True) -> nn.Module:
     """Attach the file's adapter to ``backbone`` (a fresh one, built as the file's ``backbone`` spec says), switch
     off its heads, load its weights and classifier. Refuses a file for another backbone or configuration; the file
-    is checked completely before anything is attached. ``path`` may be a run folder (its adapter.safetensors)."""
+    is checked completely before anything is attached. ``path`` may be a run folder (its adapter.safetensors).
+
+    ``load_adapter(DIR)``, with no backbone: DIR is a folder a transformers Trainer saved with
+    ``HeartLoRACallback``; the backbone is the transformers model of its config.json and model.safetensors."""
+    if path is None:
+        if isinstance(backbone, nn.Module):
+            raise ConfigError("load_adapter(model) needs the adapter's path: load_adapter(model, path)")
+        path, backbone = backbone, _transformers_backbone(Path(backbone))
     path = adapter_file(path)
     meta, tensors, cfg = _read(path)
     cfg.modules_to_save = tuple(meta["modules_to_save"])
@@ -440,6 +477,26 @@ def load_adapter(backbone: nn.Module, path: str | os.PathLike, check_fingerprint
     return model
 
 
+def restore_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load a file's head masks, factors and saved modules into ``model``, which already carries adapters of the
+    file's configuration on the file's backbone (a resumed run, or a run going back to its best checkpoint): heads
+    the file has off are switched off (without an optimizer: the caller moves its Parameters), the weights copied.
+    Returns the file's metadata."""
+    path = adapter_file(path)
+    meta, tensors, cfg = _read(path)
+    state = attach_state(model)
+    ours, theirs = state.config.to_dict(), cfg.to_dict()
+    for d in (ours, theirs):
+        d.pop("modules_to_save", None)
+    if ours != theirs or meta["fingerprint"] != state.fingerprint:
+        raise AdapterFileError(f"{path} was saved for another backbone or adapter configuration than this model "
+                               "has: resume with the model and HeartLoRAConfig the run was started with")
+    cfg.modules_to_save = tuple(meta["modules_to_save"])
+    root = getattr(model, "module", model)
+    _fill(model, path, meta, tensors, cfg, dict(root.named_modules()))
+    return meta
+
+
 def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg: HeartLoRAConfig,
           modules: dict[str, nn.Module]) -> None:
     """The part of :func:`load_adapter` after attach: check the layers, switch heads off, load factors and
@@ -451,8 +508,13 @@ def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, 
                                          != (stored[n]["num_heads"], stored[n]["head_dim"]) for n in layers):
         raise AdapterFileError(f"{path} describes other attention layers than this backbone has: "
                                f"use the backbone it was trained on ({want['name']!r})")
-    off = [(n, h) for n, l in stored.items() for h, on in enumerate(l["head_mask"]) if not on]
-    deactivate_heads(model, heads=off)
+    now = {n: layer.head_mask() for n, layer in layers.items()}
+    if any(not on and stored[n]["head_mask"][h] for n, mask in now.items() for h, on in enumerate(mask)):
+        raise AdapterFileError(f"{path} has heads on that this model has switched off: load it into a model with "
+                               "every head on, or one with the file's heads off")
+    off = [(n, h) for n, l in stored.items() for h, on in enumerate(l["head_mask"]) if not on and now[n][h]]
+    if off:
+        deactivate_heads(model, heads=off)
     with torch.no_grad():
         for layer in layers.values():
             for target, proj in layer.projections.items():

@@ -1,0 +1,122 @@
+"""``--config FILE`` (YAML or TOML) for train, eval and serve: the keys are the command's flag names (``img-size``
+or ``img_size``, ``no-pretrained``), the values what the flag takes (a switch takes true or false, a repeated flag
+such as serve's ``adapter`` a list). Flags given on the command line win. A run folder's ``config.yaml`` (written by
+every ``heartlora train``) is such a file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from heartlora.errors import ConfigError
+
+SKIPPED = {"help", "config"}  # flags a config file cannot set
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a .yaml / .yml / .toml file (one-line errors for a missing, unreadable or malformed file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist: check the path (a run folder's is config.yaml)")
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                try:
+                    import tomli as tomllib
+                except ImportError:
+                    raise ConfigError(f"{p}: TOML needs Python 3.11 or the tomli package (pip install tomli); or "
+                                      "write the file as YAML") from None
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {p}: name a .yaml, .yml or .toml file (its suffix says how to read it)")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text: save it as YAML or TOML text") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError: the parser's own message, on one line
+        where = " ".join(str(e).split())[:160]
+        raise ConfigError(f"config file {p} is not valid {suffix[1:].upper()}: {where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of flag names to values (e.g. `epochs: 10`), not "
+                          f"a {type(data).__name__}")
+    return data
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    table: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            name = opt[2:]
+            if opt.startswith("--") and name not in SKIPPED:
+                table[name] = table[name.replace("-", "_")] = action
+    return table
+
+
+def _typed(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    if isinstance(value, (dict, list)) or (isinstance(value, bool) and action.type in (int, float)):
+        raise ConfigError(f"{where}: {key} takes one value, not {value!r}")
+    try:
+        value = action.type(str(value) if isinstance(value, (int, float)) else value) if callable(action.type) \
+            else str(value)
+    except argparse.ArgumentTypeError as exc:  # a range-checked flag's own one-line message
+        raise ConfigError(f"{where}: {key}: {exc}") from None
+    except (TypeError, ValueError):
+        kind = getattr(action.type, "__name__", "value")
+        raise ConfigError(f"{where}: {key} {value!r} is not a valid {kind}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}: {key} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    if action.nargs == 0:  # a switch: true gives what the flag gives, false the opposite (or the default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} is a switch: give true or false, not {value!r}")
+        if value:
+            return action.const
+        return (not action.const) if isinstance(action.const, bool) else action.default
+    if isinstance(action, argparse._AppendAction):
+        return [_typed(action, key, v, where) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list) and action.type in (None, str):  # targets: [q, v] as the flag's q,v
+        value = ",".join(str(v) for v in value)
+    return _typed(action, key, value, where)
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str | Path, argv: list[str], command: str) -> None:
+    """Make the file's values ``parser``'s defaults, except for flags given in ``argv`` (the command line wins);
+    a required flag the file gives is no longer required."""
+    where = f"config file {path}"
+    table = _actions(parser)
+    given = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+    defaults: dict[str, Any] = {}
+    for key, value in read_config_file(path).items():
+        action = table.get(str(key))
+        if action is None:
+            raise ConfigError(f"{where}: {key!r} is not a flag of heartlora {command}: the keys are its flag names "
+                              f"(heartlora {command} --help)")
+        if value is None or given & set(action.option_strings):
+            continue
+        defaults[action.dest] = _value(action, str(key), value, where)
+        action.required = False
+    parser.set_defaults(**defaults)
+
+
+def find_config(argv: list[str]) -> str | None:
+    """The FILE of ``--config FILE`` / ``--config=FILE`` in ``argv``, if any."""
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if tok.startswith("--config="):
+            return tok.split("=", 1)[1]
+    return None

@@ -1,0 +1,233 @@
+"""``heartlora serve``'s HTTP API on FastAPI: the same endpoints and JSON as :func:`heartlora.serve.create_app`, with
+FastAPI's OpenAPI schema (``/openapi.json``) and interactive docs (``/docs``), form uploads, and adapters added and
+removed while the server runs.
+
+Endpoints:
+  ``GET /``                 what the server is, and where its docs are
+  ``GET /health``, ``GET /tasks``
+  ``POST /predict?task=T&top_k=K``  the image as the raw body, or as a multipart form field (``curl -F
+  file=@img.png``); -> ``{"task", "top": [{"label", "index", "prob"}, …]}``
+  ``POST /adapters?name=N``  an adapter file (raw body or form field), with ``Authorization: Bearer TOKEN``
+  ``DELETE /adapters/{name}``  with the same header
+
+Every error answers ``{"error": one line}``. Adding and removing run in the bank's worker thread between two batches
+(:meth:`heartlora.serve.Batcher.run_exclusive`): requests in flight are answered; one that waited for a task removed
+meanwhile gets 404. The admin endpoints exist only when a token was given at start (``--admin-token``, or the
+``HEARTLORA_ADMIN_TOKEN`` environment variable); without one they answer 403.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, whose models are local.
+import hmac
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from heartlora.bank import AdapterBank
+from heartlora.errors import ConfigError, HeartLoRAError
+from heartlora.serve import MAX_BODY_BYTES, MAX_TOP_K, Batcher, decode_image
+
+MAX_ADAPTER_BYTES = 512 * 2**20
+MIN_TOKEN_CHARS = 16
+TOKEN_ENV = "HEARTLORA_ADMIN_TOKEN"
+BINARY = {"type": "string", "format": "binary"}
+
+
+def require_api() -> None:
+    """A one-line error when FastAPI or python-multipart (the serve extra) is missing."""
+    for module, package in (("fastapi", "fastapi"), ("multipart", "python-multipart"), ("uvicorn", "uvicorn")):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ConfigError(f"heartlora serve needs {package}: pip install 'heartlora[serve]'") from None
+
+
+def check_token(token: str | None) -> str | None:
+    """The admin token (``token``, else $HEARTLORA_ADMIN_TOKEN), refused when too short to guess at."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or token != token.strip()):
+        raise ConfigError(f"the admin token has {len(token)} characters: give at least {MIN_TOKEN_CHARS}, without "
+                          "surrounding spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
+    return token
+
+
+def _body_schema(field: str, what: str) -> dict[str, Any]:
+    """OpenAPI request body: the file as the raw body, or as the form field ``field``."""
+    return {"requestBody": {"required": True, "description": what, "content": {
+        "application/octet-stream": {"schema": BINARY},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {field: BINARY}, "required": [field]}}}}}
+
+
+def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0,
+               admin_token: str | None = None) -> Any:
+    """The FastAPI application for ``bank`` (images resized to ``img_size``); ``app.state.batcher`` holds the
+    :class:`~heartlora.serve.Batcher`. ``admin_token`` enables POST and DELETE /adapters."""
+    from fastapi import Depends, FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from pydantic import BaseModel
+    from starlette.exceptions import HTTPException
+
+    import heartlora
+
+    admin_token = check_token(admin_token)
+    batcher = Batcher(bank, max_batch, max_wait_ms)
+
+    class Failure(Exception):
+        def __init__(self, status: int, message: str) -> None:
+            self.status, self.message = status, " ".join(message.split())
+
+    class Error(BaseModel):
+        error: str
+
+    class Health(BaseModel):
+        status: str
+        tasks: int
+
+    class Task(BaseModel):
+        name: str
+        num_classes: int
+        class_names: list[str]
+
+    class Label(BaseModel):
+        label: str
+        index: int
+        prob: float
+
+    class Prediction(BaseModel):
+        task: str
+        top: list[Label]
+
+    class Removed(BaseModel):
+        removed: str
+        tasks: int
+
+    errors = {code: {"model": Error} for code in (400, 404, 413)}
+    admin_errors = {code: {"model": Error} for code in (400, 401, 403, 404, 409, 413)}
+
+    app = FastAPI(title="heartlora", version=heartlora.__version__, lifespan=lambda app: batcher.running(),
+                  description="Image classification with Heart-LoRA adapters on one shared backbone: every task is "
+                              "an adapter file; requests of different tasks are batched together.")
+    app.state.batcher = batcher
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+    @app.exception_handler(Failure)
+    async def failure(request: Request, exc: Failure) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the request"
+        return error(400, f"{where}: {first.get('msg', 'invalid')} (see /docs)")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; see /docs for the "
+                                          "endpoints")
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def read_file(request: Request, field: str, limit: int, what: str) -> bytes:
+        """The raw body, or the form's ``field`` (else its only file), at most ``limit`` bytes."""
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise Failure(413, f"the {what} is {int(size):,} bytes, more than {limit:,}: send a smaller file")
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+            upload = form.get(field)
+            files = [v for v in form.values() if hasattr(v, "read")]
+            if not hasattr(upload, "read"):
+                if len(files) != 1:
+                    raise Failure(400, f"send the {what} as the form field {field!r} (curl -F {field}=@FILE)")
+                upload = files[0]
+            data = await upload.read(limit + 1)
+        else:
+            chunks, read = [], 0
+            async for chunk in request.stream():  # the limit holds while reading, for a chunked body too
+                read += len(chunk)
+                if read > limit:
+                    raise Failure(413, f"the {what} is more than {limit:,} bytes: send a smaller file")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        if len(data) > limit:
+            raise Failure(413, f"the {what} is more than {limit:,} bytes: send a smaller file")
+        return data
+
+    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))) -> None:
+        if admin_token is None:
+            raise Failure(403, "adding and removing adapters is off: start the server with --admin-token (or "
+                               f"${TOKEN_ENV})")
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+            raise Failure(401, "send the server's admin token: Authorization: Bearer TOKEN")
+
+    def task_info(name: str) -> Task:
+        t = bank.tasks[name]
+        return Task(name=t.name, num_classes=t.num_classes, class_names=list(t.class_names))
+
+    @app.get("/", summary="What this server is")
+    async def index() -> dict[str, Any]:
+        return {"service": "heartlora", "version": heartlora.__version__, "tasks": len(bank.tasks), "docs": "/docs",
+                "openapi": "/openapi.json"}
+
+    @app.get("/health", response_model=Health, summary="Liveness and the number of tasks")
+    async def health() -> Health:
+        return Health(status="ok", tasks=len(bank.tasks))
+
+    @app.get("/tasks", response_model=list[Task], summary="The tasks served, with their class names")
+    async def tasks() -> list[Task]:
+        return [task_info(name) for name in list(bank.tasks)]
+
+    @app.post("/predict", response_model=Prediction, responses=errors, openapi_extra=_body_schema(
+              "file", "the image file (PNG, JPEG, …): the raw body, or the multipart form field `file`"),
+              summary="The most probable labels of one image under one task")
+    async def predict(request: Request, task: str | None = Query(None, description="the task (GET /tasks)"),
+                      top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="how many labels")) -> Prediction:
+        if not task:
+            raise Failure(400, f"name the task: POST /predict?task=NAME (tasks: {', '.join(bank.tasks)})")
+        if task not in bank.tasks:
+            raise Failure(404, f"unknown task {task!r}: this server holds {', '.join(bank.tasks) or 'no tasks'}")
+        data = await read_file(request, "file", MAX_BODY_BYTES, "image")
+        try:
+            image = decode_image(data, img_size)
+        except HeartLoRAError as exc:
+            raise Failure(400, str(exc)) from None
+        top = await batcher.submit(image, task, top_k)
+        if top is None:
+            raise Failure(404, f"task {task!r} was removed while this request waited")
+        return Prediction(task=task, top=top)
+
+    @app.post("/adapters", response_model=Task, status_code=201, responses=admin_errors,
+              dependencies=[Depends(admin)], openapi_extra=_body_schema(
+                  "file", "a heartlora adapter file (.safetensors) for this server's backbone"),
+              summary="Add an adapter while the server runs (admin token)")
+    async def add_adapter(request: Request, name: str | None = Query(None, description=(
+            "the task's name (default: the task the file was trained on)"))) -> Task:
+        if name is not None and name in bank.tasks:
+            raise Failure(409, f"a task named {name!r} is served already: DELETE /adapters/{name} first, or choose "
+                               "another name")
+        data = await read_file(request, "file", MAX_ADAPTER_BYTES, "adapter file")
+        fd, tmp = tempfile.mkstemp(prefix="heartlora-upload-", suffix=".safetensors")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            added = await batcher.run_exclusive(bank.add, Path(tmp), name)
+        except HeartLoRAError as exc:
+            raise Failure(409 if "already holds a task" in str(exc) else 400, str(exc)) from None
+        finally:
+            os.unlink(tmp)
+        return task_info(added.name)
+
+    @app.delete("/adapters/{name}", response_model=Removed, responses=admin_errors, dependencies=[Depends(admin)],
+                summary="Remove a task while the server runs (admin token); its requests in flight get 404")
+    async def remove_adapter(name: str) -> Removed:
+        if name not in bank.tasks:
+            raise Failure(404, f"unknown task {name!r}: this server holds {', '.join(bank.tasks) or 'no tasks'}")
+        await batcher.run_exclusive(bank.remove, name)
+        return Removed(removed=name, tasks=len(bank.tasks))
+
+    return app

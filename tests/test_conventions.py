@@ -1,0 +1,135 @@
+"""The command line's conventions: --version, --config FILE (YAML, TOML; the command line wins; a run folder's
+config.yaml repeats the run), --quiet / --verbose on every command, transformers' load reports silenced."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import one_thread, task  # noqa: F401 (the fixtures: one CPU thread, the tiny task)
+
+from heartlora.cli.main import EXIT_ERROR, _parse, build_parser, main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
+TINY = {"backbone": "test_vit", "no-pretrained": True, "img-size": 32, "batch-size": 32, "epochs": 2, "ne": 2}
+
+
+def _error(argv: list[str], capsys: pytest.CaptureFixture, match: str) -> None:
+    assert main(argv) == EXIT_ERROR
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from heartlora import __version__
+
+    assert main(["--version"]) == 0  # main returns the status of --help and --version, it does not exit
+    assert capsys.readouterr().out.strip() == f"heartlora {__version__}"
+
+
+def test_every_command_takes_quiet_and_verbose() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    commands = [(name, p) for name, p in sub.choices.items() if name != "data"]
+    data = next(a for a in sub.choices["data"]._actions if a.dest == "data_command")
+    commands += [(f"data {name}", p) for name, p in data.choices.items()]
+    for name, p in commands:
+        flags = {opt for a in p._actions for opt in a.option_strings}
+        assert {"--quiet", "--verbose"} <= flags, name
+
+
+def test_the_documented_config_example_repeats_a_run(task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """docs/ECOSYSTEM.md's example: its YAML file (with a tiny model and task given on the command line, which
+    wins over the file) trains, the run's config.yaml trains the same run again, and eval reads it."""
+    text = DOC.read_text()
+    yaml_block = re.search(r"```yaml\n# digits.yaml\n(.*?)```", text, re.DOTALL).group(1)
+    commands = re.search(r"```bash\n(heartlora train --config digits.yaml.*?)```", text, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits.yaml").write_text(yaml_block)
+    tiny = [f"--task={task}"] + [f"--{k}" if v is True else f"--{k}={v}" for k, v in TINY.items()]
+    for line in commands.strip().splitlines():
+        argv = shlex.split(line.split("#")[0])[1:]
+        if argv[0] == "train" and "digits.yaml" in argv:
+            argv += tiny  # the command line wins over the file
+        assert main(argv) == 0, capsys.readouterr().err
+    first, again = tmp_path / "runs" / "digits", tmp_path / "runs" / "digits-again"
+    written = (first / "config.yaml").read_text()
+    assert written == (again / "config.yaml").read_text()
+    assert f"task: {task}" in written and "epochs: 2" in written and "no-pretrained: true" in written
+    keys = [line.split(":")[0] for line in written.splitlines() if not line.startswith("#")]
+    assert "profile: cpu" in written and "out" not in keys and "device" not in keys  # run-time flags left out
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (first, again))
+    assert m1["accuracy"] == m2["accuracy"] and m1["heads_off"] == m2["heads_off"]
+    assert f"% on {task} val200" in capsys.readouterr().out.splitlines()[-1]  # eval
+
+
+def test_config_files_yaml_toml_and_the_command_line_wins(tmp_path: Path) -> None:
+    toml = tmp_path / "eval.toml"
+    toml.write_text('adapter = "runs/a"\nsplit = "val200"\nbatch_size = 16\njson = true\n')
+    args = _parse(["eval", "--config", str(toml), "--split", "test"])
+    assert (args.adapter, args.split, args.batch_size, args.json) == ("runs/a", "test", 16, True)
+    yml = tmp_path / "serve.yml"
+    yml.write_text("adapter: [a.safetensors, b.safetensors]\nport: 9000\nmax-wait-ms: 2\n")
+    args = _parse(["serve", f"--config={yml}"])
+    assert (args.adapter, args.port, args.max_wait_ms) == (["a.safetensors", "b.safetensors"], 9000, 2.0)
+    args = _parse(["serve", "--config", str(yml), "--adapter", "c.safetensors"])
+    assert args.adapter == ["c.safetensors"]  # given on the command line: the file's list is not extended
+    train = tmp_path / "train.yaml"
+    train.write_text("task: digits\ntargets: [q, k, v]\nno-pretrained: true\nquiet: true\nne: auto\n")
+    args = _parse(["train", "--config", str(train)])
+    assert (args.targets, args.pretrained, args.progress, args.ne) == ("q,k,v", False, False, "auto")
+
+
+@pytest.mark.parametrize("content, match", [
+    ("epochs: 2\nwarmup: 1\n", "'warmup' is not a flag of heartlora train"),
+    ("epochs: [2, 3]\n", "epochs takes one value"),
+    ("epochs: many\n", "epochs: --epochs many is not a whole number"),
+    ("scope: everywhere\n", "scope 'everywhere' is not one of global, layer"),
+    ("no-pretrained: 3\n", "no-pretrained is a switch: give true or false"),
+    ("- epochs\n", "must hold a mapping of flag names to values"),
+    ("epochs: [2\n", "is not valid YAML"),
+])
+def test_bad_config_files_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, content: str,
+                                                  match: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    _error(["train", "--config", str(path)], capsys, match)
+
+
+def test_missing_and_unknown_config_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _error(["eval", "--config", str(tmp_path / "none.yaml")], capsys, "does not exist")
+    (tmp_path / "c.ini").write_text("[x]\n")
+    _error(["eval", "--config", str(tmp_path / "c.ini")], capsys, "name a .yaml, .yml or .toml file")
+    (tmp_path / "c.toml").write_text("adapter = \n")
+    _error(["eval", "--config", str(tmp_path / "c.toml")], capsys, "is not valid TOML")
+
+
+def test_transformers_load_report_only_with_verbose(task: str, tmp_path: Path) -> None:
+    """A local hf: backbone saved with a classifier made transformers print an 11-line LOAD REPORT (and a progress
+    bar) on every load; it is shown with --verbose only. In a fresh process, as a user runs it (transformers' log
+    handler keeps the stderr of the moment it was first used)."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    hf = tmp_path / "vit"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(hf)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "heartlora", "train", "--task", task, "--backbone", f"hf:{hf}", "--img-size", "32",
+            "--epochs", "1", "--ne", "1", "--quiet", "--threads", "1"]
+    quiet = subprocess.run([*base, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300)
+    verbose = subprocess.run([*base, "--out", str(tmp_path / "b"), "--verbose"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
+    assert "LOAD REPORT" in verbose.stderr and "Loading weights" in verbose.stderr
+    assert "LOAD REPORT" not in quiet.stderr + quiet.stdout and "Loading weights" not in quiet.stderr

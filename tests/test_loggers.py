@@ -1,0 +1,107 @@
+"""--log-to: metrics.csv by default (one row per epoch, kept right over a resume), TensorBoard scalars and the
+heads' scores when tensorboard is installed, a one-line refusal for a logger whose package is missing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import one_thread, task, tiny  # noqa: F401 (fixtures: one CPU thread, the tiny task)
+
+from heartlora.engine import train
+from heartlora.engine.loggers import CSV_COLUMNS, heads_image, parse_log_to
+from heartlora.errors import ConfigError
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_by_default_one_row_per_epoch(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="heart-lora", ne=3, epochs=3))
+    rows = _rows(tmp_path)
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert list(rows[0]) == list(CSV_COLUMNS) and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row, rec in zip(rows, history):
+        assert float(row["train_loss"]) == pytest.approx(rec["train_loss"]) and float(row["lr"]) == rec["lr"]
+        assert float(row["eval_acc"]) == rec["eval_acc"] and row["eval_split"] == "val200"
+    # heads on at the end of each epoch: the 3 heads are switched off at the end of the warmup's one epoch
+    assert [(r["heads_on"], r["heads_total"]) for r in rows] == [("9", "12")] * 3
+
+
+def test_csv_rows_survive_a_resume(tmp_path: Path, task: str) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(tiny(whole, task, method="lora", epochs=3))
+    train(tiny(parts, task, method="lora", epochs=3, stop_after_epoch=2))
+    assert [r["epoch"] for r in _rows(parts)] == ["1", "2"]
+    train(tiny(parts, task, method="lora", epochs=3, resume=True))
+    drop = {"time_s", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(parts)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in _rows(whole)]
+
+
+def test_tensorboard_scalars_and_head_scores(tmp_path: Path, task: str) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(tmp_path, task, method="heart-lora", ne=3, epochs=3, log_to="tensorboard"))
+    assert not (tmp_path / "metrics.csv").exists()  # the list given replaces the default
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in history], rel=1e-6)
+    assert [e.value for e in events.Scalars("heads_on")] == [9, 9, 9]
+    assert [e.value for e in events.Scalars("val200/accuracy")] == pytest.approx([r["eval_acc"] for r in history])
+    (hist,) = events.Histograms("heads/responsiveness")
+    assert hist.step == 1 and hist.histogram_value.num == 12
+    (img,) = events.Images("heads/responsiveness_layers_x_heads")
+    assert (img.width, img.height) == (2, 6)  # test_vit: 6 layers × 2 heads
+
+
+def test_heads_image_pads_and_normalises() -> None:
+    img = heads_image({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
+    assert img.shape == (1, 2, 2) and torch.equal(img[0], torch.tensor([[0.25, 1.0], [0.5, 0.0]]))
+
+
+def test_unknown_loggers_and_missing_packages_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          task: str) -> None:
+    assert parse_log_to(None) == ("csv",) and parse_log_to("csv, csv,tensorboard") == ("csv", "tensorboard")
+    with pytest.raises(ConfigError, match="--log-to 'cvs': cvs is not a logger; choose from csv, tensorboard, "
+                                          "wandb, mlflow"):
+        parse_log_to("cvs")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    absent = ("wandb", "mlflow", "tensorboard")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    for name in ("wandb", "mlflow", "tensorboard"):
+        with pytest.raises(ConfigError, match=f"--log-to {name} needs the {name} package, which is not installed: "
+                                              f"pip install {name}"):
+            parse_log_to(f"csv,{name}")
+    with pytest.raises(ConfigError, match="needs the wandb package"):
+        train(tiny(tmp_path / "run", task, method="lora", log_to="csv,wandb"))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_documented_example_runs(tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    import shlex
+
+    from heartlora.cli.main import main
+
+    pytest.importorskip("tensorboard")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md").read_text()
+    block = re.search(r"```bash\n(heartlora train [^\n]*--log-to[^\n]*)\n(tensorboard [^\n]*)\n```", doc)
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(block.group(1))[1:] + [f"--task={task}", "--backbone=test_vit", "--no-pretrained",
+                                               "--img-size=32", "--batch-size=32", "--epochs=2", "--ne=2"]
+    assert main(argv) == 0
+    out = tmp_path / "runs" / "digits-logged"
+    assert [r["heads_on"] for r in _rows(out)] == ["10", "10"]
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert block.group(2).split()[-1] == "runs/digits-logged/tensorboard"

@@ -1,0 +1,252 @@
+"""``heartlora serve`` on FastAPI: its OpenAPI schema and /docs, the image as a raw body or a multipart form field
+(the same JSON either way), adapters added and removed while it runs behind an admin token, errors as one line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_bank import _make_adapter, _vit
+from test_serve import HOST, TASKS, _expected, _png, _same_top
+
+import heartlora as hl
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+pytest.importorskip("multipart", reason="the serve extra is not installed (pip install -e '.[serve]')")
+uvicorn = pytest.importorskip("uvicorn")
+
+from heartlora.errors import ConfigError  # noqa: E402
+from heartlora.serve import Batcher, decode_image  # noqa: E402
+from heartlora.serve_api import check_token, create_api  # noqa: E402
+
+TOKEN = "test-token-0123456789"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
+
+
+def _bank(tmp: Path) -> hl.AdapterBank:
+    bank = hl.AdapterBank(_vit(10))
+    for i, (task, classes) in enumerate(TASKS.items()):
+        bank.add(_make_adapter(tmp, _vit, task, classes, 32 if i != 1 else 1, 4, 3 * i, seed=i))
+    return bank
+
+
+@contextlib.contextmanager
+def _running(app):
+    """``app`` on uvicorn, on a free port of 127.0.0.1, in a thread; yields the port."""
+    sock = socket.create_server((HOST, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    for _ in range(1000):
+        if server.started:
+            break
+        time.sleep(0.02)
+    assert server.started, "the server did not start"
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A server with the admin token: (port, bank, the folder of the adapter files)."""
+    tmp = tmp_path_factory.mktemp("serve_api")
+    bank = _bank(tmp)
+    with _running(create_api(bank, 32, max_batch=16, max_wait_ms=20, admin_token=TOKEN)) as port:
+        yield port, bank, tmp
+
+
+def _call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        kind = resp.getheader("content-type", "")
+        return resp.status, json.loads(data) if kind.startswith("application/json") else data.decode()
+    finally:
+        conn.close()
+
+
+def _form(field: str, data: bytes, filename: str = "img.png") -> tuple[bytes, dict]:
+    boundary = "heartlora-test-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_schema_docs_and_index(api):
+    port, _, _ = api
+    status, index = _call(port, "GET", "/")
+    assert status == 200 and index["docs"] == "/docs" and index["tasks"] == 3
+    status, page = _call(port, "GET", "/docs")
+    assert status == 200 and "swagger-ui" in page.lower() and "/openapi.json" in page
+    status, schema = _call(port, "GET", "/openapi.json")
+    assert status == 200 and schema["openapi"].startswith("3.")
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/octet-stream", "multipart/form-data"}
+    assert {"/", "/health", "/tasks", "/predict", "/adapters", "/adapters/{name}"} <= set(schema["paths"])
+    assert set(schema["paths"]["/predict"]["post"]["responses"]) >= {"200", "400", "404", "413"}
+
+
+def test_raw_body_and_form_field_give_the_same_answer(api):
+    port, bank, _ = api
+    data = _png(3)
+    for task in TASKS:
+        raw = _call(port, "POST", f"/predict?task={task}&top_k=2", data, {"Content-Type": "image/png"})
+        form = _call(port, "POST", f"/predict?task={task}&top_k=2", *_form("file", data))
+        assert raw == form and raw[0] == 200 and raw[1]["task"] == task
+        _same_top(raw[1]["top"], _expected(bank, data, task, 2))
+    other_name = _call(port, "POST", "/predict?task=digits", *_form("image", data))  # the form's only file
+    assert other_name[0] == 200
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("POST", "/predict?task=nope", b"png", 404, "unknown task 'nope'"),
+    ("POST", "/predict", b"png", 400, "name the task"),
+    ("POST", "/predict?task=digits", b"this is not an image", 400, "not an image"),
+    ("POST", "/predict?task=digits", b"", 400, "body is empty"),
+    ("POST", "/predict?task=digits&top_k=0", b"png", 400, "top_k: Input should be greater than or equal to 1"),
+    ("POST", "/predict?task=digits&top_k=x", b"png", 400, "top_k:"),
+    ("GET", "/predict?task=digits", None, 405, "GET /predict: Method Not Allowed"),
+    ("GET", "/nowhere", None, 404, "GET /nowhere: Not Found"),
+])
+def test_errors_are_one_line_json(api, method, path, body, status, words):
+    got, out = _call(api[0], method, path, body)
+    assert got == status and words in out["error"] and "\n" not in out["error"]
+
+
+def test_adapters_are_added_and_removed_while_serving(api):
+    port, bank, tmp = api
+    extra = _make_adapter(tmp, _vit, "colors", 5, 32, 4, 2, seed=9)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert _call(port, "POST", "/adapters", extra.read_bytes())[0] == 401
+    assert _call(port, "POST", "/adapters", extra.read_bytes(), {"Authorization": "Bearer wrong-token"})[0] == 401
+    status, task = _call(port, "POST", "/adapters", *_form("file", extra.read_bytes()))
+    assert status == 401 and "Authorization: Bearer TOKEN" in task["error"]
+    body, headers = _form("file", extra.read_bytes())
+    status, task = _call(port, "POST", "/adapters", body, {**headers, **auth})
+    assert status == 201 and task == {"name": "colors", "num_classes": 5, "class_names": [f"colors-{i}"
+                                                                                         for i in range(5)]}
+    data = _png(5)
+    status, out = _call(port, "POST", "/predict?task=colors&top_k=3", data)
+    own = hl.AdapterBank(_vit(10))
+    own.add(extra)
+    assert status == 200
+    _same_top(out["top"], _expected(own, data, "colors", 3))
+    status, again = _call(port, "POST", "/adapters", extra.read_bytes(), auth)
+    assert status == 409 and "already holds a task named 'colors'" in again["error"]
+    status, out = _call(port, "POST", "/adapters?name=colors2", b"not an adapter", auth)
+    assert status == 400 and "\n" not in out["error"]
+    assert _call(port, "DELETE", "/adapters/colors", None, auth) == (200, {"removed": "colors", "tasks": 3})
+    status, out = _call(port, "POST", "/predict?task=colors", data)
+    assert status == 404 and "unknown task 'colors'" in out["error"]
+    assert _call(port, "DELETE", "/adapters/colors", None, auth)[0] == 404
+    for task in TASKS:  # the other tasks answer as before
+        _same_top(_call(port, "POST", f"/predict?task={task}&top_k=2", data)[1]["top"],
+                  _expected(_bank_for(task, tmp), data, task, 2))
+
+
+def _bank_for(task: str, tmp: Path) -> hl.AdapterBank:
+    bank = hl.AdapterBank(_vit(10))
+    bank.add(tmp / f"{task}.safetensors")
+    return bank
+
+
+def test_admin_endpoints_are_off_without_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HEARTLORA_ADMIN_TOKEN", raising=False)
+    bank = _bank(tmp_path)
+    with _running(create_api(bank, 32)) as port:
+        status, out = _call(port, "DELETE", "/adapters/digits", None, {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 403 and "start the server with --admin-token" in out["error"]
+    assert list(bank.tasks) == list(TASKS)
+    with pytest.raises(ConfigError, match="the admin token has 5 characters: give at least 16"):
+        check_token("short")
+    assert check_token(None) is None
+    monkeypatch.setenv("HEARTLORA_ADMIN_TOKEN", TOKEN)
+    assert check_token(None) == TOKEN
+
+
+def test_a_request_waiting_for_a_removed_task_gets_404_and_the_others_their_answer(tmp_path):
+    bank = _bank(tmp_path)
+    images = [decode_image(_png(s), 32) for s in range(3)]
+
+    async def run():
+        batcher = Batcher(bank, max_batch=8, max_wait_ms=300)
+        batcher.start()
+        try:
+            waiting = [asyncio.ensure_future(batcher.submit(im, t, 2))
+                       for im, t in zip(images, ["digits", "shapes", "digits"])]
+            await asyncio.sleep(0.05)  # the batch is gathering; the removal runs before its bank call
+            await batcher.run_exclusive(bank.remove, "shapes")
+            return await asyncio.gather(*waiting), batcher.stats
+        finally:
+            await batcher.stop()
+
+    (first, gone, third), stats = asyncio.run(run())
+    assert gone is None and stats.calls == 1
+    _same_top(first, _bank_for("digits", tmp_path).top_k(images[0][None], ["digits"], 2)[0])
+    _same_top(third, _bank_for("digits", tmp_path).top_k(images[2][None], ["digits"], 2)[0])
+
+
+def test_bank_remove_keeps_the_other_tasks_exact(tmp_path):
+    bank = _bank(tmp_path)
+    x = torch.rand(6, 3, 32, 32)
+    tasks = ["digits", "textures", "shapes", "textures", "digits", "shapes"]
+    before = bank(x, tasks)
+    bank.remove("shapes")
+    assert list(bank.tasks) == ["digits", "textures"]
+    keep = [i for i, t in enumerate(tasks) if t != "shapes"]
+    after = bank(x[keep], [tasks[i] for i in keep])
+    for i, got in zip(keep, after):
+        torch.testing.assert_close(got, before[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown task 'shapes'"):
+        bank(x[:1], ["shapes"])
+    bank.add(tmp_path / "shapes.safetensors")  # back under its name: the same logits as before
+    for i, got in enumerate(bank(x, tasks)):
+        torch.testing.assert_close(got, before[i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        bank.remove("nope")
+
+
+def test_the_documented_curl_examples_run(api):
+    """docs/ECOSYSTEM.md's curl lines, against this test's server and files."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    port, _, tmp = api
+    block = re.search(r"```bash\n(curl .*?)```", DOC.read_text(), re.DOTALL).group(1)
+    (tmp / "img.png").write_bytes(_png(7))
+    _make_adapter(tmp, _vit, "flowers", 4, 32, 4, 1, seed=11)
+    outputs = []
+    for line in block.strip().splitlines():
+        cmd = line.split("  #")[0].replace("localhost:8000", f"{HOST}:{port}").replace("$TOKEN", TOKEN)
+        cmd = cmd.replace("@img.png", f"@{tmp / 'img.png'}").replace("@runs/flowers/adapter.safetensors",
+                                                                       f"@{tmp / 'flowers.safetensors'}")
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outputs.append(json.loads(done.stdout))
+    assert outputs[0] == outputs[1] and outputs[0]["task"] == "digits"  # raw body and form field
+    assert outputs[2]["name"] == "flowers" and outputs[3] == {"removed": "flowers", "tasks": 3}
+
+
+def test_serve_refuses_a_short_admin_token_before_loading(tmp_path, capsys):
+    from heartlora.cli.main import EXIT_ERROR, main
+
+    missing = tmp_path / "none.safetensors"  # never read: the token is checked first
+    assert main(["serve", "--adapter", str(missing), "--admin-token", "short"]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the admin token has 5 characters")
