@@ -643,7 +643,7 @@ def bad_cli_cases() -> list[tuple[str, str, str, bool]]:
 
 
 def test_every_number_flag_is_range_checked() -> None:
-    """No numeric flag escapes the table: each is parsed by heartlora.cli.main.number (not a bare int or float)."""
+    """No numeric flag escapes the table: each is parsed by heartlora.cli.common.number (not a bare int or float)."""
     flags = numeric_flags()
     assert len(flags) >= 30
     plain = [(c, f) for c, f, t in flags if t in (int, float)]

@@ -1,7 +1,7 @@
 """What a training run depends on: ``TrainConfig``, its defaults, and ``resolve`` (defaults filled in and checked).
 
 The dataclass is the one source of the settings: ``heartlora train``'s flags, their help and their defaults are
-generated from its fields (``heartlora.cli.main.add_config_flags``), so the two cannot drift apart.
+generated from its fields (``heartlora.cli.common.add_config_flags``), so the two cannot drift apart.
 """
 
 from __future__ import annotations

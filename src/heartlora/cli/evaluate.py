@@ -1,0 +1,114 @@
+"""``heartlora eval`` and ``heartlora predict``: a trained adapter on a task split, or on image files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heartlora.bank import bank_from_files
+from heartlora.cli.common import (
+    BACKBONE_HELP,
+    CONFIG_HELP,
+    Commands,
+    adapter_path,
+    number,
+)
+from heartlora.data import get_task
+from heartlora.engine import accuracy, classify, collect_images, load_trained
+from heartlora.engine.distributed import DistInfo, resolve_device
+from heartlora.engine.inference import read_image
+from heartlora.errors import HeartLoRAError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, info = load_trained(adapter_path(args.adapter), device, backbone=args.backbone)
+    run = info["run"]
+    if not (args.task or run.get("task")):
+        raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
+    task = get_task(args.task or run["task"])
+    img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
+    if task.num_classes != model.spec["num_classes"]:
+        raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
+                             f"{model.spec['num_classes']}: evaluate on the task it was trained for "
+                             f"({run.get('task', 'not recorded')})")
+    images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
+    acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
+    result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
+              "img_size": img_size, "accuracy": acc}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"accuracy {100 * acc:.2f} % on {task.name} {args.split} ({len(labels)} images, {img_size} px)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise HeartLoRAError(f"--top-k {args.top_k}: give at least 1 label per image")
+    files = collect_images(args.inputs)  # fail on a missing path before the model is built
+    device = resolve_device(args.device)
+    if len(args.adapter) > 1:
+        return _predict_bank(args, files, device)
+    model, info = load_trained(adapter_path(args.adapter[0]), device, backbone=args.backbone)
+    run = info["run"]
+    img_size = run.get("img_size") or model.spec["img_size"]
+    return _print_predictions(classify(model, files, img_size, run.get("class_names", []), args.top_k, device),
+                              args.json)
+
+
+def _print_predictions(results: list[dict[str, Any]], as_json: bool) -> int:
+    """JSON, or one line per image (and task, for several adapters): the top labels with their probabilities."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        tops = "  ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"])
+        print("\t".join([r["image"], *([r["task"]] if "task" in r else []), tops]))
+    return 0
+
+
+def _predict_bank(args: argparse.Namespace, files: list[Path], device: Any) -> int:
+    """Several adapters: one backbone, an AdapterBank, and every image labelled by every task."""
+
+    bank, img_size = bank_from_files(args.adapter, device, backbone=args.backbone)
+    names = list(bank.tasks)
+    results = []
+    for start in range(0, len(files), 64):
+        chunk = files[start:start + 64]
+        images = torch.stack([read_image(f, img_size) for f in chunk]).to(device).float().div_(255.0)
+        rows = images.repeat_interleave(len(names), 0)  # image-major: every task of an image side by side
+        tops = bank.top_k(rows, names * len(chunk), args.top_k)
+        for i, f in enumerate(chunk):
+            results += [{"image": str(f), "task": t, "top": tops[i * len(names) + j]} for j, t in enumerate(names)]
+    return _print_predictions(results, args.json)
+
+
+def register(cli: Commands) -> None:
+    """eval and predict."""
+    p = cli.add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
+    p.add_argument("--task", help="default: the task the adapter was trained on")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
+    p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
+    p.add_argument("--img-size", type=number("img_size"), help="default: the training size")
+    p.add_argument("--batch-size", type=number("batch_size"), default=128)
+    p.add_argument("--seed", type=number("seed"), default=0, help="few-shot sample (NAME@Kshot tasks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    p = cli.add("predict", cmd_predict, "top-k labels for image files or folders")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="adapter.safetensors (or the run folder); repeat it for several tasks on one backbone "
+                        "(an AdapterBank): each image is then labelled by every task")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
+    p.add_argument("--top-k", type=number("top_k"), default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+

@@ -1,0 +1,57 @@
+"""``heartlora serve``: an HTTP server over an AdapterBank."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from heartlora.bank import bank_from_files
+from heartlora.cli.common import (
+    BACKBONE_HELP,
+    CONFIG_HELP,
+    Commands,
+    number,
+)
+from heartlora.engine.distributed import resolve_device
+from heartlora.serve import require_serving, serve
+from heartlora.serve_api import check_token, create_api, require_api
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    require_serving()
+    require_api()
+    token = check_token(args.admin_token)  # before the adapters are loaded
+    bank, img_size = bank_from_files(args.adapter, resolve_device(args.device), backbone=args.backbone)
+    app = create_api(bank, img_size, args.max_batch, args.max_wait_ms, admin_token=token)
+    admin = "; POST, DELETE /adapters with the admin token" if token else ""
+
+    def listening(host: str, port: int) -> None:  # once the port is bound, never before
+        if not args.quiet:
+            print(f"serving {len(bank.tasks)} tasks ({', '.join(bank.tasks)}) on http://{host}:{port} "
+                  "(POST /predict?task=NAME with the image as the body or a form field; GET /tasks, /health; the "
+                  f"API and its schema: /docs, /openapi.json{admin})", file=sys.stderr, flush=True)
+
+    serve(bank, img_size, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          log_level="warning" if args.quiet else "debug" if getattr(args, "verbose", False) else "info", app=app,
+          on_listening=listening)
+    return 0
+
+
+def register(cli: Commands) -> None:
+    """serve."""
+    p = cli.add("serve", cmd_serve, "an HTTP server for one or more adapters on one backbone (needs heartlora[serve])")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--adapter", required=True, action="append", help="adapter.safetensors (or the run folder); "
+                   "repeat it for every task to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=number("port"), default=8000)
+    p.add_argument("--backbone", help=BACKBONE_HELP)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=number("max_batch"), default=32, help="most requests answered by one bank call")
+    p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,
+                   help="how long the first request of a batch waits for others to join it")
+    p.add_argument("--admin-token", metavar="TOKEN",
+                   help="enable POST /adapters and DELETE /adapters/NAME (add and remove tasks while serving) for "
+                        "requests with Authorization: Bearer TOKEN; at least 16 characters (default: "
+                        "$HEARTLORA_ADMIN_TOKEN, else off)")
+
