@@ -26,7 +26,7 @@ from torch import nn
 from heartlora._paths import atomic_path
 from heartlora.backbones import create_backbone, refuse_download
 from heartlora.data.base import open_image
-from heartlora.engine.config import RANGES
+from heartlora.engine.settings import RANGES
 from heartlora.engine.metrics import predict_logits
 from heartlora.errors import AdapterFileError, ConfigError, ImageReadError
 from heartlora.method import read_adapter_info

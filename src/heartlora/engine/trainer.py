@@ -29,7 +29,7 @@ from tqdm import tqdm
 from heartlora.backbones import create_backbone
 from heartlora.data import get_task
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import (
+from heartlora.engine.settings import (
     CONFIG_NAME,
     PROTOCOLS,
     TrainConfig,
@@ -42,7 +42,7 @@ from heartlora.engine.config import (
 )
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.loggers import RunLoggers, parse_log_to
-from heartlora.engine.methods import TrainingMethod, get_method
+from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out

@@ -18,7 +18,7 @@ import yaml
 
 from heartlora._paths import atomic_path
 from heartlora.data import get_task
-from heartlora.engine.methods import get_method, method_names
+from heartlora.engine.training_methods import get_method, method_names
 from heartlora.errors import ConfigError, SettingError
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
