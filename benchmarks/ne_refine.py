@@ -60,7 +60,7 @@ FINAL_METHODS = ("heart-lora", "heart-bi-lora")
 
 
 def warmup_epochs(task: str) -> int:
-    from heartlora.engine.config import TrainConfig, resolve
+    from heartlora.engine.settings import TrainConfig, resolve
 
     return resolve(TrainConfig(task=task, profile="cpu", method="heart-lora", protocol="val")).warmup_epochs
 
@@ -166,7 +166,7 @@ def final_todo() -> list[tuple[str, list[str], Path]]:
     says whether the refined choice differs from the coarse one. Where they agree the record stands: the refined
     search trains the same run. Where they differ, ``benchmarks/suite.py run --redo IDS`` (the command --report
     writes) completes the run from that checkpoint and replaces its record."""
-    from heartlora.engine.config import TrainConfig, resolve
+    from heartlora.engine.settings import TrainConfig, resolve
 
     if not resolve(TrainConfig(task="digits")).ne_refine:
         raise SystemExit("--final probes the suite's heart runs under the refined search, which they get once "

@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from heartlora.engine.config import PROFILES as ENGINE_PROFILES
+from heartlora.engine.settings import PROFILES as ENGINE_PROFILES
 from heartlora_bench import (
     METHODS,
     PROFILES,

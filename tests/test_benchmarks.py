@@ -418,7 +418,7 @@ def test_cpu_suite_leaves_the_schedule_to_the_engine_profile_so_kshot_runs_get_t
     import importlib
 
     from heartlora.engine import TrainConfig, resolve
-    from heartlora.engine.config import MIN_FEWSHOT_STEPS
+    from heartlora.engine.settings import MIN_FEWSHOT_STEPS
 
     script = importlib.import_module("suite")
     cpu = suite.PROFILES["cpu"]

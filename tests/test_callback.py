@@ -226,7 +226,7 @@ def test_trainer_resume_without_the_callbacks_adapter_is_refused(tmp_path):
 
 
 def test_a_plain_state_dict_loads_into_the_adapted_model_keeping_the_adapters():
-    from heartlora.integrations.trainer import base_state_dict
+    from heartlora.integrations.hf_trainer import base_state_dict
 
     model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
     with torch.no_grad():

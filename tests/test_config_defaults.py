@@ -13,7 +13,7 @@ import torch
 import heartlora as hl
 from heartlora.cli.main import DEMO, build_parser, main
 from heartlora.engine import METHODS, TrainConfig, resolve
-from heartlora.engine.config import ADAPTER_FIELDS
+from heartlora.engine.settings import ADAPTER_FIELDS
 from heartlora.errors import ConfigError, SettingError
 from heartlora.method.config import DEFAULT_SCALE, ONE_BIT_SCALE
 

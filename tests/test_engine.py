@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from heartlora.engine import TrainConfig, load_trained, resolve, train
 from heartlora.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from heartlora.engine.distributed import DistInfo, shard
-from heartlora.engine.methods import METHODS
+from heartlora.engine.training_methods import METHODS
 from heartlora.engine.metrics import REQUIRED_KEYS, accuracy
 from heartlora.engine.plots import responsiveness_heatmap
 from heartlora.engine.trainer import RUN_FILES, lr_factor
@@ -248,7 +248,7 @@ def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str
     pytest.importorskip("peft")
     from test_backbones import _tiny_hf_dir
 
-    from heartlora.engine.methods import get_method
+    from heartlora.engine.training_methods import get_method
     from heartlora_bench.peft_lora import PEFT_LORA
 
     # found through the benchmarks' package's entry point (heartlora.methods), not by importing it first
@@ -329,7 +329,7 @@ def test_ne_refine_reaches_the_choice(tmp_path: Path, task: str) -> None:
 
 
 def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
-    from heartlora.engine.config import MIN_FEWSHOT_STEPS
+    from heartlora.engine.settings import MIN_FEWSHOT_STEPS
 
     cfg = resolve(TrainConfig(task="digits@4shot", profile="cpu"))  # 40 images: 2 steps an epoch at batch 32
     assert cfg.epochs * math.ceil(40 / cfg.batch_size) >= MIN_FEWSHOT_STEPS > 10 * 2

@@ -597,7 +597,7 @@ def test_prune_of_a_damaged_peft_folder_is_one_line(peft_folders: dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad command lines (issue 36): every numeric flag of every command at nan, inf, 0 and -1. A value outside the
-# flag's range (heartlora.engine.config.RANGES, the CLI's OTHER_RANGES) must be refused in one line naming the flag,
+# flag's range (heartlora.engine.settings.RANGES, the CLI's OTHER_RANGES) must be refused in one line naming the flag,
 # exit 2, with nothing written; values inside the range are the table's "accepted" cases (not run: they would train).
 
 BAD_VALUES = ("nan", "inf", "0", "-1")

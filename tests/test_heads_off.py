@@ -81,7 +81,8 @@ def test_every_caller_goes_through_the_one_parser(monkeypatch, tmp_path, capsys)
     """train's resolve, prune (CLI and Python), the Trainer callback and end_of_warmup call parse_heads_off: the same
     bad ne gives the same message everywhere, in the caller's own names."""
     from heartlora.cli.main import main
-    from heartlora.engine import TrainConfig, config, resolve
+    from heartlora.engine import TrainConfig, resolve
+    from heartlora.engine import settings as config
     from heartlora.integrations import peft
 
     calls = []
@@ -102,7 +103,7 @@ def test_every_caller_goes_through_the_one_parser(monkeypatch, tmp_path, capsys)
     assert "error: --ne 'x' is neither" in capsys.readouterr().err  # at parse time, by heads_off.parse_ne
     assert len(calls) == 2
     try:
-        from heartlora.integrations import trainer
+        from heartlora.integrations import hf_trainer as trainer
     except ImportError:  # transformers is optional
         return
     monkeypatch.setattr(trainer, "parse_heads_off", spy)

@@ -50,7 +50,7 @@ class _Entry:
 
 
 def test_an_installed_method_is_found_by_name_and_a_broken_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from heartlora.engine import methods
+    from heartlora.engine import training_methods as methods
     from heartlora.errors import ConfigError
 
     class Plug(methods.TrainingMethod):

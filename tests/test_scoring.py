@@ -13,7 +13,7 @@ from test_engine import one_thread, task, tiny  # noqa: F401  (fixtures: one thr
 
 from heartlora.engine import TrainConfig, resolve, train
 from heartlora.engine.checkpoint import load_checkpoint
-from heartlora.engine.methods import HeadLoRA, register_method
+from heartlora.engine.training_methods import HeadLoRA, register_method
 from heartlora.errors import ConfigError
 
 

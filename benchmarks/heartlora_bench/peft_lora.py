@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from heartlora.engine.methods import TrainingMethod, get_method
+from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.errors import ConfigError
 
 # The q/k/v/o Linears of the HF DINOv2 / ViT attention (transformers 5 names and the older ones).

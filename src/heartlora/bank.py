@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heartlora.engine.inference import build_backbone, read_run_info
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import is_adapted, remove_adapters
@@ -620,8 +621,6 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
                     backbone: str | None = None) -> tuple[AdapterBank, int]:
     """A bank holding the adapter files ``paths`` (run folders stand for their adapter.safetensors) on the backbone
     the first file names (``backbone`` builds another, as ``load_trained`` does), and the image size they share."""
-    from heartlora.engine.inference import build_backbone, read_run_info
-
     files = [Path(p) / "adapter.safetensors" if Path(p).is_dir() else Path(p) for p in paths]
     infos = [read_run_info(f) for f in files]
     plain = [str(f) for f, i in zip(files, infos) if i["kind"] != "adapter"]

@@ -21,6 +21,7 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,8 +152,6 @@ class Batcher:
 def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0) -> Any:
     """The Starlette application for ``bank``; images are resized to ``img_size``. ``app.state.batcher`` holds the
     :class:`Batcher` (its ``stats`` say how requests were grouped)."""
-    from contextlib import asynccontextmanager
-
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import heartlora
 from heartlora.bank import AdapterBank
 from heartlora.errors import ConfigError, HeartLoRAError
 from heartlora.serve import MAX_BODY_BYTES, MAX_TOP_K, Batcher, decode_image
@@ -69,7 +70,6 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     from pydantic import BaseModel
     from starlette.exceptions import HTTPException
 
-    import heartlora
 
     admin_token = check_token(admin_token)
     batcher = Batcher(bank, max_batch, max_wait_ms)

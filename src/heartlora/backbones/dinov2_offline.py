@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .._paths import atomic_path, cache_dir
 from ..errors import ConfigError, UnsupportedBackboneError
@@ -141,8 +142,6 @@ def _cache_ok(path: Path, sha_path: Path) -> bool:
 def cached_weights() -> Path:
     """The converted weights' safetensors file: verified against the sha256 beside it, (re)converted if absent or
     damaged."""
-    from safetensors.torch import save_file
-
     path = cache_dir("backbones") / CACHE_FILE
     sha_path = path.with_name(path.name + ".sha256")
     if _cache_ok(path, sha_path):
@@ -185,7 +184,6 @@ def to_installed_names(state_dict: dict[str, torch.Tensor], model_keys: set[str]
 def create_dinov2_small(num_classes: int, img_size: int | None = None, pretrained: bool = True, pool: str = "cls",
                         drop_path: float = 0.0) -> HFClassifier:
     """DINOv2 ViT-S/14 with a linear head; any multiple of 14 px works (position embeddings are interpolated)."""
-    from safetensors.torch import load_file
     from transformers import Dinov2Model
 
     img_size = int(img_size or DEFAULT_IMG_SIZE)

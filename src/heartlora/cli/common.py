@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heartlora.engine import METHODS, TrainConfig
-from heartlora.engine.config import RANGES, Range
+from heartlora.engine.settings import RANGES, Range
 from heartlora.errors import HeartLoRAError, SettingError
 from heartlora.method.heads_off import parse_ne
 from heartlora.method.storage import adapter_file

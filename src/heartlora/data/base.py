@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np

@@ -10,6 +10,7 @@ reads both kinds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,12 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from heartlora._paths import atomic_path
+from heartlora.backbones import create_backbone, refuse_download
 from heartlora.data.base import open_image
-from heartlora.errors import AdapterFileError, ImageReadError
+from heartlora.engine.settings import RANGES
+from heartlora.engine.metrics import predict_logits
+from heartlora.errors import AdapterFileError, ConfigError, ImageReadError
+from heartlora.method import read_adapter_info
 from heartlora.method.model import backbone_fingerprint
-from heartlora.method.storage import RUN_KEY
+from heartlora.method.storage import RUN_KEY, check_backbone_spec
 
 WEIGHTS_FORMAT = "heartlora-weights-2"  # -1 files had no checksum
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -31,10 +39,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: dict[str, Any]) -> int:
     """Store the named tensors of ``model`` (linear/full runs) with the run's facts; returns the payload bytes."""
-    from safetensors.torch import save_file
-
-    from heartlora._paths import atomic_path
-
     state = model.state_dict()
     tensors = {n: state[n].detach().cpu().contiguous() for n in names}
     run_json = json.dumps(run)
@@ -46,8 +50,6 @@ def save_weights(model: nn.Module, path: str | Path, names: Iterable[str], run: 
 
 def weights_digest(tensors: dict[str, torch.Tensor], run_json: str) -> str:
     """sha256 over the format, the run's facts as stored, and every tensor's name, dtype, shape and bytes."""
-    import hashlib
-
     h = hashlib.sha256(f"{WEIGHTS_FORMAT}\n{run_json}\n".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -57,8 +59,6 @@ def weights_digest(tensors: dict[str, torch.Tensor], run_json: str) -> str:
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist: give the adapter.safetensors of a finished run")
     try:
@@ -87,7 +87,6 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
             raise AdapterFileError(f"{path} is corrupt: its run facts name no backbone; re-run training")
         return {"kind": "weights", "run": _checked_run(run, path), "adapter": None, "meta": meta,
                 "tensors": _checked_weights(path, meta)}
-    from heartlora.method import read_adapter_info
 
     info = read_adapter_info(path)
     # A file from the API's save_adapter has no run facts: an empty run (eval then needs --task).
@@ -98,8 +97,6 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
 def _checked_weights(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, once its checksum matches them and its run facts (every reader checks it:
     inspect as eval and predict)."""
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -112,8 +109,6 @@ def _checked_weights(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor
 
 def _checked_run(run: Any, path: Path) -> dict[str, Any]:
     """The run facts, if every field that is used has a sane type and range (before anything is built)."""
-    from heartlora.method.storage import check_backbone_spec
-
     if not isinstance(run, dict):
         raise AdapterFileError(f"{path} is corrupt: its run facts are not a JSON object; re-run training")
     names, seed, size = run.get("class_names", []), run.get("init_seed", 0), run.get("img_size")
@@ -134,9 +129,6 @@ def _checked_run(run: Any, path: Path) -> dict[str, Any]:
 
 def _valid(name: str, value: Any) -> bool:
     """Whether a stored setting is one ``heartlora train`` accepts (the same ``RANGES`` its flags are checked with)."""
-    from heartlora.engine.config import RANGES
-    from heartlora.errors import ConfigError
-
     try:
         RANGES[name].check(name, value)
     except ConfigError:
@@ -150,8 +142,6 @@ def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override
     backbone the spec names is never downloaded (`refuse_download`); ``override`` (the user's choice) is built
     instead of the spec's name, with the spec's other settings. The caller's random state is left as it was: the
     seed applies inside a fork of the CPU generator (the backbone is built on the CPU)."""
-    from heartlora.backbones import create_backbone, refuse_download
-
     spec = dict(run["backbone_spec"])
     pretrained = run.get("pretrained", True) if pretrained is None else pretrained
     if override:
@@ -243,8 +233,6 @@ def collect_images(inputs: Iterable[str | Path]) -> list[Path]:
 def classify(model: nn.Module, files: list[Path], img_size: int, class_names: list[str], top_k: int = 5,
              device: torch.device | str = "cpu", batch_size: int = 64) -> list[dict[str, Any]]:
     """Top-k (label, probability) per image file."""
-    from heartlora.engine.metrics import predict_logits
-
     results = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from heartlora._paths import describe_os_error, folder_error
+from heartlora.engine import checkpoint as ckpt
 from heartlora.engine.metrics import read_metrics, way_out_of_bad_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
 
@@ -32,8 +33,6 @@ IDENTITY_LINE = re.compile(r"run identity (\{.*\})[ \t]*$", re.MULTILINE)  # Tra
 def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Decide what to do with the folder, without changing it: "fresh", "resume" (with the checkpoint) or "done".
     Errors come back as a message so that every rank can raise the same one."""
-    from heartlora.engine import checkpoint as ckpt
-
     if out.exists() and not out.is_dir():
         return {"error": f"--out {out} is a file, not a folder: choose another --out"}
     link = find_link(out)

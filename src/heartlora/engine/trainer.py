@@ -24,18 +24,31 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
+from heartlora.backbones import create_backbone
+from heartlora.data import get_task
 from heartlora.engine import checkpoint as ckpt
-from heartlora.engine.config import (CONFIG_NAME, PROTOCOLS, TrainConfig, check_threads, default_out, flag_settings,
-                                     resolve, setting_error, write_config_file)
+from heartlora.engine.settings import (
+    CONFIG_NAME,
+    PROTOCOLS,
+    TrainConfig,
+    check_threads,
+    default_out,
+    flag_settings,
+    resolve,
+    setting_error,
+    write_config_file,
+)
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
 from heartlora.engine.loggers import RunLoggers, parse_log_to
-from heartlora.engine.methods import TrainingMethod, get_method
+from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
 from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
+from heartlora.method import attention_layers, coverage, head_masks, is_adapted
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
 from heartlora.method.model import backbone_fingerprint
@@ -181,8 +194,6 @@ def _finite(x: Any) -> bool:
 
 def count_heads(model: nn.Module) -> list[int]:
     """Attention heads per adapted layer ([] when the model has no adapter)."""
-    from heartlora.method import attention_layers
-
     try:
         return [layer.num_heads for layer in attention_layers(model)]
     except HeartLoRAError:
@@ -190,8 +201,6 @@ def count_heads(model: nn.Module) -> list[int]:
 
 
 def _masks(model: nn.Module) -> dict[str, list[bool]]:
-    from heartlora.method import head_masks, is_adapted
-
     return head_masks(model) if is_adapted(model) else {}
 
 
@@ -205,8 +214,6 @@ class Trainer:
     """One run: the data, the model prepared by its method, the optimization parts, and the epochs."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, t_start: float) -> None:
-        from heartlora.data import get_task
-
         self.cfg, self.info, self.t_start = cfg, info, t_start
         self.log_to = parse_log_to(cfg.log_to)  # a logger whose package is missing: refused before any work
         self.loggers: RunLoggers | None = None
@@ -224,8 +231,6 @@ class Trainer:
 
     def _build_model(self) -> tuple[nn.Module, dict[str, Any]]:
         """The backbone prepared by the method, as at step 0 (built again by --score-restart)."""
-        from heartlora.backbones import create_backbone
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # random inits (tests, --no-pretrained) must be the same on resume and on load
         model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
@@ -374,7 +379,6 @@ class Trainer:
             if info.is_main:
                 with folder.writing("the --log-to logs"):
                     self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch)
-            from tqdm import tqdm
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
                             unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True,
@@ -591,7 +595,6 @@ class Trainer:
     def _coverage(self) -> str | None:
         if not self.method.adapters:
             return None
-        from heartlora.method import coverage, is_adapted
 
         return coverage(self.model).summary() if is_adapted(self.model) else None
 

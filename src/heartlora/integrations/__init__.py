@@ -1,5 +1,5 @@
 """heartlora with the libraries around it: PEFT adapter folders in and out (:mod:`.peft`), head pruning of an existing
-PEFT LoRA adapter, and a ``transformers.Trainer`` callback (:mod:`.trainer`). Each needs its library (``peft``,
+PEFT LoRA adapter, and a ``transformers.Trainer`` callback (:mod:`.hf_trainer`). Each needs its library (``peft``,
 ``transformers``) only when used."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import importlib
 from typing import Any
 
 _LAZY = {"export_peft": ".peft", "import_peft": ".peft", "prune_peft": ".peft", "score_and_prune": ".peft",
-         "PeftExport": ".peft", "HeartLoRACallback": ".trainer"}
+         "PeftExport": ".peft", "HeartLoRACallback": ".hf_trainer"}
 
 __all__ = list(_LAZY)
 

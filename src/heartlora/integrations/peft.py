@@ -29,6 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from heartlora._paths import atomic_path
+from heartlora.backbones import create_backbone, list_backbones
+from heartlora.backbones.hf_family import HFClassifier
+from heartlora.data import get_task
+from heartlora.engine import load_trained
+from heartlora.engine.inference import RUN_KEY
+from heartlora.engine.metrics import predict_logits
 from heartlora.errors import AdapterFileError, ConfigError, UnsupportedBackboneError
 from heartlora.method import (
     HeartLoRAConfig,
@@ -38,10 +44,12 @@ from heartlora.method import (
     attention_layers,
     deactivate_heads,
     head_masks,
+    save_adapter,
 )
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
+from heartlora.method.layouts import scan_attention
 from heartlora.method.model import attach_state
 from heartlora.method.storage import MAX_RANK
 
@@ -76,8 +84,6 @@ class PeftExport:
 
 def _hf_target(root: nn.Module) -> tuple[str, str, str]:
     """(ForImageClassification class name, its inner-model attribute, its pooling) for heartlora's classifier."""
-    from heartlora.backbones.hf_family import HFClassifier
-
     backbone = getattr(root, "backbone", None)
     kind = type(backbone).__name__
     if not isinstance(root, HFClassifier) and hasattr(root, "config") and hasattr(root, "base_model_prefix"):
@@ -119,7 +125,6 @@ def _full_factors(proj: HeadLoRAProjection) -> tuple[torch.Tensor, torch.Tensor]
 def _load_model(source: str | os.PathLike | nn.Module) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
-    from heartlora.engine import load_trained
 
     path = Path(source)
     path = path / "adapter.safetensors" if path.is_dir() else path
@@ -388,8 +393,6 @@ def _scaling(cfg: Any, r: int) -> float:
 
 def _targets(model: nn.Module, adapted: set[str], where: Any) -> tuple[str, ...]:
     """Which of q, k, v, o the PEFT adapter covers, from a probe attach that only locates the projections."""
-    from heartlora.method.layouts import scan_attention
-
     found, _ = scan_attention(model)
     targets = set()
     located = set()
@@ -436,8 +439,6 @@ def _fill(model: nn.Module, mapped: dict[str, tuple[torch.Tensor, torch.Tensor, 
 
 def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_size: int | None,
                     head_w: torch.Tensor, where: Any) -> nn.Module:
-    from heartlora.backbones import create_backbone
-
     spec: dict[str, Any] = {}
     if meta.get("heartlora_backbone"):
         try:
@@ -447,7 +448,6 @@ def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_si
     name = backbone or spec.get("name") or getattr(cfg, "base_model_name_or_path", None)
     if not name:
         raise ConfigError(f"{where} names no base model (base_model_name_or_path): pass --backbone")
-    from heartlora.backbones import list_backbones
 
     shortcuts = {n for n, _ in list_backbones()}
     if backbone is None and name not in shortcuts and not name.startswith("hf:") and not Path(name).is_dir():
@@ -526,11 +526,6 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     from ``score_seed`` (else ``seed``): with a number for ``ne``, the control that says whether the Taylor ranking
     beats chance at the same count (with ``"auto"``, the count is chosen for the random ranking). ``tolerance``:
     ``ne="auto"``'s (:func:`choose_ne`; relative to the training loss, which a converged adapter has near 0)."""
-    from heartlora.data import get_task
-    from heartlora.engine.inference import RUN_KEY
-    from heartlora.engine.metrics import predict_logits
-    from heartlora.method import save_adapter
-
     rule = parse_heads_off(ne, tolerance=tolerance, names=PRUNE_NAMES)  # before any time is spent
     t = get_task(task)
     model = import_peft(peft_dir, backbone=backbone, img_size=img_size)

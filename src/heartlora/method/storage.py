@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from heartlora._paths import atomic_path
@@ -28,8 +28,15 @@ from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.deactivate import deactivate_heads
 from heartlora.method.layer import HeadLoRAProjection
-from heartlora.method.model import (attach, attach_state, attention_layers, backbone_fingerprint, head_masks,
-                                    is_adapted, remove_adapters)
+from heartlora.method.model import (
+    attach,
+    attach_state,
+    attention_layers,
+    backbone_fingerprint,
+    head_masks,
+    is_adapted,
+    remove_adapters,
+)
 
 log = logging.getLogger(__name__)
 # The engine's run facts (task, class names, seed) inside a file's extra metadata.
@@ -387,7 +394,6 @@ def _transformers_backbone(folder: Path) -> nn.Module:
                           "transformers Trainer with HeartLoRACallback (config.json, model.safetensors); else pass "
                           "the backbone: load_adapter(create_backbone(**read_adapter_info(path)['backbone']), path)")
     import transformers
-    from safetensors.torch import load_file
 
     config = transformers.AutoConfig.from_pretrained(str(folder))
     names = list(getattr(config, "architectures", None) or [])

@@ -14,8 +14,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .render3d import CUBE, CYLINDER, SPHERE, Camera, Light, Lighting, Primitive, render, rotation_x, rotation_y
-from .render3d import rotation_z, to_uint8
+from .render3d import (
+    CUBE,
+    CYLINDER,
+    SPHERE,
+    Camera,
+    Light,
+    Lighting,
+    Primitive,
+    render,
+    rotation_x,
+    rotation_y,
+    rotation_z,
+    to_uint8,
+)
 
 VERSION = 1  # in the cache key: bump whenever the images or labels change; also when render3d changes
 SIZE = 96

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from heartlora._paths import atomic_path
+from heartlora.data import get_task
+from heartlora.engine.training_methods import get_method, method_names
 from heartlora.errors import ConfigError, SettingError
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
@@ -265,10 +270,6 @@ def flag_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def write_config_file(path: str | os.PathLike, settings: dict[str, Any], command: str = "train") -> None:
     """``settings`` (flag name → value) as a YAML file, written atomically, that ``--config`` reads back."""
-    import yaml
-
-    from heartlora._paths import atomic_path
-
     text = (f"# heartlora {command} --config {Path(path).name} repeats this run; flags given on the command line "
             "win (e.g. --out)\n" + yaml.safe_dump(settings, sort_keys=False, default_flow_style=False,
                                                    allow_unicode=True))
@@ -339,8 +340,6 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
 def _method_defaults(out: TrainConfig) -> Any:
     """Step 1: the method and what it decides: the global and the method's defaults, the backbone's pool, the
     adapter (HeartLoRAConfig's defaults for the method's bits) and the heads-off rule. Returns the method."""
-    from heartlora.engine.methods import get_method, method_names
-
     if out.task is None:
         raise setting_error("no task given: set {task} (`heartlora data list` shows the task names)")
     if out.method is None:
@@ -434,7 +433,6 @@ def _few_shot_floor(out: TrainConfig, keep_evaluations: bool = False) -> None:
     m = re.search(r"@(\d+)shot$", str(out.task))
     if not m:
         return
-    from heartlora.data import get_task
 
     images = int(m.group(1)) * get_task(out.task).num_classes
     steps_per_epoch = max(1, math.ceil(images / out.batch_size))

@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from heartlora.errors import ConfigError, UnsupportedBackboneError
+from heartlora.integrations.peft import export_peft_transformers
 from heartlora.method import NeChoice, ResponsivenessTracker, attention_layers, is_adapted, save_adapter
 from heartlora.method.deactivate import SCOPES
 from heartlora.method.heads_off import check_count, parse_heads_off, switch_off
@@ -126,7 +127,6 @@ class HeartLoRACallback(TrainerCallback):
             log.info("peft is not installed: %s holds heartlora's adapter only (pip install peft for the PEFT "
                      "folder)", d)
             return
-        from heartlora.integrations.peft import export_peft_transformers
 
         try:
             export_peft_transformers(model, d)

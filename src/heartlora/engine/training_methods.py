@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 from heartlora.errors import ConfigError
+from heartlora.method import ResponsivenessTracker, attach, save_adapter
+from heartlora.method.heads_off import parse_heads_off, switch_off
+from heartlora.method.model import backbone_fingerprint
 
 Heads = list[tuple[str, int]]  # (attention layer name, head index)
 
@@ -60,7 +63,7 @@ class TrainingMethod:
 
     def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
         """Write the trained model file; returns its per-task bytes (the ``adapter_bytes`` of metrics.json)."""
-        from heartlora.engine.inference import save_weights
+        from heartlora.engine.inference import save_weights  # not at the top: inference → config → this module
 
         save_weights(model, path, [n for n, p in model.named_parameters() if p.requires_grad], run_facts)
         return 0
@@ -80,8 +83,6 @@ class LinearProbe(TrainingMethod):
     forced: ClassVar[dict[str, Any]] = {"drop_path": 0.0}
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-        from heartlora.method.model import backbone_fingerprint
-
         classifier = classifier_of(model)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -99,7 +100,7 @@ class FullFineTune(TrainingMethod):
         return model, {}
 
     def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
-        from heartlora.engine.inference import save_weights
+        from heartlora.engine.inference import save_weights  # not at the top: inference → config → this module
 
         save_weights(model, path, list(model.state_dict()), run_facts)
         classifier = {f"head.{n}" for n, _ in classifier_of(model).named_parameters()}
@@ -117,14 +118,10 @@ class HeadLoRA(TrainingMethod):
         self.description, self.bits, self.heart, self.defaults = description, bits, heart, defaults or {}
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-        from heartlora.method import attach
-
         attach(model, cfg.adapter_config())
         return model, {}
 
     def tracker(self, model: nn.Module, cfg: Any) -> Any:
-        from heartlora.method import ResponsivenessTracker
-
         return ResponsivenessTracker(model, mode=cfg.score_mode, ema=cfg.score_ema, seed=cfg.seed)
 
     def end_of_warmup(self, model: nn.Module, cfg: Any, scores: dict[str, torch.Tensor] | None,
@@ -132,7 +129,6 @@ class HeadLoRA(TrainingMethod):
                       record: dict[str, Any] | None = None) -> Heads:
         if not self.heart:
             return []
-        from heartlora.method.heads_off import parse_heads_off, switch_off
 
         rule = parse_heads_off(cfg.ne, cfg.ne_fraction, cfg.ne_tolerance, cfg.ne_refine)
         off, choice = switch_off(model, scores, rule, scope=cfg.scope, optimizer=optimizer,
@@ -148,8 +144,7 @@ class HeadLoRA(TrainingMethod):
             deactivate_heads(model, heads=off, optimizer=optimizer)
 
     def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
-        from heartlora.engine.inference import RUN_KEY
-        from heartlora.method import save_adapter
+        from heartlora.engine.inference import RUN_KEY  # not at the top: inference → config → this module
 
         return int(save_adapter(model, path, extra_metadata={RUN_KEY: run_facts}).adapter_bytes)
 
