@@ -506,6 +506,15 @@ class AdapterBank:
         finally:
             self._install()
 
+    def _fingerprint(self, saved: tuple[str, ...]) -> str:
+        """The plain backbone's fingerprint with the modules ``saved`` skipped, computed once per dtype."""
+        dtype = next((str(p.dtype) for p in self.model.parameters() if p.is_floating_point()), "")
+        known = (saved, dtype)
+        if known not in self._fingerprints:
+            with self._plain():
+                self._fingerprints[known] = backbone_fingerprint(self.model, skip=saved)
+        return self._fingerprints[known]
+
     def _install(self) -> None:
         for name, m in {**self._linears, **self._saved}.items():
             _set_module(self.model, name, m)
@@ -534,18 +543,15 @@ class AdapterBank:
                               "give this adapter another name")
         saved = tuple(info["modules_to_save"])
         params = list(self.model.parameters())
+        fingerprint = self._fingerprint(saved)
         with self._plain():
             originals = {s: self.model.get_submodule(s) for s in saved if _has(self.model, s)}
             for s, m in originals.items():  # the file's classifier loads into a copy; the backbone keeps its own
                 _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes")))
-            dtype = next((str(p.dtype) for p in params if p.is_floating_point()), "")
-            known = (saved, dtype)
-            fingerprint = self._fingerprints.get(known) or backbone_fingerprint(self.model, skip=saved)
             setting = json.dumps(info["config"], sort_keys=True)
             try:
                 model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
                                      verify=setting not in self._verified, fingerprint=fingerprint)
-                self._fingerprints[known] = fingerprint
                 self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
@@ -738,6 +744,16 @@ class AdapterBank:
             bank_linear.settle()
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
+    @classmethod
+    def from_folder(cls, backbone: nn.Module, folder: str | os.PathLike, cache_mb: float | None = None,
+                    device: torch.device | str | None = None, img_size: int | None = None) -> AdapterBank:
+        """A bank serving every adapter file in ``folder`` (``NAME.safetensors`` or ``NAME/adapter.safetensors``:
+        task NAME), each loaded on first use, the most recently used kept within ``cache_mb`` MiB: a
+        :class:`heartlora.bank_folder.FolderBank`."""
+        from heartlora.bank_folder import FolderBank
+
+        return FolderBank(backbone, folder, cache_mb=cache_mb, device=device, img_size=img_size)
+
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
 
@@ -746,7 +762,7 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
                     backbone: str | None = None) -> tuple[AdapterBank, int]:
     """A bank holding the adapter files ``paths`` (run folders stand for their adapter.safetensors) on the backbone
     the first file names (``backbone`` builds another, as ``load_trained`` does), and the image size they share."""
-    from heartlora.engine.inference import build_backbone, read_run_info
+    from heartlora.engine.inference import read_run_info
 
     files = [Path(p) / "adapter.safetensors" if Path(p).is_dir() else Path(p) for p in paths]
     infos = [read_run_info(f) for f in files]
@@ -761,19 +777,33 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
     if len(set(sizes.values())) > 1:
         raise ConfigError("the adapters were trained at different image sizes "
                           f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
-    run = dict(infos[0]["run"])
-    run.setdefault("backbone_spec", infos[0]["adapter"]["backbone"])
-    if "num_classes" not in run["backbone_spec"]:
-        raise ConfigError(f"{files[0]} was saved from a model create_backbone did not build: make the bank in Python "
-                          "with heartlora.AdapterBank(your_backbone)")
-    bank = AdapterBank(build_backbone(run, override=backbone, source=str(files[0])), device=device)
+    model, size = backbone_for(files[0], backbone, infos[0])
+    bank = AdapterBank(model, device=device)
     tasks = [i["run"].get("task") or None for i in infos]
     for f, task in zip(files, tasks):  # two runs of one task: name them by their run folders
         bank.add(f, name=(f.parent.name if f.stem == "adapter" else f.stem) if tasks.count(task) > 1 else None)
-    size = next(iter(sizes.values())) or getattr(bank.model, "img_size", None)
+    return bank, size
+
+
+def backbone_for(file: Path, backbone: str | None = None, info: dict[str, Any] | None = None) -> tuple[nn.Module, int]:
+    """The backbone adapter ``file`` names (``backbone`` builds another, as ``load_trained`` does) and the image
+    size it was trained at; ``info``: the file's ``read_run_info``, when read already."""
+    from heartlora.engine.inference import build_backbone, read_run_info
+
+    info = info or read_run_info(file)
+    if info["kind"] != "adapter":
+        raise ConfigError(f"{file} stores plain weights (a linear or full run), not an adapter: only adapter "
+                          "files share a backbone in a bank")
+    run = dict(info["run"])
+    run.setdefault("backbone_spec", info["adapter"]["backbone"])
+    if "num_classes" not in run["backbone_spec"]:
+        raise ConfigError(f"{file} was saved from a model create_backbone did not build: make the bank in Python "
+                          "with heartlora.AdapterBank(your_backbone)")
+    model = build_backbone(run, override=backbone, source=str(file))
+    size = run.get("img_size") or run["backbone_spec"].get("img_size") or getattr(model, "img_size", None)
     if not size:
-        raise ConfigError(f"{files[0]} names no image size: make the bank in Python and resize images yourself")
-    return bank, int(size)
+        raise ConfigError(f"{file} names no image size: make the bank in Python and resize images yourself")
+    return model, int(size)
 
 
 def _has(root: nn.Module, name: str) -> bool:
