@@ -89,7 +89,8 @@ class FolderBank(AdapterBank):
         return task_file(self.folder, name)
 
     def available(self) -> list[str]:
-        return sorted(set(self.tasks) | set(folder_tasks(self.folder)))
+        added = {t for t in self.tasks if t not in self._lru}  # with add(); the folder's own are listed from it
+        return sorted(added | set(folder_tasks(self.folder)))
 
     def has_task(self, name: str) -> bool:
         return (name in self.tasks and name not in self._lru) or self.file_of(name) is not None
