@@ -211,3 +211,32 @@ def test_cli_refuses_both_or_neither_source_and_a_budget_without_a_folder(tmp_pa
         assert len(err) == 1 and err[0].startswith("error: "), argv
     assert main(["serve", "--adapter-dir", str(tmp_path / "none")]) == EXIT_ERROR
     assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_runs_real_servers_and_loses_no_request(tmp_path):
+    """benchmarks/bank_serve.py --smoke: real `heartlora serve --adapter-dir` processes (every adapter in memory, and
+    a cache of 10 %) and a merged-model server, over HTTP; the record names the machine and the command."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("httpx2")
+    pytest.importorskip("fastapi")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bank_serve.py"
+    out = tmp_path / "bank_serve.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(hl.__file__).parents[1]),
+                                                                        os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert "--smoke" in record["command"] and record["machine"]["cores"] == os.cpu_count()
+    for phase in ("merged", "resident", "cache"):
+        closed = record[phase]["closed"]
+        assert closed["answered"] == closed["requests"] == 24 and closed["lost"] == 0, phase
+        assert closed["p50_ms"] <= closed["p99_ms"] and record[phase]["idle_rss_mib"] > 0
+    assert record["goals"]["cache_ok"] and record["goals"]["cache_lost"] == 0
+    assert 0 < record["cache_mb"] < record["adapter_resident_bytes"] * 12 / 2**20

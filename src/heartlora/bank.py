@@ -185,6 +185,14 @@ class BankLinear(nn.Module):
                 entry["rows"] = None
             elif kind.out_side and torch.equal(rows.cpu(), torch.arange(start, start + rows.numel())):
                 entry["rows"] = (start, start + rows.numel())  # consecutive heads: a slice, no index
+            elif kind.out_side and kind.span is not None:
+                # whole heads of a layout laid out head by head: the deltas are added head by head (an index of
+                # heads, not of rows: one block of head_dim values per head, not one column per row)
+                entry["rows"], entry["heads_at"] = kind.span, f"heads{self._names}_{key}"
+                self._names += 1
+                heads_t = torch.tensor(heads, dtype=torch.long, device=self.a_out.device)
+                self.register_buffer(entry["heads_at"], heads_t)
+                added += heads_t.numel() * heads_t.element_size()
             else:
                 entry["rows"] = f"rows{self._names}_{key}"
                 self._names += 1
@@ -246,13 +254,14 @@ class BankLinear(nn.Module):
                     e["a0"] = move(f"ao_{k}", e["a0"], e["r"] * len(e["heads"]))
                     e["b0"] = move(f"bo_{k}", e["b0"], e["r"])
             keep.update(e["rows"] for e in plan.values() if isinstance(e["rows"], str))
+            keep.update(e["heads_at"] for e in plan.values() if "heads_at" in e)
             slots[task] = len(plans)
             plans.append(plan)
         for name, parts in index.items():
             table = getattr(self, name)
             setattr(self, name, table.index_select(0, torch.cat(parts).to(table.device)))
             self._rows[name] = count[name]
-        for name in [n for n in self._buffers if n.startswith("rows") and n not in keep]:
+        for name in [n for n in self._buffers if n.startswith(("rows", "heads")) and n not in keep]:
             del self._buffers[name]
         for kind in self._kinds.values():
             kind.rank = max((p[kind.key]["r"] for p in plans if kind.key in p), default=0)
@@ -348,7 +357,11 @@ class BankLinear(nn.Module):
                 if h is None:  # q, k, v share one product with their A rows
                     h = x @ _as(self.a_out[e["a_rows"][0]:e["a_rows"][1]], x).t()
                 bt = getattr(self, f"bt_{key}")[e["b0"]:e["b0"] + r * n].view(r, n * d)
-                _add_rows(y, h[:, lo:lo + r] @ _as(bt, x), e["rows"], self)
+                delta = h[:, lo:lo + r] @ _as(bt, x)
+                if "heads_at" in e:
+                    _add_heads(y, delta, e["rows"], getattr(self, e["heads_at"]), d)
+                else:
+                    _add_rows(y, delta, e["rows"], self)
                 lo += r
             else:
                 a = getattr(self, f"ao_{key}")[e["a0"]:e["a0"] + r * n].view(r, n * d)
@@ -404,6 +417,13 @@ def _add_rows(y: torch.Tensor, d: torch.Tensor, rows: tuple[int, int] | str | No
         y[..., rows[0]:rows[1]].add_(d)
     else:
         y.index_add_(y.dim() - 1, getattr(owner, rows), d)
+
+
+def _add_heads(y: torch.Tensor, d: torch.Tensor, span: tuple[int, int], heads: torch.Tensor, head_dim: int) -> None:
+    """``y[..., span]`` seen as (heads, head_dim) blocks: the blocks of ``heads`` += ``d``'s blocks, in place."""
+    d = d if d.dtype == y.dtype else d.to(y.dtype)
+    lead = y.shape[:-1]
+    y[..., span[0]:span[1]].view(*lead, -1, head_dim).index_add_(len(lead), heads, d.view(*lead, -1, head_dim))
 
 
 class BankModule(nn.Module):
