@@ -244,9 +244,11 @@ def show(name: str, row: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=1000)
-    ap.add_argument("--requests", type=int, default=400, help="requests per closed loop (open loops: half)")
+    ap.add_argument("--requests", type=int, default=400, help="requests per closed loop")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--rates", default="0.2,0.35,0.5,0.65", help="open-loop loads, as fractions of the merged throughput")
+    ap.add_argument("--open-seconds", type=float, default=20.0, help="length of each open loop (its requests: "
+                    "rate × this, at least 20)")
+    ap.add_argument("--rates", default="0.1,0.2,0.35,0.5", help="open-loop loads, as fractions of the merged throughput")
     ap.add_argument("--cache-fraction", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     ap.add_argument("--backbone", default="dinov2_small")
@@ -262,7 +264,7 @@ def main() -> None:
         return merged_server(args.merged_server, args.port)
     if args.smoke:
         args.backbone, args.img_size, args.pretrained, args.rank = "vit_tiny_patch16_224", 32, False, 4
-        args.adapters, args.requests, args.concurrency, args.rates = 12, 24, 4, "0.5"
+        args.adapters, args.requests, args.concurrency, args.rates, args.open_seconds = 12, 24, 4, "0.5", 1.0
     command = " ".join(shlex.quote(a) for a in sys.argv)
     result: dict = {"settings": vars(args), "command": command, "machine": {
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -288,6 +290,9 @@ def main() -> None:
                   "resident": (serve + ["--preload"], tasks),
                   "cache": (serve + ["--cache-mb", f"{cache_mb:.3f}"], tasks)}
         rates = [float(r) for r in args.rates.split(",")]
+
+        def open_n(rate: float) -> int:
+            return max(20, int(rate * args.open_seconds))
         for name, (argv, names) in phases.items():
             server = Server(argv, Path(tmp) / f"{name}.log", timeout, args.threads)
             try:
@@ -299,13 +304,13 @@ def main() -> None:
                     row["open"] = []
                     for fraction in rates:
                         rate = fraction * row["closed"]["throughput_rps"]
-                        row["open"].append(asyncio.run(load(server, names, images, max(args.requests // 2, 8),
-                                                            rate=rate, seed=1)) | {"fraction": fraction})
+                        row["open"].append(asyncio.run(load(server, names, images, open_n(rate), rate=rate,
+                                                            seed=1)) | {"fraction": fraction})
                         show(f"merged open {rate:.1f} req/s", row["open"][-1])
                     pick = min(row["open"], key=lambda r: abs(r.get("p99_ms", 1e9) - 100.0))
                     result["p99_100ms_rate"] = pick["offered_rps"]
                 elif name == "resident":
-                    row["open"] = [asyncio.run(load(server, names, images, max(args.requests // 2, 8),
+                    row["open"] = [asyncio.run(load(server, names, images, open_n(result["p99_100ms_rate"]),
                                                     rate=result["p99_100ms_rate"], seed=1))]
                     show(f"resident open {result['p99_100ms_rate']:.1f} req/s", row["open"][0])
             finally:

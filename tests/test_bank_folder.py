@@ -240,3 +240,15 @@ def test_the_serving_benchmark_runs_real_servers_and_loses_no_request(tmp_path):
         assert closed["p50_ms"] <= closed["p99_ms"] and record[phase]["idle_rss_mib"] > 0
     assert record["goals"]["cache_ok"] and record["goals"]["cache_lost"] == 0
     assert 0 < record["cache_mb"] < record["adapter_resident_bytes"] * 12 / 2**20
+
+
+def test_the_documented_folder_example_runs(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "ECOSYSTEM.md"
+    code = next(b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), re.DOTALL) if "from_folder" in b)
+    exec(compile(code.replace("/tmp/hl-adapters", str(tmp_path)), str(doc), "exec"), {})  # noqa: S102 (the doc's)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == ["[5, 3, 5, 4] ['birds', 'cars', 'cats']", "['cars', 'cats'] 3 1"]
+    assert f"then `{out[-1]}`" in doc.read_text().replace("\n", " ")
