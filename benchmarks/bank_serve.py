@@ -17,8 +17,8 @@ Each server gets a closed loop of ``--concurrency`` clients sending ``--requests
 p50/p99, requests lost: any answer but 200 or a failed connection). The merged server then gets open loops (Poisson
 arrivals) at ``--rates`` fractions of its closed-loop throughput, and the one whose p99 is nearest 100 ms (the
 issue's load) is sent to the resident bank as well. Each server runs ``--threads`` torch threads (default 1: on a
-CPU shared with other jobs a second thread mostly waits for a core, and every parallel operator waits for it). Resident memory: the server process's RSS (psutil), the
-largest of samples every 0.25 s. Results go to ``--out`` as JSON with the machine and command.
+CPU shared with other jobs a second thread mostly waits for a core, and every parallel operator waits for it).
+Resident memory: the server process's RSS (psutil), the largest of samples every 0.25 s. Results go to ``--out`` as JSON with the machine and command.
 
     PYTHONPATH=src python benchmarks/bank_serve.py --out benchmarks/records/bank_serve.json
     PYTHONPATH=src python benchmarks/bank_serve.py --smoke            # a tiny random ViT, 12 adapters: seconds
@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--open-seconds", type=float, default=20.0, help="length of each open loop (its requests: "
                     "rate × this, at least 20)")
-    ap.add_argument("--rates", default="0.1,0.2,0.35,0.5", help="open-loop loads, as fractions of the merged throughput")
+    ap.add_argument("--rates", default="0.1,0.2,0.35,0.5",
+                    help="open-loop loads, as fractions of the merged throughput")
     ap.add_argument("--cache-fraction", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     ap.add_argument("--backbone", default="dinov2_small")
@@ -332,7 +333,8 @@ def main() -> None:
     g = result["goals"]
     print(f"throughput bank/merged {g['throughput_ratio']:.2f} ({'met' if g['throughput_ok'] else 'MISSED'}); "
           f"p99/p50 at the merged model's 100 ms load {g['p99_over_p50']:.2f} ({'met' if g['tail_ok'] else 'MISSED'})"
-          f"; cache {args.cache_fraction:.0%}: {g['cache_throughput_rps']:.1f} req/s, {g['cache_lost']} lost", flush=True)
+          f"; cache {args.cache_fraction:.0%}: {g['cache_throughput_rps']:.1f} req/s, {g['cache_lost']} lost",
+          flush=True)
     if args.out:
         with atomic_path(args.out) as tmp_out:
             tmp_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -174,8 +174,8 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
     @app.get("/", summary="What this server is")
     async def index() -> dict[str, Any]:
-        return {"service": "heartlora", "version": heartlora.__version__, "tasks": len(bank.available()), "docs": "/docs",
-                "openapi": "/openapi.json"}
+        return {"service": "heartlora", "version": heartlora.__version__, "tasks": len(bank.available()),
+                "docs": "/docs", "openapi": "/openapi.json"}
 
     @app.get("/health", response_model=Health, summary="Liveness and the number of tasks")
     async def health() -> Health:
