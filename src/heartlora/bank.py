@@ -129,19 +129,28 @@ class BankLinear(nn.Module):
         return getattr(self, name)
 
     def _append(self, name: str, units: torch.Tensor) -> int:
-        """Append ``units`` (n × width) to a table (joined at the next read); returns the row of the first."""
+        """Append ``units`` (n × width) to a table (joined at the next read, or once the rows waiting are as many
+        as the table's: each row is copied a bounded number of times, and few small blocks wait); returns the row
+        of the first."""
         table = self._table(name, units.shape[1])
         start = self._rows.get(name, table.shape[0])
         self._pending.setdefault(name, []).append(units.to(table))
         self._rows[name] = start + units.shape[0]
+        if self._rows[name] >= 2 * table.shape[0]:
+            self._join(name)
         return start
+
+    def _join(self, name: str) -> None:
+        chunks = self._pending.get(name)
+        if chunks:
+            setattr(self, name, torch.cat([getattr(self, name), *chunks]))
+        self._pending[name] = []
 
     def settle(self) -> None:
         """Join the rows appended since the last call to their tables, and rebuild the routing tables if tasks
         came or went: before anything reads the tables."""
-        for name, chunks in self._pending.items():
-            if chunks:
-                setattr(self, name, torch.cat([getattr(self, name), *chunks]))
+        for name in list(self._pending):
+            self._join(name)
         self._pending = {}
         if self._stale:
             self._reindex()

@@ -168,6 +168,8 @@ class FolderBank(AdapterBank):
                 if self.cache_bytes is not None and self._lru and self.cached_bytes() >= self.cache_bytes:
                     break
                 self.ensure([name])
+            for bank_linear in self._linears.values():  # the routing tables now, not in the first call
+                bank_linear.settle()
             return len(self._lru)
 
     def _trim(self, keep: set[str]) -> None:
