@@ -18,7 +18,8 @@ p50/p99, requests lost: any answer but 200 or a failed connection). The merged s
 arrivals) at ``--rates`` fractions of its closed-loop throughput, and the one whose p99 is nearest 100 ms (the
 issue's load) is sent to the resident bank as well. Each server runs ``--threads`` torch threads (default 1: on a
 CPU shared with other jobs a second thread mostly waits for a core, and every parallel operator waits for it).
-Resident memory: the server process's RSS (psutil), the largest of samples every 0.25 s. Results go to ``--out`` as JSON with the machine and command.
+Resident memory: the server process's RSS (psutil), the largest of samples every 0.25 s. Results go to ``--out``
+as JSON with the machine and command.
 
     PYTHONPATH=src python benchmarks/bank_serve.py --out benchmarks/records/bank_serve.json
     PYTHONPATH=src python benchmarks/bank_serve.py --smoke            # a tiny random ViT, 12 adapters: seconds
@@ -235,6 +236,14 @@ def probe_bytes(paths: list[Path], args: argparse.Namespace) -> int:
     return int(np.mean([bank.add(p).resident_bytes for p in paths[:PATTERNS]]))
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def show(name: str, row: dict) -> None:
     print(f"{name:>28}: {row['throughput_rps']:6.1f} req/s, p50 {row.get('p50_ms', float('nan')):6.0f} ms, p99 "
           f"{row.get('p99_ms', float('nan')):6.0f} ms, lost {row['lost']}, RSS {row['peak_rss_mib']:.0f} MiB",
@@ -268,7 +277,7 @@ def main() -> None:
         args.adapters, args.requests, args.concurrency, args.rates, args.open_seconds = 12, 24, 4, "0.5", 1.0
     command = " ".join(shlex.quote(a) for a in sys.argv)
     result: dict = {"settings": vars(args), "command": command, "machine": {
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cores": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
         "heartlora": hl.__version__}, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     timeout = 120 if args.smoke else 900
