@@ -71,6 +71,10 @@ def test_least_recently_used_tasks_are_evicted_within_the_budget_and_reloaded(fo
     assert bank.resident() == ["b", "d"] and bank.cached_bytes() <= budget
     _check(bank, ["a", "c", "a"], own)  # evicted tasks are answered again, loaded anew
     assert bank.loads == 6 and bank.resident() == ["a", "c"]
+    bank.remove("c")  # removed by hand: freed, and loaded again by its next call
+    assert bank.resident() == ["a"] and "c" not in bank.tasks
+    _check(bank, ["c", "a"], own)
+    assert bank.loads == 7 and bank.resident() == ["c", "a"]
     # every byte held is accounted for: the evicted tasks' factors and classifiers were freed
     assert bank.resident_bytes() == base + bank.cached_bytes() + bank.routing_bytes()
     assert bank.cached_bytes() == sum(bank.tasks[t].resident_bytes for t in ("a", "c"))

@@ -89,7 +89,8 @@ class FolderBank(AdapterBank):
         return task_file(self.folder, name)
 
     def available(self) -> list[str]:
-        added = {t for t in self.tasks if t not in self._lru}  # with add(); the folder's own are listed from it
+        # with add(); the folder's own are listed from it (a copy: the bank's thread may load or evict meanwhile)
+        added = {t for t in list(self.tasks) if t not in self._lru}
         return sorted(added | set(folder_tasks(self.folder)))
 
     def has_task(self, name: str) -> bool:
@@ -187,10 +188,13 @@ class FolderBank(AdapterBank):
             self._evict(victims)
 
     def _evict(self, names: list[str]) -> None:
-        for name in names:
-            del self._lru[name]
         self._drop(names)
         self.evictions += len(names)
+
+    def _drop(self, names: Sequence[str]) -> list[BankTask]:
+        for name in names:  # evicted, or removed with remove(): a folder task is loaded again by its next call
+            self._lru.pop(name, None)
+        return super()._drop(names)
 
     def __repr__(self) -> str:
         budget = "no limit" if self.cache_bytes is None else f"{self.cache_bytes / 2**20:g} MiB"
