@@ -236,9 +236,14 @@ def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else
                 if not proj.active_heads():
                     continue
                 want += 4 * (proj.lora_A.numel() + proj.lora_B.numel())
-                rows = proj._rows
+                rows, flat = proj._rows, proj.index.reshape(-1)
                 consecutive = torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
-                if not proj._covers_all and not (proj.per_head_is_B and consecutive):  # a slice needs no index
+                by_heads = torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + flat.numel()))
+                if proj._covers_all or (proj.per_head_is_B and consecutive):  # a slice needs no index
+                    continue
+                if proj.per_head_is_B and by_heads:  # heads laid out one after another: an index of heads
+                    want += 8 * len(proj.active_heads())
+                else:
                     want += rows.numel() * rows.element_size()
         assert bank.tasks[task].resident_bytes == want, task
     assert not any(isinstance(m, HeadLoRAProjection) for m in bank.model.modules())

@@ -21,6 +21,7 @@ before it is added, so logits may differ by a few half-precision ulps).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import threading
@@ -36,7 +37,7 @@ from torch import nn
 from heartlora.engine.inference import build_backbone, read_run_info
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.model import is_adapted, remove_adapters
+from heartlora.method.model import backbone_fingerprint, is_adapted, remove_adapters
 from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
 
 
@@ -103,6 +104,13 @@ class BankLinear(nn.Module):
         # per slot: kind key -> {"r", "heads", "a0", "b0", "rows"}, and for q, k, v "a_rows": the rows of a_out that
         # hold the task's A factors of all its q, k, v projections (consecutive: they share one product)
         self._plans: list[dict[str, dict[str, Any]]] = []
+        # rows appended since the tables were last joined (joined before any read: adding many tasks copies each
+        # table once, not once per task), the rows each table will have, and whether the routing tables are old
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._rows: dict[str, int] = {}
+        self._stale = False
+        self._order: Sequence[str] = ()
+        self._names = 0  # a counter for the names of row-index buffers
         w = base_layer.weight
         self.register_buffer("a_out", w.new_zeros(1, w.shape[1]))
         self.register_buffer("slot_of_task", torch.zeros(0, dtype=torch.long, device=w.device))
@@ -122,10 +130,35 @@ class BankLinear(nn.Module):
         return getattr(self, name)
 
     def _append(self, name: str, units: torch.Tensor) -> int:
-        """Append ``units`` (n × width) to a table; returns the row of the first."""
+        """Append ``units`` (n × width) to a table (joined at the next read, or once the rows waiting are as many
+        as the table's: each row is copied a bounded number of times, and few small blocks wait); returns the row
+        of the first."""
         table = self._table(name, units.shape[1])
-        setattr(self, name, torch.cat([table, units.to(table)]))
-        return table.shape[0]
+        start = self._rows.get(name, table.shape[0])
+        self._pending.setdefault(name, []).append(units.to(table))
+        self._rows[name] = start + units.shape[0]
+        if self._rows[name] >= 2 * table.shape[0]:
+            self._join(name)
+        return start
+
+    def _join(self, name: str) -> None:
+        chunks = self._pending.get(name)
+        if chunks:
+            setattr(self, name, torch.cat([getattr(self, name), *chunks]))
+        self._pending[name] = []
+
+    def settle(self) -> None:
+        """Join the rows appended since the last call to their tables, and rebuild the routing tables if tasks
+        came or went: before anything reads the tables."""
+        for name in list(self._pending):
+            self._join(name)
+        self._pending = {}
+        if self._stale:
+            self._reindex()
+            empty = len(self._plans)
+            self.slot_of_task = torch.tensor([self._slots.get(t, empty) for t in self._order], dtype=torch.long,
+                                             device=self.a_out.device)
+            self._stale = False
 
     def add_task(self, task: str, projs: Sequence[HeadLoRAProjection]) -> int:
         """Store one task's active projections on this Linear; returns the bytes it adds (factors and the row or
@@ -162,8 +195,17 @@ class BankLinear(nn.Module):
                 entry["rows"] = None
             elif kind.out_side and torch.equal(rows.cpu(), torch.arange(start, start + rows.numel())):
                 entry["rows"] = (start, start + rows.numel())  # consecutive heads: a slice, no index
+            elif kind.out_side and kind.span is not None:
+                # whole heads of a layout laid out head by head: the deltas are added head by head (an index of
+                # heads, not of rows: one block of head_dim values per head, not one column per row)
+                entry["rows"], entry["heads_at"] = kind.span, f"heads{self._names}_{key}"
+                self._names += 1
+                heads_t = torch.tensor(heads, dtype=torch.long, device=self.a_out.device)
+                self.register_buffer(entry["heads_at"], heads_t)
+                added += heads_t.numel() * heads_t.element_size()
             else:
-                entry["rows"] = f"rows{len(self._plans)}_{key}"
+                entry["rows"] = f"rows{self._names}_{key}"
+                self._names += 1
                 self.register_buffer(entry["rows"], rows.to(self.a_out.device).clone())
                 added += rows.numel() * rows.element_size()
             plan[key] = entry
@@ -173,22 +215,68 @@ class BankLinear(nn.Module):
         if plan:
             self._slots[task] = len(self._plans)
             self._plans.append(plan)
-            self._reindex()
+            self._stale = True
         return added
 
     def snapshot(self) -> tuple[Any, ...]:
         """What :meth:`restore` needs to undo the tasks added after this call (tables are replaced, never
         changed in place, so keeping the old tensors is enough)."""
         return (dict(self._buffers), dict(self._kinds), {k: v.rank for k, v in self._kinds.items()},
-                dict(self._slots), list(self._plans))
+                dict(self._slots), list(self._plans), {k: list(v) for k, v in self._pending.items()},
+                dict(self._rows))
 
     def restore(self, state: tuple[Any, ...]) -> None:
-        buffers, kinds, ranks, slots, plans = state
+        buffers, kinds, ranks, slots, plans, pending, rows = state
         self._buffers.clear()
         self._buffers.update(buffers)
-        self._kinds, self._slots, self._plans = kinds, slots, plans
+        self._kinds, self._slots, self._plans, self._pending, self._rows = kinds, slots, plans, pending, rows
         for k, kind in kinds.items():
             kind.rank = ranks[k]
+        self._stale = True
+
+    def compact(self) -> None:
+        """Drop the rows of tasks no route reaches any more (:meth:`forget`): the tables keep the live tasks' rows
+        only, in their order, and the freed memory goes back."""
+        self.settle()
+        if len(self._slots) == len(self._plans):
+            return
+        index: dict[str, list[torch.Tensor]] = {n: [torch.zeros(1, dtype=torch.long)] for n in self._rows}
+        count = dict.fromkeys(self._rows, 1)
+
+        def move(name: str, start: int, n: int) -> int:
+            index[name].append(torch.arange(start, start + n))
+            count[name] += n
+            return count[name] - n
+
+        plans, slots, keep = [], {}, set()
+        for task, old in sorted(self._slots.items(), key=lambda item: item[1]):
+            plan = {k: dict(e) for k, e in self._plans[old].items()}
+            out_side = [k for k in plan if self._kinds[k].out_side]
+            if out_side:
+                lo, hi = plan[out_side[0]]["a_rows"]
+                base = move("a_out", lo, hi - lo)
+                for k in out_side:
+                    e = plan[k]
+                    e["a0"], e["a_rows"] = base + e["a0"] - lo, (base, base + hi - lo)
+                    e["b0"] = move(f"bt_{k}", e["b0"], e["r"] * len(e["heads"]))
+            for k, e in plan.items():
+                if not self._kinds[k].out_side:
+                    e["a0"] = move(f"ao_{k}", e["a0"], e["r"] * len(e["heads"]))
+                    e["b0"] = move(f"bo_{k}", e["b0"], e["r"])
+            keep.update(e["rows"] for e in plan.values() if isinstance(e["rows"], str))
+            keep.update(e["heads_at"] for e in plan.values() if "heads_at" in e)
+            slots[task] = len(plans)
+            plans.append(plan)
+        for name, parts in index.items():
+            table = getattr(self, name)
+            setattr(self, name, table.index_select(0, torch.cat(parts).to(table.device)))
+            self._rows[name] = count[name]
+        for name in [n for n in self._buffers if n.startswith(("rows", "heads")) and n not in keep]:
+            del self._buffers[name]
+        for kind in self._kinds.values():
+            kind.rank = max((p[kind.key]["r"] for p in plans if kind.key in p), default=0)
+        self._plans, self._slots, self._stale = plans, slots, True
+        self.settle()
 
     def _reindex(self) -> None:
         """The routing tables of the batched path, from every slot's plan: for each slot (and a last, empty one),
@@ -223,21 +311,21 @@ class BankLinear(nn.Module):
         self.register_buffer("route_a", a_index.to(dev))
 
     def forget(self, task: str) -> None:
-        """No route reaches ``task``'s slot any more (its rows stay in the tables)."""
+        """No route reaches ``task``'s slot any more (its rows stay in the tables until :meth:`compact`)."""
         self._slots.pop(task, None)
 
     def set_tasks(self, order: Sequence[str]) -> None:
-        """The bank's task order (the route's row labels) -> this Linear's slots; tasks without deltas here read
-        the empty slot."""
-        empty = len(self._plans)
-        self.slot_of_task = torch.tensor([self._slots.get(t, empty) for t in order], dtype=torch.long,
-                                         device=self.a_out.device)
+        """The bank's task order (the route's row labels) -> this Linear's slots (at the next :meth:`settle`);
+        tasks without deltas here read the empty slot."""
+        self._order, self._stale = order, True
 
     def _factor_tables(self) -> list[torch.Tensor]:
+        self.settle()
         return [t for n, t in self.named_buffers(recurse=False) if n == "a_out" or n.startswith(("bt_", "ao_", "bo_"))]
 
     def routing_bytes(self) -> int:
         """Bytes of the batched path's index tables and of every factor table's zero row."""
+        self.settle()
         zero_rows = sum(t.shape[1] * t.element_size() for t in self._factor_tables())
         return zero_rows + sum(t.numel() * t.element_size() for n, t in self.named_buffers(recurse=False)
                                if n.startswith(("route_", "full_")) or n == "slot_of_task")
@@ -251,6 +339,8 @@ class BankLinear(nn.Module):
         y = self.base_layer(x)
         if not self._plans:
             return y
+        if self._stale or self._pending:
+            self.settle()
         conv = isinstance(self.base_layer, nn.Conv2d)
         if conv:  # channels last, so the deltas are added as for a Linear (HeadLoRAConv1x1 does the same)
             x, y = x.movedim(1, -1), y.movedim(1, -1)
@@ -277,7 +367,11 @@ class BankLinear(nn.Module):
                 if h is None:  # q, k, v share one product with their A rows
                     h = x @ _as(self.a_out[e["a_rows"][0]:e["a_rows"][1]], x).t()
                 bt = getattr(self, f"bt_{key}")[e["b0"]:e["b0"] + r * n].view(r, n * d)
-                _add_rows(y, h[:, lo:lo + r] @ _as(bt, x), e["rows"], self)
+                delta = h[:, lo:lo + r] @ _as(bt, x)
+                if "heads_at" in e:
+                    _add_heads(y, delta, e["rows"], getattr(self, e["heads_at"]), d)
+                else:
+                    _add_rows(y, delta, e["rows"], self)
                 lo += r
             else:
                 a = getattr(self, f"ao_{key}")[e["a0"]:e["a0"] + r * n].view(r, n * d)
@@ -333,6 +427,13 @@ def _add_rows(y: torch.Tensor, d: torch.Tensor, rows: tuple[int, int] | str | No
         y[..., rows[0]:rows[1]].add_(d)
     else:
         y.index_add_(y.dim() - 1, getattr(owner, rows), d)
+
+
+def _add_heads(y: torch.Tensor, d: torch.Tensor, span: tuple[int, int], heads: torch.Tensor, head_dim: int) -> None:
+    """``y[..., span]`` seen as (heads, head_dim) blocks: the blocks of ``heads`` += ``d``'s blocks, in place."""
+    d = d if d.dtype == y.dtype else d.to(y.dtype)
+    lead = y.shape[:-1]
+    y[..., span[0]:span[1]].view(*lead, -1, head_dim).index_add_(len(lead), heads, d.view(*lead, -1, head_dim))
 
 
 class BankModule(nn.Module):
@@ -417,7 +518,10 @@ class AdapterBank:
         self._route = _Route()
         self._linears: dict[str, BankLinear] = {}
         self._saved: dict[str, BankModule] = {}
-        self._lock = threading.Lock()  # one call at a time: the route is shared state
+        # one call, add or remove at a time (the route is shared state); re-entered by a folder bank's loads
+        self._lock = threading.RLock()
+        self._fingerprints: dict[tuple[Any, ...], str] = {}  # the backbone's, per classifier skipped and dtype
+        self._verified: set[str] = set()  # adapter configurations attach has proved live on this backbone
 
     # --- loading -----------------------------------------------------------------------------------------------
     @contextmanager
@@ -432,6 +536,15 @@ class AdapterBank:
         finally:
             self._install()
 
+    def _fingerprint(self, saved: tuple[str, ...]) -> str:
+        """The plain backbone's fingerprint with the modules ``saved`` skipped, computed once per dtype."""
+        dtype = next((str(p.dtype) for p in self.model.parameters() if p.is_floating_point()), "")
+        known = (saved, dtype)
+        if known not in self._fingerprints:
+            with self._plain():
+                self._fingerprints[known] = backbone_fingerprint(self.model, skip=saved)
+        return self._fingerprints[known]
+
     def _install(self) -> None:
         for name, m in {**self._linears, **self._saved}.items():
             _set_module(self.model, name, m)
@@ -440,7 +553,13 @@ class AdapterBank:
             check_fingerprint: bool = True) -> BankTask:
         """Load one adapter file. ``name`` defaults to the task the file was trained on (its run facts), else the
         file's folder or stem; ``class_names`` to the file's. Refuses a file for another backbone (fingerprint), a
-        name already in the bank, and backbones whose attention reads the adapted weight directly."""
+        name already in the bank, and backbones whose attention reads the adapted weight directly. The backbone's
+        fingerprint is computed once, and attach's live-adapter probe runs once per adapter configuration."""
+        with self._lock:  # not while a call routes rows
+            return self._add(path, name, class_names, check_fingerprint)
+
+    def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
+             check_fingerprint: bool) -> BankTask:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
         info = read_adapter_info(path)
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
@@ -454,12 +573,16 @@ class AdapterBank:
                               "give this adapter another name")
         saved = tuple(info["modules_to_save"])
         params = list(self.model.parameters())
+        fingerprint = self._fingerprint(saved)
         with self._plain():
             originals = {s: self.model.get_submodule(s) for s in saved if _has(self.model, s)}
             for s, m in originals.items():  # the file's classifier loads into a copy; the backbone keeps its own
                 _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes")))
+            setting = json.dumps(info["config"], sort_keys=True)
             try:
-                model = load_adapter(self.model, path, check_fingerprint=check_fingerprint)
+                model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
+                                     verify=setting not in self._verified, fingerprint=fingerprint)
+                self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
                 copies = {s: self.model.get_submodule(s) for s in originals}
@@ -529,19 +652,47 @@ class AdapterBank:
         return task
 
     def remove(self, name: str) -> BankTask:
-        """Take task ``name`` out of the bank: its rows are no longer accepted and its classifier copy is freed. Its
-        factors stay in the shared tables, unreachable, until the bank is built again (they are small: the adapter's
-        own bytes, decoded). Returns the task removed."""
-        if name not in self.tasks:
-            raise ConfigError(f"unknown task {name!r}: the bank holds {', '.join(self.tasks) or 'no tasks'}")
+        """Take task ``name`` out of the bank: its rows are no longer accepted, and its factors and classifier copy
+        are freed (the shared tables are compacted). Returns the task removed."""
         with self._lock:  # not while a call routes rows
-            task = self.tasks.pop(name)
-            for holder in self._saved.values():
+            if name not in self.tasks:
+                raise ConfigError(f"unknown task {name!r}: the bank holds {', '.join(self.tasks) or 'no tasks'}")
+            removed = self._drop([name])[0]
+        return removed
+
+    def _drop(self, names: Sequence[str]) -> list[BankTask]:
+        """Take ``names`` out and compact the tables once (the lock held)."""
+        removed = [self.tasks.pop(name) for name in names]
+        order = list(self.tasks)
+        for holder in self._saved.values():
+            for name in names:
                 holder.remove(name)
-            for bank_linear in self._linears.values():
+        for bank_linear in self._linears.values():
+            for name in names:
                 bank_linear.forget(name)
-                bank_linear.set_tasks(list(self.tasks))
-        return task
+            bank_linear.set_tasks(order)
+            bank_linear.compact()
+        return removed
+
+    # --- which tasks: a plain bank holds them all; a folder bank (heartlora.bank_folder) loads them on first use --
+    def has_task(self, name: str) -> bool:
+        """Whether a call may name ``name``."""
+        return name in self.tasks
+
+    def available(self) -> list[str]:
+        """Every task a call may name (a folder bank: those in memory and those in its folder)."""
+        return list(self.tasks)
+
+    def unknown(self, name: str) -> str:
+        """The one-line error for a task the bank cannot run."""
+        if not self.tasks:
+            return "the bank holds no adapters: add adapter files with bank.add(path)"
+        return f"unknown task {name!r}: the bank holds {', '.join(self.tasks)}"
+
+    def ensure(self, tasks: Sequence[str]) -> dict[str, str]:
+        """Make ``tasks`` ready for a call; returns ``{task: one-line reason}`` for those that cannot run. A plain
+        bank loads nothing; a folder bank loads what is missing and evicts within its budget."""
+        return {t: self.unknown(t) for t in dict.fromkeys(tasks) if t not in self.tasks}
 
     # --- running -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -550,13 +701,17 @@ class AdapterBank:
         (length: that task's class count). ``tasks`` may be one name for every row."""
         if isinstance(tasks, str):
             tasks = [tasks] * len(images)
-        if not self.tasks:
-            raise ConfigError("the bank holds no adapters: add adapter files with bank.add(path)")
+        if not self.tasks and not self.available():
+            raise ConfigError(self.unknown(""))
         if len(tasks) != len(images):
             raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
-        unknown = sorted({t for t in tasks if t not in self.tasks})
-        if unknown:
-            raise ConfigError(f"unknown task {unknown[0]!r}: the bank holds {', '.join(self.tasks)}")
+        with self._lock:  # the tasks loaded here stay until the call is done
+            failed = self.ensure(tasks)
+            if failed:
+                raise ConfigError(failed[min(failed)])
+            return self._run(images, tasks)
+
+    def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
             return []
         order_of = {t: i for i, t in enumerate(self.tasks)}
@@ -569,12 +724,13 @@ class AdapterBank:
                 groups.append((tasks[i], pos, pos + 1))
         index = torch.tensor(order, device=images.device)
         row_tasks = torch.tensor([order_of[tasks[i]] for i in order], device=images.device)
-        with self._lock:
-            self._route.batch, self._route.groups, self._route.row_tasks = len(images), groups, row_tasks
-            try:
-                out = self.model(images.index_select(0, index))
-            finally:
-                self._route.batch, self._route.groups = 0, []
+        for bank_linear in self._linears.values():
+            bank_linear.settle()
+        self._route.batch, self._route.groups, self._route.row_tasks = len(images), groups, row_tasks
+        try:
+            out = self.model(images.index_select(0, index))
+        finally:
+            self._route.batch, self._route.groups = 0, []
         result: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for pos, i in enumerate(order):
             result[i] = out[pos, :self.tasks[tasks[i]].num_classes or out.shape[1]]
@@ -587,10 +743,13 @@ class AdapterBank:
         if isinstance(tasks, str):
             tasks = [tasks] * len(images)
         rows = []
-        for logits, task in zip(self(images, tasks), tasks):
+        with self._lock:  # a folder bank keeps the tasks of this call until their names are read
+            logits_of = self(images, tasks)
+            names_of = {t: self.tasks[t].class_names for t in tasks}
+        for logits, task in zip(logits_of, tasks):
             probs = logits.float().softmax(0)
             values, idx = probs.topk(min(k, probs.numel()))
-            names = self.tasks[task].class_names
+            names = names_of[task]
             rows.append([{"label": names[j] if j < len(names) else str(j), "index": j, "prob": p}
                          for j, p in zip(idx.tolist(), values.tolist())])
         return rows
@@ -611,7 +770,19 @@ class AdapterBank:
     def resident_bytes(self) -> int:
         """Bytes of every tensor the bank holds: the backbone once, each task's adapters and classifier, and the
         routing tables (``backbone_bytes() + Σ task.resident_bytes + routing_bytes()``)."""
+        for bank_linear in self._linears.values():
+            bank_linear.settle()
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
+
+    @classmethod
+    def from_folder(cls, backbone: nn.Module, folder: str | os.PathLike, cache_mb: float | None = None,
+                    device: torch.device | str | None = None, img_size: int | None = None) -> AdapterBank:
+        """A bank serving every adapter file in ``folder`` (``NAME.safetensors`` or ``NAME/adapter.safetensors``:
+        task NAME), each loaded on first use, the most recently used kept within ``cache_mb`` MiB: a
+        :class:`heartlora.bank_folder.FolderBank`."""
+        from heartlora.bank_folder import FolderBank
+
+        return FolderBank(backbone, folder, cache_mb=cache_mb, device=device, img_size=img_size)
 
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
@@ -634,19 +805,31 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
     if len(set(sizes.values())) > 1:
         raise ConfigError("the adapters were trained at different image sizes "
                           f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
-    run = dict(infos[0]["run"])
-    run.setdefault("backbone_spec", infos[0]["adapter"]["backbone"])
-    if "num_classes" not in run["backbone_spec"]:
-        raise ConfigError(f"{files[0]} was saved from a model create_backbone did not build: make the bank in Python "
-                          "with heartlora.AdapterBank(your_backbone)")
-    bank = AdapterBank(build_backbone(run, override=backbone, source=str(files[0])), device=device)
+    model, size = backbone_for(files[0], backbone, infos[0])
+    bank = AdapterBank(model, device=device)
     tasks = [i["run"].get("task") or None for i in infos]
     for f, task in zip(files, tasks):  # two runs of one task: name them by their run folders
         bank.add(f, name=(f.parent.name if f.stem == "adapter" else f.stem) if tasks.count(task) > 1 else None)
-    size = next(iter(sizes.values())) or getattr(bank.model, "img_size", None)
+    return bank, size
+
+
+def backbone_for(file: Path, backbone: str | None = None, info: dict[str, Any] | None = None) -> tuple[nn.Module, int]:
+    """The backbone adapter ``file`` names (``backbone`` builds another, as ``load_trained`` does) and the image
+    size it was trained at; ``info``: the file's ``read_run_info``, when read already."""
+    info = info or read_run_info(file)
+    if info["kind"] != "adapter":
+        raise ConfigError(f"{file} stores plain weights (a linear or full run), not an adapter: only adapter "
+                          "files share a backbone in a bank")
+    run = dict(info["run"])
+    run.setdefault("backbone_spec", info["adapter"]["backbone"])
+    if "num_classes" not in run["backbone_spec"]:
+        raise ConfigError(f"{file} was saved from a model create_backbone did not build: make the bank in Python "
+                          "with heartlora.AdapterBank(your_backbone)")
+    model = build_backbone(run, override=backbone, source=str(file))
+    size = run.get("img_size") or run["backbone_spec"].get("img_size") or getattr(model, "img_size", None)
     if not size:
-        raise ConfigError(f"{files[0]} names no image size: make the bank in Python and resize images yourself")
-    return bank, int(size)
+        raise ConfigError(f"{file} names no image size: make the bank in Python and resize images yourself")
+    return model, int(size)
 
 
 def _has(root: nn.Module, name: str) -> bool:

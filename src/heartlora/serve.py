@@ -56,6 +56,22 @@ def decode_image(data: bytes, img_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
+class TaskRefused(HeartLoRAError):
+    """A request's task is known but its adapter could not be loaded (a damaged file, another backbone): the
+    server answers it 500 with this one line."""
+
+
+def task_rows(bank: AdapterBank) -> list[dict[str, Any]]:
+    """GET /tasks: every task a request may name, ``{"name", "num_classes", "class_names", "loaded"}``; a folder
+    bank's tasks not in memory have ``num_classes`` null and no class names until their first request."""
+    rows = []
+    for name in bank.available():
+        t = bank.tasks.get(name)
+        rows.append({"name": name, "num_classes": t.num_classes, "class_names": list(t.class_names), "loaded": True}
+                    if t is not None else {"name": name, "num_classes": None, "class_names": [], "loaded": False})
+    return rows
+
+
 @dataclass
 class BatchStats:
     """What the batcher has done: requests answered and bank calls made (requests / calls = mean batch size)."""
@@ -120,7 +136,11 @@ class Batcher:
                         future.set_exception(exc)
                 continue
             for (*_, future), answer in zip(items, answers):
-                if not future.done():  # the client may have gone
+                if future.done():  # the client may have gone
+                    continue
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
                     future.set_result(answer)
 
     @contextlib.asynccontextmanager
@@ -137,16 +157,21 @@ class Batcher:
         from a running server without disturbing the batches around it."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _answer(self, items: Sequence[tuple]) -> list[list[dict[str, Any]] | None]:
-        """The top labels of each request; None for one whose task was removed while it waited."""
-        live = [i for i in items if i[1] in self.bank.tasks]
+    def _answer(self, items: Sequence[tuple]) -> list[list[dict[str, Any]] | None | TaskRefused]:
+        """The top labels of each request; None for one whose task was removed while it waited; a
+        :class:`TaskRefused` for one whose adapter could not be loaded (a folder bank loads here what the batch
+        needs: the other tasks of the batch get their answers)."""
+        failed = self.bank.ensure([i[1] for i in items])
+        live = [i for i in items if i[1] not in failed]
         tops = iter(self.bank.top_k(torch.stack([i[0] for i in live]), [i[1] for i in live],
                                     k=max(i[2] for i in live)) if live else [])
         self.stats.requests += len(items)
         self.stats.calls += 1
         self.stats.largest = max(self.stats.largest, len(items))
         self.stats.sizes.append(len(items))
-        return [next(tops)[:k] if task in self.bank.tasks else None for _, task, k, _ in items]
+        gone = {t: not self.bank.has_task(t) for t in failed}
+        return [next(tops)[:k] if task not in failed else None if gone[task] else TaskRefused(failed[task])
+                for _, task, k, _ in items]
 
 
 def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0) -> Any:
@@ -164,18 +189,17 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         return JSONResponse({"error": " ".join(message.split())}, status_code=status)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "tasks": len(bank.tasks)})
+        return JSONResponse({"status": "ok", "tasks": len(bank.available())})
 
     async def tasks(request: Request) -> JSONResponse:
-        return JSONResponse([{"name": t.name, "num_classes": t.num_classes, "class_names": t.class_names}
-                             for t in bank.tasks.values()])
+        return JSONResponse(task_rows(bank))
 
     async def predict(request: Request) -> JSONResponse:
         task = request.query_params.get("task")
         if not task:
-            return error(400, f"name the task: POST /predict?task=NAME (tasks: {', '.join(bank.tasks)})")
-        if task not in bank.tasks:
-            return error(404, f"unknown task {task!r}: this server holds {', '.join(bank.tasks)}")
+            return error(400, "name the task: POST /predict?task=NAME (the tasks: GET /tasks)")
+        if not bank.has_task(task):
+            return error(404, bank.unknown(task))
         raw_k = request.query_params.get("top_k", "5")
         if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_TOP_K:
             return error(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}")
@@ -198,7 +222,12 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             image = decode_image(body, img_size)
         except HeartLoRAError as exc:
             return error(400, str(exc))
-        top = await batcher.submit(image, task, int(raw_k))
+        try:
+            top = await batcher.submit(image, task, int(raw_k))
+        except TaskRefused as exc:
+            return error(500, str(exc))
+        if top is None:
+            return error(404, bank.unknown(task))
         return JSONResponse({"task": task, "top": top})
 
     @asynccontextmanager

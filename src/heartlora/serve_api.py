@@ -26,7 +26,7 @@ from typing import Any
 import heartlora
 from heartlora.bank import AdapterBank
 from heartlora.errors import ConfigError, HeartLoRAError
-from heartlora.serve import MAX_BODY_BYTES, MAX_TOP_K, Batcher, decode_image
+from heartlora.serve import MAX_BODY_BYTES, MAX_TOP_K, Batcher, TaskRefused, decode_image, task_rows
 
 MAX_ADAPTER_BYTES = 512 * 2**20
 MIN_TOKEN_CHARS = 16
@@ -87,8 +87,11 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
     class Task(BaseModel):
         name: str
-        num_classes: int
+        num_classes: int | None  # null: a folder's task not loaded yet
         class_names: list[str]
+
+    class Listed(Task):
+        loaded: bool  # false: a folder's task not in memory (loaded by its first request)
 
     class Label(BaseModel):
         label: str
@@ -103,7 +106,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         removed: str
         tasks: int
 
-    errors = {code: {"model": Error} for code in (400, 404, 413)}
+    errors = {code: {"model": Error} for code in (400, 404, 413, 500)}
     admin_errors = {code: {"model": Error} for code in (400, 401, 403, 404, 409, 413)}
 
     app = FastAPI(title="heartlora", version=heartlora.__version__, lifespan=lambda app: batcher.running(),
@@ -171,16 +174,16 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
     @app.get("/", summary="What this server is")
     async def index() -> dict[str, Any]:
-        return {"service": "heartlora", "version": heartlora.__version__, "tasks": len(bank.tasks), "docs": "/docs",
-                "openapi": "/openapi.json"}
+        return {"service": "heartlora", "version": heartlora.__version__, "tasks": len(bank.available()),
+                "docs": "/docs", "openapi": "/openapi.json"}
 
     @app.get("/health", response_model=Health, summary="Liveness and the number of tasks")
     async def health() -> Health:
-        return Health(status="ok", tasks=len(bank.tasks))
+        return Health(status="ok", tasks=len(bank.available()))
 
-    @app.get("/tasks", response_model=list[Task], summary="The tasks served, with their class names")
-    async def tasks() -> list[Task]:
-        return [task_info(name) for name in list(bank.tasks)]
+    @app.get("/tasks", response_model=list[Listed], summary="The tasks served, with their class names")
+    async def tasks() -> list[Listed]:
+        return [Listed(**row) for row in task_rows(bank)]
 
     @app.post("/predict", response_model=Prediction, responses=errors, openapi_extra=_body_schema(
               "file", "the image file (PNG, JPEG, …): the raw body, or the multipart form field `file`"),
@@ -188,15 +191,18 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     async def predict(request: Request, task: str | None = Query(None, description="the task (GET /tasks)"),
                       top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="how many labels")) -> Prediction:
         if not task:
-            raise Failure(400, f"name the task: POST /predict?task=NAME (tasks: {', '.join(bank.tasks)})")
-        if task not in bank.tasks:
-            raise Failure(404, f"unknown task {task!r}: this server holds {', '.join(bank.tasks) or 'no tasks'}")
+            raise Failure(400, "name the task: POST /predict?task=NAME (the tasks: GET /tasks)")
+        if not bank.has_task(task):
+            raise Failure(404, bank.unknown(task))
         data = await read_file(request, "file", MAX_BODY_BYTES, "image")
         try:
             image = decode_image(data, img_size)
         except HeartLoRAError as exc:
             raise Failure(400, str(exc)) from None
-        top = await batcher.submit(image, task, top_k)
+        try:
+            top = await batcher.submit(image, task, top_k)
+        except TaskRefused as exc:
+            raise Failure(500, str(exc)) from None
         if top is None:
             raise Failure(404, f"task {task!r} was removed while this request waited")
         return Prediction(task=task, top=top)
@@ -228,6 +234,6 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         if name not in bank.tasks:
             raise Failure(404, f"unknown task {name!r}: this server holds {', '.join(bank.tasks) or 'no tasks'}")
         await batcher.run_exclusive(bank.remove, name)
-        return Removed(removed=name, tasks=len(bank.tasks))
+        return Removed(removed=name, tasks=len(bank.available()))
 
     return app

@@ -160,7 +160,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 OTHER_RANGES = {"port": ("int", 0, 65535, "(0: any free port)"), "max_batch": ("int", 1, 100_000, ""),
                 "max_wait_ms": ("float", 0, 60_000, "milliseconds"), "top_k": ("int", 1, 1000, ""),
-                "batches": ("int", 1, 100_000, "")}
+                "batches": ("int", 1, 100_000, ""), "cache_mb": ("float", 0.01, 10_000_000, "MiB")}
 
 
 def number(name: str, flag: str | None = None) -> Callable[[str], Any]:

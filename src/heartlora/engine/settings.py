@@ -326,8 +326,8 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
              if _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
     if clash:
         what = ", ".join(f"{{{k}}} {a} (run has {b})" for k, (a, b) in clash.items())
-        raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with {{overwrite}} or "
-                     "a new {out}")
+        raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with "
+                            "{overwrite} or a new {out}")
     for k, v in saved.items():
         if hasattr(out, k):
             setattr(out, k, tuple(v) if k == "targets" and v is not None else v)

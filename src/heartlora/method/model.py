@@ -103,7 +103,7 @@ def find_classifier(model: nn.Module) -> tuple[str, ...]:
 
 
 def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: bool = True,
-           example_input: Any = None) -> nn.Module:
+           example_input: Any = None, fingerprint: str | None = None) -> nn.Module:
     """Add head-aware LoRA adapters to every attention layer of ``model`` (in place) and freeze everything else but
     ``config.modules_to_save`` (the classifier by default). Returns ``model``; :func:`coverage` says what was adapted.
 
@@ -111,6 +111,8 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
     ``example_input`` (or a dummy input of the model's own size), with the zero factors set nonzero for the
     duration, must change the output and give every adapted projection a gradient; otherwise it raises
     UnsupportedBackboneError naming the modules. The adapters are restored bit for bit afterwards.
+    ``fingerprint``: the backbone's :func:`backbone_fingerprint` (classifier skipped) when the caller has it already,
+    e.g. an AdapterBank loading many files onto one backbone; else it is computed here.
 
     >>> import timm, heartlora as hl
     >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32)
@@ -136,7 +138,7 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
     find_attention(model)  # refuse a model with no attention before touching it
     if verify and example_input is None:
         example_input = dummy_input(model)
-    fingerprint = backbone_fingerprint(model, skip=save)
+    fingerprint = fingerprint or backbone_fingerprint(model, skip=save)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)

@@ -415,13 +415,17 @@ def _transformers_backbone(folder: Path) -> nn.Module:
 
 
 def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLike | None = None,
-                 check_fingerprint: bool = True) -> nn.Module:
+                 check_fingerprint: bool = True, *, verify: bool = True, fingerprint: str | None = None) -> nn.Module:
     """Attach the file's adapter to ``backbone`` (a fresh one, built as the file's ``backbone`` spec says), switch
     off its heads, load its weights and classifier. Refuses a file for another backbone or configuration; the file
     is checked completely before anything is attached. ``path`` may be a run folder (its adapter.safetensors).
 
     ``load_adapter(DIR)``, with no backbone: DIR is a folder a transformers Trainer saved with
-    ``HeartLoRACallback``; the backbone is the transformers model of its config.json and model.safetensors."""
+    ``HeartLoRACallback``; the backbone is the transformers model of its config.json and model.safetensors.
+
+    For many files on one backbone (an AdapterBank): ``fingerprint`` is the backbone's fingerprint (its classifier
+    skipped) computed once, and ``verify=False`` skips attach's live-adapter probe once it has passed for the same
+    configuration on this backbone."""
     if path is None:
         if isinstance(backbone, nn.Module):
             raise ConfigError("load_adapter(model) needs the adapter's path: load_adapter(model, path)")
@@ -434,7 +438,7 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
     spec = getattr(backbone, "spec", None)
     want = meta["backbone"]
     if check_fingerprint:
-        fp = backbone_fingerprint(backbone, skip=cfg.modules_to_save)
+        fp = fingerprint = fingerprint or backbone_fingerprint(backbone, skip=cfg.modules_to_save)
         if fp != meta["fingerprint"]:
             run = (meta.get("extra") or {}).get(RUN_KEY) or {}
             random = (f"; it was trained on random weights: build the backbone after torch.manual_seed("
@@ -465,7 +469,7 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
     # the caller's random stream (CPU and the backbone's GPUs) as it was
     gpus = sorted({p.device.index or 0 for p in backbone.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=gpus):
-        model = attach(backbone, cfg)
+        model = attach(backbone, cfg, verify=verify, fingerprint=fingerprint)
     try:
         _fill(model, path, meta, tensors, cfg, modules)
     except BaseException:
