@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from heartlora_bench import add_record, load_results, machine
+from heartlora_bench.runner import ended_run, launch, run_pool, start_limit
 from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,58 +205,38 @@ def make_record(item: tuple[str, str, str, float, int], metrics: dict[str, Any],
 
 def cmd_run(args: argparse.Namespace) -> int:
     suite = {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]}
-    running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
-    failed: set[str] = set()
-    started = finished = 0
-    deadline = time.time() + args.deadline_s if args.deadline_s is not None else None
-    try:
-        while True:
-            data = load_results(RECORDS)
-            for item in plan(data):
-                if len(running) >= args.jobs or (args.max_runs is not None and started >= args.max_runs) or \
-                        (deadline is not None and time.time() >= deadline):
-                    break
-                run = run_id(*item)
-                if run in running or run in failed:
-                    continue
-                if item[0] == "final" and (old := suite_record(suite, item[1], item[2], item[3], item[4])):
-                    add_record(make_record(item, old, reused_from=old["id"]), RECORDS)
-                    print(f"reused {old['id']} as {run}", flush=True)
-                    continue
-                out = RUNS / run
-                if (out / "metrics.json").is_file():
-                    add_record(make_record(item, json.loads((out / "metrics.json").read_text())), RECORDS)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed when the run ends)
-                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                proc = subprocess.Popen(command(*item, out, args.threads), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=ROOT)
-                running[run] = (proc, item, time.time(), log)
-                started += 1
-                print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
-            if not running:
-                break
-            time.sleep(POLL_S)
-            for run, (proc, item, t0, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                del running[run]
-                metrics_path = RUNS / run / "metrics.json"
-                if proc.returncode != 0 or not metrics_path.is_file():
-                    failed.add(run)
-                    print(f"    FAILED {run} (exit {proc.returncode}): see {RUNS / run}.log", flush=True)
-                    continue
-                rec = make_record(item, json.loads(metrics_path.read_text()))
-                rec["machine"] = {**machine(), "threads": args.threads}
-                add_record(rec, RECORDS)
-                finished += 1
-                print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
-                      f"{time.time() - t0:.0f} s", flush=True)
-    finally:
-        for proc, *_ in running.values():
-            proc.terminate()
+    finished = 0
+
+    def ready() -> list[tuple[str, tuple]]:
+        return [(run_id(*item), item) for item in plan(load_results(RECORDS))]
+
+    def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
+        if item[0] == "final" and (old := suite_record(suite, item[1], item[2], item[3], item[4])):
+            add_record(make_record(item, old, reused_from=old["id"]), RECORDS)
+            print(f"reused {old['id']} as {run}", flush=True)
+            return None
+        out = RUNS / run
+        if (out / "metrics.json").is_file():  # finished, but its record was never written: record it
+            add_record(make_record(item, json.loads((out / "metrics.json").read_text())), RECORDS)
+            return None
+        print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
+        return launch(command(*item, out, args.threads), out.parent / f"{out.name}.log", ROOT, args.threads)
+
+    def finish(run: str, item: tuple, returncode: int, seconds: float) -> bool:
+        nonlocal finished
+        metrics = ended_run(RUNS, run, returncode)
+        if metrics is None:
+            return False
+        rec = make_record(item, metrics)
+        rec["machine"] = {**machine(), "threads": args.threads}
+        add_record(rec, RECORDS)
+        finished += 1
+        print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
+              f"{seconds:.0f} s", flush=True)
+        return True
+
+    _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S, 
+                         may_start=start_limit(args.max_runs, getattr(args, "deadline_s", None)))
     print(f"frontier: {finished} runs recorded now, {len(failed)} failed, {len(plan(load_results(RECORDS)))} ready",
           flush=True)
     report()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -37,7 +36,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from heartlora.engine.settings import PROFILES as ENGINE_PROFILES
 from heartlora_bench import (
     METHODS,
     PROFILES,
@@ -50,6 +48,9 @@ from heartlora_bench import (
     plan,
     run_id,
 )
+from heartlora_bench.runner import ended_run, launch, run_pool, start_limit
+
+from heartlora.engine.settings import PROFILES as ENGINE_PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "records" / "results.json"
@@ -146,10 +147,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile = _profile(args)
     threads = args.threads or profile.threads
     jobs = max(1, args.jobs)
-    running: dict[str, tuple[subprocess.Popen, tuple, float, Any]] = {}
-    failed: set[str] = set()
-    started = finished = 0
-    deadline = time.time() + max(args.deadline_s, 0.0) if getattr(args, "deadline_s", None) is not None else None
     redo = {x.strip() for x in (getattr(args, "redo", None) or "").split(",") if x.strip()}
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if redo:
@@ -170,55 +167,41 @@ def cmd_run(args: argparse.Namespace) -> int:
                                if r["id"] not in redo or r.get("recorded_at", "") >= since]
         return data
 
-    try:
-        while True:
-            data = current()
-            for item in plan(profile, data):
-                if len(running) >= jobs or (args.max_runs is not None and started >= args.max_runs) or \
-                        (deadline is not None and time.time() >= deadline):
-                    break
-                run = run_id(profile, *item[:5])
-                if run in running or run in failed:
-                    continue
-                out = RUNS / run
-                if (out / "metrics.json").is_file():  # finished, but its record was never written: record it
-                    record_run(profile, item, json.loads((out / "metrics.json").read_text()), threads)
-                    print(f"recorded the finished run {run}", flush=True)
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                cmd = run_command(profile, *item[:5], out, args.device, threads)
-                log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed when the run ends)
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads or "")} if threads else None
-                running[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                                item, time.time(), log)
-                started += 1
-                print(f"[{time.strftime('%H:%M:%S')}] start {run}" + (" (resume)" if "--resume" in cmd else ""),
-                      flush=True)
-            if not running:
-                break
-            time.sleep(POLL_S)
-            for run, (proc, item, t0, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                del running[run]
-                metrics_path = RUNS / run / "metrics.json"
-                if proc.returncode != 0 or not metrics_path.is_file():
-                    failed.add(run)
-                    print(f"    FAILED {run} (exit {proc.returncode}): see {RUNS / run}.log", flush=True)
-                    continue
-                metrics = json.loads(metrics_path.read_text())
-                record_run(profile, item, metrics, threads)
-                finished += 1
-                print(f"    done {run}: {metrics['accuracy_split']} acc {metrics['accuracy']:.4f}, "
-                      f"{metrics['adapter_bytes']} B, {time.time() - t0:.0f} s", flush=True)
-                if args.report_every and finished % args.report_every == 0:
-                    report(profile.name)
-    finally:
-        for proc, *_ in running.values():  # interrupted: the children stop too; their checkpoints resume them
-            proc.terminate()
+    finished = 0
+
+    def ready() -> list[tuple[str, tuple]]:
+        return [(run_id(profile, *item[:5]), item) for item in plan(profile, current())]
+
+    def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
+        out = RUNS / run
+        if (out / "metrics.json").is_file():  # finished, but its record was never written: record it
+            record_run(profile, item, json.loads((out / "metrics.json").read_text()), threads)
+            print(f"recorded the finished run {run}", flush=True)
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = run_command(profile, *item[:5], out, args.device, threads)
+        launched = launch(cmd, out.parent / f"{out.name}.log", ROOT, threads)
+        print(f"[{time.strftime('%H:%M:%S')}] start {run}" + (" (resume)" if "--resume" in cmd else ""), flush=True)
+        return launched
+
+    def finish(run: str, item: tuple, returncode: int, seconds: float) -> bool:
+        nonlocal finished
+        metrics = ended_run(RUNS, run, returncode)
+        if metrics is None:
+            return False
+        record_run(profile, item, metrics, threads)
+        finished += 1
+        print(f"    done {run}: {metrics['accuracy_split']} acc {metrics['accuracy']:.4f}, "
+              f"{metrics['adapter_bytes']} B, {seconds:.0f} s", flush=True)
+        if args.report_every and finished % args.report_every == 0:
+            report(profile.name)
+        return True
+
+    _, failed = run_pool(ready, start, finish, jobs=jobs, poll_s=lambda: POLL_S, 
+                         may_start=start_limit(args.max_runs, getattr(args, "deadline_s", None)))
     left = len(plan(profile, current()))
-    print(f"profile {profile.name}: {finished} runs recorded now, {len(failed)} failed, {left} ready to run", flush=True)
+    print(f"profile {profile.name}: {finished} runs recorded now, {len(failed)} failed, {left} ready to run",
+          flush=True)
     report(profile.name)
     return 1 if failed else 0
 

@@ -106,7 +106,7 @@ def test_runner_records_reused_runs_and_never_reruns_them(tmp_path, monkeypatch)
     fill_val(data, "heart-lora", lambda lr: 0.7)
     (tmp_path / "frontier.json").write_text(json.dumps(data))
     started = []
-    monkeypatch.setattr(frontier.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("ran"))
+    monkeypatch.setattr(frontier, "launch", lambda *a, **k: started.append(a) or pytest.fail("ran"))
     monkeypatch.setattr(frontier, "plan", lambda d: [it for it in _plan(d) if it[2] == "lora" and
                                                       it[1] in frontier.CPU_TASKS])
     args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None)
@@ -157,3 +157,36 @@ def test_a_peft_method_with_two_rates_trains_and_reports_its_bytes(tmp_path):
     assert bank < m["adapter_bytes"] < bank + 24 * 4 * 3 * 2 * 2 * 8 * 2  # bank + top-2 weights and indices
     assert m["trainable_params"] > m["adapter_bytes"] // 4  # the full logits train; only the top-k are kept
     assert m["classifier_bytes"] == (768 * 10 + 10) * 4
+
+
+def test_the_shared_pool_runs_jobs_at_a_time_records_failures_and_stops_at_its_limit(tmp_path):
+    """heartlora_bench.runner (suite.py's and frontier.py's loop): at most ``jobs`` processes, a failed run is not
+    retried by the same call, a start that needs no process is skipped, and may_start stops new starts."""
+    import sys as _sys
+
+    from heartlora_bench import runner
+
+    codes = {"a": 0, "b": 3, "c": 0, "skip": None}
+    live, peak, done = [], [0], {}
+
+    def start(key, item):
+        if codes[key] is None:
+            return None
+        live.append(key)
+        peak[0] = max(peak[0], len(live))
+        cmd = [_sys.executable, "-c", f"import time, sys; time.sleep(0.2); sys.exit({codes[key]})"]
+        return runner.launch(cmd, tmp_path / f"{key}.log", tmp_path, 1)
+
+    def finish(key, item, returncode, seconds):
+        live.remove(key)
+        done[key] = returncode
+        return returncode == 0
+
+    ready = lambda: [(k, None) for k in codes if k not in done]  # noqa: E731
+    started, failed = runner.run_pool(ready, start, finish, jobs=2, poll_s=lambda: 0.02)
+    assert started == 3 and failed == {"b"} and done == {"a": 0, "b": 3, "c": 0} and peak[0] == 2
+    done.clear()
+    started, failed = runner.run_pool(ready, start, finish, jobs=2, poll_s=lambda: 0.02,
+                                      may_start=runner.start_limit(1, None))
+    assert started == 1 and len(done) == 1
+    assert runner.start_limit(None, 0.0)(0) is False and runner.start_limit(None, None)(10**6) is True
