@@ -629,7 +629,6 @@ def numeric_flags() -> list[tuple[str, str, Any]]:
 
 def bad_cli_cases() -> list[tuple[str, str, str, bool]]:
     """(command, flag, value, refused?) for every numeric flag at BAD_VALUES, then the issue's own cases."""
-    from heartlora.errors import HeartLoRAError as Refused
 
     cases = []
     for command, flag, parse in numeric_flags():

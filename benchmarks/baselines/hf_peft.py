@@ -44,7 +44,7 @@ from torch import nn
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
 MIN_FEWSHOT_STEPS = 100  # as heartlora's engine: a K-shot task trains for at least this many optimizer steps
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LEGACY_LR = 1e-3  # hf-peft's and linear-probe's learning rate (the plain recipe's)
+LINEAR_PROBE_LR = 1e-3  # the linear probe's learning rate (the plain recipe's, as hf-peft's reference)
 
 
 def _find(model: nn.Module, leaf: tuple[str, ...], cls: type = nn.Linear, inside: str = ".encoder.") -> list[str]:
@@ -151,11 +151,6 @@ def build_model(num_classes: int) -> nn.Module:
     model.dinov2.load_state_dict(weights, strict=True)
     model.dinov2.embeddings.mask_token.requires_grad_(False)
     return model
-
-
-def lora_targets(model: nn.Module) -> list[str]:
-    """Full names of the attention's q and v Linears, under either naming of the installed transformers."""
-    return _qv(model)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.method not in METHODS and not args.method.startswith("peft:"):
         ap.error(f"--method {args.method}: not one of {', '.join(METHODS)} nor peft:<ConfigClass>")
     if args.lr is None:
-        args.lr = LEGACY_LR if args.method == "linear-probe" else peft_spec(args.method, args.peft_kwargs)["lr"]
+        args.lr = LINEAR_PROBE_LR if args.method == "linear-probe" else peft_spec(args.method, args.peft_kwargs)["lr"]
     if not (args.lr > 0 and args.lr < float("inf")):
         ap.error(f"--lr {args.lr}: must be a positive finite number")
     done = args.out / "metrics.json"

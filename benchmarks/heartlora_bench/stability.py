@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np

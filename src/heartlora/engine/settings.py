@@ -404,14 +404,7 @@ def _check(out: TrainConfig, method: Any) -> None:
         raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
         raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
-    for name in ("epochs", "batch_size", "img_size", "eval_every"):
-        if int(getattr(out, name)) < 1:
-            raise setting_error(f"{{{name}}} must be at least 1, got {getattr(out, name)}")
-    check_threads(out.threads)
-    if out.lr <= 0 or out.weight_decay < 0:
-        raise setting_error("{lr} must be positive and {weight_decay} not negative")
-    if out.stop_after_epoch is not None and out.stop_after_epoch < 1:
-        raise setting_error(f"{{stop_after_epoch}} {out.stop_after_epoch} must be at least 1")
+    # the numeric ranges (epochs, batch size, image size, lr, threads, …) were checked against RANGES in resolve()
 
 
 def _warmup(out: TrainConfig, method: Any) -> None:
