@@ -9,8 +9,10 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
    one natural task of the cpu suite; seed 42); the best mean val200 accuracy wins (ties: the earlier grid point, so
    the reference). When the best is at an end of the grid, the grid grows one step (× 3 or ÷ 3) that way, at most
    ``MAX_EXTEND`` times, so a reference off by a decade is still found. Points marked ``lr_from`` take another
-   point's choice (heartlora's variants of one method share its rate).
-2. **Final runs**: train800val200 → test, seed 42 on all 10 tasks first, then seeds 43 and 44 on the 7 cpu tasks.
+   point's choice (heartlora's variants of one method share its rate, as do PEFT's presets scaled under 20 KB);
+   heartlora's variants also run val200 at that rate, since heartlora's point at each budget is chosen on val200.
+2. **Final runs**: train800val200 → test, seed 42 on all 10 tasks first, then seeds 43 and 44 on the 7 cpu tasks
+   for the points that decide: every PEFT point, and heartlora's point that each goal compares with it.
    A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) is
    read from benchmarks/records/results.json instead of run again (its record says ``reused_from``).
 3. **Bytes**: what a user keeps per task beyond the frozen backbone, counted one way for all (the baseline script's
@@ -71,6 +73,10 @@ POINTS: dict[str, dict[str, Any]] = {
     "vblora": {"peft": "vblora", "lr": 1e-2, "family": "PEFT VB-LoRA"},
     "ia3": {"peft": "ia3", "lr": 3e-3, "family": "PEFT (IA)³"},
     "ln-tuning": {"peft": "ln-tuning", "lr": 1e-3, "family": "PEFT LN tuning"},
+    # the same methods scaled under 20 KB (goal 2's budget), each at its full-size preset's chosen rate
+    "fourierft-n400": {"peft": "fourierft-n400", "lr_from": "fourierft", "family": "PEFT FourierFT"},
+    "vblora-v60": {"peft": "vblora-v60", "lr_from": "vblora", "family": "PEFT VB-LoRA"},
+    "ia3-kv": {"peft": "ia3-kv", "lr_from": "ia3", "family": "PEFT (IA)³"},
     "heart-bi-lora": {"engine": ["--method", "heart-bi-lora", "--scope", "global"], "lr": 1e-3,
                       "suite": "heart-bi-lora", "family": "heartlora 1-bit"},
     "bi-lora": {"engine": ["--method", "bi-lora"], "lr_from": "heart-bi-lora", "suite": "bi-lora",
@@ -86,6 +92,9 @@ POINTS: dict[str, dict[str, Any]] = {
 }
 PEFT_POINTS = tuple(p for p, s in POINTS.items() if "peft" in s)
 HEART_POINTS = tuple(p for p, s in POINTS.items() if "engine" in s)
+REALLOCATION = ("heart-lora-r16-ne36", "heart-lora-r12-ne54")  # goal 3's candidates
+SMALL_BUDGET = 20_000  # goal 2: bytes a task at fp16, classifier excluded
+GOALS = {"bytes": 1.0, "small": 3.0, "reallocation": 1.0}  # the issue's margins, in test points
 
 
 def lr_str(lr: float) -> str:
@@ -133,13 +142,18 @@ def val_index(data: dict[str, Any]) -> dict[tuple[str, str, float], float]:
 
 def plan(data: dict[str, Any]) -> list[tuple[str, str, str, float, int]]:
     """Every run that can start now, as (protocol, task, point, lr, seed), in priority order: the val runs of the
-    rate search (few-shot task first: it is the cheapest), then seed 42's final runs (cpu tasks, then heldout), then
-    seeds 43 and 44 on the cpu tasks. Called again after each run, so new choices open new runs."""
+    rate search (few-shot task first: it is the cheapest) and of heartlora's variants at their shared rate (so that
+    heartlora's point at each budget is chosen on val200), then seed 42's final runs (cpu tasks, then heldout), then
+    seeds 43 and 44 on the cpu tasks for the points that decide (``deciding``). Called again after each run, so new
+    choices open new runs."""
     done = {r["id"] for r in data["records"]}
     val = val_index(data)
+    decide = deciding(data)
     ready: list[tuple[tuple, tuple[str, str, str, float, int]]] = []
     for pi, point in enumerate(POINTS):
         chosen, missing, _ = choose_lr(point, val)
+        if chosen is not None and "lr_from" in POINTS[point] and point in HEART_POINTS:
+            missing = [chosen]
         for lr in missing:
             for ti, task in enumerate(SELECT_TASKS):
                 if run_id("val", task, point, lr, SEEDS[0]) not in done:
@@ -147,10 +161,62 @@ def plan(data: dict[str, Any]) -> list[tuple[str, str, str, float, int]]:
         if chosen is None:
             continue
         for si, seed in enumerate(SEEDS):
+            if seed != SEEDS[0] and point not in decide:
+                continue
             for ti, task in enumerate(TASKS if seed == SEEDS[0] else CPU_TASKS):
                 if run_id("final", task, point, chosen, seed) not in done:
                     ready.append(((1 + si, ti, pi), ("final", task, point, chosen, seed)))
     return [item for _, item in sorted(ready, key=lambda kv: kv[0])]
+
+
+def deciding(data: dict[str, Any]) -> set[str]:
+    """The points whose seeds 43 and 44 run: every PEFT point; heartlora's point that each goal compares
+    (``comparisons``), known once every heartlora point has its val200 runs and all its seed-42 finals; and
+    heartlora's points at their suite method's reference rate, whose runs the suite already holds (reused, not run).
+    """
+    val = val_index(data)
+    out = set(PEFT_POINTS)
+    for point in HEART_POINTS:
+        spec = POINTS[point]
+        ref = spec.get("lr") or POINTS[spec.get("lr_from", point)].get("lr")
+        chosen = choose_lr(point, val)[0]
+        if "suite" in spec and chosen is not None and math.isclose(chosen, ref):
+            out.add(point)
+    fin = finals(data)
+    settled = all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in TASKS)
+                  for h in HEART_POINTS)
+    if settled:
+        out |= {row[2] for row in comparisons(fin, val) if row[2]}
+    return out
+
+
+def representative(candidates: tuple[str, ...], budget: float, fin: dict[str, dict[tuple[str, int], dict]],
+                   val: dict[tuple[str, str, float], float]) -> str | None:
+    """heartlora's point for a byte budget: among ``candidates`` whose mean bytes (fp16, seed-42 finals) do not
+    exceed ``budget``, the best mean val200 accuracy at its rate (ties: the earlier point). Test accuracy never
+    enters the choice."""
+    fits = [(val_score(h, val), -i, h) for i, h in enumerate(candidates)
+            if fin[h] and (mean_bytes(fin[h]) or 0) <= budget and val_score(h, val) is not None]
+    return max(fits)[2] if fits else None
+
+
+def comparisons(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float]
+                ) -> list[tuple[str, str, str | None, float]]:
+    """Every comparison the issue's goals make, as (goal, PEFT point, heartlora point or None, byte budget):
+    "bytes": each PEFT method against heartlora's point at no more bytes; "small": each PEFT method under
+    ``SMALL_BUDGET`` against heartlora's point under it; "reallocation": LoRA r8 against the heads-off, higher-rank
+    point at no more bytes."""
+    rows: list[tuple[str, str, str | None, float]] = []
+    for point in PEFT_POINTS:
+        budget = mean_bytes(fin[point])
+        if budget is None:
+            continue
+        rows.append(("bytes", point, representative(HEART_POINTS, budget, fin, val), budget))
+        if budget <= SMALL_BUDGET:
+            rows.append(("small", point, representative(HEART_POINTS, SMALL_BUDGET, fin, val), SMALL_BUDGET))
+    if (budget := mean_bytes(fin["lora-r8"])) is not None:
+        rows.append(("reallocation", "lora-r8", representative(REALLOCATION, budget, fin, val), budget))
+    return rows
 
 
 def suite_record(suite: dict[str, Any], task: str, point: str, lr: float, seed: int) -> dict[str, Any] | None:
@@ -272,7 +338,10 @@ def paired(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
 
 
 def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16") -> float | None:
-    return statistics.fmean(int(r[key]) for r in runs.values()) if runs else None
+    """A point's bytes a task: the mean over its seed-42 finals (over all its finals while it has none), so that
+    later seeds do not move a budget once the choices that read it are made."""
+    s42 = [r for (_, seed), r in runs.items() if seed == SEEDS[0]] or list(runs.values())
+    return statistics.fmean(int(r[key]) for r in s42) if s42 else None
 
 
 def partial(point: str, val: dict[tuple[str, str, float], float]) -> str:
@@ -313,14 +382,15 @@ def report() -> None:
     for point, spec in POINTS.items():
         chosen, missing, table = choose_lr(point, val)
         if "lr_from" in spec:
-            lines.append(f"| {point} | from {spec['lr_from']} | {lr_str(chosen) if chosen else '…'} | |")
+            score = val_score(point, val) if point in HEART_POINTS else None
+            cell = f"{lr_str(chosen)}: {100 * score:.1f}" if score is not None else ""
+            lines.append(f"| {point} | from {spec['lr_from']} | {lr_str(chosen) if chosen else '…'} | {cell} |")
             continue
         cells = ", ".join(f"{lr_str(r)}: {100 * a:.1f}" for r, a in table) if table else partial(point, val)
         lines.append(f"| {point} | {lr_str(spec['lr'])} | {lr_str(chosen) if chosen else '…'} | {cells} |")
     lines += ["", "## Frontier (test accuracy, mean over tasks)", "",
               "| point | bytes (fp16) | bytes as stored | cpu tasks s42 | cpu tasks, all seeds | heldout s42 | runs |",
               "|---|---|---|---|---|---|---|"]
-    rows = []
     for point in POINTS:
         runs = fin[point]
         if not runs:
@@ -331,32 +401,10 @@ def report() -> None:
 
         def m(xs: list[float], n: int) -> str:
             return f"{statistics.fmean(xs):.1f}" + ("" if len(xs) == n else f" ({len(xs)}/{n})") if xs else "…"
-        rows.append((mean_bytes(runs), point))
         lines.append(f"| {point} | {mean_bytes(runs):,.0f} | {mean_bytes(runs, 'adapter_bytes'):,.0f} | "
                      f"{m(s42, len(CPU_TASKS))} | {m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
-    lines += ["", "## Each PEFT method against heartlora's best point at no more bytes", "",
-              "heartlora's point is the one with the best mean val200 accuracy (selection tasks, chosen rate) among "
-              "its points whose mean fp16 bytes do not exceed the PEFT method's; the difference is heartlora − PEFT "
-              "in test points, paired over the (task, seed) cells both have, ± its standard error.", "",
-              "| PEFT method | bytes (fp16) | heartlora point | its bytes | cpu tasks: diff ± se (n) | "
-              "heldout: diff ± se (n) |", "|---|---|---|---|---|---|"]
-    for point in PEFT_POINTS:
-        budget = mean_bytes(fin[point])
-        if budget is None:
-            continue
-        fits = [(val_score(h, val), h) for h in HEART_POINTS
-                if fin[h] and (mean_bytes(fin[h]) or 0) <= budget and val_score(h, val) is not None]
-        if not fits:
-            lines.append(f"| {point} | {budget:,.0f} | none fits yet | | | |")
-            continue
-        best = max(fits)[1]
-
-        def fmt(res: tuple[float, float, int] | None) -> str:
-            return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
-        lines.append(f"| {point} | {budget:,.0f} | {best} | {mean_bytes(fin[best]):,.0f} | "
-                     f"{fmt(paired(fin[point], fin[best], cpu_cells))} | "
-                     f"{fmt(paired(fin[point], fin[best], held_cells))} |")
+    lines += goal_lines(fin, val, cpu_cells, held_cells)
     left = plan(data)
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)} (more open as the rate "
               "search finishes). A row with (k/n) is partial."]
@@ -366,7 +414,42 @@ def report() -> None:
     with atomic_path(DOC) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     plot(fin)
-    print(f"wrote {DOC.relative_to(ROOT)}")
+    print(f"wrote {DOC}")
+
+
+def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float],
+               cpu_cells: set[tuple[str, int]], held_cells: set[tuple[str, int]]) -> list[str]:
+    """The goals table: every comparison, heartlora − PEFT in test points paired over the (task, seed) cells both
+    have, ± its standard error, against the issue's margin; judged on the cpu tasks' 3 seeds, the heldout tasks
+    shown as the confirmation."""
+    titles = {"bytes": f"+{GOALS['bytes']:g} at the PEFT method's bytes",
+              "small": f"+{GOALS['small']:g} under {SMALL_BUDGET:,} bytes",
+              "reallocation": f"+{GOALS['reallocation']:g}: heads off and a higher rank at LoRA r8's bytes"}
+    lines = ["", "## Goals: heartlora against each PEFT method", "",
+             "heartlora's point for each comparison is chosen on val200 (the best mean val200 accuracy at its rate "
+             "among its points whose bytes fit the budget; the reallocation goal chooses among "
+             f"{', '.join(REALLOCATION)}). Difference: heartlora − PEFT in test points, paired over the (task, seed) "
+             "cells both have, ± its standard error (n cells). A goal is judged on the 7 cpu tasks × 3 seeds "
+             "(21 cells); the heldout tasks (seed 42) confirm it.", "",
+             "| goal | PEFT method | its bytes | heartlora point | its bytes | cpu: diff ± se (n) | "
+             "heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|"]
+    for goal, point, heart, budget in comparisons(fin, val):
+        if heart is None:
+            lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | none fits | | | | no |")
+            continue
+        cpu, held = paired(fin[point], fin[heart], cpu_cells), paired(fin[point], fin[heart], held_cells)
+        if cpu is None or cpu[2] < len(cpu_cells):
+            met = f"not yet ({cpu[2] if cpu else 0}/{len(cpu_cells)} cells)"
+        elif cpu[0] >= GOALS[goal]:
+            met = "yes" + ("" if held is None or held[0] >= GOALS[goal] else ", not on heldout")
+        else:
+            met = f"no, by {GOALS[goal] - cpu[0]:.1f}"
+
+        def fmt(res: tuple[float, float, int] | None) -> str:
+            return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
+        lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {heart} | "
+                     f"{mean_bytes(fin[heart]):,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
+    return lines
 
 
 def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:

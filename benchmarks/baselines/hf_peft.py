@@ -11,14 +11,15 @@ transformers', PEFT's and torch's. A finished run writes ``metrics.json`` with t
 ``hf-peft`` or ``linear-probe``), so a suite reads it as one more column.
 
 Any other PEFT method runs the same recipe with ``--method NAME``: the presets in ``PEFT_METHODS`` (LoRA at rank 1,
-2, 4 and 8, VeRA, FourierFT, VB-LoRA, IA³, LN tuning, LoHa, LoKr), each at the settings its paper or PEFT's docs give,
-or ``--method peft:<ConfigClass>`` with ``--peft-kwargs JSON`` for any config PEFT ships (``target_modules``
-defaults to q and v). ``--lr`` defaults to the preset's reference learning rate. Every run reports the bytes a user
-keeps per task beyond the frozen backbone, counted one way for every method: the tensors PEFT's ``save_pretrained``
-writes (``get_peft_model_state_dict``) without the classifier, at the precision PEFT stores them
-(``adapter_bytes``), at fp16 for the float ones (``adapter_bytes_fp16``), and the classifier apart
-(``classifier_bytes``, fp32). Tensors regenerated from a stored seed (VeRA's shared projections, FourierFT's
-frequency positions) are not counted, since PEFT rebuilds them from the config.
+2, 4 and 8, VeRA, FourierFT, VB-LoRA, IA³, LN tuning, LoHa, LoKr), each at the settings its paper or PEFT's docs
+give, and FourierFT, VB-LoRA and IA³ also scaled under 20 KB a task; or ``--method peft:<ConfigClass>`` with
+``--peft-kwargs JSON`` for any config PEFT ships (``target_modules`` defaults to q and v). ``--lr`` defaults to the
+preset's reference learning rate. Every run reports the bytes a user keeps per task beyond the frozen backbone,
+counted one way for every method: the tensors PEFT's ``save_pretrained`` writes (``get_peft_model_state_dict``)
+without the classifier, at the precision PEFT stores them (``adapter_bytes``), at fp16 for the float ones
+(``adapter_bytes_fp16``), and the classifier apart (``classifier_bytes``, fp32). Tensors regenerated from a stored
+seed (VeRA's shared projections, FourierFT's frequency positions) are not counted, since PEFT rebuilds them from
+the config.
 
     python benchmarks/baselines/hf_peft.py --task digits --protocol val --out runs/base/digits-hf-peft
     python benchmarks/baselines/hf_peft.py --task vtab:/data/cifar --method linear-probe --out runs/base/cifar-lp
@@ -66,6 +67,19 @@ def _lora(r: int) -> dict[str, Any]:
             "lr": 1e-3, "settings": f"LoRA r{r} on q and v, lora_alpha 8 (PEFT's default), no dropout"}
 
 
+def _fourierft(n: int, settings: str) -> dict[str, Any]:
+    return {"cls": "FourierFTConfig", "kwargs": lambda m: {"n_frequency": n, "scaling": 300.0,
+                                                           "target_modules": _qv(m), "random_loc_seed": 777},
+            "lr": 1e-2, "settings": settings}
+
+
+def _vblora(vectors: int, settings: str) -> dict[str, Any]:
+    return {"cls": "VBLoRAConfig", "kwargs": lambda m: {"r": 4, "num_vectors": vectors, "vector_length": 128,
+                                                        "topk": 2, "target_modules": _qv(m),
+                                                        "save_only_topk_weights": True},
+            "lr": 1e-2, "param_groups": {"vector_bank": 0.1}, "settings": settings}
+
+
 # Preset → PEFT config class, its kwargs for the DINOv2 classifier, the reference learning rate (the centre of the
 # grid a sweep searches) and where the settings come from. "param_groups" splits the optimizer where the method's
 # paper trains two kinds of parameters at different rates.
@@ -80,18 +94,11 @@ PEFT_METHODS: dict[str, dict[str, Any]] = {
                                   "save_projection": False},
              "lr": 1e-2, "settings": "VeRA r 256 (PEFT's default) on q and v, d_initial 0.1; the shared random "
                                      "projections are rebuilt from projection_prng_key, not stored"},
-    "fourierft": {"cls": "FourierFTConfig",
-                  "kwargs": lambda m: {"n_frequency": 1000, "scaling": 300.0, "target_modules": _qv(m),
-                                       "random_loc_seed": 777},
-                  "lr": 1e-2, "settings": "FourierFT on q and v, 1000 frequencies a matrix (PEFT's default), "
-                                          "scaling 300 (PEFT's docs for ViT image classification)"},
-    "vblora": {"cls": "VBLoRAConfig",
-               "kwargs": lambda m: {"r": 4, "num_vectors": 90, "vector_length": 128, "topk": 2,
-                                    "target_modules": _qv(m), "save_only_topk_weights": True},
-               "lr": 1e-2, "param_groups": {"vector_bank": 0.1},
-               "settings": "VB-LoRA r 4, top-2 of a bank of 90 vectors (the paper's base-model bank) of length 128 "
-                           "(its 256 does not divide DINOv2-S's 384), on q and v; the bank trains at lr/10, the "
-                           "logits at lr (the paper's 1e-3 / 1e-2 split); only the top-k weights are stored"},
+    "fourierft": _fourierft(1000, "FourierFT on q and v, 1000 frequencies a matrix (PEFT's default), scaling 300 "
+                                  "(PEFT's docs for ViT image classification)"),
+    "vblora": _vblora(90, "VB-LoRA r 4, top-2 of a bank of 90 vectors (the paper's base-model bank) of length 128 (its "
+                          "256 does not divide DINOv2-S's 384), on q and v; the bank trains at lr/10, the logits at lr "
+                          "(the paper's 1e-3 / 1e-2 split); only the top-k weights are stored"),
     "ia3": {"cls": "IA3Config",
             "kwargs": lambda m: {"target_modules": _find(m, ("key", "value", "k_proj", "v_proj", "fc2")),
                                  "feedforward_modules": _find(m, ("fc2",))},
@@ -102,6 +109,15 @@ PEFT_METHODS: dict[str, dict[str, Any]] = {
                                                                 inside="dinov2.")},
                   "lr": 1e-3, "settings": "LN tuning: every LayerNorm's weight and bias (both norms of each block "
                                           "and the final one)"},
+    # The same methods scaled under 20 KB a task at fp16 (the budget where heartlora's 1-bit points sit), each by its
+    # own size knob: FourierFT's frequencies per matrix, VB-LoRA's bank size, (IA)³'s placement.
+    "fourierft-n400": _fourierft(400, "FourierFT as the fourierft preset with 400 frequencies a matrix (19,200 "
+                                      "bytes at fp16 on DINOv2-S)"),
+    "vblora-v60": _vblora(60, "VB-LoRA as the vblora preset with a bank of 60 vectors (17,664 bytes at fp16)"),
+    "ia3-kv": {"cls": "IA3Config",
+               "kwargs": lambda m: {"target_modules": _find(m, ("key", "value", "k_proj", "v_proj")),
+                                    "feedforward_modules": []},
+               "lr": 3e-3, "settings": "(IA)³ on k and v only, the MLP left out (18,432 bytes at fp16)"},
     "loha": {"cls": "LoHaConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
              "lr": 1e-3, "settings": "LoHa r 4, alpha 4, on q and v"},
     "lokr": {"cls": "LoKrConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
