@@ -26,6 +26,9 @@ redone; an interrupted engine run resumes from its checkpoint.
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
     .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
+
+``report`` also rewrites the README's first table (between its ``<!-- frontier:begin -->`` and ``<!-- frontier:end
+-->`` marks) once every compared point has all its cpu cells, and leaves it as it is until then.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heartlora_bench import add_record, load_results, machine
+from heartlora_bench import add_record, load_results, machine, write_text_atomic
 from heartlora_bench.runner import ended_run, launch, run_pool, start_limit
 from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
@@ -409,12 +412,14 @@ def report() -> None:
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)} (more open as the rate "
               "search finishes). A row with (k/n) is partial."]
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    from heartlora._paths import atomic_path
-
-    with atomic_path(DOC) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text_atomic(DOC, "\n".join(lines) + "\n")
     plot(fin)
     print(f"wrote {DOC}")
+    table = readme_lines(fin, val, cpu_cells)
+    if table is None:
+        print("README's table left as it is: the comparison is not complete yet")
+    elif write_readme(table):
+        print(f"wrote the table between {README_MARKS[0]} and {README_MARKS[1]} in {README}")
 
 
 def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float],
@@ -450,6 +455,57 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
         lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {heart} | "
                      f"{mean_bytes(fin[heart]):,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
     return lines
+
+
+README = ROOT / "README.md"
+README_MARKS = ("<!-- frontier:begin -->", "<!-- frontier:end -->")
+
+
+def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float],
+                 cpu_cells: set[tuple[str, int]]) -> list[str] | None:
+    """The README's first table: each PEFT method's bytes and accuracy beside heartlora's point at no more bytes
+    (chosen on val200), and one line a user can act on: the most accurate point under ``SMALL_BUDGET`` and at any
+    size. None until every compared point has all its cpu cells."""
+    rows = [(p, h) for g, p, h, _ in comparisons(fin, val) if g == "bytes"]
+    full = {p for p in POINTS if cpu_cells <= set(fin[p])}
+    if not rows or any(p not in full or h not in full for p, h in rows):
+        return None
+
+    def acc(point: str) -> float:
+        return statistics.fmean(100 * float(fin[point][c]["accuracy"]) for c in cpu_cells)
+
+    lines = [f"Offline DINOv2 ViT-S/14, {len(CPU_TASKS)} tasks (natural, structured, 4-shot), 112 px, 10 epochs, test "
+             "accuracy mean over tasks and seeds 42–44; bytes per task at fp16, classifier excluded; every learning "
+             "rate and heartlora's point at each budget chosen on val200, never on test "
+             "(`.venv/bin/python benchmarks/frontier.py run`; every point, the goals and the heldout tasks: "
+             "[docs/research/FRONTIER.md](docs/research/FRONTIER.md)):", "",
+             "| PEFT method (plain recipe) | bytes | accuracy (%) | heartlora at no more bytes | bytes | "
+             "accuracy (%) | difference ± se |", "|---|---|---|---|---|---|---|"]
+    for point, heart in sorted(rows, key=lambda r: mean_bytes(fin[r[0]]) or 0):
+        d = paired(fin[point], fin[heart], cpu_cells)
+        lines.append(f"| {point} | {mean_bytes(fin[point]):,.0f} | {acc(point):.1f} | {heart} | "
+                     f"{mean_bytes(fin[heart]):,.0f} | {acc(heart):.1f} | {d[0]:+.1f} ± {d[1]:.1f} |")
+    small = [p for p in full if (mean_bytes(fin[p]) or 0) <= SMALL_BUDGET]
+    best = max(full, key=acc)
+    line = f"**For adapters under {SMALL_BUDGET // 1000} KB a task, use {max(small, key=acc)}**" if small else \
+        f"**No point measured fits under {SMALL_BUDGET // 1000} KB**"
+    lines += ["", line + f"; the most accurate point at any size measured is {best} ({acc(best):.1f} %, "
+              f"{mean_bytes(fin[best]):,.0f} bytes).", "",
+              "![accuracy against stored bytes](docs/research/frontier.png)"]
+    return lines
+
+
+def write_readme(lines: list[str], path: Path | None = None) -> bool:
+    """Put ``lines`` between the README's frontier marks (atomically); False where the marks are absent."""
+    path = path or README
+    text = path.read_text()
+    begin, end = README_MARKS
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    write_text_atomic(path, head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    return True
 
 
 def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:

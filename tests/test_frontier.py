@@ -165,6 +165,33 @@ def test_goal_lines_judge_the_paired_difference_against_each_margin():
     assert small.endswith(f"| no, by {3 - mean:.1f} |")
 
 
+def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_path):
+    nbytes = {"heart-bi-lora": 15_000, "bi-lora": 19_000, "ia3-kv": 18_432, "vblora-v60": 17_664,
+              "fourierft-n400": 19_200, "lora-r8": 294_912, "heart-lora": 245_760}
+    test_acc = {"heart-bi-lora": 0.70, "ia3-kv": 0.66, "heart-lora": 0.75, "lora-r8": 0.80}
+    data = settled_data({"heart-bi-lora": 0.9, "heart-lora": 0.8}, test_acc, nbytes)
+    cells = {(t, s) for t in frontier.CPU_TASKS for s in frontier.SEEDS}
+    assert frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells) is None  # seed 42 only
+    for r in [r for r in data["records"] if r["role"] == "final" and r["task"] in frontier.CPU_TASKS]:
+        for seed in (43, 44):
+            data["records"].append({**r, "id": r["id"] + f"_{seed}", "seed": seed})
+    lines = frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells)
+    ia3 = next(x for x in lines if x.startswith("| ia3-kv |"))
+    assert "| heart-bi-lora | 15,000 | 70.0 | +4.0 ± 0.0 |" in ia3 and "| 18,432 | 66.0 |" in ia3
+    assert lines[0].startswith("Offline DINOv2") and lines[-1].endswith("(docs/research/frontier.png)")
+    assert lines[-3].startswith("**For adapters under 20 KB a task, use heart-bi-lora**")
+    assert "most accurate point at any size measured is lora-r8 (80.0 %, 294,912 bytes)" in lines[-3]
+    readme = tmp_path / "README.md"
+    begin, end = frontier.README_MARKS
+    readme.write_text(f"# top\n{begin}\nold table\n{end}\nbelow\n")
+    assert frontier.write_readme(lines, readme)
+    text = readme.read_text()
+    assert text.startswith(f"# top\n{begin}\nOffline DINOv2") and text.endswith(f"{end}\nbelow\n")
+    assert "old table" not in text
+    readme.write_text("no marks\n")
+    assert not frontier.write_readme(lines, readme) and readme.read_text() == "no marks\n"
+
+
 def test_final_runs_reuse_the_suites_record_only_at_the_reference_rate():
     rec = {"id": "cpu/112px-10ep-b32/final/digits/heart-lora_s43", "accuracy": 0.9}
     suite = {rec["id"]: rec}

@@ -17,6 +17,7 @@ from heartlora_bench.selection import (
     run_id,
     save_results,
     settings_tag,
+    write_text_atomic,
 )
 from heartlora_bench.suite import (
     CPU_METHODS,
@@ -57,4 +58,5 @@ __all__ = [
     "run_id",
     "save_results",
     "settings_tag",
+    "write_text_atomic",
 ]

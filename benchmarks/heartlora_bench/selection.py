@@ -74,14 +74,19 @@ def load_results(path: Path) -> dict[str, Any]:
     return {"format": FORMAT, "records": []}
 
 
-def save_results(data: dict[str, Any], path: Path) -> None:
-    """Write atomically (a kill mid-write leaves the old file); records sorted by id."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a kill mid-write leaves the old file), readable by all."""
     from heartlora._paths import atomic_path
 
-    data["records"].sort(key=lambda r: r["id"])
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.write_text(text)
     os.chmod(path, 0o644)
+
+
+def save_results(data: dict[str, Any], path: Path) -> None:
+    """Write atomically (a kill mid-write leaves the old file); records sorted by id."""
+    data["records"].sort(key=lambda r: r["id"])
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def add_record(rec: dict[str, Any], path: Path, machine_key: str | None = None,
