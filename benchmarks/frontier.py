@@ -11,8 +11,9 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
    ``MAX_EXTEND`` times, so a reference off by a decade is still found. Points marked ``lr_from`` take another
    point's choice (heartlora's variants of one method share its rate, as do PEFT's presets scaled under 20 KB);
    heartlora's variants also run val200 at that rate, since heartlora's point at each budget is chosen on val200.
-2. **Final runs**: train800val200 → test, seed 42 on all 10 tasks first, then seeds 43 and 44 on the 7 cpu tasks
-   for the points that decide: every PEFT point, and heartlora's point that each goal compares with it.
+2. **Final runs**: train800val200 → test, seed 42 on the 7 cpu tasks first, then seeds 43 and 44 on them for the
+   points that decide (every PEFT point, and heartlora's point that each goal compares with it), then seed 42 on the
+   3 heldout tasks, which confirm what the cpu tasks decide.
    A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) is
    read from benchmarks/records/results.json instead of run again (its record says ``reused_from``).
 3. **Bytes**: what a user keeps per task beyond the frozen backbone, counted one way for all (the baseline script's
@@ -147,8 +148,8 @@ def plan(data: dict[str, Any]) -> list[tuple[str, str, str, float, int]]:
     """Every run that can start now, as (protocol, task, point, lr, seed), in priority order: the val runs of the
     rate search (few-shot task first: it is the cheapest) and of heartlora's variants at their shared rate (so that
     heartlora's point at each budget is chosen on val200), then seed 42's final runs (cpu tasks, then heldout), then
-    seeds 43 and 44 on the cpu tasks for the points that decide (``deciding``). Called again after each run, so new
-    choices open new runs."""
+    seeds 43 and 44 on the cpu tasks for the points that decide (``deciding``), then seed 42 on the heldout tasks
+    (they confirm what the cpu tasks decide). Called again after each run, so new choices open new runs."""
     done = {r["id"] for r in data["records"]}
     val = val_index(data)
     decide = deciding(data)
@@ -168,15 +169,16 @@ def plan(data: dict[str, Any]) -> list[tuple[str, str, str, float, int]]:
                 continue
             for ti, task in enumerate(TASKS if seed == SEEDS[0] else CPU_TASKS):
                 if run_id("final", task, point, chosen, seed) not in done:
-                    ready.append(((1 + si, ti, pi), ("final", task, point, chosen, seed)))
+                    phase = 1 + si if task in CPU_TASKS else 1 + len(SEEDS)  # heldout last: it confirms
+                    ready.append(((phase, ti, pi), ("final", task, point, chosen, seed)))
     return [item for _, item in sorted(ready, key=lambda kv: kv[0])]
 
 
 def deciding(data: dict[str, Any]) -> set[str]:
     """The points whose seeds 43 and 44 run: every PEFT point; heartlora's point that each goal compares
-    (``comparisons``), known once every heartlora point has its val200 runs and all its seed-42 finals; and
-    heartlora's points at their suite method's reference rate, whose runs the suite already holds (reused, not run).
-    """
+    (``comparisons``), known once every heartlora point has its val200 runs and its seed-42 finals on the cpu tasks;
+    and heartlora's points at their suite method's reference rate, whose runs the suite already holds (reused, not
+    run)."""
     val = val_index(data)
     out = set(PEFT_POINTS)
     for point in HEART_POINTS:
@@ -186,7 +188,7 @@ def deciding(data: dict[str, Any]) -> set[str]:
         if "suite" in spec and chosen is not None and math.isclose(chosen, ref):
             out.add(point)
     fin = finals(data)
-    settled = all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in TASKS)
+    settled = all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in CPU_TASKS)
                   for h in HEART_POINTS)
     if settled:
         out |= {row[2] for row in comparisons(fin, val) if row[2]}
@@ -341,9 +343,9 @@ def paired(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
 
 
 def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16") -> float | None:
-    """A point's bytes a task: the mean over its seed-42 finals (over all its finals while it has none), so that
-    later seeds do not move a budget once the choices that read it are made."""
-    s42 = [r for (_, seed), r in runs.items() if seed == SEEDS[0]] or list(runs.values())
+    """A point's bytes a task: the mean over its seed-42 finals on the cpu tasks (over all its finals while it has
+    none), so that later runs do not move a budget once the choices that read it are made."""
+    s42 = [r for (task, seed), r in runs.items() if seed == SEEDS[0] and task in CPU_TASKS] or list(runs.values())
     return statistics.fmean(int(r[key]) for r in s42) if s42 else None
 
 
@@ -409,8 +411,11 @@ def report() -> None:
                      f"{len(runs)} |")
     lines += goal_lines(fin, val, cpu_cells, held_cells)
     left = plan(data)
-    lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)} (more open as the rate "
-              "search finishes). A row with (k/n) is partial."]
+    ahead = projection(data, {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]})
+    lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)}. Left, if the open rate "
+              f"searches end at their reference (`frontier.py status`): {ahead['runs']:.0f} runs to train, about "
+              f"{ahead['seconds'] / 7200:.0f} h with two one-thread jobs on this machine, and {ahead['reused']:.0f} "
+              "answered by the suite's records. A row with (k/n) is partial."]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(DOC, "\n".join(lines) + "\n")
     plot(fin)
@@ -540,6 +545,41 @@ def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:
     plt.close(fig)
 
 
+def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What is left, by playing the plan forward with stand-in records: each rate search still open ends at its
+    reference (a search already past it may still grow its grid), every point's bytes are those recorded so far.
+    Returns the runs to train, the runs the suite's records answer, and the seconds of one job, each run costed at
+    the median wall time recorded for its (protocol, task), else for its protocol, else 600 s."""
+    walls: dict[tuple[str, ...], list[float]] = {}
+    nbytes: dict[str, int] = {}
+    for r in data["records"]:
+        if r.get("wall_s") and not r.get("reused_from"):
+            proto = "val" if r.get("role") == "select" else "final"
+            walls.setdefault((proto, r["task"]), []).append(float(r["wall_s"]))
+            walls.setdefault((proto,), []).append(float(r["wall_s"]))
+        nbytes.setdefault(r["frontier_point"], int(r.get("adapter_bytes_fp16") or 0))
+    sim = {"records": list(data["records"])}
+    out = {"runs": 0.0, "reused": 0.0, "seconds": 0.0}
+    for _ in range(10_000):
+        items = plan(sim)
+        if not items:
+            break
+        for item in items:
+            protocol, task, point, lr, seed = item
+            if protocol == "final" and suite_record(suite, task, point, lr, seed):
+                out["reused"] += 1
+            else:
+                out["runs"] += 1
+                xs = walls.get((protocol, task)) or walls.get((protocol,)) or [600.0]
+                out["seconds"] += statistics.median(xs)
+            leader = POINTS[POINTS[point].get("lr_from", point)]
+            sim["records"].append({"id": run_id(*item), "role": "select" if protocol == "val" else "final",
+                                   "frontier_point": point, "task": task, "frontier_lr": lr, "seed": seed,
+                                   "accuracy": 0.6 if math.isclose(lr, leader["lr"]) else 0.5,
+                                   "adapter_bytes_fp16": nbytes.get(point, 0)})
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data = load_results(RECORDS)
     ready = plan(data)
@@ -548,6 +588,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"frontier: {val} val runs and {fin} final runs recorded; {len(ready)} ready now")
     for item in ready[:5]:
         print(f"  next: {run_id(*item)}")
+    left = projection(data, {r["id"]: r for r in load_results(SUITE_RESULTS)["records"]})
+    print(f"  left, if the open rate searches end at their reference: {left['runs']:.0f} runs to train "
+          f"({left['seconds'] / 3600:.1f} h of one job, about {left['seconds'] / 3600 / args.jobs:.1f} h with "
+          f"{args.jobs} jobs) and {left['reused']:.0f} answered by the suite's records")
     return 0
 
 
@@ -560,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--max-runs", type=int, help="start at most this many runs")
     r.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
-    sub.add_parser("status", help="runs recorded and what runs next")
+    st = sub.add_parser("status", help="runs recorded, what runs next and an estimate of what is left")
+    st.add_argument("--jobs", type=int, default=2, help="runs side by side, for the estimate")
     sub.add_parser("report", help="write docs/research/FRONTIER.md and the plot")
     for sp in sub.choices.values():
         sp.add_argument("--records", type=Path, help=argparse.SUPPRESS)

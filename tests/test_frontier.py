@@ -79,6 +79,8 @@ def test_plan_runs_val_first_then_seed_42_on_every_task_then_more_seeds_and_neve
     order = frontier.plan(data)
     assert max(i for i, it in enumerate(order) if it[0] == "val") < min(i for i, it in enumerate(order)
                                                                        if it[0] == "final")
+    heldout = [i for i, it in enumerate(order) if it[1] in frontier.HELDOUT_TASKS]
+    assert heldout and max(i for i, it in enumerate(order) if it[4] != 42) < min(heldout)  # they confirm, last
 
 
 def final_rec(point: str, task: str, seed: int, acc: float, nbytes: int, lr: float = 1e-3) -> dict:
@@ -190,6 +192,24 @@ def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_
     assert "old table" not in text
     readme.write_text("no marks\n")
     assert not frontier.write_readme(lines, readme) and readme.read_text() == "no marks\n"
+
+
+def test_the_projection_plays_every_phase_forward_and_costs_runs_from_the_records():
+    searched = [p for p, spec in frontier.POINTS.items() if "lr_from" not in spec]
+    followers = [p for p in frontier.HEART_POINTS if "lr_from" in frontier.POINTS[p]]
+    suite_points = [p for p in frontier.HEART_POINTS if "suite" in frontier.POINTS[p]]
+    # with no bytes recorded every heartlora point fits every budget and all tie on val: the first candidates win
+    more = len(frontier.PEFT_POINTS) + len(suite_points) + 1  # + the first reallocation point
+    total = (len(frontier.SELECT_TASKS) * (3 * len(searched) + len(followers)) + len(frontier.POINTS)
+             * len(frontier.TASKS) + more * (len(frontier.SEEDS) - 1) * len(frontier.CPU_TASKS))
+    got = frontier.projection({"records": []}, {})
+    assert got == {"runs": total, "reused": 0, "seconds": 600.0 * total}
+    rec = {"id": "cpu/112px-10ep-b32/final/digits/hf-peft_s42", "accuracy": 0.9}
+    data = {"records": [val_rec("vera", frontier.SELECT_TASKS[0], 1e-2, 0.5) | {"wall_s": 100.0}]}
+    got = frontier.projection(data, {rec["id"]: rec})
+    assert got["reused"] == 1 and got["runs"] == total - 2  # one recorded, one reused
+    vals = len(frontier.SELECT_TASKS) * (3 * len(searched) + len(followers))
+    assert got["seconds"] == pytest.approx(100.0 * (vals - 1) + 600.0 * (total - vals - 1))  # val runs at the median
 
 
 def test_final_runs_reuse_the_suites_record_only_at_the_reference_rate():
