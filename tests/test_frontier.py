@@ -21,6 +21,12 @@ hf_peft = importlib.import_module("hf_peft")
 _plan = frontier.plan
 
 
+@pytest.fixture(autouse=True)
+def no_suite_records(tmp_path, monkeypatch):
+    """Plans read the suite's records for reuse: the tests start from none (a test gives its own)."""
+    monkeypatch.setattr(frontier, "SUITE_RESULTS", tmp_path / "no-suite-results.json")
+
+
 def val_rec(point: str, task: str, lr: float, acc: float) -> dict:
     return {"id": frontier.run_id("val", task, point, lr, 42), "role": "select", "frontier_point": point,
             "task": task, "frontier_lr": lr, "accuracy": acc, "seed": 42}
@@ -57,7 +63,7 @@ def test_rate_rule_breaks_ties_for_the_reference_and_shares_choices():
     fill_val(data, "heart-lora", lambda lr: 0.7)
     val = frontier.val_index(data)
     assert frontier.choose_lr("heart-lora", val)[0] == 1e-3
-    for follower in ("lora", "heart-lora-r16-ne36", "heart-lora-r12-ne54"):
+    for follower in ("lora", "heart-lora-r10-ne36", "heart-lora-r12-ne54"):
         assert frontier.choose_lr(follower, val)[0] == 1e-3
     assert frontier.choose_lr("bi-lora", val)[0] is None  # its leader (heart-bi-lora) has no val runs yet
 
@@ -106,36 +112,38 @@ def settled_data(val_acc: dict, test_acc: dict, nbytes: dict) -> dict:
     return data
 
 
-def test_heartlora_variants_run_val200_at_the_shared_rate_but_peft_variants_do_not():
+def test_heartlora_variants_run_val200_at_the_shared_rate_and_peft_presets_search_their_own():
     data = {"records": []}
     fill_val(data, "heart-lora", lambda lr: 0.7 if lr == 1e-3 else 0.6)
     fill_val(data, "fourierft", lambda lr: 0.7 if lr == 1e-2 else 0.6)
     vals = {(it[2], it[3]) for it in frontier.plan(data) if it[0] == "val"}
-    for follower in ("lora", "heart-lora-r16-ne36", "heart-lora-r12-ne54"):
-        assert (follower, 1e-3) in vals
-    assert not any(p == "fourierft-n400" for p, _ in vals)
+    for follower in ("lora", "heart-lora-r10-ne36", "heart-lora-r12-ne54"):
+        assert (follower, 1e-3) in vals and not any(p == follower and lr != 1e-3 for p, lr in vals)
+    assert {lr for p, lr in vals if p == "fourierft-n400"} == set(frontier.grid(1e-2))  # its own search
     finals = {it[2] for it in frontier.plan(data) if it[0] == "final"}
-    assert {"fourierft-n400", "lora", "heart-lora-r12-ne54"} <= finals  # their finals need no val run of their own
+    assert {"fourierft", "lora", "heart-lora-r12-ne54"} <= finals and "fourierft-n400" not in finals
 
 
 def test_heartlora_points_are_chosen_on_val200_within_the_budget_and_only_chosen_ones_get_more_seeds():
-    # r12-ne54 is best on val but too big for ia3-kv's budget; heart-bi-lora fits every budget; test accuracy is
-    # made to favour the point val does not pick, so a choice read from test would differ
-    val_acc = {"heart-lora-r12-ne54": 0.9, "heart-bi-lora": 0.8, "bi-lora": 0.7, "heart-lora-r16-ne36": 0.6}
-    test_acc = {"heart-lora-r12-ne54": 0.5, "bi-lora": 0.99, "heart-lora-r16-ne36": 0.99}
+    # r12-ne54 is best on val but too big for ia3-kv's budget; heart-bi-lora fits every budget; lora is over
+    # heart-lora-r12's budget; test accuracy is made to favour the points val does not pick, so a choice read from
+    # test would differ
+    val_acc = {"heart-lora-r12-ne54": 0.9, "heart-bi-lora": 0.8, "bi-lora": 0.7, "heart-lora-r10-ne36": 0.6,
+               "lora": 0.95}
+    test_acc = {"heart-lora-r12-ne54": 0.5, "bi-lora": 0.99, "heart-lora-r10-ne36": 0.99}
     nbytes = {"heart-bi-lora": 15_000, "bi-lora": 19_000, "heart-lora-r12-ne54": 276_480,
-              "heart-lora-r16-ne36": 442_368, "heart-lora": 245_760, "lora": 294_912, "lora-r8": 294_912,
+              "heart-lora-r10-ne36": 276_480, "heart-lora": 245_760, "lora": 294_913, "lora-r8": 294_912,
               "ia3-kv": 18_432, "lora-r1": 36_864}
     data = settled_data(val_acc, test_acc, nbytes)
     fin, val = frontier.finals(data), frontier.val_index(data)
     rows = {(g, p): h for g, p, h, _ in frontier.comparisons(fin, val)}
     assert rows[("bytes", "ia3-kv")] == "heart-bi-lora" and rows[("small", "ia3-kv")] == "heart-bi-lora"
     assert rows[("bytes", "lora-r8")] == "heart-lora-r12-ne54" and rows[("bytes", "lora-r1")] == "heart-bi-lora"
-    assert rows[("reallocation", "lora-r8")] == "heart-lora-r12-ne54"  # r16-ne36 is over LoRA r8's bytes
+    assert rows[("reallocation", "lora-r8")] == "heart-lora-r12-ne54"  # lora: better on val, a byte over budget
     assert ("small", "lora-r8") not in rows
     more = {it[2] for it in frontier.plan(data) if it[0] == "final" and it[4] != 42}
     assert set(frontier.PEFT_POINTS) <= more and {"heart-bi-lora", "heart-lora-r12-ne54"} <= more
-    assert "heart-lora-r16-ne36" not in more  # never compared: no seeds 43 and 44
+    assert "heart-lora-r10-ne36" not in more  # never compared: no seeds 43 and 44
     assert all(it[1] in frontier.CPU_TASKS for it in frontier.plan(data) if it[0] == "final")
     # one heartlora point's seed-42 final missing: its choices are not made yet, so no heartlora seeds but reused ones
     data["records"] = [r for r in data["records"] if r["id"] != frontier.run_id("final", "digits", "bi-lora", 1e-3,
@@ -162,7 +170,7 @@ def test_goal_lines_judge_the_paired_difference_against_each_margin():
     diffs = [2.0] * 21
     diffs[:2] = [3.0, 3.0]
     mean = sum(diffs) / 21
-    assert f"{mean:+.1f}" in row and "(21)" in row and row.endswith("| yes |")
+    assert f"{mean:+.1f}" in row and "(21)" in row and row.endswith("| yes, by more than 2 se |")
     small = next(x for x in lines if x.startswith("| +3 under") and "| ia3-kv |" in x)
     assert small.endswith(f"| no, by {3 - mean:.1f} |")
 
@@ -197,9 +205,8 @@ def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_
 def test_the_projection_plays_every_phase_forward_and_costs_runs_from_the_records():
     searched = [p for p, spec in frontier.POINTS.items() if "lr_from" not in spec]
     followers = [p for p in frontier.HEART_POINTS if "lr_from" in frontier.POINTS[p]]
-    suite_points = [p for p in frontier.HEART_POINTS if "suite" in frontier.POINTS[p]]
     # with no bytes recorded every heartlora point fits every budget and all tie on val: the first candidates win
-    more = len(frontier.PEFT_POINTS) + len(suite_points) + 1  # + the first reallocation point
+    more = len(frontier.PEFT_POINTS) + 2  # + heart-bi-lora (the first point) and the first reallocation point
     total = (len(frontier.SELECT_TASKS) * (3 * len(searched) + len(followers)) + len(frontier.POINTS)
              * len(frontier.TASKS) + more * (len(frontier.SEEDS) - 1) * len(frontier.CPU_TASKS))
     got = frontier.projection({"records": []}, {})
@@ -213,13 +220,39 @@ def test_the_projection_plays_every_phase_forward_and_costs_runs_from_the_record
 
 
 def test_final_runs_reuse_the_suites_record_only_at_the_reference_rate():
-    rec = {"id": "cpu/112px-10ep-b32/final/digits/heart-lora_s43", "accuracy": 0.9}
+    rec = {"id": "cpu/112px-10ep-b32/final/digits/heart-lora_s43", "accuracy": 0.9, "settings": {"ne_refine": True}}
     suite = {rec["id"]: rec}
     assert frontier.suite_record(suite, "digits", "heart-lora", 1e-3, 43) is rec
     assert frontier.suite_record(suite, "digits", "heart-lora", 3e-3, 43) is None  # another rate: run it
-    assert frontier.suite_record(suite, "digits", "heart-lora-r16-ne36", 1e-3, 43) is None  # not a suite method
+    assert frontier.suite_record(suite, "digits", "heart-lora-r10-ne36", 1e-3, 43) is None  # not a suite method
     held = {"heldout/112px-10ep-b32/final/clevr_dist/lora_s42": {"id": "h"}}
     assert frontier.suite_record(held, "clevr_dist", "lora", 1e-3, 42) == {"id": "h"}
+
+
+def test_a_suite_record_made_otherwise_is_not_reused():
+    """Suite ids do not name the device, precision, extra flags or the heads-off rule: the record must."""
+    base = {"id": "cpu/112px-10ep-b32/final/digits/heart-lora_s42", "accuracy": 0.9,
+            "settings": {"precision": "auto", "ne_refine": True}, "machine": {"gpu": None}}
+    variants = {"tf32 on a GPU": {"settings": {"precision": "tf32", "ne_refine": True},
+                                  "machine": {"gpu": "NVIDIA H200"}},
+                "extra engine flags": {"engine_flags": ["--drop-path", "0"]},
+                "the earlier heads-off rule": {"settings": {"precision": "auto", "ne_refine": None}}}
+    assert frontier.suite_record({base["id"]: base}, "digits", "heart-lora", 1e-3, 42) is base
+    for why, change in variants.items():
+        rec = base | change
+        assert frontier.suite_record({rec["id"]: rec}, "digits", "heart-lora", 1e-3, 42) is None, why
+    lora = {"id": "cpu/112px-10ep-b32/final/digits/lora_s42", "settings": {"precision": "auto"}}  # no heads off
+    assert frontier.suite_record({lora["id"]: lora}, "digits", "lora", 1e-3, 42) is lora
+
+
+def test_only_suite_points_whose_every_extra_seed_is_reused_get_more_seeds():
+    data = {"records": []}
+    fill_val(data, "heart-bi-lora", lambda lr: 0.7 if lr == 1e-3 else 0.6)
+    cells = {f"cpu/112px-10ep-b32/final/{t}/{m}_s{s}": {"id": "x", "settings": {"ne_refine": True}}
+             for t in frontier.CPU_TASKS for s in (43, 44) for m in ("heart-bi-lora", "bi-lora")}
+    cells.pop(f"cpu/112px-10ep-b32/final/{frontier.CPU_TASKS[0]}/bi-lora_s44")
+    decide = frontier.deciding(data, cells)
+    assert "heart-bi-lora" in decide and "bi-lora" not in decide  # one bi-lora cell would have to be trained
 
 
 def test_runner_records_reused_runs_and_never_reruns_them(tmp_path, monkeypatch):
@@ -321,3 +354,25 @@ def test_the_shared_pool_runs_jobs_at_a_time_records_failures_and_stops_at_its_l
                                       may_start=runner.start_limit(1, None))
     assert started == 1 and len(done) == 1
     assert runner.start_limit(None, 0.0)(0) is False and runner.start_limit(None, None)(10**6) is True
+
+
+def test_the_pool_reads_ready_again_when_a_pass_only_recorded_runs(tmp_path):
+    """A start that records without a process (a reused record) can open new runs: the pool must not stop there."""
+    import sys as _sys
+
+    from heartlora_bench import runner
+
+    recorded, ran = set(), []
+
+    def ready():
+        return [("reuse", None)] if "reuse" not in recorded else [("train", None)] if not ran else []
+
+    def start(key, item):
+        if key == "reuse":
+            recorded.add(key)
+            return None
+        ran.append(key)
+        return runner.launch([_sys.executable, "-c", "pass"], tmp_path / f"{key}.log", tmp_path, 1)
+
+    started, failed = runner.run_pool(ready, start, lambda *a: True, jobs=2, poll_s=lambda: 0.02)
+    assert started == 1 and ran == ["train"] and not failed

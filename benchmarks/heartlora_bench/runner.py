@@ -53,19 +53,25 @@ def run_pool(ready: Callable[[], Iterable[tuple[str, Item]]],
     running: dict[str, tuple[subprocess.Popen, Any, Item, float]] = {}
     failed: set[str] = set()
     started = 0
+    skipped: set[str] = set()  # keys whose start needed no process (recorded at once): not started again
     try:
         while True:
+            progressed = False
             for key, item in ready():
                 if len(running) >= jobs or not may_start(started):
                     break
-                if key in running or key in failed:
+                if key in running or key in failed or key in skipped:
                     continue
                 launched = start(key, item)
                 if launched is None:
+                    skipped.add(key)
+                    progressed = True  # what it recorded may open new runs: read ready() again
                     continue
                 running[key] = (*launched, item, time.time())
                 started += 1
             if not running:
+                if progressed:
+                    continue
                 break
             time.sleep(poll_s())
             for key, (proc, log, item, t0) in list(running.items()):
