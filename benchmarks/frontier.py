@@ -422,6 +422,7 @@ def report() -> None:
              "10 epochs, batch 32; train800val200 → test; learning rates chosen per method on val200 of "
              f"{', '.join(SELECT_TASKS)} (seed 42), never on test. Bytes: per task, beyond the frozen backbone, "
              "classifier excluded (it is the same fp32 Linear for every method); float adapters at fp16.", ""]
+    lines += point_lines()
     lines += ["## Learning rates chosen on val200", "", "| point | reference | chosen | mean val200 per rate |",
               "|---|---|---|---|"]
     for point, spec in POINTS.items():
@@ -465,6 +466,21 @@ def report() -> None:
         print("README's table left as it is: the comparison is not complete yet")
     elif write_readme(table):
         print(f"wrote the table between {README_MARKS[0]} and {README_MARKS[1]} in {README}")
+
+
+def point_lines() -> list[str]:
+    """What each point trains: the baseline preset's settings, or heartlora's flags."""
+    import importlib.util  # the baseline script imports torch and PEFT: only the report needs its presets
+
+    spec = importlib.util.spec_from_file_location("hf_peft", BASELINE)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    lines = ["## Points", "", "| point | family | what it trains |", "|---|---|---|"]
+    for point, p in POINTS.items():
+        what = baseline.PEFT_METHODS[p["peft"]]["settings"] if "peft" in p else \
+            "`heartlora train " + " ".join(p["engine"]) + "` (defaults otherwise)"
+        lines.append(f"| {point} | {p['family']} | {what} |")
+    return lines + [""]
 
 
 def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float],
