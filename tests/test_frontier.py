@@ -46,9 +46,9 @@ def fill_val(data: dict, point: str, acc_of_lr) -> None:
 
 def test_rate_rule_picks_the_best_mean_val_and_grows_the_grid_at_an_edge():
     data = {"records": []}
-    fill_val(data, "vera", lambda lr: {1e-2: 0.5}.get(lr, 0.4))  # the reference wins: no growth
+    fill_val(data, "vera", lambda lr: {4e-2: 0.5}.get(lr, 0.4))  # the reference wins: no growth
     chosen, _, table = frontier.choose_lr("vera", frontier.val_index(data))
-    assert chosen == 1e-2 and len(table) == 3
+    assert chosen == 4e-2 and len(table) == 3
     data = {"records": []}
     # accuracy rises with the rate up to 9e-2 and falls after: the grid grows upward twice and stops at its cap
     fill_val(data, "ia3", lambda lr: -abs(lr - 0.081))
@@ -115,11 +115,12 @@ def settled_data(val_acc: dict, test_acc: dict, nbytes: dict) -> dict:
 def test_heartlora_variants_run_val200_at_the_shared_rate_and_peft_presets_search_their_own():
     data = {"records": []}
     fill_val(data, "heart-lora", lambda lr: 0.7 if lr == 1e-3 else 0.6)
-    fill_val(data, "fourierft", lambda lr: 0.7 if lr == 1e-2 else 0.6)
+    ref = frontier.POINTS["fourierft-n400"]["lr"]
+    fill_val(data, "fourierft", lambda lr: 0.7 if lr == frontier.POINTS["fourierft"]["lr"] else 0.6)
     vals = {(it[2], it[3]) for it in frontier.plan(data) if it[0] == "val"}
     for follower in ("lora", "heart-lora-r10-ne36", "heart-lora-r16-ne48"):
         assert (follower, 1e-3) in vals and not any(p == follower and lr != 1e-3 for p, lr in vals)
-    assert {lr for p, lr in vals if p == "fourierft-n400"} == set(frontier.grid(1e-2))  # its own search
+    assert {lr for p, lr in vals if p == "fourierft-n400"} == set(frontier.grid(ref))  # its own search
     finals = {it[2] for it in frontier.plan(data) if it[0] == "final"}
     assert {"fourierft", "lora", "heart-lora-r16-ne48"} <= finals and "fourierft-n400" not in finals
 
@@ -212,7 +213,7 @@ def test_the_projection_plays_every_phase_forward_and_costs_runs_from_the_record
     got = frontier.projection({"records": []}, {})
     assert got == {"runs": total, "reused": 0, "seconds": 600.0 * total}
     rec = {"id": "cpu/112px-10ep-b32/final/digits/hf-peft_s42", "accuracy": 0.9}
-    data = {"records": [val_rec("vera", frontier.SELECT_TASKS[0], 1e-2, 0.5) | {"wall_s": 100.0}]}
+    data = {"records": [val_rec("vera", frontier.SELECT_TASKS[0], 4e-2, 0.5) | {"wall_s": 100.0}]}
     got = frontier.projection(data, {rec["id"]: rec})
     assert got["reused"] == 1 and got["runs"] == total - 2  # one recorded, one reused
     vals = len(frontier.SELECT_TASKS) * (3 * len(searched) + len(followers))
@@ -292,6 +293,17 @@ def test_stored_bytes_counts_the_adapter_at_its_dtype_and_fp16_and_the_classifie
     got = hf_peft.stored_bytes(state)
     assert got == {"adapter_bytes": 8 * 384 * 4 + 90 * 128 * 4 + 20, "adapter_bytes_fp16": 8 * 384 * 2 + 90 * 128 * 2
                    + 20, "classifier_bytes": 7690 * 4, "adapter_tensors": 3}
+
+
+def test_presets_train_the_classifier_at_their_authors_rate_and_split_their_own_parameters():
+    named = [(n, torch.nn.Parameter(torch.zeros(1))) for n in
+             ("base_model.model.classifier.modules_to_save.default.weight", "base_model.model.vblora_vector_bank",
+              "base_model.model.dinov2.encoder.layer.0.attention.query.vera_lambda_d.default")]
+    rates = lambda spec, lr: [(g["lr"], len(g["params"])) for g in hf_peft.rate_groups(named, spec, lr)]  # noqa
+    assert rates(hf_peft.PEFT_METHODS["vera"], 0.12) == [(4e-3, 1), (0.12, 2)]  # the head stays at 4e-3
+    assert rates(hf_peft.PEFT_METHODS["fourierft"], 0.02) == [(1e-3, 1), (0.02, 2)]
+    assert rates(hf_peft.PEFT_METHODS["vblora"], 1e-2) == [(1e-3, 1), (1e-2, 2)]  # the bank at lr / 10
+    assert hf_peft.PEFT_METHODS["lora-r4"].get("head_lr") is None  # the plain recipe: one rate for all
 
 
 def test_baseline_refuses_unknown_methods_and_stray_settings(capsys):
