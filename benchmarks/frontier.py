@@ -133,7 +133,8 @@ def choose_lr(point: str, val: dict[tuple[str, str, float], float]) -> tuple[flo
         missing = [r for r in rates if any((point, t, r) not in val for t in SELECT_TASKS)]
         if missing:
             return None, missing, []
-        table = [(r, statistics.fmean(val[(point, t, r)] for t in SELECT_TASKS)) for r in rates]
+        # rounded: records hold float32 accuracies (k / 200 to ~1e-8), so equal counts must compare equal
+        table = [(r, round(statistics.fmean(val[(point, t, r)] for t in SELECT_TASKS), 6)) for r in rates]
         best = max(range(len(table)), key=lambda i: (table[i][1], -i))
         lowest, highest = min(rates), max(rates)
         if table[best][0] == lowest and down < MAX_EXTEND:
@@ -407,7 +408,7 @@ def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | N
     if lr is None:
         return None
     vals = [val.get((point, t, lr)) for t in SELECT_TASKS]
-    return statistics.fmean(vals) if all(v is not None for v in vals) else None
+    return round(statistics.fmean(vals), 6) if all(v is not None for v in vals) else None  # as choose_lr
 
 
 def report() -> None:

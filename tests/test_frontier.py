@@ -58,6 +58,16 @@ def test_rate_rule_picks_the_best_mean_val_and_grows_the_grid_at_an_edge():
     assert chosen == pytest.approx(3e-3 * 27) and chosen == max(rates)  # the cap: best at the end, not grown again
 
 
+def test_rate_rule_sees_equal_counts_as_a_tie_despite_float32_accuracies():
+    """Records hold accuracies as float32 values: 0.795 + 0.825 + 0.525 and 0.805 + 0.865 + 0.475 are the same
+    count of val images but differ by 1e-8 as floats; the tie must go to the reference, not grow the grid."""
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    accs = {1e-3: (0.795, 0.825, 0.525), 3e-3: (0.805, 0.865, 0.475), 1e-3 / 3: (0.7, 0.7, 0.4)}
+    data = {"records": [val_rec("lora-r2", t, lr, f32(a)) for lr, xs in accs.items()
+                        for t, a in zip(frontier.SELECT_TASKS, xs)]}
+    assert frontier.choose_lr("lora-r2", frontier.val_index(data))[0] == 1e-3
+
+
 def test_rate_rule_breaks_ties_for_the_reference_and_shares_choices():
     data = {"records": []}
     fill_val(data, "heart-lora", lambda lr: 0.7)
