@@ -9,13 +9,14 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
    one natural task of the cpu suite; seed 42); the best mean val200 accuracy wins (ties: the earlier grid point, so
    the reference). When the best is at an end of the grid, the grid grows one step (× 3 or ÷ 3) that way, at most
    ``MAX_EXTEND`` times, so a reference off by a decade is still found. Points marked ``lr_from`` take another
-   point's choice (heartlora's variants of one method share its rate, as do PEFT's presets scaled under 20 KB);
-   heartlora's variants also run val200 at that rate, since heartlora's point at each budget is chosen on val200.
+   point's choice (heartlora's variants of one method share its rate) and also run val200 at that rate, since
+   heartlora's point at each budget is chosen on val200.
 2. **Final runs**: train800val200 → test, seed 42 on the 7 cpu tasks first, then seeds 43 and 44 on them for the
    points that decide (every PEFT point, and heartlora's point that each goal compares with it), then seed 42 on the
    3 heldout tasks, which confirm what the cpu tasks decide.
-   A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) is
-   read from benchmarks/records/results.json instead of run again (its record says ``reused_from``).
+   A final run whose exact command the cpu or heldout suite already ran (same method, settings, learning rate) and
+   made the same way (``same_run``) is read from benchmarks/records/results.json instead of run again (its record
+   says ``reused_from``).
 3. **Bytes**: what a user keeps per task beyond the frozen backbone, counted one way for all (the baseline script's
    docstring): the adapter's tensors at the precision the method stores them, the same at fp16 for float adapters,
    the classifier apart.
@@ -154,9 +155,9 @@ def plan(data: dict[str, Any], suite: dict[str, dict[str, Any]] | None = None
          ) -> list[tuple[str, str, str, float, int]]:
     """Every run that can start now, as (protocol, task, point, lr, seed), in priority order: the val runs of the
     rate search (few-shot task first: it is the cheapest) and of heartlora's variants at their shared rate (so that
-    heartlora's point at each budget is chosen on val200), then seed 42's final runs (cpu tasks, then heldout), then
-    seeds 43 and 44 on the cpu tasks for the points that decide (``deciding``), then seed 42 on the heldout tasks
-    (they confirm what the cpu tasks decide). Called again after each run, so new choices open new runs."""
+    heartlora's point at each budget is chosen on val200), then seed 42's final runs on the cpu tasks, then seeds 43
+    and 44 on them for the points that decide (``deciding``), then seed 42 on the heldout tasks (they confirm what
+    the cpu tasks decide). Called again after each run, so new choices open new runs."""
     done = {r["id"] for r in data["records"]}
     val = val_index(data)
     decide = deciding(data, suite)
@@ -347,8 +348,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{seconds:.0f} s", flush=True)
         return True
 
-    _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S, 
-                         may_start=start_limit(args.max_runs, getattr(args, "deadline_s", None)))
+    _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S,
+                         may_start=start_limit(args.max_runs, args.deadline_s))
     print(f"frontier: {finished} runs recorded now, {len(failed)} failed, {len(plan(load_results(RECORDS)))} ready",
           flush=True)
     report()
@@ -502,6 +503,10 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
              "at seed 42 (heads-off counts chosen by `--ne auto` vary a little by task).", "",
              "| goal | PEFT method | its bytes | heartlora point | its bytes | cpu: diff ± se (n) | "
              "heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(res: tuple[float, float, int] | None) -> str:
+        return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
+
     for goal, point, heart, budget in comparisons(fin, val):
         if heart is None:
             lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | none fits | | | | no |")
@@ -514,9 +519,6 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
             met += "" if held is None or held[0] >= GOALS[goal] else "; not on heldout"
         else:
             met = f"no, by {GOALS[goal] - cpu[0]:.1f}"
-
-        def fmt(res: tuple[float, float, int] | None) -> str:
-            return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
         lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {heart} | "
                      f"{mean_bytes(fin[heart]):,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
     return lines

@@ -136,9 +136,9 @@ def test_heartlora_variants_run_val200_at_the_shared_rate_and_peft_presets_searc
 
 
 def test_heartlora_points_are_chosen_on_val200_within_the_budget_and_only_chosen_ones_get_more_seeds():
-    # r16-ne48 is best on val but too big for ia3-kv's budget; heart-bi-lora fits every budget; lora is over
-    # r16-ne48's budget; test accuracy is made to favour the points val does not pick, so a choice read from
-    # test would differ
+    # r16-ne48 is best on val but too big for ia3-kv's budget; heart-bi-lora fits every budget; lora is a byte over
+    # LoRA r8's; test accuracy is made to favour the points val does not pick, so a choice read from test would
+    # differ
     val_acc = {"heart-lora-r16-ne48": 0.9, "heart-bi-lora": 0.8, "bi-lora": 0.7, "heart-lora-r10-ne36": 0.6,
                "lora": 0.95}
     test_acc = {"heart-lora-r16-ne48": 0.5, "bi-lora": 0.99, "heart-lora-r10-ne36": 0.99}

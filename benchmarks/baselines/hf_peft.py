@@ -272,10 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = config_cls(**peft_kwargs, modules_to_save=["classifier"])
         model = get_peft_model(model, config)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        params: list[Any] = [p for _, p in trainable]
-        if spec.get("param_groups") or spec.get("head_lr"):
-            params = rate_groups(trainable, spec, args.lr)
-        peaks = sorted({g["lr"] for g in params} if isinstance(params[0], dict) else {args.lr})  # before the schedule
+        params: list[Any] = rate_groups(trainable, spec, args.lr)  # one group at lr unless the preset splits it
+        peaks = [g["lr"] for g in params]  # before the schedule changes them
         model.train()
 
         def step(idx: torch.Tensor) -> torch.Tensor:

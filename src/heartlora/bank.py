@@ -150,15 +150,18 @@ class BankLinear(nn.Module):
     def settle(self) -> None:
         """Join the rows appended since the last call to their tables, and rebuild the routing tables if tasks
         came or went: before anything reads the tables."""
-        for name in list(self._pending):
-            self._join(name)
-        self._pending = {}
+        self._join_pending()
         if self._stale:
             self._reindex()
             empty = len(self._plans)
             self.slot_of_task = torch.tensor([self._slots.get(t, empty) for t in self._order], dtype=torch.long,
                                              device=self.a_out.device)
             self._stale = False
+
+    def _join_pending(self) -> None:
+        for name in list(self._pending):
+            self._join(name)
+        self._pending = {}
 
     def add_task(self, task: str, projs: Sequence[HeadLoRAProjection]) -> int:
         """Store one task's active projections on this Linear; returns the bytes it adds (factors and the row or
@@ -237,7 +240,7 @@ class BankLinear(nn.Module):
     def compact(self) -> None:
         """Drop the rows of tasks no route reaches any more (:meth:`forget`): the tables keep the live tasks' rows
         only, in their order, and the freed memory goes back."""
-        self.settle()
+        self._join_pending()  # the routing is rebuilt once, at the end (or by the next settle when nothing moves)
         if len(self._slots) == len(self._plans):
             return
         index: dict[str, list[torch.Tensor]] = {n: [torch.zeros(1, dtype=torch.long)] for n in self._rows}

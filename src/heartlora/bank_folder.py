@@ -164,7 +164,7 @@ class FolderBank(AdapterBank):
         file that cannot be loaded is refused as on first use (one line each, returned by :meth:`ensure`)."""
         with self._lock:
             for name in self.available():
-                if name in self._lru or (name in self.tasks):
+                if name in self.tasks:  # every cached task is one of them
                     continue
                 if self.cache_bytes is not None and self._lru and self.cached_bytes() >= self.cache_bytes:
                     break
