@@ -702,17 +702,21 @@ class AdapterBank:
     def __call__(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         """Logits of each row under its own task's adapter and classifier: a list of ``len(images)`` 1-D tensors
         (length: that task's class count). ``tasks`` may be one name for every row."""
-        if isinstance(tasks, str):
-            tasks = [tasks] * len(images)
+        tasks = self._row_tasks(images, tasks)
         if not self.tasks and not self.available():
             raise ConfigError(self.unknown(""))
-        if len(tasks) != len(images):
-            raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
         with self._lock:  # the tasks loaded here stay until the call is done
             failed = self.ensure(tasks)
             if failed:
                 raise ConfigError(failed[min(failed)])
             return self._run(images, tasks)
+
+    @staticmethod
+    def _row_tasks(images: torch.Tensor, tasks: Sequence[str] | str) -> list[str]:
+        tasks = [tasks] * len(images) if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != len(images):
+            raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
+        return tasks
 
     def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
@@ -741,21 +745,30 @@ class AdapterBank:
 
     def top_k(self, images: torch.Tensor, tasks: Sequence[str], k: int = 5) -> list[list[dict[str, Any]]]:
         """Per row, the ``k`` most probable labels of its task: ``{"label", "index", "prob"}`` each."""
-        if k < 1:
-            raise ConfigError(f"top_k must be at least 1, got {k}")
-        if isinstance(tasks, str):
-            tasks = [tasks] * len(images)
-        rows = []
+        _check_k(k)
+        tasks = self._row_tasks(images, tasks)
         with self._lock:  # a folder bank keeps the tasks of this call until their names are read
             logits_of = self(images, tasks)
             names_of = {t: self.tasks[t].class_names for t in tasks}
-        for logits, task in zip(logits_of, tasks):
-            probs = logits.float().softmax(0)
-            values, idx = probs.topk(min(k, probs.numel()))
-            names = names_of[task]
-            rows.append([{"label": names[j] if j < len(names) else str(j), "index": j, "prob": p}
-                         for j, p in zip(idx.tolist(), values.tolist())])
-        return rows
+        return _ranked(logits_of, tasks, names_of, k)
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, tasks: Sequence[str], k: int = 5) -> list[list[dict[str, Any]] | str]:
+        """Per row, its task's ``k`` top labels as :meth:`top_k` gives them, or, for a row whose task cannot run
+        (unknown, or its file refused), the one-line reason: the rows of the other tasks are still answered. What
+        a server does with one batch of several clients' requests; the tasks are made ready once, under the lock
+        that keeps them until their rows are run."""
+        _check_k(k)
+        tasks = self._row_tasks(images, tasks)
+        with self._lock:
+            failed = self.ensure(tasks)
+            live = [i for i, t in enumerate(tasks) if t not in failed]
+            live_tasks = [tasks[i] for i in live]
+            rows = images if len(live) == len(tasks) else images[live]
+            logits_of = self._run(rows, live_tasks) if live else []
+            names_of = {t: self.tasks[t].class_names for t in live_tasks}
+        tops = iter(_ranked(logits_of, live_tasks, names_of, k))
+        return [failed[t] if t in failed else next(tops) for t in tasks]
 
     # --- memory ------------------------------------------------------------------------------------------------
     def backbone_bytes(self) -> int:
@@ -789,6 +802,25 @@ class AdapterBank:
 
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {k}")
+
+
+def _ranked(logits_of: Sequence[torch.Tensor], tasks: Sequence[str], names_of: dict[str, list[str]],
+            k: int) -> list[list[dict[str, Any]]]:
+    """Each row's ``k`` most probable labels (``{"label", "index", "prob"}``; a label without a name is its
+    index)."""
+    rows = []
+    for logits, task in zip(logits_of, tasks):
+        probs = logits.float().softmax(0)
+        values, idx = probs.topk(min(k, probs.numel()))
+        names = names_of[task]
+        rows.append([{"label": names[j] if j < len(names) else str(j), "index": j, "prob": p}
+                     for j, p in zip(idx.tolist(), values.tolist())])
+    return rows
 
 
 def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
