@@ -132,6 +132,19 @@ def test_a_damaged_or_foreign_file_is_refused_in_one_line_and_the_other_tasks_ru
     assert sorted(bank.tasks) == ["a"]
 
 
+def test_a_file_of_another_image_size_is_refused_before_its_tensors_load(folder, own, monkeypatch):
+    bank = hl.AdapterBank.from_folder(_vit(10), folder, img_size=64)  # the folder's adapters were trained at 32 px
+    monkeypatch.setattr(bank, "_add", lambda *a, **k: pytest.fail("loaded a file of another image size"))
+    failed = bank.ensure(["a"])
+    assert failed["a"] == (f"{folder / 'a.safetensors'} was trained at 32 px, and this bank runs 64 px: serve it "
+                           "from a folder of its own image size")
+    assert not bank.tasks and bank.loads == 0
+    monkeypatch.undo()
+    same = hl.AdapterBank.from_folder(_vit(10), folder, img_size=32)
+    _check(same, ["a", "c"], own)
+    assert same.loads == 2
+
+
 def test_answer_runs_the_batch_once_and_gives_each_refused_row_its_reason(tmp_path, folder, own, monkeypatch):
     (tmp_path / "a.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
     (tmp_path / "c.safetensors").write_bytes((folder / "c.safetensors").read_bytes())

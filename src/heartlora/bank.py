@@ -562,9 +562,9 @@ class AdapterBank:
             return self._add(path, name, class_names, check_fingerprint)
 
     def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
-             check_fingerprint: bool) -> BankTask:
+             check_fingerprint: bool, info: dict[str, Any] | None = None) -> BankTask:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
-        info = read_adapter_info(path)
+        info = info if info is not None else read_adapter_info(path)  # a folder bank has read it already
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
         task = str(run.get("task") or "")
         vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
@@ -649,7 +649,7 @@ class AdapterBank:
             self._install()
             raise
         task = BankTask(name, names or [str(i) for i in range(num or 0)], str(path), int(num or 0),
-                        run.get("img_size") or spec.get("img_size"), int(info["config"].get("bits", 32)),
+                        trained_img_size(info), int(info["config"].get("bits", 32)),
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
         self.tasks[name] = task
         return task
@@ -802,6 +802,11 @@ class AdapterBank:
 
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
+
+
+def trained_img_size(info: dict[str, Any]) -> int | None:
+    """The image size an adapter file (its :func:`heartlora.read_adapter_info`) was trained at, where it says."""
+    return ((info.get("extra") or {}).get(RUN_KEY) or {}).get("img_size") or info["backbone"].get("img_size")
 
 
 def _check_k(k: int) -> None:
