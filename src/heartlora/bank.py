@@ -718,6 +718,11 @@ class AdapterBank:
             raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
         return tasks
 
+    def _settle(self) -> None:
+        """Every shared Linear's tables and routing brought up to date with the tasks added and removed."""
+        for bank_linear in self._linears.values():
+            bank_linear.settle()
+
     def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
             return []
@@ -731,8 +736,7 @@ class AdapterBank:
                 groups.append((tasks[i], pos, pos + 1))
         index = torch.tensor(order, device=images.device)
         row_tasks = torch.tensor([order_of[tasks[i]] for i in order], device=images.device)
-        for bank_linear in self._linears.values():
-            bank_linear.settle()
+        self._settle()
         self._route.batch, self._route.groups, self._route.row_tasks = len(images), groups, row_tasks
         try:
             out = self.model(images.index_select(0, index))
@@ -786,8 +790,7 @@ class AdapterBank:
     def resident_bytes(self) -> int:
         """Bytes of every tensor the bank holds: the backbone once, each task's adapters and classifier, and the
         routing tables (``backbone_bytes() + Σ task.resident_bytes + routing_bytes()``)."""
-        for bank_linear in self._linears.values():
-            bank_linear.settle()
+        self._settle()
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
     @classmethod

@@ -169,8 +169,7 @@ class FolderBank(AdapterBank):
                 if self.cache_bytes is not None and self._lru and self.cached_bytes() >= self.cache_bytes:
                     break
                 self.ensure([name])
-            for bank_linear in self._linears.values():  # the routing tables now, not in the first call
-                bank_linear.settle()
+            self._settle()  # the routing tables now, not in the first call
             return len(self._lru)
 
     def _trim(self, keep: set[str]) -> None:
