@@ -132,6 +132,53 @@ def test_a_damaged_or_foreign_file_is_refused_in_one_line_and_the_other_tasks_ru
     assert sorted(bank.tasks) == ["a"]
 
 
+def test_a_file_of_another_image_size_is_refused_before_its_tensors_load(folder, own, monkeypatch):
+    bank = hl.AdapterBank.from_folder(_vit(10), folder, img_size=64)  # the folder's adapters were trained at 32 px
+    monkeypatch.setattr(bank, "_add", lambda *a, **k: pytest.fail("loaded a file of another image size"))
+    failed = bank.ensure(["a"])
+    assert failed["a"] == (f"{folder / 'a.safetensors'} was trained at 32 px, and this bank runs 64 px: serve it "
+                           "from a folder of its own image size")
+    assert not bank.tasks and bank.loads == 0
+    monkeypatch.undo()
+    same = hl.AdapterBank.from_folder(_vit(10), folder, img_size=32)
+    _check(same, ["a", "c"], own)
+    assert same.loads == 2
+
+
+def test_answer_runs_the_batch_once_and_gives_each_refused_row_its_reason(tmp_path, folder, own, monkeypatch):
+    (tmp_path / "a.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    (tmp_path / "c.safetensors").write_bytes((folder / "c.safetensors").read_bytes())
+    (tmp_path / "damaged.safetensors").write_bytes(b"not an adapter")
+    bank = hl.AdapterBank.from_folder(_vit(10), tmp_path)
+    calls, runs = [], []
+    ensure, run = bank.ensure, bank._run
+    monkeypatch.setattr(bank, "ensure", lambda tasks: calls.append(list(tasks)) or ensure(tasks))
+    monkeypatch.setattr(bank, "_run", lambda images, tasks: runs.append(list(tasks)) or run(images, tasks))
+    tasks = ["a", "damaged", "zz", "c"]
+    got = bank.answer(X, tasks, k=2)
+    assert len(calls) == 1  # each task made ready once (a server's batch: one stat of each file, not two)
+    assert runs == [["a", "c"]]  # one pass of the model, over the rows that run
+    assert isinstance(got[1], str) and "damaged.safetensors" in got[1] and "\n" not in got[1]
+    assert got[2] == bank.unknown("zz")
+    for row in (0, 3):  # the rows of the tasks that run: their own model's ranking
+        want = own[tasks[row]][row].softmax(0).topk(2)
+        assert [t["index"] for t in got[row]] == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor([t["prob"] for t in got[row]]), want.values, atol=1e-5, rtol=1e-5)
+    assert bank.answer(X[:2], ["zz", "damaged"]) == [bank.unknown("zz"), got[1]] and len(runs) == 1  # none runs
+    monkeypatch.undo()
+    assert bank.answer(X[:2], ["a", "c"], k=3) == bank.top_k(X[:2], ["a", "c"], k=3)
+    plain = hl.AdapterBank(_vit(10))
+    assert plain.answer(X[:1], ["a"]) == [plain.unknown("a")]  # no tasks: every row gets the reason, nothing raises
+    plain.add(tmp_path / "a.safetensors")
+    unknown, top = plain.answer(X[[1, 0]], ["zz", "a"], k=2)  # row 1 is X[0]
+    assert unknown == plain.unknown("zz") and [t["index"] for t in top] == [t["index"] for t in got[0]]
+    assert [t["prob"] for t in top] == pytest.approx([t["prob"] for t in got[0]], abs=1e-5)
+    with pytest.raises(ConfigError, match="top_k must be at least 1"):
+        bank.answer(X[:1], ["a"], k=0)
+    with pytest.raises(ConfigError, match="2 task names for 1 images"):
+        bank.answer(X[:1], ["a", "c"])
+
+
 def test_concurrent_calls_for_an_evicted_task_load_it_once_and_all_are_answered(folder, own):
     bank = hl.AdapterBank.from_folder(_vit(10), folder, cache_mb=1.2 * _one_task_bytes(folder) / 2**20)
     _check(bank, ["a"], own)

@@ -562,9 +562,9 @@ class AdapterBank:
             return self._add(path, name, class_names, check_fingerprint)
 
     def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
-             check_fingerprint: bool) -> BankTask:
+             check_fingerprint: bool, info: dict[str, Any] | None = None) -> BankTask:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
-        info = read_adapter_info(path)
+        info = info if info is not None else read_adapter_info(path)  # a folder bank has read it already
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
         task = str(run.get("task") or "")
         vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
@@ -649,7 +649,7 @@ class AdapterBank:
             self._install()
             raise
         task = BankTask(name, names or [str(i) for i in range(num or 0)], str(path), int(num or 0),
-                        run.get("img_size") or spec.get("img_size"), int(info["config"].get("bits", 32)),
+                        trained_img_size(info), int(info["config"].get("bits", 32)),
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
         self.tasks[name] = task
         return task
@@ -702,17 +702,26 @@ class AdapterBank:
     def __call__(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         """Logits of each row under its own task's adapter and classifier: a list of ``len(images)`` 1-D tensors
         (length: that task's class count). ``tasks`` may be one name for every row."""
-        if isinstance(tasks, str):
-            tasks = [tasks] * len(images)
+        tasks = self._row_tasks(images, tasks)
         if not self.tasks and not self.available():
             raise ConfigError(self.unknown(""))
-        if len(tasks) != len(images):
-            raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
         with self._lock:  # the tasks loaded here stay until the call is done
             failed = self.ensure(tasks)
             if failed:
                 raise ConfigError(failed[min(failed)])
             return self._run(images, tasks)
+
+    @staticmethod
+    def _row_tasks(images: torch.Tensor, tasks: Sequence[str] | str) -> list[str]:
+        tasks = [tasks] * len(images) if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != len(images):
+            raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
+        return tasks
+
+    def _settle(self) -> None:
+        """Every shared Linear's tables and routing brought up to date with the tasks added and removed."""
+        for bank_linear in self._linears.values():
+            bank_linear.settle()
 
     def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
@@ -727,8 +736,7 @@ class AdapterBank:
                 groups.append((tasks[i], pos, pos + 1))
         index = torch.tensor(order, device=images.device)
         row_tasks = torch.tensor([order_of[tasks[i]] for i in order], device=images.device)
-        for bank_linear in self._linears.values():
-            bank_linear.settle()
+        self._settle()
         self._route.batch, self._route.groups, self._route.row_tasks = len(images), groups, row_tasks
         try:
             out = self.model(images.index_select(0, index))
@@ -741,21 +749,30 @@ class AdapterBank:
 
     def top_k(self, images: torch.Tensor, tasks: Sequence[str], k: int = 5) -> list[list[dict[str, Any]]]:
         """Per row, the ``k`` most probable labels of its task: ``{"label", "index", "prob"}`` each."""
-        if k < 1:
-            raise ConfigError(f"top_k must be at least 1, got {k}")
-        if isinstance(tasks, str):
-            tasks = [tasks] * len(images)
-        rows = []
+        _check_k(k)
+        tasks = self._row_tasks(images, tasks)
         with self._lock:  # a folder bank keeps the tasks of this call until their names are read
             logits_of = self(images, tasks)
             names_of = {t: self.tasks[t].class_names for t in tasks}
-        for logits, task in zip(logits_of, tasks):
-            probs = logits.float().softmax(0)
-            values, idx = probs.topk(min(k, probs.numel()))
-            names = names_of[task]
-            rows.append([{"label": names[j] if j < len(names) else str(j), "index": j, "prob": p}
-                         for j, p in zip(idx.tolist(), values.tolist())])
-        return rows
+        return _ranked(logits_of, tasks, names_of, k)
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, tasks: Sequence[str], k: int = 5) -> list[list[dict[str, Any]] | str]:
+        """Per row, its task's ``k`` top labels as :meth:`top_k` gives them, or, for a row whose task cannot run
+        (unknown, or its file refused), the one-line reason: the rows of the other tasks are still answered. What
+        a server does with one batch of several clients' requests; the tasks are made ready once, under the lock
+        that keeps them until their rows are run."""
+        _check_k(k)
+        tasks = self._row_tasks(images, tasks)
+        with self._lock:
+            failed = self.ensure(tasks)
+            live = [i for i, t in enumerate(tasks) if t not in failed]
+            live_tasks = [tasks[i] for i in live]
+            rows = images if len(live) == len(tasks) else images[live]
+            logits_of = self._run(rows, live_tasks) if live else []
+            names_of = {t: self.tasks[t].class_names for t in live_tasks}
+        tops = iter(_ranked(logits_of, live_tasks, names_of, k))
+        return [failed[t] if t in failed else next(tops) for t in tasks]
 
     # --- memory ------------------------------------------------------------------------------------------------
     def backbone_bytes(self) -> int:
@@ -773,8 +790,7 @@ class AdapterBank:
     def resident_bytes(self) -> int:
         """Bytes of every tensor the bank holds: the backbone once, each task's adapters and classifier, and the
         routing tables (``backbone_bytes() + Σ task.resident_bytes + routing_bytes()``)."""
-        for bank_linear in self._linears.values():
-            bank_linear.settle()
+        self._settle()
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
     @classmethod
@@ -789,6 +805,30 @@ class AdapterBank:
 
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
+
+
+def trained_img_size(info: dict[str, Any]) -> int | None:
+    """The image size an adapter file (its :func:`heartlora.read_adapter_info`) was trained at, where it says."""
+    return ((info.get("extra") or {}).get(RUN_KEY) or {}).get("img_size") or info["backbone"].get("img_size")
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ConfigError(f"top_k must be at least 1, got {k}")
+
+
+def _ranked(logits_of: Sequence[torch.Tensor], tasks: Sequence[str], names_of: dict[str, list[str]],
+            k: int) -> list[list[dict[str, Any]]]:
+    """Each row's ``k`` most probable labels (``{"label", "index", "prob"}``; a label without a name is its
+    index)."""
+    rows = []
+    for logits, task in zip(logits_of, tasks):
+        probs = logits.float().softmax(0)
+        values, idx = probs.topk(min(k, probs.numel()))
+        names = names_of[task]
+        rows.append([{"label": names[j] if j < len(names) else str(j), "index": j, "prob": p}
+                     for j, p in zip(idx.tolist(), values.tolist())])
+    return rows
 
 
 def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | str = "cpu",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from heartlora.bank import AdapterBank, BankTask, backbone_for
+from heartlora.bank import AdapterBank, BankTask, backbone_for, trained_img_size
 from heartlora.errors import AdapterFileError, ConfigError, HeartLoRAError
 from heartlora.method.storage import read_adapter_info
 
@@ -151,11 +151,11 @@ class FolderBank(AdapterBank):
             raise AdapterFileError(f"{path} was trained on another backbone ({info['backbone'].get('name')!r}, "
                                    f"fingerprint {info['fingerprint'][:12]}; this bank's is {mine[:12]}): move it to "
                                    "a folder served on its own backbone")
-        task = self._add(path, name, None, check_fingerprint=True)
-        if self.img_size and task.img_size and int(task.img_size) != int(self.img_size):
-            self._drop([name])
-            raise ConfigError(f"{path} was trained at {task.img_size} px, and this bank runs {self.img_size} px: "
+        size = trained_img_size(info)
+        if self.img_size and size and int(size) != int(self.img_size):  # refused before its tensors are loaded
+            raise ConfigError(f"{path} was trained at {size} px, and this bank runs {self.img_size} px: "
                               "serve it from a folder of its own image size")
+        task = self._add(path, name, None, check_fingerprint=True, info=info)
         self.loads += 1
         return task
 
@@ -169,8 +169,7 @@ class FolderBank(AdapterBank):
                 if self.cache_bytes is not None and self._lru and self.cached_bytes() >= self.cache_bytes:
                     break
                 self.ensure([name])
-            for bank_linear in self._linears.values():  # the routing tables now, not in the first call
-                bank_linear.settle()
+            self._settle()  # the routing tables now, not in the first call
             return len(self._lru)
 
     def _trim(self, keep: set[str]) -> None:

@@ -161,17 +161,15 @@ class Batcher:
         """The top labels of each request; None for one whose task was removed while it waited; a
         :class:`TaskRefused` for one whose adapter could not be loaded (a folder bank loads here what the batch
         needs: the other tasks of the batch get their answers)."""
-        failed = self.bank.ensure([i[1] for i in items])
-        live = [i for i in items if i[1] not in failed]
-        tops = iter(self.bank.top_k(torch.stack([i[0] for i in live]), [i[1] for i in live],
-                                    k=max(i[2] for i in live)) if live else [])
+        answers = self.bank.answer(torch.stack([i[0] for i in items]), [i[1] for i in items],
+                                   k=max(i[2] for i in items))
         self.stats.requests += len(items)
         self.stats.calls += 1
         self.stats.largest = max(self.stats.largest, len(items))
         self.stats.sizes.append(len(items))
-        gone = {t: not self.bank.has_task(t) for t in failed}
-        return [next(tops)[:k] if task not in failed else None if gone[task] else TaskRefused(failed[task])
-                for _, task, k, _ in items]
+        gone = {task: not self.bank.has_task(task) for (_, task, _, _), a in zip(items, answers) if isinstance(a, str)}
+        return [a[:k] if not isinstance(a, str) else None if gone[task] else TaskRefused(a)
+                for a, (_, task, k, _) in zip(answers, items)]
 
 
 def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0) -> Any:
