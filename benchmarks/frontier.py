@@ -131,11 +131,10 @@ def choose_lr(point: str, val: dict[tuple[str, str, float], float]) -> tuple[flo
     down = up = 0
     while True:
         rates = grid(spec["lr"], down, up)
-        missing = [r for r in rates if any((point, t, r) not in val for t in SELECT_TASKS)]
+        table = [(r, val_mean(point, r, val)) for r in rates]
+        missing = [r for r, score in table if score is None]
         if missing:
             return None, missing, []
-        # rounded: records hold float32 accuracies (k / 200 to ~1e-8), so equal counts must compare equal
-        table = [(r, round(statistics.fmean(val[(point, t, r)] for t in SELECT_TASKS), 6)) for r in rates]
         best = max(range(len(table)), key=lambda i: (table[i][1], -i))
         lowest, highest = min(rates), max(rates)
         if table[best][0] == lowest and down < MAX_EXTEND:
@@ -144,6 +143,13 @@ def choose_lr(point: str, val: dict[tuple[str, str, float], float]) -> tuple[flo
             up += 1
         else:
             return table[best][0], [], sorted(table)
+
+
+def val_mean(point: str, lr: float, val: dict[tuple[str, str, float], float]) -> float | None:
+    """A point's mean val200 accuracy at rate ``lr`` over the selection tasks (None while one is missing), rounded
+    to 1e-6: records hold float32 accuracies (k / 200 to ~1e-8), so equal counts of val images must compare equal."""
+    vals = [val.get((point, t, lr)) for t in SELECT_TASKS]
+    return round(statistics.fmean(vals), 6) if all(v is not None for v in vals) else None
 
 
 def val_index(data: dict[str, Any]) -> dict[tuple[str, str, float], float]:
@@ -406,10 +412,7 @@ def partial(point: str, val: dict[tuple[str, str, float], float]) -> str:
 def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | None:
     """A point's mean val200 accuracy over the selection tasks at its chosen rate (what picks heartlora's points)."""
     lr = choose_lr(point, val)[0]
-    if lr is None:
-        return None
-    vals = [val.get((point, t, lr)) for t in SELECT_TASKS]
-    return round(statistics.fmean(vals), 6) if all(v is not None for v in vals) else None  # as choose_lr
+    return None if lr is None else val_mean(point, lr, val)
 
 
 def report() -> None:
