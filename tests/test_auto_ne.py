@@ -1,4 +1,5 @@
-"""ne="auto": the choice is made on sampled training images (never val or test), recorded with its evidence, and leaves the model."""
+"""ne="auto": the choice is made on sampled training images (never val or test), recorded with its evidence, and
+leaves the model."""
 
 from __future__ import annotations
 

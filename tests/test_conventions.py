@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread, task  # noqa: F401 (the fixtures: one CPU thread, the tiny task)
 
 from heartlora.cli.main import EXIT_ERROR, _parse, build_parser, main
 

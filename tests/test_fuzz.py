@@ -322,7 +322,7 @@ def _run_flags(task: str, seed: int, epochs: int) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Four real run folders: stopped after epoch 1 of 2 (seeds 42 and 7) and finished (seeds 42 and 7)."""
-    from test_engine import write_tiny_vtab
+    from tiny_task import write_tiny_vtab
 
     from heartlora.cli.main import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import one_thread, task, tiny  # noqa: F401 (fixtures: one CPU thread, the tiny task)
+from test_engine import tiny
 
 from heartlora.engine import train
 from heartlora.engine.loggers import CSV_COLUMNS, heads_image, parse_log_to

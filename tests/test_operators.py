@@ -52,7 +52,8 @@ def _step_ops(model: torch.nn.Module) -> int:
 
 def _peft_ops() -> int:
     model = _tiny_vit()
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith(("query", "value", "q_proj", "v_proj"))}
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
+             if n.endswith(("query", "value", "q_proj", "v_proj"))}
     cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=sorted(names), modules_to_save=["classifier"])
     return _step_ops(peft.get_peft_model(model, cfg))
 

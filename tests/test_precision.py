@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import one_thread, task  # noqa: F401  (fixtures: one thread, the tiny task)
 
 from heartlora.engine.precision import compiled, resolve_precision
 from heartlora.errors import ConfigError

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine import one_thread, task, tiny  # noqa: F401  (fixtures: one thread, the tiny task)
+from test_engine import tiny
 
 from heartlora.engine import TrainConfig, resolve, train
 from heartlora.engine.checkpoint import load_checkpoint

@@ -1,4 +1,5 @@
-"""``heartlora serve``: real HTTP requests on 127.0.0.1 (a free port), errors, cross-task batching, a bounded load test."""
+"""``heartlora serve``: real HTTP requests on 127.0.0.1 (a free port), errors, cross-task batching, a bounded load
+test."""
 
 from __future__ import annotations
 

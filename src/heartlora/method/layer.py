@@ -60,7 +60,8 @@ class HeadLoRAProjection(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.per_head_is_B = target in OUT_SIDE
         limit = out_features if self.per_head_is_B else in_features
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit or index.unique().numel() != index.numel()):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit
+                              or index.unique().numel() != index.numel()):
             raise ValueError(f"index for {layer_name}.{target} must name distinct positions below {limit}")
         # A loaded k-bit adapter holds decoded values: they are used exactly as stored until the weights change
         # (further training), and from then on quantized again like any k-bit adapter (see mark_decoded).

@@ -144,7 +144,8 @@ QKV_BLOCKS = {
     # Hugging Face: ``qkv(x).reshape(B, N, 3, num_heads, head_dim)`` (BLIP, BLIP-2, InstructBLIP, ViTDet, SAM)
     "transformers.models.blip.modeling_blip.BlipAttention", "transformers.models.blip_2.modeling_blip_2.Blip2Attention",
     "transformers.models.instructblip.modeling_instructblip.InstructBlipAttention",
-    "transformers.models.vitdet.modeling_vitdet.VitDetAttention", "transformers.models.sam.modeling_sam.SamVisionAttention",
+    "transformers.models.vitdet.modeling_vitdet.VitDetAttention",
+    "transformers.models.sam.modeling_sam.SamVisionAttention",
     "transformers.models.sam.modeling_sam.SamVisionSdpaAttention",
 }
 # Per head, q k v one after the other: ``qkv.view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``.
@@ -600,8 +601,8 @@ def _reason(m: nn.Module) -> str:
         return "q, k, v come from a k×k, strided or grouped convolution, not an nn.Linear or 1×1 convolution"
     fused = [n for n in ("qkv", "kv", "qk") if _proj(m, n) is not None]
     if fused:
-        return (f"the row order of its fused `{fused[0]}` projection is unknown: add {class_path(m)} to the right table in "
-                "heartlora/method/layouts.py once its source is read")
+        return (f"the row order of its fused `{fused[0]}` projection is unknown: add {class_path(m)} to the right "
+                "table in heartlora/method/layouts.py once its source is read")
     for n in ("qkv", "q", "kv"):
         child = getattr(m, n, None)
         if child is not None and not isinstance(child, nn.Linear):
