@@ -30,6 +30,18 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().out.strip() == f"heartlora {__version__}"
 
 
+def test_every_flag_with_a_default_names_it_in_its_help() -> None:
+    """docs/CLI.md promises that ``heartlora COMMAND --help`` shows every flag's default: a flag that has one (not
+    None, not an on/off switch) says "default" in its help text."""
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    silent = [f"{name} {action.option_strings[0]}" for name, parser in sub.choices.items() for action in parser._actions
+              if action.option_strings and action.default not in (None, argparse.SUPPRESS)
+              and not isinstance(action.default, bool) and "default" not in (action.help or "")]
+    assert not silent, f"flags whose --help hides their default: {silent}"
+
+
 def test_every_command_takes_quiet_and_verbose() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

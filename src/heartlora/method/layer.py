@@ -313,6 +313,7 @@ class HeadLoRALinear(nn.Module):
         return add_deltas(self, y2, x2, [p for p in self.lora.values() if p._active]).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
+        """The adapters' whole update of the base weight (heads switched off contribute nothing)."""
         delta = torch.zeros_like(self.base_layer.weight)
         for proj in self.lora.values():
             delta = proj.delta_weight(delta)
@@ -320,6 +321,8 @@ class HeadLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Add the update into the base weight (inference at the backbone's own cost); ``unmerge`` restores the
+        exact original weight, kept aside."""
         if self.merged:
             return
         self._original_weight = self.base_layer.weight.detach().clone()
@@ -328,6 +331,7 @@ class HeadLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Put back the base weight ``merge`` kept (bit-exact)."""
         if not self.merged:
             return
         self.base_layer.weight.copy_(self._original_weight)

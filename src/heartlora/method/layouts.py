@@ -49,6 +49,10 @@ class Site:
 
 @dataclass
 class AttentionSites:
+    """What a layout finds in one attention module: its heads, and for each of q, k, v, o it can reach the Linear
+    (or 1×1 convolution) and the rows (or columns) that belong to each head; ``missing`` says why a projection
+    is absent."""
+
     num_heads: int
     head_dim: int
     sites: dict[str, Site]  # keys among q, k, v, o
@@ -71,6 +75,9 @@ LAYOUTS: list[HeadLayout] = []
 
 
 def register_layout(layout: HeadLayout) -> HeadLayout:
+    """Teach attach a new attention family: ``layout.matches`` picks its modules and ``layout.describe`` names the
+    projections and each head's rows. Layouts are tried in registration order; returns the layout (so it can be
+    used as a decorator's result)."""
     LAYOUTS.append(layout)
     return layout
 
