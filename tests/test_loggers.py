@@ -63,6 +63,21 @@ def test_tensorboard_scalars_and_head_scores(tmp_path: Path, task: str) -> None:
     assert (img.width, img.height) == (2, 6)  # test_vit: 6 layers × 2 heads
 
 
+def test_tensorboard_shows_only_the_run_that_overwrote_the_folder(tmp_path: Path, task: str) -> None:
+    """--overwrite keeps tensorboard/ (not a run file), but TensorBoard shows the new run's steps only."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(tmp_path, task, method="lora", epochs=3, log_to="tensorboard"))
+    train(tiny(tmp_path, task, method="lora", epochs=2, lr=3e-3, log_to="tensorboard", overwrite=True))
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2  # the earlier run's file is still there
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in history], rel=1e-6)
+
+
 def test_heads_image_pads_and_normalises() -> None:
     img = heads_image({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
     assert img.shape == (1, 2, 2) and torch.equal(img[0], torch.tensor([[0.25, 1.0], [0.5, 0.0]]))
