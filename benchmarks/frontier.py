@@ -28,6 +28,12 @@ redone; an interrupted engine run resumes from its checkpoint.
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
     .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
+    python benchmarks/frontier.py paper --jobs 8 --device cuda --precision bf16   # a GPU: the paper protocol
+
+``paper`` runs every point whose rate the cpu protocol has chosen at the paper's protocol (224 px, 100 epochs,
+batch 64; seed 42; the cpu tasks first, then heldout, task by task so that the tasks run hold every point) into
+benchmarks/records/frontier-paper.json; the report shows them in their own table. Its rates are the cpu protocol's
+choices, not searched again at 100 epochs: a caveat the table states.
 
 ``report`` also rewrites the README's first table (between its ``<!-- frontier:begin -->`` and ``<!-- frontier:end
 -->`` marks) once every compared point has all its cpu cells, and leaves it as it is until then.
@@ -59,6 +65,11 @@ DOC = ROOT / "docs" / "research" / "FRONTIER.md"
 PLOT = ROOT / "docs" / "research" / "frontier.png"
 SCHEDULE = {"img_size": 112, "epochs": 10, "batch_size": 32}
 TAG = "frontier/112px-10ep-b32"
+# `paper`: the same points at the paper's protocol (the engine's `paper` profile) on a GPU, seed 42, each at the rate
+# the cpu protocol chose on val200 (no search of its own: a GPU session has minutes), into their own records
+PAPER = {"img_size": 224, "epochs": 100, "batch_size": 64}
+PAPER_TAG = "frontier/224px-100ep-b64"
+PAPER_RECORDS = ROOT / "benchmarks" / "records" / "frontier-paper.json"
 SELECT_TASKS = ("fashion_mnist@4shot", "dsprites_loc", "fashion_mnist")
 TASKS = CPU_TASKS + HELDOUT_TASKS
 SEEDS = (42, 43, 44)
@@ -478,6 +489,7 @@ def report() -> None:
                      f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
     lines += goal_lines(fin, val, cpu_cells, held_cells)
+    lines += paper_lines(data, load_results(PAPER_RECORDS))
     left = plan(data)
     ahead = projection(data, suite_records())
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)}. Left, if the open rate "
@@ -706,6 +718,103 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
     return out
 
 
+def paper_id(task: str, point: str, lr: float) -> str:
+    return f"{PAPER_TAG}/final/{task}/{point}_lr{lr_str(lr)}_s{SEEDS[0]}"
+
+
+def paper_plan(data: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """The paper protocol's runs left, as (task, point, rate): every point whose rate the cpu protocol's val200
+    runs chose, seed 42, task by task (the cpu tasks first), the points in their order within a task."""
+    val = val_index(data)
+    done = {r["id"] for r in paper["records"]}
+    rates = {point: choose_lr(point, val)[0] for point in POINTS}
+    return [(task, point, lr) for task in TASKS for point, lr in rates.items()
+            if lr is not None and paper_id(task, point, lr) not in done]
+
+
+def paper_command(task: str, point: str, lr: float, out: Path, device: str, precision: str,
+                  threads: int) -> list[str]:
+    spec = POINTS[point]
+    common = ["--task", task, "--protocol", "final", "--seed", str(SEEDS[0]), "--out", str(out), "--lr", repr(lr),
+              "--threads", str(threads), "--device", device, "--precision", precision]
+    if "peft" in spec:
+        return [sys.executable, str(BASELINE), "--method", spec["peft"], *common,
+                *(f"--{k.replace('_', '-')}={v}" for k, v in PAPER.items())]
+    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--profile", "paper"]
+    if out.is_dir() and any(out.iterdir()):
+        cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
+    return cmd
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    """Run the paper protocol's runs (resumable, ``--jobs`` side by side) into PAPER_RECORDS."""
+    finished = 0
+    data = load_results(RECORDS)
+
+    def ready() -> list[tuple[str, tuple]]:
+        return [(paper_id(*item), item) for item in paper_plan(data, load_results(PAPER_RECORDS))]
+
+    def record(item: tuple, metrics: dict[str, Any]) -> None:
+        task, point, lr = item
+        rec = make_record(("final", task, point, lr, SEEDS[0]), metrics)
+        rec.update(id=paper_id(task, point, lr), frontier_protocol="paper",
+                   command=f"python benchmarks/frontier.py paper --device {args.device} --precision {args.precision}")
+        rec["machine"] = {**machine(), "threads": args.threads}
+        add_record(rec, PAPER_RECORDS)
+
+    def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
+        out = RUNS / run
+        if (out / "metrics.json").is_file():  # finished, but its record was never written
+            record(item, json.loads((out / "metrics.json").read_text()))
+            return None
+        print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
+        return launch(paper_command(*item, out, args.device, args.precision, args.threads),
+                      out.parent / f"{out.name}.log", ROOT, args.threads)
+
+    def finish(run: str, item: tuple, returncode: int, seconds: float) -> bool:
+        nonlocal finished
+        metrics = ended_run(RUNS, run, returncode)
+        if metrics is None:
+            return False
+        record(item, metrics)
+        finished += 1
+        print(f"    done {run}: test acc {float(metrics['accuracy']):.4f}, {seconds:.0f} s", flush=True)
+        return True
+
+    _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S,
+                         may_start=start_limit(args.max_runs, args.deadline_s))
+    print(f"frontier paper: {finished} runs recorded now, {len(failed)} failed, {len(ready())} left", flush=True)
+    return 1 if failed else 0
+
+
+def paper_lines(data: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    """The paper protocol's table: each point's test accuracy, mean over the tasks every point run has (so the
+    means compare), with its bytes; empty while nothing is recorded."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in paper["records"]:
+        runs.setdefault(r["frontier_point"], {})[r["task"]] = r
+    if not runs:
+        return []
+    shared = [t for t in TASKS if all(t in by_task for by_task in runs.values())]
+    lines = ["", "## The paper's protocol (a GPU, seed 42)", "",
+             f"`python benchmarks/frontier.py paper` on a lent GPU: 224 px, 100 epochs, batch 64, train800val200 → "
+             "test, seed 42, each point at the rate the cpu protocol chose on val200 (not searched again at 100 "
+             "epochs, so a method whose best rate moves with the schedule is at a disadvantage here); records in "
+             f"benchmarks/records/frontier-paper.json. Mean over the {len(shared)} task(s) every point below has run"
+             f"{' (' + ', '.join(shared) + ')' if shared else ''}; the per-task count beside it.", "",
+             "| point | bytes (fp16) | test accuracy (%) | tasks run | device, precision |", "|---|---|---|---|---|"]
+    for point in POINTS:
+        if point not in runs:
+            continue
+        by_task = runs[point]
+        acc = f"{statistics.fmean(100 * float(by_task[t]['accuracy']) for t in shared):.1f}" if shared else "…"
+        nbytes = statistics.fmean(int(r["adapter_bytes_fp16"]) for r in by_task.values())
+        first = next(iter(by_task.values()))
+        where = f"{(first.get('machine') or {}).get('gpu') or 'cpu'}, {(first.get('settings') or {}).get('precision')}"
+        lines.append(f"| {point} | {nbytes:,.0f} | {acc} | {len(by_task)} | {where} |")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data = load_results(RECORDS)
     ready = plan(data)
@@ -722,7 +831,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RECORDS, RUNS, DOC, PLOT
+    global RECORDS, RUNS, DOC, PLOT, PAPER_RECORDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every missing run (resumable), then write the report")
@@ -733,6 +842,15 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="runs recorded, what runs next and an estimate of what is left")
     st.add_argument("--jobs", type=int, default=2, help="runs side by side, for the estimate")
     sub.add_parser("report", help="write docs/research/FRONTIER.md and the plot")
+    pp = sub.add_parser("paper", help="the paper's protocol on a GPU: every point with a chosen rate, seed 42")
+    pp.add_argument("--jobs", type=int, default=8, help="runs side by side")
+    pp.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    pp.add_argument("--device", default="cuda")
+    pp.add_argument("--precision", default="bf16", choices=("fp32", "tf32", "bf16"))
+    pp.add_argument("--max-runs", type=int, help="start at most this many runs")
+    pp.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    pp.add_argument("--paper-records", type=Path, help="where its records go (default benchmarks/records/"
+                                                       "frontier-paper.json)")
     for sp in sub.choices.values():
         sp.add_argument("--records", type=Path, help=argparse.SUPPRESS)
         sp.add_argument("--runs", type=Path, help=argparse.SUPPRESS)
@@ -745,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "paper":
+        PAPER_RECORDS = args.paper_records or PAPER_RECORDS
+        return cmd_paper(args)
     report()
     return 0
 

@@ -468,3 +468,46 @@ def test_the_pool_reads_ready_again_when_a_pass_only_recorded_runs(tmp_path):
 
     started, failed = runner.run_pool(ready, start, lambda *a: True, jobs=2, poll_s=lambda: 0.02)
     assert started == 1 and ran == ["train"] and not failed
+
+
+def test_the_paper_protocol_runs_every_chosen_point_task_by_task_at_the_cpu_choice(tmp_path):
+    data = settled_data({}, {}, {})  # every rate chosen (the reference wins)
+    val = frontier.val_index(data)
+    items = frontier.paper_plan(data, {"records": []})
+    points = list(frontier.POINTS)
+    assert len(items) == len(frontier.TASKS) * len(points)
+    assert items[:len(points)] == [(frontier.TASKS[0], p, frontier.choose_lr(p, val)[0]) for p in points]
+    assert [t for t, _, _ in items[::len(points)]] == list(frontier.TASKS)  # the cpu tasks first, then heldout
+    # a recorded run is not planned again; a point whose rate is not chosen yet is not planned at all
+    task, point, lr = items[0]
+    done = {"records": [{"id": frontier.paper_id(task, point, lr)}]}
+    assert items[0] not in frontier.paper_plan(data, done) and len(frontier.paper_plan(data, done)) == len(items) - 1
+    open_rate = {"records": [r for r in data["records"] if r["frontier_point"] != "vera"]}
+    assert not any(p == "vera" for _, p, _ in frontier.paper_plan(open_rate, {"records": []}))
+
+    peft = frontier.paper_command("digits", "vera", 0.04, tmp_path / "a", "cuda", "bf16", 2)
+    assert peft[:2] == [sys.executable, str(frontier.BASELINE)] and peft[peft.index("--method") + 1] == "vera"
+    assert {"--img-size=224", "--epochs=100", "--batch-size=64"} <= set(peft)
+    assert peft[peft.index("--device") + 1] == "cuda" and peft[peft.index("--precision") + 1] == "bf16"
+    assert peft[peft.index("--lr") + 1] == "0.04" and peft[peft.index("--seed") + 1] == "42"
+    engine = frontier.paper_command("digits", "heart-lora", 1e-3, tmp_path / "b", "cuda", "bf16", 2)
+    assert engine[1:4] == ["-m", "heartlora", "train"] and engine[engine.index("--profile") + 1] == "paper"
+    assert "--resume" not in engine and "--overwrite" not in engine
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"x")
+    assert frontier.paper_command("digits", "heart-lora", 1e-3, tmp_path / "b", "cuda", "bf16", 2)[-1] == "--resume"
+
+
+def test_the_paper_table_compares_means_over_the_tasks_every_point_has():
+    def rec(point, task, acc, nbytes):
+        return {"id": frontier.paper_id(task, point, 1e-3), "frontier_point": point, "task": task, "accuracy": acc,
+                "adapter_bytes_fp16": nbytes, "machine": {"gpu": "NVIDIA H100"}, "settings": {"precision": "bf16"}}
+
+    a, b = frontier.CPU_TASKS[:2]
+    paper = {"records": [rec("lora-r8", a, 0.80, 294_912), rec("lora-r8", b, 0.60, 294_912),
+                         rec("heart-bi-lora", a, 0.70, 15_000)]}
+    lines = frontier.paper_lines({"records": []}, paper)
+    assert any(f"Mean over the 1 task(s) every point below has run ({a})" in x for x in lines)
+    assert "| lora-r8 | 294,912 | 80.0 | 2 | NVIDIA H100, bf16 |" in lines  # task b left out of the mean
+    assert "| heart-bi-lora | 15,000 | 70.0 | 1 | NVIDIA H100, bf16 |" in lines
+    assert frontier.paper_lines({"records": []}, {"records": []}) == []
