@@ -78,6 +78,20 @@ def test_tensorboard_shows_only_the_run_that_overwrote_the_folder(tmp_path: Path
     assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in history], rel=1e-6)
 
 
+def test_tensorboard_over_a_resume_shows_each_step_once(tmp_path: Path, task: str) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(tiny(whole, task, method="lora", epochs=3, log_to="tensorboard"))
+    train(tiny(parts, task, method="lora", epochs=3, log_to="tensorboard", stop_after_epoch=2))
+    train(tiny(parts, task, method="lora", epochs=3, log_to="tensorboard", resume=True))
+    loss = EventAccumulator(str(parts / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    want = EventAccumulator(str(whole / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.value for e in loss] == pytest.approx([e.value for e in want], rel=1e-6)
+
+
 def test_heads_image_pads_and_normalises() -> None:
     img = heads_image({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
     assert img.shape == (1, 2, 2) and torch.equal(img[0], torch.tensor([[0.25, 1.0], [0.5, 0.0]]))
