@@ -58,6 +58,23 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
     assert accuracy(model, x, y, DistInfo(0, 1, 0, torch.device("cpu"))) == pytest.approx(metrics["accuracy"])
 
 
+def test_a_run_folder_loads_back_for_inference_from_the_top_level_api(tmp_path: Path, task: str) -> None:
+    import heartlora as hl
+    from heartlora.data import get_task
+    from heartlora.errors import AdapterFileError
+
+    metrics = train(tiny(tmp_path / "run", task, method="heart-lora", ne=3))
+    model, info = hl.load_trained(tmp_path / "run")  # the folder stands for its adapter.safetensors
+    assert not model.training and info["run"]["img_size"] == 32 and info["run"]["class_names"] == ["0", "1", "2", "3"]
+    x, y = get_task(task).load("val200", img_size=info["run"]["img_size"])
+    with torch.no_grad():  # float images in [0, 1], as the docstring says
+        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(metrics["accuracy"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="is a folder without adapter.safetensors"):
+        hl.load_trained(tmp_path / "empty")
+
+
 def test_quantized_adapters_are_smaller_and_heads_off_save_bytes(tmp_path: Path, task: str) -> None:
     sizes = {m: train(tiny(tmp_path / m, task, method=m, epochs=1, ne=4 if "heart" in m else None))["adapter_bytes"]
              for m in ("lora", "heart-lora", "bi-lora", "heart-bi-lora")}
