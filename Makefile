@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test compat bench docs data-deps clean
+.PHONY: setup demo test lint compat bench docs data-deps clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,12 @@ data-deps:
 demo: setup
 	$(BIN)/heartlora demo
 
-test: setup data-deps
+test: setup data-deps lint
 	$(BIN)/python -m pytest -q
+
+# pyflakes and pycodestyle's errors over the library, the tests and the benchmarks (pyproject.toml's [tool.ruff]).
+lint: setup
+	$(BIN)/ruff check --quiet src tests benchmarks
 
 # The backbone, attach, save/load and merge tests with the oldest supported and the newest transformers, timm and
 # PEFT, each in a small venv layered over $(VENV)'s torch (see .ci/compat).

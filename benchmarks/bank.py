@@ -128,7 +128,8 @@ def main() -> None:
             folder.mkdir()
             rows.append(run(n, args, folder))
             r = rows[-1]
-            print(f"{n:>3} adapters: bank {r['bank_bytes'] / 2**20:.1f} MiB (goal {r['memory_goal_bytes'] / 2**20:.1f}, "
+            print(f"{n:>3} adapters: bank {r['bank_bytes'] / 2**20:.1f} MiB "
+                  f"(goal {r['memory_goal_bytes'] / 2**20:.1f}, "
                   f"{'ok' if r['memory_ok'] else 'MISSED'}) vs {r['merged_copies_bytes'] / 2**20:.1f} MiB merged "
                   f"copies; {r['bank_img_s']:.0f} img/s mixed vs {r['merged_img_s']:.0f} merged "
                   f"({r['speed_ratio']:.2f}x, {'ok' if r['speed_ok'] else 'MISSED'})", flush=True)

@@ -36,7 +36,8 @@ def command(method: str, shots: int, out: Path, seed: int) -> list[str]:
 
 def report(runs: Path, dest: Path, seed: int) -> None:
     lines = ["# Few-shot by steps (Fashion-MNIST, `cpu` profile)", "",
-             "Command: `python benchmarks/fewshot.py --jobs 1` (one thread per run) then `--report`. Protocol final: train on K images per "
+             "Command: `python benchmarks/fewshot.py --jobs 1` (one thread per run) then `--report`. "
+             "Protocol final: train on K images per "
              "class (from train800), test once on 2,000 test images, 112 px, batch 32, seed "
              f"{seed}; a K-shot run trains for at least 100 optimizer steps (its epochs raised from 10 when they give "
              "fewer; the baseline script applies the same floor). Chance is 10 %.", "",

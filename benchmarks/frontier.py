@@ -28,6 +28,12 @@ redone; an interrupted engine run resumes from its checkpoint.
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
     .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
+    python benchmarks/frontier.py paper --jobs 8 --device cuda --precision bf16   # a GPU: the paper protocol
+
+``paper`` runs every point whose rate the cpu protocol has chosen at the paper's protocol (224 px, 100 epochs,
+batch 64; seed 42; the cpu tasks first, then heldout, task by task so that the tasks run hold every point) into
+benchmarks/records/frontier-paper.json; the report shows them in their own table. Its rates are the cpu protocol's
+choices, not searched again at 100 epochs: a caveat the table states.
 
 ``report`` also rewrites the README's first table (between its ``<!-- frontier:begin -->`` and ``<!-- frontier:end
 -->`` marks) once every compared point has all its cpu cells, and leaves it as it is until then.
@@ -59,6 +65,11 @@ DOC = ROOT / "docs" / "research" / "FRONTIER.md"
 PLOT = ROOT / "docs" / "research" / "frontier.png"
 SCHEDULE = {"img_size": 112, "epochs": 10, "batch_size": 32}
 TAG = "frontier/112px-10ep-b32"
+# `paper`: the same points at the paper's protocol (the engine's `paper` profile) on a GPU, seed 42, each at the rate
+# the cpu protocol chose on val200 (no search of its own: a GPU session has minutes), into their own records
+PAPER = {"img_size": 224, "epochs": 100, "batch_size": 64}
+PAPER_TAG = "frontier/224px-100ep-b64"
+PAPER_RECORDS = ROOT / "benchmarks" / "records" / "frontier-paper.json"
 SELECT_TASKS = ("fashion_mnist@4shot", "dsprites_loc", "fashion_mnist")
 TASKS = CPU_TASKS + HELDOUT_TASKS
 SEEDS = (42, 43, 44)
@@ -202,9 +213,7 @@ def deciding(data: dict[str, Any], suite: dict[str, dict[str, Any]] | None = Non
                                       for t in CPU_TASKS for seed in SEEDS[1:]):
             out.add(point)
     fin = finals(data)
-    settled = all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in CPU_TASKS)
-                  for h in HEART_POINTS)
-    if settled:
+    if heart_settled(fin, val):
         out |= {row[2] for row in comparisons(fin, val) if row[2]}
     return out
 
@@ -397,6 +406,26 @@ def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16
     return statistics.fmean(int(r[key]) for r in s42) if s42 else None
 
 
+def cell_bytes(runs: dict[tuple[str, int], dict], cells: set[tuple[str, int]],
+               key: str = "adapter_bytes_fp16") -> float | None:
+    """A point's mean bytes over ``cells`` (the cells an accuracy is read from): ``--ne auto`` keeps other heads on
+    other seeds, so this can differ from the seed-42 figure a budget was checked against."""
+    vals = [int(runs[c][key]) for c in cells if c in runs]
+    return statistics.fmean(vals) if vals else None
+
+
+def all_heads_on(point: str) -> bool:
+    """heartlora's points that switch no head off (LoRA and Bi-LoRA trained by heartlora's engine)."""
+    spec = POINTS[point]
+    return "engine" in spec and not spec["engine"][spec["engine"].index("--method") + 1].startswith("heart-")
+
+
+def heart_settled(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float]) -> bool:
+    """Every heartlora point has its val200 score and its seed-42 finals on the cpu tasks: its choices can be made."""
+    return all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in CPU_TASKS)
+               for h in HEART_POINTS)
+
+
 def partial(point: str, val: dict[tuple[str, str, float], float]) -> str:
     """The val200 means so far of a point whose rate search is still running, with how many tasks each has."""
     rates = sorted({lr for (p, _, lr) in val if p == point})
@@ -426,7 +455,10 @@ def report() -> None:
              "(the protocol and the rules are in benchmarks/frontier.py's docstring). Offline DINOv2 ViT-S/14, 112 px, "
              "10 epochs, batch 32; train800val200 → test; learning rates chosen per method on val200 of "
              f"{', '.join(SELECT_TASKS)} (seed 42), never on test. Bytes: per task, beyond the frozen backbone, "
-             "classifier excluded (it is the same fp32 Linear for every method); float adapters at fp16.", ""]
+             "classifier excluded (it is the same fp32 Linear for every method: its bytes, mean over the cpu tasks, "
+             "are a column of the frontier table); float adapters at fp16. heartlora's variants of a method (bi-lora, "
+             "lora, heart-lora-r16-ne48, heart-lora-r10-ne36) train at the rate that method chose (heart-bi-lora's "
+             "or heart-lora's) instead of searching their own: the one exception to the rate rule.", ""]
     lines += point_lines()
     lines += ["## Learning rates chosen on val200", "", "| point | reference | chosen | mean val200 per rate |",
               "|---|---|---|---|"]
@@ -440,8 +472,8 @@ def report() -> None:
         cells = ", ".join(f"{lr_str(r)}: {100 * a:.1f}" for r, a in table) if table else partial(point, val)
         lines.append(f"| {point} | {lr_str(spec['lr'])} | {lr_str(chosen) if chosen else '…'} | {cells} |")
     lines += ["", "## Frontier (test accuracy, mean over tasks)", "",
-              "| point | bytes (fp16) | bytes as stored | cpu tasks s42 | cpu tasks, all seeds | heldout s42 | runs |",
-              "|---|---|---|---|---|---|---|"]
+              "| point | bytes (fp16) | bytes as stored | classifier (fp32) | cpu tasks s42 | cpu tasks, all seeds | "
+              "heldout s42 | runs |", "|---|---|---|---|---|---|---|---|"]
     for point in POINTS:
         runs = fin[point]
         if not runs:
@@ -453,9 +485,11 @@ def report() -> None:
         def m(xs: list[float], n: int) -> str:
             return f"{statistics.fmean(xs):.1f}" + ("" if len(xs) == n else f" ({len(xs)}/{n})") if xs else "…"
         lines.append(f"| {point} | {mean_bytes(runs):,.0f} | {mean_bytes(runs, 'adapter_bytes'):,.0f} | "
-                     f"{m(s42, len(CPU_TASKS))} | {m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
+                     f"{mean_bytes(runs, 'classifier_bytes'):,.0f} | {m(s42, len(CPU_TASKS))} | "
+                     f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
     lines += goal_lines(fin, val, cpu_cells, held_cells)
+    lines += paper_lines(data, load_results(PAPER_RECORDS))
     left = plan(data)
     ahead = projection(data, suite_records())
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)}. Left, if the open rate "
@@ -502,29 +536,54 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
              f"{', '.join(REALLOCATION)}). Difference: heartlora − PEFT in test points, paired over the (task, seed) "
              "cells both have, ± its standard error (n cells). A goal is judged on the 7 cpu tasks × 3 seeds "
              "(21 cells), by the mean difference (and whether it clears the margin by more than 2 standard "
-             "errors); the heldout tasks (seed 42) confirm it. A point's bytes are its mean over the cpu tasks "
-             "at seed 42 (heads-off counts chosen by `--ne auto` vary a little by task).", "",
+             "errors); the heldout tasks (seed 42) confirm it. A budget is the PEFT method's mean bytes over the "
+             "cpu tasks at seed 42, and heartlora's point is chosen against its own seed-42 mean; the heartlora "
+             "bytes shown are its mean over the cells compared (heads-off counts chosen by `--ne auto` vary by task "
+             "and seed), and a row says so when they exceed the budget. A point marked (all heads on) switches no "
+             "head off.", "",
              "| goal | PEFT method | its bytes | heartlora point | its bytes | cpu: diff ± se (n) | "
              "heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|"]
 
-    def fmt(res: tuple[float, float, int] | None) -> str:
-        return f"{res[0]:+.1f} ± {res[1]:.1f} ({res[2]})" if res else "…"
-
-    for goal, point, heart, budget in comparisons(fin, val):
+    settled = heart_settled(fin, val)
+    rows = comparisons(fin, val)
+    for goal, point, heart, budget in rows:
         if heart is None:
-            lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | none fits | | | | no |")
+            why = "none fits | | | | no" if settled else "pending: heartlora's points are not all run | | | | not yet"
+            lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {why} |")
             continue
         cpu, held = paired(fin[point], fin[heart], cpu_cells), paired(fin[point], fin[heart], held_cells)
-        if cpu is None or cpu[2] < len(cpu_cells):
+        shared = {c for c in cpu_cells if c in fin[point] and c in fin[heart]}
+        spent = cell_bytes(fin[heart], shared) if shared else mean_bytes(fin[heart])
+        if not settled:  # a heartlora point still to run may be the better choice on val200
+            met = "not yet: heartlora's points are not all run"
+        elif cpu is None or cpu[2] < len(cpu_cells):
             met = f"not yet ({cpu[2] if cpu else 0}/{len(cpu_cells)} cells)"
         elif cpu[0] >= GOALS[goal]:
             met = "yes" + (", by more than 2 se" if cpu[0] - 2 * cpu[1] >= GOALS[goal] else ", within 2 se")
-            met += "" if held is None or held[0] >= GOALS[goal] else "; not on heldout"
+            if held is None or held[2] < len(held_cells):
+                met += f"; heldout pending ({held[2] if held else 0}/{len(held_cells)})"
+            elif held[0] < GOALS[goal]:
+                met += "; not on heldout"
         else:
             met = f"no, by {GOALS[goal] - cpu[0]:.1f}"
-        lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {heart} | "
-                     f"{mean_bytes(fin[heart]):,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
+        if spent is not None and spent > budget:
+            met += f"; its bytes over these cells exceed the budget by {spent - budget:,.0f}"
+        name = heart + (" (all heads on)" if all_heads_on(heart) else "")
+        lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {name} | "
+                     f"{spent:,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
+    compared = {p for _, p, _, _ in rows}
+    for point in PEFT_POINTS:
+        if point not in compared:
+            lines.append(f"| every goal | {point} | … | pending: its final runs are not in | | | | not yet |")
     return lines
+
+
+def fmt(res: tuple[float, float, int] | None) -> str:
+    """A paired difference: mean ± standard error (n cells); one cell has no standard error."""
+    if not res:
+        return "…"
+    se = f"{res[1]:.1f}" if res[2] > 1 else "n/a"
+    return f"{res[0]:+.1f} ± {se} ({res[2]})"
 
 
 README = ROOT / "README.md"
@@ -534,16 +593,25 @@ README_MARKS = ("<!-- frontier:begin -->", "<!-- frontier:end -->")
 def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float],
                  cpu_cells: set[tuple[str, int]]) -> list[str] | None:
     """The README's first table: each PEFT method's bytes and accuracy beside heartlora's point at no more bytes
-    (chosen on val200), and one line a user can act on: the most accurate point under ``SMALL_BUDGET`` and at any
-    size, by the test accuracy of those fixed configurations (the reported result, not a choice of settings). None
-    until every compared point has all its cpu cells."""
+    (chosen on val200), and one line a user can act on: the point to use under ``SMALL_BUDGET``, chosen on val200
+    like every other choice, with the highest test accuracy measured at any size as an observation. Bytes and
+    accuracy are means over the same cells (every cpu task and seed). None until every PEFT point, every compared
+    heartlora point and the point the advice picks have all their cpu cells."""
     rows = [(p, h) for g, p, h, _ in comparisons(fin, val) if g == "bytes"]
     full = {p for p in POINTS if cpu_cells <= set(fin[p])}
-    if not rows or any(p not in full or h not in full for p, h in rows):
+    # the advice is a choice, so it is made on val200 like every other: the best mean val200 among the points whose
+    # bytes (seed 42, the basis every budget choice reads) fit (ties: the earlier point); the test column reports it
+    small = [p for p in POINTS if fin[p] and (mean_bytes(fin[p]) or 0) <= SMALL_BUDGET
+             and val_score(p, val) is not None]
+    pick = max(small, key=lambda p: (val_score(p, val), -list(POINTS).index(p))) if small else None
+    if not rows or not set(PEFT_POINTS) <= full or any(h not in full for _, h in rows) or pick not in full | {None}:
         return None
 
     def acc(point: str) -> float:
         return statistics.fmean(100 * float(fin[point][c]["accuracy"]) for c in cpu_cells)
+
+    def nbytes(point: str) -> float:
+        return cell_bytes(fin[point], cpu_cells) or 0.0
 
     lines = [f"Offline DINOv2 ViT-S/14, {len(CPU_TASKS)} tasks (natural, structured, 4-shot), 112 px, 10 epochs, test "
              "accuracy mean over tasks and seeds 42–44; bytes per task at fp16, classifier excluded; every learning "
@@ -552,17 +620,20 @@ def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[st
              "[docs/research/FRONTIER.md](docs/research/FRONTIER.md)):", "",
              "| PEFT method (plain recipe) | bytes | accuracy (%) | heartlora at no more bytes | bytes | "
              "accuracy (%) | difference ± se |", "|---|---|---|---|---|---|---|"]
-    for point, heart in sorted(rows, key=lambda r: mean_bytes(fin[r[0]]) or 0):
+    for point, heart in sorted(rows, key=lambda r: nbytes(r[0])):
         d = paired(fin[point], fin[heart], cpu_cells)
-        lines.append(f"| {point} | {mean_bytes(fin[point]):,.0f} | {acc(point):.1f} | {heart} | "
-                     f"{mean_bytes(fin[heart]):,.0f} | {acc(heart):.1f} | {d[0]:+.1f} ± {d[1]:.1f} |")
-    small = [p for p in full if (mean_bytes(fin[p]) or 0) <= SMALL_BUDGET]
+        name = heart + (" (all heads on)" if all_heads_on(heart) else "")
+        over = nbytes(heart) - nbytes(point)
+        spent = f"{nbytes(heart):,.0f}" + (f" ({over:,.0f} over: `--ne auto` kept more heads on seeds 43–44)"
+                                           if over > 0 else "")
+        lines.append(f"| {point} | {nbytes(point):,.0f} | {acc(point):.1f} | {name} | {spent} | {acc(heart):.1f} | "
+                     f"{fmt(d).rsplit(' (', 1)[0]} |")
     best = max(full, key=acc)
-    line = f"**For adapters under {SMALL_BUDGET // 1000} KB a task, use {max(small, key=acc)}**" if small else \
+    line = (f"**For adapters under {SMALL_BUDGET // 1000} KB a task, use {pick}** ({acc(pick):.1f} %, "
+            f"{nbytes(pick):,.0f} bytes; the best val200 accuracy under that size)") if pick else \
         f"**No point measured fits under {SMALL_BUDGET // 1000} KB**"
-    lines += ["", line + f"; the most accurate point at any size measured is {best} ({acc(best):.1f} %, "
-              f"{mean_bytes(fin[best]):,.0f} bytes). Both are read from the test column of configurations fixed "
-              "on val200.", "",
+    lines += ["", line + f". The highest test accuracy measured at any size (points run on every seed) is "
+              f"{best}'s ({acc(best):.1f} %, {nbytes(best):,.0f} bytes).", "",
               "![accuracy against stored bytes](docs/research/frontier.png)"]
     return lines
 
@@ -647,6 +718,103 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
     return out
 
 
+def paper_id(task: str, point: str, lr: float) -> str:
+    return f"{PAPER_TAG}/final/{task}/{point}_lr{lr_str(lr)}_s{SEEDS[0]}"
+
+
+def paper_plan(data: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """The paper protocol's runs left, as (task, point, rate): every point whose rate the cpu protocol's val200
+    runs chose, seed 42, task by task (the cpu tasks first), the points in their order within a task."""
+    val = val_index(data)
+    done = {r["id"] for r in paper["records"]}
+    rates = {point: choose_lr(point, val)[0] for point in POINTS}
+    return [(task, point, lr) for task in TASKS for point, lr in rates.items()
+            if lr is not None and paper_id(task, point, lr) not in done]
+
+
+def paper_command(task: str, point: str, lr: float, out: Path, device: str, precision: str,
+                  threads: int) -> list[str]:
+    spec = POINTS[point]
+    common = ["--task", task, "--protocol", "final", "--seed", str(SEEDS[0]), "--out", str(out), "--lr", repr(lr),
+              "--threads", str(threads), "--device", device, "--precision", precision]
+    if "peft" in spec:
+        return [sys.executable, str(BASELINE), "--method", spec["peft"], *common,
+                *(f"--{k.replace('_', '-')}={v}" for k, v in PAPER.items())]
+    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--profile", "paper"]
+    if out.is_dir() and any(out.iterdir()):
+        cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
+    return cmd
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    """Run the paper protocol's runs (resumable, ``--jobs`` side by side) into PAPER_RECORDS."""
+    finished = 0
+    data = load_results(RECORDS)
+
+    def ready() -> list[tuple[str, tuple]]:
+        return [(paper_id(*item), item) for item in paper_plan(data, load_results(PAPER_RECORDS))]
+
+    def record(item: tuple, metrics: dict[str, Any]) -> None:
+        task, point, lr = item
+        rec = make_record(("final", task, point, lr, SEEDS[0]), metrics)
+        rec.update(id=paper_id(task, point, lr), frontier_protocol="paper",
+                   command=f"python benchmarks/frontier.py paper --device {args.device} --precision {args.precision}")
+        rec["machine"] = {**machine(), "threads": args.threads}
+        add_record(rec, PAPER_RECORDS)
+
+    def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
+        out = RUNS / run
+        if (out / "metrics.json").is_file():  # finished, but its record was never written
+            record(item, json.loads((out / "metrics.json").read_text()))
+            return None
+        print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
+        return launch(paper_command(*item, out, args.device, args.precision, args.threads),
+                      out.parent / f"{out.name}.log", ROOT, args.threads)
+
+    def finish(run: str, item: tuple, returncode: int, seconds: float) -> bool:
+        nonlocal finished
+        metrics = ended_run(RUNS, run, returncode)
+        if metrics is None:
+            return False
+        record(item, metrics)
+        finished += 1
+        print(f"    done {run}: test acc {float(metrics['accuracy']):.4f}, {seconds:.0f} s", flush=True)
+        return True
+
+    _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S,
+                         may_start=start_limit(args.max_runs, args.deadline_s))
+    print(f"frontier paper: {finished} runs recorded now, {len(failed)} failed, {len(ready())} left", flush=True)
+    return 1 if failed else 0
+
+
+def paper_lines(data: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    """The paper protocol's table: each point's test accuracy, mean over the tasks every point run has (so the
+    means compare), with its bytes; empty while nothing is recorded."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in paper["records"]:
+        runs.setdefault(r["frontier_point"], {})[r["task"]] = r
+    if not runs:
+        return []
+    shared = [t for t in TASKS if all(t in by_task for by_task in runs.values())]
+    lines = ["", "## The paper's protocol (a GPU, seed 42)", "",
+             f"`python benchmarks/frontier.py paper` on a lent GPU: 224 px, 100 epochs, batch 64, train800val200 → "
+             "test, seed 42, each point at the rate the cpu protocol chose on val200 (not searched again at 100 "
+             "epochs, so a method whose best rate moves with the schedule is at a disadvantage here); records in "
+             f"benchmarks/records/frontier-paper.json. Mean over the {len(shared)} task(s) every point below has run"
+             f"{' (' + ', '.join(shared) + ')' if shared else ''}; the per-task count beside it.", "",
+             "| point | bytes (fp16) | test accuracy (%) | tasks run | device, precision |", "|---|---|---|---|---|"]
+    for point in POINTS:
+        if point not in runs:
+            continue
+        by_task = runs[point]
+        acc = f"{statistics.fmean(100 * float(by_task[t]['accuracy']) for t in shared):.1f}" if shared else "…"
+        nbytes = statistics.fmean(int(r["adapter_bytes_fp16"]) for r in by_task.values())
+        first = next(iter(by_task.values()))
+        where = f"{(first.get('machine') or {}).get('gpu') or 'cpu'}, {(first.get('settings') or {}).get('precision')}"
+        lines.append(f"| {point} | {nbytes:,.0f} | {acc} | {len(by_task)} | {where} |")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     data = load_results(RECORDS)
     ready = plan(data)
@@ -663,7 +831,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RECORDS, RUNS, DOC, PLOT
+    global RECORDS, RUNS, DOC, PLOT, PAPER_RECORDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every missing run (resumable), then write the report")
@@ -674,6 +842,15 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="runs recorded, what runs next and an estimate of what is left")
     st.add_argument("--jobs", type=int, default=2, help="runs side by side, for the estimate")
     sub.add_parser("report", help="write docs/research/FRONTIER.md and the plot")
+    pp = sub.add_parser("paper", help="the paper's protocol on a GPU: every point with a chosen rate, seed 42")
+    pp.add_argument("--jobs", type=int, default=8, help="runs side by side")
+    pp.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    pp.add_argument("--device", default="cuda")
+    pp.add_argument("--precision", default="bf16", choices=("fp32", "tf32", "bf16"))
+    pp.add_argument("--max-runs", type=int, help="start at most this many runs")
+    pp.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    pp.add_argument("--paper-records", type=Path, help="where its records go (default benchmarks/records/"
+                                                       "frontier-paper.json)")
     for sp in sub.choices.values():
         sp.add_argument("--records", type=Path, help=argparse.SUPPRESS)
         sp.add_argument("--runs", type=Path, help=argparse.SUPPRESS)
@@ -686,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "paper":
+        PAPER_RECORDS = args.paper_records or PAPER_RECORDS
+        return cmd_paper(args)
     report()
     return 0
 

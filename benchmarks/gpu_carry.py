@@ -94,8 +94,9 @@ def main() -> int:
         # merged, they would stand in for default runs that were never made
         probes = [r["id"] for r in new if (r.get("settings") or {}).get("score_steps")]
         if probes:
-            raise SystemExit(f"{args.dir} holds {len(probes)} runs made with --score-steps (e.g. {probes[0]}): they are "
-                             "not the suite's default runs; compare them with `benchmarks/scoring.py --suite-check` "
+            raise SystemExit(f"{args.dir} holds {len(probes)} runs made with --score-steps (e.g. {probes[0]}): "
+                             "they are not the suite's default runs; compare them with "
+                             "`benchmarks/scoring.py --suite-check` "
                              "instead of merging")
         for r in new:
             add_record(r, dest, r["profile"], r.get("machine"))

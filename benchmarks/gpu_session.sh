@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
 #                                          # compiled speed rows if time is left
 #   bash benchmarks/gpu_session.sh paper   # the paper profile (224 px, 100 epochs) of the same tasks, bf16
+#   bash benchmarks/gpu_session.sh frontier  # issue 38 at the paper's protocol: every frontier point whose rate the
+#                                            # cpu protocol chose, seed 42, task by task (benchmarks/frontier.py
+#                                            # paper), into runs/gpu/frontier-paper.json
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
 #                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
@@ -51,6 +54,7 @@ pack_results() {
   log "packing results"
   find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen*.json' -o -name 'round3.*' \
     -o -name 'RESULTS*.md' -o -name '*.jsonl' -o -name 'prune.md' -o -name 'prune.png' -o -name '*results.json' \
+    -o -name 'frontier-paper.json' \
     -o -path '*-peft/adapter_*' \
     | tar czf "$OUT/results.tgz" -T - 2>/dev/null
   ls -la "$OUT"
@@ -279,6 +283,17 @@ case "${1:-first}" in
       --engine-flags '{"*": ["--precision", "bf16"], "baseline": ["--precision", "bf16"]}' \
       --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
     $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
+    ;;
+  frontier)  # issue 38 at the paper's protocol; records start from the committed ones (finished runs never redone)
+    unpack
+    PAPER_OUT=$RUNS/frontier-paper.json
+    [ -f $PAPER_OUT ] || cp benchmarks/records/frontier-paper.json $PAPER_OUT 2>/dev/null || true
+    log "frontier at the paper's protocol, $JOBS side by side"
+    FARGS="--device $DEV --precision bf16"
+    [ "$SMOKE" = 1 ] && FARGS="--device cpu --precision fp32 --max-runs 0"  # wiring only: no run at 224 px here
+    timeout -s INT $(limit 20) $PY benchmarks/frontier.py paper --jobs $JOBS --threads 1 $FARGS \
+      --paper-records $PAPER_OUT --runs $RUNS/frontier --deadline-s $(limit 120) >>$RUNS/frontier.log 2>&1
+    tail -n 3 $RUNS/frontier.log | tee -a "$OUT/session.log"
     ;;
   pack) ;;
 esac

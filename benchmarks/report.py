@@ -563,7 +563,8 @@ def heatmap_plot(chosen: dict[str, dict[str, Any]], profile: str, out: Path) -> 
 
 
 def pattern_lines(recs: list[dict[str, Any]], chosen: dict[str, dict[str, Any]]) -> list[str]:
-    """Numbers behind METHOD.md §6.1: how similar responsiveness is within and between groups (every run with scores)."""
+    """Numbers behind METHOD.md §6.1: how similar responsiveness is within and between groups (every run with
+    scores)."""
     # heart-lora only: lora's scores are the same numbers (same seed, same warmup; heads go off after it).
     with_scores = [r for r in recs if r.get("responsiveness") and r["suite_method"] == "heart-lora"]
     if len(chosen) < 2:
@@ -674,8 +675,9 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
               "once on `test` after the last epoch (`--protocol final`). Test sizes: "
               "`heartlora data list --sizes` (2,000 images drawn from each source's test part where it has one; "
               "797 for digits).")
-    schedule = ("- Schedule (engine defaults, METHOD.md §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup for 10 % "
-                "of the epochs (= the responsiveness scoring window of the heart methods), then cosine to 1 % of the "
+    schedule = ("- Schedule (engine defaults, METHOD.md §5): AdamW lr 1e-3, weight decay 1e-4, linear LR warmup "
+                "for 10 % of the epochs (= the responsiveness scoring window of the heart methods), then cosine "
+                "to 1 % of the "
                 "LR; no augmentation; the last epoch is reported (no checkpoint picking). Adapter settings: the "
                 "`cpu` profile uses today's defaults (classifier input CLS + mean patch token for DINOv2, drop-path 0, "
                 "scale 4, 1-bit methods scale 16, `--ne auto` tolerance 0.02: chosen on val200 by "
@@ -687,7 +689,8 @@ def write_all(profile_name: str, results: Path | None = None) -> Path:
     methods = ("- Methods: `linear-probe` (a Linear on frozen CLS + mean-patch features computed once per task) and "
                "`hf-peft` (transformers' `Dinov2ForImageClassification` + PEFT LoRA on q and v, r 8, alpha 8, AdamW "
                "1e-3 with OneCycleLR: the recipe a user would pick instead, run outside heartlora's engine by "
-               "benchmarks/baselines/hf_peft.py on the same splits and seeds); `linear` (classifier only), `lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
+               "benchmarks/baselines/hf_peft.py on the same splits and seeds); `linear` (classifier only), "
+               "`lora` (heartlora's LoRA, all heads), `peft-lora` (PEFT "
                "0.21's LoRA on the same q/v Linears, same rank, alpha = rank so the scale is 1, trained by "
                "the engine's loop as method `peft-lora` (benchmarks/heartlora_bench/peft_lora.py): same data order, "
                "optimizer, schedule and evaluation as `lora`), "

@@ -58,8 +58,9 @@ RUNS = ROOT / "runs" / "suite"
 BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
 POLL_S = 2.0
 # --engine-flags: more `heartlora train` flags per suite method ("*": every engine method; a method's own entry comes
-# after, so it wins; "baseline": the baseline script's), e.g. '{"*": ["--precision", "tf32"], "baseline": ["--precision",
-# "tf32"]}' to run the cpu profile on a GPU with TF32 matrix products. Each record lists the flags its run had.
+# after, so it wins; "baseline": the baseline script's), e.g.
+# '{"*": ["--precision", "tf32"], "baseline": ["--precision", "tf32"]}' to run the cpu profile on a GPU with TF32
+# matrix products. Each record lists the flags its run had.
 ENGINE_FLAGS: dict[str, list[str]] = {}
 
 

@@ -343,7 +343,8 @@ def report(rows: dict, dest: Path, tasks: tuple[str, ...], seeds: tuple[int, ...
              "`--report`. Protocol: train on train800, accuracy on "
              "val200 after the last epoch (no test data), `--profile cpu` (112 px, 10 epochs, batch 32; the 4-shot "
              f"task gets the 100-step floor), seeds {', '.join(map(str, seeds))}. The HF + PEFT row is "
-             "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds (empty: not run yet); devices: "
+             "benchmarks/baselines/hf_peft.py on the same splits. A cell is the mean over seeds (empty: not run "
+             "yet); devices: "
              f"{', '.join(devices)}. A row's label names every setting the script pins for it (its exact flags "
              "are the JSON's `configs`); settings it does not name took `heartlora train`'s defaults of the time. "
              "The rule that picks the defaults is in the script's docstring."), "",

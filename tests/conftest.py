@@ -103,3 +103,21 @@ def make_family(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine the threads' barriers make them several
+    times slower: every test runs on one thread, and a test that sets another count cannot leak it to the next."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny four-class VTAB-1K folder task (tests/tiny_task.py), written once and only read by the tests."""
+    from tiny_task import write_tiny_vtab
+
+    return write_tiny_vtab(tmp_path_factory.mktemp("tiny_task"))

@@ -246,6 +246,9 @@ def test_a_task_holds_its_active_factors_indices_and_classifier_and_nothing_else
                 else:
                     want += rows.numel() * rows.element_size()
         assert bank.tasks[task].resident_bytes == want, task
+    # the same count written out for task a (every head on, float, rank 4): q, k, v, o in 12 layers, A 4×192 and
+    # B 192×4 each, no index; the classifier 192×5 + 5; all float32
+    assert bank.tasks["a"].resident_bytes == 4 * (12 * 4 * (4 * 192 + 192 * 4) + 192 * 5 + 5) == 298_772
     assert not any(isinstance(m, HeadLoRAProjection) for m in bank.model.modules())
 
 

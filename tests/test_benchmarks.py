@@ -171,8 +171,9 @@ def test_scripts_import_heartlora_only():
 # ---------------------------------------------------------------------------------------------------------------------
 # The runner (benchmarks/suite.py) with a fake training command: resumption, --jobs, --status, subsets.
 
-SMALL = suite.Profile(name="small", img_size=28, epochs=2, batch_size=32, seeds=(1, 2), tasks=("digits", "dsprites_loc"),
-                      methods=("hf-peft", "lora", "bi-lora"), method_seeds={"bi-lora": (1,)}, threads=1)
+SMALL = suite.Profile(name="small", img_size=28, epochs=2, batch_size=32, seeds=(1, 2),
+                      tasks=("digits", "dsprites_loc"), methods=("hf-peft", "lora", "bi-lora"),
+                      method_seeds={"bi-lora": (1,)}, threads=1)
 
 FAKE_RUN = '''
 import json, sys
@@ -483,7 +484,7 @@ def test_sweep_round3_changes_the_defaults_only_for_a_clear_lead_on_most_seeds()
     import sweep_defaults as sw
 
     tasks, seeds = ("a", "b"), (42, 43, 44)
-    ref, wd = sw.REFERENCE3, "lora, scale 4, weight-decay 1e-2"
+    wd = "lora, scale 4, weight-decay 1e-2"
 
     def row(per_seed):  # seed -> accuracy on every task
         return {t: {str(s): {"val200": acc} for s, acc in per_seed.items()} for t in tasks}
@@ -545,7 +546,8 @@ def test_sweep_report_compares_partial_rows_on_the_cells_they_share(tmp_path):
     sw.report(rows, tmp_path / "r3.md", tasks, seeds, round3=True)
     text = (tmp_path / "r3.md").read_text()
     assert "(seed 42 on a, b; seeds 42, 43 on c)" in text
-    assert text.split("Rows compared")[1].count(" | 46.7 |\n") == len(sw.ROUND3)  # a, b: 0.5; c: (0.5 + 0.3) / 2; for every row
+    # a, b: 0.5; c: (0.5 + 0.3) / 2; for every row
+    assert text.split("Rows compared")[1].count(" | 46.7 |\n") == len(sw.ROUND3)
 
 
 def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path):
@@ -555,7 +557,8 @@ def test_sweep_report_keeps_committed_cells_over_local_runs_unless_told(tmp_path
 
     name = "lora, cls+mean, drop-path 0, scale 4"
     dest = tmp_path / "defaults.md"
-    dest.with_suffix(".json").write_text(json.dumps({"results": {name: {"a": {"42": {"val200": 0.9, "device": "cuda"}}}}}))
+    committed = {"results": {name: {"a": {"42": {"val200": 0.9, "device": "cuda"}}}}}
+    dest.with_suffix(".json").write_text(json.dumps(committed))
     runs = tmp_path / "runs"
     for task, acc in (("a", 0.5), ("b", 0.7)):  # "a" is committed, "b" is not
         folder = sw.folder_of(runs, task, name, 42)

@@ -7,25 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import write_tiny_vtab
 
 from heartlora.cli.main import DEMO, EXIT_ERROR, main
 
 TINY = ["--backbone", "test_vit", "--no-pretrained", "--img-size", "32", "--batch-size", "32", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """See tests/test_engine.py: one thread is faster for tiny models on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_tiny_vtab(tmp_path_factory.mktemp("cli_task"))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +43,8 @@ def test_train_prints_a_summary_and_writes_the_run(run_dir: Path, capsys: pytest
     assert main(["train", "--out", str(run_dir), "--resume", "--quiet"]) == 0  # finished: shows the stored result
     captured = capsys.readouterr()
     out = "".join(captured.out.split())  # the table may wrap long paths
-    assert "holds a finished run" in captured.err and "accuracy(val200)" in out and "4of12" in out and "responsiveness.png" in out
+    assert "holds a finished run" in captured.err
+    assert "accuracy(val200)" in out and "4of12" in out and "responsiveness.png" in out
 
 
 def test_eval_predict_inspect(run_dir: Path, task: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

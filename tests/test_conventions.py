@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import one_thread, task  # noqa: F401 (the fixtures: one CPU thread, the tiny task)
 
 from heartlora.cli.main import EXIT_ERROR, _parse, build_parser, main
 
@@ -29,6 +28,18 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
 
     assert main(["--version"]) == 0  # main returns the status of --help and --version, it does not exit
     assert capsys.readouterr().out.strip() == f"heartlora {__version__}"
+
+
+def test_every_flag_with_a_default_names_it_in_its_help() -> None:
+    """docs/CLI.md promises that ``heartlora COMMAND --help`` shows every flag's default: a flag that has one (not
+    None, not an on/off switch) says "default" in its help text."""
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    silent = [f"{name} {action.option_strings[0]}" for name, parser in sub.choices.items() for action in parser._actions
+              if action.option_strings and action.default not in (None, argparse.SUPPRESS)
+              and not isinstance(action.default, bool) and "default" not in (action.help or "")]
+    assert not silent, f"flags whose --help hides their default: {silent}"
 
 
 def test_every_command_takes_quiet_and_verbose() -> None:

@@ -351,14 +351,18 @@ def test_cached_arrays_rebuilds_corrupt_file():
 # Offline sources ---------------------------------------------------------------------------------------------------
 
 @needs_fashion
-def test_fashion_mnist():
+def test_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     task = get_task("fashion_mnist")
     assert task.class_names[:2] == ["T-shirt/top", "Trouser"] and task.num_classes == 10 and task.group == "natural"
     assert task.split_sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 2000}
     images, labels = task.load("val200", 28)
     assert images.shape == (200, 3, 28, 28) and labels.min() >= 0 and labels.max() <= 9
     assert len(set(labels.tolist())) == 10 and images.float().mean() > 20
-    assert torch.equal(get_task("fashion_mnist").load("val200", 28)[1], labels)  # fixed split
+    # a fixed split: built again from the source (an empty cache), it holds the same images and labels
+    monkeypatch.setenv("HEARTLORA_CACHE", str(tmp_path / "empty-cache"))
+    again_images, again_labels = get_task("fashion_mnist").load("val200", 28)
+    assert torch.equal(again_labels, labels) and torch.equal(again_images, images)
+    assert list((tmp_path / "empty-cache").rglob("*.npz"))  # it was rebuilt there, not read from the module's cache
 
 
 def test_fashion_mnist_missing_names_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import one_thread, write_tiny_vtab  # noqa: F401  (one_thread: autouse fixture)
+from tiny_task import write_tiny_vtab
 
 from heartlora.engine import TrainConfig, train
 from heartlora.engine.trainer import RUN_FILES

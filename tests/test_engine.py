@@ -22,43 +22,6 @@ from heartlora.errors import ConfigError
 
 TINY = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, progress=False)
 HEADS = 12  # test_vit: 6 layers × 2 heads
-SPLIT_SIZES = {"train800": 96, "val200": 32, "test": 64}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine the threads' barriers make them several
-    times slower: one thread keeps these tests fast and their timing steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_tiny_vtab(root: Path) -> str:
-    """A learnable four-class task as a VTAB-1K folder (16 px images: the class sets which quadrant is bright);
-    returns its task name, ``vtab:<root>``."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, count in SPLIT_SIZES.items():
-        lines = []
-        for i in range(count):
-            label = i % 4
-            img = torch.randint(0, 90, (16, 16, 3), generator=g, dtype=torch.uint8)
-            r, c = divmod(label, 2)
-            img[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 150
-            name = f"{split}_{i:03d}.png"
-            Image.fromarray(img.numpy()).save(root / name)
-            lines.append(f"{name} {label}")
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return f"vtab:{root}"
-
-
-@pytest.fixture(scope="session")
-def task(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return write_tiny_vtab(tmp_path_factory.mktemp("tiny_task"))
 
 
 def tiny(out: Path, task: str, **kw) -> TrainConfig:
@@ -82,7 +45,8 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
         assert saved["heads_total"] == HEADS and saved["adapter_bytes"] > 0
         assert len(saved["heads_off"]) == ((6 if layer else 3) if METHODS[method].heart else 0)
         assert set(saved["responsiveness"]) == set(saved["head_masks"])
-        assert saved["coverage"] == f"adapted {len(saved['head_masks'])} of {len(saved['head_masks'])} attention modules"
+        modules = len(saved["head_masks"])
+        assert saved["coverage"] == f"adapted {modules} of {modules} attention modules"
     else:
         assert saved["heads_off"] == []
         assert (saved["adapter_bytes"] == 0) == (method == "linear")
@@ -92,6 +56,23 @@ def test_every_method_trains_end_to_end(tmp_path: Path, task: str, method: str) 
 
     x, y = get_task(task).load("val200", img_size=32)
     assert accuracy(model, x, y, DistInfo(0, 1, 0, torch.device("cpu"))) == pytest.approx(metrics["accuracy"])
+
+
+def test_a_run_folder_loads_back_for_inference_from_the_top_level_api(tmp_path: Path, task: str) -> None:
+    import heartlora as hl
+    from heartlora.data import get_task
+    from heartlora.errors import AdapterFileError
+
+    metrics = train(tiny(tmp_path / "run", task, method="heart-lora", ne=3))
+    model, info = hl.load_trained(tmp_path / "run")  # the folder stands for its adapter.safetensors
+    assert not model.training and info["run"]["img_size"] == 32 and info["run"]["class_names"] == ["0", "1", "2", "3"]
+    x, y = get_task(task).load("val200", img_size=info["run"]["img_size"])
+    with torch.no_grad():  # float images in [0, 1], as the docstring says
+        acc = (model(x.float() / 255).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(metrics["accuracy"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterFileError, match="is a folder without adapter.safetensors"):
+        hl.load_trained(tmp_path / "empty")
 
 
 def test_quantized_adapters_are_smaller_and_heads_off_save_bytes(tmp_path: Path, task: str) -> None:
@@ -338,7 +319,8 @@ def test_few_shot_runs_get_a_floor_of_optimizer_steps() -> None:
     assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).epochs == 7  # asked for: kept
     assert resolve(TrainConfig(task="digits", profile="cpu")).epochs == 10
     # as many val200 evaluations as the profile's 10 epochs, unless --eval-every is given
-    assert cfg.eval_every == 5 and resolve(TrainConfig(task="digits@4shot", profile="cpu", eval_every=1)).eval_every == 1
+    assert cfg.eval_every == 5
+    assert resolve(TrainConfig(task="digits@4shot", profile="cpu", eval_every=1)).eval_every == 1
     assert resolve(TrainConfig(task="digits@4shot", profile="cpu", epochs=7)).eval_every == 1
     assert resolve(TrainConfig(task="digits", profile="cpu")).eval_every == 1
 

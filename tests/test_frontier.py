@@ -186,6 +186,76 @@ def test_goal_lines_judge_the_paired_difference_against_each_margin():
     assert small.endswith(f"| no, by {3 - mean:.1f} |")
 
 
+def with_more_seeds(data: dict, bump: dict | None = None) -> dict:
+    """Seeds 43 and 44 on the cpu tasks for every point, at seed 42's record (``bump``: point → (accuracy, bytes)
+    added)."""
+    for r in [r for r in data["records"] if r["role"] == "final" and r["task"] in frontier.CPU_TASKS]:
+        da, db = (bump or {}).get(r["frontier_point"], (0.0, 0))
+        for seed in (43, 44):
+            data["records"].append({**r, "id": r["id"] + f"_{seed}", "seed": seed, "accuracy": r["accuracy"] + da,
+                                    "adapter_bytes_fp16": r["adapter_bytes_fp16"] + db})
+    return data
+
+
+def test_goal_rows_say_what_is_pending_and_what_exceeds_the_budget():
+    nbytes = {"heart-bi-lora": 15_000, "bi-lora": 19_000, "ia3-kv": 18_432, "lora-r8": 294_912, "lora": 294_912,
+              "heart-lora-r16-ne48": 300_000, "heart-lora-r10-ne36": 300_000, "heart-lora": 400_000}
+    val_acc = {"heart-bi-lora": 0.9, "lora": 0.95}
+    test_acc = {"heart-bi-lora": 0.62, "ia3-kv": 0.60, "lora": 0.80, "lora-r8": 0.78}
+    data = settled_data(val_acc, test_acc, nbytes)
+    fin, val = frontier.finals(data), frontier.val_index(data)
+    cells = {(t, s) for t in frontier.CPU_TASKS for s in frontier.SEEDS}
+    held = {(t, 42) for t in frontier.HELDOUT_TASKS}
+    # seed 42 only: 7 of the 21 cpu cells; the 3 heldout cells give a difference with its standard error
+    row = next(x for x in frontier.goal_lines(fin, val, cells, held) if "| ia3-kv |" in x and x.startswith("| +1"))
+    assert "(3) | not yet (7/21 cells) |" in row and "± n/a" not in row and "± 0.0 (3)" in row
+    # every cpu cell in, the heldout cells not run
+    data = with_more_seeds(data)
+    data["records"] = [r for r in data["records"] if r["task"] not in frontier.HELDOUT_TASKS or r["role"] != "final"]
+    fin = frontier.finals(data)
+    lines = frontier.goal_lines(fin, val, cells, held)
+    r8 = next(x for x in lines if x.startswith("| +1 at") and "| lora-r8 |" in x)
+    assert "| lora (all heads on) | 294,912 |" in r8
+    assert r8.endswith("| yes, by more than 2 se; heldout pending (0/3) |")
+    # a PEFT method with no finals yet, and heartlora's choices while one of its points has no finals
+    data["records"] = [r for r in data["records"] if not (r["role"] == "final" and r["frontier_point"] in
+                                                          ("vera", "heart-lora-r10-ne36"))]
+    lines = frontier.goal_lines(frontier.finals(data), val, cells, held)
+    assert "| every goal | vera | … | pending: its final runs are not in | | | | not yet |" in lines
+    assert any("| ia3-kv |" in x and x.endswith("| not yet: heartlora's points are not all run |") for x in lines)
+    assert frontier.fmt((1.0, float("nan"), 1)) == "+1.0 ± n/a (1)"
+    # bytes over the compared cells above the budget are said, not hidden
+    data = settled_data(val_acc, test_acc, nbytes)
+    data = with_more_seeds(data, {"heart-bi-lora": (0.0, 12_000)})
+    lines = frontier.goal_lines(frontier.finals(data), val, cells, held)
+    small = next(x for x in lines if x.startswith("| +3 under") and "| ia3-kv |" in x)
+    assert "| heart-bi-lora | 23,000 |" in small and small.endswith("exceed the budget by 3,000 |")
+
+
+def test_the_readme_waits_for_every_peft_method_and_its_advice_is_chosen_on_val():
+    nbytes = {"heart-bi-lora": 15_000, "bi-lora": 19_000, "ia3-kv": 18_432, "vblora-v60": 17_664,
+              "fourierft-n400": 19_200, "lora-r8": 294_912, "heart-lora": 245_760}
+    val_acc = {"heart-bi-lora": 0.9, "heart-lora": 0.8, "ia3-kv": 0.95}
+    test_acc = {"heart-bi-lora": 0.70, "ia3-kv": 0.66}  # val picks ia3-kv under 20 KB, test would pick heart-bi-lora
+    data = with_more_seeds(settled_data(val_acc, test_acc, nbytes))
+    cells = {(t, s) for t in frontier.CPU_TASKS for s in frontier.SEEDS}
+    lines = frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells)
+    assert lines[-3].startswith("**For adapters under 20 KB a task, use ia3-kv** (66.0 %, 18,432 bytes; ")
+    # the advice's point must have every cell too
+    held_back = [r for r in data["records"] if r["frontier_point"] == "ia3-kv" and r["seed"] == 44]
+    data["records"] = [r for r in data["records"] if r not in held_back]
+    assert frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells) is None
+    data["records"] += held_back
+    # heartlora's bytes are read over the same cells as its accuracy: more heads kept on seeds 43 and 44 show
+    bumped = with_more_seeds(settled_data(val_acc, test_acc, nbytes), {"heart-bi-lora": (0.0, 6_000)})
+    table = frontier.readme_lines(frontier.finals(bumped), frontier.val_index(bumped), cells)
+    row = next(x for x in table if x.startswith("| ia3-kv |"))
+    assert "| heart-bi-lora | 19,000 (568 over: `--ne auto` kept more heads on seeds 43–44) |" in row
+    # a PEFT method without final runs (its rate search still open) is not in any comparison, yet the table waits
+    data["records"] = [r for r in data["records"] if not (r["frontier_point"] == "vera" and r["role"] == "final")]
+    assert frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells) is None
+
+
 def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_path):
     nbytes = {"heart-bi-lora": 15_000, "bi-lora": 19_000, "ia3-kv": 18_432, "vblora-v60": 17_664,
               "fourierft-n400": 19_200, "lora-r8": 294_912, "heart-lora": 245_760}
@@ -201,7 +271,7 @@ def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_
     assert "| heart-bi-lora | 15,000 | 70.0 | +4.0 ± 0.0 |" in ia3 and "| 18,432 | 66.0 |" in ia3
     assert lines[0].startswith("Offline DINOv2") and lines[-1].endswith("(docs/research/frontier.png)")
     assert lines[-3].startswith("**For adapters under 20 KB a task, use heart-bi-lora**")
-    assert "most accurate point at any size measured is lora-r8 (80.0 %, 294,912 bytes)" in lines[-3]
+    assert "at any size (points run on every seed) is lora-r8's (80.0 %, 294,912 bytes)" in lines[-3]
     readme = tmp_path / "README.md"
     begin, end = frontier.README_MARKS
     readme.write_text(f"# top\n{begin}\nold table\n{end}\nbelow\n")
@@ -398,3 +468,46 @@ def test_the_pool_reads_ready_again_when_a_pass_only_recorded_runs(tmp_path):
 
     started, failed = runner.run_pool(ready, start, lambda *a: True, jobs=2, poll_s=lambda: 0.02)
     assert started == 1 and ran == ["train"] and not failed
+
+
+def test_the_paper_protocol_runs_every_chosen_point_task_by_task_at_the_cpu_choice(tmp_path):
+    data = settled_data({}, {}, {})  # every rate chosen (the reference wins)
+    val = frontier.val_index(data)
+    items = frontier.paper_plan(data, {"records": []})
+    points = list(frontier.POINTS)
+    assert len(items) == len(frontier.TASKS) * len(points)
+    assert items[:len(points)] == [(frontier.TASKS[0], p, frontier.choose_lr(p, val)[0]) for p in points]
+    assert [t for t, _, _ in items[::len(points)]] == list(frontier.TASKS)  # the cpu tasks first, then heldout
+    # a recorded run is not planned again; a point whose rate is not chosen yet is not planned at all
+    task, point, lr = items[0]
+    done = {"records": [{"id": frontier.paper_id(task, point, lr)}]}
+    assert items[0] not in frontier.paper_plan(data, done) and len(frontier.paper_plan(data, done)) == len(items) - 1
+    open_rate = {"records": [r for r in data["records"] if r["frontier_point"] != "vera"]}
+    assert not any(p == "vera" for _, p, _ in frontier.paper_plan(open_rate, {"records": []}))
+
+    peft = frontier.paper_command("digits", "vera", 0.04, tmp_path / "a", "cuda", "bf16", 2)
+    assert peft[:2] == [sys.executable, str(frontier.BASELINE)] and peft[peft.index("--method") + 1] == "vera"
+    assert {"--img-size=224", "--epochs=100", "--batch-size=64"} <= set(peft)
+    assert peft[peft.index("--device") + 1] == "cuda" and peft[peft.index("--precision") + 1] == "bf16"
+    assert peft[peft.index("--lr") + 1] == "0.04" and peft[peft.index("--seed") + 1] == "42"
+    engine = frontier.paper_command("digits", "heart-lora", 1e-3, tmp_path / "b", "cuda", "bf16", 2)
+    assert engine[1:4] == ["-m", "heartlora", "train"] and engine[engine.index("--profile") + 1] == "paper"
+    assert "--resume" not in engine and "--overwrite" not in engine
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "checkpoint.pt").write_bytes(b"x")
+    assert frontier.paper_command("digits", "heart-lora", 1e-3, tmp_path / "b", "cuda", "bf16", 2)[-1] == "--resume"
+
+
+def test_the_paper_table_compares_means_over_the_tasks_every_point_has():
+    def rec(point, task, acc, nbytes):
+        return {"id": frontier.paper_id(task, point, 1e-3), "frontier_point": point, "task": task, "accuracy": acc,
+                "adapter_bytes_fp16": nbytes, "machine": {"gpu": "NVIDIA H100"}, "settings": {"precision": "bf16"}}
+
+    a, b = frontier.CPU_TASKS[:2]
+    paper = {"records": [rec("lora-r8", a, 0.80, 294_912), rec("lora-r8", b, 0.60, 294_912),
+                         rec("heart-bi-lora", a, 0.70, 15_000)]}
+    lines = frontier.paper_lines({"records": []}, paper)
+    assert any(f"Mean over the 1 task(s) every point below has run ({a})" in x for x in lines)
+    assert "| lora-r8 | 294,912 | 80.0 | 2 | NVIDIA H100, bf16 |" in lines  # task b left out of the mean
+    assert "| heart-bi-lora | 15,000 | 70.0 | 1 | NVIDIA H100, bf16 |" in lines
+    assert frontier.paper_lines({"records": []}, {"records": []}) == []

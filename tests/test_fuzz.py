@@ -322,7 +322,7 @@ def _run_flags(task: str, seed: int, epochs: int) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Four real run folders: stopped after epoch 1 of 2 (seeds 42 and 7) and finished (seeds 42 and 7)."""
-    from test_engine import write_tiny_vtab
+    from tiny_task import write_tiny_vtab
 
     from heartlora.cli.main import main
 
@@ -641,12 +641,24 @@ def bad_cli_cases() -> list[tuple[str, str, str, bool]]:
     return cases + [(c, f, v, True) for c, f, v in ISSUE_CASES]
 
 
+# The flags for which 0 is a legal value, written out here rather than read from the range table, so that a range
+# that starts accepting 0 (or stops) fails a test instead of moving a case from "refused" to "in range".
+ZERO_ALLOWED = {("train", f) for f in ("--seed", "--ne", "--ne-fraction", "--ne-tolerance", "--dropout", "--score-ema",
+                                       "--warmup-epochs", "--min-lr-ratio", "--weight-decay", "--drop-path")} | {
+    ("eval", "--seed"), ("prune", "--ne"), ("prune", "--score-seed"), ("prune", "--ne-tolerance"),
+    ("serve", "--port"), ("serve", "--max-wait-ms")}
+
+
 def test_every_number_flag_is_range_checked() -> None:
-    """No numeric flag escapes the table: each is parsed by heartlora.cli.common.number (not a bare int or float)."""
+    """No numeric flag escapes the table: each is parsed by heartlora.cli.common.number (not a bare int or float),
+    refuses nan, inf and -1, and accepts 0 exactly where ZERO_ALLOWED says so."""
     flags = numeric_flags()
     assert len(flags) >= 30
     plain = [(c, f) for c, f, t in flags if t in (int, float)]
     assert not plain, f"flags with a bare int/float type, outside RANGES: {plain}"
+    accepted = {(c, f, v) for c, f, v, refused in bad_cli_cases() if not refused}
+    assert not {case for case in accepted if case[2] != "0"}, "a numeric flag accepts nan, inf or -1"
+    assert {(c, f) for c, f, _ in accepted} == ZERO_ALLOWED
 
 
 @pytest.mark.parametrize("command", sorted(CONTEXT))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import one_thread, task, tiny  # noqa: F401 (fixtures: one CPU thread, the tiny task)
+from test_engine import tiny
 
 from heartlora.engine import train
 from heartlora.engine.loggers import CSV_COLUMNS, heads_image, parse_log_to
@@ -61,6 +61,35 @@ def test_tensorboard_scalars_and_head_scores(tmp_path: Path, task: str) -> None:
     assert hist.step == 1 and hist.histogram_value.num == 12
     (img,) = events.Images("heads/responsiveness_layers_x_heads")
     assert (img.width, img.height) == (2, 6)  # test_vit: 6 layers × 2 heads
+
+
+def test_tensorboard_shows_only_the_run_that_overwrote_the_folder(tmp_path: Path, task: str) -> None:
+    """--overwrite keeps tensorboard/ (not a run file), but TensorBoard shows the new run's steps only."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny(tmp_path, task, method="lora", epochs=3, log_to="tensorboard"))
+    train(tiny(tmp_path, task, method="lora", epochs=2, lr=3e-3, log_to="tensorboard", overwrite=True))
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2  # the earlier run's file is still there
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in history], rel=1e-6)
+
+
+def test_tensorboard_over_a_resume_shows_each_step_once(tmp_path: Path, task: str) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(tiny(whole, task, method="lora", epochs=3, log_to="tensorboard"))
+    train(tiny(parts, task, method="lora", epochs=3, log_to="tensorboard", stop_after_epoch=2))
+    train(tiny(parts, task, method="lora", epochs=3, log_to="tensorboard", resume=True))
+    loss = EventAccumulator(str(parts / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    want = EventAccumulator(str(whole / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.value for e in loss] == pytest.approx([e.value for e in want], rel=1e-6)
 
 
 def test_heads_image_pads_and_normalises() -> None:

@@ -52,7 +52,8 @@ def _step_ops(model: torch.nn.Module) -> int:
 
 def _peft_ops() -> int:
     model = _tiny_vit()
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith(("query", "value", "q_proj", "v_proj"))}
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()
+             if n.endswith(("query", "value", "q_proj", "v_proj"))}
     cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=sorted(names), modules_to_save=["classifier"])
     return _step_ops(peft.get_peft_model(model, cfg))
 
@@ -74,11 +75,11 @@ def counts() -> dict[str, int]:
             "scattered half off": _heartlora_ops(off="scattered"), "half off in layers": _heartlora_ops(off="layers")}
 
 
-def test_step_has_no_more_operators_than_peft(counts: dict[str, int]) -> None:
+def test_step_has_at_most_5_percent_more_operators_than_peft(counts: dict[str, int]) -> None:
     assert counts["float"] <= 1.05 * counts["peft"], counts
 
 
-def test_switching_heads_off_adds_no_operators(counts: dict[str, int]) -> None:
+def test_heads_off_by_layer_drop_operators_and_scattered_stay_within_peft(counts: dict[str, int]) -> None:
     # Whole projections switched off drop their operators; a projection that keeps part of its heads costs one
     # indexed add (and its gather backward) more than a full one, and still no more than PEFT with every head.
     assert counts["half off in layers"] < counts["float"], counts

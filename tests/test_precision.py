@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import one_thread, task  # noqa: F401  (fixtures: one thread, the tiny task)
 
 from heartlora.engine.precision import compiled, resolve_precision
 from heartlora.errors import ConfigError
@@ -60,11 +59,14 @@ def test_precision_per_device() -> None:
     with tf32.autocast():
         y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
     assert y.dtype == torch.float32 and not tf32.tf32 and not resolve_precision("fp32", cpu).tf32
-    if torch.cuda.is_available():
-        gpu = torch.device("cuda")
-        assert resolve_precision("auto", gpu).name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-        assert resolve_precision("fp16", gpu).scaler is not None
-        assert resolve_precision("tf32", gpu).tf32 and not resolve_precision("fp32", gpu).tf32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_precision_on_cuda() -> None:
+    gpu = torch.device("cuda")
+    assert resolve_precision("auto", gpu).name == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+    assert resolve_precision("fp16", gpu).scaler is not None
+    assert resolve_precision("tf32", gpu).tf32 and not resolve_precision("fp32", gpu).tf32
 
 
 def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, task: str) -> None:  # noqa: F811

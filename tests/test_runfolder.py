@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import TINY, _fails
-from test_engine import one_thread, write_tiny_vtab  # noqa: F401  (one_thread: autouse fixture)
+from tiny_task import write_tiny_vtab
 
 from heartlora.cli.main import main
 from heartlora.engine import TrainConfig, train

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine import one_thread, task, tiny  # noqa: F401  (fixtures: one thread, the tiny task)
+from test_engine import tiny
 
 from heartlora.engine import TrainConfig, resolve, train
 from heartlora.engine.checkpoint import load_checkpoint
@@ -195,7 +195,22 @@ def test_group_correlations_pool_pairs_of_different_seeds() -> None:
     four = {("A", 1): a1, ("B", 2): a1, ("C", 1): c2, ("D", 2): d2, ("A", 3): b1}
     groups4 = {"A": "natural", "B": "natural", "C": "structured", "D": "structured"}
     perm4 = group_correlations(four, groups4.__getitem__)["heads"]["permutation"]
-    assert perm4["regroupings"] == 3 and perm4["p"] in (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    # by hand: the different-seed pairs are A1–B2, A3–B2 (A|B), A3–C1 (A|C), A1–D2, A3–D2 (A|D), B2–C1 (B|C),
+    # C1–D2 (C|D); B|D is never paired (same seed). Each regrouping's gap is over the pairs it has.
+    def r(x, y):
+        return float(np.corrcoef(x, y)[0, 1])
+
+    va, vb, vc, vd = [1, 2, 3, 4], [1, 2, 4, 3], [4, 3, 2, 1], [1, 3, 2, 4]
+    pair_r = {"AB": (1.0 + r(vb, va)) / 2, "AC": r(vb, vc), "AD": (r(va, vd) + r(vb, vd)) / 2, "BC": r(va, vc),
+              "CD": r(vc, vd)}
+
+    def gap_of(same: set[str]) -> float:
+        return (np.mean([v for k, v in pair_r.items() if k in same])
+                - np.mean([v for k, v in pair_r.items() if k not in same]))
+
+    gaps = [gap_of({"AB", "CD"}), gap_of({"AC"}), gap_of({"AD", "BC"})]  # the observed grouping first
+    assert perm4["regroupings"] == 3 and perm4["gap"] == pytest.approx(gaps[0])
+    assert perm4["p"] == pytest.approx(sum(g >= gaps[0] - 1e-12 for g in gaps) / 3)
     # a constant score vector has no correlation: its pairs are left out rather than poisoning the means with NaN
     flat = group_correlations({("A", 1): a1, ("A", 2): a2, ("B", 3): {"l0": [1.0, 1.0], "l1": [1.0, 1.0]}},
                               groups.__getitem__)["heads"]

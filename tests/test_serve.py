@@ -1,4 +1,5 @@
-"""``heartlora serve``: real HTTP requests on 127.0.0.1 (a free port), errors, cross-task batching, a bounded load test."""
+"""``heartlora serve``: real HTTP requests on 127.0.0.1 (a free port), errors, cross-task batching, a bounded load
+test."""
 
 from __future__ import annotations
 
@@ -265,7 +266,9 @@ def test_the_body_limit_holds_while_a_chunked_body_is_read(bank):
     assert sent[0]["status"] == 413 and asked == MAX_BODY_BYTES // len(chunk) + 1  # stopped just past the limit
 
 
-def test_the_startup_line_comes_once_the_port_is_bound(bank, server):
+def test_no_startup_line_when_the_port_is_taken(bank, server):
+    """The line comes only once the port is bound (the bound case with the port the OS chose:
+    test_the_cli_says_where_it_serves_once_it_listens)."""
     from heartlora.errors import HeartLoRAError
     from heartlora.serve import serve
 

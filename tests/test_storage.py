@@ -309,7 +309,7 @@ def test_a_backbone_named_by_a_file_is_never_downloaded(tmp_path: Path, capsys: 
 
 def test_api_saved_adapters_can_be_inspected_evaluated_and_used(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Item 12: a file from ``save_adapter`` (no run facts) works with inspect, eval (given --task) and predict."""
-    from test_engine import write_tiny_vtab
+    from tiny_task import write_tiny_vtab
 
     from heartlora.cli.main import EXIT_ERROR, main
     task = write_tiny_vtab(tmp_path / "task")

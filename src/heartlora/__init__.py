@@ -26,6 +26,7 @@ _LAZY = {
     "list_tasks": "heartlora.data",
     "TrainConfig": "heartlora.engine",
     "train": "heartlora.engine",
+    "load_trained": "heartlora.engine",
 }
 
 __all__ = ["AdapterFileError", "ConfigError", "HeartLoRAError", "TaskError", "UnsupportedBackboneError",

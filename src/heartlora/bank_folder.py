@@ -89,14 +89,17 @@ class FolderBank(AdapterBank):
         return task_file(self.folder, name)
 
     def available(self) -> list[str]:
+        """Every task the bank can answer, in memory or not: those added with ``add`` and the folder's files."""
         # with add(); the folder's own are listed from it (a copy: the bank's thread may load or evict meanwhile)
         added = {t for t in list(self.tasks) if t not in self._lru}
         return sorted(added | set(folder_tasks(self.folder)))
 
     def has_task(self, name: str) -> bool:
+        """Whether ``name`` was added or has an adapter file in the folder (its file is not read)."""
         return (name in self.tasks and name not in self._lru) or self.file_of(name) is not None
 
     def unknown(self, name: str) -> str:
+        """The one-line reason a task the folder does not hold is refused."""
         return (f"unknown task {name!r}: {self.folder} holds no {name}{SUFFIX} (nor {name}/adapter.safetensors); "
                 "add the adapter file there")
 
@@ -110,6 +113,8 @@ class FolderBank(AdapterBank):
 
     # --- loading and evicting ----------------------------------------------------------------------------------
     def ensure(self, tasks: Sequence[str]) -> dict[str, str]:
+        """Load the files of ``tasks`` not in memory (again if replaced on disk), evicting the least recently used
+        beyond ``cache_mb``; returns the tasks that cannot be answered, each with its one-line reason."""
         with self._lock:
             wanted = list(dict.fromkeys(tasks))
             failed: dict[str, str] = {}

@@ -95,11 +95,12 @@ def register(cli: Commands) -> None:
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("--task", help="default: the task the adapter was trained on")
     p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"])
+    p.add_argument("--split", default="test", choices=["train800", "val200", "train800val200", "test"],
+                   help="split to score (default test: report it once; choose settings on val200)")
     p.add_argument("--img-size", type=number("img_size"), help="default: the training size")
-    p.add_argument("--batch-size", type=number("batch_size"), default=128)
-    p.add_argument("--seed", type=number("seed"), default=0, help="few-shot sample (NAME@Kshot tasks)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=number("batch_size"), default=128, help="default 128")
+    p.add_argument("--seed", type=number("seed"), default=0, help="few-shot sample (NAME@Kshot tasks; default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
     p.add_argument("--json", action="store_true")
 
     p = cli.add("predict", cmd_predict, "top-k labels for image files or folders")
@@ -108,7 +109,7 @@ def register(cli: Commands) -> None:
                         "(an AdapterBank): each image is then labelled by every task")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--top-k", type=number("top_k"), default=5)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--top-k", type=number("top_k"), default=5, help="labels per image and task (default 5)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
     p.add_argument("--json", action="store_true")
 

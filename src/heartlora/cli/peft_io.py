@@ -69,7 +69,8 @@ def register(cli: Commands) -> None:
     p.add_argument("adapter", help="adapter.safetensors (or the run folder)")
     p.add_argument("dir", help="folder to write")
     p.add_argument("--format", default="peft", choices=["peft"],
-                   help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained")
+                   help="peft (the default and only one): adapter_config.json + adapter_model.safetensors for "
+                        "PeftModel.from_pretrained")
     p.add_argument("--overwrite", action="store_true", help="replace the PEFT files DIR already holds")
 
     p = cli.add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
@@ -79,10 +80,11 @@ def register(cli: Commands) -> None:
                    help="heads to switch off: a number, or auto (default; decided on sampled training images)")
     p.add_argument("--batches", type=number("batches"), default=8,
                    help="training batches to score heads on (default 8)")
-    p.add_argument("--batch-size", type=number("batch_size"), default=32)
+    p.add_argument("--batch-size", type=number("batch_size"), default=32, help="default 32")
     p.add_argument("--split", default="val200", choices=["train800", "val200", "train800val200", "test"],
                    help="split for the accuracy before and after (default val200)")
-    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="rank heads over the whole model (global, the default) or within each layer")
     p.add_argument("--score-mode", default="abs_sum", choices=field_choices("score_mode"),
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "

@@ -67,12 +67,13 @@ def register(cli: Commands) -> None:
     p.add_argument("--preload", action="store_true", help="with --adapter-dir: load the folder's adapters at start, "
                    "as many as --cache-mb holds")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=number("port"), default=8000)
+    p.add_argument("--port", type=number("port"), default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-batch", type=number("max_batch"), default=32, help="most requests answered by one bank call")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
+    p.add_argument("--max-batch", type=number("max_batch"), default=32,
+                   help="most requests answered by one bank call (default 32)")
     p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,
-                   help="how long the first request of a batch waits for others to join it")
+                   help="how long the first request of a batch waits for others to join it (default 5)")
     p.add_argument("--admin-token", metavar="TOKEN",
                    help="enable POST /adapters and DELETE /adapters/NAME (add and remove tasks while serving) for "
                         "requests with Authorization: Bearer TOKEN; at least 16 characters (default: "

@@ -85,11 +85,11 @@ def register(cli: Commands) -> None:
 
     p = cli.add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
             "on 2 CPU cores)", own_quiet=True)
-    p.add_argument("--task")
-    p.add_argument("--epochs", type=number("epochs"))
-    p.add_argument("--img-size", type=number("img_size"))
-    p.add_argument("--out")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--task", help=f"default {DEMO['task']}")
+    p.add_argument("--epochs", type=number("epochs"), help=f"default {DEMO['epochs']}")
+    p.add_argument("--img-size", type=number("img_size"), help=f"default {DEMO['img_size']}")
+    p.add_argument("--out", help=f"run folder (default {DEMO['out']})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
     p.add_argument("--threads", type=number("threads"),
                    help="CPU threads (default 1: robust on a shared 2-core machine)")
     p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")

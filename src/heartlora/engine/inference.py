@@ -31,7 +31,7 @@ from heartlora.engine.metrics import predict_logits
 from heartlora.errors import AdapterFileError, ConfigError, ImageReadError
 from heartlora.method import read_adapter_info
 from heartlora.method.model import backbone_fingerprint
-from heartlora.method.storage import RUN_KEY, check_backbone_spec
+from heartlora.method.storage import RUN_KEY, adapter_file, check_backbone_spec
 
 WEIGHTS_FORMAT = "heartlora-weights-2"  # -1 files had no checksum
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -72,8 +72,8 @@ def _file_metadata(path: Path) -> dict[str, str]:
 def read_run_info(path: str | Path) -> dict[str, Any]:
     """What a run's model file says about itself: ``run`` (the facts the engine stored: backbone spec, task, class
     names, method, …), ``adapter`` (the core's metadata, None for linear/full) and ``kind`` ("adapter" or
-    "weights")."""
-    path = Path(path)
+    "weights"). A run folder stands for its adapter.safetensors."""
+    path = adapter_file(path)
     meta = _file_metadata(path)
     if meta.get("format") == "heartlora-weights-1":
         raise AdapterFileError(f"{path} was written by an older heartlora without a checksum, so its integrity "
@@ -155,9 +155,11 @@ def build_backbone(run: dict[str, Any], pretrained: bool | None = None, override
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu",
                  backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained classifier stored at ``path`` (eval mode, on ``device``) and its ``read_run_info``; ``backbone``
-    builds that backbone instead of the one the file names (the fingerprint check still applies)."""
-    path = Path(path)
+    """The trained classifier stored at ``path`` (a run folder or its adapter.safetensors), in eval mode on
+    ``device``, and its ``read_run_info``; ``backbone`` builds that backbone instead of the one the file names (the
+    fingerprint check still applies). The model takes float images in [0, 1], (N, 3, S, S) at the training size
+    ``info["run"]["img_size"]``, and returns logits over ``info["run"]["class_names"]``."""
+    path = adapter_file(path)
     info = read_run_info(path)
     run = info["run"]
     if info["kind"] == "adapter":

@@ -4,7 +4,8 @@
   attention heads on), rewritten atomically after every epoch; a resumed run keeps the rows up to its checkpoint.
 - ``tensorboard``: event files in ``DIR/tensorboard`` (the same scalars by epoch, and at the end of warmup the
   heads' responsiveness as a histogram and as a layers × heads image); a resumed run purges the steps after its
-  checkpoint. Needs the tensorboard package.
+  checkpoint, and a run started afresh in the folder (``--overwrite``) every step of the earlier run. Needs the
+  tensorboard package.
 - ``wandb`` / ``mlflow``: the same scalars (and for wandb the score histogram) in the user's own set-up
   (``WANDB_PROJECT``, default ``heartlora``; ``MLFLOW_TRACKING_URI``), the run named after its folder. Need their
   package.
@@ -68,7 +69,8 @@ class RunLoggers:
     """The loggers of one run (rank 0): ``epoch`` after every epoch, ``head_scores`` at the end of warmup,
     ``close`` at the end (also after an error or a stop)."""
 
-    def __init__(self, names: tuple[str, ...], out: Path, settings: dict[str, Any], start_epoch: int) -> None:
+    def __init__(self, names: tuple[str, ...], out: Path, settings: dict[str, Any], start_epoch: int,
+                 resumed: bool | None = None) -> None:
         self.names, self.out = names, Path(out)
         self.rows: dict[int, dict[str, Any]] = {}
         self.tb = self.wandb = self.mlflow = None
@@ -77,7 +79,13 @@ class RunLoggers:
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=start_epoch + 1 if start_epoch else None)
+            # TensorBoard hides the folder's earlier events from this step on: a resumed run's steps after its
+            # checkpoint (one at epoch 0, after a --score-restart probe, keeps what it logged), and every step of
+            # an earlier run the folder held when this run starts afresh (--overwrite, or a run killed before its
+            # first checkpoint), so one run's curves never mix with another's
+            resumed = start_epoch > 0 if resumed is None else resumed
+            purge = start_epoch + 1 if start_epoch else (None if resumed else 0)
+            self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
         if "wandb" in names:
             import wandb
 

@@ -378,7 +378,8 @@ class Trainer:
                         write_config_file(folder.path / CONFIG_NAME, flag_settings(cfg))
             if info.is_main:
                 with folder.writing("the --log-to logs"):
-                    self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch)
+                    self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch,
+                                              resumed=state is not None)
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
                             unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True,

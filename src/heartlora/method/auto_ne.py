@@ -50,6 +50,7 @@ class NeChoice:
     candidates: list[dict[str, float]]
 
     def to_dict(self) -> dict:
+        """The choice and its evidence as plain data (metrics.json's ``ne_choice``)."""
         return asdict(self)
 
 

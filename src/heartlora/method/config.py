@@ -82,9 +82,11 @@ class HeartLoRAConfig:
 
     @property
     def quantized(self) -> bool:
+        """Whether the adapters are stored and trained at ``bits`` < 32 (Bi-LoRA: 1)."""
         return self.bits != FLOAT_BITS
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready settings, as an adapter file's header stores them."""
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["modules_to_save"] = None if self.modules_to_save is None else list(self.modules_to_save)
@@ -92,6 +94,8 @@ class HeartLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HeartLoRAConfig":
+        """The settings a file stored; a key this version does not know, or a missing scale, is refused in one
+        line."""
         known = {f.name for f in fields(cls)}
         extra = set(d) - known
         if extra:

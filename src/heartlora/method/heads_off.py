@@ -44,6 +44,7 @@ class HeadsOff:
 
     @property
     def auto(self) -> bool:
+        """Whether the count is chosen by ``choose_ne`` (``ne="auto"``)."""
         return self.ne == AUTO
 
 

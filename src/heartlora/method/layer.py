@@ -60,7 +60,8 @@ class HeadLoRAProjection(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.per_head_is_B = target in OUT_SIDE
         limit = out_features if self.per_head_is_B else in_features
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit or index.unique().numel() != index.numel()):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= limit
+                              or index.unique().numel() != index.numel()):
             raise ValueError(f"index for {layer_name}.{target} must name distinct positions below {limit}")
         # A loaded k-bit adapter holds decoded values: they are used exactly as stored until the weights change
         # (further training), and from then on quantized again like any k-bit adapter (see mark_decoded).
@@ -312,6 +313,7 @@ class HeadLoRALinear(nn.Module):
         return add_deltas(self, y2, x2, [p for p in self.lora.values() if p._active]).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
+        """The adapters' whole update of the base weight (heads switched off contribute nothing)."""
         delta = torch.zeros_like(self.base_layer.weight)
         for proj in self.lora.values():
             delta = proj.delta_weight(delta)
@@ -319,6 +321,8 @@ class HeadLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Add the update into the base weight (inference at the backbone's own cost); ``unmerge`` restores the
+        exact original weight, kept aside."""
         if self.merged:
             return
         self._original_weight = self.base_layer.weight.detach().clone()
@@ -327,6 +331,7 @@ class HeadLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Put back the base weight ``merge`` kept (bit-exact)."""
         if not self.merged:
             return
         self.base_layer.weight.copy_(self._original_weight)

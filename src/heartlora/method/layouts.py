@@ -49,6 +49,10 @@ class Site:
 
 @dataclass
 class AttentionSites:
+    """What a layout finds in one attention module: its heads, and for each of q, k, v, o it can reach the Linear
+    (or 1×1 convolution) and the rows (or columns) that belong to each head; ``missing`` says why a projection
+    is absent."""
+
     num_heads: int
     head_dim: int
     sites: dict[str, Site]  # keys among q, k, v, o
@@ -71,6 +75,9 @@ LAYOUTS: list[HeadLayout] = []
 
 
 def register_layout(layout: HeadLayout) -> HeadLayout:
+    """Teach attach a new attention family: ``layout.matches`` picks its modules and ``layout.describe`` names the
+    projections and each head's rows. Layouts are tried in registration order; returns the layout (so it can be
+    used as a decorator's result)."""
     LAYOUTS.append(layout)
     return layout
 
@@ -144,7 +151,8 @@ QKV_BLOCKS = {
     # Hugging Face: ``qkv(x).reshape(B, N, 3, num_heads, head_dim)`` (BLIP, BLIP-2, InstructBLIP, ViTDet, SAM)
     "transformers.models.blip.modeling_blip.BlipAttention", "transformers.models.blip_2.modeling_blip_2.Blip2Attention",
     "transformers.models.instructblip.modeling_instructblip.InstructBlipAttention",
-    "transformers.models.vitdet.modeling_vitdet.VitDetAttention", "transformers.models.sam.modeling_sam.SamVisionAttention",
+    "transformers.models.vitdet.modeling_vitdet.VitDetAttention",
+    "transformers.models.sam.modeling_sam.SamVisionAttention",
     "transformers.models.sam.modeling_sam.SamVisionSdpaAttention",
 }
 # Per head, q k v one after the other: ``qkv.view(B, N, num_heads, -1).split([key_dim, key_dim, val_dim])``.
@@ -600,8 +608,8 @@ def _reason(m: nn.Module) -> str:
         return "q, k, v come from a k×k, strided or grouped convolution, not an nn.Linear or 1×1 convolution"
     fused = [n for n in ("qkv", "kv", "qk") if _proj(m, n) is not None]
     if fused:
-        return (f"the row order of its fused `{fused[0]}` projection is unknown: add {class_path(m)} to the right table in "
-                "heartlora/method/layouts.py once its source is read")
+        return (f"the row order of its fused `{fused[0]}` projection is unknown: add {class_path(m)} to the right "
+                "table in heartlora/method/layouts.py once its source is read")
     for n in ("qkv", "q", "kv"):
         child = getattr(m, n, None)
         if child is not None and not isinstance(child, nn.Linear):

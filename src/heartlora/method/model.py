@@ -29,6 +29,7 @@ class AttentionHeads:
     projections: dict[str, HeadLoRAProjection]
 
     def head_mask(self) -> list[bool]:
+        """Which of the layer's heads are on (every adapted projection of a layer shares one mask)."""
         return next(iter(self.projections.values())).head_mask()
 
 
@@ -43,6 +44,7 @@ class Coverage:
 
     @property
     def total(self) -> int:
+        """Attention modules found, adapted or not."""
         return len(self.adapted) + len(self.unadapted)
 
     def summary(self) -> str:
@@ -361,10 +363,12 @@ def attach_state(model: nn.Module) -> AttachState:
 
 
 def is_adapted(model: nn.Module) -> bool:
+    """Whether ``attach`` has adapted this model (or the model a DDP / DataParallel wrapper holds)."""
     return getattr(getattr(model, "module", model), _STATE, None) is not None
 
 
 def adapter_config(model: nn.Module) -> HeartLoRAConfig:
+    """The HeartLoRAConfig an adapted model was attached with; refused in one line for a model attach never saw."""
     return attach_state(model).config
 
 

@@ -59,6 +59,7 @@ class ResponsivenessTracker:
 
     @torch.no_grad()
     def update(self) -> None:
+        """Add this step's per-head scores (call after backward, before the optimizer clears the gradients)."""
         if self.mode == "random":  # the ranking is drawn in scores(); only the steps are counted
             self.steps += 1
             return
@@ -85,10 +86,12 @@ class ResponsivenessTracker:
         return {layer.name: p.clone() for layer, p in zip(self.layers, parts)}
 
     def state_dict(self) -> dict[str, Any]:
+        """Mode, EMA, steps, seed and the scores so far, to resume a warmup."""
         return {"mode": self.mode, "ema": self.ema, "steps": self.steps, "seed": self.seed,
                 "scores": [a.detach().cpu().clone() for a in self._acc]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s output; another model's (other layer count) is refused."""
         if len(state["scores"]) != len(self._acc):
             raise ConfigError("tracker state has a different number of layers than this model")
         self.mode, self.ema, self.steps = state["mode"], state["ema"], int(state["steps"])

@@ -151,8 +151,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         "backbone": _backbone_spec(model),
         "fingerprint": state.fingerprint,
         "modules_to_save": list(state.modules_to_save),
-        "layers": [{"name": l.name, "layout": l.layout, "num_heads": l.num_heads, "head_dim": l.head_dim,
-                    "head_mask": masks[l.name]} for l in attention_layers(model)],
+        "layers": [{"name": a.name, "layout": a.layout, "num_heads": a.num_heads, "head_dim": a.head_dim,
+                    "head_mask": masks[a.name]} for a in attention_layers(model)],
         "shapes": shapes,
         "adapter_bytes": adapter_bytes,
         "payload_sha256": _payload_hash(tensors),
@@ -512,8 +512,8 @@ def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, 
     """The part of :func:`load_adapter` after attach: check the layers, switch heads off, load factors and
     modules."""
     want = meta["backbone"]
-    layers = {l.name: l for l in attention_layers(model)}
-    stored = {l["name"]: l for l in meta["layers"]}
+    layers = {a.name: a for a in attention_layers(model)}
+    stored = {s["name"]: s for s in meta["layers"]}
     if set(layers) != set(stored) or any((layers[n].num_heads, layers[n].head_dim)
                                          != (stored[n]["num_heads"], stored[n]["head_dim"]) for n in layers):
         raise AdapterFileError(f"{path} describes other attention layers than this backbone has: "
@@ -522,7 +522,7 @@ def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, 
     if any(not on and stored[n]["head_mask"][h] for n, mask in now.items() for h, on in enumerate(mask)):
         raise AdapterFileError(f"{path} has heads on that this model has switched off: load it into a model with "
                                "every head on, or one with the file's heads off")
-    off = [(n, h) for n, l in stored.items() for h, on in enumerate(l["head_mask"]) if not on and now[n][h]]
+    off = [(n, h) for n, s in stored.items() for h, on in enumerate(s["head_mask"]) if not on and now[n][h]]
     if off:
         deactivate_heads(model, heads=off)
     with torch.no_grad():
