@@ -284,14 +284,20 @@ def same_run(rec: dict[str, Any], point: str) -> bool:
     return not (method and method.startswith("heart-")) or settings.get("ne_refine") is True
 
 
-def command(protocol: str, task: str, point: str, lr: float, seed: int, out: Path, threads: int) -> list[str]:
+def command(protocol: str, task: str, point: str, lr: float, seed: int, out: Path, threads: int,
+            profile: str = "cpu", device: str | None = None, precision: str | None = None) -> list[str]:
+    """One run's command: the baseline script for a PEFT point, ``heartlora train`` for heartlora's, at the cpu
+    protocol's schedule or (``profile="paper"``) the paper's; ``device`` and ``precision`` when given."""
     spec = POINTS[point]
     common = ["--task", task, "--protocol", protocol, "--seed", str(seed), "--out", str(out), "--lr", repr(lr),
-              "--threads", str(threads)]
+              "--threads", str(threads), *(["--precision", precision] if precision else [])]
     if "peft" in spec:
+        schedule = PAPER if profile == "paper" else SCHEDULE
         return [sys.executable, str(BASELINE), "--method", spec["peft"], *common,
-                *(f"--{k.replace('_', '-')}={v}" for k, v in SCHEDULE.items())]
-    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--device", "cpu", "--profile", "cpu"]
+                *(["--device", device] if device else []),
+                *(f"--{k.replace('_', '-')}={v}" for k, v in schedule.items())]
+    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--device", device or "cpu",
+           "--profile", profile]
     if out.is_dir() and any(out.iterdir()):
         cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
     return cmd
@@ -420,6 +426,11 @@ def all_heads_on(point: str) -> bool:
     return "engine" in spec and not spec["engine"][spec["engine"].index("--method") + 1].startswith("heart-")
 
 
+def label(point: str) -> str:
+    """A heartlora point's name in the goal and README tables, marked when it switches no head off."""
+    return point + (" (all heads on)" if all_heads_on(point) else "")
+
+
 def heart_settled(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str, str, float], float]) -> bool:
     """Every heartlora point has its val200 score and its seed-42 finals on the cpu tasks: its choices can be made."""
     return all(val_score(h, val) is not None and all((t, SEEDS[0]) in fin[h] for t in CPU_TASKS)
@@ -489,7 +500,7 @@ def report() -> None:
                      f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
     lines += goal_lines(fin, val, cpu_cells, held_cells)
-    lines += paper_lines(data, load_results(PAPER_RECORDS))
+    lines += paper_lines(load_results(PAPER_RECORDS))
     left = plan(data)
     ahead = projection(data, suite_records())
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)}. Left, if the open rate "
@@ -568,8 +579,7 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
             met = f"no, by {GOALS[goal] - cpu[0]:.1f}"
         if spent is not None and spent > budget:
             met += f"; its bytes over these cells exceed the budget by {spent - budget:,.0f}"
-        name = heart + (" (all heads on)" if all_heads_on(heart) else "")
-        lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {name} | "
+        lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {label(heart)} | "
                      f"{spent:,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
     compared = {p for _, p, _, _ in rows}
     for point in PEFT_POINTS:
@@ -622,11 +632,11 @@ def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[st
              "accuracy (%) | difference ± se |", "|---|---|---|---|---|---|---|"]
     for point, heart in sorted(rows, key=lambda r: nbytes(r[0])):
         d = paired(fin[point], fin[heart], cpu_cells)
-        name = heart + (" (all heads on)" if all_heads_on(heart) else "")
         over = nbytes(heart) - nbytes(point)
         spent = f"{nbytes(heart):,.0f}" + (f" ({over:,.0f} over: `--ne auto` kept more heads on seeds 43–44)"
                                            if over > 0 else "")
-        lines.append(f"| {point} | {nbytes(point):,.0f} | {acc(point):.1f} | {name} | {spent} | {acc(heart):.1f} | "
+        lines.append(f"| {point} | {nbytes(point):,.0f} | {acc(point):.1f} | {label(heart)} | {spent} | "
+                     f"{acc(heart):.1f} | "
                      f"{fmt(d).rsplit(' (', 1)[0]} |")
     best = max(full, key=acc)
     line = (f"**For adapters under {SMALL_BUDGET // 1000} KB a task, use {pick}** ({acc(pick):.1f} %, "
@@ -734,16 +744,9 @@ def paper_plan(data: dict[str, Any], paper: dict[str, Any]) -> list[tuple[str, s
 
 def paper_command(task: str, point: str, lr: float, out: Path, device: str, precision: str,
                   threads: int) -> list[str]:
-    spec = POINTS[point]
-    common = ["--task", task, "--protocol", "final", "--seed", str(SEEDS[0]), "--out", str(out), "--lr", repr(lr),
-              "--threads", str(threads), "--device", device, "--precision", precision]
-    if "peft" in spec:
-        return [sys.executable, str(BASELINE), "--method", spec["peft"], *common,
-                *(f"--{k.replace('_', '-')}={v}" for k, v in PAPER.items())]
-    cmd = [sys.executable, "-m", "heartlora", "train", *spec["engine"], *common, "--profile", "paper"]
-    if out.is_dir() and any(out.iterdir()):
-        cmd.append("--resume" if (out / "checkpoint.pt").exists() else "--overwrite")
-    return cmd
+    """A paper-protocol run's command: a seed-42 final run of ``command`` at the paper's schedule."""
+    return command("final", task, point, lr, SEEDS[0], out, threads, profile="paper", device=device,
+                   precision=precision)
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
@@ -787,7 +790,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def paper_lines(data: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+def paper_lines(paper: dict[str, Any]) -> list[str]:
     """The paper protocol's table: each point's test accuracy, mean over the tasks every point run has (so the
     means compare), with its bytes; empty while nothing is recorded."""
     runs: dict[str, dict[str, dict[str, Any]]] = {}

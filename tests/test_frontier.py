@@ -263,9 +263,7 @@ def test_the_readme_table_waits_for_every_cell_then_replaces_only_its_block(tmp_
     data = settled_data({"heart-bi-lora": 0.9, "heart-lora": 0.8}, test_acc, nbytes)
     cells = {(t, s) for t in frontier.CPU_TASKS for s in frontier.SEEDS}
     assert frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells) is None  # seed 42 only
-    for r in [r for r in data["records"] if r["role"] == "final" and r["task"] in frontier.CPU_TASKS]:
-        for seed in (43, 44):
-            data["records"].append({**r, "id": r["id"] + f"_{seed}", "seed": seed})
+    data = with_more_seeds(data)
     lines = frontier.readme_lines(frontier.finals(data), frontier.val_index(data), cells)
     ia3 = next(x for x in lines if x.startswith("| ia3-kv |"))
     assert "| heart-bi-lora | 15,000 | 70.0 | +4.0 ± 0.0 |" in ia3 and "| 18,432 | 66.0 |" in ia3
@@ -506,8 +504,8 @@ def test_the_paper_table_compares_means_over_the_tasks_every_point_has():
     a, b = frontier.CPU_TASKS[:2]
     paper = {"records": [rec("lora-r8", a, 0.80, 294_912), rec("lora-r8", b, 0.60, 294_912),
                          rec("heart-bi-lora", a, 0.70, 15_000)]}
-    lines = frontier.paper_lines({"records": []}, paper)
+    lines = frontier.paper_lines(paper)
     assert any(f"Mean over the 1 task(s) every point below has run ({a})" in x for x in lines)
     assert "| lora-r8 | 294,912 | 80.0 | 2 | NVIDIA H100, bf16 |" in lines  # task b left out of the mean
     assert "| heart-bi-lora | 15,000 | 70.0 | 1 | NVIDIA H100, bf16 |" in lines
-    assert frontier.paper_lines({"records": []}, {"records": []}) == []
+    assert frontier.paper_lines({"records": []}) == []

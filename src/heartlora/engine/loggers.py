@@ -70,7 +70,7 @@ class RunLoggers:
     ``close`` at the end (also after an error or a stop)."""
 
     def __init__(self, names: tuple[str, ...], out: Path, settings: dict[str, Any], start_epoch: int,
-                 resumed: bool | None = None) -> None:
+                 resumed: bool = False) -> None:
         self.names, self.out = names, Path(out)
         self.rows: dict[int, dict[str, Any]] = {}
         self.tb = self.wandb = self.mlflow = None
@@ -83,7 +83,6 @@ class RunLoggers:
             # checkpoint (one at epoch 0, after a --score-restart probe, keeps what it logged), and every step of
             # an earlier run the folder held when this run starts afresh (--overwrite, or a run killed before its
             # first checkpoint), so one run's curves never mix with another's
-            resumed = start_epoch > 0 if resumed is None else resumed
             purge = start_epoch + 1 if start_epoch else (None if resumed else 0)
             self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
         if "wandb" in names:
