@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heartlora.engine.inference import build_backbone, read_run_info
+from heartlora.engine.inference import build_backbone, read_run_info, run_img_size
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import backbone_fingerprint, is_adapted, remove_adapters
@@ -809,7 +809,7 @@ class AdapterBank:
 
 def trained_img_size(info: dict[str, Any]) -> int | None:
     """The image size an adapter file (its :func:`heartlora.read_adapter_info`) was trained at, where it says."""
-    return ((info.get("extra") or {}).get(RUN_KEY) or {}).get("img_size") or info["backbone"].get("img_size")
+    return run_img_size({"run": (info.get("extra") or {}).get(RUN_KEY) or {}, "adapter": info})
 
 
 def _check_k(k: int) -> None:
@@ -841,10 +841,7 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
     if plain:
         raise ConfigError(f"{plain[0]} stores plain weights (a linear or full run), not an adapter: only adapter "
                           "files share a backbone in a bank")
-    sizes = {}
-    for f, info in zip(files, infos):
-        spec = info["run"].get("backbone_spec") or info["adapter"]["backbone"]
-        sizes[str(f)] = info["run"].get("img_size") or spec.get("img_size")
+    sizes = {str(f): run_img_size(info) for f, info in zip(files, infos)}
     if len(set(sizes.values())) > 1:
         raise ConfigError("the adapters were trained at different image sizes "
                           f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
@@ -869,7 +866,7 @@ def backbone_for(file: Path, backbone: str | None = None, info: dict[str, Any] |
         raise ConfigError(f"{file} was saved from a model create_backbone did not build: make the bank in Python "
                           "with heartlora.AdapterBank(your_backbone)")
     model = build_backbone(run, override=backbone, source=str(file))
-    size = run.get("img_size") or run["backbone_spec"].get("img_size") or getattr(model, "img_size", None)
+    size = run_img_size(info) or getattr(model, "img_size", None)
     if not size:
         raise ConfigError(f"{file} names no image size: make the bank in Python and resize images yourself")
     return model, int(size)

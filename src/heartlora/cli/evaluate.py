@@ -20,7 +20,7 @@ from heartlora.cli.common import (
 from heartlora.data import get_task
 from heartlora.engine import accuracy, classify, collect_images, load_trained
 from heartlora.engine.distributed import DistInfo, resolve_device
-from heartlora.engine.inference import read_image
+from heartlora.engine.inference import read_image, run_img_size
 from heartlora.errors import HeartLoRAError
 
 
@@ -31,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (args.task or run.get("task")):
         raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
     task = get_task(args.task or run["task"])
-    img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
+    img_size = args.img_size or run_img_size(info) or model.spec["img_size"]
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
                              f"{model.spec['num_classes']}: evaluate on the task it was trained for "
@@ -56,7 +56,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_bank(args, files, device)
     model, info = load_trained(adapter_path(args.adapter[0]), device, backbone=args.backbone)
     run = info["run"]
-    img_size = run.get("img_size") or model.spec["img_size"]
+    img_size = run_img_size(info) or model.spec["img_size"]
     return _print_predictions(classify(model, files, img_size, run.get("class_names", []), args.top_k, device),
                               args.json)
 
