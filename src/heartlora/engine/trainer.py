@@ -627,7 +627,9 @@ class Trainer:
             self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
             self.save_checkpoint(finished=True)
             with self.folder.writing("metrics.json"):
-                write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"})
+                # what train() returns is the file's content and status, as for a run already finished
+                metrics = {**write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"}),
+                           "status": metrics["status"]}
                 self.folder.readable()
             self.say(f"done: {metrics['accuracy_split']} accuracy {final_acc:.4f}, adapter "
                      f"{metrics['adapter_bytes']} bytes, {len(self.state.heads_off)}/{sum(self.per_layer)} heads "
