@@ -96,3 +96,25 @@ def test_sigterm_to_one_rank_ends_the_job(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_device_names_are_checked_and_one_gpu_is_not_shared_by_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cuda:N` under torchrun would put every rank of a machine on GPU N (NCCL refuses duplicate GPUs at the first
+    collective): refused in one line before the process group is joined; `cuda` takes the rank's own GPU."""
+    from heartlora.engine.distributed import resolve_device
+    from heartlora.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'cuda:x': use cpu, cuda, cuda:N or auto"):
+        resolve_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=3, local_world=4) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="names one GPU, but 2 processes run on this machine: use --device cuda"):
+        resolve_device("cuda:1", local_rank=0, local_world=2)
+    with pytest.raises(ConfigError, match="has 2 visible CUDA GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda:0 was asked for but no CUDA GPU is visible"):
+        resolve_device("cuda:0")
