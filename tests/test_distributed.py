@@ -118,3 +118,32 @@ def test_device_names_are_checked_and_one_gpu_is_not_shared_by_several_ranks(mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--device cuda:0 was asked for but no CUDA GPU is visible"):
         resolve_device("cuda:0")
+
+
+@pytest.mark.slow
+def test_two_ranks_draw_their_own_masks_and_resume_them(tmp_path: Path) -> None:
+    """With adapter dropout and drop-path on, a 2-process run stopped after epoch 1 and resumed ends as the
+    uninterrupted one: the checkpoint holds each rank's generator (it held rank 0's, which every rank then took,
+    and rank 1's masks after the resume were rank 0's)."""
+    from heartlora.engine.trainer import rank_seed
+
+    assert rank_seed(42, 0) == 42 and len({rank_seed(42, r) for r in range(4)}) == 4  # rank 0 draws as one process
+    task = write_tiny_vtab(tmp_path / "task")
+    flags = _cli_flags({**FLAGS, "epochs": 3, "drop_path": 0.1, "dropout": 0.2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "heartlora", "train", "--task", task, "--out", str(out), "--quiet", *flags, *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "parts", "--stop-after-epoch", "1")
+    assert not (tmp_path / "parts" / "metrics.json").exists()
+    torchrun(tmp_path / "parts", "--resume")
+    whole, parts = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "parts"))
+    assert parts["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
+    a, b = load_file(tmp_path / "whole" / "adapter.safetensors"), load_file(tmp_path / "parts" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)

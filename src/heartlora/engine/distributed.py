@@ -98,6 +98,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks); a collective: every rank calls it."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64, so counts stay exact)."""
     if not info.enabled:

@@ -40,7 +40,15 @@ from heartlora.engine.settings import (
     setting_error,
     write_config_file,
 )
-from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
+from heartlora.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    gather_object,
+    setup,
+    shard,
+    teardown,
+)
 from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
@@ -204,6 +212,11 @@ def _masks(model: nn.Module) -> dict[str, list[bool]]:
     return head_masks(model) if is_adapted(model) else {}
 
 
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of rank ``rank``'s random stream (rank 0 keeps the run's: one process draws as it always did)."""
+    return (seed + 1_000_003 * rank + 7_919 * epoch) % 2**63
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What changes during training: the trainable Parameters and every buffer (head masks may live there)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
@@ -236,7 +249,10 @@ class Trainer:
         model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
                                 pretrained=cfg.pretrained, pool=cfg.pool, drop_path=cfg.drop_path)
         self.fingerprint = backbone_fingerprint(model, skip=("head",))  # part of the run's identity (checkpoint.pt)
-        return self.method.prepare(model, self.cfg)
+        prepared = self.method.prepare(model, self.cfg)
+        if self.info.rank:  # the same initial weights on every rank; then each its own dropout and drop-path masks
+            torch.manual_seed(rank_seed(cfg.seed, self.info.rank))
+        return prepared
 
     def check_identity(self, state: TrainState) -> None:
         """Resume only a checkpoint made on these backbone weights (its settings were checked by resolve)."""
@@ -344,7 +360,13 @@ class Trainer:
             self.tracker.load_state_dict(state.tracker)
         if self.precision.scaler is not None and state.scaler:
             self.precision.scaler.load_state_dict(state.scaler)
-        ckpt.set_rng_state(state.rng)
+        ranks = (state.rng or {}).get("ranks")
+        if ranks is not None and len(ranks) == self.info.world_size:  # each rank its own generators
+            ckpt.set_rng_state(ranks[self.info.rank], self.info.device)
+        elif self.info.rank == 0:
+            ckpt.set_rng_state(state.rng, self.info.device)
+        else:  # made with another number of processes: this rank's masks cannot continue; a fresh draw, seeded
+            torch.manual_seed(rank_seed(cfg.seed, self.info.rank, state.epoch))
         self.say(f"resumed {cfg.out} after epoch {state.epoch}/{cfg.epochs}")
 
     def _wrap(self) -> None:
@@ -540,6 +562,10 @@ class Trainer:
                                    sum(map(len, masks.values())) if masks else None)
 
     def save_checkpoint(self, finished: bool = False) -> None:
+        """Rank 0 writes checkpoint.pt; every rank calls this (each rank's random state is gathered), except for
+        the finished checkpoint, written by rank 0 alone in ``finish`` (a finished run does not train again)."""
+        rng = ckpt.rng_state(self.info.device)
+        ranks = gather_object(rng, self.info) if self.info.enabled and not finished else None
         if not self.info.is_main:
             return
         s = self.state
@@ -548,7 +574,7 @@ class Trainer:
                                             self.schedule.state_dict())
         s.tracker = self.tracker.state_dict() if self.tracker is not None else None
         s.scaler = self.precision.scaler.state_dict() if self.precision.scaler is not None else None
-        s.rng, s.head_masks = ckpt.rng_state(), _masks(self.model)
+        s.rng, s.head_masks = ({**rng, "ranks": ranks} if ranks else rng), _masks(self.model)
         s.wall_s = self.wall()
         with self.folder.writing("checkpoint.pt"):
             ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", s.to_checkpoint(), s.identity())
