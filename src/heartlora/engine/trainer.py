@@ -19,6 +19,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -395,13 +396,8 @@ class Trainer:
                          f"{cfg.warmup_epochs}), batch {cfg.batch_size}, device {info.device}, precision "
                          f"{self.precision.name}, {info.world_size} process(es)", echo=False)
                 self.say("settings " + json.dumps(cfg.settings()), echo=False)
-                if info.is_main:
-                    with folder.writing(CONFIG_NAME):
-                        write_config_file(folder.path / CONFIG_NAME, flag_settings(cfg))
-            if info.is_main:
-                with folder.writing("the --log-to logs"):
-                    self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch,
-                                              resumed=state is not None)
+                self.on_rank0(self._write_config)
+            self.on_rank0(self._open_loggers, state is not None)
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
                             unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True,
@@ -555,19 +551,54 @@ class Trainer:
                  f"{record['train_acc']:.4f}" + (f" {record['eval_split']} acc {acc:.4f}" if acc is not None else "")
                  + f" ({record['images_per_s']:.1f} img/s)", echo=False)
         self.save_checkpoint()
+        self.on_rank0(self._log_epoch, record)
+
+    def _write_config(self) -> None:
+        with self.folder.writing(CONFIG_NAME):
+            write_config_file(self.folder.path / CONFIG_NAME, flag_settings(self.cfg))
+
+    def _open_loggers(self, resumed: bool) -> None:
+        with self.folder.writing("the --log-to logs"):
+            self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
+                                      resumed=resumed)
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
         if self.loggers is not None:
             masks = _masks(self.model)
             with self.folder.writing("the --log-to logs"):
                 self.loggers.epoch(record, sum(map(sum, masks.values())) if masks else None,
                                    sum(map(len, masks.values())) if masks else None)
 
+    def on_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on rank 0 (its result; None on the others), called by every rank: under DDP, when it fails
+        the other ranks are told and raise too, instead of waiting in the next collective for a rank that left
+        (torchrun would end them, a process group the caller started would not)."""
+        result, failure = None, None
+        if self.info.is_main:
+            try:
+                result = fn(*args)
+            except Exception as exc:  # noqa: BLE001 (re-raised below, on this rank and, as one line, on the others)
+                failure = exc
+        if self.info.enabled:
+            said = broadcast_object(f"{type(failure).__name__}: {' '.join(str(failure).split())}" if failure
+                                    else None, self.info)
+            if said is not None and failure is None:
+                raise HeartLoRAError(f"rank 0 failed ({said[:300]}): rank {self.info.rank} stops too")
+        if failure is not None:
+            raise failure
+        return result
+
     def save_checkpoint(self, finished: bool = False) -> None:
         """Rank 0 writes checkpoint.pt; every rank calls this (each rank's random state is gathered), except for
         the finished checkpoint, written by rank 0 alone in ``finish`` (a finished run does not train again)."""
         rng = ckpt.rng_state(self.info.device)
-        ranks = gather_object(rng, self.info) if self.info.enabled and not finished else None
-        if not self.info.is_main:
-            return
+        if finished:
+            self._write_checkpoint(rng, None, finished=True)
+        else:
+            self.on_rank0(self._write_checkpoint, rng, gather_object(rng, self.info) if self.info.enabled else None)
+
+    def _write_checkpoint(self, rng: dict[str, Any], ranks: list[dict[str, Any]] | None,
+                          finished: bool = False) -> None:
         s = self.state
         s.finished = finished
         s.model, s.optimizer, s.schedule = (_trainable_state(self.model), self.optimizer.state_dict(),
@@ -635,32 +666,38 @@ class Trainer:
             test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
             final_acc = self.evaluate(test_x, test_y)
         metrics = self.metrics(final_acc, status="finished")
-        if self.info.is_main:
-            out, facts = self.folder.path, self.run_facts()
-            with self.folder.writing("adapter.safetensors"):
-                metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts)
-            metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
-            from heartlora.engine.plots import responsiveness_heatmap, training_curves
+        written = self.on_rank0(self._write_results, metrics, final_acc)
+        return broadcast_object(written if self.info.is_main else metrics, self.info)
 
-            title = f"{cfg.task} · {cfg.method} · {cfg.backbone}"
-            with self.folder.writing("the plots"):
-                if metrics["head_masks"]:
-                    responsiveness_heatmap(out / "responsiveness.png", facts["responsiveness"] or None,
-                                           metrics["head_masks"], title=title)
-                    metrics["files"]["responsiveness_plot"] = "responsiveness.png"
-                training_curves(out / "curves.png", self.state.history,
-                                cfg.warmup_epochs if self.method.adapters else 0, title=title)
-            self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
-            self.save_checkpoint(finished=True)
-            with self.folder.writing("metrics.json"):
-                # what train() returns is the file's content and status, as for a run already finished
-                metrics = {**write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"}),
-                           "status": metrics["status"]}
-                self.folder.readable()
-            self.say(f"done: {metrics['accuracy_split']} accuracy {final_acc:.4f}, adapter "
-                     f"{metrics['adapter_bytes']} bytes, {len(self.state.heads_off)}/{sum(self.per_layer)} heads "
-                     f"off, {metrics['wall_s']:.0f} s", echo=False)
-        return broadcast_object(metrics, self.info)
+    def _write_results(self, metrics: dict[str, Any], final_acc: float) -> dict[str, Any]:
+        """Rank 0: the model file, the plots, the finished checkpoint and, last, metrics.json; returns what
+        train() returns (the file's content and status)."""
+        cfg = self.cfg
+        out, facts = self.folder.path, self.run_facts()
+        with self.folder.writing("adapter.safetensors"):
+            metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts)
+        metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
+        from heartlora.engine.plots import responsiveness_heatmap, training_curves
+
+        title = f"{cfg.task} · {cfg.method} · {cfg.backbone}"
+        with self.folder.writing("the plots"):
+            if metrics["head_masks"]:
+                responsiveness_heatmap(out / "responsiveness.png", facts["responsiveness"] or None,
+                                       metrics["head_masks"], title=title)
+                metrics["files"]["responsiveness_plot"] = "responsiveness.png"
+            training_curves(out / "curves.png", self.state.history,
+                            cfg.warmup_epochs if self.method.adapters else 0, title=title)
+        self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
+        self.save_checkpoint(finished=True)
+        with self.folder.writing("metrics.json"):
+            # what train() returns is the file's content and status, as for a run already finished
+            metrics = {**write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"}),
+                       "status": metrics["status"]}
+            self.folder.readable()
+        self.say(f"done: {metrics['accuracy_split']} accuracy {final_acc:.4f}, adapter "
+                 f"{metrics['adapter_bytes']} bytes, {len(self.state.heads_off)}/{sum(self.per_layer)} heads "
+                 f"off, {metrics['wall_s']:.0f} s", echo=False)
+        return metrics
 
 
 __all__ = ["RUN_FILES", "Trainer", "lr_factor", "make_schedule", "train"]
