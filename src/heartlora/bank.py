@@ -38,7 +38,7 @@ from heartlora.engine.inference import build_backbone, read_run_info, run_img_si
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import backbone_fingerprint, is_adapted, remove_adapters
-from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
+from heartlora.method.storage import RUN_KEY, AdapterContents, adapter_file, load_adapter, read_adapter
 
 
 class _Route:
@@ -562,9 +562,10 @@ class AdapterBank:
             return self._add(path, name, class_names, check_fingerprint)
 
     def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
-             check_fingerprint: bool, info: dict[str, Any] | None = None) -> BankTask:
+             check_fingerprint: bool, contents: AdapterContents | None = None) -> BankTask:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
-        info = info if info is not None else read_adapter_info(path)  # a folder bank has read it already
+        contents = contents if contents is not None else read_adapter(path)  # a folder bank has read it already
+        info = contents[0]  # the file is read once: its metadata and weights cannot come from two versions of it
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
         task = str(run.get("task") or "")
         vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
@@ -584,7 +585,7 @@ class AdapterBank:
             setting = json.dumps(info["config"], sort_keys=True)
             try:
                 model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
-                                     verify=setting not in self._verified, fingerprint=fingerprint)
+                                     verify=setting not in self._verified, fingerprint=fingerprint, contents=contents)
                 self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")

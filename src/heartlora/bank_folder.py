@@ -25,7 +25,7 @@ from torch import nn
 
 from heartlora.bank import AdapterBank, BankTask, backbone_for, trained_img_size
 from heartlora.errors import AdapterFileError, ConfigError, HeartLoRAError
-from heartlora.method.storage import read_adapter_info
+from heartlora.method.storage import read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")  # a task name that is a file name, never a path
 SUFFIX = ".safetensors"
@@ -160,7 +160,8 @@ class FolderBank(AdapterBank):
             return failed
 
     def _load(self, name: str, path: Path) -> BankTask:
-        info = read_adapter_info(path)
+        contents = read_adapter(path)
+        info = contents[0]
         saved = tuple(info["modules_to_save"])
         mine = self._fingerprint(saved)
         if info["fingerprint"] != mine:
@@ -171,7 +172,7 @@ class FolderBank(AdapterBank):
         if self.img_size and size and int(size) != int(self.img_size):  # refused before its tensors are loaded
             raise ConfigError(f"{path} was trained at {size} px, and this bank runs {self.img_size} px: "
                               "serve it from a folder of its own image size")
-        task = self._add(path, name, None, check_fingerprint=True, info=info)
+        task = self._add(path, name, None, check_fingerprint=True, contents=contents)
         self.loads += 1
         return task
 
