@@ -567,11 +567,7 @@ class AdapterBank:
         contents = contents if contents is not None else read_adapter(path)  # a folder bank has read it already
         info = contents[0]  # the file is read once: its metadata and weights cannot come from two versions of it
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
-        task = str(run.get("task") or "")
-        vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
-        if vtab:  # a VTAB folder's task is named by the folder, not by its whole path
-            task = Path(vtab.group(1)).name + (vtab.group(2) or "")
-        name = name or task or (path.parent.name if path.stem == "adapter" else path.stem)
+        name = name or trained_task(info) or (path.parent.name if path.stem == "adapter" else path.stem)
         if name in self.tasks:
             raise ConfigError(f"the bank already holds a task named {name!r} ({self.tasks[name].path}): "
                               "give this adapter another name")
@@ -806,6 +802,14 @@ class AdapterBank:
 
     def __repr__(self) -> str:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
+
+
+def trained_task(info: dict[str, Any]) -> str:
+    """The task an adapter file (its :func:`heartlora.read_adapter_info`) was trained on, as a bank names it ("" when
+    it names none): a VTAB folder's task by the folder's name, not its whole path."""
+    task = str((((info.get("extra") or {}).get(RUN_KEY) or {}).get("task")) or "")
+    vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
+    return Path(vtab.group(1)).name + (vtab.group(2) or "") if vtab else task
 
 
 def trained_img_size(info: dict[str, Any]) -> int | None:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import heartlora
-from heartlora.bank import AdapterBank
+from heartlora.bank import AdapterBank, trained_task
 from heartlora.errors import ConfigError, HeartLoRAError
-from heartlora.method.storage import RUN_KEY, read_adapter_info
+from heartlora.method.storage import read_adapter_info
 from heartlora.serve import (
     MAX_BODY_BYTES,
     MAX_TOP_K,
@@ -253,9 +253,8 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             if name is None:  # the task the file was trained on; never the upload's temporary file name
-                info = await batcher.run_exclusive(read_adapter_info, Path(tmp))
-                name = ((info.get("extra") or {}).get(RUN_KEY) or {}).get("task") or None
-                if name is None:
+                name = trained_task(await batcher.run_exclusive(read_adapter_info, Path(tmp)))
+                if not name:
                     raise Failure(400, "the adapter file names no task (saved with save_adapter): give its name "
                                        "with POST /adapters?name=NAME")
                 taken(name)

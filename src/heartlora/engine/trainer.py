@@ -18,8 +18,8 @@ import math
 import secrets
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
