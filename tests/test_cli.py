@@ -65,6 +65,12 @@ def test_eval_predict_inspect(run_dir: Path, task: str, tmp_path: Path, capsys: 
     assert main(["inspect", str(run_dir), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     assert "8 of 12" in out and "adapter bytes" in out and plot.stat().st_size > 1000
+    # inspect and export also take the adapter as --adapter, as eval, predict and serve do
+    assert main(["inspect", "--adapter", str(run_dir), "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["adapter"]["layers"]
+    assert sum(on for layer in layers for on in layer["head_mask"]) == 8
+    _fails(["inspect", str(run_dir), "--adapter", str(tmp_path / "other")], capsys, "two adapters given")
+    _fails(["export", str(tmp_path / "peft")], capsys, "ADAPTER or --adapter ADAPTER")
 
 
 def test_data_list_and_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -173,6 +179,39 @@ def test_unreadable_image(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
     bad.write_text("not a picture")
     _fails(["predict", "--adapter", str(run_dir), str(bad)], capsys, "cannot read image")
     _fails(["predict", "--adapter", str(run_dir), str(tmp_path / "nope.jpg")], capsys, "does not exist")
+
+
+def test_prune_from_inside_the_peft_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    # `heartlora prune .` writes beside the folder it names (Path(".").with_name raised ValueError: a traceback).
+    from heartlora.cli.peft_io import pruned_path
+
+    folder = tmp_path / "my_adapter"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert pruned_path(".") == tmp_path / "my_adapter.pruned.safetensors"
+    assert pruned_path("./") == pruned_path(str(folder)) == pruned_path("../my_adapter")
+    _fails(["prune", ".", "--task", "digits", "--ne", "1"], capsys, "adapter_config.json")
+    monkeypatch.chdir("/")
+    _fails(["prune", ".", "--task", "digits", "--ne", "1"], capsys, "pass --out FILE")
+
+
+def test_eval_samples_a_few_shot_task_as_the_run_did(task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    # A NAME@Kshot run's train800 is drawn with its --seed: eval's default is that seed (it was 0), --seed wins.
+    from heartlora.data.fewshot import FewShotTask
+
+    out = tmp_path / "r"
+    assert main(["train", "--task", f"{task}@2shot", "--method", "lora", "--epochs", "1", "--seed", "7",
+                 "--out", str(out), *TINY]) == 0
+    seeds: list[int] = []
+    load = FewShotTask.load
+    monkeypatch.setattr(FewShotTask, "load", lambda self, split, img_size, seed=0: (
+        seeds.append(seed), load(self, split, img_size, seed))[1])
+    assert main(["eval", "--adapter", str(out), "--split", "train800", "--json"]) == 0
+    assert main(["eval", "--adapter", str(out), "--split", "train800", "--seed", "3", "--json"]) == 0
+    assert seeds == [7, 3]
+    capsys.readouterr()
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

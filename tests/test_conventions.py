@@ -3,6 +3,7 @@ config.yaml repeats the run), --quiet / --verbose on every command, transformers
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -33,7 +34,6 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
 def test_every_flag_with_a_default_names_it_in_its_help() -> None:
     """docs/CLI.md promises that ``heartlora COMMAND --help`` shows every flag's default: a flag that has one (not
     None, not an on/off switch) says "default" in its help text."""
-    import argparse
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     silent = [f"{name} {action.option_strings[0]}" for name, parser in sub.choices.items() for action in parser._actions
@@ -42,13 +42,36 @@ def test_every_flag_with_a_default_names_it_in_its_help() -> None:
     assert not silent, f"flags whose --help hides their default: {silent}"
 
 
-def test_every_command_takes_quiet_and_verbose() -> None:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
+def _commands() -> list[tuple[str, argparse.ArgumentParser]]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = [(name, p) for name, p in sub.choices.items() if name != "data"]
     data = next(a for a in sub.choices["data"]._actions if a.dest == "data_command")
-    commands += [(f"data {name}", p) for name, p in data.choices.items()]
-    for name, p in commands:
+    return commands + [(f"data {name}", p) for name, p in data.choices.items()]
+
+
+def test_every_argument_has_help() -> None:
+    """docs/CLI.md: ``--help`` lists every flag and argument with what it does."""
+    bare = [f"{name} {(a.option_strings or [a.dest])[0]}" for name, p in _commands() for a in p._actions
+            if not a.help]
+    assert not bare, f"arguments with no help text: {bare}"
+
+
+def test_config_help_names_a_key_its_command_takes() -> None:
+    """Each command's --config help gives an example key: that command must take it (eval and serve once showed
+    train's `img-size`, which they refuse)."""
+    seen = 0
+    for name, p in _commands():
+        action = next((a for a in p._actions if "--config" in a.option_strings), None)
+        if action is None:
+            continue
+        key = re.search(r"`([a-z-]+): ", action.help).group(1)
+        assert f"--{key}" in {opt for a in p._actions for opt in a.option_strings}, (name, key)
+        seen += 1
+    assert seen == 3  # train, eval, serve
+
+
+def test_every_command_takes_quiet_and_verbose() -> None:
+    for name, p in _commands():
         flags = {opt for a in p._actions for opt in a.option_strings}
         assert {"--quiet", "--verbose"} <= flags, name
 

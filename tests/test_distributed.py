@@ -96,3 +96,100 @@ def test_sigterm_to_one_rank_ends_the_job(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def test_device_names_are_checked_and_one_gpu_is_not_shared_by_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cuda:N` under torchrun would put every rank of a machine on GPU N (NCCL refuses duplicate GPUs at the first
+    collective): refused in one line before the process group is joined; `cuda` takes the rank's own GPU."""
+    from heartlora.engine.distributed import resolve_device
+    from heartlora.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'cuda:x': use cpu, cuda, cuda:N or auto"):
+        resolve_device("cuda:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=3, local_world=4) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="names one GPU, but 2 processes run on this machine: use --device cuda"):
+        resolve_device("cuda:1", local_rank=0, local_world=2)
+    with pytest.raises(ConfigError, match="has 2 visible CUDA GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda:0 was asked for but no CUDA GPU is visible"):
+        resolve_device("cuda:0")
+
+
+@pytest.mark.slow
+def test_two_ranks_draw_their_own_masks_and_resume_them(tmp_path: Path) -> None:
+    """With adapter dropout and drop-path on, a 2-process run stopped after epoch 1 and resumed ends as the
+    uninterrupted one: the checkpoint holds each rank's generator (it held rank 0's, which every rank then took,
+    and rank 1's masks after the resume were rank 0's)."""
+    from heartlora.engine.trainer import rank_seed
+
+    assert rank_seed(42, 0) == 42 and len({rank_seed(42, r) for r in range(4)}) == 4  # rank 0 draws as one process
+    task = write_tiny_vtab(tmp_path / "task")
+    flags = _cli_flags({**FLAGS, "epochs": 3, "drop_path": 0.1, "dropout": 0.2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "heartlora", "train", "--task", task, "--out", str(out), "--quiet", *flags, *extra]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp_path / "whole")
+    torchrun(tmp_path / "parts", "--stop-after-epoch", "1")
+    assert not (tmp_path / "parts" / "metrics.json").exists()
+    torchrun(tmp_path / "parts", "--resume")
+    whole, parts = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "parts"))
+    assert parts["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-6)
+    a, b = load_file(tmp_path / "whole" / "adapter.safetensors"), load_file(tmp_path / "parts" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+WORKER = """
+import os, sys
+import torch.distributed as dist
+rank, port, task, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from heartlora.engine import TrainConfig, train, checkpoint
+if rank == 0:  # rank 0's first checkpoint write fails, as on a full disk
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    checkpoint.save_checkpoint = full
+try:
+    train(TrainConfig(task=task, out=out, progress=False, backbone="test_vit", pretrained=False, img_size=32,
+                      batch_size=19, epochs=2, method="lora", device="cpu"))
+    print("finished")
+except Exception as exc:
+    print("raised", type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_0_ends_every_rank_of_a_group_the_caller_started(tmp_path: Path) -> None:
+    """A process group the caller started (not torchrun, which would end the other ranks): rank 0's write fails,
+    and rank 1, which was on its way to the next collective, raises too instead of waiting for gloo's 30-minute
+    timeout."""
+    import socket
+
+    task = write_tiny_vtab(tmp_path / "task")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, task, str(tmp_path / "run")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert "raised RunFolderError cannot write checkpoint.pt" in outs[0] and "the disk is full" in outs[0], outs
+    assert "raised HeartLoRAError rank 0 failed (RunFolderError:" in outs[1], outs
+    assert "rank 1 stops too" in outs[1]

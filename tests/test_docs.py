@@ -34,6 +34,21 @@ def test_every_public_name_resolves() -> None:
         heartlora.not_a_name  # noqa: B018
 
 
+def test_api_guide_rows_name_real_signatures() -> None:
+    """Each row of API.md's reference tables names an ``hl`` attribute whose parameters include every name the row
+    shows (``set_adapters_enabled(model, flag)`` once named a parameter that does not exist)."""
+    import inspect
+
+    import heartlora
+
+    rows = re.findall(r"^\| `(\w+)\(([^)]*)\)`", (DOC.parent / "API.md").read_text(), re.M)
+    assert len(rows) >= 20
+    for name, args in rows:
+        params = inspect.signature(getattr(heartlora, name)).parameters
+        shown = [a.split("=")[0].strip() for a in args.split(",") if a.strip() not in ("", "*", "…", "...")]
+        assert all(a in params for a in shown if a != "…"), (name, shown, list(params))
+
+
 @pytest.mark.slow
 def test_the_site_builds_strictly_and_documents_every_public_name(tmp_path: Path) -> None:
     """`make docs`: mkdocs with --strict (a broken link, a missing page or a docstring that does not parse fails it);

@@ -106,6 +106,10 @@ def test_resume_gives_the_uninterrupted_result(tmp_path: Path, task: str) -> Non
     # Resuming a finished run trains nothing and returns its metrics.
     again = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, progress=False))
     assert again["status"] == "already_finished" and again["accuracy"] == whole["accuracy"]
+    # ... the same dict as the run that finished it: metrics.json's content (schema_version, sha256 included)
+    assert {k: v for k, v in again.items() if k != "status"} == json.loads((tmp_path / "parts" / "metrics.json")
+                                                                           .read_text())
+    assert resumed.keys() == again.keys() and resumed["sha256"] == again["sha256"]
 
 
 def test_evaluating_less_often_trains_the_same_model(tmp_path: Path, task: str) -> None:

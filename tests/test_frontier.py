@@ -73,9 +73,10 @@ def test_rate_rule_breaks_ties_for_the_reference_and_shares_choices():
     fill_val(data, "heart-lora", lambda lr: 0.7)
     val = frontier.val_index(data)
     assert frontier.choose_lr("heart-lora", val)[0] == 1e-3
-    for follower in ("lora", "heart-lora-r10-ne36", "heart-lora-r16-ne48"):
-        assert frontier.choose_lr(follower, val)[0] == 1e-3
+    assert frontier.choose_lr("lora", val)[0] == 1e-3
     assert frontier.choose_lr("bi-lora", val)[0] is None  # its leader (heart-bi-lora) has no val runs yet
+    for own in ("heart-lora-r10-ne36", "heart-lora-r16-ne48"):  # a higher rank searches its own rate
+        assert frontier.choose_lr(own, val)[0] is None
 
 
 def test_plan_runs_val_first_then_seed_42_on_every_task_then_more_seeds_and_never_reads_test():
@@ -122,17 +123,20 @@ def settled_data(val_acc: dict, test_acc: dict, nbytes: dict) -> dict:
     return data
 
 
-def test_heartlora_variants_run_val200_at_the_shared_rate_and_peft_presets_search_their_own():
+def test_all_heads_on_variants_run_val200_at_the_shared_rate_and_the_others_search_their_own():
     data = {"records": []}
     fill_val(data, "heart-lora", lambda lr: 0.7 if lr == 1e-3 else 0.6)
     ref = frontier.POINTS["fourierft-n400"]["lr"]
     fill_val(data, "fourierft", lambda lr: 0.7 if lr == frontier.POINTS["fourierft"]["lr"] else 0.6)
     vals = {(it[2], it[3]) for it in frontier.plan(data) if it[0] == "val"}
-    for follower in ("lora", "heart-lora-r10-ne36", "heart-lora-r16-ne48"):
-        assert (follower, 1e-3) in vals and not any(p == follower and lr != 1e-3 for p, lr in vals)
+    assert ("lora", 1e-3) in vals and not any(p == "lora" and lr != 1e-3 for p, lr in vals)
     assert {lr for p, lr in vals if p == "fourierft-n400"} == set(frontier.grid(ref))  # its own search
+    for own in ("heart-lora-r10-ne36", "heart-lora-r16-ne48"):
+        assert {lr for p, lr in vals if p == own} == set(frontier.grid(1e-3))
     finals = {it[2] for it in frontier.plan(data) if it[0] == "final"}
-    assert {"fourierft", "lora", "heart-lora-r16-ne48"} <= finals and "fourierft-n400" not in finals
+    assert {"fourierft", "lora"} <= finals and not {"fourierft-n400", "heart-lora-r16-ne48"} & finals
+    assert frontier.FOLLOWERS_NOTE.startswith("heartlora's all-heads-on variants (bi-lora, lora) train at the rate "
+                                              "their heads-off method chose (heart-bi-lora's, heart-lora's)")
 
 
 def test_heartlora_points_are_chosen_on_val200_within_the_budget_and_only_chosen_ones_get_more_seeds():

@@ -645,7 +645,7 @@ def bad_cli_cases() -> list[tuple[str, str, str, bool]]:
 # that starts accepting 0 (or stops) fails a test instead of moving a case from "refused" to "in range".
 ZERO_ALLOWED = {("train", f) for f in ("--seed", "--ne", "--ne-fraction", "--ne-tolerance", "--dropout", "--score-ema",
                                        "--warmup-epochs", "--min-lr-ratio", "--weight-decay", "--drop-path")} | {
-    ("eval", "--seed"), ("prune", "--ne"), ("prune", "--score-seed"), ("prune", "--ne-tolerance"),
+    ("eval", "--seed"), ("prune", "--ne"), ("prune", "--seed"), ("prune", "--score-seed"), ("prune", "--ne-tolerance"),
     ("serve", "--port"), ("serve", "--max-wait-ms")}
 
 

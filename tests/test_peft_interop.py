@@ -278,7 +278,8 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported")]) == 2  # nothing replaced
     assert "already holds adapter_config.json, adapter_model.safetensors" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in (tmp_path / "exported").iterdir()} == before
-    assert main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"), "--overwrite"]) == 0
+    assert main(["export", "--adapter", str(tmp_path / "a.safetensors"), str(tmp_path / "exported"),
+                 "--overwrite"]) == 0
     capsys.readouterr()
     back = import_peft(tmp_path / "exported").eval()
     x = torch.rand(2, 3, size, size)
@@ -309,7 +310,12 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     saved = hl.read_adapter_info(tmp_path / "random.safetensors")["layers"]
     off = {(layer["name"], h) for layer in saved for h, on in enumerate(layer["head_mask"]) if not on}
     assert off == {(saved[int(i) // 4]["name"], int(i) % 4) for i in draw.argsort()[:2]}  # --score-seed 3's draw
-    assert off == {tuple(h) for h in control["heads_off"]}
+    assert off == {tuple(h) for h in control["heads_off"]} and control["score_seed"] == 3 and control["seed"] == 0
+    assert main(["prune", str(folder), "--task", "digits", "--ne", "2", "--batches", "1", "--img-size", str(size),
+                 "--score-mode", "random", "--seed", "3", "--out", str(tmp_path / "random3.safetensors"),
+                 "--json"]) == 0  # --score-seed defaults to --seed
+    assert {tuple(h) for h in json.loads(capsys.readouterr().out)["heads_off"]} == off
+    assert hl.read_adapter_info(tmp_path / "random3.safetensors")["extra"]["heartlora_run"]["init_seed"] == 3
     assert main(["prune", str(folder), "--task", "digits", "--ne", "auto", "--ne-tolerance", "1e9", "--batches", "1",
                  "--img-size", str(size), "--out", str(tmp_path / "loose.safetensors"), "--json"]) == 0
     loose = json.loads(capsys.readouterr().out)  # every share passes: the largest candidate is taken

@@ -109,6 +109,7 @@ def test_predict_matches_the_bank(server, bank):
     ("/predict?task=digits", b"", 400, "body is empty"),
     ("/predict?task=digits&top_k=0", b"png", 400, "top_k must be"),
     ("/predict?task=digits&top_k=x", b"png", 400, "top_k must be"),
+    ("/predict?task=digits&top_k=%C2%B2", b"png", 400, "top_k must be"),  # "²" passes str.isdigit, not int()
 ])
 def test_bad_requests_get_a_one_line_reason(server, path, body, status, words):
     port, _ = server
@@ -222,9 +223,9 @@ def test_decode_image_resizes_to_rgb_in_unit_range():
     assert torch.allclose(x, torch.ones_like(x))
 
 
-def _asgi_post(app, messages) -> tuple[list[dict], int]:
-    """POST /predict?task=digits straight to the ASGI app with ``messages`` (an iterator of receive() events);
-    returns what the app sent and how many events it asked for."""
+def _asgi_post(app, messages, headers: tuple = ()) -> tuple[list[dict], int]:
+    """POST /predict?task=digits straight to the ASGI app with ``messages`` (an iterator of receive() events) and
+    ``headers`` besides a chunked transfer; returns what the app sent and how many events it asked for."""
     sent: list[dict] = []
     asked = [0]
 
@@ -237,7 +238,8 @@ def _asgi_post(app, messages) -> tuple[list[dict], int]:
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/predict", "raw_path": b"/predict", "query_string": b"task=digits", "root_path": "",
-             "headers": [(b"transfer-encoding", b"chunked")], "client": ("127.0.0.1", 1), "server": (HOST, 80)}
+             "headers": [(b"transfer-encoding", b"chunked"), *headers], "client": ("127.0.0.1", 1),
+             "server": (HOST, 80)}
     asyncio.run(app(scope, receive, send))
     return sent, asked[0]
 

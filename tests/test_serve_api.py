@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_bank import _make_adapter, _vit
-from test_serve import HOST, TASKS, _expected, _png, _same_top
+from test_serve import HOST, TASKS, _asgi_post, _expected, _png, _same_top
 
 import heartlora as hl
 
@@ -149,7 +149,8 @@ def test_adapters_are_added_and_removed_while_serving(api):
     assert status == 200
     _same_top(out["top"], _expected(own, data, "colors", 3))
     status, again = _call(port, "POST", "/adapters", extra.read_bytes(), auth)
-    assert status == 409 and "already holds a task named 'colors'" in again["error"]
+    assert status == 409 and again["error"] == ("a task named 'colors' is served already: DELETE /adapters/colors "
+                                                "first, or choose another ?name=")
     status, out = _call(port, "POST", "/adapters?name=colors2", b"not an adapter", auth)
     assert status == 400 and "\n" not in out["error"]
     assert _call(port, "DELETE", "/adapters/colors", None, auth) == (200, {"removed": "colors", "tasks": 3})
@@ -250,3 +251,63 @@ def test_serve_refuses_a_short_admin_token_before_loading(tmp_path, capsys):
     assert main(["serve", "--adapter", str(missing), "--admin-token", "short"]) == EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the admin token has 5 characters")
+
+
+def test_a_form_upload_is_refused_just_past_the_limit_before_it_is_parsed(tmp_path):
+    """A chunked multipart body was spooled whole to a temporary file before its size was checked (80 MiB written
+    for a 20 MiB limit): now the body stops being read just past the limit and its form's slack."""
+    from heartlora.serve import MAX_BODY_BYTES
+    from heartlora.serve_api import FORM_SLACK_BYTES
+
+    chunk = b"x" * 2**20
+    endless = ({"type": "http.request", "body": chunk, "more_body": True} for _ in range(10**6))
+    form = (b"content-type", b"multipart/form-data; boundary=heartlora-test-boundary")
+    sent, asked = _asgi_post(create_api(_bank(tmp_path), 32), endless, (form,))
+    assert sent[0]["status"] == 413 and asked == (MAX_BODY_BYTES + FORM_SLACK_BYTES) // len(chunk) + 1
+    assert "more than 20,971,520 bytes" in json.loads(sent[1]["body"])["error"]
+
+
+def test_a_failure_that_is_not_the_requests_fault_is_one_line_json(tmp_path, monkeypatch):
+    bank = _bank(tmp_path)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory\non the device")
+
+    with _running(create_api(bank, 32, admin_token=TOKEN)) as port:
+        monkeypatch.setattr(bank, "answer", broken)
+        status, out = _call(port, "POST", "/predict?task=digits", _png(1))
+        assert status == 500 and out["error"].startswith("the server failed on this request (RuntimeError: out of "
+                                                         "memory on the device)")
+        monkeypatch.setattr(bank, "remove", lambda name: (_ for _ in ()).throw(ConfigError("unknown task")))
+        status, out = _call(port, "DELETE", "/adapters/digits", None, auth)  # another DELETE got there first
+        assert status == 404 and "unknown task 'digits'" in out["error"]
+
+
+def test_a_folder_servers_admin_endpoints_and_odd_names(tmp_path):
+    """--adapter-dir: a task in the folder is not in memory until asked for, yet it is served: POST under its name
+    is 409, DELETE says to remove its file (an eviction would only reload it); a name too long for the file system is
+    404; an uploaded file that names no task needs ?name=."""
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for i, (task, classes) in enumerate(list(TASKS.items())[:2]):
+        _make_adapter(folder, _vit, task, classes, 32, 4, i, seed=i)
+    bank = hl.AdapterBank.from_folder(_vit(10), folder)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    first, second = list(TASKS)[:2]
+    bare = tmp_path / "bare.safetensors"
+    hl.save_adapter(hl.attach(_vit(10), hl.HeartLoRAConfig(), verify=False), bare)
+    with _running(create_api(bank, 32, admin_token=TOKEN)) as port:
+        status, out = _call(port, "POST", "/predict?task=" + "a" * 300, _png(1))
+        assert status == 404 and "unknown task" in out["error"]
+        status, out = _call(port, "DELETE", f"/adapters/{first}", None, auth)
+        assert status == 409 and "remove the file there" in out["error"]
+        assert _call(port, "POST", f"/predict?task={first}", _png(1))[0] == 200  # loaded now: still the file's
+        assert _call(port, "DELETE", f"/adapters/{first}", None, auth)[0] == 409
+        status, out = _call(port, "POST", f"/adapters?name={second}", bare.read_bytes(), auth)
+        assert status == 409 and "served already: remove its file" in out["error"] and second not in bank.tasks
+        status, out = _call(port, "POST", "/adapters", bare.read_bytes(), auth)
+        assert status == 400 and "?name=NAME" in out["error"]
+        status, out = _call(port, "POST", "/adapters?name=extra", bare.read_bytes(), auth)
+        assert status == 201 and out["name"] == "extra"
+        assert _call(port, "DELETE", "/adapters/extra", None, auth)[0] == 200  # added, not a file: removed

@@ -18,7 +18,7 @@ _LAZY = {
         "HeartLoRAConfig", "attach", "adapter_parameters", "attention_layers", "ResponsivenessTracker",
         "deactivate_heads", "head_masks", "save_adapter", "load_adapter", "read_adapter_info", "merge", "unmerge",
         "set_adapters_enabled", "AdapterReport", "coverage", "select_heads", "choose_ne", "parse_heads_off",
-        "register_layout", "HeadLayout")},
+        "register_layout", "HeadLayout", "Coverage", "AttentionHeads", "NeChoice", "HeadsOff")},
     "AdapterBank": "heartlora.bank",
     "create_backbone": "heartlora.backbones",
     "list_backbones": "heartlora.backbones",

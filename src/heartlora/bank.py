@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from heartlora.engine.inference import build_backbone, read_run_info
+from heartlora.engine.inference import build_backbone, read_run_info, run_img_size
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import backbone_fingerprint, is_adapted, remove_adapters
-from heartlora.method.storage import RUN_KEY, adapter_file, load_adapter, read_adapter_info
+from heartlora.method.storage import RUN_KEY, AdapterContents, adapter_file, load_adapter, read_adapter
 
 
 class _Route:
@@ -562,15 +562,12 @@ class AdapterBank:
             return self._add(path, name, class_names, check_fingerprint)
 
     def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
-             check_fingerprint: bool, info: dict[str, Any] | None = None) -> BankTask:
+             check_fingerprint: bool, contents: AdapterContents | None = None) -> BankTask:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
-        info = info if info is not None else read_adapter_info(path)  # a folder bank has read it already
+        contents = contents if contents is not None else read_adapter(path)  # a folder bank has read it already
+        info = contents[0]  # the file is read once: its metadata and weights cannot come from two versions of it
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
-        task = str(run.get("task") or "")
-        vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
-        if vtab:  # a VTAB folder's task is named by the folder, not by its whole path
-            task = Path(vtab.group(1)).name + (vtab.group(2) or "")
-        name = name or task or (path.parent.name if path.stem == "adapter" else path.stem)
+        name = name or trained_task(info) or (path.parent.name if path.stem == "adapter" else path.stem)
         if name in self.tasks:
             raise ConfigError(f"the bank already holds a task named {name!r} ({self.tasks[name].path}): "
                               "give this adapter another name")
@@ -584,7 +581,7 @@ class AdapterBank:
             setting = json.dumps(info["config"], sort_keys=True)
             try:
                 model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
-                                     verify=setting not in self._verified, fingerprint=fingerprint)
+                                     verify=setting not in self._verified, fingerprint=fingerprint, contents=contents)
                 self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
@@ -807,9 +804,17 @@ class AdapterBank:
         return f"AdapterBank({len(self.tasks)} tasks: {', '.join(self.tasks)})"
 
 
+def trained_task(info: dict[str, Any]) -> str:
+    """The task an adapter file (its :func:`heartlora.read_adapter_info`) was trained on, as a bank names it ("" when
+    it names none): a VTAB folder's task by the folder's name, not its whole path."""
+    task = str((((info.get("extra") or {}).get(RUN_KEY) or {}).get("task")) or "")
+    vtab = re.fullmatch(r"vtab:(.+?)(@\d+shot)?", task)
+    return Path(vtab.group(1)).name + (vtab.group(2) or "") if vtab else task
+
+
 def trained_img_size(info: dict[str, Any]) -> int | None:
     """The image size an adapter file (its :func:`heartlora.read_adapter_info`) was trained at, where it says."""
-    return ((info.get("extra") or {}).get(RUN_KEY) or {}).get("img_size") or info["backbone"].get("img_size")
+    return run_img_size({"run": (info.get("extra") or {}).get(RUN_KEY) or {}, "adapter": info})
 
 
 def _check_k(k: int) -> None:
@@ -841,10 +846,7 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
     if plain:
         raise ConfigError(f"{plain[0]} stores plain weights (a linear or full run), not an adapter: only adapter "
                           "files share a backbone in a bank")
-    sizes = {}
-    for f, info in zip(files, infos):
-        spec = info["run"].get("backbone_spec") or info["adapter"]["backbone"]
-        sizes[str(f)] = info["run"].get("img_size") or spec.get("img_size")
+    sizes = {str(f): run_img_size(info) for f, info in zip(files, infos)}
     if len(set(sizes.values())) > 1:
         raise ConfigError("the adapters were trained at different image sizes "
                           f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
@@ -869,7 +871,7 @@ def backbone_for(file: Path, backbone: str | None = None, info: dict[str, Any] |
         raise ConfigError(f"{file} was saved from a model create_backbone did not build: make the bank in Python "
                           "with heartlora.AdapterBank(your_backbone)")
     model = build_backbone(run, override=backbone, source=str(file))
-    size = run.get("img_size") or run["backbone_spec"].get("img_size") or getattr(model, "img_size", None)
+    size = run_img_size(info) or getattr(model, "img_size", None)
     if not size:
         raise ConfigError(f"{file} names no image size: make the bank in Python and resize images yourself")
     return model, int(size)

@@ -25,7 +25,7 @@ from torch import nn
 
 from heartlora.bank import AdapterBank, BankTask, backbone_for, trained_img_size
 from heartlora.errors import AdapterFileError, ConfigError, HeartLoRAError
-from heartlora.method.storage import read_adapter_info
+from heartlora.method.storage import read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")  # a task name that is a file name, never a path
 SUFFIX = ".safetensors"
@@ -36,8 +36,11 @@ def task_file(folder: Path, name: str) -> Path | None:
     if not NAME.fullmatch(name):
         return None
     for path in (folder / f"{name}{SUFFIX}", folder / name / "adapter.safetensors"):
-        if path.is_file():
-            return path
+        try:
+            if path.is_file():
+                return path
+        except OSError:  # a name too long for the file system, say: no such file
+            continue
     return None
 
 
@@ -98,6 +101,11 @@ class FolderBank(AdapterBank):
         """Whether ``name`` was added or has an adapter file in the folder (its file is not read)."""
         return (name in self.tasks and name not in self._lru) or self.file_of(name) is not None
 
+    def served_from_folder(self, name: str) -> bool:
+        """Whether task ``name`` is answered from its file in the folder (not added with ``add``): removing it from
+        memory would only evict it, so the file decides."""
+        return not (name in self.tasks and name not in self._lru) and self.file_of(name) is not None
+
     def unknown(self, name: str) -> str:
         """The one-line reason a task the folder does not hold is refused."""
         return (f"unknown task {name!r}: {self.folder} holds no {name}{SUFFIX} (nor {name}/adapter.safetensors); "
@@ -122,12 +130,15 @@ class FolderBank(AdapterBank):
                 if name in self.tasks and name not in self._lru:
                     continue  # added with add(): always in memory
                 path = self.file_of(name)
-                if path is None:
+                try:
+                    stamp = _stamp(path) if path is not None else None
+                except OSError:  # removed between the two looks
+                    stamp = None
+                if stamp is None:
                     if name in self._lru:  # its file was removed
                         self._evict([name])
                     failed[name] = self.unknown(name)
                     continue
-                stamp = _stamp(path)
                 if name in self._lru:
                     if self._lru[name] == stamp:
                         self._lru.move_to_end(name)
@@ -149,7 +160,8 @@ class FolderBank(AdapterBank):
             return failed
 
     def _load(self, name: str, path: Path) -> BankTask:
-        info = read_adapter_info(path)
+        contents = read_adapter(path)
+        info = contents[0]
         saved = tuple(info["modules_to_save"])
         mine = self._fingerprint(saved)
         if info["fingerprint"] != mine:
@@ -160,7 +172,7 @@ class FolderBank(AdapterBank):
         if self.img_size and size and int(size) != int(self.img_size):  # refused before its tensors are loaded
             raise ConfigError(f"{path} was trained at {size} px, and this bank runs {self.img_size} px: "
                               "serve it from a folder of its own image size")
-        task = self._add(path, name, None, check_fingerprint=True, info=info)
+        task = self._add(path, name, None, check_fingerprint=True, contents=contents)
         self.loads += 1
         return task
 

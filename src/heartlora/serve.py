@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,18 @@ from heartlora.errors import ConfigError, HeartLoRAError
 
 MAX_BODY_BYTES = 20 * 2**20
 MAX_TOP_K = 1000
+
+
+async def decode_image_async(data: bytes, img_size: int) -> torch.Tensor:
+    """:func:`decode_image` in the event loop's thread pool: decoding a large image takes seconds, and the loop must
+    go on answering other requests (and the batcher's timer) meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, img_size)
+
+
+def internal_error(exc: BaseException) -> str:
+    """The one line a client gets for a failure that is not its request's fault (the traceback goes to the log)."""
+    return (f"the server failed on this request ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "its log has the details")
 
 
 def decode_image(data: bytes, img_size: int) -> torch.Tensor:
@@ -79,7 +91,6 @@ class BatchStats:
     requests: int = 0
     calls: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list)
 
 
 class Batcher:
@@ -166,7 +177,6 @@ class Batcher:
         self.stats.requests += len(items)
         self.stats.calls += 1
         self.stats.largest = max(self.stats.largest, len(items))
-        self.stats.sizes.append(len(items))
         gone = {task: not self.bank.has_task(task) for (_, task, _, _), a in zip(items, answers) if isinstance(a, str)}
         return [a[:k] if not isinstance(a, str) else None if gone[task] else TaskRefused(a)
                 for a, (_, task, k, _) in zip(answers, items)]
@@ -199,7 +209,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         if not bank.has_task(task):
             return error(404, bank.unknown(task))
         raw_k = request.query_params.get("top_k", "5")
-        if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_TOP_K:
+        if not (raw_k.isascii() and raw_k.isdigit()) or not 1 <= int(raw_k) <= MAX_TOP_K:  # isdigit alone takes "²"
             return error(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
@@ -217,7 +227,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             return error(400, "the client hung up before the image was read")
         body = b"".join(chunks)
         try:
-            image = decode_image(body, img_size)
+            image = await decode_image_async(body, img_size)
         except HeartLoRAError as exc:
             return error(400, str(exc))
         try:
@@ -243,9 +253,13 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         response.headers.update(exc.headers or {})
         return response
 
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        """Anything else (a bank call that failed, say) as one-line JSON too; Starlette logs the traceback."""
+        return error(500, internal_error(exc))
+
     app = Starlette(routes=[Route("/health", health), Route("/tasks", tasks),
                             Route("/predict", predict, methods=["POST"])], lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+                    exception_handlers={HTTPException: http_error, Exception: crashed})
     app.state.batcher = batcher
     return app
 

@@ -24,11 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import heartlora
-from heartlora.bank import AdapterBank
+from heartlora.bank import AdapterBank, trained_task
 from heartlora.errors import ConfigError, HeartLoRAError
-from heartlora.serve import MAX_BODY_BYTES, MAX_TOP_K, Batcher, TaskRefused, decode_image, task_rows
+from heartlora.method.storage import read_adapter_info
+from heartlora.serve import (
+    MAX_BODY_BYTES,
+    MAX_TOP_K,
+    Batcher,
+    TaskRefused,
+    decode_image_async,
+    internal_error,
+    task_rows,
+)
 
 MAX_ADAPTER_BYTES = 512 * 2**20
+FORM_SLACK_BYTES = 64 * 2**10  # a multipart body's boundaries and part headers, beyond the file itself
 MIN_TOKEN_CHARS = 16
 TOKEN_ENV = "HEARTLORA_ADMIN_TOKEN"
 BINARY = {"type": "string", "format": "binary"}
@@ -127,6 +137,11 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "the request"
         return error(400, f"{where}: {first.get('msg', 'invalid')} (see /docs)")
 
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        """Anything else (a bank call that failed, say) as one-line JSON too; Starlette logs the traceback."""
+        return error(500, internal_error(exc))
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         response = error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; see /docs for the "
@@ -134,13 +149,29 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         response.headers.update(exc.headers or {})
         return response
 
+    async def read_body(request: Request, limit: int, what: str, slack: int = 0) -> bytes:
+        """The request's body, refused (413) as soon as it passes ``limit`` (+ ``slack``: a form's boundaries and
+        part headers) bytes: for a chunked body (no Content-Length) too, before a form's file part is stored."""
+        size = request.headers.get("content-length")
+        if size is not None and size.isascii() and size.isdigit() and int(size) > limit + slack:
+            raise Failure(413, f"the {what} is {int(size):,} bytes, more than {limit:,}: send a smaller file")
+        chunks, read = [], 0
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > limit + slack:
+                raise Failure(413, f"the {what} is more than {limit:,} bytes: send a smaller file")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def read_file(request: Request, field: str, limit: int, what: str) -> bytes:
         """The raw body, or the form's ``field`` (else its only file), at most ``limit`` bytes."""
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            raise Failure(413, f"the {what} is {int(size):,} bytes, more than {limit:,}: send a smaller file")
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+            body = await read_body(request, limit, what, FORM_SLACK_BYTES)
+
+            async def replay() -> dict[str, Any]:  # the form is parsed from the body read within the limit
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=4, max_part_size=limit)
             upload = form.get(field)
             files = [v for v in form.values() if hasattr(v, "read")]
             if not hasattr(upload, "read"):
@@ -149,13 +180,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
                 upload = files[0]
             data = await upload.read(limit + 1)
         else:
-            chunks, read = [], 0
-            async for chunk in request.stream():  # the limit holds while reading, for a chunked body too
-                read += len(chunk)
-                if read > limit:
-                    raise Failure(413, f"the {what} is more than {limit:,} bytes: send a smaller file")
-                chunks.append(chunk)
-            data = b"".join(chunks)
+            data = await read_body(request, limit, what)
         if len(data) > limit:
             raise Failure(413, f"the {what} is more than {limit:,} bytes: send a smaller file")
         return data
@@ -196,7 +221,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             raise Failure(404, bank.unknown(task))
         data = await read_file(request, "file", MAX_BODY_BYTES, "image")
         try:
-            image = decode_image(data, img_size)
+            image = await decode_image_async(data, img_size)
         except HeartLoRAError as exc:
             raise Failure(400, str(exc)) from None
         try:
@@ -213,14 +238,26 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
               summary="Add an adapter while the server runs (admin token)")
     async def add_adapter(request: Request, name: str | None = Query(None, description=(
             "the task's name (default: the task the file was trained on)"))) -> Task:
-        if name is not None and name in bank.tasks:
-            raise Failure(409, f"a task named {name!r} is served already: DELETE /adapters/{name} first, or choose "
-                               "another name")
+        def taken(name: str) -> None:
+            if bank.has_task(name):  # a folder bank's file not in memory yet included
+                first = ("remove its file from the served folder" if getattr(bank, "served_from_folder",
+                                                                              lambda n: False)(name)
+                         else f"DELETE /adapters/{name} first")
+                raise Failure(409, f"a task named {name!r} is served already: {first}, or choose another ?name=")
+
+        if name is not None:
+            taken(name)
         data = await read_file(request, "file", MAX_ADAPTER_BYTES, "adapter file")
         fd, tmp = tempfile.mkstemp(prefix="heartlora-upload-", suffix=".safetensors")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            if name is None:  # the task the file was trained on; never the upload's temporary file name
+                name = trained_task(await batcher.run_exclusive(read_adapter_info, Path(tmp)))
+                if not name:
+                    raise Failure(400, "the adapter file names no task (saved with save_adapter): give its name "
+                                       "with POST /adapters?name=NAME")
+                taken(name)
             added = await batcher.run_exclusive(bank.add, Path(tmp), name)
         except HeartLoRAError as exc:
             raise Failure(409 if "already holds a task" in str(exc) else 400, str(exc)) from None
@@ -231,9 +268,16 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     @app.delete("/adapters/{name}", response_model=Removed, responses=admin_errors, dependencies=[Depends(admin)],
                 summary="Remove a task while the server runs (admin token); its requests in flight get 404")
     async def remove_adapter(name: str) -> Removed:
+        if getattr(bank, "served_from_folder", lambda n: False)(name):
+            raise Failure(409, f"task {name!r} is served from its file in the adapter folder: remove the file there "
+                               "(this server then stops answering it)")
+        unknown = f"unknown task {name!r}: this server holds {', '.join(bank.available()[:20]) or 'no tasks'}"
         if name not in bank.tasks:
-            raise Failure(404, f"unknown task {name!r}: this server holds {', '.join(bank.tasks) or 'no tasks'}")
-        await batcher.run_exclusive(bank.remove, name)
+            raise Failure(404, unknown)
+        try:
+            await batcher.run_exclusive(bank.remove, name)
+        except ConfigError:  # a DELETE of the same task just before this one
+            raise Failure(404, unknown) from None
         return Removed(removed=name, tasks=len(bank.available()))
 
     return app

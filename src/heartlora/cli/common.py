@@ -32,8 +32,11 @@ BACKBONE_HELP = ("build this backbone instead of the one the file names (a file 
                  "name a hub model here to fetch it, or give a local copy); its weights must match the file's")
 
 
-CONFIG_HELP = ("read the flags from a YAML or TOML file whose keys are the flag names (e.g. `img-size: 112`); flags "
-               "given on the command line win. A run folder's config.yaml repeats that run")
+def config_help(example: str, run_folder: bool = False) -> str:
+    """``--config``'s help for a command: its keys are that command's own flag names (``example`` is one)."""
+    return (f"read this command's flags from a YAML or TOML file whose keys are its flag names (e.g. `{example}`); "
+            "flags given on the command line win" + (". A run folder's config.yaml repeats that run" if run_folder
+                                                     else ""))
 
 
 @dataclass
@@ -114,6 +117,25 @@ def refuse_to_replace(path: Path, overwrite: bool, names: tuple[str, ...] = ()) 
 def adapter_path(value: str) -> Path:
     """A run folder stands for the adapter.safetensors inside it (the library's rule: storage.adapter_file)."""
     return adapter_file(value)
+
+
+def add_adapter_argument(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The adapter a command reads, as its first argument or as ``--adapter`` (what eval, predict and serve take),
+    so that either spelling works on every command."""
+    what = "adapter.safetensors (or the run folder)"
+    p.add_argument("adapter", nargs="?", metavar="ADAPTER", help=f"{what}; or give it as --adapter")
+    p.add_argument("--adapter", dest="adapter_flag", metavar="ADAPTER", help=f"{what}, as the other commands take it")
+    p.set_defaults(adapter_required=required)
+
+
+def given_adapter(args: argparse.Namespace) -> str | None:
+    """The adapter ``add_adapter_argument`` read (None when neither spelling is given and it is optional)."""
+    both = [a for a in (args.adapter, args.adapter_flag) if a is not None]
+    if len(both) == 2 and both[0] != both[1]:
+        raise HeartLoRAError(f"two adapters given ({both[0]} and --adapter {both[1]}): give one")
+    if not both and args.adapter_required:
+        raise HeartLoRAError("give the adapter file or run folder: ADAPTER or --adapter ADAPTER")
+    return both[0] if both else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

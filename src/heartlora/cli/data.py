@@ -53,9 +53,10 @@ def register(cli: Commands) -> None:
     p.add_argument("--sizes", action="store_true", help="also count split sizes (builds generated tasks)")
     p.set_defaults(func=cmd_data_list)
     p = data_sub.add_parser("export", parents=[cli.common, cli.quiet], help="write a task as a VTAB-1K folder")
-    p.add_argument("task")
-    p.add_argument("dir")
+    p.add_argument("task", help="a registered task (heartlora data list), NAME@Kshot or a folder")
+    p.add_argument("dir", help="folder to write the VTAB-1K layout into")
     p.add_argument("--img-size", type=number("img_size"), help="resize (default: native size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR when it is not empty (the new folder is renamed into its place)")
     p.set_defaults(func=cmd_data_export)
 

@@ -12,7 +12,7 @@ import torch
 from heartlora.bank import bank_from_files
 from heartlora.cli.common import (
     BACKBONE_HELP,
-    CONFIG_HELP,
+    config_help,
     Commands,
     adapter_path,
     number,
@@ -20,7 +20,8 @@ from heartlora.cli.common import (
 from heartlora.data import get_task
 from heartlora.engine import accuracy, classify, collect_images, load_trained
 from heartlora.engine.distributed import DistInfo, resolve_device
-from heartlora.engine.inference import read_image
+from heartlora.engine.inference import read_image, run_img_size
+from heartlora.engine.settings import DEVICE_HELP
 from heartlora.errors import HeartLoRAError
 
 
@@ -31,12 +32,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (args.task or run.get("task")):
         raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
     task = get_task(args.task or run["task"])
-    img_size = args.img_size or run.get("img_size") or model.spec["img_size"]
+    img_size = args.img_size or run_img_size(info) or model.spec["img_size"]
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
                              f"{model.spec['num_classes']}: evaluate on the task it was trained for "
                              f"({run.get('task', 'not recorded')})")
-    images, labels = task.load(args.split, img_size=img_size, seed=args.seed)
+    seed = args.seed if args.seed is not None else int(run.get("init_seed", 0))
+    images, labels = task.load(args.split, img_size=img_size, seed=seed)
     acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
               "img_size": img_size, "accuracy": acc}
@@ -56,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_bank(args, files, device)
     model, info = load_trained(adapter_path(args.adapter[0]), device, backbone=args.backbone)
     run = info["run"]
-    img_size = run.get("img_size") or model.spec["img_size"]
+    img_size = run_img_size(info) or model.spec["img_size"]
     return _print_predictions(classify(model, files, img_size, run.get("class_names", []), args.top_k, device),
                               args.json)
 
@@ -91,7 +93,7 @@ def _predict_bank(args: argparse.Namespace, files: list[Path], device: Any) -> i
 def register(cli: Commands) -> None:
     """eval and predict."""
     p = cli.add("eval", cmd_eval, "accuracy of a trained adapter on a task split")
-    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--config", metavar="FILE", help=config_help("split: test"))
     p.add_argument("--adapter", required=True, help="adapter.safetensors (or the run folder)")
     p.add_argument("--task", help="default: the task the adapter was trained on")
     p.add_argument("--backbone", help=BACKBONE_HELP)
@@ -99,17 +101,21 @@ def register(cli: Commands) -> None:
                    help="split to score (default test: report it once; choose settings on val200)")
     p.add_argument("--img-size", type=number("img_size"), help="default: the training size")
     p.add_argument("--batch-size", type=number("batch_size"), default=128, help="default 128")
-    p.add_argument("--seed", type=number("seed"), default=0, help="few-shot sample (NAME@Kshot tasks; default 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=number("seed"),
+                   help="a NAME@Kshot task's sample (default: the run's --seed, so train800 is what it trained on)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (adapter, task, split, images, img_size, accuracy)")
 
     p = cli.add("predict", cmd_predict, "top-k labels for image files or folders")
     p.add_argument("--adapter", required=True, action="append",
                    help="adapter.safetensors (or the run folder); repeat it for several tasks on one backbone "
                         "(an AdapterBank): each image is then labelled by every task")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them (not searched "
+                   "below their first level)")
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--top-k", type=number("top_k"), default=5, help="labels per image and task (default 5)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true",
+                   help='print the labels as JSON: a list of {"image", "top"} (and "task" with several adapters)')
 

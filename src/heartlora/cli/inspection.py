@@ -9,14 +9,18 @@ from pathlib import Path
 from heartlora.cli.common import (
     Commands,
     adapter_path,
+    add_adapter_argument,
+    given_adapter,
     print_table,
 )
 from heartlora.engine import read_run_info
+from heartlora.engine.inference import run_img_size
 from heartlora.engine.compare import jaccard, kendall_tau, spearman
 from heartlora.errors import HeartLoRAError
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    args.file = given_adapter(args)
     if args.compare is not None:
         return _inspect_compare(args)
     if args.file is None:
@@ -27,7 +31,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = run.get("backbone_spec") or (adapter or {}).get("backbone", {})
     rows = [("file", f"{path} ({path.stat().st_size:,} bytes)"),
             ("backbone", (f"{spec.get('name')} ({spec.get('num_classes')} classes, "
-                          f"{run.get('img_size') or spec.get('img_size')} px, pretrained={run.get('pretrained')})")),
+                          f"{run_img_size(info)} px, pretrained={run.get('pretrained')})")),
             ("task / method", f"{run.get('task')} / {run.get('method')}")]
     masks: dict[str, list[bool]] = {}
     if adapter is not None:
@@ -111,12 +115,13 @@ def _inspect_compare(args: argparse.Namespace) -> int:
 def register(cli: Commands) -> None:
     """inspect."""
     p = cli.add("inspect", cmd_inspect, "metadata, bytes and attention-head masks of an adapter file")
-    p.add_argument("file", nargs="?", help="adapter.safetensors (or the run folder)")
+    add_adapter_argument(p, required=False)
     p.add_argument("--compare", nargs="+", metavar="FILE", default=None,
                    help="compare the head rankings of these adapter files or run folders (and FILE, if given): "
                         "Kendall τ, Spearman ρ and Jaccard of the switched-off heads for every pair")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="also write the heads heatmap (default: beside the file; with --compare, a grid beside the "
                         "first file, compare.responsiveness.png)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the file's run facts and adapter metadata as JSON (with --compare: the pairs)")
 

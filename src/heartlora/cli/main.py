@@ -31,6 +31,7 @@ from heartlora.cli.configfile import apply_config, find_config
 from heartlora.cli.data import cmd_data_export, cmd_data_list
 from heartlora.cli.inspection import cmd_inspect
 from heartlora.cli.train import DEMO, cmd_demo, cmd_train
+from heartlora.engine.settings import QUIET_HELP
 from heartlora.errors import HeartLoRAError
 
 __all__ = ["DEMO", "EXIT_ERROR", "build_parser", "main"]
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also show what transformers, huggingface_hub and heartlora log (load reports, "
                              "progress bars), silenced by default")
     quiet = Parser(add_help=False)
-    quiet.add_argument("--quiet", action="store_true", help="print only the results and errors")
+    quiet.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     parser = Parser(
         prog="heartlora", parents=[common],
         description="Heart-LoRA fine-tuning of vision transformers: LoRA with the least responsive attention heads "

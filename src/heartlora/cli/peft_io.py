@@ -8,42 +8,55 @@ from pathlib import Path
 
 from heartlora.cli.common import (
     Commands,
+    add_adapter_argument,
     adapter_path,
     field_choices,
+    given_adapter,
     heads_flag,
     number,
     print_table,
     refuse_to_replace,
 )
+from heartlora.errors import HeartLoRAError
 from heartlora.integrations import export_peft, prune_peft
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.heads_off import parse_heads_off
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    adapter = adapter_path(given_adapter(args))
     refuse_to_replace(Path(args.dir), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
-    report = export_peft(adapter_path(args.adapter), args.dir)
+    report = export_peft(adapter, args.dir)
     print(f"wrote {report.path}: PEFT LoRA folder for transformers {report.model_class} "
           f"({report.heads_on} of {report.heads_total} heads on, {report.lora_bytes:,} bytes of LoRA weights); load "
           f"it with PeftModel.from_pretrained({report.model_class}(...), {str(report.path)!r})")
     return 0
 
 
+def pruned_path(peft_dir: str) -> Path:
+    """prune's default --out: PEFT_DIR.pruned.safetensors beside the folder (``.`` is the folder it names)."""
+    folder = Path(peft_dir).resolve()
+    if not folder.name:
+        raise HeartLoRAError(f"{peft_dir} has no folder beside which to write the pruned adapter: pass --out FILE")
+    return folder.with_name(folder.name + ".pruned.safetensors")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     ne = parse_heads_off(args.ne, tolerance=args.ne_tolerance).ne  # checked before any file is looked at
-    out = args.out or str(Path(args.peft_dir).with_name(Path(args.peft_dir).name + ".pruned.safetensors"))
+    out = args.out or str(pruned_path(args.peft_dir))
     refuse_to_replace(Path(out), args.overwrite)  # before any scoring time is spent
     if args.peft_out:
         refuse_to_replace(Path(args.peft_out), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     r = prune_peft(args.peft_dir, args.task, ne, batches=args.batches, batch_size=args.batch_size, split=args.split,
                    out=out, peft_out=args.peft_out, backbone=args.backbone, img_size=args.img_size, scope=args.scope,
-                   score_mode=args.score_mode, score_seed=args.score_seed, tolerance=args.ne_tolerance)
+                   seed=args.seed, score_mode=args.score_mode, score_seed=args.score_seed,
+                   tolerance=args.ne_tolerance)
     r.pop("model")
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "scores"}, indent=2, default=str))
         return 0
     print_table(f"heartlora prune: {args.peft_dir}", [
-        ("task", f"{r['task']}: " + (f"heads ranked at random (--score-mode random, --score-seed {args.score_seed})"
+        ("task", f"{r['task']}: " + (f"heads ranked at random (--score-mode random, seed {r['score_seed']})"
                                       if r["score_mode"] == "random" else
                                       f"heads scored on {r['scoring_images']} training images")),
         ("heads switched off", f"{len(r['heads_off'])} of {r['heads_total']}"
@@ -66,8 +79,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def register(cli: Commands) -> None:
     """export and prune."""
     p = cli.add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder)")
-    p.add_argument("adapter", help="adapter.safetensors (or the run folder)")
-    p.add_argument("dir", help="folder to write")
+    add_adapter_argument(p)
+    p.add_argument("dir", metavar="DIR", help="folder to write")
     p.add_argument("--format", default="peft", choices=["peft"],
                    help="peft (the default and only one): adapter_config.json + adapter_model.safetensors for "
                         "PeftModel.from_pretrained")
@@ -89,8 +102,11 @@ def register(cli: Commands) -> None:
                    help="how heads are ranked: the Taylor score (abs_sum, default; sum_abs), or random: a control "
                         "that switches off a random set of heads, drawn from --score-seed (with --ne N: the same "
                         "count as a Taylor prune, to compare the two)")
-    p.add_argument("--score-seed", type=number("seed", "--score-seed"), default=0,
-                   help="the random control's draw (default 0)")
+    p.add_argument("--seed", type=number("seed"), default=0,
+                   help="samples the scoring and held-out images, and a NAME@Kshot task's split: give the adapter's "
+                        "training seed (default 0)")
+    p.add_argument("--score-seed", type=number("seed", "--score-seed"),
+                   help="the random control's draw (default: --seed)")
     p.add_argument("--ne-tolerance", type=number("ne_tolerance"), default=None,
                    help=f"--ne auto: the largest share of heads whose switch-off raises the mean loss on held-out "
                         f"training images by at most this fraction of it (default {DEFAULT_TOLERANCE:g}). An adapter "
@@ -101,5 +117,5 @@ def register(cli: Commands) -> None:
     p.add_argument("--backbone", help="backbone to build (default: the folder's base_model_name_or_path)")
     p.add_argument("--img-size", type=number("img_size"), help="image size (default: the backbone's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file or --peft-out folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -9,11 +9,12 @@ from heartlora.bank import bank_from_files
 from heartlora.bank_folder import bank_from_folder
 from heartlora.cli.common import (
     BACKBONE_HELP,
-    CONFIG_HELP,
+    config_help,
     Commands,
     number,
 )
 from heartlora.engine.distributed import resolve_device
+from heartlora.engine.settings import DEVICE_HELP
 from heartlora.errors import ConfigError
 from heartlora.serve import require_serving, serve
 from heartlora.serve_api import check_token, create_api, require_api
@@ -56,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def register(cli: Commands) -> None:
     """serve."""
     p = cli.add("serve", cmd_serve, "an HTTP server for one or more adapters on one backbone (needs heartlora[serve])")
-    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--config", metavar="FILE", help=config_help("port: 8000"))
     p.add_argument("--adapter", action="append", help="adapter.safetensors (or the run folder); "
                    "repeat it for every task to serve")
     p.add_argument("--adapter-dir", metavar="DIR", help="serve every adapter file in DIR (task NAME: NAME.safetensors "
@@ -69,7 +70,7 @@ def register(cli: Commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=number("port"), default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-batch", type=number("max_batch"), default=32,
                    help="most requests answered by one bank call (default 32)")
     p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from heartlora.cli.common import (
-    CONFIG_HELP,
+    config_help,
     Commands,
     add_config_flags,
     file_lines,
@@ -20,6 +20,7 @@ from heartlora.cli.common import (
     summary_rows,
 )
 from heartlora.engine import TrainConfig, default_out, resolve, train
+from heartlora.engine.settings import DEVICE_HELP, QUIET_HELP
 
 DEMO = {"task": "mnist", "backbone": "dinov2_small", "method": "heart-lora", "profile": "cpu", "protocol": "final",
         "img_size": 84, "epochs": 8, "batch_size": 32, "ne": 18, "out": "runs/demo", "threads": 1}
@@ -60,9 +61,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for key in ("task", "epochs", "img_size", "out", "threads"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    print(f"heartlora demo: {settings['method']} on {settings['backbone']} (offline DINOv2 ViT-S/14), task "
-          f"{settings['task']} at {settings['img_size']} px, {settings['epochs']} epochs, protocol final "
-          f"(train800val200 → test) → {settings['out']}", file=sys.stderr)
+    if not args.quiet:
+        print(f"heartlora demo: {settings['method']} on {settings['backbone']} (offline DINOv2 ViT-S/14), task "
+              f"{settings['task']} at {settings['img_size']} px, {settings['epochs']} epochs, protocol final "
+              f"(train800val200 → test) → {settings['out']}", file=sys.stderr)
     cfg = TrainConfig(**settings, resume=not args.overwrite, overwrite=args.overwrite, device=args.device,
                       progress=not args.quiet)
     t0 = time.perf_counter()
@@ -81,7 +83,7 @@ def register(cli: Commands) -> None:
     p = cli.add("train", cmd_train, "fine-tune a backbone on a task (warmup → score → switch off → train)",
             own_quiet=True)
     add_config_flags(p)
-    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--config", metavar="FILE", help=config_help("img-size: 112", run_folder=True))
 
     p = cli.add("demo", cmd_demo, "the main job on the embedded default: offline DINOv2-S, Heart-LoRA, MNIST (~10 min "
             "on 2 CPU cores)", own_quiet=True)
@@ -89,9 +91,9 @@ def register(cli: Commands) -> None:
     p.add_argument("--epochs", type=number("epochs"), help=f"default {DEMO['epochs']}")
     p.add_argument("--img-size", type=number("img_size"), help=f"default {DEMO['img_size']}")
     p.add_argument("--out", help=f"run folder (default {DEMO['out']})")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=number("threads"),
                    help="CPU threads (default 1: robust on a shared 2-core machine)")
     p.add_argument("--overwrite", action="store_true", help="run again even if --out holds a finished demo")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 

@@ -28,18 +28,22 @@ FORMAT = "heartlora-checkpoint-2"
 FORMAT_1 = "heartlora-checkpoint-1"
 
 
-def rng_state() -> dict[str, Any]:
-    """The random generators the training loop draws from (drop-path, adapter dropout)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The random generators a process's training loop draws from (drop-path, adapter dropout): the CPU one and, on
+    a CUDA ``device``, that GPU's."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` captured (CUDA states only where the GPUs are there to take them)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` captured; ``"cuda"``: every GPU's state, as checkpoints before per-rank states
+    stored it (restored only where as many GPUs are there to take them)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -94,6 +94,14 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
     return {"kind": "adapter", "run": _checked_run(run, path), "adapter": info}
 
 
+def run_img_size(info: dict[str, Any]) -> int | None:
+    """The image size a run's model file (its :func:`read_run_info`) was trained at, where
+    it says: the run's own setting, else its backbone spec's."""
+    run = info["run"]
+    spec = run.get("backbone_spec") or (info.get("adapter") or {}).get("backbone") or {}
+    return run.get("img_size") or spec.get("img_size")
+
+
 def _checked_weights(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, once its checksum matches them and its run facts (every reader checks it:
     inspect as eval and predict)."""

@@ -64,9 +64,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Write ``metrics`` as indented JSON, atomically, with a sha256 of its content (``sha256``, checked by
-    ``read_metrics``); it must carry every key of REQUIRED_KEYS."""
+    ``read_metrics``); it must carry every key of REQUIRED_KEYS. Returns what was written (as read back)."""
     missing = [k for k in REQUIRED_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}")
@@ -75,7 +75,7 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> Path:
     data["sha256"] = metrics_digest(data)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    return data
 
 
 def metrics_digest(data: dict[str, Any]) -> str:

@@ -40,6 +40,9 @@ MIN_FEWSHOT_STEPS = 100
 WARMUP_SHARE = 0.1  # warmup epochs = 10 % of the epochs, as 10 of 100 in the paper
 PROTOCOLS = {"val": ("train800", "val200"), "final": ("train800val200", "test")}
 PRECISIONS = ("auto", "bf16", "fp16", "tf32", "fp32")
+# the help of two flags every command shares, so that train and the others say the same
+QUIET_HELP = "print only the results, notes and errors (no progress bars or banners)"
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)"
 
 
 def _opt(default: Any = None, help: str = "", group: str = "run", default_text: str | None = None,
@@ -138,11 +141,11 @@ class TrainConfig:
     out: str | None = _opt(help="output folder", runtime=True, default_text="runs/<task>_<method>_<protocol>_s<seed>")
     resume: bool = _opt(False, help="continue the run in --out from its last checkpoint", runtime=True)
     overwrite: bool = _opt(False, help="replace the run files in --out", runtime=True)
-    device: str = _opt("auto", help="cpu, cuda or auto", runtime=True)
+    device: str = _opt("auto", help=DEVICE_HELP, runtime=True)
     threads: int | None = _opt(help="CPU threads of this process (1 is often faster on a busy machine)", runtime=True,
                                default_text="PyTorch's, split across torchrun ranks")
     compile: bool = _opt(False, help="run the model under torch.compile", runtime=True)
-    progress: bool = _opt(True, help="no progress bar", runtime=True, flag="--quiet")
+    progress: bool = _opt(True, help=QUIET_HELP, runtime=True, flag="--quiet")
     log_to: str | None = _opt(help="where to log every epoch, comma-separated from csv (metrics.csv), tensorboard "
                                    "(DIR/tensorboard, with the heads' scores), wandb, mlflow; the last three need "
                                    "their package", runtime=True, default_text="csv")

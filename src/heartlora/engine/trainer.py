@@ -18,6 +18,7 @@ import math
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,15 @@ from heartlora.engine.settings import (
     setting_error,
     write_config_file,
 )
-from heartlora.engine.distributed import DistInfo, all_reduce_sum, broadcast_object, setup, shard, teardown
+from heartlora.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    gather_object,
+    setup,
+    shard,
+    teardown,
+)
 from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
@@ -204,6 +213,11 @@ def _masks(model: nn.Module) -> dict[str, list[bool]]:
     return head_masks(model) if is_adapted(model) else {}
 
 
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of rank ``rank``'s random stream (rank 0 keeps the run's: one process draws as it always did)."""
+    return (seed + 1_000_003 * rank + 7_919 * epoch) % 2**63
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What changes during training: the trainable Parameters and every buffer (head masks may live there)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
@@ -236,7 +250,10 @@ class Trainer:
         model = create_backbone(cfg.backbone, num_classes=self.task.num_classes, img_size=cfg.img_size,
                                 pretrained=cfg.pretrained, pool=cfg.pool, drop_path=cfg.drop_path)
         self.fingerprint = backbone_fingerprint(model, skip=("head",))  # part of the run's identity (checkpoint.pt)
-        return self.method.prepare(model, self.cfg)
+        prepared = self.method.prepare(model, self.cfg)
+        if self.info.rank:  # the same initial weights on every rank; then each its own dropout and drop-path masks
+            torch.manual_seed(rank_seed(cfg.seed, self.info.rank))
+        return prepared
 
     def check_identity(self, state: TrainState) -> None:
         """Resume only a checkpoint made on these backbone weights (its settings were checked by resolve)."""
@@ -344,7 +361,13 @@ class Trainer:
             self.tracker.load_state_dict(state.tracker)
         if self.precision.scaler is not None and state.scaler:
             self.precision.scaler.load_state_dict(state.scaler)
-        ckpt.set_rng_state(state.rng)
+        ranks = (state.rng or {}).get("ranks")
+        if ranks is not None and len(ranks) == self.info.world_size:  # each rank its own generators
+            ckpt.set_rng_state(ranks[self.info.rank], self.info.device)
+        elif self.info.rank == 0:
+            ckpt.set_rng_state(state.rng, self.info.device)
+        else:  # made with another number of processes: this rank's masks cannot continue; a fresh draw, seeded
+            torch.manual_seed(rank_seed(cfg.seed, self.info.rank, state.epoch))
         self.say(f"resumed {cfg.out} after epoch {state.epoch}/{cfg.epochs}")
 
     def _wrap(self) -> None:
@@ -373,13 +396,8 @@ class Trainer:
                          f"{cfg.warmup_epochs}), batch {cfg.batch_size}, device {info.device}, precision "
                          f"{self.precision.name}, {info.world_size} process(es)", echo=False)
                 self.say("settings " + json.dumps(cfg.settings()), echo=False)
-                if info.is_main:
-                    with folder.writing(CONFIG_NAME):
-                        write_config_file(folder.path / CONFIG_NAME, flag_settings(cfg))
-            if info.is_main:
-                with folder.writing("the --log-to logs"):
-                    self.loggers = RunLoggers(self.log_to, folder.path, cfg.settings(), self.state.epoch,
-                                              resumed=state is not None)
+                self.on_rank0(self._write_config)
+            self.on_rank0(self._open_loggers, state is not None)
 
             self.bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.state.epoch * self.steps_per_epoch,
                             unit="step", disable=not (cfg.progress and info.is_main), dynamic_ncols=True,
@@ -533,22 +551,61 @@ class Trainer:
                  f"{record['train_acc']:.4f}" + (f" {record['eval_split']} acc {acc:.4f}" if acc is not None else "")
                  + f" ({record['images_per_s']:.1f} img/s)", echo=False)
         self.save_checkpoint()
+        self.on_rank0(self._log_epoch, record)
+
+    def _write_config(self) -> None:
+        with self.folder.writing(CONFIG_NAME):
+            write_config_file(self.folder.path / CONFIG_NAME, flag_settings(self.cfg))
+
+    def _open_loggers(self, resumed: bool) -> None:
+        with self.folder.writing("the --log-to logs"):
+            self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
+                                      resumed=resumed)
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
         if self.loggers is not None:
             masks = _masks(self.model)
             with self.folder.writing("the --log-to logs"):
                 self.loggers.epoch(record, sum(map(sum, masks.values())) if masks else None,
                                    sum(map(len, masks.values())) if masks else None)
 
+    def on_rank0(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on rank 0 (its result; None on the others), called by every rank: under DDP, when it fails
+        the other ranks are told and raise too, instead of waiting in the next collective for a rank that left
+        (torchrun would end them, a process group the caller started would not)."""
+        result, failure = None, None
+        if self.info.is_main:
+            try:
+                result = fn(*args)
+            except Exception as exc:  # noqa: BLE001 (re-raised below, on this rank and, as one line, on the others)
+                failure = exc
+        if self.info.enabled:
+            said = broadcast_object(f"{type(failure).__name__}: {' '.join(str(failure).split())}" if failure
+                                    else None, self.info)
+            if said is not None and failure is None:
+                raise HeartLoRAError(f"rank 0 failed ({said[:300]}): rank {self.info.rank} stops too")
+        if failure is not None:
+            raise failure
+        return result
+
     def save_checkpoint(self, finished: bool = False) -> None:
-        if not self.info.is_main:
-            return
+        """Rank 0 writes checkpoint.pt; every rank calls this (each rank's random state is gathered), except for
+        the finished checkpoint, written by rank 0 alone in ``finish`` (a finished run does not train again)."""
+        rng = ckpt.rng_state(self.info.device)
+        if finished:
+            self._write_checkpoint(rng, None, finished=True)
+        else:
+            self.on_rank0(self._write_checkpoint, rng, gather_object(rng, self.info) if self.info.enabled else None)
+
+    def _write_checkpoint(self, rng: dict[str, Any], ranks: list[dict[str, Any]] | None,
+                          finished: bool = False) -> None:
         s = self.state
         s.finished = finished
         s.model, s.optimizer, s.schedule = (_trainable_state(self.model), self.optimizer.state_dict(),
                                             self.schedule.state_dict())
         s.tracker = self.tracker.state_dict() if self.tracker is not None else None
         s.scaler = self.precision.scaler.state_dict() if self.precision.scaler is not None else None
-        s.rng, s.head_masks = ckpt.rng_state(), _masks(self.model)
+        s.rng, s.head_masks = ({**rng, "ranks": ranks} if ranks else rng), _masks(self.model)
         s.wall_s = self.wall()
         with self.folder.writing("checkpoint.pt"):
             ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", s.to_checkpoint(), s.identity())
@@ -609,30 +666,38 @@ class Trainer:
             test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
             final_acc = self.evaluate(test_x, test_y)
         metrics = self.metrics(final_acc, status="finished")
-        if self.info.is_main:
-            out, facts = self.folder.path, self.run_facts()
-            with self.folder.writing("adapter.safetensors"):
-                metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts)
-            metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
-            from heartlora.engine.plots import responsiveness_heatmap, training_curves
+        written = self.on_rank0(self._write_results, metrics, final_acc)
+        return broadcast_object(written if self.info.is_main else metrics, self.info)
 
-            title = f"{cfg.task} · {cfg.method} · {cfg.backbone}"
-            with self.folder.writing("the plots"):
-                if metrics["head_masks"]:
-                    responsiveness_heatmap(out / "responsiveness.png", facts["responsiveness"] or None,
-                                           metrics["head_masks"], title=title)
-                    metrics["files"]["responsiveness_plot"] = "responsiveness.png"
-                training_curves(out / "curves.png", self.state.history,
-                                cfg.warmup_epochs if self.method.adapters else 0, title=title)
-            self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
-            self.save_checkpoint(finished=True)
-            with self.folder.writing("metrics.json"):
-                write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"})
-                self.folder.readable()
-            self.say(f"done: {metrics['accuracy_split']} accuracy {final_acc:.4f}, adapter "
-                     f"{metrics['adapter_bytes']} bytes, {len(self.state.heads_off)}/{sum(self.per_layer)} heads "
-                     f"off, {metrics['wall_s']:.0f} s", echo=False)
-        return broadcast_object(metrics, self.info)
+    def _write_results(self, metrics: dict[str, Any], final_acc: float) -> dict[str, Any]:
+        """Rank 0: the model file, the plots, the finished checkpoint and, last, metrics.json; returns what
+        train() returns (the file's content and status)."""
+        cfg = self.cfg
+        out, facts = self.folder.path, self.run_facts()
+        with self.folder.writing("adapter.safetensors"):
+            metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts)
+        metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
+        from heartlora.engine.plots import responsiveness_heatmap, training_curves
+
+        title = f"{cfg.task} · {cfg.method} · {cfg.backbone}"
+        with self.folder.writing("the plots"):
+            if metrics["head_masks"]:
+                responsiveness_heatmap(out / "responsiveness.png", facts["responsiveness"] or None,
+                                       metrics["head_masks"], title=title)
+                metrics["files"]["responsiveness_plot"] = "responsiveness.png"
+            training_curves(out / "curves.png", self.state.history,
+                            cfg.warmup_epochs if self.method.adapters else 0, title=title)
+        self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
+        self.save_checkpoint(finished=True)
+        with self.folder.writing("metrics.json"):
+            # what train() returns is the file's content and status, as for a run already finished
+            metrics = {**write_metrics(out / "metrics.json", {k: v for k, v in metrics.items() if k != "status"}),
+                       "status": metrics["status"]}
+            self.folder.readable()
+        self.say(f"done: {metrics['accuracy_split']} accuracy {final_acc:.4f}, adapter "
+                 f"{metrics['adapter_bytes']} bytes, {len(self.state.heads_off)}/{sum(self.per_layer)} heads "
+                 f"off, {metrics['wall_s']:.0f} s", echo=False)
+        return metrics
 
 
 __all__ = ["RUN_FILES", "Trainer", "lr_factor", "make_schedule", "train"]

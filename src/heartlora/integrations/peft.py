@@ -66,7 +66,7 @@ def _need_peft() -> Any:
     try:
         import peft
     except ImportError as e:
-        raise ConfigError("PEFT folders need the peft package: pip install 'heartlora[bench]' (or pip install "
+        raise ConfigError("PEFT folders need the peft package: pip install 'heartlora[peft]' (or pip install "
                           "peft)") from e
     return peft
 
@@ -559,13 +559,14 @@ def prune_peft(peft_dir: str | os.PathLike, task: str, ne: int | str = "auto", *
     result.update(task=t.name, split=split, images=len(eval_y), accuracy_before=before, accuracy_after=after,
                   unchecked=UNCHECKED,
                   heads_total=sum(layer.num_heads for layer in attention_layers(model)), peft_lora_bytes=peft_bytes,
-                  scoring_images=0 if score_mode == "random" else int(n_score), score_mode=score_mode,
+                  scoring_images=0 if score_mode == "random" else int(n_score), score_mode=score_mode, seed=seed,
+                  score_seed=seed if score_seed is None else score_seed,
                   heads_on_before=heads_on_before,
                   heads_on=sum(sum(m) for m in head_masks(model).values()))
     if out is not None:
         run = {"task": t.name, "method": "peft-lora, heads pruned by heartlora", "img_size": size,
                "class_names": list(getattr(t, "class_names", []) or []), "backbone_spec": root.spec,
-               "pretrained": True}
+               "pretrained": True, "init_seed": seed}  # eval's default sample of a few-shot task
         if len(run["class_names"]) != root.spec["num_classes"]:
             run["class_names"] = []
         report = save_adapter(model, out, extra_metadata={RUN_KEY: run})

@@ -341,7 +341,17 @@ def adapter_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], HeartLoRAConfig]:
+AdapterContents = tuple[dict[str, Any], dict[str, torch.Tensor], HeartLoRAConfig]
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterContents:
+    """An adapter file read once and checked completely (integrity, fields, shapes): its metadata (as
+    :func:`read_adapter_info` gives it), its tensors and its settings. ``load_adapter(..., contents=…)`` attaches
+    what this read, so a caller that needs the metadata first (an AdapterBank) reads the file only once."""
+    return _read(path)
+
+
+def _read(path: str | os.PathLike) -> AdapterContents:
     path = adapter_file(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist: check the path (train writes adapter.safetensors)")
@@ -415,7 +425,8 @@ def _transformers_backbone(folder: Path) -> nn.Module:
 
 
 def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLike | None = None,
-                 check_fingerprint: bool = True, *, verify: bool = True, fingerprint: str | None = None) -> nn.Module:
+                 check_fingerprint: bool = True, *, verify: bool = True, fingerprint: str | None = None,
+                 contents: AdapterContents | None = None) -> nn.Module:
     """Attach the file's adapter to ``backbone`` (a fresh one, built as the file's ``backbone`` spec says), switch
     off its heads, load its weights and classifier. Refuses a file for another backbone or configuration; the file
     is checked completely before anything is attached. ``path`` may be a run folder (its adapter.safetensors).
@@ -425,13 +436,13 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
 
     For many files on one backbone (an AdapterBank): ``fingerprint`` is the backbone's fingerprint (its classifier
     skipped) computed once, and ``verify=False`` skips attach's live-adapter probe once it has passed for the same
-    configuration on this backbone."""
+    configuration on this backbone; ``contents``: what :func:`read_adapter` read from ``path`` (not read again)."""
     if path is None:
         if isinstance(backbone, nn.Module):
             raise ConfigError("load_adapter(model) needs the adapter's path: load_adapter(model, path)")
         path, backbone = backbone, _transformers_backbone(Path(backbone))
     path = adapter_file(path)
-    meta, tensors, cfg = _read(path)
+    meta, tensors, cfg = contents if contents is not None else _read(path)
     cfg.modules_to_save = tuple(meta["modules_to_save"])
     if is_adapted(backbone):
         raise ConfigError("this backbone already has heartlora adapters: load the file into a fresh backbone")
