@@ -679,6 +679,10 @@ class AdapterBank:
         """Whether a call may name ``name``."""
         return name in self.tasks
 
+    def served_from_folder(self, name: str) -> bool:
+        """Whether task ``name`` is answered from a file in a served folder (never, here: see FolderBank)."""
+        return False
+
     def available(self) -> list[str]:
         """Every task a call may name (a folder bank: those in memory and those in its folder)."""
         return list(self.tasks)

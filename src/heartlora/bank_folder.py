@@ -94,17 +94,21 @@ class FolderBank(AdapterBank):
     def available(self) -> list[str]:
         """Every task the bank can answer, in memory or not: those added with ``add`` and the folder's files."""
         # with add(); the folder's own are listed from it (a copy: the bank's thread may load or evict meanwhile)
-        added = {t for t in list(self.tasks) if t not in self._lru}
+        added = {t for t in list(self.tasks) if self._added(t)}
         return sorted(added | set(folder_tasks(self.folder)))
 
     def has_task(self, name: str) -> bool:
         """Whether ``name`` was added or has an adapter file in the folder (its file is not read)."""
-        return (name in self.tasks and name not in self._lru) or self.file_of(name) is not None
+        return self._added(name) or self.file_of(name) is not None
 
     def served_from_folder(self, name: str) -> bool:
         """Whether task ``name`` is answered from its file in the folder (not added with ``add``): removing it from
         memory would only evict it, so the file decides."""
-        return not (name in self.tasks and name not in self._lru) and self.file_of(name) is not None
+        return not self._added(name) and self.file_of(name) is not None
+
+    def _added(self, name: str) -> bool:
+        """Whether ``name`` was added with ``add`` (in memory for good, outside the folder and its budget)."""
+        return name in self.tasks and name not in self._lru
 
     def unknown(self, name: str) -> str:
         """The one-line reason a task the folder does not hold is refused."""
@@ -127,7 +131,7 @@ class FolderBank(AdapterBank):
             wanted = list(dict.fromkeys(tasks))
             failed: dict[str, str] = {}
             for name in wanted:
-                if name in self.tasks and name not in self._lru:
+                if self._added(name):
                     continue  # added with add(): always in memory
                 path = self.file_of(name)
                 try:

@@ -240,8 +240,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             "the task's name (default: the task the file was trained on)"))) -> Task:
         def taken(name: str) -> None:
             if bank.has_task(name):  # a folder bank's file not in memory yet included
-                first = ("remove its file from the served folder" if getattr(bank, "served_from_folder",
-                                                                              lambda n: False)(name)
+                first = ("remove its file from the served folder" if bank.served_from_folder(name)
                          else f"DELETE /adapters/{name} first")
                 raise Failure(409, f"a task named {name!r} is served already: {first}, or choose another ?name=")
 
@@ -268,7 +267,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     @app.delete("/adapters/{name}", response_model=Removed, responses=admin_errors, dependencies=[Depends(admin)],
                 summary="Remove a task while the server runs (admin token); its requests in flight get 404")
     async def remove_adapter(name: str) -> Removed:
-        if getattr(bank, "served_from_folder", lambda n: False)(name):
+        if bank.served_from_folder(name):
             raise Failure(409, f"task {name!r} is served from its file in the adapter folder: remove the file there "
                                "(this server then stops answering it)")
         unknown = f"unknown task {name!r}: this server holds {', '.join(bank.available()[:20]) or 'no tasks'}"

@@ -14,8 +14,8 @@ from heartlora.cli.common import (
     print_table,
 )
 from heartlora.engine import read_run_info
-from heartlora.engine.inference import run_img_size
 from heartlora.engine.compare import jaccard, kendall_tau, spearman
+from heartlora.engine.inference import run_img_size
 from heartlora.errors import HeartLoRAError
 
 

@@ -95,8 +95,8 @@ def read_run_info(path: str | Path) -> dict[str, Any]:
 
 
 def run_img_size(info: dict[str, Any]) -> int | None:
-    """The image size a run's model file (its :func:`read_run_info`) was trained at, where
-    it says: the run's own setting, else its backbone spec's."""
+    """The image size a run's model file (its :func:`read_run_info`) was trained at, where it says: the run's own
+    setting, else its backbone spec's."""
     run = info["run"]
     spec = run.get("backbone_spec") or (info.get("adapter") or {}).get("backbone") or {}
     return run.get("img_size") or spec.get("img_size")
