@@ -24,7 +24,8 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
 
 Each run is its own process (``heartlora train`` or benchmarks/baselines/hf_peft.py), ``--jobs`` side by side, each
 finished run's record added to ``benchmarks/records/frontier.json`` at once (locked, atomic); a recorded run is never
-redone; an interrupted engine run resumes from its checkpoint.
+redone; an interrupted run resumes from its checkpoint (an engine run with ``--resume``, the baseline script by
+itself).
 
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next

@@ -15,8 +15,9 @@ A run whose record is there is never redone; an interrupted run resumes from its
 Each run is its own process (``heartlora train``, or benchmarks/baselines/hf_peft.py for ``linear-probe`` and
 ``hf-peft``), single-threaded on the cpu profile, ``--jobs`` of them side by side; each finished run's record is
 added to the results file at once (under a lock, atomically), so a killed suite loses at most its running runs, and
-those resume from their checkpoints (the baseline script restarts: it has none). ``--tasks`` / ``--methods`` run a
-subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--results``), never to docs/.
+those resume from their checkpoints (the baseline script's too: it resumes its own folder's). ``--tasks`` /
+``--methods`` run a subset, whose records and report go to runs/suite/<profile>-subset/ (or ``--results``), never
+to docs/.
 
     .venv/bin/python benchmarks/suite.py --profile cpu --jobs 2     # = run; resumable; report at the end
     .venv/bin/python benchmarks/suite.py --profile cpu --status     # done / left / rough time left
@@ -90,8 +91,8 @@ def make_record(run: str, profile: Profile, method: str, extra: dict[str, Any], 
 def run_command(profile: Profile, protocol: str, task: str, method: str, settings: dict[str, Any], seed: int,
                 out: Path, device: str, threads: int | None) -> list[str]:
     """The command line of one run. An engine run killed midway continues from its checkpoint (``--resume``); one
-    killed before its first checkpoint starts afresh (``--overwrite``). The baseline script has no checkpoint: it
-    starts again."""
+    killed before its first checkpoint starts afresh (``--overwrite``). The baseline script needs no flag: it resumes
+    a checkpoint of the same command in its folder by itself."""
     spec = dict(METHODS[method])
     common = ["--task", task, "--protocol", protocol, "--seed", str(seed), "--out", str(out)]
     if "baseline" in spec:

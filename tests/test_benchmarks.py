@@ -251,7 +251,7 @@ def test_runner_skips_finished_runs_and_resumes_a_killed_one(runner):
     assert len(launched(log)) == len(ids) - 1
 
 
-def test_run_command_resumes_engine_runs_and_restarts_baselines(tmp_path):
+def test_run_command_resumes_engine_runs_and_leaves_baselines_to_resume_themselves(tmp_path):
     import importlib
 
     script = importlib.import_module("suite")

@@ -400,6 +400,91 @@ def test_baseline_refuses_unknown_methods_and_stray_settings(capsys):
         hf_peft.main(["--task", "digits", "--method", "vera", "--lr", "nan", "--out", "/tmp/x"])
 
 
+class Interrupted(Exception):
+    pass
+
+
+def tiny_loop(tmp_path, epochs=3, stop_at_step=None, checkpoint=True, settings="s", seed=5):
+    """The baseline's loop on a Linear (AdamW + one-cycle, 3 epochs of 4 steps), interrupted at ``stop_at_step``
+    when given; returns the Linear and the epoch it started at."""
+    import argparse as _argparse
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    net = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Dropout(0.3))  # dropout: the random state matters
+    net[0].bias.requires_grad_(False)  # a frozen tensor is not part of the checkpoint
+    calls = [0]
+
+    def step(idx):
+        calls[0] += 1
+        if calls[0] == stop_at_step:
+            raise Interrupted
+        return torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+
+    torch.manual_seed(seed)  # the random state a fresh process starts with
+    args = _argparse.Namespace(epochs=epochs, batch_size=4, lr=0.1, seed=1)
+    _, start = hf_peft.train_loop(step, [p for p in net.parameters() if p.requires_grad], 16, args, module=net,
+                                  checkpoint=tmp_path / "checkpoint.pt" if checkpoint else None, settings=settings)
+    return net, start
+
+
+def test_an_interrupted_baseline_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The baseline keeps a checkpoint after each epoch but the last; a run stopped in epoch 3 and started again
+    (another process: another random state) resumes after epoch 2 and ends with the weights of a run never stopped.
+    Without the resume (the checkpoint removed) the second run starts at 0."""
+    whole, start = tiny_loop(tmp_path / "a", checkpoint=False)
+    assert start == 0
+    (tmp_path / "b").mkdir()
+    with pytest.raises(Interrupted):
+        tiny_loop(tmp_path / "b", stop_at_step=10)  # epoch 3's second step
+    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    resumed, start = tiny_loop(tmp_path / "b", seed=6)
+    assert start == 2
+    assert torch.equal(resumed[0].weight, whole[0].weight)
+    assert not torch.equal(whole[0].weight, tiny_loop(tmp_path / "a", checkpoint=False, epochs=2)[0][0].weight)
+
+
+def test_a_baseline_checkpoint_of_another_command_or_altered_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        tiny_loop(tmp_path, stop_at_step=6)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(SystemExit, match="another command") as err:
+        tiny_loop(tmp_path, settings="other")
+    assert "\n" not in str(err.value)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="do not match the sha256"):
+        tiny_loop(tmp_path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SystemExit, match="do not match the sha256"):
+        tiny_loop(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_baseline_script_resumes_a_folder_and_clears_its_checkpoint(tmp_path, monkeypatch):
+    """Wiring: ``main`` on a folder holding an interrupted run's checkpoint resumes it (the metrics say after which
+    epoch) to the accuracy of the run never stopped, and removes the checkpoint once metrics.json is written."""
+    argv = ["--task", "digits", "--protocol", "val", "--img-size", "28", "--epochs", "3", "--method",
+            "linear-probe", "--threads", "1", "--seed", "1"]
+    whole = hf_peft.main([*argv, "--out", str(tmp_path / "whole")])
+    assert "resumed_after_epoch" not in whole
+    real = hf_peft.write_checkpoint
+
+    def write_then_stop(path, state):
+        real(path, state)
+        if state["epoch"] == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(hf_peft, "write_checkpoint", write_then_stop)
+    with pytest.raises(Interrupted):
+        hf_peft.main([*argv, "--out", str(tmp_path / "cut")])
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = hf_peft.main([*argv, "--out", str(tmp_path / "cut")])
+    assert resumed["resumed_after_epoch"] == 2 and resumed["accuracy"] == whole["accuracy"]
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+
+
 @pytest.mark.slow
 def test_a_peft_method_with_two_rates_trains_and_reports_its_bytes(tmp_path):
     """VB-LoRA (its bank at lr/10, its logits at lr) on digits at 28 px, one epoch: the run finishes, learns more

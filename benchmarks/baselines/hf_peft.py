@@ -25,11 +25,18 @@ the config.
     python benchmarks/baselines/hf_peft.py --task vtab:/data/cifar --method linear-probe --out runs/base/cifar-lp
     python benchmarks/baselines/hf_peft.py --task digits --method vera --lr 3e-3 --out runs/base/digits-vera
     python benchmarks/baselines/hf_peft.py --task digits --method peft:LoraConfig --peft-kwargs '{"r": 2}' --out X
+
+A run keeps ``checkpoint.pt`` in its folder after every epoch but the last (the trainable tensors, the optimizer,
+the schedule and torch's random state, behind a sha256 of its bytes): the same command on the same folder resumes
+from it and ends with the weights of an uninterrupted run; another command there, or an altered file, is refused.
+The checkpoint is removed once ``metrics.json`` is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import platform
@@ -203,26 +210,83 @@ def features(model: nn.Module, images: torch.Tensor, device: torch.device, batch
     return torch.cat(out)
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``state`` saved atomically as one file: the sha256 of the torch payload (hex, one line), then the payload."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path, settings: str) -> dict[str, Any]:
+    """A checkpoint written by ``write_checkpoint`` for a run of these ``settings`` (JSON); one line and exit for an
+    altered file or another run's. Loaded with ``weights_only``: tensors and plain containers, no code."""
+    data = path.read_bytes()
+    digest, _, payload = data.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise SystemExit(f"{path}: its bytes do not match the sha256 it was written with (altered or truncated); "
+                         "remove it to train this run from the start")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise SystemExit(f"{path}: a checkpoint of another command ({state.get('settings')}); run that command, or "
+                         "give this one another --out")
+    return state
+
+
 def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], n: int,
-               args: argparse.Namespace) -> float:
+               args: argparse.Namespace, module: nn.Module | None = None, checkpoint: Path | None = None,
+               settings: str = "") -> tuple[float, int]:
     """AdamW + OneCycleLR over ``args.epochs`` epochs of shuffled batches; ``step_fn(idx)`` returns the loss.
-    ``params`` may be parameter groups, each with its own ``lr`` (its one-cycle peak)."""
+    ``params`` may be parameter groups, each with its own ``lr`` (its one-cycle peak). With ``checkpoint`` (a path)
+    and ``module`` (what owns the trained parameters), the state after each epoch but the last is kept there, and a
+    checkpoint found at the start (of the same ``settings``) is resumed from. Returns (seconds spent training in this
+    process, the epoch it started at)."""
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(params, lr=args.lr)
     peaks = [g["lr"] for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else args.lr,
                                                 total_steps=args.epochs * steps_per_epoch)
+    trained = {} if module is None else {k: p for k, p in module.named_parameters() if p.requires_grad}
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = read_checkpoint(checkpoint, settings)
+        saved = state["trainable"]
+        if set(saved) != set(trained) or any(saved[k].shape != trained[k].shape for k in saved):
+            raise SystemExit(f"{checkpoint}: its tensors are not this model's trainable ones; remove it to train "
+                             "this run from the start")
+        with torch.no_grad():
+            for k, p in trained.items():
+                p.copy_(saved[k])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = int(state["epoch"])
+        print(f"resumed from {checkpoint} after epoch {start} of {args.epochs}", flush=True)
     t0 = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(start, args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
         for s in range(steps_per_epoch):
             step_fn(perm[s * args.batch_size:(s + 1) * args.batch_size]).backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        if checkpoint is not None and epoch + 1 < args.epochs:
+            write_checkpoint(checkpoint, {"settings": settings, "epoch": epoch + 1,
+                                          "trainable": {k: p.detach().cpu() for k, p in trained.items()},
+                                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                          "rng": torch.get_rng_state(),
+                                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                                          else []})
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the clock reads the work done, not the work queued
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, start
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +306,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the same floor heartlora's engine applies to K-shot tasks, so both train for as many steps
         args.epochs = -(-MIN_FEWSHOT_STEPS // steps_per_epoch)
     model = build_model(task.num_classes).to(device)
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "device", "threads", "save_peft")
+                and not (k in ("peft_kwargs", "rank", "alpha") and v is None)}
+    resume = {"checkpoint": args.out / CHECKPOINT, "settings": json.dumps(settings, sort_keys=True)}
     sizes: dict[str, int] = {}
     peft_info: dict[str, Any] = {}
     if args.method == "linear-probe":
@@ -251,8 +319,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = list(clf.parameters())
         sizes = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "adapter_tensors": 0,
                  "classifier_bytes": sum(p.numel() * 4 for p in params)}
-        train_s = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)), train_y[idx].to(device)),
-                             params, len(train_x), args)
+        train_s, start = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)),
+                                                                train_y[idx].to(device)),
+                                    params, len(train_x), args, module=clf, **resume)
         with torch.no_grad():
             pred = torch.cat([clf(f_eval[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(f_eval), 512)])
     else:
@@ -282,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logits = model(pixel_values=x).logits
             return F.cross_entropy(logits.float(), train_y[idx].to(device))
 
-        train_s = train_loop(step, params, len(train_x), args)
+        train_s, start = train_loop(step, params, len(train_x), args, module=model, **resume)
         if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
             model.peft_config["default"].base_model_name_or_path = "dinov2_small"
             model.save_pretrained(str(args.save_peft))
@@ -297,9 +366,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pred = torch.cat([model(pixel_values=normalise(eval_x[i:i + 128].to(device))).logits.argmax(1).cpu()
                               for i in range(0, len(eval_x), 128)])
     acc = float((pred == eval_y).float().mean())
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("out", "device", "threads", "save_peft")
-                and not (k in ("peft_kwargs", "rank", "alpha") and v is None)}
     return {
         "task": args.task, "method": args.method, "backbone": "dinov2_small", "protocol": args.protocol,
         "seed": args.seed, "settings": settings, "accuracy": acc, "accuracy_split": eval_split,
@@ -307,7 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **sizes, **peft_info,
         "trainable_params": sum(p.numel() for g in params for p in (g["params"] if isinstance(g, dict) else [g])),
         "heads_total": 0, "heads_off": [], "wall_s": time.perf_counter() - t_start,
-        "train_images_per_s": args.epochs * len(train_x) / max(train_s, 1e-9),
+        "train_images_per_s": (args.epochs - start) * len(train_x) / max(train_s, 1e-9),
+        **({"resumed_after_epoch": start} if start else {}),
         "engine": "outside heartlora: transformers + PEFT + torch (benchmarks/baselines/hf_peft.py)",
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": str(device)},
@@ -334,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="fp32 (exact, as on a CPU), tf32 (TF32 matmuls on CUDA) or bf16 (autocast; TF32 too)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--out", type=Path, required=True, help="run folder; a folder with metrics.json is not run again")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="run folder; a folder with metrics.json is not run again, one with a checkpoint.pt of this "
+                         "command resumes")
     ap.add_argument("--save-peft", type=Path, default=None, help="hf-peft: also save the trained adapter (PEFT folder)")
     args = ap.parse_args(argv)
     if args.method not in METHODS and not args.method.startswith("peft:"):
@@ -348,11 +417,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return json.loads(done.read_text())
     if args.threads:
         torch.set_num_threads(args.threads)
-    metrics = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    metrics = run(args)
     tmp = done.with_name(f".metrics.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(metrics, indent=1))
     os.replace(tmp, done)
+    (args.out / CHECKPOINT).unlink(missing_ok=True)  # metrics.json now says the run is done
     print(f"{args.method} on {args.task}: {metrics['accuracy_split']} accuracy {100 * metrics['accuracy']:.2f} % "
           f"({metrics['wall_s']:.0f} s)")
     return metrics
