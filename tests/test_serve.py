@@ -268,6 +268,17 @@ def test_the_body_limit_holds_while_a_chunked_body_is_read(bank):
     assert sent[0]["status"] == 413 and asked == MAX_BODY_BYTES // len(chunk) + 1  # stopped just past the limit
 
 
+def test_a_content_length_that_is_no_ascii_number_is_left_to_the_streamed_limit(bank):
+    """A Content-Length of "²" (str.isdigit() takes it, int() does not) was a 500; the body's own size decides."""
+    from heartlora.serve import MAX_BODY_BYTES
+
+    chunk = b"x" * 2**20
+    endless = ({"type": "http.request", "body": chunk, "more_body": True} for _ in range(10**6))
+    header = (b"content-length", "²".encode("latin-1"))  # HTTP headers are latin-1
+    sent, asked = _asgi_post(create_app(bank, img_size=32), endless, headers=(header,))
+    assert sent[0]["status"] == 413 and asked == MAX_BODY_BYTES // len(chunk) + 1
+
+
 def test_no_startup_line_when_the_port_is_taken(bank, server):
     """The line comes only once the port is bound (the bound case with the port the OS chose:
     test_the_cli_says_where_it_serves_once_it_listens)."""

@@ -212,7 +212,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         if not (raw_k.isascii() and raw_k.isdigit()) or not 1 <= int(raw_k) <= MAX_TOP_K:  # isdigit alone takes "²"
             return error(400, f"top_k must be a whole number from 1 to {MAX_TOP_K}, got {raw_k!r}")
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        if size is not None and size.isascii() and size.isdigit() and int(size) > MAX_BODY_BYTES:
             return error(413, f"the image is {int(size):,} bytes, more than {MAX_BODY_BYTES:,}: send a smaller file")
         chunks, read = [], 0
         try:  # the limit holds while reading, for a chunked body (no Content-Length) too
