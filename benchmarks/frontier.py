@@ -30,6 +30,13 @@ itself).
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
     .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
+    python benchmarks/frontier.py run --device cuda --jobs 14 --records F   # a lent GPU: the same protocol, fp32
+    .venv/bin/python benchmarks/frontier.py merge runs/gpu/frontier.json    # here: the GPU's new runs into the records
+
+The protocol is a CPU's, but it is not tied to one: ``run --device cuda`` trains the same runs on a lent GPU in exact
+fp32 (no TF32, no bf16), many side by side, which finishes in minutes what takes two CPU cores weeks. Its backbone
+weights went through fp16 for the transfer (benchmarks/gpu_carry.py: within 2^-11 relative of the CPU's), so its
+runs are not bit-identical to a CPU's; the report counts the final runs each kind of machine made.
     python benchmarks/frontier.py paper --jobs 8 --device cuda --precision bf16   # a GPU: the paper protocol
 
 ``paper`` runs every point whose rate the cpu protocol has chosen at the paper's protocol (224 px, 100 epochs,
@@ -351,6 +358,12 @@ def make_record(item: tuple[str, str, str, float, int], metrics: dict[str, Any],
     return rec
 
 
+def run_precision(device: str) -> str | None:
+    """The cpu protocol's arithmetic wherever it runs: a CPU's default (exact fp32), and on a GPU fp32 named
+    explicitly (the engine would pick bf16 or TF32 there)."""
+    return None if device == "cpu" else "fp32"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     finished = 0
 
@@ -367,7 +380,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             add_record(make_record(item, json.loads((out / "metrics.json").read_text())), RECORDS)
             return None
         print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
-        return launch(command(*item, out, args.threads), out.parent / f"{out.name}.log", ROOT, args.threads)
+        return launch(command(*item, out, args.threads, device=args.device, precision=run_precision(args.device)),
+                      out.parent / f"{out.name}.log", ROOT, args.threads)
 
     def finish(run: str, item: tuple, returncode: int, seconds: float) -> bool:
         nonlocal finished
@@ -375,7 +389,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if metrics is None:
             return False
         rec = make_record(item, metrics)
-        rec["machine"] = {**machine(), "threads": args.threads}
+        rec["machine"] = {**machine(), "threads": args.threads, "device": args.device}
+        if args.device != "cpu":
+            rec["command"] += f" --device {args.device}"
         add_record(rec, RECORDS)
         finished += 1
         print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
@@ -468,6 +484,21 @@ def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | N
     return None if lr is None else val_mean(point, lr, val)
 
 
+def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> list[str]:
+    """Which machines made the final runs in the table, when more than one kind did (a GPU's runs are the same
+    protocol in fp32, on fp16-rounded backbone weights)."""
+    kinds: dict[str, int] = {}
+    for runs in fin.values():
+        for rec in runs.values():
+            m = rec.get("machine") or {}
+            on_gpu = m.get("gpu") and m.get("device", "cpu") != "cpu"
+            kind = f"{m['gpu']} (fp32, backbone weights rounded through fp16)" if on_gpu else m.get("cpu") or "a CPU"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if len(kinds) < 2:
+        return []
+    return ["", "Final runs by machine: " + "; ".join(f"{n} on {k}" for k, n in sorted(kinds.items())) + "."]
+
+
 def report() -> None:
     data = load_results(RECORDS)
     val = val_index(data)
@@ -510,6 +541,7 @@ def report() -> None:
                      f"{mean_bytes(runs, 'classifier_bytes'):,.0f} | {m(s42, len(CPU_TASKS))} | "
                      f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
+    lines += hardware_lines(fin)
     lines += goal_lines(fin, val, cpu_cells, held_cells)
     lines += paper_lines(load_results(PAPER_RECORDS))
     left = plan(data)
@@ -844,6 +876,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """A GPU session's records (its copy of frontier.json or frontier-paper.json) into the committed ones: each run
+    the committed file lacks is added (by id, locked, atomic); a run both hold keeps the committed record."""
+    new = load_results(args.file)["records"]
+    stray = [r["id"] for r in new if not r["id"].startswith((TAG + "/", PAPER_TAG + "/"))]
+    if stray:
+        raise SystemExit(f"{args.file}: {len(stray)} records are not frontier runs (e.g. {stray[0]}): merge only "
+                         "frontier.json or frontier-paper.json")
+    added = 0
+    for dest, tag in ((RECORDS, TAG), (PAPER_RECORDS, PAPER_TAG)):
+        have = {r["id"] for r in load_results(dest)["records"]}
+        for rec in new:
+            if rec["id"].startswith(tag + "/") and rec["id"] not in have:
+                add_record(rec, dest)
+                added += 1
+    print(f"{added} of {len(new)} records of {args.file} added ({len(new) - added} were there already)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     global RECORDS, RUNS, DOC, PLOT, PAPER_RECORDS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -853,9 +904,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--max-runs", type=int, help="start at most this many runs")
     r.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    r.add_argument("--device", default="cpu",
+                   help="where each run trains: cpu, or cuda on a lent GPU (the same protocol in exact fp32, no TF32 "
+                        "or bf16; many runs side by side)")
     st = sub.add_parser("status", help="runs recorded, what runs next and an estimate of what is left")
     st.add_argument("--jobs", type=int, default=2, help="runs side by side, for the estimate")
     sub.add_parser("report", help="write docs/research/FRONTIER.md and the plot")
+    mg = sub.add_parser("merge", help="add a GPU session's frontier records (the runs not here yet)")
+    mg.add_argument("file", type=Path, help="its frontier.json or frontier-paper.json")
     pp = sub.add_parser("paper", help="the paper's protocol on a GPU: every point with a chosen rate, seed 42")
     pp.add_argument("--jobs", type=int, default=8, help="runs side by side")
     pp.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
@@ -880,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "paper":
         PAPER_RECORDS = args.paper_records or PAPER_RECORDS
         return cmd_paper(args)
+    if args.cmd == "merge":
+        return cmd_merge(args)
     report()
     return 0
 

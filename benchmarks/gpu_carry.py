@@ -6,7 +6,7 @@ tasks' native arrays (xz), each with the sha256 of the original file. ``unpack D
 checked against their sha256, into ``$HEARTLORA_CACHE``. A task not packed is generated there from its seed, and its
 sha256 is compared with the one packed here (``--generate``), so both machines train on the same images.
 
-    python benchmarks/gpu_carry.py pack .gpu --generate smallnorb_ele
+    python benchmarks/gpu_carry.py pack .gpu --generate smallnorb_ele,smallnorb_azi,clevr_dist
     python benchmarks/gpu_carry.py unpack .gpu        # on the GPU machine, HEARTLORA_CACHE set
     python benchmarks/gpu_carry.py merge runs/gpu/suite-results.json   # here: its new records into the suite's
                                                                        # benchmarks/records/results.json
@@ -29,7 +29,11 @@ from heartlora._paths import cache_dir
 from heartlora.backbones.dinov2_offline import CACHE_FILE, cached_weights, file_sha256
 from heartlora.data.cache import cache_file
 
-TASKS = ("fashion_mnist", "mnist", "digits", "dsprites_loc", "smallnorb_ele", "clevr_count")
+from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
+
+# the cpu suite's tasks, then the heldout profile's (issue 38's frontier runs them too); a K-shot task reads its
+# source's arrays
+TASKS = tuple(t for t in CPU_TASKS + HELDOUT_TASKS if "@" not in t)
 
 
 def native_file(task: str) -> Path:

@@ -8,9 +8,12 @@
 #   bash benchmarks/gpu_session.sh more    # the suite again (resumes; finished runs are never redone); then the
 #                                          # compiled speed rows if time is left
 #   bash benchmarks/gpu_session.sh paper   # the paper profile (224 px, 100 epochs) of the same tasks, bf16
-#   bash benchmarks/gpu_session.sh frontier  # issue 38 at the paper's protocol: every frontier point whose rate the
-#                                            # cpu protocol chose, seed 42, task by task (benchmarks/frontier.py
-#                                            # paper), into runs/gpu/frontier-paper.json
+#   bash benchmarks/gpu_session.sh frontier  # issue 38 at its own (cpu) protocol, exact fp32: every run the committed
+#                                            # benchmarks/records/frontier.json lacks (rate searches, then finals),
+#                                            # into runs/gpu/frontier.json (benchmarks/frontier.py run --device cuda)
+#   bash benchmarks/gpu_session.sh frontier-paper  # issue 38 at the paper's protocol: every frontier point whose
+#                                            # rate the cpu protocol chose, seed 42, task by task (benchmarks/
+#                                            # frontier.py paper), into runs/gpu/frontier-paper.json
 #   bash benchmarks/gpu_session.sh extra   # issue 12's pruning curve (benchmarks/prune.py, one process per task) and
 #                                          # issue 11's accuracy check of a 2-step scoring probe (heart-lora with
 #                                          # --score-steps 2 --ne 24, every task and seed, into its own results file)
@@ -54,7 +57,7 @@ pack_results() {
   log "packing results"
   find $RUNS -name metrics.json -o -name '*.log' -o -name 'suite-results.json' -o -name 'chosen*.json' -o -name 'round3.*' \
     -o -name 'RESULTS*.md' -o -name '*.jsonl' -o -name 'prune.md' -o -name 'prune.png' -o -name '*results.json' \
-    -o -name 'frontier-paper.json' \
+    -o -name 'frontier-paper.json' -o -name 'frontier.json' \
     -o -path '*-peft/adapter_*' \
     | tar czf "$OUT/results.tgz" -T - 2>/dev/null
   ls -la "$OUT"
@@ -284,7 +287,18 @@ case "${1:-first}" in
       --results $SUITE_RESULTS --runs $RUNS/suite --deadline-s $(limit 150) --report-every 0 >>$RUNS/suite.log 2>&1
     $PY benchmarks/suite.py status --profile paper --results $SUITE_RESULTS | tee -a "$OUT/session.log"
     ;;
-  frontier)  # issue 38 at the paper's protocol; records start from the committed ones (finished runs never redone)
+  frontier)  # issue 38's own protocol in fp32; records start from the committed ones (finished runs never redone)
+    unpack
+    FRONT=$RUNS/frontier.json
+    [ -f $FRONT ] || cp benchmarks/records/frontier.json $FRONT
+    log "frontier at its cpu protocol on this GPU (fp32), $JOBS side by side"
+    FARGS="--device $DEV"
+    [ "$SMOKE" = 1 ] && FARGS="--device cpu --max-runs 0"  # wiring only: a CPU run of the protocol takes 20 minutes
+    timeout -s INT $(limit 20) $PY benchmarks/frontier.py run --jobs $JOBS --threads 1 $FARGS --records $FRONT \
+      --runs $RUNS/frontier --doc $RUNS/FRONTIER.md --deadline-s $(limit 60) >>$RUNS/frontier.log 2>&1
+    tail -n 3 $RUNS/frontier.log | tee -a "$OUT/session.log"
+    ;;
+  frontier-paper)  # issue 38 at the paper's protocol; records start from the committed ones
     unpack
     PAPER_OUT=$RUNS/frontier-paper.json
     [ -f $PAPER_OUT ] || cp benchmarks/records/frontier-paper.json $PAPER_OUT 2>/dev/null || true

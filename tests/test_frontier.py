@@ -356,7 +356,7 @@ def test_runner_records_reused_runs_and_never_reruns_them(tmp_path, monkeypatch)
     monkeypatch.setattr(frontier, "launch", lambda *a, **k: started.append(a) or pytest.fail("ran"))
     monkeypatch.setattr(frontier, "plan", lambda d: [it for it in _plan(d) if it[2] == "lora" and it[0] == "final"
                                                       and it[1] in frontier.CPU_TASKS])
-    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None)
+    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None, device="cpu")
     assert frontier.cmd_run(args) == 0
     recs = {r["id"]: r for r in json.loads((tmp_path / "frontier.json").read_text())["records"]}
     reused = [r for r in recs.values() if r.get("reused_from")]
@@ -364,6 +364,71 @@ def test_runner_records_reused_runs_and_never_reruns_them(tmp_path, monkeypatch)
     one = reused[0]
     assert one["adapter_bytes_fp16"] == 589824 // 2 and one["classifier_bytes"] == (768 * 10 + 10) * 4
 
+
+
+def test_a_gpu_runs_the_same_protocol_in_fp32_and_its_new_records_merge_into_the_committed_ones(tmp_path,
+                                                                                                 monkeypatch):
+    """``run --device cuda``: both kinds of run get ``--device cuda --precision fp32`` (the engine would choose
+    bf16 or TF32 there) and their records say so; ``merge`` adds the runs the committed file lacks, keeps the
+    committed record of a run both hold, and refuses a file of other runs."""
+    import subprocess
+
+    gpu_file = tmp_path / "gpu" / "frontier.json"
+    monkeypatch.setattr(frontier, "RECORDS", gpu_file)
+    monkeypatch.setattr(frontier, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(frontier, "report", lambda: None)
+    items = [("final", "digits", "heart-lora", 1e-3, 42), ("final", "digits", "vera", 0.04, 42)]
+    monkeypatch.setattr(frontier, "plan", lambda d: [it for it in items if frontier.run_id(*it) not in
+                                                     {r["id"] for r in d["records"]}])
+    commands = []
+
+    def fake_launch(cmd, log_path, cwd, threads):
+        commands.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({
+            "task": "digits", "accuracy": 0.9, "accuracy_split": "test", "num_classes": 10, "adapter_bytes": 4096,
+            "settings": {"bits": 32}}))
+        return subprocess.Popen([sys.executable, "-c", ""]), open(log_path, "a")
+
+    monkeypatch.setattr(frontier, "launch", fake_launch)
+    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None, device="cuda")
+    assert frontier.cmd_run(args) == 0
+    assert len(commands) == 2
+    for cmd in commands:
+        assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--precision") + 1] == "fp32"
+    assert "--precision" not in frontier.command(*items[0], tmp_path / "x", 1, device="cpu",
+                                                 precision=frontier.run_precision("cpu"))
+    gpu = json.loads(gpu_file.read_text())["records"]
+    assert {r["machine"]["device"] for r in gpu} == {"cuda"} and all(r["command"].endswith("--device cuda")
+                                                                     for r in gpu)
+
+    committed = tmp_path / "frontier.json"
+    mine = {**gpu[0], "accuracy": 0.5}
+    committed.write_text(json.dumps({"format": "heartlora-suite-results", "records": [mine]}))
+    monkeypatch.setattr(frontier, "RECORDS", committed)
+    monkeypatch.setattr(frontier, "PAPER_RECORDS", tmp_path / "frontier-paper.json")
+    assert frontier.main(["merge", str(gpu_file)]) == 0
+    merged = {r["id"]: r for r in json.loads(committed.read_text())["records"]}
+    assert set(merged) == {r["id"] for r in gpu} and merged[mine["id"]]["accuracy"] == 0.5
+    assert not (tmp_path / "frontier-paper.json").exists()
+    assert frontier.main(["merge", str(gpu_file)]) == 0  # nothing new: nothing changes
+    assert json.loads(committed.read_text())["records"] == list(merged.values())
+    stray = tmp_path / "suite.json"
+    suite_run = {"id": "cpu/112px-10ep-b32/final/digits/lora_s42"}
+    stray.write_text(json.dumps({"format": "heartlora-suite-results", "records": [suite_run]}))
+    with pytest.raises(SystemExit, match="not frontier runs"):
+        frontier.main(["merge", str(stray)])
+
+
+def test_the_report_counts_the_final_runs_each_kind_of_machine_made():
+    cpu = {"machine": {"cpu": "AMD EPYC", "gpu": None}}
+    gpu = {"machine": {"cpu": "Xeon", "gpu": "NVIDIA H100", "device": "cuda"}}
+    cpu_on_gpu_host = {"machine": {"cpu": "Xeon", "gpu": "NVIDIA H100", "device": "cpu"}}
+    assert frontier.hardware_lines({"a": {("t", 42): cpu, ("u", 42): dict(cpu)}}) == []  # one kind: nothing to say
+    line = frontier.hardware_lines({"a": {("t", 42): cpu, ("u", 42): gpu}, "b": {("t", 42): cpu_on_gpu_host}})[-1]
+    assert line == ("Final runs by machine: 1 on AMD EPYC; 1 on NVIDIA H100 (fp32, backbone weights rounded through "
+                    "fp16); 1 on Xeon.")
 
 
 def test_stored_bytes_counts_the_adapter_at_its_dtype_and_fp16_and_the_classifier_apart():
