@@ -300,6 +300,9 @@ def test_a_folder_servers_admin_endpoints_and_odd_names(tmp_path):
     with _running(create_api(bank, 32, admin_token=TOKEN)) as port:
         status, out = _call(port, "POST", "/predict?task=" + "a" * 300, _png(1))
         assert status == 404 and "unknown task" in out["error"]
+        status, out = _call(port, "POST", "/predict?task=nope", _png(1))
+        assert status == 404 and "folder 'adapters' holds no nope" in out["error"]
+        assert str(tmp_path) not in out["error"]  # the server's own path stays on the server
         status, out = _call(port, "DELETE", f"/adapters/{first}", None, auth)
         assert status == 409 and "remove the file there" in out["error"]
         assert _call(port, "POST", f"/predict?task={first}", _png(1))[0] == 200  # loaded now: still the file's

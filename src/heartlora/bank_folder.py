@@ -111,9 +111,10 @@ class FolderBank(AdapterBank):
         return name in self.tasks and name not in self._lru
 
     def unknown(self, name: str) -> str:
-        """The one-line reason a task the folder does not hold is refused."""
-        return (f"unknown task {name!r}: {self.folder} holds no {name}{SUFFIX} (nor {name}/adapter.safetensors); "
-                "add the adapter file there")
+        """The one-line reason a task the folder does not hold is refused. A server sends it to its clients, so it
+        names the folder by its own name, not by the server's path to it."""
+        return (f"unknown task {name!r}: the adapter folder {self.folder.name!r} holds no {name}{SUFFIX} (nor "
+                f"{name}/adapter.safetensors); add the adapter file there")
 
     def resident(self) -> list[str]:
         """The folder's tasks in memory, least recently used first."""
