@@ -67,6 +67,7 @@ from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "frontier.json"
+COMMITTED = RECORDS  # the records the README's table is written from (--records points RECORDS elsewhere)
 SUITE_RESULTS = ROOT / "benchmarks" / "records" / "results.json"
 RUNS = ROOT / "runs"  # a run folder is runs/<its id>, and every id starts with frontier/
 BASELINE = ROOT / "benchmarks" / "baselines" / "hf_peft.py"
@@ -364,6 +365,15 @@ def run_precision(device: str) -> str | None:
     return None if device == "cpu" else "fp32"
 
 
+def stamped(rec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A run's record with the machine and device that made it (on this machine: a run is resumed or recorded
+    where it started), and the device in its command when it is not a CPU."""
+    rec["machine"] = {**machine(), "threads": args.threads, "device": args.device}
+    if args.device != "cpu":
+        rec["command"] += f" --device {args.device}"
+    return rec
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     finished = 0
 
@@ -377,7 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return None
         out = RUNS / run
         if (out / "metrics.json").is_file():  # finished, but its record was never written: record it
-            add_record(make_record(item, json.loads((out / "metrics.json").read_text())), RECORDS)
+            add_record(stamped(make_record(item, json.loads((out / "metrics.json").read_text())), args), RECORDS)
             return None
         print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
         return launch(command(*item, out, args.threads, device=args.device, precision=run_precision(args.device)),
@@ -388,10 +398,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics = ended_run(RUNS, run, returncode)
         if metrics is None:
             return False
-        rec = make_record(item, metrics)
-        rec["machine"] = {**machine(), "threads": args.threads, "device": args.device}
-        if args.device != "cpu":
-            rec["command"] += f" --device {args.device}"
+        rec = stamped(make_record(item, metrics), args)
         add_record(rec, RECORDS)
         finished += 1
         print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
@@ -425,13 +432,14 @@ def finals(data: dict[str, Any]) -> dict[str, dict[tuple[str, int], dict[str, An
 
 def paired(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
            cells: set[tuple[str, int]] | None = None) -> tuple[float, float, int] | None:
-    """Mean of b − a over the (task, seed) cells both have (within ``cells``), in points, with its standard error."""
+    """Mean of b − a over the (task, seed) cells both have (within ``cells``), in points, with its standard error;
+    both rounded to 1e-6 (accuracies are float32: a difference of exactly one point must compare equal to 1)."""
     keys = sorted(set(a) & set(b) & (cells if cells is not None else set(a)))
     if not keys:
         return None
     d = [100 * (float(b[k]["accuracy"]) - float(a[k]["accuracy"])) for k in keys]
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return statistics.fmean(d), se, len(d)
+    return round(statistics.fmean(d), 6), round(se, 6), len(d)
 
 
 def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16") -> float | None:
@@ -555,7 +563,9 @@ def report() -> None:
     plot(fin)
     print(f"wrote {DOC}")
     table = readme_lines(fin, val, cpu_cells)
-    if table is None:
+    if RECORDS.resolve() != COMMITTED.resolve():  # --records (a GPU session's copy, a test's): never the README
+        print(f"README's table left as it is: {RECORDS} is not {COMMITTED}")
+    elif table is None:
         print("README's table left as it is: the comparison is not complete yet")
     elif write_readme(table):
         print(f"wrote the table between {README_MARKS[0]} and {README_MARKS[1]} in {README}")
@@ -593,7 +603,8 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
              "errors); the heldout tasks (seed 42) confirm it. A budget is the PEFT method's mean bytes over the "
              "cpu tasks at seed 42, and heartlora's point is chosen against its own seed-42 mean; the heartlora "
              "bytes shown are its mean over the cells compared (heads-off counts chosen by `--ne auto` vary by task "
-             "and seed), and a row says so when they exceed the budget. A point marked (all heads on) switches no "
+             "and seed); where they exceed the budget the row says so and the goal is not met there, whatever the "
+             "accuracy. A point marked (all heads on) switches no "
              "head off.", "",
              "| goal | PEFT method | its bytes | heartlora point | its bytes | cpu: diff ± se (n) | "
              "heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|"]
@@ -620,8 +631,9 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
                 met += "; not on heldout"
         else:
             met = f"no, by {GOALS[goal] - cpu[0]:.1f}"
-        if spent is not None and spent > budget:
-            met += f"; its bytes over these cells exceed the budget by {spent - budget:,.0f}"
+        if spent is not None and spent > budget:  # not a comparison at the budget's bytes: never a "yes"
+            over = f"its bytes over these cells exceed the budget by {spent - budget:,.0f}"
+            met = f"no: {over} ({met})" if met.startswith("yes") else f"{met}; {over}"
         lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {label(heart)} | "
                      f"{spent:,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
     compared = {p for _, p, _, _ in rows}
@@ -649,7 +661,11 @@ def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[st
     (chosen on val200), and one line a user can act on: the point to use under ``SMALL_BUDGET``, chosen on val200
     like every other choice, with the highest test accuracy measured at any size as an observation. Bytes and
     accuracy are means over the same cells (every cpu task and seed). None until every PEFT point, every compared
-    heartlora point and the point the advice picks have all their cpu cells."""
+    heartlora point and the point the advice picks have all their cpu cells, and heartlora's choices are made (every
+    heartlora point run: one still to run could be the val200 choice). A PEFT method no heartlora point fits under
+    is a row that says so."""
+    if not heart_settled(fin, val):
+        return None
     rows = [(p, h) for g, p, h, _ in comparisons(fin, val) if g == "bytes"]
     full = {p for p in POINTS if cpu_cells <= set(fin[p])}
     # the advice is a choice, so it is made on val200 like every other: the best mean val200 among the points whose
@@ -657,7 +673,8 @@ def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[st
     small = [p for p in POINTS if fin[p] and (mean_bytes(fin[p]) or 0) <= SMALL_BUDGET
              and val_score(p, val) is not None]
     pick = max(small, key=lambda p: (val_score(p, val), -list(POINTS).index(p))) if small else None
-    if not rows or not set(PEFT_POINTS) <= full or any(h not in full for _, h in rows) or pick not in full | {None}:
+    if (not rows or not set(PEFT_POINTS) <= full or any(h is not None and h not in full for _, h in rows)
+            or pick not in full | {None}):
         return None
 
     def acc(point: str) -> float:
@@ -674,6 +691,9 @@ def readme_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[st
              "| PEFT method (plain recipe) | bytes | accuracy (%) | heartlora at no more bytes | bytes | "
              "accuracy (%) | difference ± se |", "|---|---|---|---|---|---|---|"]
     for point, heart in sorted(rows, key=lambda r: nbytes(r[0])):
+        if heart is None:
+            lines.append(f"| {point} | {nbytes(point):,.0f} | {acc(point):.1f} | none fits | | | |")
+            continue
         d = paired(fin[point], fin[heart], cpu_cells)
         over = nbytes(heart) - nbytes(point)
         spent = f"{nbytes(heart):,.0f}" + (f" ({over:,.0f} over: `--ne auto` kept more heads on seeds 43–44)"
@@ -743,13 +763,15 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
     """What is left, by playing the plan forward with stand-in records: each rate search still open ends at its
     reference (a search already past it may still grow its grid), every point's bytes are those recorded so far.
     Returns the runs to train, the runs the suite's records answer, and the seconds of one job, each run costed at
-    the median wall time recorded for its (protocol, task); a final run on a task with no final yet at its task's
-    val runs' median × ``FINAL_OVER_VAL`` (it trains on train800val200, a quarter more images than train800); else
-    the median of its protocol, else 600 s."""
+    the median wall time recorded on a CPU for its (protocol, task); a final run on a task with no final yet at its
+    task's val runs' median × ``FINAL_OVER_VAL`` (it trains on train800val200, a quarter more images than train800);
+    else the median of its protocol, else 600 s."""
     walls: dict[tuple[str, ...], list[float]] = {}
     nbytes: dict[str, int] = {}
     for r in data["records"]:
-        if r.get("wall_s") and not r.get("reused_from"):
+        # times of this protocol on a CPU only: a GPU session's merged runs would make two cores look fast
+        on_cpu = (r.get("machine") or {}).get("device", "cpu") == "cpu"
+        if r.get("wall_s") and not r.get("reused_from") and on_cpu:
             proto = "val" if r.get("role") == "select" else "final"
             walls.setdefault((proto, r["task"]), []).append(float(r["wall_s"]))
             walls.setdefault((proto,), []).append(float(r["wall_s"]))
@@ -814,7 +836,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
         rec = make_record(("final", task, point, lr, SEEDS[0]), metrics)
         rec.update(id=paper_id(task, point, lr), frontier_protocol="paper",
                    command=f"python benchmarks/frontier.py paper --device {args.device} --precision {args.precision}")
-        rec["machine"] = {**machine(), "threads": args.threads}
+        rec["machine"] = {**machine(), "threads": args.threads, "device": args.device}
         add_record(rec, PAPER_RECORDS)
 
     def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:

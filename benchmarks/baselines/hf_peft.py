@@ -219,8 +219,16 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     torch.save(state, buf)
     payload = buf.getvalue()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    with open(tmp, "wb") as f:
+        f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old checkpoint or the new one
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path: Path, settings: str) -> dict[str, Any]:
@@ -309,7 +317,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("out", "device", "threads", "save_peft")
                 and not (k in ("peft_kwargs", "rank", "alpha") and v is None)}
-    resume = {"checkpoint": args.out / CHECKPOINT, "settings": json.dumps(settings, sort_keys=True)}
+    # what a checkpoint must match to be resumed: the command's settings, the device, the versions, and for a PEFT
+    # method its config and optimizer groups as the code defines them now (a preset edited since is another run)
+    fingerprint = {**settings, "device": device.type, "torch": torch.__version__}
+    resume = {"checkpoint": args.out / CHECKPOINT, "settings": json.dumps(fingerprint, sort_keys=True)}
     sizes: dict[str, int] = {}
     peft_info: dict[str, Any] = {}
     if args.method == "linear-probe":
@@ -343,6 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params: list[Any] = rate_groups(trainable, spec, args.lr)  # one group at lr unless the preset splits it
         peaks = [g["lr"] for g in params]  # before the schedule changes them
+        resume["settings"] = json.dumps({**fingerprint, "peft": peft.__version__, "config": spec["cls"],
+                                         "peft_kwargs": peft_kwargs, "peaks": peaks}, sort_keys=True, default=str)
         model.train()
 
         def step(idx: torch.Tensor) -> torch.Tensor:
@@ -418,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    for stray in args.out.glob(".*.tmp"):  # a write a killed run left half done (the files themselves are intact)
+        stray.unlink(missing_ok=True)
     metrics = run(args)
     tmp = done.with_name(f".metrics.json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(metrics, indent=1))
