@@ -241,9 +241,21 @@ def read_checkpoint(path: Path, settings: str) -> dict[str, Any]:
                          "remove it to train this run from the start")
     state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     if state.get("settings") != settings:
-        raise SystemExit(f"{path}: a checkpoint of another command ({state.get('settings')}); run that command, or "
-                         "give this one another --out")
+        raise SystemExit(f"{path}: a checkpoint of another command (it differs in "
+                         f"{', '.join(differing(state.get('settings'), settings)) or 'its settings'}); run that "
+                         "command, or give this one another --out")
     return state
+
+
+def differing(a: str | None, b: str) -> list[str]:
+    """The keys two settings fingerprints (JSON objects) disagree on; none where either is not one."""
+    try:
+        x, y = json.loads(a or ""), json.loads(b)
+    except ValueError:
+        return []
+    if not (isinstance(x, dict) and isinstance(y, dict)):
+        return []
+    return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
 
 
 def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], n: int,
