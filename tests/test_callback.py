@@ -148,14 +148,17 @@ def test_ecosystem_save_and_load_example_runs(tmp_path, capsys):
     assert len(diffs) == 3 and diffs[0] == 0.0 and max(diffs) <= 1e-7, diffs  # a few float32 ulps of these logits
 
 
-def _train_saving(model, callback, out, steps=6, save_steps=2, resume=None):
-    """A Trainer run that writes checkpoints every ``save_steps`` steps (the callback saves its adapters with each)."""
+def _train_saving(model, callback, out, steps=6, save_steps=2, resume=None, **kw):
+    """A Trainer run that writes checkpoints every ``save_steps`` steps (the callback saves its adapters with each);
+    ``kw``: more TrainingArguments (with an eval strategy, the run evaluates on the training data)."""
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                             use_cpu=True, report_to=[], save_strategy="steps", save_steps=save_steps,
-                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[callback])
+    args = TrainingArguments(**{"output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 4,
+                                "learning_rate": 1e-2, "use_cpu": True, "report_to": [], "save_strategy": "steps",
+                                "save_steps": save_steps, "logging_strategy": "no", "disable_tqdm": True, "seed": 0,
+                                "dataloader_num_workers": 0, **kw})
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[callback],
+                      eval_dataset=_data(8) if "eval_strategy" in kw else None)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -223,6 +226,46 @@ def test_trainer_resume_without_the_callbacks_adapter_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="resuming at step 4 needs .*adapter.safetensors"):
         _train_saving(hl.attach(_model(), cfg), HeartLoRACallback(warmup_steps=3, ne=3), tmp_path, steps=6,
                       resume=str(tmp_path / "checkpoint-4"))
+
+
+def test_trainer_resume_refuses_another_runs_checkpoint_of_the_same_step(tmp_path):
+    """The callback read the adapter from output_dir/checkpoint-<step>: resuming run X's checkpoint with output_dir
+    set to run Y's folder (which has a checkpoint of that step too) silently loaded Y's adapter under X's classifier."""
+    cfg = hl.HeartLoRAConfig(targets=("q", "v"), rank=2)
+    _train_saving(hl.attach(_model(), cfg), HeartLoRACallback(warmup_steps=1, ne=3), tmp_path / "X", steps=4)
+    _train_saving(hl.attach(_model(), cfg), HeartLoRACallback(warmup_steps=1, ne=3), tmp_path / "Y", steps=4,
+                  learning_rate=1e-1)
+    with pytest.raises(ConfigError, match="is not the checkpoint being resumed: its classifier differs"):
+        _train_saving(hl.attach(_model(), cfg), HeartLoRACallback(warmup_steps=1, ne=3), tmp_path / "Y", steps=6,
+                      resume=str(tmp_path / "X" / "checkpoint-4"))
+
+
+BEST = {"eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True, "metric_for_best_model": "loss",
+        "greater_is_better": True}  # the worst loss "best": an early checkpoint, not the last step's
+
+
+def test_load_best_model_at_end_brings_back_the_best_checkpoints_adapter_too(tmp_path):
+    """The Trainer put back the best checkpoint's classifier only: the model was that classifier on the last step's
+    adapter, equal to no checkpoint. Now it is the best checkpoint's model exactly."""
+    cfg = hl.HeartLoRAConfig(targets=("q", "v"), rank=2)
+    model = hl.attach(_model(), cfg)
+    cb = HeartLoRACallback(warmup_steps=1, ne=3)
+    trainer = _train_saving(model, cb, tmp_path, steps=8, **BEST)
+    best = trainer.state.best_model_checkpoint
+    assert best and not best.endswith("checkpoint-8")  # else the test could not tell best from last
+    torch.testing.assert_close(_logits(model), _logits(hl.load_adapter(best)), atol=1e-6, rtol=0)
+    assert not torch.allclose(_logits(model), _logits(hl.load_adapter(tmp_path / "checkpoint-8")), atol=1e-4)
+    assert sorted(cb.heads_off) == sorted((n, h) for n, m in hl.head_masks(model).items()
+                                          for h, on in enumerate(m) if not on)
+
+
+def test_load_best_model_at_end_refuses_a_best_checkpoint_from_before_the_heads_went_off(tmp_path):
+    cfg = hl.HeartLoRAConfig(targets=("q", "v"), rank=2)
+    # the lowest eval loss of this run is step 2's (1.103; steps 4 to 8: 1.13 to 1.14), before the switch at step 3
+    with pytest.raises(ConfigError, match=r"best checkpoint \(.*checkpoint-2\) was saved before the heads were "
+                                          "switched off at step 3"):
+        _train_saving(hl.attach(_model(), cfg), HeartLoRACallback(warmup_steps=3, ne=3), tmp_path, steps=8,
+                      **{**BEST, "greater_is_better": False})
 
 
 def test_a_plain_state_dict_loads_into_the_adapted_model_keeping_the_adapters():

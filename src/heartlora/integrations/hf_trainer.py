@@ -32,7 +32,7 @@ from heartlora.method import NeChoice, ResponsivenessTracker, attention_layers, 
 from heartlora.method.deactivate import SCOPES
 from heartlora.method.heads_off import check_count, parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear
-from heartlora.method.storage import read_adapter_info, restore_adapter
+from heartlora.method.storage import read_adapter, read_adapter_info, restore_adapter
 
 # the callback's names of the heads-off settings (parse_heads_off's errors use them)
 CALLBACK_NAMES = {"ne_fraction": "fraction", "ne_tolerance": "tolerance", "ne_refine": "refine"}
@@ -145,6 +145,10 @@ class HeartLoRACallback(TrainerCallback):
         if not saved or saved.get("global_step") != state.global_step:
             raise ConfigError(f"{path} holds no HeartLoRACallback state for step {state.global_step}: resume from "
                               "a checkpoint the callback saved")
+        if not _same_modules(model, path):
+            raise ConfigError(f"{path} is not the checkpoint being resumed: its classifier differs from the one the "
+                              "Trainer loaded (another run's checkpoint of the same step?); resume with output_dir "
+                              "set to the folder that holds the checkpoint")
         before = _factors(model)
         restore_adapter(model, path)
         _move_in_optimizer(optimizer, before, _factors(model))
@@ -171,6 +175,26 @@ class HeartLoRACallback(TrainerCallback):
         if state.global_step > 0:
             self._resume(args, state, model, kwargs.get("optimizer"))
 
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """``load_best_model_at_end``: the Trainer has put the best checkpoint's backbone and classifier back (its
+        model.safetensors); the adapter and its heads come back here from the same checkpoint's adapter file, so the
+        model is that checkpoint's, not its classifier on the last step's adapter."""
+        best = getattr(state, "best_model_checkpoint", None)
+        if not getattr(args, "load_best_model_at_end", False) or not best or model is None:
+            return
+        path = Path(best) / ADAPTER_NAME
+        if not path.is_file():
+            raise ConfigError(f"load_best_model_at_end: {path} is missing, so the best checkpoint's adapter cannot "
+                              "join its classifier; the model holds the last step's adapter; load "
+                              f"{best} with heartlora.load_adapter instead")
+        saved = (read_adapter_info(path).get("extra") or {}).get(STATE_KEY) or {}
+        if saved.get("heads_off") is None and self.heads_off is not None:
+            raise ConfigError(f"load_best_model_at_end: the best checkpoint ({best}) was saved before the heads were "
+                              f"switched off at step {self.warmup_steps}, so its adapter cannot return into this "
+                              "model; load it with heartlora.load_adapter(DIR), or evaluate after the warmup only")
+        restore_adapter(model, path)
+        self.heads_off = None if saved.get("heads_off") is None else [(n, int(h)) for n, h in saved["heads_off"]]
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.heads_off is None and state.global_step < self.warmup_steps:
             self.tracker.update()
@@ -196,6 +220,21 @@ def _logits(model: Any, x: Any) -> Any:
     """The logits of a transformers model's output (or of a model that returns them)."""
     out = model(x)
     return getattr(out, "logits", out)
+
+
+def _same_modules(model: Any, path: Path) -> bool:
+    """Whether the modules an adapter file saves (the classifier) equal the model's now: on resume the Trainer has
+    loaded them from the checkpoint it resumes, so a file of another checkpoint differs (a file saving none: True)."""
+    meta, tensors, _ = read_adapter(path)
+    modules = dict(getattr(model, "module", model).named_modules())
+    for name in meta.get("modules_to_save") or ():
+        if name not in modules:
+            return False
+        for key, value in modules[name].state_dict().items():
+            stored = tensors.get(f"modules.{name}.{key}")
+            if stored is None or stored.shape != value.shape or not torch.equal(stored, value.detach().cpu()):
+                return False
+    return True
 
 
 def _factors(model: Any) -> dict[tuple[str, str, str], torch.nn.Parameter]:
