@@ -44,6 +44,40 @@ def test_csv_rows_survive_a_resume(tmp_path: Path, task: str) -> None:
         [{k: v for k, v in r.items() if k not in drop} for r in _rows(whole)]
 
 
+class Stopped(Exception):
+    pass
+
+
+def test_a_run_stopped_between_an_epochs_log_and_its_checkpoint_resumes_to_the_whole_csv(
+        tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint was written before the epoch's log: a run stopped between the two (Ctrl-C, a failed log
+    write) resumed after epoch 2 with epoch 2's row never written (rows 1, 3). Stopped in the log, or just after it
+    (before the checkpoint), the resumed file now equals the uninterrupted run's."""
+    from heartlora.engine import loggers, trainer
+
+    whole = tmp_path / "whole"
+    train(tiny(whole, task, method="lora", epochs=3))
+    drop = {"time_s", "images_per_s"}
+    want = [{k: v for k, v in r.items() if k not in drop} for r in _rows(whole)]
+    for where in ("log", "checkpoint"):
+        parts = tmp_path / where
+        target = (loggers.RunLoggers, "epoch") if where == "log" else (trainer.Trainer, "save_checkpoint")
+        real = getattr(*target)
+
+        def stop_at_epoch_2(self, *a, real=real, where=where):
+            epoch = a[0]["epoch"] if where == "log" else self.state.epoch
+            if epoch == 2:
+                raise Stopped
+            return real(self, *a)
+
+        monkeypatch.setattr(*target, stop_at_epoch_2)
+        with pytest.raises(Exception):  # noqa: B017 (the engine may wrap it)
+            train(tiny(parts, task, method="lora", epochs=3))
+        monkeypatch.undo()
+        train(tiny(parts, task, method="lora", epochs=3, resume=True))
+        assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(parts)] == want, where
+
+
 def test_tensorboard_scalars_and_head_scores(tmp_path: Path, task: str) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -550,8 +550,10 @@ class Trainer:
         self.say(f"epoch {state.epoch}/{self.cfg.epochs} loss {record['train_loss']:.4f} train acc "
                  f"{record['train_acc']:.4f}" + (f" {record['eval_split']} acc {acc:.4f}" if acc is not None else "")
                  + f" ({record['images_per_s']:.1f} img/s)", echo=False)
-        self.save_checkpoint()
+        # the logs first: a run stopped between the two resumes before this epoch and logs it again (a resume drops
+        # the rows and steps after its checkpoint); the other order lost the epoch's row for good
         self.on_rank0(self._log_epoch, record)
+        self.save_checkpoint()
 
     def _write_config(self) -> None:
         with self.folder.writing(CONFIG_NAME):
