@@ -167,3 +167,41 @@ def test_transformers_load_report_only_with_verbose(task: str, tmp_path: Path) -
     assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr + verbose.stderr
     assert "LOAD REPORT" in verbose.stderr and "Loading weights" in verbose.stderr
     assert "LOAD REPORT" not in quiet.stderr + quiet.stdout and "Loading weights" not in quiet.stderr
+
+
+def test_a_config_file_that_says_one_flag_twice_or_a_switch_for_text_is_refused(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys and both spellings of a flag mapped to one setting: the file said lr
+    twice and trained at the second silently. A bare true for a text flag became the text "True"."""
+    from heartlora.errors import ConfigError
+
+    cases = {"lr: 0.001\nlr: 5\n": "'lr' is given twice; keep one",
+             "img-size: 28\nimg_size: 56\n": "'img-size' and 'img_size' are the same flag; keep one",
+             "task: true\n": "task takes text, not true"}
+    for i, (text, why) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            _parse(["train", "--config", str(path)])
+    (tmp_path / "ok.yaml").write_text("task: 'true'\nepochs: 2\n")  # quoted, the word is meant
+    assert _parse(["train", "--config", str(tmp_path / "ok.yaml")]).task == "true"
+    with pytest.raises(ConfigError, match=r"--config is given 2 times \(a.yaml, b.yaml\): give one file"):
+        _parse(["train", "--config", "a.yaml", "--config=b.yaml"])
+
+
+def test_a_runs_config_yaml_names_its_local_paths_absolutely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml stored `task: vtab:data/tiny` as given, so `--config runs/x/config.yaml` from another directory
+    did not find the data: a relative vtab: or hf: path that exists is written absolute, the rest as it is."""
+    from heartlora.engine.settings import portable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    where = tmp_path.resolve() / "data" / "tiny"
+    assert portable("vtab:data/tiny") == f"vtab:{where}"
+    assert portable("vtab:./data/tiny@4shot") == f"vtab:{where}@4shot"
+    assert portable("hf:data/tiny") == f"hf:{where}"
+    for same in ("digits", "fashion_mnist@4shot", "hf:facebook/dinov2-small", f"vtab:{where}", "vtab:missing/dir"):
+        assert portable(same) == same
+    from heartlora.engine.settings import TrainConfig, flag_settings
+
+    written = flag_settings(TrainConfig(task="vtab:data/tiny", backbone="hf:data/tiny"))
+    assert (written["task"], written["backbone"]) == (f"vtab:{where}", f"hf:{where}")

@@ -33,9 +33,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                                       "write the file as YAML") from None
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _load_yaml(text, p)
         else:
             raise ConfigError(f"config file {p}: name a .yaml, .yml or .toml file (its suffix says how to read it)")
     except UnicodeDecodeError:
@@ -53,6 +51,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` (no tags that build objects or run code) that refuses a key given twice in one mapping:
+    YAML's own rule would keep the last silently."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(f"config file {path}: {key!r} is given twice; keep one")
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     table: dict[str, argparse.Action] = {}
     for action in parser._actions:
@@ -66,6 +85,8 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def _typed(action: argparse.Action, key: str, value: Any, where: str) -> Any:
     if isinstance(value, (dict, list)) or (isinstance(value, bool) and action.type in (int, float)):
         raise ConfigError(f"{where}: {key} takes one value, not {value!r}")
+    if isinstance(value, bool) and action.type in (None, str):  # `task: true` would be the text "True"
+        raise ConfigError(f"{where}: {key} takes text, not {str(value).lower()} (quote it if you mean the word)")
     try:
         value = action.type(str(value) if isinstance(value, (int, float)) else value) if callable(action.type) \
             else str(value)
@@ -100,11 +121,15 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path, argv: list[s
     table = _actions(parser)
     given = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
     defaults: dict[str, Any] = {}
+    keys: dict[str, str] = {}  # action dest → the key that set it
     for key, value in read_config_file(path).items():
         action = table.get(str(key))
         if action is None:
             raise ConfigError(f"{where}: {key!r} is not a flag of heartlora {command}: the keys are its flag names "
                               f"(heartlora {command} --help)")
+        if action.dest in keys:
+            raise ConfigError(f"{where}: {keys[action.dest]!r} and {key!r} are the same flag; keep one")
+        keys[action.dest] = str(key)
         if value is None or given & set(action.option_strings):
             continue
         defaults[action.dest] = _value(action, str(key), value, where)
@@ -113,10 +138,14 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path, argv: list[s
 
 
 def find_config(argv: list[str]) -> str | None:
-    """The FILE of ``--config FILE`` / ``--config=FILE`` in ``argv``, if any."""
+    """The FILE of ``--config FILE`` / ``--config=FILE`` in ``argv``, if any; two of them is one line (which would
+    win is not obvious: files are not merged)."""
+    found = []
     for i, tok in enumerate(argv):
         if tok == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if tok.startswith("--config="):
-            return tok.split("=", 1)[1]
-    return None
+            found.append(argv[i + 1])
+        elif tok.startswith("--config="):
+            found.append(tok.split("=", 1)[1])
+    if len(found) > 1:
+        raise ConfigError(f"--config is given {len(found)} times ({', '.join(found)}): give one file")
+    return found[0] if found else None

@@ -267,8 +267,26 @@ def flag_settings(cfg: TrainConfig) -> dict[str, Any]:
             value = not value
         elif isinstance(value, tuple):
             value = ",".join(value)
+        elif f.name in ("task", "backbone"):
+            value = portable(value)
         out[flag] = value
     return out
+
+
+def portable(value: str) -> str:
+    """A ``vtab:`` or ``hf:`` value whose local path is relative, with the path made absolute (a run's config.yaml
+    repeats the run from any directory); a ``NAME@Kshot`` suffix is kept, and anything else (a task name, a hub id
+    that is no local path) is returned as it is."""
+    prefix = next((p for p in ("vtab:", "hf:") if value.startswith(p)), None)
+    if prefix is None:
+        return value
+    rest, shot = value[len(prefix):], ""
+    if (m := re.search(r"@\d+shot$", rest)) is not None:
+        rest, shot = rest[:m.start()], m.group()
+    path = Path(rest).expanduser()
+    if path.is_absolute() or not path.exists():
+        return value
+    return f"{prefix}{path.resolve()}{shot}"
 
 
 def write_config_file(path: str | os.PathLike, settings: dict[str, Any], command: str = "train") -> None:
