@@ -126,6 +126,25 @@ def test_tensorboard_over_a_resume_shows_each_step_once(tmp_path: Path, task: st
     assert [e.value for e in loss] == pytest.approx([e.value for e in want], rel=1e-6)
 
 
+def test_tensorboard_after_a_score_restart_shows_the_restarted_run_once(tmp_path: Path, task: str) -> None:
+    """--score-restart with a probe longer than an epoch: the probe's epoch 1 stayed in TensorBoard beside the
+    restarted run's (two points at step 1); the csv already dropped it. The probe's scores stay, at step 1."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(tmp_path, task, method="heart-lora", ne=3, epochs=3, score_steps=5, score_restart=True,
+               log_to="csv,tensorboard")
+    train(cfg)
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in history], rel=1e-6)
+    assert [int(r["epoch"]) for r in _rows(tmp_path)] == [1, 2, 3]
+    (hist,) = events.Histograms("heads/responsiveness")
+    assert hist.step == 1 and hist.histogram_value.num == 12
+
+
 def test_heads_image_pads_and_normalises() -> None:
     img = heads_image({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
     assert img.shape == (1, 2, 2) and torch.equal(img[0], torch.tensor([[0.25, 1.0], [0.5, 0.0]]))

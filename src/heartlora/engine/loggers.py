@@ -119,16 +119,36 @@ class RunLoggers:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in scalars.items()}, step=step)
 
-    def head_scores(self, scores: dict[str, torch.Tensor], step: int) -> None:
-        """The warmup's responsiveness of every head: a histogram and a layers × heads image (TensorBoard), a
-        histogram (wandb)."""
-        if not scores:
+    def restart(self, scores: dict[str, torch.Tensor]) -> None:
+        """--score-restart: training begins again at epoch 1. The csv's rows of the probe's epochs are replaced as the
+        new ones come; TensorBoard's writer opens again purging from step 1 (else the probe's epochs would stay
+        beside the new ones), and the heads' scores the probe measured are logged again at step 1."""
+        if self.tb is None:
             return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb.close()
+        self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=1)
+        if scores:
+            self._tb_scores(scores, 1)
+        self.tb.flush()
+
+    def _tb_scores(self, scores: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Every head's responsiveness into TensorBoard at ``step``: a histogram and a layers × heads image; returns
+        the flat scores."""
         flat = torch.cat([torch.as_tensor(v, dtype=torch.float64).flatten() for v in scores.values()])
         if self.tb is not None:
             self.tb.add_histogram("heads/responsiveness", flat, step)
             self.tb.add_image("heads/responsiveness_layers_x_heads", heads_image(scores), step, dataformats="CHW")
             self.tb.flush()
+        return flat
+
+    def head_scores(self, scores: dict[str, torch.Tensor], step: int) -> None:
+        """The warmup's responsiveness of every head: a histogram and a layers × heads image (TensorBoard), a
+        histogram (wandb)."""
+        if not scores:
+            return
+        flat = self._tb_scores(scores, step)
         if self.wandb is not None:
             import wandb
 

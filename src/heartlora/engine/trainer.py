@@ -523,6 +523,9 @@ class Trainer:
         self.method.restore(self.model, self.state.heads_off, self.optimizer)
         self.precision = resolve_precision(self.cfg.precision, self.info.device)  # a fresh gradient scaler too
         self.state.epoch, self.state.history = 0, []
+        if self.loggers is not None:
+            with self.folder.writing("the --log-to logs"):
+                self.loggers.restart(self.state.scores)
         self._wrap()
         self.bar.reset(total=self.cfg.epochs * self.steps_per_epoch)
         self.say(f"--score-restart: after the {self.tracker.steps}-step probe, training starts again from step 0 "
