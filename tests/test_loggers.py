@@ -145,6 +145,51 @@ def test_tensorboard_after_a_score_restart_shows_the_restarted_run_once(tmp_path
     assert hist.step == 1 and hist.histogram_value.num == 12
 
 
+def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path: Path, task: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb.init(resume="allow") without an id, and mlflow.start_run() without a run id, began a new run at each
+    --resume. The run's id (kept in its checkpoint) now names the wandb run and tags the mlflow run, and a resume
+    finds them. The two packages are stood in for here (they are not installed); the calls are theirs."""
+    import importlib.util
+    import sys
+    import types
+
+    calls: dict[str, list] = {"wandb": [], "mlflow": []}
+    made: list[types.SimpleNamespace] = []
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kw: calls["wandb"].append(kw) or types.SimpleNamespace(log=lambda *a, **k: None,
+                                                                                  finish=lambda: None)
+    wandb.Histogram = lambda values: values
+    mlflow = types.ModuleType("mlflow")
+
+    def start_run(run_id=None, run_name=None, tags=None):
+        calls["mlflow"].append({"run_id": run_id, "run_name": run_name, "tags": tags})
+        if run_id is None:
+            made.append(types.SimpleNamespace(info=types.SimpleNamespace(run_id=f"m{len(made)}"), tags=tags or {}))
+
+    def search_runs(filter_string, output_format, max_results):
+        want = filter_string.split("'")[1]
+        return [r for r in made if r.tags.get("heartlora_run_id") == want][:max_results]
+
+    mlflow.start_run, mlflow.search_runs = start_run, search_runs
+    mlflow.log_params = mlflow.log_metrics = lambda *a, **k: None
+    mlflow.end_run = lambda: None
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("wandb", "mlflow") else real(name, *a))
+    train(tiny(tmp_path, task, method="lora", epochs=3, log_to="wandb,mlflow", stop_after_epoch=1))
+    train(tiny(tmp_path, task, method="lora", epochs=3, log_to="wandb,mlflow", resume=True))
+    first, again = calls["wandb"]
+    assert first["id"] == again["id"] and first["id"].startswith("heartlora-") and again["resume"] == "allow"
+    started, resumed = calls["mlflow"]
+    assert started["run_id"] is None and started["tags"]["heartlora_run_id"] == first["id"][len("heartlora-"):]
+    assert resumed["run_id"] == "m0" and len(made) == 1
+    train(tiny(tmp_path, task, method="lora", epochs=2, log_to="wandb,mlflow", overwrite=True))  # another run
+    assert calls["wandb"][-1]["id"] != first["id"] and calls["mlflow"][-1]["run_id"] is None and len(made) == 2
+
+
 def test_heads_image_pads_and_normalises() -> None:
     img = heads_image({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
     assert img.shape == (1, 2, 2) and torch.equal(img[0], torch.tensor([[0.25, 1.0], [0.5, 0.0]]))

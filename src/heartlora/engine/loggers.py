@@ -1,14 +1,14 @@
 """``--log-to``: where a run logs each epoch, beside train.log, metrics.json and the plots.
 
 - ``csv`` (the default): ``metrics.csv`` in the run folder, one row per epoch (loss, accuracy, learning rate,
-  attention heads on), rewritten atomically after every epoch; a resumed run keeps the rows up to its checkpoint.
+  attention heads on), rewritten atomically at every epoch's end; a resumed run keeps the rows up to its checkpoint.
 - ``tensorboard``: event files in ``DIR/tensorboard`` (the same scalars by epoch, and at the end of warmup the
   heads' responsiveness as a histogram and as a layers × heads image); a resumed run purges the steps after its
   checkpoint, and a run started afresh in the folder (``--overwrite``) every step of the earlier run. Needs the
   tensorboard package.
 - ``wandb`` / ``mlflow``: the same scalars (and for wandb the score histogram) in the user's own set-up
-  (``WANDB_PROJECT``, default ``heartlora``; ``MLFLOW_TRACKING_URI``), the run named after its folder. Need their
-  package.
+  (``WANDB_PROJECT``, default ``heartlora``; ``MLFLOW_TRACKING_URI``), the run named after its folder; a resumed
+  run continues the same wandb / mlflow run (found by the run's id). Need their package.
 
 Only rank 0 logs. A logger whose package is missing is refused before the run starts, in one line naming it.
 """
@@ -70,7 +70,7 @@ class RunLoggers:
     ``close`` at the end (also after an error or a stop)."""
 
     def __init__(self, names: tuple[str, ...], out: Path, settings: dict[str, Any], start_epoch: int,
-                 resumed: bool = False) -> None:
+                 resumed: bool = False, run_id: str | None = None) -> None:
         self.names, self.out = names, Path(out)
         self.rows: dict[int, dict[str, Any]] = {}
         self.tb = self.wandb = self.mlflow = None
@@ -88,14 +88,22 @@ class RunLoggers:
         if "wandb" in names:
             import wandb
 
+            # the run's id (kept in its checkpoint) is the wandb run's: a --resume continues the same wandb run
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "heartlora"), name=self.out.name,
-                                    dir=str(self.out), config=settings, resume="allow")
+                                    dir=str(self.out), config=settings, resume="allow",
+                                    **({"id": f"heartlora-{run_id}"} if run_id else {}))
         if "mlflow" in names:
             import mlflow
 
             self.mlflow = mlflow
-            mlflow.start_run(run_name=self.out.name)
-            mlflow.log_params({k: v for k, v in settings.items() if v is not None})
+            # a --resume continues the mlflow run tagged with this run's id, in the active experiment
+            earlier = mlflow.search_runs(filter_string=f"tags.heartlora_run_id = '{run_id}'", output_format="list",
+                                         max_results=1) if run_id and resumed else []
+            if earlier:
+                mlflow.start_run(run_id=earlier[0].info.run_id)
+            else:
+                mlflow.start_run(run_name=self.out.name, tags={"heartlora_run_id": run_id} if run_id else None)
+                mlflow.log_params({k: v for k, v in settings.items() if v is not None})
 
     def epoch(self, record: dict[str, Any], heads_on: int | None, heads_total: int | None) -> None:
         row = {k: record.get(k) for k in CSV_COLUMNS}

@@ -565,7 +565,7 @@ class Trainer:
     def _open_loggers(self, resumed: bool) -> None:
         with self.folder.writing("the --log-to logs"):
             self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
-                                      resumed=resumed)
+                                      resumed=resumed, run_id=self.state.run_id)
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         if self.loggers is not None:
