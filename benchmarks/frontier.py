@@ -492,19 +492,24 @@ def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | N
     return None if lr is None else val_mean(point, lr, val)
 
 
-def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> list[str]:
-    """Which machines made the final runs in the table, when more than one kind did (a GPU's runs are the same
-    protocol in fp32, on fp16-rounded backbone weights)."""
-    kinds: dict[str, int] = {}
-    for runs in fin.values():
-        for rec in runs.values():
-            m = rec.get("machine") or {}
-            on_gpu = m.get("gpu") and m.get("device", "cpu") != "cpu"
-            kind = f"{m['gpu']} (fp32, backbone weights rounded through fp16)" if on_gpu else m.get("cpu") or "a CPU"
-            kinds[kind] = kinds.get(kind, 0) + 1
-    if len(kinds) < 2:
-        return []
-    return ["", "Final runs by machine: " + "; ".join(f"{n} on {k}" for k, n in sorted(kinds.items())) + "."]
+def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]],
+                   val_runs: list[dict[str, Any]] | None = None) -> list[str]:
+    """Which machines made the final runs in the table and the val200 runs that chose the rates, for each when more
+    than one kind did (a GPU's runs are the same protocol in fp32, on fp16-rounded backbone weights)."""
+    def kind(rec: dict[str, Any]) -> str:
+        m = rec.get("machine") or {}
+        on_gpu = m.get("gpu") and m.get("device", "cpu") != "cpu"
+        return f"{m['gpu']} (fp32, backbone weights rounded through fp16)" if on_gpu else m.get("cpu") or "a CPU"
+
+    lines = []
+    for what, recs in (("Final runs", [r for runs in fin.values() for r in runs.values()]),
+                       ("val200 runs (the rate choices)", val_runs or [])):
+        kinds: dict[str, int] = {}
+        for rec in recs:
+            kinds[kind(rec)] = kinds.get(kind(rec), 0) + 1
+        if len(kinds) > 1:
+            lines.append(f"{what} by machine: " + "; ".join(f"{n} on {k}" for k, n in sorted(kinds.items())) + ".")
+    return ["", *lines] if lines else []
 
 
 def report() -> None:
@@ -549,7 +554,7 @@ def report() -> None:
                      f"{mean_bytes(runs, 'classifier_bytes'):,.0f} | {m(s42, len(CPU_TASKS))} | "
                      f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
-    lines += hardware_lines(fin)
+    lines += hardware_lines(fin, [r for r in data["records"] if r.get("role") == "select"])
     lines += goal_lines(fin, val, cpu_cells, held_cells)
     lines += paper_lines(load_results(PAPER_RECORDS))
     left = plan(data)

@@ -485,6 +485,9 @@ def test_the_report_counts_the_final_runs_each_kind_of_machine_made():
     line = frontier.hardware_lines({"a": {("t", 42): cpu, ("u", 42): gpu}, "b": {("t", 42): cpu_on_gpu_host}})[-1]
     assert line == ("Final runs by machine: 1 on AMD EPYC; 1 on NVIDIA H100 (fp32, backbone weights rounded through "
                     "fp16); 1 on Xeon.")
+    lines = frontier.hardware_lines({"a": {("t", 42): cpu}}, [cpu, gpu, dict(gpu)])  # merged GPU val runs
+    assert lines == ["", "val200 runs (the rate choices) by machine: 1 on AMD EPYC; 2 on NVIDIA H100 (fp32, backbone "
+                         "weights rounded through fp16)."]
 
 
 def test_stored_bytes_counts_the_adapter_at_its_dtype_and_fp16_and_the_classifier_apart():
