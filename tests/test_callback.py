@@ -257,6 +257,15 @@ def test_load_best_model_at_end_brings_back_the_best_checkpoints_adapter_too(tmp
     assert not torch.allclose(_logits(model), _logits(hl.load_adapter(tmp_path / "checkpoint-8")), atol=1e-4)
     assert sorted(cb.heads_off) == sorted((n, h) for n, m in hl.head_masks(model).items()
                                           for h, on in enumerate(m) if not on)
+    # a train end where the Trainer did not put the best model back (an Optuna trial it prunes calls on_train_end
+    # first): the classifier is not the best checkpoint's, so the adapter is left as it is, and nothing is raised
+    with torch.no_grad():
+        for p in hl.adapter_parameters(model):
+            p.add_(0.5)
+        model.classifier.weight.add_(0.5)
+    before = _logits(model)
+    cb.on_train_end(trainer.args, trainer.state, trainer.control, model=model)
+    torch.testing.assert_close(_logits(model), before, atol=0, rtol=0)
 
 
 def test_load_best_model_at_end_refuses_a_best_checkpoint_from_before_the_heads_went_off(tmp_path):

@@ -184,6 +184,10 @@ def test_a_config_file_that_says_one_flag_twice_or_a_switch_for_text_is_refused(
             _parse(["train", "--config", str(path)])
     (tmp_path / "ok.yaml").write_text("task: 'true'\nepochs: 2\n")  # quoted, the word is meant
     assert _parse(["train", "--config", str(tmp_path / "ok.yaml")]).task == "true"
+    merged = tmp_path / "merge.yaml"  # a YAML merge key is no duplicate (its anchor sits under a non-flag key)
+    merged.write_text("base: &b {epochs: 2}\n<<: *b\n")
+    with pytest.raises(ConfigError, match="'base' is not a flag"):
+        _parse(["train", "--config", str(merged)])
     with pytest.raises(ConfigError, match=r"--config is given 2 times \(a.yaml, b.yaml\): give one file"):
         _parse(["train", "--config", "a.yaml", "--config=b.yaml"])
 
@@ -199,9 +203,28 @@ def test_a_runs_config_yaml_names_its_local_paths_absolutely(tmp_path: Path, mon
     assert portable("vtab:data/tiny") == f"vtab:{where}"
     assert portable("vtab:./data/tiny@4shot") == f"vtab:{where}@4shot"
     assert portable("hf:data/tiny") == f"hf:{where}"
+    assert portable("data/tiny", bare_folder=True) == "data/tiny"  # a model folder only with its config.json
+    (where / "config.json").write_text("{}")
+    assert portable("data/tiny", bare_folder=True) == str(where) and portable("data/tiny") == "data/tiny"
     for same in ("digits", "fashion_mnist@4shot", "hf:facebook/dinov2-small", f"vtab:{where}", "vtab:missing/dir"):
         assert portable(same) == same
     from heartlora.engine.settings import TrainConfig, flag_settings
 
     written = flag_settings(TrainConfig(task="vtab:data/tiny", backbone="hf:data/tiny"))
     assert (written["task"], written["backbone"]) == (f"vtab:{where}", f"hf:{where}")
+
+
+def test_a_run_resumes_from_its_config_yaml_whose_paths_are_absolute(task: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started with a relative vtab: folder stores it as given in its checkpoint and absolute in config.yaml:
+    `--config DIR/config.yaml --resume` must see the same task, not other settings."""
+    import shutil
+
+    shutil.copytree(task[len("vtab:"):], tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in TINY.items()]
+    assert main(["train", "--task", "vtab:data", *flags, "--epochs", "2", "--stop-after-epoch", "1", "--out", "run",
+                 "--quiet"]) == 0
+    assert f"task: vtab:{(tmp_path / 'data').resolve()}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["train", "--config", "run/config.yaml", "--out", "run", "--resume", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2

@@ -145,6 +145,33 @@ def test_tensorboard_after_a_score_restart_shows_the_restarted_run_once(tmp_path
     assert hist.step == 1 and hist.histogram_value.num == 12
 
 
+def test_tensorboard_after_a_score_restart_and_a_stop_before_the_first_checkpoint(
+        tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after the restarted run logged epoch 1 but before its checkpoint: the resume starts from the
+    restart's checkpoint (epoch 0), which purged nothing, so epoch 1 showed twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from heartlora.engine import trainer
+
+    real = trainer.Trainer.save_checkpoint
+
+    def stop(self, *a, **k):
+        if self.state.epoch == 1 and self.state.heads_off and len(self.state.history) == 1:
+            raise Stopped
+        return real(self, *a, **k)
+
+    kw = dict(method="heart-lora", ne=3, epochs=3, score_steps=5, score_restart=True, log_to="csv,tensorboard")
+    monkeypatch.setattr(trainer.Trainer, "save_checkpoint", stop)
+    with pytest.raises(Exception):  # noqa: B017 (the engine may wrap it)
+        train(tiny(tmp_path, task, **kw))
+    monkeypatch.undo()
+    train(tiny(tmp_path, task, resume=True, **kw))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [h.step for h in events.Histograms("heads/responsiveness")] == [1]
+
+
 def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path: Path, task: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """wandb.init(resume="allow") without an id, and mlflow.start_run() without a run id, began a new run at each

@@ -300,7 +300,11 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
         if checkpoint is not None and epoch + 1 < args.epochs:
             write_checkpoint(checkpoint, {"settings": settings, "epoch": epoch + 1,
                                           "trainable": {k: p.detach().cpu() for k, p in trained.items()},
-                                          "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                          "optimizer": opt.state_dict(),
+                                          # torch < 2.4 keeps OneCycleLR's anneal function (a bound method) in
+                                          # its state, which weights_only refuses; the rebuilt schedule has it
+                                          "scheduler": {k: v for k, v in sched.state_dict().items()
+                                                        if not callable(v)},
                                           "rng": torch.get_rng_state(),
                                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                                           else []})

@@ -62,6 +62,8 @@ def _load_yaml(text: str, path: Path) -> Any:
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: SafeLoader merges it below
+                continue
             key = loader.construct_object(key_node)
             if key in seen:
                 raise ConfigError(f"config file {path}: {key!r} is given twice; keep one")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import time
 import os
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class RunLoggers:
             # an earlier run the folder held when this run starts afresh (--overwrite, or a run killed before its
             # first checkpoint), so one run's curves never mix with another's
             purge = start_epoch + 1 if start_epoch else (None if resumed else 0)
+            _past_earlier_events(self.out / TB_DIR)
             self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
         if "wandb" in names:
             import wandb
@@ -136,6 +138,7 @@ class RunLoggers:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb.close()
+        _past_earlier_events(self.out / TB_DIR)
         self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=1)
         if scores:
             self._tb_scores(scores, 1)
@@ -172,6 +175,18 @@ class RunLoggers:
         if self.mlflow is not None:
             self.mlflow.end_run()
             self.mlflow = None
+
+
+def _past_earlier_events(folder: Path) -> None:
+    """Wait, when needed, until the clock is past the second of the folder's newest event file. TensorBoard reads a
+    folder's files in name order, and a name is ``events.out.tfevents.<second>.<host>.<pid>.<counter>``: a writer
+    opened within the same second as an earlier one (a quick restart or resume) could sort before it (counter 10
+    before 9, or another pid), and the purge that hides the earlier run's later steps would come first, hiding
+    nothing. Costs at most a second, only then."""
+    stamps = [int(part) for p in folder.glob("events.out.tfevents.*")
+              if (part := p.name.split(".")[3]).isascii() and part.isdigit()]
+    while stamps and time.time() < max(stamps) + 1:
+        time.sleep(0.05)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

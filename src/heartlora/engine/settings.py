@@ -268,18 +268,23 @@ def flag_settings(cfg: TrainConfig) -> dict[str, Any]:
         elif isinstance(value, tuple):
             value = ",".join(value)
         elif f.name in ("task", "backbone"):
-            value = portable(value)
+            value = portable(value, bare_folder=f.name == "backbone")
         out[flag] = value
     return out
 
 
-def portable(value: str) -> str:
-    """A ``vtab:`` or ``hf:`` value whose local path is relative, with the path made absolute (a run's config.yaml
+def portable(value: str, bare_folder: bool = False) -> str:
+    """A ``vtab:`` or ``hf:`` value whose local path is relative, or (``bare_folder``: a backbone) a relative local
+    model folder named bare (a directory with a config.json), with the path made absolute (a run's config.yaml
     repeats the run from any directory); a ``NAME@Kshot`` suffix is kept, and anything else (a task name, a hub id
     that is no local path) is returned as it is."""
     prefix = next((p for p in ("vtab:", "hf:") if value.startswith(p)), None)
     if prefix is None:
-        return value
+        if not bare_folder:
+            return value
+        bare = Path(value).expanduser()
+        local = not bare.is_absolute() and bare.is_dir() and (bare / "config.json").is_file()
+        return str(bare.resolve()) if local else value
     rest, shot = value[len(prefix):], ""
     if (m := re.search(r"@\d+shot$", rest)) is not None:
         rest, shot = rest[:m.start()], m.group()
@@ -343,6 +348,10 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
         from heartlora.backbones import conventional_pool
 
         given["pool"] = conventional_pool(given.get("backbone", saved.get("backbone", "")))
+    for k in ("task", "backbone"):  # a relative folder and its absolute path (as config.yaml writes it) agree
+        if isinstance(given.get(k), str) and isinstance(was.get(k), str):
+            bare = k == "backbone"
+            given[k], was = portable(given[k], bare), {**was, k: portable(was[k], bare)}
     clash = {k: (v, was.get(k, DEFAULTS.get(k))) for k, v in given.items()
              if _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
     if clash:

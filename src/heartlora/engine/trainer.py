@@ -523,9 +523,7 @@ class Trainer:
         self.method.restore(self.model, self.state.heads_off, self.optimizer)
         self.precision = resolve_precision(self.cfg.precision, self.info.device)  # a fresh gradient scaler too
         self.state.epoch, self.state.history = 0, []
-        if self.loggers is not None:
-            with self.folder.writing("the --log-to logs"):
-                self.loggers.restart(self.state.scores)
+        self.on_rank0(self._restart_logs)
         self._wrap()
         self.bar.reset(total=self.cfg.epochs * self.steps_per_epoch)
         self.say(f"--score-restart: after the {self.tracker.steps}-step probe, training starts again from step 0 "
@@ -566,6 +564,14 @@ class Trainer:
         with self.folder.writing("the --log-to logs"):
             self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
                                       resumed=resumed, run_id=self.state.run_id)
+            if resumed and self.state.epoch == 0 and self.state.scores and self.cfg.score_restart:
+                self.loggers.restart(self.state.scores)  # the checkpoint a --score-restart saved: begin at 1 again
+
+    def _restart_logs(self) -> None:
+        """--score-restart: the logs begin again at epoch 1 (``RunLoggers.restart``)."""
+        if self.loggers is not None:
+            with self.folder.writing("the --log-to logs"):
+                self.loggers.restart(self.state.scores)
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         if self.loggers is not None:

@@ -187,6 +187,8 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"load_best_model_at_end: {path} is missing, so the best checkpoint's adapter cannot "
                               "join its classifier; the model holds the last step's adapter; load "
                               f"{best} with heartlora.load_adapter instead")
+        if not _same_modules(model, path):  # the Trainer did not put the best model back (an Optuna trial pruned)
+            return
         saved = (read_adapter_info(path).get("extra") or {}).get(STATE_KEY) or {}
         if saved.get("heads_off") is None and self.heads_off is not None:
             raise ConfigError(f"load_best_model_at_end: the best checkpoint ({best}) was saved before the heads were "
