@@ -51,6 +51,7 @@ choices, not searched again at 100 epochs: a caveat the table states.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -504,9 +505,7 @@ def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]],
     lines = []
     for what, recs in (("Final runs", [r for runs in fin.values() for r in runs.values()]),
                        ("val200 runs (the rate choices)", val_runs or [])):
-        kinds: dict[str, int] = {}
-        for rec in recs:
-            kinds[kind(rec)] = kinds.get(kind(rec), 0) + 1
+        kinds = collections.Counter(map(kind, recs))
         if len(kinds) > 1:
             lines.append(f"{what} by machine: " + "; ".join(f"{n} on {k}" for k, n in sorted(kinds.items())) + ".")
     return ["", *lines] if lines else []

@@ -18,8 +18,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import time
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ class RunLoggers:
     ``close`` at the end (also after an error or a stop)."""
 
     def __init__(self, names: tuple[str, ...], out: Path, settings: dict[str, Any], start_epoch: int,
-                 resumed: bool = False, run_id: str | None = None) -> None:
+                 resumed: bool = False, run_id: str | None = None,
+                 restarted: dict[str, torch.Tensor] | None = None) -> None:
         self.names, self.out = names, Path(out)
         self.rows: dict[int, dict[str, Any]] = {}
         self.tb = self.wandb = self.mlflow = None
@@ -84,9 +85,12 @@ class RunLoggers:
             # checkpoint (one at epoch 0, after a --score-restart probe, keeps what it logged), and every step of
             # an earlier run the folder held when this run starts afresh (--overwrite, or a run killed before its
             # first checkpoint), so one run's curves never mix with another's
-            purge = start_epoch + 1 if start_epoch else (None if resumed else 0)
+            # (``restarted``: resumed from the checkpoint a --score-restart saved, with the probe's scores: as restart)
+            purge = 1 if restarted else start_epoch + 1 if start_epoch else (None if resumed else 0)
             _past_earlier_events(self.out / TB_DIR)
             self.tb = SummaryWriter(str(self.out / TB_DIR), purge_step=purge)
+            if restarted:
+                self._tb_scores(restarted, 1)
         if "wandb" in names:
             import wandb
 

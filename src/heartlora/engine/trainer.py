@@ -562,10 +562,10 @@ class Trainer:
 
     def _open_loggers(self, resumed: bool) -> None:
         with self.folder.writing("the --log-to logs"):
+            # resumed from the checkpoint a --score-restart saved: the logs begin at epoch 1 again
+            restarted = self.state.scores if resumed and self.state.epoch == 0 and self.cfg.score_restart else None
             self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
-                                      resumed=resumed, run_id=self.state.run_id)
-            if resumed and self.state.epoch == 0 and self.state.scores and self.cfg.score_restart:
-                self.loggers.restart(self.state.scores)  # the checkpoint a --score-restart saved: begin at 1 again
+                                      resumed=resumed, run_id=self.state.run_id, restarted=restarted or None)
 
     def _restart_logs(self) -> None:
         """--score-restart: the logs begin again at epoch 1 (``RunLoggers.restart``)."""

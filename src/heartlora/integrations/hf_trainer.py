@@ -32,7 +32,7 @@ from heartlora.method import NeChoice, ResponsivenessTracker, attention_layers, 
 from heartlora.method.deactivate import SCOPES
 from heartlora.method.heads_off import check_count, parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear
-from heartlora.method.storage import read_adapter, read_adapter_info, restore_adapter
+from heartlora.method.storage import read_adapter, restore_adapter
 
 # the callback's names of the heads-off settings (parse_heads_off's errors use them)
 CALLBACK_NAMES = {"ne_fraction": "fraction", "ne_tolerance": "tolerance", "ne_refine": "refine"}
@@ -141,11 +141,12 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"resuming at step {state.global_step} needs {path}, which HeartLoRACallback writes "
                               "with each checkpoint: resume from a checkpoint of this output_dir saved with the "
                               "callback")
-        saved = (read_adapter_info(path).get("extra") or {}).get(STATE_KEY)
+        contents = read_adapter(path)
+        saved = (contents[0].get("extra") or {}).get(STATE_KEY)
         if not saved or saved.get("global_step") != state.global_step:
             raise ConfigError(f"{path} holds no HeartLoRACallback state for step {state.global_step}: resume from "
                               "a checkpoint the callback saved")
-        if not _same_modules(model, path):
+        if not _same_modules(model, contents):
             raise ConfigError(f"{path} is not the checkpoint being resumed: its classifier differs from the one the "
                               "Trainer loaded (another run's checkpoint of the same step?); resume with output_dir "
                               "set to the folder that holds the checkpoint")
@@ -187,9 +188,10 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"load_best_model_at_end: {path} is missing, so the best checkpoint's adapter cannot "
                               "join its classifier; the model holds the last step's adapter; load "
                               f"{best} with heartlora.load_adapter instead")
-        if not _same_modules(model, path):  # the Trainer did not put the best model back (an Optuna trial pruned)
+        contents = read_adapter(path)
+        if not _same_modules(model, contents):  # the Trainer did not put the best model back (an Optuna trial pruned)
             return
-        saved = (read_adapter_info(path).get("extra") or {}).get(STATE_KEY) or {}
+        saved = (contents[0].get("extra") or {}).get(STATE_KEY) or {}
         if saved.get("heads_off") is None and self.heads_off is not None:
             raise ConfigError(f"load_best_model_at_end: the best checkpoint ({best}) was saved before the heads were "
                               f"switched off at step {self.warmup_steps}, so its adapter cannot return into this "
@@ -224,10 +226,11 @@ def _logits(model: Any, x: Any) -> Any:
     return getattr(out, "logits", out)
 
 
-def _same_modules(model: Any, path: Path) -> bool:
-    """Whether the modules an adapter file saves (the classifier) equal the model's now: on resume the Trainer has
-    loaded them from the checkpoint it resumes, so a file of another checkpoint differs (a file saving none: True)."""
-    meta, tensors, _ = read_adapter(path)
+def _same_modules(model: Any, contents: Any) -> bool:
+    """Whether the modules an adapter file saves (the classifier; ``contents``: the file as ``read_adapter`` gives it)
+    equal the model's now: on resume the Trainer has loaded them from the checkpoint it resumes, so a file of another
+    checkpoint differs (a file saving none: True)."""
+    meta, tensors, _ = contents
     modules = dict(getattr(model, "module", model).named_modules())
     for name in meta.get("modules_to_save") or ():
         if name not in modules:
