@@ -28,6 +28,7 @@ redone; an interrupted run resumes from its checkpoint (an engine run with ``--r
 itself).
 
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
+    .venv/bin/python benchmarks/frontier.py run --finish-by 08:40  # start only runs expected to end by then
     .venv/bin/python benchmarks/frontier.py status                # done / left / what runs next
     .venv/bin/python benchmarks/frontier.py report                # docs/research/FRONTIER.md and frontier.png
     python benchmarks/frontier.py run --device cuda --jobs 14 --records F   # a lent GPU: the same protocol, fp32
@@ -59,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -375,11 +377,51 @@ def stamped(rec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return rec
 
 
+def finish_by(text: str | None, now: float | None = None) -> float | None:
+    """``--finish-by HH:MM`` as a time stamp: the next time the local clock reads it (today, or tomorrow once it has
+    passed), so a run that starts at 23:00 with 01:30 means the night's 01:30."""
+    if text is None:
+        return None
+    try:
+        hour, minute = (int(part) for part in text.split(":"))
+        if not (0 <= hour < 24 and 0 <= minute < 60):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--finish-by {text!r}: give a local time as HH:MM, for example 08:40") from None
+    now = time.time() if now is None else now
+    t = time.localtime(now)
+    stamp = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, hour, minute, 0, 0, 0, -1))
+    return stamp if stamp > now else time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, hour, minute, 0, 0, 0, -1))
+
+
+class Fit:
+    """Which runs may still start before ``until``: a run whose expected time (``wall_model``, scaled by how this
+    machine's runs finished by this driver compared with it: the median ratio, 1 until one has finished) would end
+    after it does not; a shorter one may (a few-shot task's run takes a quarter of a full one's), so that the
+    last minutes of a session train something instead of starting runs a session's end kills."""
+
+    def __init__(self, until: float | None, clock: Callable[[], float] = time.time):
+        self.until, self.clock, self.ratios = until, clock, []
+        self.cost: Callable[[tuple], float] = lambda item: 600.0
+
+    def expected(self, item: tuple) -> float:
+        return self.cost(item) * (statistics.median(self.ratios) if self.ratios else 1.0)
+
+    def __call__(self, item: tuple) -> bool:
+        return self.until is None or self.clock() + self.expected(item) <= self.until
+
+    def finished(self, item: tuple, seconds: float) -> None:
+        self.ratios.append(seconds / self.cost(item))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     finished = 0
+    fit = Fit(finish_by(getattr(args, "finish_by", None)))
 
     def ready() -> list[tuple[str, tuple]]:
-        return [(run_id(*item), item) for item in plan(load_results(RECORDS))]
+        data = load_results(RECORDS)
+        fit.cost = wall_model(data)
+        return [(run_id(*item), item) for item in plan(data) if fit(item)]
 
     def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
         if item[0] == "final" and (old := suite_record(suite_records(), item[1], item[2], item[3], item[4])):
@@ -402,14 +444,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         rec = stamped(make_record(item, metrics), args)
         add_record(rec, RECORDS)
         finished += 1
+        fit.finished(item, seconds)
         print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
               f"{seconds:.0f} s", flush=True)
         return True
 
     _, failed = run_pool(ready, start, finish, jobs=args.jobs, poll_s=lambda: POLL_S,
                          may_start=start_limit(args.max_runs, args.deadline_s))
-    print(f"frontier: {finished} runs recorded now, {len(failed)} failed, {len(plan(load_results(RECORDS)))} ready",
-          flush=True)
+    left = plan(load_results(RECORDS))
+    n_late = sum(not fit(item) for item in left)
+    late = f" ({n_late} of them would not end by {time.strftime('%H:%M', time.localtime(fit.until))})" if n_late else ""
+    print(f"frontier: {finished} runs recorded now, {len(failed)} failed, {len(left)} ready{late}", flush=True)
     report()
     return 1 if failed else 0
 
@@ -764,15 +809,12 @@ def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:
 FINAL_OVER_VAL = 1.25  # a final run's time over a val run's on the same task: 1,000 training images against 800
 
 
-def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """What is left, by playing the plan forward with stand-in records: each rate search still open ends at its
-    reference (a search already past it may still grow its grid), every point's bytes are those recorded so far.
-    Returns the runs to train, the runs the suite's records answer, and the seconds of one job, each run costed at
-    the median wall time recorded on a CPU for its (protocol, task); a final run on a task with no final yet at its
-    task's val runs' median × ``FINAL_OVER_VAL`` (it trains on train800val200, a quarter more images than train800);
-    else the median of its protocol, else 600 s."""
+def wall_model(data: dict[str, Any]) -> Callable[[tuple[str, str, str, float, int]], float]:
+    """A run's expected seconds on one CPU job, from the records: the median wall time recorded on a CPU for its
+    (protocol, task); a final run on a task with no final yet at its task's val runs' median × ``FINAL_OVER_VAL``
+    (it trains on train800val200, a quarter more images than train800); else the median of its protocol, else 600 s.
+    """
     walls: dict[tuple[str, ...], list[float]] = {}
-    nbytes: dict[str, int] = {}
     for r in data["records"]:
         # times of this protocol on a CPU only: a GPU session's merged runs would make two cores look fast
         on_cpu = (r.get("machine") or {}).get("device", "cpu") == "cpu"
@@ -780,6 +822,27 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
             proto = "val" if r.get("role") == "select" else "final"
             walls.setdefault((proto, r["task"]), []).append(float(r["wall_s"]))
             walls.setdefault((proto,), []).append(float(r["wall_s"]))
+    medians = {key: statistics.median(values) for key, values in walls.items()}
+
+    def seconds(item: tuple[str, str, str, float, int]) -> float:
+        protocol, task = item[0], item[1]
+        if (protocol, task) in medians:
+            return medians[protocol, task]
+        if protocol == "final" and ("val", task) in medians:
+            return medians["val", task] * FINAL_OVER_VAL
+        return medians.get((protocol,), 600.0)
+
+    return seconds
+
+
+def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What is left, by playing the plan forward with stand-in records: each rate search still open ends at its
+    reference (a search already past it may still grow its grid), every point's bytes are those recorded so far.
+    Returns the runs to train, the runs the suite's records answer, and the seconds of one job, each run costed by
+    ``wall_model``."""
+    cost = wall_model(data)
+    nbytes: dict[str, int] = {}
+    for r in data["records"]:
         nbytes.setdefault(r["frontier_point"], int(r.get("adapter_bytes_fp16") or 0))
     sim = {"records": list(data["records"])}
     out = {"runs": 0.0, "reused": 0.0, "seconds": 0.0}
@@ -793,12 +856,7 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
                 out["reused"] += 1
             else:
                 out["runs"] += 1
-                if (protocol, task) in walls:
-                    out["seconds"] += statistics.median(walls[protocol, task])
-                elif protocol == "final" and ("val", task) in walls:
-                    out["seconds"] += statistics.median(walls["val", task]) * FINAL_OVER_VAL
-                else:
-                    out["seconds"] += statistics.median(walls.get((protocol,)) or [600.0])
+                out["seconds"] += cost(item)
             leader = POINTS[POINTS[point].get("lr_from", point)]
             sim["records"].append({"id": run_id(*item), "role": "select" if protocol == "val" else "final",
                                    "frontier_point": point, "task": task, "frontier_lr": lr, "seed": seed,
@@ -940,6 +998,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=1, help="torch threads per run")
     r.add_argument("--max-runs", type=int, help="start at most this many runs")
     r.add_argument("--deadline-s", type=float, help="start no run after this many seconds")
+    r.add_argument("--finish-by", metavar="HH:MM",
+                   help="start only runs expected to end by this local time (each run's time from the records' "
+                        "median for its protocol and task, scaled by this machine's finished runs): a session's end "
+                        "kills no run half done")
     r.add_argument("--device", default="cpu",
                    help="where each run trains: cpu, or cuda on a lent GPU (the same protocol in exact fp32, no TF32 "
                         "or bf16; many runs side by side)")

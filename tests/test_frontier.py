@@ -749,3 +749,47 @@ def test_the_paper_table_compares_means_over_the_tasks_every_point_has():
     assert "| lora-r8 | 294,912 | 80.0 | 2 | NVIDIA H100, bf16 |" in lines  # task b left out of the mean
     assert "| heart-bi-lora | 15,000 | 70.0 | 1 | NVIDIA H100, bf16 |" in lines
     assert frontier.paper_lines({"records": []}) == []
+
+
+def test_finish_by_is_the_next_time_the_clock_reads_it_and_refuses_other_text():
+    now = frontier.time.mktime((2026, 12, 7, 6, 0, 0, 0, 0, -1))
+    assert frontier.finish_by("08:40", now) - now == 2 * 3600 + 40 * 60
+    assert frontier.finish_by("05:30", now) - now == 23 * 3600 + 30 * 60  # passed today: tomorrow's
+    assert frontier.finish_by(None, now) is None
+    for bad in ("8", "25:00", "08:60", "soon"):
+        with pytest.raises(SystemExit, match="give a local time as HH:MM"):
+            frontier.finish_by(bad, now)
+
+
+def test_finish_by_starts_only_runs_expected_to_end_in_time_scaled_by_this_machines_speed():
+    clock = [1000.0]
+    fit = frontier.Fit(until=2000.0, clock=lambda: clock[0])
+    data = {"records": [val_rec("vera", "dsprites_loc", 4e-2, 0.5) | {"wall_s": 600.0},
+                        val_rec("vera", "fashion_mnist@4shot", 4e-2, 0.5) | {"wall_s": 150.0}]}
+    fit.cost = frontier.wall_model(data)
+    full = ("val", "dsprites_loc", "ia3", 3e-3, 42)
+    short = ("val", "fashion_mnist@4shot", "ia3", 3e-3, 42)
+    final = ("final", "dsprites_loc", "ia3", 3e-3, 42)  # no final yet: the task's val median × 1.25
+    assert fit.expected(final) == 750.0 and fit(full) and fit(final)
+    clock[0] = 1300.0
+    assert fit(full) and not fit(final)
+    fit.finished(full, 900.0)  # this machine took 1.5 × the records' time
+    assert fit.expected(full) == 900.0 and not fit(full) and fit(short)
+    assert frontier.Fit(until=None)(final)
+
+
+def test_a_driver_with_finish_by_starts_no_run_that_would_end_too_late(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(frontier, "RECORDS", tmp_path / "frontier.json")
+    monkeypatch.setattr(frontier, "report", lambda: None)
+    data = {"format": "heartlora-suite-results",
+            "records": [val_rec("vera", "dsprites_loc", 4e-2, 0.5) | {"wall_s": 3600.0},
+                        val_rec("vera", "fashion_mnist@4shot", 4e-2, 0.5) | {"wall_s": 60.0}]}
+    (tmp_path / "frontier.json").write_text(json.dumps(data))
+    started = []
+    monkeypatch.setattr(frontier, "launch", lambda cmd, *a, **k: started.append(cmd) or pytest.fail("ran"))
+    monkeypatch.setattr(frontier, "plan", lambda d: [("val", "dsprites_loc", "ia3", 3e-3, 42)])
+    later = frontier.time.strftime("%H:%M", frontier.time.localtime(frontier.time.time() + 1800))
+    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None, device="cpu",
+                                       finish_by=later)
+    assert frontier.cmd_run(args) == 0 and not started
+    assert f"1 ready (1 of them would not end by {later})" in capsys.readouterr().out
