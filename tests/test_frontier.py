@@ -547,7 +547,7 @@ def tiny_loop(tmp_path, epochs=3, stop_at_step=None, checkpoint=True, settings="
 
     torch.manual_seed(seed)  # the random state a fresh process starts with
     args = _argparse.Namespace(epochs=epochs, batch_size=4, lr=0.1, seed=1)
-    _, start = hf_peft.train_loop(step, [p for p in net.parameters() if p.requires_grad], 16, args, module=net,
+    _, start, _ = hf_peft.train_loop(step, [p for p in net.parameters() if p.requires_grad], 16, args, module=net,
                                   checkpoint=tmp_path / "checkpoint.pt" if checkpoint else None, settings=settings)
     return net, start
 
@@ -596,9 +596,11 @@ def test_the_baseline_script_resumes_a_folder_and_clears_its_checkpoint(tmp_path
     real = hf_peft.write_checkpoint
 
     def write_then_stop(path, state):
-        real(path, state)
         if state["epoch"] == 2:
+            assert 0 < state["wall_s"] < 1000
+            real(path, {**state, "wall_s": 1000.0})  # as if the first process had taken 1,000 s
             raise Interrupted
+        real(path, state)
 
     monkeypatch.setattr(hf_peft, "write_checkpoint", write_then_stop)
     with pytest.raises(Interrupted):
@@ -606,6 +608,7 @@ def test_the_baseline_script_resumes_a_folder_and_clears_its_checkpoint(tmp_path
     assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
     resumed = hf_peft.main([*argv, "--out", str(tmp_path / "cut")])
     assert resumed["resumed_after_epoch"] == 2 and resumed["accuracy"] == whole["accuracy"]
+    assert 1000 < resumed["wall_s"] < 1000 + whole["wall_s"] * 5  # both processes' time, not the last one's only
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()
 
 

@@ -260,21 +260,24 @@ def differing(a: str | None, b: str) -> list[str]:
 
 def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], n: int,
                args: argparse.Namespace, module: nn.Module | None = None, checkpoint: Path | None = None,
-               settings: str = "") -> tuple[float, int]:
+               settings: str = "", started: float | None = None) -> tuple[float, int, float]:
     """AdamW + OneCycleLR over ``args.epochs`` epochs of shuffled batches; ``step_fn(idx)`` returns the loss.
     ``params`` may be parameter groups, each with its own ``lr`` (its one-cycle peak). With ``checkpoint`` (a path)
     and ``module`` (what owns the trained parameters), the state after each epoch but the last is kept there, and a
-    checkpoint found at the start (of the same ``settings``) is resumed from. Returns (seconds spent training in this
-    process, the epoch it started at)."""
+    checkpoint found at the start (of the same ``settings``) is resumed from; it also keeps the run's wall time so far
+    (the processes before this one, and this one since ``started``, a ``time.perf_counter()`` reading). Returns
+    (seconds spent training in this process, the epoch it started at, the wall seconds of the processes before)."""
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(params, lr=args.lr)
     peaks = [g["lr"] for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else args.lr,
                                                 total_steps=args.epochs * steps_per_epoch)
     trained = {} if module is None else {k: p for k, p in module.named_parameters() if p.requires_grad}
-    start = 0
+    start, earlier = 0, 0.0
+    started = time.perf_counter() if started is None else started
     if checkpoint is not None and checkpoint.is_file():
         state = read_checkpoint(checkpoint, settings)
+        earlier = float(state.get("wall_s", 0.0))
         saved = state["trainable"]
         if set(saved) != set(trained) or any(saved[k].shape != trained[k].shape for k in saved):
             raise SystemExit(f"{checkpoint}: its tensors are not this model's trainable ones; remove it to train "
@@ -299,6 +302,7 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
             opt.zero_grad(set_to_none=True)
         if checkpoint is not None and epoch + 1 < args.epochs:
             write_checkpoint(checkpoint, {"settings": settings, "epoch": epoch + 1,
+                                          "wall_s": earlier + time.perf_counter() - started,
                                           "trainable": {k: p.detach().cpu() for k, p in trained.items()},
                                           "optimizer": opt.state_dict(),
                                           # torch < 2.4 keeps OneCycleLR's anneal function (a bound method) in
@@ -310,7 +314,7 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
                                           else []})
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the clock reads the work done, not the work queued
-    return time.perf_counter() - t0, start
+    return time.perf_counter() - t0, start, earlier
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -336,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # what a checkpoint must match to be resumed: the command's settings, the device, the versions, and for a PEFT
     # method its config and optimizer groups as the code defines them now (a preset edited since is another run)
     fingerprint = {**settings, "device": device.type, "torch": torch.__version__}
-    resume = {"checkpoint": args.out / CHECKPOINT, "settings": json.dumps(fingerprint, sort_keys=True)}
+    resume = {"checkpoint": args.out / CHECKPOINT, "settings": json.dumps(fingerprint, sort_keys=True),
+              "started": t_start}
     sizes: dict[str, int] = {}
     peft_info: dict[str, Any] = {}
     if args.method == "linear-probe":
@@ -346,7 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = list(clf.parameters())
         sizes = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "adapter_tensors": 0,
                  "classifier_bytes": sum(p.numel() * 4 for p in params)}
-        train_s, start = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)),
+        train_s, start, earlier = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)),
                                                                 train_y[idx].to(device)),
                                     params, len(train_x), args, module=clf, **resume)
         with torch.no_grad():
@@ -380,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logits = model(pixel_values=x).logits
             return F.cross_entropy(logits.float(), train_y[idx].to(device))
 
-        train_s, start = train_loop(step, params, len(train_x), args, module=model, **resume)
+        train_s, start, earlier = train_loop(step, params, len(train_x), args, module=model, **resume)
         if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
             model.peft_config["default"].base_model_name_or_path = "dinov2_small"
             model.save_pretrained(str(args.save_peft))
@@ -401,7 +406,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_split": train_split, "selection": "none: the last epoch is reported; evaluated once, after training",
         **sizes, **peft_info,
         "trainable_params": sum(p.numel() for g in params for p in (g["params"] if isinstance(g, dict) else [g])),
-        "heads_total": 0, "heads_off": [], "wall_s": time.perf_counter() - t_start,
+        "heads_total": 0, "heads_off": [],
+        "wall_s": earlier + time.perf_counter() - t_start,  # a resumed run's earlier processes included
         "train_images_per_s": (args.epochs - start) * len(train_x) / max(train_s, 1e-9),
         **({"resumed_after_epoch": start} if start else {}),
         "engine": "outside heartlora: transformers + PEFT + torch (benchmarks/baselines/hf_peft.py)",
