@@ -152,17 +152,21 @@ def test_two_ranks_draw_their_own_masks_and_resume_them(tmp_path: Path) -> None:
 WORKER = """
 import os, sys
 import torch.distributed as dist
-rank, port, task, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+rank, port, task, out, where = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-from heartlora.engine import TrainConfig, train, checkpoint
-if rank == 0:  # rank 0's first checkpoint write fails, as on a full disk
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+from heartlora.engine import TrainConfig, train, checkpoint, loggers
+def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+if rank == 0 and where == "checkpoint":  # rank 0's first checkpoint write fails, as on a full disk
     checkpoint.save_checkpoint = full
+if rank == 0 and where == "scores":  # rank 0's TensorBoard write of the warmup's head scores fails
+    loggers.RunLoggers.head_scores = full
 try:
     train(TrainConfig(task=task, out=out, progress=False, backbone="test_vit", pretrained=False, img_size=32,
-                      batch_size=19, epochs=2, method="lora", device="cpu"))
+                      batch_size=19, epochs=2, device="cpu",
+                      **(dict(method="lora") if where == "checkpoint" else
+                         dict(method="heart-lora", ne=2, warmup_epochs=1, log_to="tensorboard"))))
     print("finished")
 except Exception as exc:
     print("raised", type(exc).__name__, exc)
@@ -170,10 +174,11 @@ except Exception as exc:
 
 
 @pytest.mark.slow
-def test_a_failure_on_rank_0_ends_every_rank_of_a_group_the_caller_started(tmp_path: Path) -> None:
-    """A process group the caller started (not torchrun, which would end the other ranks): rank 0's write fails,
-    and rank 1, which was on its way to the next collective, raises too instead of waiting for gloo's 30-minute
-    timeout."""
+@pytest.mark.parametrize("where", ["checkpoint", "scores"])
+def test_a_failure_on_rank_0_ends_every_rank_of_a_group_the_caller_started(tmp_path: Path, where: str) -> None:
+    """A process group the caller started (not torchrun, which would end the other ranks): rank 0's write fails
+    (a checkpoint; the warmup's head scores in the --log-to logs), and rank 1, which was on its way to the next
+    collective, raises too instead of waiting for gloo's 30-minute timeout."""
     import socket
 
     task = write_tiny_vtab(tmp_path / "task")
@@ -183,13 +188,14 @@ def test_a_failure_on_rank_0_ends_every_rank_of_a_group_the_caller_started(tmp_p
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, task, str(tmp_path / "run")], env=env,
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, task, str(tmp_path / "run"), where], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         outs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert "raised RunFolderError cannot write checkpoint.pt" in outs[0] and "the disk is full" in outs[0], outs
+    what = "checkpoint.pt" if where == "checkpoint" else "the --log-to logs"
+    assert f"raised RunFolderError cannot write {what}" in outs[0] and "the disk is full" in outs[0], outs
     assert "raised HeartLoRAError rank 0 failed (RunFolderError:" in outs[1], outs
     assert "rank 1 stops too" in outs[1]

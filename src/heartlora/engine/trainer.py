@@ -489,8 +489,7 @@ class Trainer:
     def end_of_warmup(self) -> None:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""
         self.state.scores = self.tracker.scores()
-        if self.loggers is not None:
-            self.loggers.head_scores(self.state.scores, step=self.state.epoch + 1)
+        self.on_rank0(self._log_head_scores)
         record: dict[str, Any] = {}
         t0 = time.perf_counter()
         with self.precision.autocast():
@@ -566,6 +565,11 @@ class Trainer:
             restarted = self.state.scores if resumed and self.state.epoch == 0 and self.cfg.score_restart else None
             self.loggers = RunLoggers(self.log_to, self.folder.path, self.cfg.settings(), self.state.epoch,
                                       resumed=resumed, run_id=self.state.run_id, restarted=restarted or None)
+
+    def _log_head_scores(self) -> None:
+        if self.loggers is not None:
+            with self.folder.writing("the --log-to logs"):
+                self.loggers.head_scores(self.state.scores, step=self.state.epoch + 1)
 
     def _restart_logs(self) -> None:
         """--score-restart: the logs begin again at epoch 1 (``RunLoggers.restart``)."""
