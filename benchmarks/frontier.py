@@ -9,9 +9,9 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
    one natural task of the cpu suite; seed 42); the best mean val200 accuracy wins (ties: the earlier grid point, so
    the reference). When the best is at an end of the grid, the grid grows one step (× 3 or ÷ 3) that way, at most
    ``MAX_EXTEND`` times, so a reference off by a decade is still found. Points marked ``lr_from`` take another
-   point's choice (heartlora's all-heads-on lora and bi-lora share their heads-off method's rate; the higher-rank
-   reallocation points search their own) and also run val200 at that rate, since
-   heartlora's point at each budget is chosen on val200.
+   point's choice (heartlora's all-heads-on lora and bi-lora share their heads-off method's rate; its points at
+   another rank search their own) and also run val200 at that rate, since heartlora's point at each budget is
+   chosen on val200.
 2. **Final runs**: train800val200 → test, seed 42 on the 7 cpu tasks first, then seeds 43 and 44 on them for the
    points that decide (every PEFT point, and heartlora's point that each goal compares with it), then seed 42 on the
    3 heldout tasks, which confirm what the cpu tasks decide.
@@ -125,6 +125,17 @@ POINTS: dict[str, dict[str, Any]] = {
                             "lr": 1e-3, "family": "heartlora float"},
     "heart-lora-r10-ne36": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "10", "--ne", "36"],
                             "lr": 1e-3, "family": "heartlora float"},
+    # heartlora between 20 KB and LoRA r8's bytes, where most of PEFT's small methods sit (VeRA 31 KB, LoRA r1 37 KB,
+    # LN tuning 38 KB, FourierFT 48 KB, IA³ 55 KB, LoRA r2 74 KB, r4 147 KB): without them every one of those is
+    # compared with the 19 KB 1-bit Bi-LoRA, which says nothing of heartlora at their bytes. 1 bit at rank 16 (about
+    # 2 × heart-bi-lora's 15 KB) and float at rank 2 and 4 (about 1/4 and 1/2 of heart-lora's 184 KB); `--ne auto`
+    # as the defaults. Each searches its own rate around heartlora's default, as the reallocation points do.
+    "heart-bi-lora-r16": {"engine": ["--method", "heart-bi-lora", "--scope", "global", "--rank", "16"], "lr": 1e-3,
+                          "family": "heartlora 1-bit"},
+    "heart-lora-r2": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "2"], "lr": 1e-3,
+                      "family": "heartlora float"},
+    "heart-lora-r4": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "4"], "lr": 1e-3,
+                      "family": "heartlora float"},
 }
 PEFT_POINTS = tuple(p for p, s in POINTS.items() if "peft" in s)
 HEART_POINTS = tuple(p for p, s in POINTS.items() if "engine" in s)
@@ -138,8 +149,8 @@ FOLLOWERS_NOTE = ("heartlora's all-heads-on variants (" + ", ".join(p for p in H
                   + ") train at the rate their heads-off method chose (" + ", ".join(
                       sorted({POINTS[p]["lr_from"] + "'s" for p in HEART_POINTS if "lr_from" in POINTS[p]}))
                   + ") instead of searching their own: the one exception to the rate rule (they differ from it only "
-                    "in switching no head off). The higher-rank points search their own rate: a higher rank at the "
-                    "same fixed scale moves the output faster at a given rate.")
+                    "in switching no head off). The points at another rank search their own rate: the delta is "
+                    "scale·B·A at a fixed scale, so the rank changes how fast the output moves at a given rate.")
 
 
 def lr_str(lr: float) -> str:
@@ -538,6 +549,50 @@ def val_score(point: str, val: dict[tuple[str, str, float], float]) -> float | N
     return None if lr is None else val_mean(point, lr, val)
 
 
+def val_bytes(data: dict[str, Any], val: dict[tuple[str, str, float], float]) -> dict[str, float]:
+    """Each point's mean bytes (fp16, classifier excluded) over its val200 runs at its chosen rate."""
+    chosen = {point: choose_lr(point, val)[0] for point in POINTS}
+    got: dict[str, list[int]] = {}
+    for r in data["records"]:
+        point = r.get("frontier_point")
+        if (r.get("role") == "select" and point in chosen and chosen[point] is not None
+                and math.isclose(float(r["frontier_lr"]), chosen[point]) and r.get("adapter_bytes_fp16") is not None):
+            got.setdefault(point, []).append(int(r["adapter_bytes_fp16"]))
+    return {point: statistics.fmean(values) for point, values in got.items()}
+
+
+def val_lines(data: dict[str, Any], val: dict[tuple[str, str, float], float]) -> list[str]:
+    """The val200 data the choices are made on, read as a frontier before the final runs are in: every point at its
+    chosen rate by bytes, and for each PEFT method heartlora's best point at no more bytes by the same numbers. Not
+    a result: heartlora's point is the best of several on these very numbers (which favours it), and three tasks at
+    one seed are not the goals' 21 test cells."""
+    nbytes = val_bytes(data, val)
+    scored = sorted((nbytes[p], p, score) for p in POINTS if p in nbytes and (score := val_score(p, val)) is not None)
+    if not scored:
+        return []
+    lines = ["", "## What val200 says so far (the selection data, not a result)", "",
+             f"Mean val200 accuracy over {', '.join(SELECT_TASKS)} (train800 → val200, seed 42) at each point's "
+             "chosen rate, and its mean bytes over those runs (fp16, classifier excluded). The comparison column "
+             "takes, for each PEFT method, heartlora's best point on these same numbers among those at no more bytes: "
+             "a maximum over several points on the data that chose it, so it leans towards heartlora, and three "
+             "tasks at one seed decide no goal; the test runs above do.", "",
+             "| point | bytes (fp16) | mean val200 (%) | heartlora's best at no more bytes | its val200 (%) | "
+             "difference |", "|---|---|---|---|---|---|"]
+    heart = [(b, p, a) for b, p, a in scored if p in HEART_POINTS]
+    for b, point, acc in scored:
+        cells = ["", "", ""]
+        if point in PEFT_POINTS:
+            fits = [(a, -hb, h) for hb, h, a in heart if hb <= b]
+            if fits:
+                best_acc, _, best = max(fits)
+                cells = [label(best), f"{100 * best_acc:.1f}", f"{100 * (best_acc - acc):+.1f}"]
+            else:
+                cells = ["none fits", "", ""]
+        lines.append(f"| {label(point) if point in HEART_POINTS else point} | {b:,.0f} | {100 * acc:.1f} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]],
                    val_runs: list[dict[str, Any]] | None = None) -> list[str]:
     """Which machines made the final runs in the table and the val200 runs that chose the rates, for each when more
@@ -600,6 +655,7 @@ def report() -> None:
                      f"{len(runs)} |")
     lines += hardware_lines(fin, [r for r in data["records"] if r.get("role") == "select"])
     lines += goal_lines(fin, val, cpu_cells, held_cells)
+    lines += val_lines(data, val)
     lines += paper_lines(load_results(PAPER_RECORDS))
     left = plan(data)
     ahead = projection(data, suite_records())

@@ -75,7 +75,8 @@ def test_rate_rule_breaks_ties_for_the_reference_and_shares_choices():
     assert frontier.choose_lr("heart-lora", val)[0] == 1e-3
     assert frontier.choose_lr("lora", val)[0] == 1e-3
     assert frontier.choose_lr("bi-lora", val)[0] is None  # its leader (heart-bi-lora) has no val runs yet
-    for own in ("heart-lora-r10-ne36", "heart-lora-r16-ne48"):  # a higher rank searches its own rate
+    # another rank searches its own rate
+    for own in ("heart-lora-r10-ne36", "heart-lora-r16-ne48", "heart-lora-r2", "heart-lora-r4", "heart-bi-lora-r16"):
         assert frontier.choose_lr(own, val)[0] is None
 
 
@@ -796,3 +797,22 @@ def test_a_driver_with_finish_by_starts_no_run_that_would_end_too_late(tmp_path,
                                        finish_by=later)
     assert frontier.cmd_run(args) == 0 and not started
     assert f"1 ready (1 of them would not end by {later})" in capsys.readouterr().out
+
+
+def test_the_val200_preview_compares_each_peft_method_with_heartloras_best_point_at_no_more_bytes():
+    data = {"records": []}
+    accs = {"heart-bi-lora": 0.70, "heart-lora-r2": 0.74, "heart-lora": 0.72, "vera": 0.75, "ia3-kv": 0.69,
+            "lora-r4": 0.71}
+    nbytes = {"heart-bi-lora": 15_000, "heart-lora-r2": 40_000, "heart-lora": 180_000, "vera": 30_720,
+              "ia3-kv": 14_000, "lora-r4": 147_456}
+    for point, acc in accs.items():
+        fill_val(data, point, lambda lr, acc=acc: acc if lr == frontier.POINTS[point]["lr"] else acc - 0.1)
+    for r in data["records"]:
+        r["adapter_bytes_fp16"] = nbytes[r["frontier_point"]]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in frontier.val_lines(data, frontier.val_index(data)) if line.startswith("| ")}
+    assert rows["vera"][1:] == ["30,720", "75.0", "heart-bi-lora", "70.0", "-5.0 |"]
+    # at 147 KB both float points fit: the better val200 one, not the bigger one
+    assert rows["lora-r4"][3:] == ["heart-lora-r2", "74.0", "+3.0 |"]
+    assert rows["ia3-kv"][3] == "none fits" and rows["heart-lora"][1:3] == ["180,000", "72.0"]
+    assert frontier.val_lines({"records": []}, {}) == []
