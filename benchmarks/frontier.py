@@ -390,7 +390,8 @@ def stamped(rec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def finish_by(text: str | None, now: float | None = None) -> float | None:
     """``--finish-by HH:MM`` as a time stamp: the next time the local clock reads it (today, or tomorrow once it has
-    passed), so a run that starts at 23:00 with 01:30 means the night's 01:30."""
+    passed), so a run that starts at 23:00 with 01:30 means the night's 01:30; a time that passed within the last
+    hour is refused (a slip: it would put the guard a day away)."""
     if text is None:
         return None
     try:
@@ -402,18 +403,23 @@ def finish_by(text: str | None, now: float | None = None) -> float | None:
     now = time.time() if now is None else now
     t = time.localtime(now)
     stamp = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, hour, minute, 0, 0, 0, -1))
+    if now - 3600 < stamp <= now:  # a slip, not tomorrow: the guard would be a day away
+        raise SystemExit(f"--finish-by {text}: that was {(now - stamp) / 60:.0f} min ago (it is "
+                         f"{time.strftime('%H:%M', t)}); give a time still ahead")
     return stamp if stamp > now else time.mktime((t.tm_year, t.tm_mon, t.tm_mday + 1, hour, minute, 0, 0, 0, -1))
 
 
 class Fit:
-    """Which runs may still start before ``until``: a run whose expected time (``wall_model``, scaled by how this
-    machine's runs finished by this driver compared with it: the median ratio, 1 until one has finished) would end
-    after it does not; a shorter one may (a few-shot task's run takes a quarter of a full one's), so that the
-    last minutes of a session train something instead of starting runs a session's end kills."""
+    """Which runs may still start before ``until``: a run whose expected time (``cost``: ``wall_model`` of the
+    records as they were when the driver started, scaled by how this machine's runs, started from scratch by this
+    driver, compared with it: the median ratio, 1 until one has finished) would end after it does not; a shorter one
+    may (a few-shot task's run takes a quarter of a full one's), so that the last minutes of a session train
+    something instead of starting runs a session's end kills. The model stays fixed: the records this driver adds
+    already carry this machine's speed, which the ratio applies."""
 
-    def __init__(self, until: float | None, clock: Callable[[], float] = time.time):
-        self.until, self.clock, self.ratios = until, clock, []
-        self.cost: Callable[[tuple], float] = lambda item: 600.0
+    def __init__(self, until: float | None, cost: Callable[[tuple], float] = lambda item: 600.0,
+                 clock: Callable[[], float] = time.time):
+        self.until, self.cost, self.clock, self.ratios = until, cost, clock, []
 
     def expected(self, item: tuple) -> float:
         return self.cost(item) * (statistics.median(self.ratios) if self.ratios else 1.0)
@@ -422,17 +428,21 @@ class Fit:
         return self.until is None or self.clock() + self.expected(item) <= self.until
 
     def finished(self, item: tuple, seconds: float) -> None:
+        """A run this driver trained from its start took ``seconds`` (a resumed one says nothing of the speed)."""
         self.ratios.append(seconds / self.cost(item))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     finished = 0
-    fit = Fit(finish_by(getattr(args, "finish_by", None)))
+    until = finish_by(getattr(args, "finish_by", None))
+    fit = Fit(until, wall_model(load_results(RECORDS), suite_records()))
+    if until is not None:
+        print(f"frontier: starting only runs expected to end by {time.strftime('%a %H:%M', time.localtime(until))} "
+              f"(in {(until - time.time()) / 3600:.1f} h)", flush=True)
+    resumed: set[str] = set()
 
     def ready() -> list[tuple[str, tuple]]:
-        data = load_results(RECORDS)
-        fit.cost = wall_model(data)
-        return [(run_id(*item), item) for item in plan(data) if fit(item)]
+        return [(run_id(*item), item) for item in plan(load_results(RECORDS)) if fit(item)]
 
     def start(run: str, item: tuple) -> tuple[subprocess.Popen, Any] | None:
         if item[0] == "final" and (old := suite_record(suite_records(), item[1], item[2], item[3], item[4])):
@@ -444,6 +454,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             add_record(stamped(make_record(item, json.loads((out / "metrics.json").read_text())), args), RECORDS)
             return None
         print(f"[{time.strftime('%H:%M:%S')}] start {run}", flush=True)
+        if (out / "checkpoint.pt").exists():  # the engine's and the baseline script's checkpoint
+            resumed.add(run)
         return launch(command(*item, out, args.threads, device=args.device, precision=run_precision(args.device)),
                       out.parent / f"{out.name}.log", ROOT, args.threads)
 
@@ -455,7 +467,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rec = stamped(make_record(item, metrics), args)
         add_record(rec, RECORDS)
         finished += 1
-        fit.finished(item, seconds)
+        if run not in resumed:
+            fit.finished(item, seconds)
         print(f"    done {run}: {rec['accuracy_split']} acc {rec['accuracy']:.4f}, {rec['adapter_bytes']} B, "
               f"{seconds:.0f} s", flush=True)
         return True
@@ -577,12 +590,13 @@ def val_lines(data: dict[str, Any], val: dict[tuple[str, str, float], float]) ->
              "a maximum over several points on the data that chose it, so it leans towards heartlora, and three "
              "tasks at one seed decide no goal; the test runs above do.", "",
              "| point | bytes (fp16) | mean val200 (%) | heartlora's best at no more bytes | its val200 (%) | "
-             "difference |", "|---|---|---|---|---|---|"]
+             "heartlora − PEFT (points) |", "|---|---|---|---|---|---|"]
     heart = [(b, p, a) for b, p, a in scored if p in HEART_POINTS]
     for b, point, acc in scored:
         cells = ["", "", ""]
         if point in PEFT_POINTS:
-            fits = [(a, -hb, h) for hb, h, a in heart if hb <= b]
+            # the goals' tie rule (``representative``): the better val200, then the earlier point
+            fits = [(a, -HEART_POINTS.index(h), h) for hb, h, a in heart if hb <= b]
             if fits:
                 best_acc, _, best = max(fits)
                 cells = [label(best), f"{100 * best_acc:.1f}", f"{100 * (best_acc - acc):+.1f}"]
@@ -865,19 +879,30 @@ def plot(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> None:
 FINAL_OVER_VAL = 1.25  # a final run's time over a val run's on the same task: 1,000 training images against 800
 
 
-def wall_model(data: dict[str, Any]) -> Callable[[tuple[str, str, str, float, int]], float]:
-    """A run's expected seconds on one CPU job, from the records: the median wall time recorded on a CPU for its
-    (protocol, task); a final run on a task with no final yet at its task's val runs' median × ``FINAL_OVER_VAL``
-    (it trains on train800val200, a quarter more images than train800); else the median of its protocol, else 600 s.
-    """
+def wall_model(data: dict[str, Any], suite: dict[str, dict[str, Any]] | None = None
+               ) -> Callable[[tuple[str, str, str, float, int]], float]:
+    """A run's expected seconds on one CPU job, from the records (this driver's, and the suite's final runs of the
+    same schedule, ``suite``: they time a final run's evaluation on each task's whole test split): the median wall
+    time recorded on a CPU for its (protocol, task); a final run on a task with no final yet at its task's val runs'
+    median × ``FINAL_OVER_VAL`` (it trains on train800val200, a quarter more images than train800); else the median
+    of its protocol, else 600 s."""
     walls: dict[tuple[str, ...], list[float]] = {}
+
+    def add(protocol: str, task: str, wall: float) -> None:
+        walls.setdefault((protocol, task), []).append(wall)
+        walls.setdefault((protocol,), []).append(wall)
+
     for r in data["records"]:
         # times of this protocol on a CPU only: a GPU session's merged runs would make two cores look fast
         on_cpu = (r.get("machine") or {}).get("device", "cpu") == "cpu"
         if r.get("wall_s") and not r.get("reused_from") and on_cpu:
-            proto = "val" if r.get("role") == "select" else "final"
-            walls.setdefault((proto, r["task"]), []).append(float(r["wall_s"]))
-            walls.setdefault((proto,), []).append(float(r["wall_s"]))
+            add("val" if r.get("role") == "select" else "final", r["task"], float(r["wall_s"]))
+    for rid, r in (suite or {}).items():
+        parts = rid.split("/")
+        machine = r.get("machine") or {}
+        if (len(parts) > 3 and parts[1] == TAG.split("/")[1] and parts[2] == "final" and r.get("wall_s")
+                and not machine.get("gpu") and machine.get("device", "cpu") == "cpu"):
+            add("final", parts[3], float(r["wall_s"]))
     medians = {key: statistics.median(values) for key, values in walls.items()}
 
     def seconds(item: tuple[str, str, str, float, int]) -> float:
@@ -896,7 +921,7 @@ def projection(data: dict[str, Any], suite: dict[str, dict[str, Any]]) -> dict[s
     reference (a search already past it may still grow its grid), every point's bytes are those recorded so far.
     Returns the runs to train, the runs the suite's records answer, and the seconds of one job, each run costed by
     ``wall_model``."""
-    cost = wall_model(data)
+    cost = wall_model(data, suite)
     nbytes: dict[str, int] = {}
     for r in data["records"]:
         nbytes.setdefault(r["frontier_point"], int(r.get("adapter_bytes_fp16") or 0))

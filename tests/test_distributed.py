@@ -166,7 +166,7 @@ try:
     train(TrainConfig(task=task, out=out, progress=False, backbone="test_vit", pretrained=False, img_size=32,
                       batch_size=19, epochs=2, device="cpu",
                       **(dict(method="lora") if where == "checkpoint" else
-                         dict(method="heart-lora", ne=2, warmup_epochs=1, log_to="tensorboard"))))
+                         dict(method="heart-lora", ne=2, warmup_epochs=1, log_to="csv"))))
     print("finished")
 except Exception as exc:
     print("raised", type(exc).__name__, exc)

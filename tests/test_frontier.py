@@ -758,8 +758,10 @@ def test_the_paper_table_compares_means_over_the_tasks_every_point_has():
 def test_finish_by_is_the_next_time_the_clock_reads_it_and_refuses_other_text():
     now = frontier.time.mktime((2026, 12, 7, 6, 0, 0, 0, 0, -1))
     assert frontier.finish_by("08:40", now) - now == 2 * 3600 + 40 * 60
-    assert frontier.finish_by("05:30", now) - now == 23 * 3600 + 30 * 60  # passed today: tomorrow's
+    assert frontier.finish_by("04:30", now) - now == 22 * 3600 + 30 * 60  # passed today: tomorrow's
     assert frontier.finish_by(None, now) is None
+    with pytest.raises(SystemExit, match="that was 30 min ago"):  # a slip, not tomorrow
+        frontier.finish_by("05:30", now)
     for bad in ("8", "25:00", "08:60", "soon"):
         with pytest.raises(SystemExit, match="give a local time as HH:MM"):
             frontier.finish_by(bad, now)
@@ -767,10 +769,9 @@ def test_finish_by_is_the_next_time_the_clock_reads_it_and_refuses_other_text():
 
 def test_finish_by_starts_only_runs_expected_to_end_in_time_scaled_by_this_machines_speed():
     clock = [1000.0]
-    fit = frontier.Fit(until=2000.0, clock=lambda: clock[0])
     data = {"records": [val_rec("vera", "dsprites_loc", 4e-2, 0.5) | {"wall_s": 600.0},
                         val_rec("vera", "fashion_mnist@4shot", 4e-2, 0.5) | {"wall_s": 150.0}]}
-    fit.cost = frontier.wall_model(data)
+    fit = frontier.Fit(until=2000.0, cost=frontier.wall_model(data), clock=lambda: clock[0])
     full = ("val", "dsprites_loc", "ia3", 3e-3, 42)
     short = ("val", "fashion_mnist@4shot", "ia3", 3e-3, 42)
     final = ("final", "dsprites_loc", "ia3", 3e-3, 42)  # no final yet: the task's val median × 1.25
@@ -780,6 +781,19 @@ def test_finish_by_starts_only_runs_expected_to_end_in_time_scaled_by_this_machi
     fit.finished(full, 900.0)  # this machine took 1.5 × the records' time
     assert fit.expected(full) == 900.0 and not fit(full) and fit(short)
     assert frontier.Fit(until=None)(final)
+
+
+def test_the_wall_model_times_final_runs_by_the_suites_runs_of_the_same_schedule():
+    data = {"records": [val_rec("vera", "mnist", 4e-2, 0.5) | {"wall_s": 600.0}]}
+    suite = {"cpu/112px-10ep-b32/final/mnist/heart-lora_s42": {"wall_s": 1000.0, "machine": {"cpu": "x"}},
+             "heldout/112px-10ep-b32/final/mnist/lora_s43": {"wall_s": 1200.0},
+             "cpu/112px-10ep-b32/val/mnist/lora_s42": {"wall_s": 9.0},  # not a final
+             "quick/42px-3ep-b32/final/mnist/lora_s42": {"wall_s": 9.0},  # another schedule
+             "cpu/112px-10ep-b32/final/mnist/lora_s44": {"wall_s": 9.0, "machine": {"gpu": "H100", "device": "cuda"}}}
+    final = ("final", "mnist", "ia3", 3e-3, 42)
+    assert frontier.wall_model(data)(final) == 750.0  # the task's val median × 1.25
+    assert frontier.wall_model(data, suite)(final) == 1100.0  # the whole test split's evaluation included
+    assert frontier.wall_model(data, suite)(("val", "mnist", "ia3", 3e-3, 42)) == 600.0
 
 
 def test_a_driver_with_finish_by_starts_no_run_that_would_end_too_late(tmp_path, monkeypatch, capsys):
@@ -796,7 +810,42 @@ def test_a_driver_with_finish_by_starts_no_run_that_would_end_too_late(tmp_path,
     args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None, device="cpu",
                                        finish_by=later)
     assert frontier.cmd_run(args) == 0 and not started
-    assert f"1 ready (1 of them would not end by {later})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "starting only runs expected to end by" in out and "(in 0.5 h)" in out
+    assert f"1 ready (1 of them would not end by {later})" in out
+
+
+def test_a_resumed_run_does_not_set_the_machines_speed(tmp_path, monkeypatch):
+    """A run resumed from its checkpoint takes a fraction of a whole run's time: it must not make every later run
+    look short. Two runs finish in 60 s each against an expected 600 s; only the one trained from scratch counts."""
+    monkeypatch.setattr(frontier, "RECORDS", tmp_path / "frontier.json")
+    monkeypatch.setattr(frontier, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(frontier, "report", lambda: None)
+    (tmp_path / "frontier.json").write_text(json.dumps({"format": "heartlora-suite-results", "records": [
+        val_rec("vera", "dsprites_loc", 4e-2, 0.5) | {"wall_s": 600.0}]}))
+    items = [("val", "dsprites_loc", "ia3", lr, 42) for lr in (1e-3, 3e-3)]
+    (tmp_path / "runs" / frontier.run_id(*items[0])).mkdir(parents=True)
+    (tmp_path / "runs" / frontier.run_id(*items[0]) / "checkpoint.pt").write_bytes(b"x")
+    monkeypatch.setattr(frontier, "plan", lambda d: [it for it in items if frontier.run_id(*it) not in
+                                                     {r["id"] for r in d["records"]}])
+    monkeypatch.setattr(frontier, "launch", lambda *a, **k: (None, None))
+    monkeypatch.setattr(frontier, "ended_run", lambda runs, run, rc: {"accuracy": 0.5, "accuracy_split": "val200",
+                                                                      "adapter_bytes": 10, "adapter_bytes_fp16": 5,
+                                                                      "classifier_bytes": 4})
+    fits = []
+    real_fit = frontier.Fit
+    monkeypatch.setattr(frontier, "Fit", lambda *a, **k: fits.append(real_fit(*a, **k)) or fits[-1])
+
+    def pool(ready, start, finish, **kw):
+        for key, item in ready():
+            start(key, item)
+            finish(key, item, 0, 60.0)
+        return 2, set()
+
+    monkeypatch.setattr(frontier, "run_pool", pool)
+    args = frontier.argparse.Namespace(jobs=2, threads=1, max_runs=None, deadline_s=None, device="cpu")
+    assert frontier.cmd_run(args) == 0
+    assert fits[0].ratios == [0.1]
 
 
 def test_the_val200_preview_compares_each_peft_method_with_heartloras_best_point_at_no_more_bytes():

@@ -352,8 +352,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sizes = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "adapter_tensors": 0,
                  "classifier_bytes": sum(p.numel() * 4 for p in params)}
         train_s, start, earlier = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)),
-                                                                train_y[idx].to(device)),
-                                    params, len(train_x), args, module=clf, **resume)
+                                                                         train_y[idx].to(device)),
+                                             params, len(train_x), args, module=clf, **resume)
         with torch.no_grad():
             pred = torch.cat([clf(f_eval[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(f_eval), 512)])
     else:
