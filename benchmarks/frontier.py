@@ -675,7 +675,8 @@ def report() -> None:
     ahead = projection(data, suite_records())
     lines += ["", f"Runs recorded: {len(data['records'])}; ready to run now: {len(left)}. Left, if the open rate "
               f"searches end at their reference (`frontier.py status`): {ahead['runs']:.0f} runs to train, about "
-              f"{ahead['seconds'] / 7200:.0f} h with two one-thread jobs on this machine, and {ahead['reused']:.0f} "
+              f"{ahead['seconds'] / 7200:.0f} h with two one-thread jobs at the run times the records show (the "
+              f"CPUs they ran on differ up to 3× in speed), and {ahead['reused']:.0f} "
               "answered by the suite's records; a lent GPU runs the same protocol in fp32, many runs side by side "
               "(`bash benchmarks/gpu_session.sh frontier`, docs/research/GPU.md). A row with (k/n) is partial."]
     DOC.parent.mkdir(parents=True, exist_ok=True)
