@@ -512,6 +512,19 @@ def paired(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
     return round(statistics.fmean(d), 6), round(se, 6), len(d)
 
 
+def task_se(a: dict[tuple[str, int], dict], b: dict[tuple[str, int], dict],
+            cells: set[tuple[str, int]]) -> tuple[float, int] | None:
+    """The standard error of b − a over its tasks instead of its cells: each task's mean difference over the seeds
+    both have, then the standard error of those means (the seeds of one task share its data, so their differences
+    are not independent and the cells' standard error can understate the spread). (se in points, tasks); None under
+    two tasks."""
+    by_task: dict[str, list[float]] = {}
+    for key in sorted(set(a) & set(b) & cells):
+        by_task.setdefault(key[0], []).append(100 * (float(b[key]["accuracy"]) - float(a[key]["accuracy"])))
+    means = [statistics.fmean(d) for d in by_task.values()]
+    return (round(statistics.stdev(means) / math.sqrt(len(means)), 6), len(means)) if len(means) > 1 else None
+
+
 def mean_bytes(runs: dict[tuple[str, int], dict], key: str = "adapter_bytes_fp16") -> float | None:
     """A point's bytes a task: the mean over its seed-42 finals on the cpu tasks (over all its finals while it has
     none), so that later runs do not move a budget once the choices that read it are made."""
@@ -725,16 +738,19 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
              "cpu tasks at seed 42, and heartlora's point is chosen against its own seed-42 mean; the heartlora "
              "bytes shown are its mean over the cells compared (heads-off counts chosen by `--ne auto` vary by task "
              "and seed); where they exceed the budget the row says so and the goal is not met there, whatever the "
-             "accuracy. A point marked (all heads on) switches no "
-             "head off.", "",
+             "accuracy. A point marked (all heads on) switches no head off. The seeds of one task share its data, so "
+             "their differences are not independent and the cells' standard error (the issue's) can be small: the "
+             "standard error over the task means (each task's mean over its seeds) is shown beside it, the "
+             "conservative reading.", "",
              "| goal | PEFT method | its bytes | heartlora point | its bytes | cpu: diff ± se (n) | "
-             "heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|"]
+             "cpu: se over tasks | heldout: diff ± se (n) | met |", "|---|---|---|---|---|---|---|---|---|"]
 
     settled = heart_settled(fin, val)
     rows = comparisons(fin, val)
     for goal, point, heart, budget in rows:
         if heart is None:
-            why = "none fits | | | | no" if settled else "pending: heartlora's points are not all run | | | | not yet"
+            why = ("none fits | | | | | no" if settled
+                   else "pending: heartlora's points are not all run | | | | | not yet")
             lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {why} |")
             continue
         cpu, held = paired(fin[point], fin[heart], cpu_cells), paired(fin[point], fin[heart], held_cells)
@@ -755,12 +771,14 @@ def goal_lines(fin: dict[str, dict[tuple[str, int], dict]], val: dict[tuple[str,
         if spent is not None and spent > budget:  # not a comparison at the budget's bytes: never a "yes"
             over = f"its bytes over these cells exceed the budget by {spent - budget:,.0f}"
             met = f"no: {over} ({met})" if met.startswith("yes") else f"{met}; {over}"
+        tse = task_se(fin[point], fin[heart], cpu_cells)
         lines.append(f"| {titles[goal]} | {point} | {mean_bytes(fin[point]):,.0f} | {label(heart)} | "
-                     f"{spent:,.0f} | {fmt(cpu)} | {fmt(held)} | {met} |")
+                     f"{spent:,.0f} | {fmt(cpu)} | {f'{tse[0]:.1f} ({tse[1]} tasks)' if tse else '…'} | "
+                     f"{fmt(held)} | {met} |")
     compared = {p for _, p, _, _ in rows}
     for point in PEFT_POINTS:
         if point not in compared:
-            lines.append(f"| every goal | {point} | … | pending: its final runs are not in | | | | not yet |")
+            lines.append(f"| every goal | {point} | … | pending: its final runs are not in | | | | | not yet |")
     return lines
 
 

@@ -187,6 +187,12 @@ def test_goal_lines_judge_the_paired_difference_against_each_margin():
     diffs[:2] = [3.0, 3.0]
     mean = sum(diffs) / 21
     assert f"{mean:+.1f}" in row and "(21)" in row and row.endswith("| yes, by more than 2 se |")
+    # beside it, the standard error over the 7 task means (task 0: +8/3 over its seeds, the others +2)
+    task_means = [8 / 3] + [2.0] * 6
+    se = frontier.statistics.stdev(task_means) / 7 ** 0.5
+    assert f"| {se:.1f} (7 tasks) |" in row and frontier.task_se(
+        fin["ia3-kv"], fin["heart-bi-lora"], cells) == (round(se, 6), 7)
+    assert frontier.task_se(fin["ia3-kv"], fin["heart-bi-lora"], {("mnist", 42), ("mnist", 43)}) is None
     small = next(x for x in lines if x.startswith("| +3 under") and "| ia3-kv |" in x)
     assert small.endswith(f"| no, by {3 - mean:.1f} |")
 
@@ -226,7 +232,7 @@ def test_goal_rows_say_what_is_pending_and_what_exceeds_the_budget():
     data["records"] = [r for r in data["records"] if not (r["role"] == "final" and r["frontier_point"] in
                                                           ("vera", "heart-lora-r10-ne36"))]
     lines = frontier.goal_lines(frontier.finals(data), val, cells, held)
-    assert "| every goal | vera | … | pending: its final runs are not in | | | | not yet |" in lines
+    assert "| every goal | vera | … | pending: its final runs are not in | | | | | not yet |" in lines
     assert any("| ia3-kv |" in x and x.endswith("| not yet: heartlora's points are not all run |") for x in lines)
     assert frontier.fmt((1.0, float("nan"), 1)) == "+1.0 ± n/a (1)"
     # bytes over the compared cells above the budget are said, not hidden
