@@ -331,3 +331,20 @@ def test_cli_predict_with_several_adapters_labels_each_image_by_every_task(tmp_p
     assert main(["predict", "--adapter", str(paths[0]), "--adapter", str(tmp_path / "big.safetensors"),
                  str(images[0])]) == 2
     assert "different image sizes" in capsys.readouterr().err
+
+
+def test_a_bank_serves_half_precision_files_as_their_own_model_does(tmp_path):
+    """Files stored at float16 (a float adapter) and bfloat16 (a 1-bit one's mean and std) beside a float32 one:
+    each row gets the logits of its own file loaded alone."""
+    paths = {task: _make_adapter(tmp_path, _vit, task, *CASES[task], seed=i) for i, task in enumerate("abc")}
+    hl.convert_adapter(paths["a"], tmp_path / "a16.safetensors", "float16")
+    hl.convert_adapter(paths["b"], tmp_path / "b16.safetensors", "bfloat16")
+    paths["a"], paths["b"] = tmp_path / "a16.safetensors", tmp_path / "b16.safetensors"
+    bank = hl.AdapterBank(_vit(10))
+    for path in paths.values():
+        bank.add(path)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    got = bank(x, ["a", "b", "c", "a"])
+    for i, task in enumerate(["a", "b", "c", "a"]):
+        want = _own_logits(_vit, paths[task], CASES[task][0], x[i:i + 1])[0]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)

@@ -12,7 +12,7 @@ from conftest import make_family
 from test_method import randomize
 
 import heartlora.method as hl
-from heartlora.errors import AdapterFileError
+from heartlora.errors import AdapterFileError, ConfigError
 
 
 @pytest.mark.parametrize("bits", [32, 1, 2])
@@ -440,3 +440,115 @@ def test_a_run_folder_stands_for_its_adapter_file(saved: Path, tmp_path: Path) -
     assert hl.read_adapter_info(run)["config"] == hl.read_adapter_info(saved)["config"]
     with pytest.raises(AdapterFileError, match="is a folder without adapter.safetensors"):
         hl.read_adapter_info(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Storage precision: an adapter stored at float16 or bfloat16 (half the bytes), read back as float32.
+
+
+def _factors(model) -> dict[str, torch.Tensor]:
+    return {f"{layer.name}.{t}.{f}": getattr(proj, f"lora_{f}").detach().clone()
+            for layer in hl.attention_layers(model) for t, proj in layer.projections.items() for f in ("A", "B")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_adapter_stores_half_the_bytes_and_loads_the_rounded_values(tmp_path: Path,
+                                                                                      dtype: torch.dtype) -> None:
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+    randomize(model)
+    full = hl.save_adapter(model, tmp_path / "fp32.safetensors")
+    half = hl.save_adapter(model, tmp_path / "half.safetensors", dtype=str(dtype).removeprefix("torch."))
+    assert half.adapter_bytes * 2 == full.adapter_bytes and half.head_bytes == full.head_bytes
+    info = hl.read_adapter_info(tmp_path / "half.safetensors")
+    assert info["format_version"] == 3 and info["dtype"] == str(dtype).removeprefix("torch.")
+    plain = hl.read_adapter_info(tmp_path / "fp32.safetensors")
+    assert plain["format_version"] == 2 and "dtype" not in plain  # a float32 file: older heartlora reads it
+    loaded = hl.load_adapter(make_family("timm_vit")[0], tmp_path / "half.safetensors")
+    for key, value in _factors(model).items():  # each value rounded once, computed with as float32
+        got = _factors(loaded)[key]
+        assert got.dtype == torch.float32 and torch.equal(got, value.to(dtype).float()), key
+    assert not torch.equal(loaded(x), model(x))  # rounded: not the float32 model's logits
+    torch.testing.assert_close(loaded(x), model(x), rtol=0.05, atol=0.05)
+
+
+def test_a_one_bit_adapter_stores_its_mean_and_std_at_the_chosen_precision(tmp_path: Path) -> None:
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4, bits=1))
+    randomize(model)
+    full = hl.save_adapter(model, tmp_path / "a.safetensors")
+    half = hl.save_adapter(model, tmp_path / "b.safetensors", dtype="fp16")
+    matrices = len(hl.read_adapter_info(tmp_path / "a.safetensors")["shapes"])
+    assert full.adapter_bytes - half.adapter_bytes == 4 * matrices  # 2 values of 4 bytes → of 2 bytes each
+    torch.testing.assert_close(hl.load_adapter(make_family("timm_vit")[0], tmp_path / "b.safetensors")(x),
+                               hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors")(x),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_convert_adapter_equals_saving_at_that_precision_and_widens_back_exactly(tmp_path: Path) -> None:
+    from heartlora.method import storage
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+    randomize(model)
+    hl.save_adapter(model, tmp_path / "fp32.safetensors", extra_metadata={"note": "kept"})
+    hl.save_adapter(model, tmp_path / "saved16.safetensors", extra_metadata={"note": "kept"}, dtype=torch.float16)
+    report = hl.convert_adapter(tmp_path / "fp32.safetensors", tmp_path / "conv16.safetensors", "float16")
+    saved, conv = (storage._read(tmp_path / f"{n}.safetensors") for n in ("saved16", "conv16"))
+    assert saved[0] == conv[0] and report.adapter_bytes == saved[0]["adapter_bytes"]
+    assert {t.dtype for t in conv[1].values()} == {torch.float32}  # every reader gets float32 values
+    assert all(torch.equal(saved[1][k], conv[1][k]) for k in saved[1]) and conv[0]["extra"] == {"note": "kept"}
+    hl.convert_adapter(tmp_path / "conv16.safetensors", tmp_path / "back.safetensors", "fp32")
+    back = storage._read(tmp_path / "back.safetensors")
+    assert back[0]["format_version"] == 2 and "dtype" not in back[0]
+    assert all(torch.equal(back[1][k], conv[1][k]) for k in back[1])  # float16 → float32 is exact
+    with pytest.raises(ConfigError, match="choose float32, float16 or bfloat16"):
+        hl.convert_adapter(tmp_path / "fp32.safetensors", tmp_path / "x.safetensors", "int8")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_values_beyond_float16s_range_are_refused_and_bfloat16_keeps_them(tmp_path: Path) -> None:
+    model, _ = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4))
+    randomize(model)
+    with torch.no_grad():
+        hl.attention_layers(model)[0].projections["q"].lora_B[0, 0] = 1e5
+    with pytest.raises(ConfigError, match=r"cannot store .* as float16: adapter\..*\.q\.B holds values beyond its "
+                                             r"range \(largest 65504\)") as err:
+        hl.save_adapter(model, tmp_path / "a.safetensors", dtype="float16")
+    assert "\n" not in str(err.value) and not (tmp_path / "a.safetensors").exists()
+    hl.save_adapter(model, tmp_path / "a.safetensors", dtype="bfloat16")
+    assert hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors") is not None
+
+
+@pytest.mark.parametrize(("edit", "version", "match"), [
+    (_set("dtype", "float16"), 3, "tensor adapter.* is torch.float32"),  # says float16, holds float32
+    (_set("dtype", "float16"), 2, "its dtype 'float16' is not one of"),  # dtype before format 3
+    (_set("dtype", "int8"), 3, "its dtype 'int8' is not one of"),
+    (_set("dtype", ["float16"]), 3, r"its dtype \['float16'\] is not one of"),
+])
+def test_a_files_storage_dtype_is_checked_against_its_version_and_tensors(saved: Path, edit, version: int,
+                                                                           match: str) -> None:
+    with pytest.raises(AdapterFileError, match=match):
+        hl.load_adapter(make_family("timm_vit")[0], _resigned(saved, edit, version))
+
+
+def test_export_writes_heartlora_at_another_precision_that_every_command_reads(saved: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    from heartlora.cli.main import EXIT_ERROR, main
+    out = tmp_path / "small"
+    assert main(["export", str(saved), str(out), "--format", "heartlora", "--dtype", "fp16"]) == 0
+    said = capsys.readouterr().out
+    before = hl.read_adapter_info(saved)["adapter_bytes"]
+    assert f"({before // 2:,} bytes of adapter, {before:,} as float32" in said and "heartlora eval" in said
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapter"]["dtype"] == "float16"
+    assert main(["inspect", str(out)]) == 0
+    assert "stored as" in capsys.readouterr().out
+    assert main(["export", str(saved), str(out), "--format", "heartlora", "--dtype", "fp16"]) == EXIT_ERROR
+    assert "already holds adapter.safetensors" in capsys.readouterr().err
+    assert main(["export", str(saved), str(tmp_path / "p"), "--dtype", "fp16"]) == EXIT_ERROR
+    assert "--dtype fp16 goes with --format heartlora" in capsys.readouterr().err
+    assert main(["export", str(saved), str(tmp_path / "q"), "--format", "heartlora", "--dtype", "fp8"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "choose float32, float16 or bfloat16" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()

@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **{name: "heartlora.method" for name in (
         "HeartLoRAConfig", "attach", "adapter_parameters", "attention_layers", "ResponsivenessTracker",
-        "deactivate_heads", "head_masks", "save_adapter", "load_adapter", "read_adapter_info", "merge", "unmerge",
+        "deactivate_heads", "head_masks", "save_adapter", "load_adapter", "convert_adapter", "read_adapter_info",
+        "merge", "unmerge",
         "set_adapters_enabled", "AdapterReport", "coverage", "select_heads", "choose_ne", "parse_heads_off",
         "register_layout", "HeadLayout", "Coverage", "AttentionHeads", "NeChoice", "HeadsOff")},
     "AdapterBank": "heartlora.bank",

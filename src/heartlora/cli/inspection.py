@@ -41,7 +41,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         on = sum(sum(m) for m in masks.values())
         rows += [("targets / rank", f"{','.join(cfg.get('targets', []))} / {cfg.get('rank')}"),
                  ("scale / bits", f"{cfg.get('scale')} / {cfg.get('bits')}"),
-                 ("adapter bytes", f"{adapter.get('adapter_bytes', 0):,} (weights and quantization constants)"),
+                 ("adapter bytes", f"{adapter.get('adapter_bytes', 0):,} (weights and quantization constants, "
+                                   f"stored as {adapter.get('dtype', 'float32')})"),
                  ("heads on", f"{on} of {total}")]
     else:
         rows.append(("adapter", "none: this method stores plain weights"))

@@ -21,10 +21,25 @@ from heartlora.errors import HeartLoRAError
 from heartlora.integrations import export_peft, prune_peft
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.heads_off import parse_heads_off
+from heartlora.method.storage import convert_adapter, read_adapter_info, store_dtype
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     adapter = adapter_path(given_adapter(args))
+    if args.format == "heartlora":
+        dtype = store_dtype(args.dtype)  # a bad name is one line before any file is read
+        refuse_to_replace(Path(args.dir), args.overwrite, ("adapter.safetensors",))
+        before = read_adapter_info(adapter)
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        out = Path(args.dir) / "adapter.safetensors"
+        report = convert_adapter(adapter, out, dtype)
+        print(f"wrote {out}: the adapter stored as {dtype} ({report.adapter_bytes:,} bytes of adapter, "
+              f"{before['adapter_bytes']:,} as {before.get('dtype', 'float32')}; classifier unchanged); its accuracy: "
+              f"heartlora eval {args.dir} --task …")
+        return 0
+    if args.dtype is not None and store_dtype(args.dtype) != "float32":
+        raise HeartLoRAError(f"--dtype {args.dtype} goes with --format heartlora: a PEFT folder is written as float32 "
+                             "(PeftModel loads it into the model's own dtype)")
     refuse_to_replace(Path(args.dir), args.overwrite, ("adapter_config.json", "adapter_model.safetensors"))
     report = export_peft(adapter, args.dir)
     print(f"wrote {report.path}: PEFT LoRA folder for transformers {report.model_class} "
@@ -78,13 +93,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def register(cli: Commands) -> None:
     """export and prune."""
-    p = cli.add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder)")
+    p = cli.add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder), or as "
+                                      "heartlora's own at another precision (float16: half the bytes)")
     add_adapter_argument(p)
     p.add_argument("dir", metavar="DIR", help="folder to write")
-    p.add_argument("--format", default="peft", choices=["peft"],
-                   help="peft (the default and only one): adapter_config.json + adapter_model.safetensors for "
-                        "PeftModel.from_pretrained")
-    p.add_argument("--overwrite", action="store_true", help="replace the PEFT files DIR already holds")
+    p.add_argument("--format", default="peft", choices=["peft", "heartlora"],
+                   help="peft (the default): adapter_config.json + adapter_model.safetensors for "
+                        "PeftModel.from_pretrained; heartlora: DIR/adapter.safetensors, which every heartlora "
+                        "command reads, stored as --dtype")
+    p.add_argument("--dtype", help="with --format heartlora: float32, float16 or bfloat16 (fp32, fp16, bf16) for the "
+                                   "adapter's values (a 1-bit adapter's mean and std); they load back as float32, and "
+                                   "the classifier stays float32. Default float32")
+    p.add_argument("--overwrite", action="store_true", help="replace the files DIR already holds")
 
     p = cli.add("prune", cmd_prune, "switch off the least responsive attention heads of a PEFT LoRA adapter")
     p.add_argument("peft_dir", help="PEFT LoRA folder (ViT / DINOv2, q/k/v/o targets, classifier saved)")

@@ -34,13 +34,13 @@ from heartlora.method.model import (
                                      unmerge,
 )
 from heartlora.method.responsiveness import ResponsivenessTracker
-from heartlora.method.storage import AdapterReport, load_adapter, read_adapter_info, save_adapter
+from heartlora.method.storage import AdapterReport, convert_adapter, load_adapter, read_adapter_info, save_adapter
 
 __all__ = [
     "HeartLoRAConfig", "attach", "adapter_parameters", "adapter_config", "attention_layers", "head_masks",
     "is_adapted", "merge", "unmerge", "set_adapters_enabled", "remove_from_optimizer", "backbone_fingerprint",
     "ResponsivenessTracker", "deactivate_heads", "select_heads", "choose_ne", "NeChoice", "parse_heads_off", "HeadsOff",
-    "save_adapter", "load_adapter",
+    "save_adapter", "load_adapter", "convert_adapter",
     "read_adapter_info", "AdapterReport", "AttentionHeads", "HeadLoRAConv1x1", "HeadLoRALinear", "HeadLoRAProjection",
     "HeadLayout",
     "AttentionSites", "Site", "LAYOUTS", "register_layout", "find_attention", "scan_attention", "block_index",

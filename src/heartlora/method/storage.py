@@ -43,9 +43,13 @@ log = logging.getLogger(__name__)
 RUN_KEY = "heartlora_run"
 
 FORMAT = "heartlora-adapter"
-# 2: the metadata JSON has its own sha256 (``heartlora_sha256``). 1: only the tensors were checked; still read,
-# with a warning, after the same field checks.
-FORMAT_VERSION = 2
+# 3: the adapter's values may be stored at float16 or bfloat16 (the metadata's ``dtype``; written only then, so a
+# float32 file stays version 2 and older heartlora reads it). 2: the metadata JSON has its own sha256
+# (``heartlora_sha256``). 1: only the tensors were checked; still read, with a warning, after the same field checks.
+FORMAT_VERSION = 3
+# What an adapter's values (float factors, or a k-bit factor's mean and std) may be stored as; read back as float32.
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 _META_KEY = "heartlora"
 _META_SHA_KEY = "heartlora_sha256"
 
@@ -58,7 +62,18 @@ MAX_CLASSES = 100_000
 MAX_IMG_SIZE = 4096
 _SPEC_KEYS = {"name", "num_classes", "img_size", "pool", "drop_path"}  # create_backbone's arguments
 _META_KEYS = {"format", "format_version", "config", "backbone", "fingerprint", "modules_to_save", "layers", "shapes",
-              "adapter_bytes", "payload_sha256", "extra"}
+              "adapter_bytes", "payload_sha256", "extra"}  # and "dtype" from version 3 on, where not float32
+
+
+def store_dtype(dtype: str | torch.dtype | None) -> str:
+    """The name (a key of ``STORE_DTYPES``) of a storage dtype given as a torch dtype, its name or fp32/fp16/bf16."""
+    if dtype is None:
+        return "float32"
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else str(dtype).lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in STORE_DTYPES:
+        raise ConfigError(f"cannot store an adapter as {dtype}: choose float32, float16 or bfloat16 (fp32, fp16, bf16)")
+    return name
 
 
 @dataclass
@@ -87,15 +102,27 @@ def _matrix_entries(proj: HeadLoRAProjection) -> dict[str, torch.Tensor]:
     return {"A": proj.lora_A.detach(), "B": proj.lora_B.detach()}
 
 
-def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor]) -> int:
-    """Add ``w``'s stored form to ``out``; return its bytes."""
+def _narrowed(key: str, t: torch.Tensor, dtype: torch.dtype, path: Any) -> torch.Tensor:
+    """``t`` as ``dtype``, refused in one line where finite values leave its range (they would load as inf)."""
+    out = t.to(dtype).contiguous().cpu()
+    if dtype != t.dtype and bool(torch.isfinite(t).all()) and not bool(torch.isfinite(out).all()):
+        name = str(dtype).removeprefix("torch.")
+        raise ConfigError(f"cannot store {path} as {name}: {key} holds values beyond its range (largest "
+                          f"{torch.finfo(dtype).max:g}); store it as bfloat16 or float32; nothing was written")
+    return out
+
+
+def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor],
+            dtype: torch.dtype = torch.float32, path: Any = None) -> int:
+    """Add ``w``'s stored form to ``out`` (its values, or a k-bit factor's mean and std, as ``dtype``); return its
+    bytes."""
     if bits == FLOAT_BITS:
-        out[prefix] = w.float().contiguous().cpu()
-        return out[prefix].numel() * 4
+        out[prefix] = _narrowed(prefix, w.float(), dtype, path)
+        return out[prefix].numel() * out[prefix].element_size()
     codes, mu, sigma = quant.encode(w.float(), bits)
     out[f"{prefix}.codes"] = quant.pack_codes(codes, bits)
-    out[f"{prefix}.stats"] = torch.stack([mu, sigma]).float().cpu()
-    return out[f"{prefix}.codes"].numel() + 8
+    out[f"{prefix}.stats"] = _narrowed(f"{prefix}.stats", torch.stack([mu, sigma]).float(), dtype, path)
+    return out[f"{prefix}.codes"].numel() + out[f"{prefix}.stats"].numel() * out[f"{prefix}.stats"].element_size()
 
 
 def _decode(prefix: str, shape: list[int], bits: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -120,11 +147,17 @@ def _text_hash(text: str) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike,
-                 extra_metadata: dict[str, Any] | None = None) -> AdapterReport:
+                 extra_metadata: dict[str, Any] | None = None, *,
+                 dtype: str | torch.dtype | None = None) -> AdapterReport:
     """Write the adapter (active heads only), the saved modules (classifier) and metadata to ``path``
-    (safetensors, written atomically). ``extra_metadata`` must be JSON-able; it is covered by the checksum too."""
+    (safetensors, written atomically). ``extra_metadata`` must be JSON-able; it is covered by the checksum too.
+    ``dtype``: what the adapter's values are stored as, float32 (the default), float16 or bfloat16 (half the bytes;
+    a k-bit adapter's mean and std per factor); they load back as float32, so a model loaded from a float16 file
+    computes with the float16-rounded adapter: evaluate that file (``heartlora eval``) for the accuracy it gives.
+    The classifier is kept at float32."""
     if Path(path).is_dir():
         raise ConfigError(f"{path} is a folder: name the file to write, e.g. {Path(path) / 'adapter.safetensors'}")
+    dtype_name = store_dtype(dtype)
     state = attach_state(model)
     cfg = state.config
     tensors: dict[str, torch.Tensor] = {}
@@ -135,7 +168,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
             for factor, w in _matrix_entries(proj).items():
                 key = f"adapter.{layer.name}.{target}.{factor}"
                 shapes[key] = list(w.shape)
-                adapter_bytes += _encode(key, w, cfg.bits, tensors)
+                adapter_bytes += _encode(key, w, cfg.bits, tensors, STORE_DTYPES[dtype_name], path)
     head_bytes = 0
     root = getattr(model, "module", model)
     modules = dict(root.named_modules())
@@ -146,7 +179,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     masks = head_masks(model)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if dtype_name == "float32" else FORMAT_VERSION,  # a float32 file: older heartlora reads it
         "config": cfg.to_dict(),
         "backbone": _backbone_spec(model),
         "fingerprint": state.fingerprint,
@@ -157,6 +190,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         "adapter_bytes": adapter_bytes,
         "payload_sha256": _payload_hash(tensors),
         "extra": extra_metadata or {},
+        **({} if dtype_name == "float32" else {"dtype": dtype_name}),
     }
     diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if diverged:
@@ -164,17 +198,45 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         raise ConfigError(f"cannot save {path}: {diverged[0]}{more} holds NaN or infinite values, so training "
                           "diverged (for example fp16 weights under AdamW, whose eps underflows there: keep the "
                           "adapters in float32 and use autocast, or lower the learning rate); nothing was written")
+    _write_checked(path, tensors, meta)
+    heads_total = sum(len(m) for m in masks.values())
+    return AdapterReport(str(path), adapter_bytes, head_bytes, Path(path).stat().st_size, heads_total,
+                         sum(sum(m) for m in masks.values()))
+
+
+def _write_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write ``tensors`` and ``meta`` atomically, once the reader's own checks pass on them: every file heartlora
+    writes can be read back."""
     try:
         text = json.dumps(meta, allow_nan=False)
-        # Refuse to write what load_adapter would refuse to read: every file heartlora writes can be used.
         _check_meta(json.loads(text), tensors, path)
     except (TypeError, ValueError, AdapterFileError) as e:
         raise ConfigError(f"cannot save an adapter file heartlora could not read back: {e}") from None
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: text, _META_SHA_KEY: _text_hash(text)})
-    heads_total = sum(len(m) for m in masks.values())
-    return AdapterReport(str(path), adapter_bytes, head_bytes, Path(path).stat().st_size, heads_total,
-                         sum(sum(m) for m in masks.values()))
+
+
+def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype) -> AdapterReport:
+    """The adapter file ``src`` (or a run folder's) stored again as ``dtype`` (float32, float16 or bfloat16, see
+    :func:`save_adapter`) at ``dst``, after every check a load makes; its settings, heads, classifier and extra
+    metadata (a run's facts) unchanged. Widening (float16 to float32) is exact; narrowing rounds each value once."""
+    name = store_dtype(dtype)
+    meta, tensors, _ = _read(src)  # adapter values widened to float32 already
+    if Path(dst).is_dir():
+        raise ConfigError(f"{dst} is a folder: name the file to write, e.g. {Path(dst) / 'adapter.safetensors'}")
+    out = {k: t if k.startswith("modules.") or not t.is_floating_point() else _narrowed(k, t, STORE_DTYPES[name], dst)
+           for k, t in tensors.items()}
+    size = STORE_DTYPES[name].itemsize
+    adapter_bytes = sum(t.numel() * (size if t.is_floating_point() else 1)
+                        for k, t in out.items() if not k.startswith("modules."))
+    new = {k: v for k, v in meta.items() if k != "dtype"}
+    new.update(format_version=2 if name == "float32" else FORMAT_VERSION, adapter_bytes=adapter_bytes,
+               payload_sha256=_payload_hash(out), **({} if name == "float32" else {"dtype": name}))
+    _write_checked(dst, out, new)
+    masks = [layer["head_mask"] for layer in meta["layers"]]
+    head_bytes = sum(t.numel() * t.element_size() for k, t in out.items() if k.startswith("modules."))
+    return AdapterReport(str(dst), adapter_bytes, head_bytes, Path(dst).stat().st_size, sum(map(len, masks)),
+                         sum(map(sum, masks)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,6 +316,7 @@ def _check_layers(layers: Any, path: Any) -> list[dict[str, Any]]:
 
 def _expected_tensors(meta: dict[str, Any], cfg: HeartLoRAConfig, path: Any) -> dict[str, tuple[torch.dtype, tuple]]:
     """Every adapter tensor the metadata implies (key → dtype, shape), after checking the shapes themselves."""
+    values = STORE_DTYPES[meta.get("dtype", "float32")]
     shapes = meta["shapes"]
     if not isinstance(shapes, dict):
         raise _corrupt(path, "its shape table is not a JSON object")
@@ -278,10 +341,10 @@ def _expected_tensors(meta: dict[str, Any], cfg: HeartLoRAConfig, path: Any) -> 
                     raise _corrupt(path, f"the shape {shape} of {key} disagrees with rank {cfg.rank} and {on} "
                                          f"active heads of {layer['head_dim']}")
                 if cfg.bits == FLOAT_BITS:
-                    expected[key] = (torch.float32, tuple(shape))
+                    expected[key] = (values, tuple(shape))
                 else:
                     expected[f"{key}.codes"] = (torch.uint8, (quant.packed_nbytes(math.prod(shape), cfg.bits),))
-                    expected[f"{key}.stats"] = (torch.float32, (2,))
+                    expected[f"{key}.stats"] = (values, (2,))
     if set(shapes) != wanted_keys:
         raise _corrupt(path, "its shape table names other matrices than its layers and head masks imply")
     return expected
@@ -289,8 +352,11 @@ def _expected_tensors(meta: dict[str, Any], cfg: HeartLoRAConfig, path: Any) -> 
 
 def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> HeartLoRAConfig:
     """Every field's type and range, and its agreement with the tensors; the adapter config on success."""
-    if not isinstance(meta, dict) or set(meta) != _META_KEYS:
+    if not isinstance(meta, dict) or set(meta) - {"dtype"} != _META_KEYS:
         raise _corrupt(path, "its metadata does not have the fields of an adapter file")
+    if "dtype" in meta and not (_is_int(meta["format_version"], 3, 2**31) and isinstance(meta["dtype"], str)
+                                and meta["dtype"] in STORE_DTYPES):
+        raise _corrupt(path, f"its dtype {meta['dtype']!r} is not one of {', '.join(STORE_DTYPES)} of a format-3 file")
     cfg = _check_config(meta["config"], path)
     spec = check_backbone_spec(meta["backbone"], path)
     if not (isinstance(meta["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])):
@@ -319,8 +385,10 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> Heart
     missing += [f"modules.{n}.*" for n in saved if not any(k.startswith(f"modules.{n}.") for k in tensors)]
     if missing:
         raise _corrupt(path, f"it lacks {missing[0]}, which its metadata describes")
-    per_value = 4 if cfg.bits == FLOAT_BITS else 1  # float32 values, or packed code bytes plus 8 for mean and std
-    nbytes = sum(8 if k.endswith(".stats") else tensors[k].numel() * per_value for k in expected)
+    # the values at their stored size, or packed code bytes plus the mean and std
+    size = STORE_DTYPES[meta.get("dtype", "float32")].itemsize
+    per_value = size if cfg.bits == FLOAT_BITS else 1
+    nbytes = sum(2 * size if k.endswith(".stats") else tensors[k].numel() * per_value for k in expected)
     if meta["adapter_bytes"] != nbytes:
         raise _corrupt(path, f"its adapter_bytes {meta['adapter_bytes']!r} disagrees with its tensors ({nbytes})")
     head = tensors.get("modules.head.weight")
@@ -383,6 +451,9 @@ def _read(path: str | os.PathLike) -> AdapterContents:
     if _payload_hash(tensors) != meta.get("payload_sha256"):
         raise _corrupt(path, "its tensors do not match the checksum written with them")
     cfg = _check_meta(meta, tensors, path)
+    if meta.get("dtype", "float32") != "float32":  # every reader computes in float32: the stored values, widened
+        tensors = {k: t.float() if t.is_floating_point() and not k.startswith("modules.") else t
+                   for k, t in tensors.items()}
     if version == 1:
         log.warning("%s is a format-1 adapter file: its tensors are checked, but its metadata (settings, class "
                     "names) has no checksum; save it again to protect it", path)
