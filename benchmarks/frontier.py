@@ -127,9 +127,10 @@ POINTS: dict[str, dict[str, Any]] = {
                             "lr": 1e-3, "family": "heartlora float"},
     # heartlora between 20 KB and LoRA r8's bytes, where most of PEFT's small methods sit (VeRA 31 KB, LoRA r1 37 KB,
     # LN tuning 38 KB, FourierFT 48 KB, IA³ 55 KB, LoRA r2 74 KB, r4 147 KB): without them every one of those is
-    # compared with the 19 KB 1-bit Bi-LoRA, which says nothing of heartlora at their bytes. 1 bit at rank 16 (about
-    # 2 × heart-bi-lora's 15 KB) and float at rank 2 and 4 (about 1/4 and 1/2 of heart-lora's 184 KB); `--ne auto`
-    # as the defaults. Each searches its own rate around heartlora's default, as the reallocation points do.
+    # compared with the 19 KB 1-bit Bi-LoRA, which says nothing of heartlora at their bytes. 1 bit at rank 16 and
+    # float at rank 2 and 4, `--ne auto` as the defaults (on fashion_mnist@4shot they stored 20-30 KB, 68 KB and
+    # 135 KB at fp16: at a low rank `--ne auto` keeps most heads). Each searches its own rate around heartlora's
+    # default, as the reallocation points do.
     "heart-bi-lora-r16": {"engine": ["--method", "heart-bi-lora", "--scope", "global", "--rank", "16"], "lr": 1e-3,
                           "family": "heartlora 1-bit"},
     "heart-lora-r2": {"engine": ["--method", "heart-lora", "--scope", "global", "--rank", "2"], "lr": 1e-3,
@@ -650,7 +651,8 @@ def report() -> None:
              "10 epochs, batch 32; train800val200 → test; learning rates chosen per method on val200 of "
              f"{', '.join(SELECT_TASKS)} (seed 42), never on test. Bytes: per task, beyond the frozen backbone, "
              "classifier excluded (it is the same fp32 Linear for every method: its bytes, mean over the cpu tasks, "
-             "are a column of the frontier table); float adapters at fp16. " + FOLLOWERS_NOTE, ""]
+             "are a column of the frontier table); float adapters at fp16 (heartlora's as `heartlora export ADAPTER "
+             "DIR --format heartlora --dtype fp16` stores them, PEFT's as users save theirs). " + FOLLOWERS_NOTE, ""]
     lines += point_lines()
     lines += ["## Learning rates chosen on val200", "", "| point | reference | chosen | mean val200 per rate |",
               "|---|---|---|---|"]
