@@ -66,7 +66,7 @@ def parts(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return dict(st_load(data)), json.loads(header["__metadata__"][storage._META_KEY])
 
 
-def write_run_file(path: Path, bits: int) -> torch.Tensor:
+def write_run_file(path: Path, bits: int, dtype: str | None = None) -> torch.Tensor:
     """Save a trained-looking run file at ``path``; return the input used to compare logits."""
     from heartlora.backbones import create_backbone
     from heartlora.engine.inference import RUN_KEY
@@ -82,7 +82,7 @@ def write_run_file(path: Path, bits: int) -> torch.Tensor:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     layers = hl.attention_layers(model)
     hl.deactivate_heads(model, heads=[(layers[0].name, 1), (layers[3].name, 0), (layers[3].name, 1)])
-    hl.save_adapter(model, path, extra_metadata={RUN_KEY: run})
+    hl.save_adapter(model, path, extra_metadata={RUN_KEY: run}, dtype=dtype)
     return torch.rand(2, 3, 32, 32, generator=g)
 
 
@@ -223,12 +223,13 @@ def resigned_mutation(data: bytes, rng: random.Random, version: int) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def fuzz(folder: Path, bits: int, version: int | None) -> list[tuple[str, str]]:
-    """Run the seeded cases on a fresh run file in ``folder``: raw damage when ``version`` is None, else re-signed
-    damage in that format. Returns (what was done, outcome) with outcome "identical", "other output" or "refused";
-    any exception other than a one-line HeartLoRAError propagates, naming the case."""
+def fuzz(folder: Path, bits: int, version: int | None, dtype: str | None = None) -> list[tuple[str, str]]:
+    """Run the seeded cases on a fresh run file in ``folder`` (its values stored as ``dtype``): raw damage when
+    ``version`` is None, else re-signed damage in that format. Returns (what was done, outcome) with outcome
+    "identical", "other output" or "refused"; any exception other than a one-line HeartLoRAError propagates, naming
+    the case."""
     good = folder / "adapter.safetensors"
-    x = write_run_file(good, bits)
+    x = write_run_file(good, bits, dtype)
     data = good.read_bytes()
     reference = load_logits(good, x)
     if version is not None:
@@ -253,9 +254,9 @@ def fuzz(folder: Path, bits: int, version: int | None) -> list[tuple[str, str]]:
     return results
 
 
-@pytest.mark.parametrize("bits", [32, 1])
-def test_raw_damage_gives_the_original_logits_or_an_error(bits: int, tmp_path: Path) -> None:
-    results = fuzz(tmp_path, bits, None)
+@pytest.mark.parametrize(("bits", "dtype"), [(32, None), (1, None), (32, "float16"), (1, "bfloat16")])
+def test_raw_damage_gives_the_original_logits_or_an_error(bits: int, dtype: str | None, tmp_path: Path) -> None:
+    results = fuzz(tmp_path, bits, None, dtype)
     assert not [r for r in results if r[1] == "other output"], results
     # Every kind of damage was tried, and damage that changes content was refused (a flip in the padding of the
     # header or trailing bytes may be harmless; a changed digit, tensor byte or JSON edit never is).
@@ -272,6 +273,13 @@ def test_resigned_damage_loads_or_raises_a_heartlora_error(bits: int, version: i
     # a field no output depends on), which a file with matching checksums is entitled to.
     assert sum(outcome == "refused" for _, outcome in results) >= len(results) // 2
     assert ("format-1" in caplog.text) == (version == 1)
+
+
+@pytest.mark.parametrize("bits", [32, 1])
+def test_resigned_damage_to_a_half_precision_file_loads_or_raises_a_heartlora_error(bits: int, tmp_path: Path) -> None:
+    """Format 3 (values stored as float16): the same re-signed damage, tensors given another dtype among them."""
+    results = fuzz(tmp_path, bits, 3, "float16")
+    assert sum(outcome == "refused" for _, outcome in results) >= len(results) // 2
 
 
 def test_a_changed_setting_with_the_old_checksum_is_corrupt(tmp_path: Path) -> None:

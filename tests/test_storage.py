@@ -518,11 +518,18 @@ def test_values_beyond_float16s_range_are_refused_and_bfloat16_keeps_them(tmp_pa
     assert "\n" not in str(err.value) and not (tmp_path / "a.safetensors").exists()
     hl.save_adapter(model, tmp_path / "a.safetensors", dtype="bfloat16")
     assert hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors") is not None
+    with torch.no_grad():  # a matrix of values below float16's normal range (6e-5) would lose most of its bits
+        b = hl.attention_layers(model)[0].projections["q"].lora_B
+        b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(0)) * 3e-7)
+    with pytest.raises(ConfigError, match=r"\.q\.B would change by [0-9.]+ % of its norm \(values too small for "
+                                          r"float16"):
+        hl.save_adapter(model, tmp_path / "b.safetensors", dtype="float16")
+    hl.save_adapter(model, tmp_path / "b.safetensors", dtype="bfloat16")
 
 
 @pytest.mark.parametrize(("edit", "version", "match"), [
     (_set("dtype", "float16"), 3, "tensor adapter.* is torch.float32"),  # says float16, holds float32
-    (_set("dtype", "float16"), 2, "its dtype 'float16' is not one of"),  # dtype before format 3
+    (_set("dtype", "float16"), 2, "it names a dtype but is format version 2"),
     (_set("dtype", "int8"), 3, "its dtype 'int8' is not one of"),
     (_set("dtype", ["float16"]), 3, r"its dtype \['float16'\] is not one of"),
 ])
@@ -546,9 +553,40 @@ def test_export_writes_heartlora_at_another_precision_that_every_command_reads(s
     assert "stored as" in capsys.readouterr().out
     assert main(["export", str(saved), str(out), "--format", "heartlora", "--dtype", "fp16"]) == EXIT_ERROR
     assert "already holds adapter.safetensors" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(saved), str(tmp_path / "afile"), "--format", "heartlora", "--overwrite"]) == EXIT_ERROR
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert main(["export", str(saved), str(tmp_path / "p"), "--dtype", "fp16"]) == EXIT_ERROR
     assert "--dtype fp16 goes with --format heartlora" in capsys.readouterr().err
     assert main(["export", str(saved), str(tmp_path / "q"), "--format", "heartlora", "--dtype", "fp8"]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "choose float32, float16 or bfloat16" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_a_loaded_kbit_adapter_saved_again_keeps_its_codes_and_statistics(tmp_path: Path, bits: int) -> None:
+    """Decoded k-bit values have another std than the one they were decoded with: re-encoding them with their own
+    statistics would store another model. Saved again (after a head is switched off too), a loaded adapter keeps its
+    file's codes and (mean, std); once trained further it is quantized afresh."""
+    from heartlora.method import storage
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(rank=4, bits=bits))
+    randomize(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    loaded = hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors")
+    hl.save_adapter(loaded, tmp_path / "b.safetensors")
+    a, b = (storage._read(tmp_path / f"{n}.safetensors")[1] for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    layer = hl.attention_layers(loaded)[0].name
+    hl.deactivate_heads(loaded, heads=[(layer, 1)])
+    with torch.no_grad():
+        y = loaded(x)
+        hl.save_adapter(loaded, tmp_path / "c.safetensors")
+        again = hl.load_adapter(make_family("timm_vit")[0], tmp_path / "c.safetensors")
+        torch.testing.assert_close(again(x), y, rtol=0, atol=0)
+    proj = hl.attention_layers(loaded)[1].projections["q"]
+    assert proj.decoded_stats() is not None
+    with torch.no_grad():
+        proj.lora_A.add_(0.01)  # trained further: latent weights again, statistics of their own
+    assert proj.decoded_stats() is None

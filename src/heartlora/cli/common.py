@@ -100,11 +100,11 @@ def file_lines(metrics: dict[str, Any], out: str) -> list[str]:
 def refuse_to_replace(path: Path, overwrite: bool, names: tuple[str, ...] = ()) -> None:
     """Refuse to write over an existing file (``names`` empty) or a folder holding one of ``names``, unless
     ``--overwrite``: nothing a user made is replaced without being asked."""
+    if names and path.exists() and not path.is_dir():  # --overwrite replaces files in a folder, not the folder
+        raise HeartLoRAError(f"{path} is a file, not a folder: name a folder to write")
     if overwrite:
         return
     if names:
-        if path.exists() and not path.is_dir():
-            raise HeartLoRAError(f"{path} is a file, not a folder: name a folder to write")
         taken = [n for n in names if (path / n).exists()]
         if taken:
             raise HeartLoRAError(f"{path} already holds {', '.join(taken)}: name another folder, or pass --overwrite "

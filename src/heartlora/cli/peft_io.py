@@ -94,7 +94,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def register(cli: Commands) -> None:
     """export and prune."""
     p = cli.add("export", cmd_export, "write an adapter in another library's format (PEFT LoRA folder), or as "
-                                      "heartlora's own at another precision (float16: half the bytes)")
+                                      "heartlora's own at another precision (float16: half a float adapter's bytes)")
     add_adapter_argument(p)
     p.add_argument("dir", metavar="DIR", help="folder to write")
     p.add_argument("--format", default="peft", choices=["peft", "heartlora"],

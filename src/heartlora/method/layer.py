@@ -67,6 +67,7 @@ class HeadLoRAProjection(nn.Module):
         # (further training), and from then on quantized again like any k-bit adapter (see mark_decoded).
         self._decoded_versions: tuple[int, int] | None = None
         self._decoded_values: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._decoded_stats: dict[str, torch.Tensor] | None = None  # (mean, std) per factor, as the file had them
         self.register_buffer("index", index.clone(), persistent=False)
         # Follows .to(dtype) even when every head is off and no Parameter is left to ask.
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
@@ -151,16 +152,27 @@ class HeadLoRAProjection(nn.Module):
         return changes
 
     # --- weights -----------------------------------------------------------------------------------------------
-    def mark_decoded(self) -> None:
+    def mark_decoded(self, stats: dict[str, torch.Tensor] | None = None) -> None:
         """The factors now hold decoded k-bit values (a loaded adapter): use them as they are while they keep those
         values. Once they change (an optimizer step), they are latent weights again and the forward quantizes them
         (straight-through), so a loaded k-bit adapter keeps training as a k-bit adapter. A write that leaves the
-        values as they were (DDP's broadcast, loading the same state, a deep copy) keeps them decoded."""
+        values as they were (DDP's broadcast, loading the same state, a deep copy) keeps them decoded. ``stats``:
+        each factor's (mean, std) the values were decoded with (kept from before when not given), so that saving
+        them again stores the same codes and statistics (``decoded_stats``)."""
         if self.lora_A is None or self.bits == FLOAT_BITS:  # float factors are used as they are: nothing to keep
-            self._decoded_versions, self._decoded_values = None, None
+            self._decoded_versions, self._decoded_values, self._decoded_stats = None, None, None
             return
+        if stats is not None:
+            self._decoded_stats = {k: v.detach().float().cpu().clone() for k, v in stats.items()}
         self._decoded_versions = self._versions()
         self._decoded_values = (self.lora_A.detach().clone(), self.lora_B.detach().clone())
+
+    def decoded_stats(self) -> dict[str, torch.Tensor] | None:
+        """Each factor's (mean, std) its loaded k-bit values were decoded with, while the factors still hold those
+        values (None once trained further, or for an adapter not loaded from a file)."""
+        if self._decoded_stats is None or self._quantizes():
+            return None
+        return self._decoded_stats
 
     def _versions(self) -> tuple[int, int] | None:
         if self.lora_A is None:
@@ -182,7 +194,7 @@ class HeadLoRAProjection(nn.Module):
         if same:
             self._decoded_versions = self._versions()
             return False
-        self._decoded_versions, self._decoded_values = None, None
+        self._decoded_versions, self._decoded_values, self._decoded_stats = None, None, None
         return True
 
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,13 +57,22 @@ def _one_bit_levels(mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor
 
 def encode(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8, the index of the nearest level), mean and std of ``w``."""
-    if bits == 1:  # threshold 0 of the standardised value, i.e. w > μ
+    if bits == 1:
         sigma, mu = torch.std_mean(w, correction=0)
-        return (w > mu).to(torch.uint8), mu, sigma
-    mu, sigma = standardise(w)
+    else:
+        mu, sigma = standardise(w)
+    return codes_for(w, mu, sigma, bits), mu, sigma
+
+
+def codes_for(w: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes of ``w`` at a given mean and std. Values that ``decode`` made with that mean and std get their own
+    codes back, so a loaded k-bit adapter is stored again as the same codes and statistics (its own statistics
+    would differ: the std of two levels is not the std they were decoded with)."""
+    mu, sigma = mu.to(w.device, w.dtype), sigma.to(w.device, w.dtype)
+    if bits == 1:  # threshold 0 of the standardised value, i.e. w > μ
+        return (w > mu).to(torch.uint8)
     levels = _levels(bits, w)
-    codes = torch.bucketize((w - mu) / sigma, (levels[1:] + levels[:-1]) / 2)
-    return codes.to(torch.uint8), mu, sigma
+    return torch.bucketize((w - mu) / sigma, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
 
 
 def decode(codes: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, bits: int,

@@ -102,24 +102,41 @@ def _matrix_entries(proj: HeadLoRAProjection) -> dict[str, torch.Tensor]:
     return {"A": proj.lora_A.detach(), "B": proj.lora_B.detach()}
 
 
+NARROW_TOLERANCE = 0.01  # the most a matrix may change, relative to its norm, when stored at a narrower dtype
+
+
 def _narrowed(key: str, t: torch.Tensor, dtype: torch.dtype, path: Any) -> torch.Tensor:
-    """``t`` as ``dtype``, refused in one line where finite values leave its range (they would load as inf)."""
+    """``t`` as ``dtype``, refused in one line where finite values leave its range (they would load as inf) or the
+    matrix changes by more than ``NARROW_TOLERANCE`` of its norm (values near float16's smallest, 6e-5, keep few
+    bits or none; rounding alone changes a matrix by about 0.03 % at float16, 0.2 % at bfloat16)."""
     out = t.to(dtype).contiguous().cpu()
-    if dtype != t.dtype and bool(torch.isfinite(t).all()) and not bool(torch.isfinite(out).all()):
-        name = str(dtype).removeprefix("torch.")
+    if dtype == t.dtype or not bool(torch.isfinite(t).all()):
+        return out
+    name = str(dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(out).all()):
         raise ConfigError(f"cannot store {path} as {name}: {key} holds values beyond its range (largest "
                           f"{torch.finfo(dtype).max:g}); store it as bfloat16 or float32; nothing was written")
+    norm = float(torch.linalg.vector_norm(t.float()))
+    change = float(torch.linalg.vector_norm(out.float() - t.float().cpu())) / norm if norm > 0 else 0.0
+    if change > NARROW_TOLERANCE:
+        raise ConfigError(f"cannot store {path} as {name}: {key} would change by {100 * change:.1f} % of its norm "
+                          f"(values too small for {name}, the smallest normal being {torch.finfo(dtype).tiny:g}); "
+                          "store it as bfloat16 or float32; nothing was written")
     return out
 
 
 def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor],
-            dtype: torch.dtype = torch.float32, path: Any = None) -> int:
+            dtype: torch.dtype = torch.float32, path: Any = None, stats: torch.Tensor | None = None) -> int:
     """Add ``w``'s stored form to ``out`` (its values, or a k-bit factor's mean and std, as ``dtype``); return its
-    bytes."""
+    bytes. ``stats``: the (mean, std) a loaded k-bit factor was decoded with, kept as they were."""
     if bits == FLOAT_BITS:
         out[prefix] = _narrowed(prefix, w.float(), dtype, path)
         return out[prefix].numel() * out[prefix].element_size()
-    codes, mu, sigma = quant.encode(w.float(), bits)
+    if stats is not None:
+        mu, sigma = stats[0], stats[1]
+        codes = quant.codes_for(w.float(), mu, sigma, bits)
+    else:
+        codes, mu, sigma = quant.encode(w.float(), bits)
     out[f"{prefix}.codes"] = quant.pack_codes(codes, bits)
     out[f"{prefix}.stats"] = _narrowed(f"{prefix}.stats", torch.stack([mu, sigma]).float(), dtype, path)
     return out[f"{prefix}.codes"].numel() + out[f"{prefix}.stats"].numel() * out[f"{prefix}.stats"].element_size()
@@ -165,10 +182,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
     adapter_bytes = 0
     for layer in attention_layers(model):
         for target, proj in layer.projections.items():
+            decoded = proj.decoded_stats() or {}  # a loaded k-bit adapter: its own codes and statistics again
             for factor, w in _matrix_entries(proj).items():
                 key = f"adapter.{layer.name}.{target}.{factor}"
                 shapes[key] = list(w.shape)
-                adapter_bytes += _encode(key, w, cfg.bits, tensors, STORE_DTYPES[dtype_name], path)
+                adapter_bytes += _encode(key, w, cfg.bits, tensors, STORE_DTYPES[dtype_name], path,
+                                         decoded.get(factor))
     head_bytes = 0
     root = getattr(model, "module", model)
     modules = dict(root.named_modules())
@@ -354,9 +373,12 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> Heart
     """Every field's type and range, and its agreement with the tensors; the adapter config on success."""
     if not isinstance(meta, dict) or set(meta) - {"dtype"} != _META_KEYS:
         raise _corrupt(path, "its metadata does not have the fields of an adapter file")
-    if "dtype" in meta and not (_is_int(meta["format_version"], 3, 2**31) and isinstance(meta["dtype"], str)
-                                and meta["dtype"] in STORE_DTYPES):
-        raise _corrupt(path, f"its dtype {meta['dtype']!r} is not one of {', '.join(STORE_DTYPES)} of a format-3 file")
+    if "dtype" in meta:
+        if not (isinstance(meta["dtype"], str) and meta["dtype"] in STORE_DTYPES):
+            raise _corrupt(path, f"its dtype {meta['dtype']!r} is not one of {', '.join(STORE_DTYPES)}")
+        if not _is_int(meta["format_version"], 3, 2**31):
+            raise _corrupt(path, f"it names a dtype but is format version {meta['format_version']!r} (a dtype needs "
+                                 "version 3)")
     cfg = _check_config(meta["config"], path)
     spec = check_backbone_spec(meta["backbone"], path)
     if not (isinstance(meta["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])):
@@ -372,6 +394,8 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> Heart
         if key.startswith("modules."):
             if not any(key.startswith(f"modules.{name}.") for name in saved):
                 raise _corrupt(path, f"tensor {key} belongs to no saved module")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _corrupt(path, f"tensor {key} holds NaN or infinite values")
             continue
         if key not in expected:
             raise _corrupt(path, f"tensor {key} is not described by its metadata")
@@ -612,11 +636,14 @@ def _fill(model: nn.Module, path: Any, meta: dict[str, Any], tensors: dict[str, 
             for target, proj in layer.projections.items():
                 if not proj.active_heads():
                     continue
+                stats = {}
                 for factor in ("A", "B"):
                     key = f"adapter.{layer.name}.{target}.{factor}"
                     w = _decode(key, meta["shapes"][key], cfg.bits, tensors)
                     _assign(proj, factor, w, path)
-                proj.mark_decoded()
+                    if cfg.bits != FLOAT_BITS:
+                        stats[factor] = tensors[f"{key}.stats"]
+                proj.mark_decoded(stats or None)
         for name in cfg.modules_to_save:
             sd = {k[len(f"modules.{name}."):]: v for k, v in tensors.items() if k.startswith(f"modules.{name}.")}
             try:
