@@ -186,11 +186,12 @@ class HeadLoRAProjection(nn.Module):
             return True
         if self._decoded_versions == self._versions():
             return False
-        # written since: still the decoded values? (one comparison, then the answer is kept)
+        # written since: still the decoded values? (one comparison at the factors' device and dtype, so a .half()
+        # model still compares equal; then the answer is kept)
         values = self._decoded_values
         same = (self.lora_A is not None and values is not None and values[0].shape == self.lora_A.shape
-                and values[1].shape == self.lora_B.shape and torch.equal(values[0].to(self.lora_A.device), self.lora_A)
-                and torch.equal(values[1].to(self.lora_B.device), self.lora_B))
+                and values[1].shape == self.lora_B.shape and torch.equal(values[0].to(self.lora_A), self.lora_A)
+                and torch.equal(values[1].to(self.lora_B), self.lora_B))
         if same:
             self._decoded_versions = self._versions()
             return False

@@ -132,11 +132,16 @@ def _encode(prefix: str, w: torch.Tensor, bits: int, out: dict[str, torch.Tensor
     if bits == FLOAT_BITS:
         out[prefix] = _narrowed(prefix, w.float(), dtype, path)
         return out[prefix].numel() * out[prefix].element_size()
+    w = w.float()
     if stats is not None:
         mu, sigma = stats[0], stats[1]
-        codes = quant.codes_for(w.float(), mu, sigma, bits)
-    else:
-        codes, mu, sigma = quant.encode(w.float(), bits)
+        codes = quant.codes_for(w, mu, sigma, bits)
+        # only while they give back exactly these values: a write torch's version counter misses (``p.data``), a
+        # cast, or a degenerate std leaves values the file's statistics do not describe
+        if not torch.equal(quant.decode(codes, mu, sigma, bits).to(w.device), w):
+            stats = None
+    if stats is None:
+        codes, mu, sigma = quant.encode(w, bits)
     out[f"{prefix}.codes"] = quant.pack_codes(codes, bits)
     out[f"{prefix}.stats"] = _narrowed(f"{prefix}.stats", torch.stack([mu, sigma]).float(), dtype, path)
     return out[f"{prefix}.codes"].numel() + out[f"{prefix}.stats"].numel() * out[f"{prefix}.stats"].element_size()
