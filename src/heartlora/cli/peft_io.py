@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         report = convert_adapter(adapter, out, dtype)
         print(f"wrote {out}: the adapter stored as {dtype} ({report.adapter_bytes:,} bytes of adapter, "
               f"{before['adapter_bytes']:,} as {before.get('dtype', 'float32')}; classifier unchanged); its accuracy: "
-              f"heartlora eval {args.dir} --task …")
+              f"heartlora eval --adapter {args.dir} --split …")
         return 0
     if args.dtype is not None and store_dtype(args.dtype) != "float32":
         raise HeartLoRAError(f"--dtype {args.dtype} goes with --format heartlora: a PEFT folder is written as float32 "
