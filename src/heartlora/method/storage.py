@@ -228,6 +228,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
                          sum(sum(m) for m in masks.values()))
 
 
+def _adapter_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The adapter's stored bytes: its values at their stored size, or packed code bytes plus the mean and std (the
+    classifier, ``modules.*``, apart)."""
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.startswith("modules."))
+
+
 def _write_checked(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write ``tensors`` and ``meta`` atomically, once the reader's own checks pass on them: every file heartlora
     writes can be read back."""
@@ -250,9 +256,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, dtype: str |
         raise ConfigError(f"{dst} is a folder: name the file to write, e.g. {Path(dst) / 'adapter.safetensors'}")
     out = {k: t if k.startswith("modules.") or not t.is_floating_point() else _narrowed(k, t, STORE_DTYPES[name], dst)
            for k, t in tensors.items()}
-    size = STORE_DTYPES[name].itemsize
-    adapter_bytes = sum(t.numel() * (size if t.is_floating_point() else 1)
-                        for k, t in out.items() if not k.startswith("modules."))
+    adapter_bytes = _adapter_bytes(out)
     new = {k: v for k, v in meta.items() if k != "dtype"}
     new.update(format_version=2 if name == "float32" else FORMAT_VERSION, adapter_bytes=adapter_bytes,
                payload_sha256=_payload_hash(out), **({} if name == "float32" else {"dtype": name}))
@@ -414,10 +418,7 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Any) -> Heart
     missing += [f"modules.{n}.*" for n in saved if not any(k.startswith(f"modules.{n}.") for k in tensors)]
     if missing:
         raise _corrupt(path, f"it lacks {missing[0]}, which its metadata describes")
-    # the values at their stored size, or packed code bytes plus the mean and std
-    size = STORE_DTYPES[meta.get("dtype", "float32")].itemsize
-    per_value = size if cfg.bits == FLOAT_BITS else 1
-    nbytes = sum(2 * size if k.endswith(".stats") else tensors[k].numel() * per_value for k in expected)
+    nbytes = _adapter_bytes(tensors)  # every adapter tensor is now one ``expected`` names, at its dtype
     if meta["adapter_bytes"] != nbytes:
         raise _corrupt(path, f"its adapter_bytes {meta['adapter_bytes']!r} disagrees with its tensors ({nbytes})")
     head = tensors.get("modules.head.weight")
