@@ -273,3 +273,17 @@ def test_resume_after_a_real_kill(task: str, tmp_path: Path) -> None:
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert resumed["accuracy"] == whole["accuracy"] and resumed["heads_off"] == whole["heads_off"]
+
+
+def test_eval_and_predict_take_threads(run_dir: Path, task: str, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)  # the test process keeps its own threads
+    assert main(["eval", "--adapter", str(run_dir), "--split", "val200", "--threads", "1", "--json"]) == 0
+    image = str(sorted(Path(task.split(":", 1)[1]).glob("test_00*.png"))[0])
+    assert main(["predict", "--adapter", str(run_dir), image, "--threads", "2", "--json"]) == 0
+    assert asked == [1, 2]
+    capsys.readouterr()
+    for command in (["eval", "--adapter", str(run_dir)], ["predict", "--adapter", str(run_dir), image]):
+        _fails([*command, "--threads", "0"], capsys, "--threads")
+    assert asked == [1, 2]

@@ -60,6 +60,31 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_processes_report_the_accuracy_of_the_adapter_they_store(tmp_path: Path) -> None:
+    """--save-dtype under torchrun: every rank evaluates the adapter as stored (its own rounding, no file in the
+    run folder), and the accuracy the run reports is that of the file rank 0 wrote."""
+    from heartlora.data import get_task
+    from heartlora.engine import accuracy, load_trained
+    from heartlora.engine.distributed import DistInfo
+    from heartlora.method import read_adapter_info
+
+    task = write_tiny_vtab(tmp_path / "task")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "heartlora", "train", "--task", task, "--out", str(tmp_path / "two"), "--quiet", "--lr", "0.05",
+           "--save-dtype", "bf16", *_cli_flags(FLAGS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["settings"]["save_dtype"] == "bfloat16"
+    assert read_adapter_info(tmp_path / "two")["dtype"] == "bfloat16"
+    model, _ = load_trained(tmp_path / "two")
+    x, y = get_task(task).load("val200", img_size=32)
+    assert accuracy(model, x, y, DistInfo(0, 1, 0, torch.device("cpu"))) == two["accuracy"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(RUN_FILES)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through Linux /proc")
 def test_sigterm_to_one_rank_ends_the_job(tmp_path: Path) -> None:
     """SIGTERM to one worker of a torchrun job (an OOM killer, a user's `kill`) ends the whole job promptly: no rank

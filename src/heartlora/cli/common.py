@@ -206,6 +206,21 @@ def number(name: str, flag: str | None = None) -> Callable[[str], Any]:
     return parse
 
 
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """--threads for a command that runs a model (train has its own, a TrainConfig field)."""
+    p.add_argument("--threads", type=number("threads"),
+                   help="CPU threads of this process (default: PyTorch's; 1 is often faster on a machine busy with "
+                        "other jobs)")
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Apply --threads (before the model is built: the command runs in its own process, nothing to restore)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def heads_flag(flag: str) -> Callable[[str], str]:
     """The argparse type of --ne: auto, or a whole number of heads ≥ 0 (kept as text, as resolve reads it), checked
     by the one parser of the heads-off rule (``heartlora.method.heads_off.parse_ne``)."""

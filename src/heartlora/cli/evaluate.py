@@ -15,7 +15,9 @@ from heartlora.cli.common import (
     config_help,
     Commands,
     adapter_path,
+    add_threads_flag,
     number,
+    use_threads,
 )
 from heartlora.data import get_task
 from heartlora.engine import accuracy, classify, collect_images, load_trained
@@ -26,6 +28,7 @@ from heartlora.errors import HeartLoRAError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    use_threads(args)
     device = resolve_device(args.device)
     model, info = load_trained(adapter_path(args.adapter), device, backbone=args.backbone)
     run = info["run"]
@@ -53,6 +56,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise HeartLoRAError(f"--top-k {args.top_k}: give at least 1 label per image")
     files = collect_images(args.inputs)  # fail on a missing path before the model is built
+    use_threads(args)
     device = resolve_device(args.device)
     if len(args.adapter) > 1:
         return _predict_bank(args, files, device)
@@ -104,6 +108,7 @@ def register(cli: Commands) -> None:
     p.add_argument("--seed", type=number("seed"),
                    help="a NAME@Kshot task's sample (default: the run's --seed, so train800 is what it trained on)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_flag(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON (adapter, task, split, images, img_size, accuracy)")
 
@@ -116,6 +121,7 @@ def register(cli: Commands) -> None:
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--top-k", type=number("top_k"), default=5, help="labels per image and task (default 5)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_flag(p)
     p.add_argument("--json", action="store_true",
                    help='print the labels as JSON: a list of {"image", "top"} (and "task" with several adapters)')
 

@@ -11,7 +11,9 @@ from heartlora.cli.common import (
     BACKBONE_HELP,
     config_help,
     Commands,
+    add_threads_flag,
     number,
+    use_threads,
 )
 from heartlora.engine.distributed import resolve_device
 from heartlora.engine.settings import DEVICE_HELP
@@ -24,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_serving()
     require_api()
     token = check_token(args.admin_token)  # before the adapters are loaded
+    use_threads(args)
     if bool(args.adapter) == bool(args.adapter_dir):
         raise ConfigError("give the adapters to serve: --adapter FILE (repeat it for several) or --adapter-dir DIR, "
                           "not both")
@@ -71,6 +74,7 @@ def register(cli: Commands) -> None:
     p.add_argument("--port", type=number("port"), default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    add_threads_flag(p)
     p.add_argument("--max-batch", type=number("max_batch"), default=32,
                    help="most requests answered by one bank call (default 32)")
     p.add_argument("--max-wait-ms", type=number("max_wait_ms"), default=5.0,

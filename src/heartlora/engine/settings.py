@@ -23,7 +23,7 @@ from heartlora.errors import ConfigError, SettingError
 from heartlora.method.auto_ne import DEFAULT_TOLERANCE
 from heartlora.method.config import FLOAT_BITS, TARGETS, HeartLoRAConfig
 from heartlora.method.heads_off import parse_heads_off, parse_ne
-from heartlora.method.storage import MAX_IMG_SIZE, MAX_RANK
+from heartlora.method.storage import MAX_IMG_SIZE, MAX_RANK, store_dtype
 
 # Defaults per profile. "paper" is the VTAB-1K protocol of the reference code (docs/METHOD.md §5); "cpu" fits a
 # 2-core machine.
@@ -47,11 +47,13 @@ DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: CUDA when present, else CPU)"
 
 def _opt(default: Any = None, help: str = "", group: str = "run", default_text: str | None = None,
          choices: tuple[str, ...] | None = None, runtime: bool = False, flag: str | None = None,
-         hidden: bool = False, fill: Any = None) -> Any:
+         hidden: bool = False, fill: Any = None, recorded_unless_default: bool = False) -> Any:
     """A TrainConfig field with what the CLI needs to offer it. ``fill``: the default ``resolve`` puts in place of
-    None (shown in the flag's help); ``runtime``: the setting never changes the result (a resumed run may differ)."""
+    None (shown in the flag's help); ``runtime``: the setting never changes the result (a resumed run may differ);
+    ``recorded_unless_default``: a setting added after runs were recorded is in ``settings()`` only when it is not its
+    default, so that the runs made before it existed (their checkpoints, metrics.json and records) still match."""
     meta = {"help": help, "group": group, "choices": choices, "runtime": runtime, "flag": flag, "hidden": hidden,
-            "fill": fill, "default_text": default_text}
+            "fill": fill, "default_text": default_text, "recorded_unless_default": recorded_unless_default}
     return field(default=default, metadata=meta)
 
 
@@ -137,6 +139,10 @@ class TrainConfig:
                                       "gradient scaler; tf32: fp32 with TF32 matrix products on CUDA; adapter "
                                       "weights and optimizer state stay fp32",
                                  group="run", choices=PRECISIONS, fill="auto")
+    save_dtype: str | None = _opt(help="store the adapter's values as float32, float16 or bfloat16 (fp32, fp16, bf16; "
+                                       "fp16 halves a float adapter's bytes); the accuracy reported is the stored "
+                                       "adapter's, evaluated with its values rounded as the file holds them",
+                                  group="run", fill="float32", recorded_unless_default=True)
     # Runtime only: never change the result.
     out: str | None = _opt(help="output folder", runtime=True, default_text="runs/<task>_<method>_<protocol>_s<seed>")
     resume: bool = _opt(False, help="continue the run in --out from its last checkpoint", runtime=True)
@@ -159,7 +165,8 @@ class TrainConfig:
 
     def settings(self) -> dict[str, Any]:
         """The result-determining settings as a JSON-able dict."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("runtime")}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("runtime")
+             and not (f.metadata["recorded_unless_default"] and getattr(self, f.name) in (None, f.metadata["fill"]))}
         d["targets"] = list(d["targets"]) if d["targets"] is not None else None
         return d
 
@@ -337,6 +344,8 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
     # the command line gives strings and "auto"s; the saved settings hold resolved values
     if "ne" in given:
         given["ne"] = parse_ne(given["ne"])
+    if "save_dtype" in given:
+        given["save_dtype"] = store_dtype(given["save_dtype"])
     if isinstance(cfg.targets, str):
         given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
     if "targets" in given and saved.get("targets") is not None:  # the same projections in any order: the same run
@@ -434,6 +443,14 @@ def _check(out: TrainConfig, method: Any) -> None:
         raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
         raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
+    try:
+        out.save_dtype = store_dtype(out.save_dtype)
+    except ConfigError:
+        raise setting_error(f"unknown {{save_dtype}} {out.save_dtype!r}: choose float32, float16 or bfloat16 (fp32, "
+                            "fp16, bf16)") from None
+    if out.save_dtype != "float32" and not method.adapters:
+        raise setting_error(f"{{save_dtype}} {out.save_dtype} applies to adapter methods only: {out.method} stores "
+                            "plain float32 weights")
     # the numeric ranges (epochs, batch size, image size, lr, threads, …) were checked against RANGES in resolve()
 
 

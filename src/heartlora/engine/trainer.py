@@ -17,6 +17,7 @@ import logging
 import math
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -676,6 +677,10 @@ class Trainer:
         last, metrics.json: a folder with metrics.json holds a complete run."""
         cfg = self.cfg
         final_acc = self.state.history[-1]["eval_acc"]
+        if cfg.save_dtype != "float32":
+            self._as_stored()
+            if cfg.protocol == "val":  # the stored adapter's val200 accuracy, not the float32 one it was rounded from
+                final_acc = self.evaluate(self.eval_x, self.eval_y)
         if cfg.protocol == "final":
             # The one and only look at test, after training: nothing is chosen on it.
             test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
@@ -684,13 +689,25 @@ class Trainer:
         written = self.on_rank0(self._write_results, metrics, final_acc)
         return broadcast_object(written if self.info.is_main else metrics, self.info)
 
+    def _as_stored(self) -> None:
+        """--save-dtype float16 / bfloat16: the model takes the adapter's values as the file will hold them (written
+        at that dtype and read back, on every rank), so that the accuracy reported is the stored adapter's."""
+        from heartlora.method import save_adapter
+        from heartlora.method.storage import restore_adapter
+
+        with tempfile.TemporaryDirectory(prefix="heartlora-") as tmp:
+            save_adapter(self.model, Path(tmp) / "adapter.safetensors", dtype=self.cfg.save_dtype)
+            restore_adapter(self.model, Path(tmp) / "adapter.safetensors")
+
     def _write_results(self, metrics: dict[str, Any], final_acc: float) -> dict[str, Any]:
         """Rank 0: the model file, the plots, the finished checkpoint and, last, metrics.json; returns what
         train() returns (the file's content and status)."""
         cfg = self.cfg
         out, facts = self.folder.path, self.run_facts()
         with self.folder.writing("adapter.safetensors"):
-            metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts)
+            metrics["adapter_bytes"] = self.method.save(self.model, out / "adapter.safetensors", facts,
+                                                        **({"dtype": cfg.save_dtype} if cfg.save_dtype != "float32"
+                                                           else {}))
         metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
         from heartlora.engine.plots import responsiveness_heatmap, training_curves
 

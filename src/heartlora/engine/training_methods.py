@@ -61,8 +61,9 @@ class TrainingMethod:
     def restore(self, model: nn.Module, off: Heads, optimizer: torch.optim.Optimizer) -> None:
         """On resume: switch the same heads off again before the saved weights are loaded."""
 
-    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
-        """Write the trained model file; returns its per-task bytes (the ``adapter_bytes`` of metrics.json)."""
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any], dtype: str = "float32") -> int:
+        """Write the trained model file; returns its per-task bytes (the ``adapter_bytes`` of metrics.json).
+        ``dtype`` (``--save-dtype``, adapter methods only): what the adapter's values are stored as."""
         from heartlora.engine.inference import save_weights  # not at the top: inference → config → this module
 
         save_weights(model, path, [n for n, p in model.named_parameters() if p.requires_grad], run_facts)
@@ -99,7 +100,7 @@ class FullFineTune(TrainingMethod):
             p.requires_grad_(True)
         return model, {}
 
-    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any], dtype: str = "float32") -> int:
         from heartlora.engine.inference import save_weights  # not at the top: inference → config → this module
 
         save_weights(model, path, list(model.state_dict()), run_facts)
@@ -143,10 +144,10 @@ class HeadLoRA(TrainingMethod):
 
             deactivate_heads(model, heads=off, optimizer=optimizer)
 
-    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any]) -> int:
+    def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any], dtype: str = "float32") -> int:
         from heartlora.engine.inference import RUN_KEY  # not at the top: inference → config → this module
 
-        return int(save_adapter(model, path, extra_metadata={RUN_KEY: run_facts}).adapter_bytes)
+        return int(save_adapter(model, path, extra_metadata={RUN_KEY: run_facts}, dtype=dtype).adapter_bytes)
 
 
 _REGISTRY: dict[str, TrainingMethod] = {}

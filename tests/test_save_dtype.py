@@ -1,0 +1,94 @@
+"""``heartlora train --save-dtype``: the adapter stored at float16 / bfloat16 straight from training, and the accuracy
+reported being the stored adapter's (the tiny random ViT and four-class task of test_engine.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from heartlora.engine import TrainConfig, load_trained, train
+from heartlora.engine.checkpoint import load_checkpoint
+from heartlora.engine.distributed import DistInfo
+from heartlora.engine.metrics import accuracy
+from heartlora.errors import ConfigError
+from heartlora.method import read_adapter_info
+
+TINY = dict(backbone="test_vit", pretrained=False, img_size=32, batch_size=32, progress=False, epochs=2)
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def tiny(out: Path, task: str, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "task": task, "out": str(out), **kw})
+
+
+def stored_accuracy(run: Path, task: str, split: str) -> float:
+    from heartlora.data import get_task
+
+    model, _ = load_trained(run)
+    x, y = get_task(task).load(split, img_size=32)
+    return accuracy(model, x, y, CPU)
+
+
+@pytest.mark.parametrize(("method", "dtype"), [("heart-lora", "bf16"), ("heart-bi-lora", "fp16")])
+def test_the_adapter_is_stored_at_the_dtype_and_its_accuracy_is_the_stored_files(
+        tmp_path: Path, task: str, method: str, dtype: str) -> None:
+    kw = dict(method=method, ne=3, lr=0.05)  # a high rate: weights far from their initial values
+    wide = train(tiny(tmp_path / "fp32", task, **kw))
+    narrow = train(tiny(tmp_path / dtype, task, save_dtype=dtype, **kw))
+    name = {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    assert read_adapter_info(tmp_path / dtype / "adapter.safetensors")["dtype"] == name
+    assert narrow["settings"]["save_dtype"] == name and "save_dtype" not in wide["settings"]
+    assert narrow["heads_off"] == wide["heads_off"]
+    if method == "heart-lora":  # every value at 2 bytes instead of 4
+        assert narrow["adapter_bytes"] * 2 == wide["adapter_bytes"]
+    else:  # 1-bit codes unchanged, each factor's mean and std at 2 bytes instead of 4
+        factors = len(read_adapter_info(tmp_path / dtype / "adapter.safetensors")["shapes"])
+        assert wide["adapter_bytes"] - narrow["adapter_bytes"] == factors * 2 * 2
+    assert narrow["accuracy"] == stored_accuracy(tmp_path / dtype, task, "val200")
+    assert narrow["accuracy"] == json.loads((tmp_path / dtype / "metrics.json").read_text())["accuracy"]
+    # The model was evaluated as stored: the finished checkpoint's adapter values are the file's, already rounded.
+    model = load_checkpoint(tmp_path / dtype / "checkpoint.pt")["model"]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    factors = {k: v for k, v in model.items() if "lora_" in k}
+    assert factors
+    if method == "heart-lora":
+        assert all(torch.equal(v, v.to(torch_dtype).float()) for v in factors.values())
+        wide_model = load_checkpoint(tmp_path / "fp32" / "checkpoint.pt")["model"]
+        assert any(not torch.equal(v, v.to(torch_dtype).float()) for k, v in wide_model.items() if "lora_" in k)
+    # Resuming the finished run returns what it recorded; asking for another dtype is refused.
+    again = train(TrainConfig(out=str(tmp_path / dtype), resume=True, progress=False))
+    assert again["status"] == "already_finished" and again["accuracy"] == narrow["accuracy"]
+    with pytest.raises(ConfigError, match="save_dtype float32 \\(run has " + name):
+        train(TrainConfig(out=str(tmp_path / dtype), resume=True, progress=False, save_dtype="fp32"))
+
+
+def test_a_final_run_tests_the_stored_adapter(tmp_path: Path, task: str) -> None:
+    metrics = train(tiny(tmp_path, task, method="lora", lr=0.05, protocol="final", save_dtype="bfloat16"))
+    assert metrics["accuracy_split"] == "test"
+    assert metrics["accuracy"] == stored_accuracy(tmp_path, task, "test")
+
+
+def test_a_run_started_before_the_setting_existed_resumes_and_keeps_its_settings(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="lora", stop_after_epoch=1))
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "save_dtype" not in json.loads(state["settings"])  # what every run made before --save-dtype records
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))
+    assert done["status"] == "finished" and "save_dtype" not in done["settings"]
+    assert "dtype" not in read_adapter_info(tmp_path / "adapter.safetensors")
+    with pytest.raises(ConfigError, match="save_dtype float16 \\(run has float32\\)"):
+        train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="fp16"))
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(method="lora", save_dtype="fp8"), "unknown save_dtype 'fp8': choose float32, float16 or bfloat16"),
+    (dict(method="linear", save_dtype="fp16"), "save_dtype float16 applies to adapter methods only: linear"),
+])
+def test_a_dtype_that_cannot_be_stored_is_refused_before_anything_is_written(
+        tmp_path: Path, task: str, kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as e:
+        train(tiny(tmp_path / "run", task, **kw))
+    assert "--save-dtype" in e.value.for_cli() and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
