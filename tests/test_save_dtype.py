@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from heartlora.engine import TrainConfig, load_trained, train
 from heartlora.engine.checkpoint import load_checkpoint
 from heartlora.engine.distributed import DistInfo
 from heartlora.engine.metrics import accuracy
+from heartlora.engine.trainer import Trainer
 from heartlora.errors import ConfigError
 from heartlora.method import read_adapter_info
 
@@ -49,15 +51,9 @@ def test_the_adapter_is_stored_at_the_dtype_and_its_accuracy_is_the_stored_files
         assert wide["adapter_bytes"] - narrow["adapter_bytes"] == factors * 2 * 2
     assert narrow["accuracy"] == stored_accuracy(tmp_path / dtype, task, "val200")
     assert narrow["accuracy"] == json.loads((tmp_path / dtype / "metrics.json").read_text())["accuracy"]
-    # The model was evaluated as stored: the finished checkpoint's adapter values are the file's, already rounded.
-    model = load_checkpoint(tmp_path / dtype / "checkpoint.pt")["model"]
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    factors = {k: v for k, v in model.items() if "lora_" in k}
-    assert factors
-    if method == "heart-lora":
-        assert all(torch.equal(v, v.to(torch_dtype).float()) for v in factors.values())
-        wide_model = load_checkpoint(tmp_path / "fp32" / "checkpoint.pt")["model"]
-        assert any(not torch.equal(v, v.to(torch_dtype).float()) for k, v in wide_model.items() if "lora_" in k)
+    # The finished checkpoint keeps the trained float32 values (the same training: the float32 run's).
+    kept, wide_kept = (load_checkpoint(tmp_path / run / "checkpoint.pt")["model"] for run in (dtype, "fp32"))
+    assert kept.keys() == wide_kept.keys() and all(torch.equal(kept[k], wide_kept[k]) for k in kept)
     # Resuming the finished run returns what it recorded; asking for another dtype is refused.
     again = train(TrainConfig(out=str(tmp_path / dtype), resume=True, progress=False))
     assert again["status"] == "already_finished" and again["accuracy"] == narrow["accuracy"]
@@ -91,4 +87,53 @@ def test_a_dtype_that_cannot_be_stored_is_refused_before_anything_is_written(
     with pytest.raises(ConfigError, match=message) as e:
         train(tiny(tmp_path / "run", task, **kw))
     assert "--save-dtype" in e.value.for_cli() and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_last_evaluation_sees_the_adapter_values_as_stored(tmp_path: Path, task: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    evaluate = Trainer.evaluate
+
+    def watched(self: Trainer, images: torch.Tensor, labels: torch.Tensor) -> float:
+        factors = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        seen.append(bool(factors) and all(torch.equal(p, p.to(torch.bfloat16).float()) for p in factors))
+        return evaluate(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "evaluate", watched)
+    train(tiny(tmp_path, task, method="lora", lr=0.05, protocol="final", save_dtype="bf16"))
+    assert seen == [True]  # final: test once, with every factor rounded to bfloat16 as the file holds it
+
+
+def test_a_k_bit_run_stopped_before_its_metrics_finishes_with_the_same_adapter(tmp_path: Path, task: str) -> None:
+    """A run killed after its finished checkpoint but before metrics.json is resumed: the file it writes then and the
+    accuracy it reports are the uninterrupted run's (the checkpoint holds the trained values, not decoded 1-bit ones,
+    which a second encoding would shrink)."""
+    first = train(tiny(tmp_path, task, method="bi-lora", lr=0.05, save_dtype="fp16"))
+    stored = load_file(tmp_path / "adapter.safetensors")
+    (tmp_path / "metrics.json").unlink()
+    again = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))
+    resumed = load_file(tmp_path / "adapter.safetensors")  # its metadata differs: the run facts' timings
+    assert resumed.keys() == stored.keys() and all(torch.equal(resumed[k], stored[k]) for k in stored)
+    assert again["accuracy"] == first["accuracy"] and again["adapter_bytes"] == first["adapter_bytes"]
+
+
+def test_resuming_with_the_default_named_another_way_keeps_the_runs_settings(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="linear", stop_after_epoch=1))
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="FP32"))
+    assert done["status"] == "finished" and "save_dtype" not in done["settings"]
+    again = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))
+    assert again["status"] == "already_finished" and again["accuracy"] == done["accuracy"]
+
+
+def test_a_method_whose_save_takes_no_dtype_is_refused(tmp_path: Path, task: str) -> None:
+    from heartlora.engine.training_methods import HeadLoRA, register_method
+
+    class Plain(HeadLoRA):
+        def save(self, model, path, run_facts):  # an override from before --save-dtype
+            return super().save(model, path, run_facts)
+
+    register_method("test-plain-save", Plain("LoRA, saved without a dtype"), replace=True)
+    with pytest.raises(ConfigError, match="test-plain-save's save\(\) takes no dtype"):
+        train(tiny(tmp_path / "run", task, method="test-plain-save", save_dtype="fp16"))
     assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ generated from its fields (``heartlora.cli.common.add_config_flags``), so the tw
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -345,7 +346,7 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
     if "ne" in given:
         given["ne"] = parse_ne(given["ne"])
     if "save_dtype" in given:
-        given["save_dtype"] = store_dtype(given["save_dtype"])
+        given["save_dtype"] = _save_dtype(given["save_dtype"])
     if isinstance(cfg.targets, str):
         given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
     if "targets" in given and saved.get("targets") is not None:  # the same projections in any order: the same run
@@ -373,6 +374,7 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
     for k, v in DEFAULTS.items():  # settings added after the run was started keep their old behaviour
         if getattr(out, k) is None and k not in saved:
             setattr(out, k, v)
+    out.save_dtype = _save_dtype(out.save_dtype)  # given again as fp32 to a run that recorded none: its name
     return out
 
 
@@ -443,15 +445,23 @@ def _check(out: TrainConfig, method: Any) -> None:
         raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
         raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
-    try:
-        out.save_dtype = store_dtype(out.save_dtype)
-    except ConfigError:
-        raise setting_error(f"unknown {{save_dtype}} {out.save_dtype!r}: choose float32, float16 or bfloat16 (fp32, "
-                            "fp16, bf16)") from None
+    out.save_dtype = _save_dtype(out.save_dtype)
     if out.save_dtype != "float32" and not method.adapters:
         raise setting_error(f"{{save_dtype}} {out.save_dtype} applies to adapter methods only: {out.method} stores "
                             "plain float32 weights")
+    if out.save_dtype != "float32" and "dtype" not in inspect.signature(method.save).parameters:
+        raise setting_error(f"{{save_dtype}} {out.save_dtype}: method {out.method}'s save() takes no dtype, so it "
+                            "would store float32 (give its save a dtype parameter, as TrainingMethod.save has)")
     # the numeric ranges (epochs, batch size, image size, lr, threads, …) were checked against RANGES in resolve()
+
+
+def _save_dtype(value: Any) -> str:
+    """--save-dtype's value as a storage dtype's name (float32, float16, bfloat16), or one line naming the flag."""
+    try:
+        return store_dtype(value)
+    except ConfigError:
+        raise setting_error(f"unknown {{save_dtype}} {value!r}: choose float32, float16 or bfloat16 (fp32, fp16, "
+                            "bf16)") from None
 
 
 def _warmup(out: TrainConfig, method: Any) -> None:

@@ -677,7 +677,9 @@ class Trainer:
         last, metrics.json: a folder with metrics.json holds a complete run."""
         cfg = self.cfg
         final_acc = self.state.history[-1]["eval_acc"]
+        trained = None
         if cfg.save_dtype != "float32":
+            trained = _trainable_state(self.model)
             self._as_stored()
             if cfg.protocol == "val":  # the stored adapter's val200 accuracy, not the float32 one it was rounded from
                 final_acc = self.evaluate(self.eval_x, self.eval_y)
@@ -685,6 +687,11 @@ class Trainer:
             # The one and only look at test, after training: nothing is chosen on it.
             test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
             final_acc = self.evaluate(test_x, test_y)
+        if trained is not None:
+            # The trained float32 values back: the finished checkpoint keeps them (a resume of a run stopped before
+            # metrics.json rounds them once, not a rounded k-bit adapter again), and the file written from them at
+            # the same dtype is the one just evaluated, byte for byte.
+            self.model.load_state_dict({k: v.to(self.info.device) for k, v in trained.items()}, strict=False)
         metrics = self.metrics(final_acc, status="finished")
         written = self.on_rank0(self._write_results, metrics, final_acc)
         return broadcast_object(written if self.info.is_main else metrics, self.info)
@@ -696,7 +703,13 @@ class Trainer:
         from heartlora.method.storage import restore_adapter
 
         with tempfile.TemporaryDirectory(prefix="heartlora-") as tmp:
-            save_adapter(self.model, Path(tmp) / "adapter.safetensors", dtype=self.cfg.save_dtype)
+            try:
+                save_adapter(self.model, Path(tmp) / "adapter.safetensors", dtype=self.cfg.save_dtype)
+            except ConfigError as e:  # a value float16 cannot hold: the trained run is in its last checkpoint
+                raise ConfigError(f"{str(e).removesuffix('; nothing was written')}; the run trained but wrote no "
+                                  "results (its last epoch's checkpoint is kept): train again with --overwrite and "
+                                  "--save-dtype bfloat16, or without it and `heartlora export … --dtype bf16`"
+                                  ) from None
             restore_adapter(self.model, Path(tmp) / "adapter.safetensors")
 
     def _write_results(self, metrics: dict[str, Any], final_acc: float) -> dict[str, Any]:
