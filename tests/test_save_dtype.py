@@ -57,8 +57,9 @@ def test_the_adapter_is_stored_at_the_dtype_and_its_accuracy_is_the_stored_files
     # Resuming the finished run returns what it recorded; asking for another dtype is refused.
     again = train(TrainConfig(out=str(tmp_path / dtype), resume=True, progress=False))
     assert again["status"] == "already_finished" and again["accuracy"] == narrow["accuracy"]
-    with pytest.raises(ConfigError, match="save_dtype float32 \\(run has " + name):
+    with pytest.raises(ConfigError, match="save_dtype float32 \\(run has " + name) as e:
         train(TrainConfig(out=str(tmp_path / dtype), resume=True, progress=False, save_dtype="fp32"))
+    assert "the run has finished: `heartlora export" in str(e.value) and "--save-dtype" in e.value.for_cli()
 
 
 def test_a_final_run_tests_the_stored_adapter(tmp_path: Path, task: str) -> None:
@@ -134,6 +135,50 @@ def test_a_method_whose_save_takes_no_dtype_is_refused(tmp_path: Path, task: str
             return super().save(model, path, run_facts)
 
     register_method("test-plain-save", Plain("LoRA, saved without a dtype"), replace=True)
-    with pytest.raises(ConfigError, match="test-plain-save's save\(\) takes no dtype"):
+    with pytest.raises(ConfigError, match=r"test-plain-save's save\(\) takes no dtype"):
         train(tiny(tmp_path / "run", task, method="test-plain-save", save_dtype="fp16"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_not_finished_resumes_with_another_dtype_and_records_it(tmp_path: Path, task: str) -> None:
+    """--save-dtype acts only when a run finishes: a stopped run may finish at another dtype, and every file of the
+    run (checkpoint, config.yaml, metrics.json, train.log) then names the one its adapter was stored at."""
+    train(tiny(tmp_path, task, method="lora", lr=0.05, save_dtype="fp16", stop_after_epoch=1))
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="bf16"))
+    assert done["status"] == "finished" and done["settings"]["save_dtype"] == "bfloat16"
+    assert read_adapter_info(tmp_path / "adapter.safetensors")["dtype"] == "bfloat16"
+    assert done["accuracy"] == stored_accuracy(tmp_path, task, "val200")
+    assert json.loads(load_checkpoint(tmp_path / "checkpoint.pt")["settings"])["save_dtype"] == "bfloat16"
+    assert "save-dtype: bfloat16" in (tmp_path / "config.yaml").read_text()
+    assert "resumed with save-dtype bfloat16 (was float16)" in (tmp_path / "train.log").read_text()
+    again = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))  # its files agree with each other
+    assert again["status"] == "already_finished" and again["accuracy"] == done["accuracy"]
+
+
+def test_back_to_float32_on_resume_records_no_dtype(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="lora", save_dtype="bf16", stop_after_epoch=1))
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="float32"))
+    assert done["status"] == "finished" and "save_dtype" not in done["settings"]
+    assert "dtype" not in read_adapter_info(tmp_path / "adapter.safetensors")
+    assert "save_dtype" not in json.loads(load_checkpoint(tmp_path / "checkpoint.pt")["settings"])
+
+
+def test_a_value_float16_cannot_hold_stops_the_run_and_resuming_at_bfloat16_finishes_it(
+        tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    finish = Trainer.finish
+
+    def overflowing(self: Trainer) -> dict:  # one factor beyond float16's range when training ends
+        next(p for n, p in self.model.named_parameters() if "lora_B" in n).data[0, 0] = 1e6
+        return finish(self)
+
+    monkeypatch.setattr(Trainer, "finish", overflowing)
+    with pytest.raises(ConfigError) as e:
+        train(tiny(tmp_path, task, method="lora", save_dtype="fp16"))
+    message = str(e.value)
+    assert f"cannot store {tmp_path / 'adapter.safetensors'} as float16" in message and "\n" not in message
+    assert f"finish it with `heartlora train --out {tmp_path} --resume --save-dtype bfloat16`" in message
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "adapter.safetensors").exists()
+    monkeypatch.setattr(Trainer, "finish", finish)
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="bf16"))
+    assert done["status"] == "finished" and done["epochs_done"] == 2
+    assert read_adapter_info(tmp_path / "adapter.safetensors")["dtype"] == "bfloat16"

@@ -172,6 +172,9 @@ class TrainConfig:
         return d
 
 
+# Settings that act only when a run finishes (the dtype its adapter is stored at, and evaluated at before that):
+# a run that has not finished may be resumed with another value, which the run then records.
+FINISH_ONLY = ("save_dtype",)
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime"))
 DEFAULTS: dict[str, Any] = {f.name: f.metadata["fill"] for f in dataclasses.fields(TrainConfig)
                             if f.metadata.get("fill") is not None}
@@ -316,7 +319,7 @@ def check_threads(threads: int | None) -> None:
         check_setting("threads", threads)
 
 
-def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfig:
+def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None, unfinished: bool = False) -> TrainConfig:
     """A copy of ``cfg`` with every default filled in and checked, in named steps: the method's defaults (and the
     adapter's, from HeartLoRAConfig), the profile's, the checks, the few-shot floor, the warmup. With ``saved`` (a
     resumed run's settings) the saved values fill the gaps instead, and an explicit setting that disagrees with them
@@ -329,7 +332,7 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
             check_setting(name, getattr(cfg, name))
     out = dataclasses.replace(cfg, notes=list(cfg.notes))
     if saved is not None:
-        return _with_saved(cfg, out, saved)
+        return _with_saved(cfg, out, saved, FINISH_ONLY if unfinished else ())
     method = _method_defaults(out)
     filled = _profile_defaults(out)
     _check(out, method)
@@ -339,8 +342,11 @@ def resolve(cfg: TrainConfig, saved: dict[str, Any] | None = None) -> TrainConfi
     return out
 
 
-def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> TrainConfig:
-    """Resume: the saved settings fill ``out``; a setting given that disagrees with them is an error."""
+def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any], may_change: tuple[str, ...] = ()
+                ) -> TrainConfig:
+    """Resume: the saved settings fill ``out``; a setting given that disagrees with them is an error, except those
+    of ``may_change`` (settings that act only when the run finishes, given to a run that has not), which replace
+    the saved value."""
     given = {k: v for k, v in cfg.settings().items() if v is not None}
     # the command line gives strings and "auto"s; the saved settings hold resolved values
     if "ne" in given:
@@ -363,7 +369,7 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
             bare = k == "backbone"
             given[k], was = portable(given[k], bare), {**was, k: portable(was[k], bare)}
     clash = {k: (v, was.get(k, DEFAULTS.get(k))) for k, v in given.items()
-             if _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
+             if k not in may_change and _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
     if clash:
         what = ", ".join(f"{{{k}}} {a} (run has {b})" for k, (a, b) in clash.items())
         raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with "
@@ -374,6 +380,9 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any]) -> Tr
     for k, v in DEFAULTS.items():  # settings added after the run was started keep their old behaviour
         if getattr(out, k) is None and k not in saved:
             setattr(out, k, v)
+    for k in may_change:  # read from cfg: settings() leaves a default out, and float32 may be what is asked
+        if getattr(cfg, k) is not None:
+            setattr(out, k, getattr(cfg, k))
     out.save_dtype = _save_dtype(out.save_dtype)  # given again as fp32 to a run that recorded none: its name
     return out
 

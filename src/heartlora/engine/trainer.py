@@ -33,6 +33,8 @@ from heartlora.data import get_task
 from heartlora.engine import checkpoint as ckpt
 from heartlora.engine.settings import (
     CONFIG_NAME,
+    DEFAULTS,
+    FINISH_ONLY,
     PROTOCOLS,
     TrainConfig,
     check_threads,
@@ -57,7 +59,7 @@ from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
-from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
+from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError, SettingError
 from heartlora.method import attention_layers, coverage, head_masks, is_adapted
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
@@ -109,10 +111,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             print(f"note: {why}: starting it from the beginning", file=sys.stderr)
     state = TrainState.from_checkpoint(decision["state"]) if "state" in decision else None
     if decision["mode"] == "done":
-        resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
+        try:
+            resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
+        except SettingError as e:
+            if cfg.save_dtype is None or "{save_dtype}" not in e.template:
+                raise
+            raise SettingError(f"{e.template}; the run has finished: `heartlora export {out} DIR --format heartlora "
+                               "--dtype …` stores its adapter at another dtype", e.names, e.flags) from None
         metrics = decision["metrics"]  # read and checked by inspect_out (rank 0), broadcast with the decision
         return {**metrics, "status": "already_finished"}
-    cfg = resolve(cfg, state.settings if state else None)
+    cfg = resolve(cfg, state.settings if state else None, unfinished=True)
     trainer = Trainer(cfg, info, t_start)  # everything that can fail on bad input fails here, before any write
     if state is not None:
         trainer.check_identity(state)
@@ -337,7 +345,25 @@ class Trainer:
         self.wall_before = self.state.wall_s
         if state is not None:
             self._restore(state)
+            self._changed_at_finish()
         self._wrap()
+
+    def _changed_at_finish(self) -> None:
+        """A resumed run given another value of a setting that acts only when it finishes (FINISH_ONLY): the run
+        records the new value (checkpoint, config.yaml, train.log), so that its files agree with its result."""
+        now = self.cfg.settings()
+        changed = {k: (self.state.settings.get(k, DEFAULTS.get(k)), getattr(self.cfg, k)) for k in FINISH_ONLY
+                   if self.state.settings.get(k, DEFAULTS.get(k)) != getattr(self.cfg, k)}
+        if not changed:
+            return
+        for k in FINISH_ONLY:
+            if k in now:
+                self.state.settings[k] = now[k]
+            else:
+                self.state.settings.pop(k, None)
+        self.say("resumed with " + ", ".join(f"{k.replace('_', '-')} {b} (was {a})" for k, (a, b) in changed.items())
+                 + ": it applies when the run finishes")
+        self.on_rank0(self._write_config)
 
     def _build_optimization(self) -> None:
         cfg = self.cfg
@@ -706,10 +732,11 @@ class Trainer:
             try:
                 save_adapter(self.model, Path(tmp) / "adapter.safetensors", dtype=self.cfg.save_dtype)
             except ConfigError as e:  # a value float16 cannot hold: the trained run is in its last checkpoint
-                raise ConfigError(f"{str(e).removesuffix('; nothing was written')}; the run trained but wrote no "
-                                  "results (its last epoch's checkpoint is kept): train again with --overwrite and "
-                                  "--save-dtype bfloat16, or without it and `heartlora export … --dtype bf16`"
-                                  ) from None
+                why = str(e).removesuffix("; store it as bfloat16 or float32; nothing was written").replace(
+                    str(Path(tmp) / "adapter.safetensors"), str(Path(self.cfg.out) / "adapter.safetensors"))
+                raise ConfigError(f"{why}; the run trained but wrote no results (its last epoch's checkpoint is "
+                                  f"kept): finish it with `heartlora train --out {self.cfg.out} --resume "
+                                  "--save-dtype bfloat16` (or float32)") from None
             restore_adapter(self.model, Path(tmp) / "adapter.safetensors")
 
     def _write_results(self, metrics: dict[str, Any], final_acc: float) -> dict[str, Any]:
