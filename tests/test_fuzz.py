@@ -699,9 +699,14 @@ if __name__ == "__main__":  # the outcome counts quoted in docs/RELIABILITY.md: 
 
     logging.disable(logging.WARNING)  # one format-1 warning per load otherwise
     torch.set_num_threads(1)
-    for version in (None, 2, 1):
+    # the cases the tests above run: raw damage to format 2 (float, 1-bit) and format 3 (float16 values, bfloat16
+    # statistics), re-signed damage in formats 2 and 1, and in format 3 at float16
+    two, three = [(32, None), (1, None)], [(32, "float16"), (1, "bfloat16")]
+    for label, version, files in [("raw, format 2", None, two), ("raw, format 3", None, three),
+                                  ("re-signed, format 2", 2, two), ("re-signed, format 1", 1, two),
+                                  ("re-signed, format 3", 3, [(32, "float16"), (1, "float16")])]:
         counts: Counter = Counter()
-        for bits in (32, 1):
+        for bits, dtype in files:
             with tempfile.TemporaryDirectory() as tmp:
-                counts.update(outcome for _, outcome in fuzz(Path(tmp), bits, version))
-        print("raw" if version is None else f"re-signed, format {version}", dict(counts))
+                counts.update(outcome for _, outcome in fuzz(Path(tmp), bits, version, dtype))
+        print(label, dict(counts))

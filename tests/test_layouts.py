@@ -54,6 +54,12 @@ def _timm_twins_gsa() -> tuple[nn.Module, Any]:
     return Holder(GlobalSubSampleAttn(D, H, sr_ratio=2), size=(4, 4)), _tokens()
 
 
+def _timm_pvt_v2_linear() -> tuple[nn.Module, Any]:
+    """PVTv2-li: an activation on the pooled keys' and values' input (not between the heads and o)."""
+    from timm.models.pvt_v2 import Attention
+    return Holder(Attention(D, H, linear_attn=True), feat_size=[4, 4]), _tokens()
+
+
 def _timm_convit_gpsa() -> tuple[nn.Module, Any]:
     import timm
     from timm.models.convit import GPSA
@@ -158,7 +164,8 @@ FAMILIES: dict[str, dict[str, Callable[[], tuple[nn.Module, Any]]]] = {
                      "timm_efficientformerv2": _timm_efficientformerv2},
     "parallel_block": {"timm_vit_parallel": _timm_parallel(False), "timm_vit_parallel_fused_out": _timm_parallel(True)},
     "byob_conv": {"timm_botnet": _timm_botnet, "timm_halonet": _timm_halonet},
-    "q_kv_pair": {"timm_twins_gsa": _timm_twins_gsa, "timm_convit_gpsa": _timm_convit_gpsa},
+    "q_kv_pair": {"timm_twins_gsa": _timm_twins_gsa, "timm_convit_gpsa": _timm_convit_gpsa,
+                  "timm_pvt_v2_linear": _timm_pvt_v2_linear},
     "separate_qkvo": {"hf_clip_vision": _hf_clip},  # HF ViT's naming depends on the version: tests/test_attach.py
     "bert_style": {"bert": _family("bert")},
     "torch_mha": {"torchvision_vit": _family("torchvision_vit")},

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import socket
+import sys
 import subprocess
 import threading
 import time
@@ -314,3 +315,16 @@ def test_a_folder_servers_admin_endpoints_and_odd_names(tmp_path):
         status, out = _call(port, "POST", "/adapters?name=extra", bare.read_bytes(), auth)
         assert status == 201 and out["name"] == "extra"
         assert _call(port, "DELETE", "/adapters/extra", None, auth)[0] == 200  # added, not a file: removed
+
+
+@pytest.mark.parametrize(("module", "package"), [("fastapi", "fastapi"), ("multipart", "python-multipart")])
+def test_a_missing_serve_package_names_the_install_that_works(monkeypatch: pytest.MonkeyPatch, module: str,
+                                                             package: str) -> None:
+    """heartlora is installed from its checkout: the way out names the packages, not `heartlora[serve]` (a name PyPI
+    would answer with someone else's package)."""
+    from heartlora.serve_api import require_api
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ConfigError, match=f"heartlora serve needs {package}: pip install 'fastapi>=0.115'") as e:
+        require_api()
+    assert "heartlora[" not in str(e.value) and "python-multipart>=0.0.9" in str(e.value)

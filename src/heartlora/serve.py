@@ -8,9 +8,9 @@ Endpoints:
 
 Requests are batched across tasks: a :class:`Batcher` gathers what arrives within ``max_wait_ms`` of the first
 request (up to ``max_batch``) and runs one bank call for all of them, in a worker thread so the event loop keeps
-accepting requests. Install the extra: ``pip install 'heartlora[serve]'``. ``heartlora serve`` itself runs the
-FastAPI version of this app (:mod:`heartlora.serve_api`: OpenAPI schema, /docs, form uploads, adapters added and
-removed while serving), with the same endpoints and JSON.
+accepting requests. Install the extra: ``pip install '/path/to/heartlora[serve]'``. ``heartlora serve`` itself
+runs the FastAPI version of this app (:mod:`heartlora.serve_api`: OpenAPI schema, /docs, form uploads, adapters
+added and removed while serving), with the same endpoints and JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from heartlora.data.base import open_image
 from heartlora.errors import ConfigError, HeartLoRAError
 
 MAX_BODY_BYTES = 20 * 2**20
+# what heartlora serve needs (pyproject.toml's serve extra), named as pip takes it: heartlora is installed from its
+# checkout, so `pip install 'heartlora[serve]'` would ask PyPI for another package
+SERVE_INSTALL = ("pip install 'fastapi>=0.115' 'starlette>=0.40' 'uvicorn>=0.30' 'python-multipart>=0.0.9' "
+                 "(the serve extra)")
 MAX_TOP_K = 1000
 
 
@@ -299,7 +303,7 @@ def require_serving() -> None:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"heartlora serve needs {exc.name}: pip install 'heartlora[serve]'") from None
+        raise ConfigError(f"heartlora serve needs {exc.name}: {SERVE_INSTALL}") from None
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float]:

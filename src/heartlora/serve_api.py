@@ -30,6 +30,7 @@ from heartlora.method.storage import read_adapter_info
 from heartlora.serve import (
     MAX_BODY_BYTES,
     MAX_TOP_K,
+    SERVE_INSTALL,
     Batcher,
     TaskRefused,
     decode_image_async,
@@ -50,7 +51,7 @@ def require_api() -> None:
         try:
             __import__(module)
         except ImportError:
-            raise ConfigError(f"heartlora serve needs {package}: pip install 'heartlora[serve]'") from None
+            raise ConfigError(f"heartlora serve needs {package}: {SERVE_INSTALL}") from None
 
 
 def check_token(token: str | None) -> str | None:

@@ -48,9 +48,8 @@ def parse_log_to(value: str | None) -> tuple[str, ...]:
     for name in names:
         module, package = PACKAGES.get(name, (None, None))
         if module is not None and importlib.util.find_spec(module) is None:
-            extra = f" (or pip install 'heartlora[{name}]')" if name == "tensorboard" else ""
             raise ConfigError(f"--log-to {name} needs the {package} package, which is not installed: pip install "
-                              f"{package}{extra}, or leave {name} out of --log-to")
+                              f"{package}, or leave {name} out of --log-to")
     return names
 
 

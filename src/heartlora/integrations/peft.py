@@ -66,8 +66,8 @@ def _need_peft() -> Any:
     try:
         import peft
     except ImportError as e:
-        raise ConfigError("PEFT folders need the peft package: pip install 'heartlora[peft]' (or pip install "
-                          "peft)") from e
+        raise ConfigError("PEFT folders need the peft package: pip install 'peft>=0.13.2' (heartlora's peft "
+                          "extra)") from e
     return peft
 
 
