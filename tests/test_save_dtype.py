@@ -182,3 +182,11 @@ def test_a_value_float16_cannot_hold_stops_the_run_and_resuming_at_bfloat16_fini
     done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="bf16"))
     assert done["status"] == "finished" and done["epochs_done"] == 2
     assert read_adapter_info(tmp_path / "adapter.safetensors")["dtype"] == "bfloat16"
+
+
+def test_a_new_dtype_given_on_resume_is_checked_as_a_new_runs_would_be(tmp_path: Path, task: str) -> None:
+    train(tiny(tmp_path, task, method="linear", stop_after_epoch=1))
+    with pytest.raises(ConfigError, match="save_dtype float16 applies to adapter methods only: linear"):
+        train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="fp16"))
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))  # the run is as it was
+    assert done["status"] == "finished" and "save_dtype" not in done["settings"]

@@ -383,6 +383,8 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any], may_c
     for k in may_change:  # read from cfg: settings() leaves a default out, and float32 may be what is asked
         if getattr(cfg, k) is not None:
             setattr(out, k, getattr(cfg, k))
+    if "save_dtype" in may_change and cfg.save_dtype is not None:  # a new value is checked as a new run's would be
+        _check_save_dtype(out, get_method(out.method))
     out.save_dtype = _save_dtype(out.save_dtype)  # given again as fp32 to a run that recorded none: its name
     return out
 
@@ -454,6 +456,13 @@ def _check(out: TrainConfig, method: Any) -> None:
         raise setting_error(f"{{score_steps}} {out.score_steps} needs a heart-* method and at least 1 step")
     if out.score_restart and out.score_steps is None:
         raise setting_error("{score_restart} restarts after a {score_steps} probe: give {score_steps} too")
+    _check_save_dtype(out, method)
+    # the numeric ranges (epochs, batch size, image size, lr, threads, …) were checked against RANGES in resolve()
+
+
+def _check_save_dtype(out: TrainConfig, method: Any) -> None:
+    """--save-dtype named (float32, float16, bfloat16) and possible for the method: a new run's, or a new value given
+    to a resumed run that has not finished."""
     out.save_dtype = _save_dtype(out.save_dtype)
     if out.save_dtype != "float32" and not method.adapters:
         raise setting_error(f"{{save_dtype}} {out.save_dtype} applies to adapter methods only: {out.method} stores "
@@ -461,7 +470,6 @@ def _check(out: TrainConfig, method: Any) -> None:
     if out.save_dtype != "float32" and "dtype" not in inspect.signature(method.save).parameters:
         raise setting_error(f"{{save_dtype}} {out.save_dtype}: method {out.method}'s save() takes no dtype, so it "
                             "would store float32 (give its save a dtype parameter, as TrainingMethod.save has)")
-    # the numeric ranges (epochs, batch size, image size, lr, threads, …) were checked against RANGES in resolve()
 
 
 def _save_dtype(value: Any) -> str:
