@@ -190,3 +190,38 @@ def test_a_new_dtype_given_on_resume_is_checked_as_a_new_runs_would_be(tmp_path:
         train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="fp16"))
     done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))  # the run is as it was
     assert done["status"] == "finished" and "save_dtype" not in done["settings"]
+
+
+def test_a_diverged_run_is_not_told_that_another_dtype_would_store_it(
+        tmp_path: Path, task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    finish = Trainer.finish
+
+    def diverged(self: Trainer) -> dict:
+        next(p for n, p in self.model.named_parameters() if "lora_B" in n).data[0, 0] = float("nan")
+        return finish(self)
+
+    monkeypatch.setattr(Trainer, "finish", diverged)
+    with pytest.raises(ConfigError, match="NaN") as e:
+        train(tiny(tmp_path, task, method="lora", save_dtype="fp16"))
+    assert "--save-dtype" not in str(e.value) and str(tmp_path / "adapter.safetensors") in str(e.value)
+
+
+def test_a_changed_dtype_is_in_the_checkpoint_at_once(tmp_path: Path, task: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed with another --save-dtype and killed again before its next checkpoint: the checkpoint already holds
+    the new value, so a plain resume finishes at it and config.yaml (written with it) repeats the run."""
+    from heartlora.cli.main import main
+
+    train(tiny(tmp_path, task, method="lora", save_dtype="fp16", stop_after_epoch=1))
+
+    def killed(self: Trainer, epoch: int) -> None:
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_epoch", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(TrainConfig(out=str(tmp_path), resume=True, progress=False, save_dtype="bf16"))
+    assert json.loads(load_checkpoint(tmp_path / "checkpoint.pt")["settings"])["save_dtype"] == "bfloat16"
+    assert main(["train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path), "--resume",
+                 "--quiet"]) == 0
+    assert read_adapter_info(tmp_path / "adapter.safetensors")["dtype"] == "bfloat16"

@@ -363,7 +363,14 @@ class Trainer:
                 self.state.settings.pop(k, None)
         self.say("resumed with " + ", ".join(f"{k.replace('_', '-')} {b} (was {a})" for k, (a, b) in changed.items())
                  + ": it applies when the run finishes")
-        self.on_rank0(self._write_config)
+        self.on_rank0(self._record_changed_settings)
+
+    def _record_changed_settings(self) -> None:
+        """Rank 0: the checkpoint as it was read, with the new settings, then config.yaml: a run stopped again before
+        its next checkpoint resumes with them, and its config.yaml repeats it."""
+        with self.folder.writing("checkpoint.pt"):
+            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", self.state.to_checkpoint(), self.state.identity())
+        self._write_config()
 
     def _build_optimization(self) -> None:
         cfg = self.cfg
@@ -732,8 +739,12 @@ class Trainer:
             try:
                 save_adapter(self.model, Path(tmp) / "adapter.safetensors", dtype=self.cfg.save_dtype)
             except ConfigError as e:  # a value float16 cannot hold: the trained run is in its last checkpoint
-                why = str(e).removesuffix("; store it as bfloat16 or float32; nothing was written").replace(
-                    str(Path(tmp) / "adapter.safetensors"), str(Path(self.cfg.out) / "adapter.safetensors"))
+                narrow = "; store it as bfloat16 or float32; nothing was written"
+                message = str(e).replace(str(Path(tmp) / "adapter.safetensors"),
+                                         str(Path(self.cfg.out) / "adapter.safetensors"))
+                if not message.endswith(narrow):  # another cause (a diverged run's NaN): no dtype can help
+                    raise ConfigError(message) from None
+                why = message.removesuffix(narrow)
                 raise ConfigError(f"{why}; the run trained but wrote no results (its last epoch's checkpoint is "
                                   f"kept): finish it with `heartlora train --out {self.cfg.out} --resume "
                                   "--save-dtype bfloat16` (or float32)") from None
