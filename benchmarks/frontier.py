@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -61,7 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1113,56 +1114,83 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if stray:
         raise SystemExit(f"{args.file}: {len(stray)} records are not frontier runs (e.g. {stray[0]}): merge only "
                          "frontier.json or frontier-paper.json")
-    added = 0
+    added = stale = 0
+    since = superseded_since()
     for dest, tag in ((RECORDS, TAG), (PAPER_RECORDS, PAPER_TAG)):
         have = {r["id"] for r in load_results(dest)["records"]}
         for rec in new:
+            if rec.get("recorded_at", "") < since.get(rec.get("frontier_point"), ""):  # the recipe it replaced
+                stale += 1
+                continue
             if rec["id"].startswith(tag + "/") and rec["id"] not in have:
                 add_record(rec, dest)
                 added += 1
-    print(f"{added} of {len(new)} records of {args.file} added ({len(new) - added} were there already)")
+    print(f"{added} of {len(new)} records of {args.file} added ({len(new) - added - stale} were there already"
+          + (f", {stale} made before their point was superseded: left out" if stale else "") + ")")
     return 0
 
 
-def cmd_supersede(args: argparse.Namespace) -> int:
-    """A point whose recipe changed: its records (val and final) move to ``SUPERSEDED`` with the reason, and their run
-    folders to runs/superseded/, so that ``run`` makes them again with what the code now runs (a folder left in place
-    would be read back as the new recipe's run). Stop ``run`` first: a run of the point in progress would come back."""
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """The exclusive lock ``add_record`` takes on ``path``'s records."""
     import fcntl
 
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def superseded_since() -> dict[str, str]:
+    """point → when it was last superseded (UTC, as ``recorded_at`` is written)."""
+    out: dict[str, str] = {}
+    for rec in load_results(SUPERSEDED)["records"]:
+        point, when = rec.get("frontier_point"), rec.get("superseded_at")
+        if isinstance(point, str) and isinstance(when, str):
+            out[point] = max(out.get(point, ""), when)
+    return out
+
+
+def cmd_supersede(args: argparse.Namespace) -> int:
+    """A point whose recipe changed: its records (val and final) move to ``SUPERSEDED`` with the reason, and its run
+    folders (every one of the point's, recorded or not) to runs/superseded/, so that ``run`` makes them again with
+    what the code now runs (a folder left in place would be read back as the new recipe's run). Under the records'
+    lock, in the order that loses nothing if it stops half way: the folders, then the superseded records, and the
+    records last (run again, it finds the records still there and finishes). Stop ``run`` first: a run of the point
+    in progress would come back."""
     unknown = [p for p in args.point if p not in POINTS]
     if unknown:
         raise SystemExit(f"unknown point {unknown[0]!r}: choose from {', '.join(POINTS)}")
-    with open(RECORDS.with_name(RECORDS.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the lock add_record takes: no record a run adds meanwhile is lost
-        try:
-            data = load_results(RECORDS)
-            moved = [r for r in data["records"] if r.get("frontier_point") in args.point]
-            if not moved:
-                raise SystemExit(f"{RECORDS} holds no record of {', '.join(args.point)}: nothing to supersede")
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            for rec in moved:  # kept, with the reason, before they leave the records
-                add_record({**rec, "superseded": args.why, "superseded_at": when}, SUPERSEDED)
-            data["records"] = [r for r in data["records"] if r.get("frontier_point") not in args.point]
-            save_results(data, RECORDS)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    folders = 0
-    for rec in moved:
-        src = RUNS / rec["id"]  # as `run` names it, with its log beside it
-        dest = RUNS / "superseded" / when / rec["id"]
-        for a, b in ((src, dest), (src.parent / f"{src.name}.log", dest.parent / f"{src.name}.log")):
-            if a.exists():
-                b.parent.mkdir(parents=True, exist_ok=True)
-                a.rename(b)
-                folders += a == src
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    aside = RUNS / "superseded" / when
+    with _locked(RECORDS):  # no record a run adds meanwhile is lost
+        data = load_results(RECORDS)
+        moved = [r for r in data["records"] if r.get("frontier_point") in args.point]
+        if not moved:
+            raise SystemExit(f"{RECORDS} holds no record of {', '.join(args.point)}: nothing to supersede")
+        folders = 0
+        for point in args.point:  # ids are TAG/protocol/task/<point>_lr…_s…, each folder with its .log beside it
+            for src in sorted((RUNS / TAG).glob(f"*/*/{point}_lr*_s*")):
+                dest = aside / src.relative_to(RUNS)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src.rename(dest)
+                folders += src.suffix != ".log"
+        with _locked(SUPERSEDED):  # each kept with the reason, under an id of its own: a point superseded twice
+            kept = load_results(SUPERSEDED)  # keeps both batches
+            kept["records"] += [{**rec, "id": f"{rec['id']}@{when}", "superseded": args.why, "superseded_at": when}
+                                for rec in moved]
+            save_results(kept, SUPERSEDED)
+        data["records"] = [r for r in data["records"] if r.get("frontier_point") not in args.point]
+        save_results(data, RECORDS)
     print(f"{len(moved)} records of {', '.join(args.point)} moved to {SUPERSEDED.name} ({folders} run folders to "
-          f"{RUNS / 'superseded' / when}): `run` makes them again")
+          f"{aside}): `run` makes them again")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    global RECORDS, RUNS, DOC, PLOT, PAPER_RECORDS
+    global RECORDS, RUNS, DOC, PLOT, PAPER_RECORDS, SUPERSEDED
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every missing run (resumable), then write the report")
@@ -1201,6 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--doc", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     RECORDS, RUNS = args.records or RECORDS, args.runs or RUNS
+    if args.records:  # its superseded runs beside it
+        SUPERSEDED = RECORDS.with_name(f"{RECORDS.stem}_superseded.json")
     if args.doc:
         DOC, PLOT = args.doc, args.doc.with_suffix(".png")
     if args.cmd == "run":

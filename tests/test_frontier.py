@@ -908,7 +908,7 @@ def test_supersede_moves_a_points_records_and_run_folders_aside_so_that_run_make
 
     records, runs = tmp_path / "frontier.json", tmp_path / "runs"
     monkeypatch.setattr(frontier, "RECORDS", records)
-    monkeypatch.setattr(frontier, "SUPERSEDED", tmp_path / "superseded.json")
+    monkeypatch.setattr(frontier, "SUPERSEDED", tmp_path / "frontier_superseded.json")
     monkeypatch.setattr(frontier, "RUNS", runs)
     kept = val_rec("vera", "dsprites_loc", 4e-2, 0.7)
     old = [val_rec("fourierft", t, 2e-1, 0.5) for t in frontier.SELECT_TASKS]
@@ -921,8 +921,8 @@ def test_supersede_moves_a_points_records_and_run_folders_aside_so_that_run_make
         frontier.main(["supersede", "nope", "--why", "x"])
     frontier.main(["supersede", "fourierft", "--why", "spectrum starts at zero"])
     assert load_results(records)["records"] == [kept]
-    moved = load_results(tmp_path / "superseded.json")["records"]
-    assert sorted(r["id"] for r in moved) == sorted(r["id"] for r in old)
+    moved = load_results(tmp_path / "frontier_superseded.json")["records"]
+    assert sorted(r["id"].split("@20")[0] for r in moved) == sorted(r["id"] for r in old)
     assert all(r["superseded"] == "spectrum starts at zero" and r["superseded_at"] for r in moved)
     assert all(not (runs / r["id"]).exists() and not (runs / f"{r['id']}.log").exists() for r in old)
     assert (runs / kept["id"] / "metrics.json").exists()
@@ -932,3 +932,18 @@ def test_supersede_moves_a_points_records_and_run_folders_aside_so_that_run_make
     assert frontier.choose_lr("fourierft", frontier.val_index(load_results(records)))[1] == frontier.grid(2e-1)
     with pytest.raises(SystemExit, match="holds no record of fourierft"):
         frontier.main(["supersede", "fourierft", "--why", "again"])
+    # the new recipe's runs, superseded in turn: both batches are kept, under ids of their own
+    (runs / frontier.TAG / "val" / "dsprites_loc" / "fourierft_lr0.6_s42").mkdir(parents=True)  # one never recorded
+    monkeypatch.setattr(frontier.time, "strftime", lambda fmt, t=None: "2999-01-01T00:00:00Z")
+    save_results({"format": load_results(records)["format"], "records": [kept, *old]}, records)
+    frontier.main(["supersede", "fourierft", "--why", "second"])
+    moved = load_results(tmp_path / "frontier_superseded.json")["records"]
+    assert len(moved) == 2 * len(old) and len({r["id"] for r in moved}) == len(moved)
+    assert not list((runs / frontier.TAG).glob("*/*/fourierft_*"))  # the unrecorded folder went aside too
+    # a GPU session's copy made before the point was superseded merges nothing of it
+    gpu = tmp_path / "gpu.json"
+    save_results({"format": load_results(records)["format"],
+                  "records": [{**old[0], "recorded_at": "2026-01-01T00:00:00Z"}]}, gpu)
+    monkeypatch.setattr(frontier, "PAPER_RECORDS", tmp_path / "paper.json")
+    frontier.main(["merge", str(gpu)])
+    assert load_results(records)["records"] == [kept]
