@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import functools
 import json
 import math
@@ -62,11 +61,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from heartlora_bench import add_record, load_results, machine, save_results, write_text_atomic
+from heartlora_bench import add_record, load_results, locked, machine, save_results, write_text_atomic
 from heartlora_bench.runner import ended_run, launch, run_pool, start_limit
 from heartlora_bench.suite import CPU_TASKS, HELDOUT_TASKS
 
@@ -666,8 +665,7 @@ def report() -> None:
              "to 1 %, its LoRA scale 4 chosen on val200 earlier). On one and the same adapter, LoRA r8 on q and v, the "
              "two recipes score 76.2 ± 0.6 and 75.8 ± 0.6 test (the cpu suite, 7 tasks × 3 seeds, docs/research/"
              "RESULTS.md), so the "
-             "recipes alone are worth under half a point there; at val200 on the 3 selection tasks they differ by "
-             "2.3 (lora 76.2 at its rate, lora-r8 73.8 below), within one seed's noise. VeRA and FourierFT train "
+             "recipes alone are worth under half a point there" + recipes_at_val(val) + ". VeRA and FourierFT train "
              "their classifier at their authors' fixed rate, the others at the searched one.", ""]
     lines += point_lines()
     lines += superseded_lines()
@@ -722,6 +720,15 @@ def report() -> None:
         print("README's table left as it is: the comparison is not complete yet")
     elif write_readme(table):
         print(f"wrote the table between {README_MARKS[0]} and {README_MARKS[1]} in {README}")
+
+
+def recipes_at_val(val: dict[tuple[str, str, float], float]) -> str:
+    """The two recipes on the same LoRA r8 (heartlora's lora, PEFT's lora-r8) at val200, each at its chosen rate."""
+    ours, peft = val_score("lora", val), val_score("lora-r8", val)
+    if ours is None or peft is None:
+        return ""
+    return (f"; at val200 on the {len(SELECT_TASKS)} selection tasks (one seed, each at its chosen rate) lora scores "
+            f"{100 * ours:.1f} and lora-r8 {100 * peft:.1f}")
 
 
 def superseded_lines() -> list[str]:
@@ -1114,33 +1121,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if stray:
         raise SystemExit(f"{args.file}: {len(stray)} records are not frontier runs (e.g. {stray[0]}): merge only "
                          "frontier.json or frontier-paper.json")
-    added = stale = 0
-    since = superseded_since()
+    since = superseded_since()  # a run made before its point was superseded: the recipe it replaced
+    fresh = [r for r in new if r.get("recorded_at", "") >= since.get(r.get("frontier_point"), "")]
+    added, stale = 0, len(new) - len(fresh)
     for dest, tag in ((RECORDS, TAG), (PAPER_RECORDS, PAPER_TAG)):
         have = {r["id"] for r in load_results(dest)["records"]}
-        for rec in new:
-            if rec.get("recorded_at", "") < since.get(rec.get("frontier_point"), ""):  # the recipe it replaced
-                stale += 1
-                continue
+        for rec in fresh:
             if rec["id"].startswith(tag + "/") and rec["id"] not in have:
                 add_record(rec, dest)
                 added += 1
     print(f"{added} of {len(new)} records of {args.file} added ({len(new) - added - stale} were there already"
           + (f", {stale} made before their point was superseded: left out" if stale else "") + ")")
     return 0
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """The exclusive lock ``add_record`` takes on ``path``'s records."""
-    import fcntl
-
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def superseded_since() -> dict[str, str]:
@@ -1165,7 +1157,7 @@ def cmd_supersede(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown point {unknown[0]!r}: choose from {', '.join(POINTS)}")
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     aside = RUNS / "superseded" / when
-    with _locked(RECORDS):  # no record a run adds meanwhile is lost
+    with locked(RECORDS):  # no record a run adds meanwhile is lost
         data = load_results(RECORDS)
         moved = [r for r in data["records"] if r.get("frontier_point") in args.point]
         if not moved:
@@ -1175,9 +1167,9 @@ def cmd_supersede(args: argparse.Namespace) -> int:
             for src in sorted((RUNS / TAG).glob(f"*/*/{point}_lr*_s*")):
                 dest = aside / src.relative_to(RUNS)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                folders += src.is_dir()
                 src.rename(dest)
-                folders += src.suffix != ".log"
-        with _locked(SUPERSEDED):  # each kept with the reason, under an id of its own: a point superseded twice
+        with locked(SUPERSEDED):  # each kept with the reason, under an id of its own: a point superseded twice
             kept = load_results(SUPERSEDED)  # keeps both batches
             kept["records"] += [{**rec, "id": f"{rec['id']}@{when}", "superseded": args.why, "superseded_at": when}
                                 for rec in moved]

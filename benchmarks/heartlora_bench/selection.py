@@ -8,8 +8,10 @@ chooses anything: ``plan`` reads val records only to choose.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,23 +91,31 @@ def save_results(data: dict[str, Any], path: Path) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
-def add_record(rec: dict[str, Any], path: Path, machine_key: str | None = None,
-               machine: dict[str, Any] | None = None) -> None:
-    """Add (or replace, by id) one record under an exclusive lock: two suite processes writing the same results file
-    never lose each other's records; the write itself is atomic (``save_results``)."""
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the results file ``path`` (a ``.lock`` file beside it), held while the block reads and
+    writes it: two processes changing the same file never lose each other's records."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            data = load_results(path)
-            data["records"] = [r for r in data["records"] if r["id"] != rec["id"]] + [rec]
-            if machine_key is not None and machine is not None:
-                data.setdefault("machines", {})[machine_key] = machine
-            save_results(data, path)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def add_record(rec: dict[str, Any], path: Path, machine_key: str | None = None,
+               machine: dict[str, Any] | None = None) -> None:
+    """Add (or replace, by id) one record under the file's lock (``locked``); the write itself is atomic
+    (``save_results``)."""
+    with locked(path):
+        data = load_results(path)
+        data["records"] = [r for r in data["records"] if r["id"] != rec["id"]] + [rec]
+        if machine_key is not None and machine is not None:
+            data.setdefault("machines", {})[machine_key] = machine
+        save_results(data, path)
 
 
 def grid_points(grid: dict[str, Any], chosen: dict[str, dict[str, Any]], method: str) -> list[dict[str, Any]] | None:

@@ -372,8 +372,11 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any], may_c
              if k not in may_change and _norm(v) != _norm(was.get(k, DEFAULTS.get(k)))}
     if clash:
         what = ", ".join(f"{{{k}}} {a} (run has {b})" for k, (a, b) in clash.items())
+        # a setting of FINISH_ONLY clashes only with a finished run (an unfinished one may change it)
+        done = (f"; the run has finished: `heartlora export {cfg.out} DIR --format heartlora --dtype …` stores its "
+                "adapter at another dtype") if "save_dtype" in clash else ""
         raise setting_error(f"cannot resume with other settings: {what}; drop those, or start afresh with "
-                            "{overwrite} or a new {out}")
+                            "{overwrite} or a new {out}" + done)
     for k, v in saved.items():
         if hasattr(out, k):
             setattr(out, k, tuple(v) if k == "targets" and v is not None else v)

@@ -59,7 +59,7 @@ from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
-from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError, SettingError
+from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
 from heartlora.method import attention_layers, coverage, head_masks, is_adapted
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
@@ -111,13 +111,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             print(f"note: {why}: starting it from the beginning", file=sys.stderr)
     state = TrainState.from_checkpoint(decision["state"]) if "state" in decision else None
     if decision["mode"] == "done":
-        try:
-            resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
-        except SettingError as e:
-            if cfg.save_dtype is None or "{save_dtype}" not in e.template:
-                raise
-            raise SettingError(f"{e.template}; the run has finished: `heartlora export {out} DIR --format heartlora "
-                               "--dtype …` stores its adapter at another dtype", e.names, e.flags) from None
+        resolve(cfg, state.settings)  # a flag that contradicts the finished run is still an error
         metrics = decision["metrics"]  # read and checked by inspect_out (rank 0), broadcast with the decision
         return {**metrics, "status": "already_finished"}
     cfg = resolve(cfg, state.settings if state else None, unfinished=True)
@@ -368,8 +362,7 @@ class Trainer:
     def _record_changed_settings(self) -> None:
         """Rank 0: the checkpoint as it was read, with the new settings, then config.yaml: a run stopped again before
         its next checkpoint resumes with them, and its config.yaml repeats it."""
-        with self.folder.writing("checkpoint.pt"):
-            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", self.state.to_checkpoint(), self.state.identity())
+        self._store_state()
         self._write_config()
 
     def _build_optimization(self) -> None:
@@ -656,8 +649,12 @@ class Trainer:
         s.scaler = self.precision.scaler.state_dict() if self.precision.scaler is not None else None
         s.rng, s.head_masks = ({**rng, "ranks": ranks} if ranks else rng), _masks(self.model)
         s.wall_s = self.wall()
+        self._store_state()
+
+    def _store_state(self) -> None:
+        """Rank 0: checkpoint.pt from ``self.state`` as it stands."""
         with self.folder.writing("checkpoint.pt"):
-            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", s.to_checkpoint(), s.identity())
+            ckpt.save_checkpoint(self.folder.path / "checkpoint.pt", self.state.to_checkpoint(), self.state.identity())
 
     def wall(self) -> float:
         """Wall seconds of the whole run, over resumes."""
