@@ -83,3 +83,36 @@ def test_bf16_training_keeps_fp32_weights_and_the_same_stored_bytes(tmp_path, ta
     a, b = load_file(tmp_path / "fp32" / "adapter.safetensors"), load_file(tmp_path / "bf16" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run the products in bf16
+
+
+def test_a_run_reports_its_accuracy_in_exact_fp32_as_eval_does(tmp_path, task: str, monkeypatch, capsys) -> None:
+    """A bf16 run evaluates its epochs under autocast (a curve), but the accuracy it records is computed in exact
+    fp32 (no autocast, no TF32), the numerics `heartlora eval` uses: the two commands give one number."""
+    import json
+
+    from heartlora.cli.main import main
+    from heartlora.engine import TrainConfig, metrics as metrics_module, train
+
+    seen: list[torch.dtype] = []
+    real = metrics_module.predict_logits
+
+    def spy(*args, **kwargs):
+        seen.append(torch.nn.functional.linear(torch.ones(1, 2), torch.ones(1, 2)).dtype)  # autocast on, or not
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "predict_logits", spy)
+    out = tmp_path / "bf16"
+    metrics = train(TrainConfig(task=task, backbone="test_vit", pretrained=False, img_size=32, batch_size=32,
+                                epochs=2, method="heart-lora", ne=3, progress=False, precision="bf16", out=str(out)))
+    assert metrics["precision"] == "bf16"
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]  # two epochs' curve, then the reported one
+    seen.clear()
+    assert main(["eval", "--adapter", str(out), "--split", "val200", "--json", "--device", "cpu"]) == 0
+    assert seen == [torch.float32]
+    assert json.loads(capsys.readouterr().out)["accuracy"] == metrics["accuracy"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast region does not reach the evaluation
+        from heartlora.engine.precision import exact_fp32
+
+        with exact_fp32(torch.device("cpu")):
+            assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(1, 2)).dtype == torch.float32
+            assert torch.get_float32_matmul_precision() == "highest"

@@ -23,6 +23,7 @@ from heartlora.data import get_task
 from heartlora.engine import accuracy, classify, collect_images, load_trained
 from heartlora.engine.distributed import DistInfo, resolve_device
 from heartlora.engine.inference import read_image, run_img_size
+from heartlora.engine.precision import exact_fp32
 from heartlora.engine.settings import DEVICE_HELP
 from heartlora.errors import HeartLoRAError
 
@@ -42,7 +43,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              f"({run.get('task', 'not recorded')})")
     seed = args.seed if args.seed is not None else int(run.get("init_seed", 0))
     images, labels = task.load(args.split, img_size=img_size, seed=seed)
-    acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
+    with exact_fp32(device):  # the numerics of the accuracy `heartlora train` records, whatever it trained with
+        acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
               "img_size": img_size, "accuracy": acc}
     if args.json:

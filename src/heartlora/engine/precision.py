@@ -4,6 +4,10 @@ Autocast runs the matrix products in bf16 or fp16; the weights, the adapters and
 so the stored files do not change. fp16 needs a gradient scaler (its range is small); bf16 does not. On CUDA,
 TF32 matrix products are allowed unless fp32 is asked for; ``tf32`` is fp32 with TF32 matrix products (no autocast;
 on a CPU the same as fp32). The previous setting is restored when the run ends.
+
+An accuracy heartlora reports (a run's ``accuracy``, ``heartlora eval``) is computed in exact fp32 (``exact_fp32``)
+whatever the run trained with, so the number a run records is the one ``heartlora eval`` gives its stored adapter;
+the per-epoch evaluations of a val run use the run's precision (they are a curve, not a result).
 """
 
 from __future__ import annotations
@@ -66,10 +70,10 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 @contextlib.contextmanager
 def matmul_precision(precision: Precision) -> Iterator[None]:
-    """Allow TF32 matrix products on CUDA unless fp32 was asked for; restore the process's setting afterwards."""
+    """Allow TF32 matrix products on CUDA unless fp32 was asked for (then none, whatever the process had set);
+    restore the process's setting afterwards."""
     before, before_cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    if precision.tf32:
-        torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision("high" if precision.tf32 else "highest")
     if precision.device.type == "cuda":  # convolutions too (the patch embedding): exact fp32 means no TF32 anywhere
         torch.backends.cudnn.allow_tf32 = precision.tf32
     try:
@@ -77,6 +81,18 @@ def matmul_precision(precision: Precision) -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(before)
         torch.backends.cudnn.allow_tf32 = before_cudnn
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """The numerics of a reported accuracy: fp32 products, no autocast (even inside a run's autocast region), no
+    TF32; the previous settings come back afterwards."""
+    with matmul_precision(Precision("fp32", device)):
+        if device.type in ("cpu", "cuda"):  # autocast's own device types; elsewhere nothing turned it on
+            with torch.autocast(device.type, enabled=False):
+                yield
+        else:
+            yield
 
 
 def compiled(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:

@@ -56,7 +56,7 @@ from heartlora.engine.distributed import (
 from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.training_methods import TrainingMethod, get_method
 from heartlora.engine.metrics import accuracy, write_metrics
-from heartlora.engine.precision import compiled, matmul_precision, resolve_precision
+from heartlora.engine.precision import compiled, exact_fp32, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
 from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
@@ -565,8 +565,10 @@ class Trainer:
         return [(self.train_x[idx].float().div_(255.0), self.train_y[idx])
                 for idx in mine.split(self.cfg.batch_size)]
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        with self.precision.autocast():
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, exact: bool = False) -> float:
+        """Accuracy at the run's precision, or (``exact``: the accuracy the run reports) in exact fp32, as
+        ``heartlora eval`` computes it."""
+        with exact_fp32(self.info.device) if exact else self.precision.autocast():
             return accuracy(self.model, images, labels, self.info)
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
@@ -711,12 +713,14 @@ class Trainer:
         if cfg.save_dtype != "float32":
             trained = _trainable_state(self.model)
             self._as_stored()
-            if cfg.protocol == "val":  # the stored adapter's val200 accuracy, not the float32 one it was rounded from
-                final_acc = self.evaluate(self.eval_x, self.eval_y)
+        if cfg.protocol == "val" and (trained is not None or self.precision.name != "fp32"):
+            # the stored adapter's val200 accuracy in exact fp32 (what `heartlora eval` gives it), not the last
+            # epoch's under autocast or of the float32 values the file was rounded from
+            final_acc = self.evaluate(self.eval_x, self.eval_y, exact=True)
         if cfg.protocol == "final":
             # The one and only look at test, after training: nothing is chosen on it.
             test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
-            final_acc = self.evaluate(test_x, test_y)
+            final_acc = self.evaluate(test_x, test_y, exact=True)
         if trained is not None:
             # The trained float32 values back: the finished checkpoint keeps them (a resume of a run stopped before
             # metrics.json rounds them once, not a rounded k-bit adapter again), and the file written from them at
