@@ -116,3 +116,21 @@ def test_a_run_reports_its_accuracy_in_exact_fp32_as_eval_does(tmp_path, task: s
         with exact_fp32(torch.device("cpu")):
             assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(1, 2)).dtype == torch.float32
             assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_run_resumed_where_its_precision_resolves_otherwise_says_so(tmp_path, task: str, monkeypatch) -> None:
+    """--precision auto is fp32 on a CPU and bf16 on a GPU: a run stopped on one and resumed on the other goes on at
+    the new precision; every epoch's history row names the precision it trained at, and train.log says what changed.
+    (The GPU is simulated: auto resolves to bf16 for the resume.)"""
+    from heartlora.engine import TrainConfig, train, trainer as trainer_module
+
+    kw = {"task": task, "backbone": "test_vit", "pretrained": False, "img_size": 32, "batch_size": 32, "epochs": 3,
+          "method": "lora", "progress": False, "out": str(tmp_path)}
+    first = train(TrainConfig(**kw, stop_after_epoch=1))
+    assert [h["precision"] for h in first["history"]] == ["fp32"]
+    monkeypatch.setattr(trainer_module, "resolve_precision",
+                        lambda name, device: resolve_precision("bf16" if name == "auto" else name, device))
+    done = train(TrainConfig(out=str(tmp_path), resume=True, progress=False))
+    assert [h["precision"] for h in done["history"]] == ["fp32", "bf16", "bf16"] and done["precision"] == "bf16"
+    log = (tmp_path / "train.log").read_text()
+    assert "the epochs from 2 train at precision bf16 (--precision auto), the first 1 trained at fp32" in log

@@ -340,6 +340,7 @@ class Trainer:
         if state is not None:
             self._restore(state)
             self._changed_at_finish()
+            self._say_precision_change()
         self._wrap()
 
     def _changed_at_finish(self) -> None:
@@ -358,6 +359,15 @@ class Trainer:
         self.say("resumed with " + ", ".join(f"{k.replace('_', '-')} {b} (was {a})" for k, (a, b) in changed.items())
                  + ": it applies when the run finishes")
         self.on_rank0(self._record_changed_settings)
+
+    def _say_precision_change(self) -> None:
+        """A run resumed on another kind of device, where its --precision resolves otherwise (auto: fp32 on a CPU,
+        bf16 on a GPU): it goes on at the new one, and says so; each epoch's history row names its precision."""
+        before = self.state.history[-1].get("precision") if self.state.history else None
+        if before is not None and before != self.precision.name:
+            self.say(f"resumed on {self.info.device}: the epochs from {self.state.epoch + 1} train at precision "
+                     f"{self.precision.name} (--precision {self.cfg.precision}), the first {self.state.epoch} "
+                     f"trained at {before}")
 
     def _record_changed_settings(self) -> None:
         """Rank 0: the checkpoint as it was read, with the new settings, then config.yaml: a run stopped again before
@@ -511,7 +521,7 @@ class Trainer:
         self.bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{correct / max(seen, 1):.3f}")
         return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "eval_acc": None, "eval_split": None, "lr": self.optimizer.param_groups[0]["lr"],
-                "time_s": epoch_time, "images_per_s": seen / epoch_time}
+                "time_s": epoch_time, "images_per_s": seen / epoch_time, "precision": self.precision.name}
 
     def end_of_warmup(self) -> None:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""
