@@ -25,7 +25,8 @@ for the heart methods), batch 32, one thread a run; tasks: the cpu suite's 7 and
 Each run is its own process (``heartlora train`` or benchmarks/baselines/hf_peft.py), ``--jobs`` side by side, each
 finished run's record added to ``benchmarks/records/frontier.json`` at once (locked, atomic); a recorded run is never
 redone; an interrupted run resumes from its checkpoint (an engine run with ``--resume``, the baseline script by
-itself).
+itself). One ``run`` at a time holds runs/frontier.lock: a second ``run``, or a ``supersede`` while it works, is
+refused.
 
     .venv/bin/python benchmarks/frontier.py run --jobs 2          # resumable; writes the report at the end
     .venv/bin/python benchmarks/frontier.py run --finish-by 08:40  # start only runs expected to end by then
@@ -54,14 +55,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +438,39 @@ class Fit:
         self.ratios.append(seconds / self.cost(item))
 
 
+@contextlib.contextmanager
+def driver_lock(command: str) -> Iterator[None]:
+    """Held by ``run`` while it works (runs/frontier.lock, with its pid): a second ``run`` would start the same runs
+    twice, and a ``supersede`` would see a run of the point in progress come back with the old recipe. Either is
+    refused in one line while the lock is held; the lock goes with the process, however it ends."""
+    import fcntl
+
+    path = RUNS / "frontier.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SystemExit(f"frontier.py {command}: a `frontier.py run` is working on {RUNS} ({holder}, {path}); "
+                             "stop it first (it resumes its runs when started again)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    with driver_lock("run"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     finished = 0
     until = finish_by(getattr(args, "finish_by", None))
     fit = Fit(until, wall_model(load_results(RECORDS), suite_records()))
@@ -1150,11 +1185,16 @@ def cmd_supersede(args: argparse.Namespace) -> int:
     folders (every one of the point's, recorded or not) to runs/superseded/, so that ``run`` makes them again with
     what the code now runs (a folder left in place would be read back as the new recipe's run). Under the records'
     lock, in the order that loses nothing if it stops half way: the folders, then the superseded records, and the
-    records last (run again, it finds the records still there and finishes). Stop ``run`` first: a run of the point
-    in progress would come back."""
+    records last (run again, it finds the records still there and finishes). Refused while ``run`` works (a run of
+    the point in progress would come back with the old recipe): stop it first."""
     unknown = [p for p in args.point if p not in POINTS]
     if unknown:
         raise SystemExit(f"unknown point {unknown[0]!r}: choose from {', '.join(POINTS)}")
+    with driver_lock("supersede"):
+        return _supersede(args)
+
+
+def _supersede(args: argparse.Namespace) -> int:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     aside = RUNS / "superseded" / when
     with locked(RECORDS):  # no record a run adds meanwhile is lost

@@ -919,6 +919,12 @@ def test_supersede_moves_a_points_records_and_run_folders_aside_so_that_run_make
         (runs / f"{rec['id']}.log").write_text("log")
     with pytest.raises(SystemExit, match="unknown point 'nope'"):
         frontier.main(["supersede", "nope", "--why", "x"])
+    with frontier.driver_lock("run"):  # a `run` at work: a run of the point in progress would come back
+        with pytest.raises(SystemExit, match=r"supersede: a `frontier.py run` is working .*pid \d+.*stop it first"):
+            frontier.main(["supersede", "fourierft", "--why", "x"])
+        with pytest.raises(SystemExit, match="run: a `frontier.py run` is working"):  # nor a second driver
+            frontier.main(["run", "--jobs", "1", "--max-runs", "0"])
+    assert len(load_results(records)["records"]) == 1 + len(old)  # nothing moved
     frontier.main(["supersede", "fourierft", "--why", "spectrum starts at zero"])
     assert load_results(records)["records"] == [kept]
     moved = load_results(tmp_path / "frontier_superseded.json")["records"]
