@@ -470,3 +470,115 @@ def test_export_to_an_impossible_folder_names_that_folder(tmp_path: Path) -> Non
         with pytest.raises(TaskError, match=f"cannot write {out}: .*{cause}") as info:
             export_task("digits", out)
         assert ".export" not in str(info.value)
+
+
+def test_predict_and_serve_decode_an_image_as_training_does(tmp_path: Path) -> None:
+    """16-bit, float, palette, RGBA and CMYK files give `heartlora predict` and the server the pixels training saw
+    (they converted with PIL's convert("RGB"), which turns a 16-bit image white and a [0, 1] float one black)."""
+    import numpy as np
+
+    from heartlora.engine.inference import read_image
+    from heartlora.serve import decode_image
+
+    images = {"w.png": Image.fromarray(np.full((6, 6), 30000, np.uint16)),
+              "f.tif": Image.fromarray(np.full((6, 6), 0.5, np.float32)),
+              "p.png": Image.new("P", (6, 6), 3), "a.png": Image.new("RGBA", (6, 6), (10, 200, 30, 40)),
+              "c.jpg": Image.new("CMYK", (6, 6), (0, 255, 255, 0))}
+    names = list(images)
+    root = write_vtab(tmp_path / "t", {"train800": "".join(f"{n} 0\n" for n in names), "val200": "w.png 0\n",
+                                       "test": "w.png 0\n"}, images)
+    trained, _ = get_task(f"vtab:{root}").load("train800", 4)
+    assert trained[0, :, 0, 0].tolist() == [117] * 3 and trained[1, :, 0, 0].tolist() == [128] * 3
+    for i, name in enumerate(names):
+        assert torch.equal(read_image(root / name, 4), trained[i]), name
+        served = decode_image((root / name).read_bytes(), 4)
+        assert torch.equal((served * 255).round().to(torch.uint8), trained[i]), name
+
+
+def test_vtab_images_it_cannot_convert_are_named_with_their_line(tmp_path: Path) -> None:
+    import numpy as np
+
+    images = {"a.png": Image.new("L", (4, 4)), "lab.tif": Image.new("LAB", (4, 4), (50, 0, 0)),
+              "nan.tif": Image.fromarray(np.full((4, 4), np.nan, np.float32))}
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\nlab.tif 1\n", "val200": "a.png 0\nnan.tif 1\n",
+                                       "test": "a.png 0\n"}, images)
+    task = get_task(f"vtab:{root}")
+    with pytest.raises(TaskError, match=r"train800\.txt line 2 \(lab\.tif\): .*LAB colour space.*save it as RGB"):
+        task.load("train800", 4)
+    with pytest.raises(TaskError, match=r"val200\.txt line 2 \(nan\.tif\): .*NaN"):
+        task.load("val200", 4)
+
+
+def test_vtab_cache_sees_an_image_rewritten_at_the_same_size_and_mtime(tmp_path: Path, monkeypatch) -> None:
+    """Size and mtime alone miss a file rewritten in place with its mtime put back (tar, cp -p) or two same-size
+    files swapped by rename; the cache key holds the inode and ctime too, which no program sets."""
+    import os
+
+    monkeypatch.setenv("HEARTLORA_CACHE", str(tmp_path / "cache"))
+    images = {"a.bmp": Image.new("L", (4, 4), 0), "b.bmp": Image.new("L", (4, 4), 255)}
+    root = write_vtab(tmp_path / "t", {"train800": "a.bmp 0\nb.bmp 1\n", "val200": "a.bmp 0\n",
+                                       "test": "a.bmp 0\n"}, images)
+    first, _ = get_task(f"vtab:{root}").load("train800", 4)
+    assert first[:, 0, 0, 0].tolist() == [0, 255]
+    os.rename(root / "a.bmp", root / "tmp.bmp")  # swapped: same sizes, same mtimes
+    os.rename(root / "b.bmp", root / "a.bmp")
+    os.rename(root / "tmp.bmp", root / "b.bmp")
+    swapped, _ = get_task(f"vtab:{root}").load("train800", 4)
+    assert swapped[:, 0, 0, 0].tolist() == [255, 0]
+    st = (root / "a.bmp").stat()
+    Image.new("L", (4, 4), 128).save(root / "a.bmp")  # rewritten in place, its times put back
+    os.utime(root / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+    rewritten, _ = get_task(f"vtab:{root}").load("train800", 4)
+    assert rewritten[:, 0, 0, 0].tolist() == [128, 0]
+
+
+def test_vtab_notes_lists_that_disagree(tmp_path: Path) -> None:
+    good = {n: Image.new("L", (4, 4), i) for i, n in enumerate(["a.png", "b.png", "c.png", "d.png"])}
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\nb.png 1\n", "val200": "c.png 1\n",
+                                       "test": "d.png 0\n"}, good)
+    assert get_task(f"vtab:{root}").notes() == []  # consistent lists: nothing to say
+    (root / "train800val200.txt").write_text("a.png 0\nc.png 1\nb.png 1\n")  # another order is the same lines
+    assert get_task(f"vtab:{root}").notes() == []
+    (root / "train800.txt").write_text("a.png 0\nb.png 0\n")  # a label fixed here, not in the union file
+    (root / "test.txt").write_text("d.png 0\na.png 0\n")
+    notes = get_task(f"vtab:{root}").notes()
+    assert len(notes) == 3
+    assert notes[0].startswith("1 list line(s) give an image another label") and "b.png: 0 (train800.txt line 2)" in \
+        notes[0] and "1 (train800val200.txt line 3)" in notes[0]
+    assert "train800val200.txt is not train800.txt + val200.txt (1 line(s) only in it, 1 of theirs" in notes[1]
+    assert notes[2].startswith("1 of test.txt's 2 images are also training images (e.g. a.png, test.txt line 2)")
+
+
+def test_vtab_classes_txt_with_a_blank_line_inside_is_refused(tmp_path: Path) -> None:
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\n", "val200": "a.png 0\n", "test": "a.png 00002\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    (root / "classes.txt").write_text("cat\ndog\nbird\n\n\n")  # trailing blank lines are fine
+    assert get_task(f"vtab:{root}").class_names == ["cat", "dog", "bird"]  # and so is a label's leading zero
+    (root / "classes.txt").write_text("cat\n\ndog\nbird\n")  # dropped, "bird" would name label 2
+    with pytest.raises(TaskError, match=r"classes\.txt:2: blank line"):
+        get_task(f"vtab:{root}")
+
+
+def test_vtab_a_link_loop_is_named_with_its_line(tmp_path: Path) -> None:
+    root = write_vtab(tmp_path / "t", {"train800": "a.png 0\n", "val200": "a.png 0\n", "test": "loop.png 0\n"},
+                      {"a.png": Image.new("L", (4, 4))})
+    (root / "loop.png").symlink_to("loop.png")
+    with pytest.raises(TaskError, match=r"cannot look at image .*loop\.png \(test\.txt line 1\)"):
+        get_task(f"vtab:{root}").check("test")
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_note(monkeypatch, capsys) -> None:
+    import errno
+
+    import numpy as np
+
+    from heartlora.data import cache
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "savez", full)
+    arrays = cache.cached_arrays("test-full-disk-key", lambda: {"x": np.arange(3)})
+    assert arrays["x"].tolist() == [0, 1, 2]
+    assert "note: could not keep the decoded images in the cache" in capsys.readouterr().err
+    assert not cache.cache_file("test-full-disk-key").exists()

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from heartlora.bank import AdapterBank
-from heartlora.data.base import open_image
-from heartlora.errors import ConfigError, HeartLoRAError
+from heartlora.data.base import ImageTooLargeError, open_image, resize_image
+from heartlora.errors import ConfigError, HeartLoRAError, TaskError
 
 MAX_BODY_BYTES = 20 * 2**20
 # what heartlora serve needs (pyproject.toml's serve extra), named as pip takes it: heartlora is installed from its
@@ -54,22 +54,22 @@ def internal_error(exc: BaseException) -> str:
 
 
 def decode_image(data: bytes, img_size: int) -> torch.Tensor:
-    """Image file bytes -> float (3, S, S) in [0, 1], resized like ``heartlora predict`` does (PIL bicubic, RGB);
-    a one-line ConfigError when the bytes are not an image."""
+    """Image file bytes -> float (3, S, S) in [0, 1], decoded and resized by the code that made the training data
+    (as ``heartlora predict`` does); a one-line ConfigError when the bytes are not an image."""
     if not data:
         raise ConfigError("the request body is empty: POST the image file's bytes")
     try:
         # refuses decompression bombs before decoding; the message is for the client, not the server's operator
         with open_image(io.BytesIO(data), name="the posted image", hint="send a smaller image") as im:
-            rgb = im.convert("RGB")
-    except HeartLoRAError:
+            array = resize_image(im, img_size)
+    except ImageTooLargeError:
         raise
+    except TaskError as exc:  # a mode the data part refuses (LAB, NaN floats)
+        raise ConfigError(f"the posted image: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ConfigError(f"the body is not an image PIL can read ({type(exc).__name__}): POST a PNG, JPEG or other "
                           "image file") from None
-    if rgb.size != (img_size, img_size):
-        rgb = rgb.resize((img_size, img_size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy()).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
 
 
 class TaskRefused(HeartLoRAError):

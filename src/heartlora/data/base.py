@@ -19,7 +19,9 @@ from heartlora.errors import TaskError
 
 GROUPS = ("natural", "specialized", "structured", "few-shot", "unknown")
 # Part of every resized-cache key: bump it when resize_image changes, so old cache files are not reused.
-RESIZE_VERSION = 2  # 2: 16-bit grayscale is scaled to 8 bits (version 1 clipped it to white)
+# 2: 16-bit grayscale is scaled to 8 bits (version 1 clipped it to white); 3: float images in [0, 1] are scaled to
+# 0..255 (version 2 clipped them to black)
+RESIZE_VERSION = 3
 
 NativeImage = np.ndarray | Image.Image
 
@@ -77,8 +79,20 @@ def to_pil(image: NativeImage) -> Image.Image:
         # convert("L") clips every value above 255, which turns a 16-bit image white.
         wide = np.asarray(pil).astype(np.int64).clip(0, 65535)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
-    if pil.mode in ("1", "F"):
+    if pil.mode == "F":
+        # 32-bit float grayscale (TIFF): values in [0, 1] are scaled to 0..255, larger ones taken as 0..255 already
+        # (PIL's convert("L") clips both, so a [0, 1] image turns black); NaN and infinity are refused
+        values = np.asarray(pil, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise TaskError("a float image holds NaN or infinite values; store it as 8- or 16-bit")
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255
+        return Image.fromarray(np.rint(values.clip(0, 255)).astype(np.uint8))
+    if pil.mode == "1":
         return pil.convert("L")
+    if pil.mode == "LAB":  # PIL converts it to RGB by reinterpreting the channels, not by colour maths
+        raise TaskError("an image is in the LAB colour space, which PIL does not convert to RGB faithfully; save it "
+                        "as RGB")
     return pil.convert("RGB")  # palette, RGBA (alpha dropped), CMYK, YCbCr, LA…
 
 
@@ -149,6 +163,14 @@ class Task(abc.ABC):
         """The splits whose concatenation is ``split`` (itself unless e.g. train800val200 = train800 + val200);
         a composed split is loaded from its parts' caches instead of being cached again."""
         return (split,)
+
+    def check(self, split: str, seed: int = 0) -> None:
+        """Raise TaskError now for what would make loading ``split`` fail later, where that is cheap to see (a
+        listed file that is missing), without decoding it: a run checks its test split before it trains."""
+
+    def notes(self) -> list[str]:
+        """What in the task is allowed but likely a mistake (``heartlora train`` prints each as a ``note:`` line)."""
+        return []
 
     # What every task gets -------------------------------------------------------------------------------------------
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from heartlora._paths import atomic_path, cache_dir
+from heartlora._paths import atomic_path, cache_dir, describe_os_error
 
 
 def cache_file(key: str) -> Path:
@@ -44,7 +45,11 @@ def cached_arrays(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[
     if arrays is not None:
         return arrays
     arrays = {name: np.ascontiguousarray(value) for name, value in build().items()}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
-            np.savez(f, **arrays)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temporary name
+                np.savez(f, **arrays)
+    except OSError as error:  # a full or read-only disk: the arrays are built, only the next load pays again
+        print(f"note: could not keep the decoded images in the cache {path.parent} ({describe_os_error(error)}); "
+              f"going on without it (set $HEARTLORA_CACHE to a folder with room to keep them)", file=sys.stderr)
     return arrays

@@ -11,6 +11,8 @@ A listed image must resolve (links followed) inside the folder, or inside a fold
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import os
 import re
@@ -20,7 +22,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from heartlora.data.base import GROUPS, ImageTooLargeError, Task, check_split, open_image
+from heartlora.data.base import GROUPS, ImageTooLargeError, Task, check_split, open_image, to_pil
 from heartlora.errors import TaskError
 
 
@@ -56,7 +58,7 @@ def read_split_list(list_file: Path, root: Path) -> list[ListEntry]:
         if len(fields) != 2 or not re.fullmatch(r"[0-9]+", fields[1]):
             raise TaskError(f"{list_file}:{number}: bad line {line!r}; each line must be 'relative/path label' with "
                             "an integer label >= 0")
-        if len(fields[1]) > len(str(MAX_CLASSES)) or int(fields[1]) >= MAX_CLASSES:
+        if len(fields[1].lstrip("0")) > len(str(MAX_CLASSES)) or int(fields[1]) >= MAX_CLASSES:
             raise TaskError(f"{list_file}:{number}: label {fields[1]} is not below {MAX_CLASSES:,}, heartlora's "
                             "bound on the number of classes; labels are class indices 0..K-1")
         path = root / fields[0].strip()
@@ -112,7 +114,13 @@ class VtabFolderTask(Task):
         top = max((e for entries in self.lists.values() for e in entries), key=lambda e: e.label)
         classes_file = self.root / "classes.txt"
         if classes_file.is_file():
-            names = [c.strip() for c in _read_text(classes_file).splitlines() if c.strip()]
+            lines = [c.strip() for c in _read_text(classes_file).splitlines()]
+            while lines and not lines[-1]:
+                lines.pop()
+            if "" in lines:  # dropped, it would shift every later name onto the label before it
+                raise TaskError(f"{classes_file}:{lines.index('') + 1}: blank line; give one class name per line, in "
+                                "label order (line k+1 names label k)")
+            names = lines
             if top.label >= len(names):
                 raise TaskError(f"{top.list_file}:{top.line}: label {top.label} but {classes_file} names only "
                                 f"{len(names)} classes; give one name per line for every label")
@@ -123,6 +131,40 @@ class VtabFolderTask(Task):
                             f"but the lists hold only {listed:,} images; labels are class indices 0..K-1 (add a "
                             "classes.txt if some classes have no image)")
         return [str(i) for i in range(top.label + 1)]
+
+    def notes(self) -> list[str]:
+        """Lists that disagree with each other, which nothing else would show: an image listed under two labels, a
+        train800val200.txt that is not train800.txt + val200.txt (``--protocol final`` trains on it), test images
+        that are also training images (test accuracy would count images the model trained on)."""
+        real = functools.lru_cache(maxsize=None)(os.path.realpath)
+        out = []
+        first: dict[str, ListEntry] = {}
+        clashes = []
+        for entries in self.lists.values():
+            for e in entries:
+                seen = first.setdefault(real(e.path), e)
+                if seen.label != e.label:
+                    clashes.append((seen, e))
+        if clashes:
+            a, b = clashes[0]
+            out.append(f"{len(clashes)} list line(s) give an image another label than an earlier line, e.g. "
+                       f"{a.path.name}: {a.label} ({a.list_file.name} line {a.line}) and {b.label} ({b.list_file.name}"
+                       f" line {b.line}); one of them is wrong")
+        if not self._union_is_concat:
+            want = collections.Counter((real(e.path), e.label) for e in self.lists["train800"] + self.lists["val200"])
+            have = collections.Counter((real(e.path), e.label) for e in self.lists["train800val200"])
+            if want != have:
+                extra, lacking = sum((have - want).values()), sum((want - have).values())
+                out.append(f"train800val200.txt is not train800.txt + val200.txt ({extra} line(s) only in it, "
+                           f"{lacking} of theirs missing from it): --protocol final trains on train800val200.txt; "
+                           "delete it (train800 + val200 is then used) or make it their lines")
+        trained = {real(e.path) for e in self.entries("train800val200")}
+        both = [e for e in self.lists["test"] if real(e.path) in trained]
+        if both:
+            out.append(f"{len(both)} of test.txt's {len(self.lists['test'])} images are also training images (e.g. "
+                       f"{both[0].path.name}, test.txt line {both[0].line}): test accuracy counts images the model "
+                       "trained on")
+        return out
 
     def entries(self, split: str) -> list[ListEntry]:
         """The list lines of ``split`` (train800 + val200 for train800val200 when that file is absent)."""
@@ -138,29 +180,42 @@ class VtabFolderTask(Task):
         return np.array([e.label for e in self.entries(split)], dtype=np.int64)
 
     def native_images(self, split: str, seed: int = 0) -> Iterator[Image.Image]:
+        """Each listed image decoded to grayscale or RGB (``to_pil``), so that an image that cannot be converted is
+        named with its list line."""
         for entry in self.entries(split):
             try:
                 with open_image(entry.path) as image:
-                    yield image
+                    yield to_pil(image)
             except FileNotFoundError:
                 raise TaskError(_missing(entry)) from None
-            except ImageTooLargeError as error:
+            except ImageTooLargeError as error:  # it names the image
                 raise TaskError(f"{entry.list_file.name} line {entry.line}: {error}") from None
+            except TaskError as error:  # a mode to_pil refuses
+                raise TaskError(f"{entry.list_file.name} line {entry.line} ({entry.path.name}): {error}") from None
             except (OSError, UnidentifiedImageError) as error:
                 raise TaskError(f"cannot read image {entry.path} ({entry.list_file.name} line {entry.line}): "
                                 f"{error}; replace the file or remove its line") from None
 
+    def check(self, split: str, seed: int = 0) -> None:
+        self.cache_key(split, seed)  # looks at every listed image's file
+
     def cache_key(self, split: str, seed: int = 0) -> str:
-        """Folder, list text and every image's size and mtime: editing a list or replacing an image gives a new key.
-        A listed image that does not exist is reported here, before any decoding."""
+        """Folder, list lines and every image's file identity (device, inode, size, mtime and ctime): editing a list
+        or replacing an image gives a new key, even one rewritten at the same size with its mtime put back (tar,
+        ``cp -p``) or swapped with another by rename, since no program sets a ctime. A listed image that does not
+        exist, or cannot be looked at, is reported here, before any decoding."""
         if split not in self._keys:
             digest = hashlib.sha1(str(self.root).encode())
             for entry in self.entries(split):
                 try:
-                    stat = entry.path.stat()
+                    st = entry.path.stat()
                 except FileNotFoundError:
                     raise TaskError(_missing(entry)) from None
-                digest.update(f"{entry.path}\0{entry.label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                except OSError as error:  # a link loop, a name too long, no permission
+                    raise TaskError(f"cannot look at image {entry.path} ({entry.list_file.name} line {entry.line}): "
+                                    f"{error.strerror or error}; fix the file or remove its line") from None
+                digest.update(f"{entry.path}\0{entry.label}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0"
+                              f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
             self._keys[split] = f"vtab-{self.root.name}-{digest.hexdigest()[:20]}"
         return self._keys[split]
 

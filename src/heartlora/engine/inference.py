@@ -18,17 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from heartlora._paths import atomic_path
 from heartlora.backbones import create_backbone, refuse_download
-from heartlora.data.base import open_image
+from heartlora.data.base import ImageTooLargeError, open_image, resize_image
 from heartlora.engine.settings import RANGES
 from heartlora.engine.metrics import predict_logits
-from heartlora.errors import AdapterFileError, ConfigError, ImageReadError
+from heartlora.errors import AdapterFileError, ConfigError, ImageReadError, TaskError
 from heartlora.method import read_adapter_info
 from heartlora.method.model import backbone_fingerprint
 from heartlora.method.storage import RUN_KEY, adapter_file, check_backbone_spec
@@ -204,19 +204,22 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
 
 
 def read_image(path: str | Path, img_size: int) -> torch.Tensor:
-    """One image file as uint8 (3, S, S), resized like the data part does (PIL bicubic, grayscale → RGB)."""
+    """One image file as uint8 (3, S, S), decoded and resized by the code that made the training data
+    (``data.base.resize_image``: PIL bicubic, 16-bit and float images scaled, not clipped)."""
     path = Path(path)
     try:
         with open_image(path) as im:  # refuses decompression bombs before decoding
-            rgb = im.convert("RGB")
+            array = resize_image(im, img_size)
     except FileNotFoundError as exc:
         raise ImageReadError(f"image {path} does not exist: check the path") from exc
+    except ImageTooLargeError:
+        raise
+    except TaskError as exc:  # a mode the data part refuses (LAB, NaN floats)
+        raise ImageReadError(f"image {path}: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path} ({type(exc).__name__}): give a PNG, JPEG or other image "
                              "file PIL can open") from exc
-    if rgb.size != (img_size, img_size):
-        rgb = rgb.resize((img_size, img_size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(rgb).transpose(2, 0, 1).copy())
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def collect_images(inputs: Iterable[str | Path]) -> list[Path]:

@@ -59,7 +59,7 @@ from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, exact_fp32, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
-from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError
+from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError, TaskError
 from heartlora.method import attention_layers, coverage, head_masks, is_adapted
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
@@ -244,6 +244,8 @@ class Trainer:
         self._check_score_steps()
         self.eval_x, self.eval_y = (self.task.load(eval_split, img_size=cfg.img_size, seed=cfg.seed)
                                     if cfg.protocol == "val" else (None, None))
+        if cfg.protocol == "final":  # test is decoded once, after training: a missing image is refused before it
+            self.task.check("test", seed=cfg.seed)
         self.precision = resolve_precision(cfg.precision, info.device)
 
     def _build_model(self) -> tuple[nn.Module, dict[str, Any]]:
@@ -290,7 +292,7 @@ class Trainer:
     def notes(self, fresh: bool) -> list[str]:
         if not fresh:
             return []
-        notes = list(self.cfg.notes)
+        notes = list(self.cfg.notes) + self.task.notes()
         classes = self.task.num_classes
         unseen = sorted(set(range(classes)) - set(self.train_y.unique().tolist()))
         if unseen:
@@ -729,7 +731,11 @@ class Trainer:
             final_acc = self.evaluate(self.eval_x, self.eval_y, exact=True)
         if cfg.protocol == "final":
             # The one and only look at test, after training: nothing is chosen on it.
-            test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
+            try:
+                test_x, test_y = self.task.load("test", img_size=cfg.img_size, seed=cfg.seed)
+            except TaskError as e:  # an image that cannot be decoded (or went missing during training)
+                raise TaskError(f"{e}; the run trained and its last checkpoint is kept: then `heartlora train --out "
+                                f"{cfg.out} --resume` tests it") from None
             final_acc = self.evaluate(test_x, test_y, exact=True)
         if trained is not None:
             # The trained float32 values back: the finished checkpoint keeps them (a resume of a run stopped before
