@@ -348,3 +348,16 @@ def test_a_bank_serves_half_precision_files_as_their_own_model_does(tmp_path):
     for i, task in enumerate(["a", "b", "c", "a"]):
         want = _own_logits(_vit, paths[task], CASES[task][0], x[i:i + 1])[0]
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)
+
+
+def test_images_are_moved_to_the_models_device(tmp_path, monkeypatch):
+    """A server decodes images on the CPU; a bank whose model is on a GPU ran them there as CPU tensors and failed
+    every request. The model's forward here stands in for one on another device (meta): it records where its input
+    is, and answers on the CPU."""
+    bank = hl.AdapterBank(_vit(10))
+    bank.add(_make_adapter(tmp_path, _vit, "t", 3, 32, 4, 2, seed=0), name="t")
+    seen = []
+    bank.model.to("meta")
+    monkeypatch.setattr(bank.model, "forward", lambda x: (seen.append(x.device), torch.zeros(len(x), 10))[1])
+    out = bank.answer(torch.rand(2, 3, 32, 32), ["t", "t"], k=2)
+    assert seen == [torch.device("meta")] and len(out) == 2 and len(out[0]) == 2

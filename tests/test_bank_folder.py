@@ -319,3 +319,23 @@ def test_the_documented_folder_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2:] == ["[5, 3, 5, 4] ['birds', 'cars', 'cats']", "['cars', 'cats'] 3 1"]
     assert f"then `{out[-1]}`" in doc.read_text().replace("\n", " ")
+
+
+def test_a_file_replaced_at_the_same_size_with_its_mtime_kept_is_reloaded(tmp_path, folder, own):
+    """A retrained adapter has the same size, and a copy may keep the old mtime (cp -p, rsync -a): the bank looks
+    at the file's inode and ctime too."""
+    import os
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "a.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    bank = hl.AdapterBank.from_folder(_vit(10), served)
+    _check(bank, ["a"], own)
+    retrained = _make_adapter(tmp_path, _vit, "a", 4, 32, 4, 0, seed=7)
+    old = (served / "a.safetensors").stat()
+    assert retrained.stat().st_size == old.st_size  # the case: nothing in size tells them apart
+    os.utime(retrained, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(retrained, served / "a.safetensors")
+    want = _own_logits(_vit, served / "a.safetensors", 4, X[:1])
+    torch.testing.assert_close(bank(X[:1], ["a"])[0], want[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want[0], own["a"][0])  # the new file's answer, not the old one's

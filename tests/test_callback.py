@@ -289,3 +289,24 @@ def test_a_plain_state_dict_loads_into_the_adapted_model_keeping_the_adapters():
     assert set(plain) == set(_model().state_dict())
     model.load_state_dict(plain, strict=True)
     torch.testing.assert_close(_logits(model), before, atol=0, rtol=0)
+
+
+def test_a_trainer_folder_whose_config_json_was_edited_is_refused(tmp_path):
+    """load_adapter(DIR) builds the backbone from the folder's config.json, and the weights' fingerprint does not see
+    a setting such as layer_norm_eps or hidden_act: the adapter file keeps the config it was trained with."""
+    import json
+
+    from heartlora.errors import AdapterFileError
+
+    model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    trainer = _train_saving(model, HeartLoRACallback(warmup_steps=2, ne=3), tmp_path / "run")
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    torch.testing.assert_close(_logits(hl.load_adapter(final)), _logits(model), atol=1e-6, rtol=0)
+    config = json.loads((final / "config.json").read_text())
+    for key, value in (("layer_norm_eps", 0.5), ("hidden_act", "relu")):
+        edited = {**config, key: value}
+        (final / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(AdapterFileError, match=rf"config\.json is not the config the adapter was trained with "
+                                                   rf"\({key}: {value!r} there"):
+            hl.load_adapter(final)

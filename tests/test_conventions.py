@@ -119,6 +119,51 @@ def test_config_files_yaml_toml_and_the_command_line_wins(tmp_path: Path) -> Non
     assert (args.targets, args.pretrained, args.progress, args.ne) == ("q,k,v", False, False, "auto")
 
 
+def test_a_flag_on_the_command_line_wins_over_the_files_flag_it_excludes(tmp_path: Path, monkeypatch) -> None:
+    """serve takes --adapter or --adapter-dir, not both: one in the file and the other on the command line is the
+    command line's (it was "not both"); both in one place stays an error."""
+    from heartlora.cli import serving
+    from heartlora.errors import ConfigError
+
+    served = []
+    monkeypatch.setattr(serving, "require_serving", lambda: None)
+    monkeypatch.setattr(serving, "require_api", lambda: None)
+    monkeypatch.setattr(serving, "bank_from_files", lambda files, *a, **k: (served.append(("files", files)),
+                                                                             (_Stop(), 32))[1])
+    monkeypatch.setattr(serving, "bank_from_folder", lambda folder, *a, **k: (served.append(("folder", folder)),
+                                                                               (_Stop(), 32))[1])
+    monkeypatch.setattr(serving, "create_api", lambda *a, **k: (_ for _ in ()).throw(_Stopped()))
+    folder_file = tmp_path / "folder.yaml"
+    folder_file.write_text("adapter-dir: adapters/\nport: 9000\n")
+    with pytest.raises(_Stopped):
+        serving.cmd_serve(_parse(["serve", "--config", str(folder_file), "--adapter", "c.safetensors"]))
+    files_file = tmp_path / "files.yaml"
+    files_file.write_text("adapter: [a.safetensors]\n")
+    with pytest.raises(_Stopped):
+        serving.cmd_serve(_parse(["serve", "--config", str(files_file), "--adapter-dir", "elsewhere/"]))
+    assert served == [("files", ["c.safetensors"]), ("folder", "elsewhere/")]
+    both = tmp_path / "both.yaml"
+    both.write_text("adapter: [a.safetensors]\nadapter-dir: adapters/\n")
+    with pytest.raises(ConfigError, match="not both"):
+        serving.cmd_serve(_parse(["serve", "--config", str(both)]))
+    with pytest.raises(ConfigError, match="not both"):
+        serving.cmd_serve(_parse(["serve", "--adapter", "a.safetensors", "--adapter-dir", "adapters/"]))
+
+
+class _Stop:
+    def preload(self) -> None:
+        pass
+
+    def available(self) -> list[str]:
+        return []
+
+    tasks: dict = {}
+
+
+class _Stopped(Exception):
+    """Raised where the server would be built: what was chosen before it is the test's."""
+
+
 @pytest.mark.parametrize("content, match", [
     ("epochs: 2\nwarmup: 1\n", "'warmup' is not a flag of heartlora train"),
     ("epochs: [2, 3]\n", "epochs takes one value"),

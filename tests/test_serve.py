@@ -18,6 +18,7 @@ from PIL import Image
 from test_bank import _make_adapter, _vit
 
 import heartlora as hl
+import heartlora.serve as serve_module
 
 pytest.importorskip("starlette", reason="the serve extra is not installed (pip install -e '.[serve]')")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install -e '.[serve]')")
@@ -140,8 +141,13 @@ def test_an_image_too_large_to_decode_is_named_for_the_client(server, monkeypatc
     Image.new("L", (64, 64)).save(buf, format="PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # the server runs in this process (below 2x: our check)
     got, out = _request(port, "POST", "/predict?task=digits", buf.getvalue())
-    assert got == 400 and out["error"].startswith("the posted image is 64x64 = 4,096 pixels")
+    assert got == 413 and out["error"].startswith("the posted image is 64x64 = 4,096 pixels, above the limit of 3,000")
     assert "send a smaller image" in out["error"] and "BytesIO" not in out["error"]
+    # the server's own cap, below PIL's: a small file can declare tens of millions of pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(serve_module, "MAX_POSTED_PIXELS", 4000)
+    got, out = _request(port, "POST", "/predict?task=digits", buf.getvalue())
+    assert got == 413 and "above the limit of 4,000" in out["error"]
 
 
 def test_serve_refuses_a_port_out_of_range_or_in_use(bank, server):

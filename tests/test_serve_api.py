@@ -102,6 +102,11 @@ def test_schema_docs_and_index(api):
     assert set(body) == {"application/octet-stream", "multipart/form-data"}
     assert {"/", "/health", "/tasks", "/predict", "/adapters", "/adapters/{name}"} <= set(schema["paths"])
     assert set(schema["paths"]["/predict"]["post"]["responses"]) >= {"200", "400", "404", "413"}
+    # invalid parameters are answered 400 {"error"}, never FastAPI's 422 shape: the schema does not promise one
+    assert not [op for ops in schema["paths"].values() for op in ops.values() if "422" in op.get("responses", {})]
+    assert "HTTPValidationError" not in schema.get("components", {}).get("schemas", {})
+    status, out = _call(port, "POST", "/predict?task=digits&top_k=0", _png(1))
+    assert status == 400 and "top_k" in out["error"]
 
 
 def test_raw_body_and_form_field_give_the_same_answer(api):
@@ -114,6 +119,10 @@ def test_raw_body_and_form_field_give_the_same_answer(api):
         _same_top(raw[1]["top"], _expected(bank, data, task, 2))
     other_name = _call(port, "POST", "/predict?task=digits", *_form("image", data))  # the form's only file
     assert other_name[0] == 200
+    body, headers = _form("file", data)  # a media type's case does not matter (RFC 2045)
+    shouted = {"Content-Type": headers["Content-Type"].replace("multipart/form-data", "Multipart/Form-Data")}
+    assert _call(port, "POST", "/predict?task=digits&top_k=2", body, shouted) == \
+        _call(port, "POST", "/predict?task=digits&top_k=2", data)
 
 
 @pytest.mark.parametrize("method, path, body, status, words", [
@@ -153,7 +162,16 @@ def test_adapters_are_added_and_removed_while_serving(api):
     assert status == 409 and again["error"] == ("a task named 'colors' is served already: DELETE /adapters/colors "
                                                 "first, or choose another ?name=")
     status, out = _call(port, "POST", "/adapters?name=colors2", b"not an adapter", auth)
-    assert status == 400 and "\n" not in out["error"]
+    assert status == 400 and "\n" not in out["error"] and "heartlora-upload" not in out["error"]  # no server path
+    assert "the uploaded adapter file" in out["error"]
+    status, out = _call(port, "POST", "/adapters?name=", extra.read_bytes(), auth)  # not the temporary file's name
+    assert status == 400 and out["error"].startswith("?name= is empty")
+    torch.manual_seed(0)
+    wide = hl.create_backbone("vit_tiny_patch16_224", num_classes=5, img_size=64, pretrained=False)
+    other = _make_adapter(tmp / "64px", lambda n: wide, "wide", 5, 32, 4, 2, seed=3)
+    status, out = _call(port, "POST", "/adapters", other.read_bytes(), auth)
+    assert status == 400 and out["error"].startswith("the adapter was trained at 64 px, and this server runs 32 px")
+    assert "wide" not in bank.tasks
     assert _call(port, "DELETE", "/adapters/colors", None, auth) == (200, {"removed": "colors", "tasks": 3})
     status, out = _call(port, "POST", "/predict?task=colors", data)
     assert status == 404 and "unknown task 'colors'" in out["error"]
@@ -179,6 +197,11 @@ def test_admin_endpoints_are_off_without_a_token(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="the admin token has 5 characters: give at least 16"):
         check_token("short")
     assert check_token(None) is None
+    with pytest.raises(ConfigError, match="the admin token is empty"):  # --admin-token "$UNSET": not silently off
+        check_token("")
+    monkeypatch.setenv("HEARTLORA_ADMIN_TOKEN", "")
+    with pytest.raises(ConfigError, match="the admin token is empty"):
+        check_token(None)
     monkeypatch.setenv("HEARTLORA_ADMIN_TOKEN", TOKEN)
     assert check_token(None) == TOKEN
 

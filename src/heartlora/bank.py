@@ -727,6 +727,9 @@ class AdapterBank:
     def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
             return []
+        weight = next(self.model.parameters(), None)
+        if weight is not None and images.device != weight.device:  # a server decodes on the CPU; the model may
+            images = images.to(weight.device)  # be on a GPU
         order_of = {t: i for i, t in enumerate(self.tasks)}
         order = sorted(range(len(tasks)), key=lambda i: order_of[tasks[i]])  # stable: rows of a task stay in order
         groups: list[tuple[str, int, int]] = []

@@ -60,9 +60,11 @@ def folder_tasks(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What says a file was replaced: its inode and ctime too, since a retrained adapter has the same size and a copy
+    may keep the old mtime (``cp -p``, ``rsync -a``, a tar with fixed times), but no program sets a ctime."""
     st = path.stat()
-    return st.st_mtime_ns, st.st_size
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 class FolderBank(AdapterBank):

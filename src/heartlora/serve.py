@@ -39,12 +39,22 @@ MAX_BODY_BYTES = 20 * 2**20
 SERVE_INSTALL = ("pip install 'fastapi>=0.115' 'starlette>=0.40' 'uvicorn>=0.30' 'python-multipart>=0.0.9' "
                  "(the serve extra)")
 MAX_TOP_K = 1000
+# A posted image's pixels, checked from its header before decoding: a PNG of a few hundred KB can declare 90 million
+# pixels (PIL's own limit), which take about 0.6 GB to decode. 40 million is a 40-megapixel camera's photo.
+MAX_POSTED_PIXELS = 40_000_000
+# Images decoded at once (each in a thread of its own pool): what bounds the memory a burst of requests can take
+DECODE_THREADS = 4
+_decoders: ThreadPoolExecutor | None = None
 
 
 async def decode_image_async(data: bytes, img_size: int) -> torch.Tensor:
-    """:func:`decode_image` in the event loop's thread pool: decoding a large image takes seconds, and the loop must
-    go on answering other requests (and the batcher's timer) meanwhile."""
-    return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, img_size)
+    """:func:`decode_image` in a pool of ``DECODE_THREADS`` threads: decoding a large image takes seconds, and the
+    event loop must go on answering other requests (and the batcher's timer) meanwhile; the pool's size bounds how
+    many images are decoded, so how much memory they take, however many requests arrive."""
+    global _decoders
+    if _decoders is None:
+        _decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="heartlora-decode")
+    return await asyncio.get_running_loop().run_in_executor(_decoders, decode_image, data, img_size)
 
 
 def internal_error(exc: BaseException) -> str:
@@ -60,7 +70,8 @@ def decode_image(data: bytes, img_size: int) -> torch.Tensor:
         raise ConfigError("the request body is empty: POST the image file's bytes")
     try:
         # refuses decompression bombs before decoding; the message is for the client, not the server's operator
-        with open_image(io.BytesIO(data), name="the posted image", hint="send a smaller image") as im:
+        with open_image(io.BytesIO(data), name="the posted image", max_pixels=MAX_POSTED_PIXELS,
+                        hint="send a smaller image (resize it first)") as im:
             array = resize_image(im, img_size)
     except ImageTooLargeError:
         raise
@@ -232,6 +243,8 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         body = b"".join(chunks)
         try:
             image = await decode_image_async(body, img_size)
+        except ImageTooLargeError as exc:  # more pixels than MAX_POSTED_PIXELS
+            return error(413, str(exc))
         except HeartLoRAError as exc:
             return error(400, str(exc))
         try:

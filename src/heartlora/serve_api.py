@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import heartlora
-from heartlora.bank import AdapterBank, trained_task
+from heartlora.bank import AdapterBank, trained_img_size, trained_task
+from heartlora.data.base import ImageTooLargeError
 from heartlora.errors import ConfigError, HeartLoRAError
 from heartlora.method.storage import read_adapter_info
 from heartlora.serve import (
@@ -55,8 +56,12 @@ def require_api() -> None:
 
 
 def check_token(token: str | None) -> str | None:
-    """The admin token (``token``, else $HEARTLORA_ADMIN_TOKEN), refused when too short to guess at."""
-    token = token or os.environ.get(TOKEN_ENV) or None
+    """The admin token (``token``, else $HEARTLORA_ADMIN_TOKEN), refused when too short to guess at, or empty: an
+    empty one (``--admin-token "$UNSET"``) would turn the admin endpoints off where they were asked for."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if token == "":
+        raise ConfigError(f"the admin token is empty (--admin-token or ${TOKEN_ENV}; an unset shell variable?): give "
+                          f"one of at least {MIN_TOKEN_CHARS} characters, or neither to serve without admin endpoints")
     if token is not None and (len(token) < MIN_TOKEN_CHARS or token != token.strip()):
         raise ConfigError(f"the admin token has {len(token)} characters: give at least {MIN_TOKEN_CHARS}, without "
                           "surrounding spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
@@ -124,6 +129,20 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
                   description="Image classification with Heart-LoRA adapters on one shared backbone: every task is "
                               "an adapter file; requests of different tasks are batched together.")
     app.state.batcher = batcher
+    schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without the 422 it lists for every endpoint with parameters: invalid parameters are
+        answered 400 with the one-line ``{"error"}`` every other error has (``invalid`` below)."""
+        out = schema()
+        for operations in out.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            out.get("components", {}).get("schemas", {}).pop(name, None)
+        return out
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": " ".join(message.split())}, status_code=status)
@@ -166,7 +185,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
     async def read_file(request: Request, field: str, limit: int, what: str) -> bytes:
         """The raw body, or the form's ``field`` (else its only file), at most ``limit`` bytes."""
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case (RFC 2045)
             body = await read_body(request, limit, what, FORM_SLACK_BYTES)
 
             async def replay() -> dict[str, Any]:  # the form is parsed from the body read within the limit
@@ -223,6 +242,8 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         data = await read_file(request, "file", MAX_BODY_BYTES, "image")
         try:
             image = await decode_image_async(data, img_size)
+        except ImageTooLargeError as exc:  # more pixels than MAX_POSTED_PIXELS
+            raise Failure(413, str(exc)) from None
         except HeartLoRAError as exc:
             raise Failure(400, str(exc)) from None
         try:
@@ -245,6 +266,9 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
                          else f"DELETE /adapters/{name} first")
                 raise Failure(409, f"a task named {name!r} is served already: {first}, or choose another ?name=")
 
+        if name is not None and not name.strip():  # the bank would fall back to the upload's temporary file name
+            raise Failure(400, "?name= is empty: give the task a name, or leave ?name= out for the task the file was "
+                               "trained on")
         if name is not None:
             taken(name)
         data = await read_file(request, "file", MAX_ADAPTER_BYTES, "adapter file")
@@ -252,15 +276,21 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            info = await batcher.run_exclusive(read_adapter_info, Path(tmp))
+            size = trained_img_size(info)
+            if size and int(size) != int(img_size):  # a backbone that interpolates its positions would take it
+                raise Failure(400, f"the adapter was trained at {size} px, and this server runs {img_size} px: serve "
+                                   "it from a server at its size")
             if name is None:  # the task the file was trained on; never the upload's temporary file name
-                name = trained_task(await batcher.run_exclusive(read_adapter_info, Path(tmp)))
+                name = trained_task(info)
                 if not name:
                     raise Failure(400, "the adapter file names no task (saved with save_adapter): give its name "
                                        "with POST /adapters?name=NAME")
                 taken(name)
             added = await batcher.run_exclusive(bank.add, Path(tmp), name)
-        except HeartLoRAError as exc:
-            raise Failure(409 if "already holds a task" in str(exc) else 400, str(exc)) from None
+        except HeartLoRAError as exc:  # named as the client knows it, not by the server's temporary path
+            message = str(exc).replace(tmp, "the uploaded adapter file")
+            raise Failure(409 if "already holds a task" in message else 400, message) from None
         finally:
             os.unlink(tmp)
         return task_info(added.name)

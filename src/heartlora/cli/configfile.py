@@ -12,6 +12,14 @@ from typing import Any
 from heartlora.errors import ConfigError
 
 SKIPPED = {"help", "config"}  # flags a config file cannot set
+# The parsed arguments' attribute naming the settings a config file gave (their dests): where two flags exclude each
+# other (serve's --adapter and --adapter-dir), the one given on the command line wins over the file's
+FROM_FILE = "config_file_set"
+
+
+def from_file(args: argparse.Namespace, dest: str) -> bool:
+    """Whether ``args.<dest>`` came from the --config file, not the command line."""
+    return dest in getattr(args, FROM_FILE, frozenset())
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -136,7 +144,7 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path, argv: list[s
             continue
         defaults[action.dest] = _value(action, str(key), value, where)
         action.required = False
-    parser.set_defaults(**defaults)
+    parser.set_defaults(**defaults, **{FROM_FILE: frozenset(defaults)})
 
 
 def find_config(argv: list[str]) -> str | None:

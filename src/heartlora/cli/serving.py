@@ -7,6 +7,7 @@ import sys
 
 from heartlora.bank import bank_from_files
 from heartlora.bank_folder import bank_from_folder
+from heartlora.cli.configfile import from_file
 from heartlora.cli.common import (
     BACKBONE_HELP,
     config_help,
@@ -27,6 +28,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_api()
     token = check_token(args.admin_token)  # before the adapters are loaded
     use_threads(args)
+    if args.adapter and args.adapter_dir and from_file(args, "adapter") != from_file(args, "adapter_dir"):
+        # one of them from the --config file, the other from the command line: the command line wins
+        args.adapter, args.adapter_dir = (None, args.adapter_dir) if from_file(args, "adapter") else (args.adapter,
+                                                                                                    None)
     if bool(args.adapter) == bool(args.adapter_dir):
         raise ConfigError("give the adapters to serve: --adapter FILE (repeat it for several) or --adapter-dir DIR, "
                           "not both")

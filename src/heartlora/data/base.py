@@ -31,13 +31,16 @@ class ImageTooLargeError(TaskError):
 
 
 def open_image(path: Any, name: str | None = None,
-               hint: str = "shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
-               ) -> Image.Image:
+               hint: str = "shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file",
+               max_pixels: int | None = None) -> Image.Image:
     """Open and decode one image file or file object (use it in a ``with``). Its size is checked from the header
-    before any pixel is decoded: more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels is an `ImageTooLargeError`, since a
-    small file can declare gigabytes of pixels; its message names the image as ``name`` (default ``image PATH``) and
-    ends with ``hint``. Missing or unreadable files raise what PIL raises (OSError and its subclasses)."""
+    before any pixel is decoded: more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (or ``max_pixels``, if lower) is an
+    `ImageTooLargeError`, since a small file can declare gigabytes of pixels; its message names the image as ``name``
+    (default ``image PATH``) and ends with ``hint``. Missing or unreadable files raise what PIL raises (OSError and
+    its subclasses)."""
     limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        limit = max_pixels if limit is None else min(limit, max_pixels)
     name = name or f"image {path}"
     # PIL only warns between 1x and 2x its limit and raises above; both are refused here, with one message.
     with warnings.catch_warnings():

@@ -32,7 +32,12 @@ from heartlora.method import NeChoice, ResponsivenessTracker, attention_layers, 
 from heartlora.method.deactivate import SCOPES
 from heartlora.method.heads_off import check_count, parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear
-from heartlora.method.storage import read_adapter, restore_adapter
+from heartlora.method.storage import (
+    TRANSFORMERS_CONFIG_KEY,
+    read_adapter,
+    restore_adapter,
+    transformers_config_facts,
+)
 
 # the callback's names of the heads-off settings (parse_heads_off's errors use them)
 CALLBACK_NAMES = {"ne_fraction": "fraction", "ne_tolerance": "tolerance", "ne_refine": "refine"}
@@ -122,7 +127,11 @@ class HeartLoRACallback(TrainerCallback):
                  [list(h) for h in self.heads_off],
                  "tracker": None if self.tracker is None or self.heads_off is not None else
                  {"steps": self.tracker.steps, "scores": [a.tolist() for a in self.tracker.state_dict()["scores"]]}}
-        save_adapter(model, d / ADAPTER_NAME, extra_metadata={STATE_KEY: state})
+        extra: dict[str, Any] = {STATE_KEY: state}
+        facts = transformers_config_facts(d / "config.json")  # save_pretrained wrote it just before
+        if facts is not None:  # load_adapter(DIR) checks the folder's config.json against it
+            extra[TRANSFORMERS_CONFIG_KEY] = facts
+        save_adapter(model, d / ADAPTER_NAME, extra_metadata=extra)
         if importlib.util.find_spec("peft") is None:
             log.info("peft is not installed: %s holds heartlora's adapter only (pip install peft for the PEFT "
                      "folder)", d)

@@ -497,6 +497,35 @@ def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+# The config.json a Trainer folder's adapter was saved beside, as the adapter file keeps it: `load_adapter(DIR)`
+# builds the backbone from that file, and the weights' fingerprint does not cover settings such as layer_norm_eps
+# or hidden_act. Left out: what names the copy rather than the model (the dtype is the fingerprint's).
+TRANSFORMERS_CONFIG_KEY = "transformers_config"
+_CONFIG_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"}
+
+
+def transformers_config_facts(config_json: Path) -> dict[str, Any] | None:
+    """The settings of a transformers config.json that are the model's, as JSON; None where there is no such file."""
+    try:
+        data = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in data.items() if k not in _CONFIG_VOLATILE} if isinstance(data, dict) else None
+
+
+def _check_transformers_config(meta: dict[str, Any], folder: Path) -> None:
+    """The config.json a Trainer folder's backbone was built from must be the one its adapter was saved beside."""
+    saved = (meta.get("extra") or {}).get(TRANSFORMERS_CONFIG_KEY)
+    now = transformers_config_facts(folder / "config.json")
+    if saved is None or saved == now:  # a file saved before the check records none
+        return
+    now = now or {}
+    key = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))[0]
+    raise AdapterFileError(f"{folder}/config.json is not the config the adapter was trained with ({key}: "
+                           f"{now.get(key, 'absent')!r} there, {saved.get(key, 'absent')!r} when saved): restore "
+                           "the folder's config.json")
+
+
 def _transformers_backbone(folder: Path) -> nn.Module:
     """The transformers model a Trainer folder holds (config.json + model.safetensors, the frozen backbone and the
     trained classifier), built without the PEFT adapter beside it, which transformers would otherwise load."""
@@ -542,8 +571,13 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
         if isinstance(backbone, nn.Module):
             raise ConfigError("load_adapter(model) needs the adapter's path: load_adapter(model, path)")
         path, backbone = backbone, _transformers_backbone(Path(backbone))
+        built_from = Path(path)
+    else:
+        built_from = None
     path = adapter_file(path)
     meta, tensors, cfg = contents if contents is not None else _read(path)
+    if built_from is not None:
+        _check_transformers_config(meta, built_from)
     cfg.modules_to_save = tuple(meta["modules_to_save"])
     if is_adapted(backbone):
         raise ConfigError("this backbone already has heartlora adapters: load the file into a fresh backbone")
