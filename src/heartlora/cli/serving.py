@@ -30,8 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_threads(args)
     if args.adapter and args.adapter_dir and from_file(args, "adapter") != from_file(args, "adapter_dir"):
         # one of them from the --config file, the other from the command line: the command line wins
-        args.adapter, args.adapter_dir = (None, args.adapter_dir) if from_file(args, "adapter") else (args.adapter,
-                                                                                                    None)
+        if from_file(args, "adapter"):
+            args.adapter = None
+        else:
+            args.adapter_dir = None
     if bool(args.adapter) == bool(args.adapter_dir):
         raise ConfigError("give the adapters to serve: --adapter FILE (repeat it for several) or --adapter-dir DIR, "
                           "not both")

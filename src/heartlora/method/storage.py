@@ -567,13 +567,12 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
     For many files on one backbone (an AdapterBank): ``fingerprint`` is the backbone's fingerprint (its classifier
     skipped) computed once, and ``verify=False`` skips attach's live-adapter probe once it has passed for the same
     configuration on this backbone; ``contents``: what :func:`read_adapter` read from ``path`` (not read again)."""
+    built_from = None  # the Trainer folder whose config.json built the backbone
     if path is None:
         if isinstance(backbone, nn.Module):
             raise ConfigError("load_adapter(model) needs the adapter's path: load_adapter(model, path)")
-        path, backbone = backbone, _transformers_backbone(Path(backbone))
-        built_from = Path(path)
-    else:
-        built_from = None
+        path = built_from = Path(backbone)
+        backbone = _transformers_backbone(built_from)
     path = adapter_file(path)
     meta, tensors, cfg = contents if contents is not None else _read(path)
     if built_from is not None:
