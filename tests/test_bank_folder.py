@@ -13,6 +13,7 @@ import torch
 from test_bank import _make_adapter, _own_logits, _vit
 
 import heartlora as hl
+import heartlora.bank
 from heartlora.bank_folder import FolderBank
 from heartlora.errors import ConfigError
 
@@ -150,10 +151,10 @@ def test_a_damaged_or_foreign_file_is_refused_in_one_line_and_the_other_tasks_ru
 
 def test_a_file_of_another_image_size_is_refused_before_its_tensors_load(folder, own, monkeypatch):
     bank = hl.AdapterBank.from_folder(_vit(10), folder, img_size=64)  # the folder's adapters were trained at 32 px
-    monkeypatch.setattr(bank, "_add", lambda *a, **k: pytest.fail("loaded a file of another image size"))
+    monkeypatch.setattr(heartlora.bank, "load_adapter", lambda *a, **k: pytest.fail("loaded another image size"))
     failed = bank.ensure(["a"])
     assert failed["a"] == (f"{folder / 'a.safetensors'} was trained at 32 px, and this bank runs 64 px: serve it "
-                           "from a folder of its own image size")
+                           "from a bank of its own image size")
     assert not bank.tasks and bank.loads == 0
     monkeypatch.undo()
     same = hl.AdapterBank.from_folder(_vit(10), folder, img_size=32)

@@ -170,7 +170,8 @@ def test_adapters_are_added_and_removed_while_serving(api):
     wide = hl.create_backbone("vit_tiny_patch16_224", num_classes=5, img_size=64, pretrained=False)
     other = _make_adapter(tmp / "64px", lambda n: wide, "wide", 5, 32, 4, 2, seed=3)
     status, out = _call(port, "POST", "/adapters", other.read_bytes(), auth)
-    assert status == 400 and out["error"].startswith("the adapter was trained at 64 px, and this server runs 32 px")
+    assert status == 400 and out["error"] == ("the uploaded adapter file was trained at 64 px, and this bank runs 32 "
+                                              "px: serve it from a bank of its own image size")
     assert "wide" not in bank.tasks
     assert _call(port, "DELETE", "/adapters/colors", None, auth) == (200, {"removed": "colors", "tasks": 3})
     status, out = _call(port, "POST", "/predict?task=colors", data)
@@ -351,3 +352,19 @@ def test_a_missing_serve_package_names_the_install_that_works(monkeypatch: pytes
     with pytest.raises(ConfigError, match=f"heartlora serve needs {package}: pip install 'fastapi>=0.115'") as e:
         require_api()
     assert "heartlora[" not in str(e.value) and "python-multipart>=0.0.9" in str(e.value)
+
+
+def test_the_server_and_its_bank_serve_one_image_size(tmp_path):
+    torch.manual_seed(0)
+    wide = hl.create_backbone("vit_tiny_patch16_224", num_classes=5, img_size=64, pretrained=False)
+    at_64 = _make_adapter(tmp_path / "64px", lambda n: wide, "wide", 5, 32, 4, 2, seed=3)
+    bank = _bank(tmp_path)  # made in Python without an image size: its tasks were trained at 32 px
+    with pytest.raises(ConfigError, match="^the bank runs 64 px and the server would resize images to 32 px"):
+        create_api(hl.AdapterBank(_vit(10), img_size=64), 32)
+    with pytest.raises(ConfigError, match=r"digits\.safetensors was trained at 32 px, and this bank runs 64 px"):
+        create_api(_bank(tmp_path / "again"), 64)  # the server would resize every image to a size no task knows
+    create_api(bank, 32)
+    assert bank.img_size == 32  # taken from the server: the adapters added later are checked against it
+    with pytest.raises(ConfigError, match=r"64px.*was trained at 64 px, and this bank runs 32 px"):
+        bank.add(at_64)
+    assert list(bank.tasks) == list(TASKS)

@@ -507,9 +507,13 @@ class AdapterBank:
     ...                                          pretrained=False))          # doctest: +SKIP
     >>> bank.add("runs/mnist/adapter.safetensors"); bank.add("runs/svhn/adapter.safetensors")  # doctest: +SKIP
     >>> logits = bank(images, tasks=["mnist", "svhn", "mnist"])               # doctest: +SKIP
+
+    ``img_size``: the image size the bank's inputs have; a file trained at another size is refused when added (a
+    backbone that interpolates its position embeddings would take it, and answer wrongly). None: not checked.
     """
 
-    def __init__(self, backbone: nn.Module, device: torch.device | str | None = None) -> None:
+    def __init__(self, backbone: nn.Module, device: torch.device | str | None = None,
+                 img_size: int | None = None) -> None:
         if is_adapted(backbone):
             raise ConfigError("this backbone already has heartlora adapters: give the bank a fresh backbone")
         self.model = backbone.eval()
@@ -518,6 +522,7 @@ class AdapterBank:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tasks: dict[str, BankTask] = {}
+        self.img_size = img_size
         self._route = _Route()
         self._linears: dict[str, BankLinear] = {}
         self._saved: dict[str, BankModule] = {}
@@ -566,6 +571,7 @@ class AdapterBank:
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
         contents = contents if contents is not None else read_adapter(path)  # a folder bank has read it already
         info = contents[0]  # the file is read once: its metadata and weights cannot come from two versions of it
+        self.check_img_size(path, info)
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
         name = name or trained_task(info) or (path.parent.name if path.stem == "adapter" else path.stem)
         if name in self.tasks:
@@ -650,6 +656,14 @@ class AdapterBank:
                         sum(masks), len(masks), int(info["adapter_bytes"]), resident, info)
         self.tasks[name] = task
         return task
+
+    def check_img_size(self, path: str | os.PathLike, info: dict[str, Any]) -> None:
+        """Refuse adapter file ``path`` (its ``read_adapter_info``) when it was trained at another image size than
+        the bank's ``img_size``."""
+        size = trained_img_size(info)
+        if self.img_size and size and int(size) != int(self.img_size):
+            raise ConfigError(f"{path} was trained at {size} px, and this bank runs {self.img_size} px: serve it from "
+                              "a bank of its own image size")
 
     def remove(self, name: str) -> BankTask:
         """Take task ``name`` out of the bank: its rows are no longer accepted, and its factors and classifier copy
@@ -858,7 +872,7 @@ def bank_from_files(paths: Sequence[str | os.PathLike], device: torch.device | s
         raise ConfigError("the adapters were trained at different image sizes "
                           f"({', '.join(f'{f}: {s}' for f, s in sizes.items())}): serve them from separate banks")
     model, size = backbone_for(files[0], backbone, infos[0])
-    bank = AdapterBank(model, device=device)
+    bank = AdapterBank(model, device=device, img_size=size)
     tasks = [i["run"].get("task") or None for i in infos]
     for f, task in zip(files, tasks):  # two runs of one task: name them by their run folders
         bank.add(f, name=(f.parent.name if f.stem == "adapter" else f.stem) if tasks.count(task) > 1 else None)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from heartlora.bank import AdapterBank, BankTask, backbone_for, trained_img_size
+from heartlora.bank import AdapterBank, BankTask, backbone_for
 from heartlora.errors import AdapterFileError, ConfigError, HeartLoRAError
 from heartlora.method.storage import read_adapter
 
@@ -81,8 +81,8 @@ class FolderBank(AdapterBank):
                               "files (NAME.safetensors or NAME/adapter.safetensors)")
         if cache_mb is not None and not cache_mb > 0:
             raise ConfigError(f"cache_mb must be more than 0 MiB, got {cache_mb}: leave it out to keep every task")
-        super().__init__(backbone, device)
-        self.folder, self.img_size = folder, img_size
+        super().__init__(backbone, device, img_size=img_size)
+        self.folder = folder
         self.cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
         self._lru: OrderedDict[str, tuple[int, int]] = OrderedDict()  # in memory, least recent first: file stamp
         self._refused: dict[str, tuple[tuple[int, int], str]] = {}
@@ -175,10 +175,6 @@ class FolderBank(AdapterBank):
             raise AdapterFileError(f"{path} was trained on another backbone ({info['backbone'].get('name')!r}, "
                                    f"fingerprint {info['fingerprint'][:12]}; this bank's is {mine[:12]}): move it to "
                                    "a folder served on its own backbone")
-        size = trained_img_size(info)
-        if self.img_size and size and int(size) != int(self.img_size):  # refused before its tensors are loaded
-            raise ConfigError(f"{path} was trained at {size} px, and this bank runs {self.img_size} px: "
-                              "serve it from a folder of its own image size")
         task = self._add(path, name, None, check_fingerprint=True, contents=contents)
         self.loads += 1
         return task

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import heartlora
-from heartlora.bank import AdapterBank, trained_img_size, trained_task
+from heartlora.bank import AdapterBank, trained_task
 from heartlora.data.base import ImageTooLargeError
 from heartlora.errors import ConfigError, HeartLoRAError
 from heartlora.method.storage import read_adapter_info
@@ -78,7 +78,8 @@ def _body_schema(field: str, what: str) -> dict[str, Any]:
 def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_ms: float = 5.0,
                admin_token: str | None = None) -> Any:
     """The FastAPI application for ``bank`` (images resized to ``img_size``); ``app.state.batcher`` holds the
-    :class:`~heartlora.serve.Batcher`. ``admin_token`` enables POST and DELETE /adapters."""
+    :class:`~heartlora.serve.Batcher`. ``admin_token`` enables POST and DELETE /adapters. A bank made without an
+    ``img_size`` takes this one: its tasks, and every adapter added later, must have been trained at it."""
     from fastapi import Depends, FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -88,6 +89,13 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
 
     admin_token = check_token(admin_token)
+    if bank.img_size is None:
+        bank.img_size = int(img_size)
+    elif int(bank.img_size) != int(img_size):
+        raise ConfigError(f"the bank runs {bank.img_size} px and the server would resize images to {img_size} px: "
+                          "serve the bank at its img_size")
+    for task in list(bank.tasks.values()):
+        bank.check_img_size(task.path, task.info)
     batcher = Batcher(bank, max_batch, max_wait_ms)
 
     class Failure(Exception):
@@ -277,10 +285,6 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             info = await batcher.run_exclusive(read_adapter_info, Path(tmp))
-            size = trained_img_size(info)
-            if size and int(size) != int(img_size):  # a backbone that interpolates its positions would take it
-                raise Failure(400, f"the adapter was trained at {size} px, and this server runs {img_size} px: serve "
-                                   "it from a server at its size")
             if name is None:  # the task the file was trained on; never the upload's temporary file name
                 name = trained_task(info)
                 if not name:
