@@ -604,3 +604,30 @@ def test_a_loaded_kbit_adapter_saved_again_keeps_its_codes_and_statistics(tmp_pa
     other = hl.load_adapter(make_family("timm_vit")[0], tmp_path / "a.safetensors").half()
     other.load_state_dict(other.state_dict())
     assert hl.attention_layers(other)[1].projections["q"].decoded_stats() is not None
+
+
+def test_an_adapter_is_refused_on_a_backbone_that_normalises_its_images_otherwise(tmp_path: Path) -> None:
+    """mean and std are buffers outside the fingerprint (a Hugging Face copy without its preprocessor_config.json
+    builds ImageNet's pair): the file keeps them and load_adapter compares them."""
+    import heartlora
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return heartlora.create_backbone("vit_tiny_patch16_224", num_classes=3, img_size=32, pretrained=False)
+
+    model = hl.attach(build(), hl.HeartLoRAConfig(rank=2))
+    randomize(model)
+    hl.save_adapter(model, tmp_path / "a.safetensors", extra_metadata={"note": "kept"})
+    extra = hl.read_adapter_info(tmp_path / "a.safetensors")["extra"]
+    assert extra["note"] == "kept" and extra["input_norm"]["mean"] == model.mean.reshape(-1).tolist()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(hl.load_adapter(build(), tmp_path / "a.safetensors")(x), model(x))
+    other = build()
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]  # timm's ViT-Ti normalises with 0.5, 0.5
+    # ImageNet's, as a copy of a Hugging Face folder without its preprocessor_config.json builds it
+    other.mean.copy_(torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+    with pytest.raises(AdapterFileError, match=r"trained on images normalised with mean \[0\.5, 0\.5, 0\.5\] and "
+                                               r"std \[0\.5, 0\.5, 0\.5\], and this backbone normalises with "
+                                               r"mean \[0\.485, 0\.456, 0\.406\] and std"):
+        hl.load_adapter(other, tmp_path / "a.safetensors")
+    assert hl.load_adapter(other, tmp_path / "a.safetensors", check_fingerprint=False).mean.flatten()[2] < 0.41

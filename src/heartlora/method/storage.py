@@ -41,6 +41,9 @@ from heartlora.method.model import (
 log = logging.getLogger(__name__)
 # The engine's run facts (task, class names, seed) inside a file's extra metadata.
 RUN_KEY = "heartlora_run"
+# The mean and std a heartlora backbone normalises its [0, 1] images with: buffers that are not weights, so the
+# fingerprint does not cover them, and a backbone folder without its preprocessor_config.json builds another pair.
+INPUT_NORM_KEY = "input_norm"
 
 FORMAT = "heartlora-adapter"
 # 3: the adapter's values may be stored at float16 or bfloat16 (the metadata's ``dtype``; written only then, so a
@@ -92,6 +95,37 @@ class AdapterReport:
 def _backbone_spec(model: nn.Module) -> dict[str, Any]:
     spec = getattr(getattr(model, "module", model), "spec", None)
     return dict(spec) if isinstance(spec, dict) else {"name": type(getattr(model, "module", model)).__name__}
+
+
+def _input_norm(model: nn.Module) -> dict[str, list[float]] | None:
+    """The model's input normalisation (its own ``mean`` and ``std`` buffers, as a heartlora ImageClassifier holds
+    them), or None for a model that normalises nothing itself (a transformers model: its image processor does)."""
+    buffers = dict(getattr(model, "module", model).named_buffers(recurse=False))
+    if not all(isinstance(buffers.get(k), torch.Tensor) for k in ("mean", "std")):
+        return None
+    return {k: buffers[k].detach().float().cpu().reshape(-1).tolist() for k in ("mean", "std")}
+
+
+def _norm_text(norm: dict[str, Any] | None) -> str:
+    return " and std ".join(str([round(float(v), 4) for v in (norm or {}).get(k, [])]) for k in ("mean", "std"))
+
+
+def _check_input_norm(meta: dict[str, Any], backbone: nn.Module, path: Any) -> None:
+    """A file saved with its backbone's normalisation is refused on a backbone that normalises otherwise."""
+    saved = (meta.get("extra") or {}).get(INPUT_NORM_KEY)
+    buffers = dict(getattr(backbone, "module", backbone).named_buffers(recurse=False))
+    if saved is None or _input_norm(backbone) is None:  # a file saved before the check records none
+        return
+    for k in ("mean", "std"):
+        try:
+            want = torch.tensor(saved[k], dtype=torch.float32).to(buffers[k].dtype)  # a .half() model: its rounding
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise _corrupt(path, f"its {INPUT_NORM_KEY} is not a mean and std of numbers") from None
+        if want.numel() != buffers[k].numel() or not torch.equal(want, buffers[k].detach().cpu().reshape(-1)):
+            raise AdapterFileError(
+                f"{path} was trained on images normalised with mean {_norm_text(saved)}, and this backbone normalises "
+                f"with mean {_norm_text(_input_norm(backbone))}: build the backbone as it was trained (a Hugging "
+                "Face folder with its preprocessor_config.json), or pass check_fingerprint=False")
 
 
 def _matrix_entries(proj: HeadLoRAProjection) -> dict[str, torch.Tensor]:
@@ -213,7 +247,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike,
         "shapes": shapes,
         "adapter_bytes": adapter_bytes,
         "payload_sha256": _payload_hash(tensors),
-        "extra": extra_metadata or {},
+        "extra": {**(extra_metadata or {}), **({INPUT_NORM_KEY: norm} if (norm := _input_norm(model)) else {})},
         **({} if dtype_name == "float32" else {"dtype": dtype_name}),
     }
     diverged = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -597,6 +631,7 @@ def load_adapter(backbone: nn.Module | str | os.PathLike, path: str | os.PathLik
                 f"{path} was trained on a backbone with other weights or shapes (fingerprint "
                 f"{meta['fingerprint'][:12]}, this one {fp[:12]}): load the same pretrained backbone "
                 f"({want['name']!r}, same img_size and num_classes), or pass check_fingerprint=False{random}")
+        _check_input_norm(meta, backbone, path)
     elif isinstance(spec, dict) and spec.get("name") != want["name"]:
         # Without the fingerprint the name is all there is to go on (with it, equal weights may come by any name).
         raise AdapterFileError(f"{path} was trained on backbone {want['name']!r}, not {spec.get('name')!r}: "
