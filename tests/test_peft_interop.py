@@ -93,8 +93,9 @@ def test_export_loads_in_peft_with_equal_logits(hf_dir, tmp_path, bits):
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=RTOL)
 
 
-def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alpha=5, classes=5):
-    """A PEFT LoRA adapter with random (trained-looking) weights on the transformers classifier, saved."""
+def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alpha=5, classes=5, **settings):
+    """A PEFT LoRA adapter with random (trained-looking) weights on the transformers classifier, saved. ``settings``:
+    other LoraConfig fields (or these: target_modules, modules_to_save)."""
     torch.manual_seed(4)
     hl_plain = _hl(path, FAMILIES[family][0])
     base = {k: v.clone() for k, v in hl_plain.backbone.state_dict().items()}
@@ -102,8 +103,8 @@ def _peft_adapter(family, path, tmp_path, targets=("q", "k", "v", "o"), r=3, alp
     names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
     wanted = [n for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." in n
               and n.rsplit(".", 1)[-1] in {names[t] for t in targets}]
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=wanted,
-                                                 modules_to_save=["classifier"]))
+    settings = {"target_modules": wanted, "modules_to_save": ["classifier"], **settings}
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=alpha, **settings))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -340,3 +341,214 @@ def test_cli_export_and_prune(hf_dir, tmp_path, capsys, monkeypatch):
     text = " ".join(capsys.readouterr().out.split())
     assert f"1 of {total}; with the 2 off in the PEFT folder (all-zero rows), 3 off, {total - 3} on" in text
     assert sum(not on for layer in hl.read_adapter_info(out)["layers"] for on in layer["head_mask"]) == 3
+
+
+def _pool(family):
+    return "cls" if family == "vit" else "cls+mean"
+
+
+# where each family's transformer blocks are (transformers 5), and the name PEFT's layers_pattern matches
+BLOCKS = {"vit": ("layers", "layers"), "dinov2": ("encoder.layer", "layer")}
+
+
+def _attention(family, i, proj):
+    return f"{family}.{BLOCKS[family][0]}.{i}.attention.{proj}"
+
+
+def _edit(folder, tensors=None, config=None):
+    """Rewrite a PEFT folder: ``tensors(dict)`` edits the weights in place, ``config(dict)`` the JSON config."""
+    from safetensors.torch import load_file, save_file
+
+    if tensors:
+        t = load_file(folder / "adapter_model.safetensors")
+        tensors(t)
+        save_file(t, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    if config:
+        doc = json.loads((folder / "adapter_config.json").read_text())
+        config(doc)
+        (folder / "adapter_config.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("case", ["rslora+rank_pattern", "layers_to_transform", "dropout", "regex",
+                                  "target_parameters", "gaussian", "exclude_modules"])
+def test_import_converts_the_lora_settings_it_represents(hf_dir, tmp_path, case):
+    # The allowlist of LoraConfig fields keeps these: each gives PEFT's logits.
+    family, path, size = hf_dir
+    settings = {"rslora+rank_pattern": {"use_rslora": True, "rank_pattern": {_attention(family, 0, "q_proj"): 2,
+                                                                             _attention(family, 1, "v_proj"): 5}},
+                "layers_to_transform": {"layers_to_transform": [1], "layers_pattern": BLOCKS[family][1],
+                                        "target_modules": ["q_proj", "v_proj"]},
+                "dropout": {"lora_dropout": 0.3},
+                "regex": {"target_modules": r".*attention\.(q_proj|v_proj)"},
+                "target_parameters": {"target_modules": ["q_proj"],
+                                      "target_parameters": [_attention(family, 1, "v_proj") + ".weight"]},
+                "gaussian": {"init_lora_weights": "gaussian"},
+                "exclude_modules": {"target_modules": ["q_proj", "v_proj"],
+                                    "exclude_modules": [_attention(family, 0, "v_proj")]}}[case]
+    pm, folder = _peft_adapter(family, path, tmp_path, **settings)
+    model = import_peft(folder, _hl(path, size, _pool(family))).eval()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_import_refuses_saved_modules_other_than_the_classifier(hf_dir, tmp_path):
+    # Defect: every saved module but the classifier was dropped (the base model's layernorm kept): other logits.
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path, modules_to_save=["classifier", "layernorm"])
+    with pytest.raises(ConfigError, match=r"modules_to_save saves 'layernorm'.*modules_to_save=\['classifier'\]"):
+        import_peft(folder, _hl(path, size, _pool(family)))
+    _edit(folder, config=lambda c: c.update(modules_to_save=["classifier"]))  # the tensors alone say it too
+    with pytest.raises(ConfigError, match=rf"it saves {family}\.layernorm \(base_model\.model\.{family}\.layernorm\."):
+        import_peft(folder, _hl(path, size, _pool(family)))
+    # PEFT's SEQ_CLS model adds "score" beside "classifier" by itself; nothing is saved for it in an image classifier
+    _, plain = _peft_adapter(family, path, tmp_path / "plain")
+    _edit(plain, config=lambda c: c.update(modules_to_save=["classifier", "score"], task_type="SEQ_CLS"))
+    import_peft(plain, _hl(path, size, _pool(family)))
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "lora_ga", "loftq", "mica"])
+def test_import_refuses_inits_that_are_not_plain_lora(hf_dir, tmp_path, init):
+    # Defect: PiSSA, OLoRA, CorDA rewrite the base weights in PEFT; heartlora added the LoRA to the original ones.
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+    loftq = {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}} if init == "loftq" else {}
+    _edit(folder, config=lambda c: c.update(init_lora_weights=init, **loftq))
+    what = "path_initial_model_for_weight_conversion" if init in ("pissa", "pissa_niter_4", "olora", "corda",
+                                                                  "lora_ga") else "init_lora_weights=True"
+    with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'.*{what}"):
+        import_peft(folder, _hl(path, size, _pool(family)))
+
+
+def test_import_refuses_a_real_pissa_adapter_whose_logits_it_would_miss(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path, targets=("q", "v"), init_lora_weights="pissa")
+    with pytest.raises(ConfigError, match="init_lora_weights='pissa' makes PEFT rewrite the base weights"):
+        import_peft(folder, _hl(path, size, _pool(family)))
+
+
+@pytest.mark.parametrize(("field", "value"), [("layer_replication", [[0, 1], [0, 1]]),
+                                              ("trainable_token_indices", [0, 1]), ("use_qalora", True),
+                                              ("ensure_weight_tying", True), ("from_a_newer_peft", {"x": 1})])
+def test_import_refuses_settings_it_does_not_convert(hf_dir, tmp_path, field, value):
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+    _edit(folder, config=lambda c: c.update({field: value}))
+    with pytest.raises(ConfigError, match=f"it sets {field}="):
+        import_peft(folder, _hl(path, size, _pool(family)))
+
+
+def test_import_never_downloads_the_base_model_a_folder_names(hf_dir, tmp_path, monkeypatch):
+    import heartlora.backbones
+
+    family, path, size = hf_dir
+    pm, folder = _peft_adapter(family, path, tmp_path)
+    _edit(folder, config=lambda c: c.update(base_model_name_or_path="some-user/some-vit"))
+    real = heartlora.backbones.create_hf
+
+    def offline(*args, **kwargs):
+        raise AssertionError("heartlora tried to build a hub backbone a PEFT folder named")
+    monkeypatch.setattr(heartlora.backbones, "create_hf", offline)
+    with pytest.raises(UnsupportedBackboneError, match="'hf:some-user/some-vit', which would be downloaded.*--backb"):
+        import_peft(folder, img_size=size)
+    monkeypatch.setattr(heartlora.backbones, "create_hf", real)
+    model = import_peft(folder, backbone=f"hf:{path}", img_size=size).eval()  # the user's choice is built
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("damage", ["bias (1,)", "bias missing", "q_proj (3,1) (1,3)", "B transposed",
+                                    "classifier weight 1-d"])
+def test_import_refuses_tensors_of_the_wrong_shape(hf_dir, tmp_path, damage):
+    # Defect: shapes were only checked against each other, so a (1,) bias or (3, 1) @ (1, 3) factors broadcast, and
+    # a missing bias left the head's random one.
+    from heartlora.errors import AdapterFileError
+
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+    q = f"base_model.model.{_attention(family, 0, 'q_proj')}.lora_"
+    bias = "base_model.model.classifier.bias"
+    edit, message = {
+        "bias (1,)": (lambda t: t.update({bias: t[bias][:1].clone()}), rf"{bias} has shape \(1,\).*expected \(5,\)"),
+        "bias missing": (lambda t: t.pop(bias), rf"{bias} is missing, expected shape \(5,\)"),
+        "q_proj (3,1) (1,3)": (lambda t: t.update({q + "A.weight": t[q + "A.weight"][:, :1].clone(),
+                                                   q + "B.weight": t[q + "B.weight"][:1].clone()}),
+                               rf"{q}A.weight has shape \(3, 1\), expected \(3, 32\)"),
+        "B transposed": (lambda t: t.update({q + "B.weight": torch.zeros(3, 32)}),
+                         rf"{q}B.weight has shape \(3, 32\), expected \(32, 3\)"),
+        "classifier weight 1-d": (lambda t: t.update({"base_model.model.classifier.weight": torch.zeros(5)}),
+                                  r"classifier.weight has shape \(5,\)"),
+    }[damage]
+    _edit(folder, tensors=edit)
+    with pytest.raises(AdapterFileError, match=message):
+        import_peft(folder, _hl(path, size, _pool(family)))
+
+
+def test_import_names_a_conv_target_as_outside_attention(hf_dir, tmp_path):
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path, target_modules=["q_proj", "projection"])
+    with pytest.raises(ConfigError, match="patch_embeddings.projection, which is not an attention projection"):
+        import_peft(folder, _hl(path, size, _pool(family)))
+
+
+def test_export_writes_every_saved_module_for_peft(hf_dir, tmp_path):
+    # Defect: only the head was written (as "classifier"); a saved layernorm was dropped, PEFT gave other logits.
+    family, path, size = hf_dir
+    model = _hl(path, size, _pool(family))
+    base = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, modules_to_save=("head", "backbone.layernorm")))
+    _randomise(model)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for p in model.backbone.layernorm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    hl.save_adapter(model, tmp_path / "a.safetensors")
+    export_peft(tmp_path / "a.safetensors", tmp_path / "peft")  # from the file, as `heartlora export` does
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier", f"{family}.layernorm"]
+    pm = peft.PeftModel.from_pretrained(_hf_classifier(family, path, base), tmp_path / "peft").eval()
+    x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(pixel_values=_normalised(model, x)).logits, model.eval()(x), atol=ATOL,
+                                   rtol=RTOL)
+
+    # A saved module holding LoRA layers has no exact PEFT form: refused, nothing written.
+    held = _hl(path, size, _pool(family))
+    layer = "backbone." + _attention(family, 0, "q_proj").split(".", 1)[1].rsplit(".", 1)[0]
+    hl.attach(held, hl.HeartLoRAConfig(targets=("q", "v"), rank=2, modules_to_save=("head", layer)))
+    with pytest.raises(UnsupportedBackboneError, match=f"modules_to_save '{layer}'.*holds the LoRA of {layer}"):
+        export_peft(held, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_export_replaces_links_and_writes_the_pair_together(hf_dir, tmp_path, monkeypatch):
+    # Defect: adapter_config.json was opened with "w", so a link there had its target overwritten, and it was
+    # written after the weights had been replaced.
+    family, path, size = hf_dir
+
+    def adapted(scale, seed):
+        model = _hl(path, size)
+        hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4, scale=scale))
+        _randomise(model, seed)
+        return model
+
+    export_peft(adapted(4.0, 2), tmp_path / "a")
+    kept = {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()}
+    (tmp_path / "b").mkdir()
+    for name in kept:
+        (tmp_path / "b" / name).symlink_to(tmp_path / "a" / name)
+    export_peft(adapted(0.5, 3), tmp_path / "b")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == kept  # the links' targets are untouched
+    assert not any(f.is_symlink() for f in (tmp_path / "b").iterdir())
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["lora_alpha"] == 2.0
+    assert peft.PeftConfig.from_pretrained(tmp_path / "b").lora_alpha == 2.0
+
+    # A failure while writing the config leaves both old files (not new weights beside an old config).
+    def fail(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(peft.LoraConfig, "to_dict", fail)
+    with pytest.raises(OSError):
+        export_peft(adapted(1.0, 4), tmp_path / "a")
+    assert sorted(f.name for f in (tmp_path / "a").iterdir()) == sorted(kept)  # no temporary file left
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == kept

@@ -10,11 +10,13 @@ The conversion is exact: PEFT's ``lora_B`` (out × r) holds an adapted q, k or v
 head switched off is a block of zero rows; for o it is a block of zero columns of ``lora_A``. k-bit adapters are
 written as the decoded float values the forward uses. Reading goes the other way: every LoRA pair becomes one
 heartlora projection, PEFT's per-module scaling folded into B where it differs from the common one, smaller ranks
-padded with zeros.
+padded with zeros; what it cannot convert exactly (another saved module, an init that rewrites the base weights, a
+LoraConfig field it does not know, a tensor of another shape than the model's) is refused in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from heartlora._paths import atomic_path
-from heartlora.backbones import create_backbone, list_backbones
+from heartlora.backbones import create_backbone, list_backbones, refuse_download
 from heartlora.backbones.hf_family import HFClassifier
 from heartlora.data import get_task
 from heartlora.engine import load_trained
@@ -152,14 +154,41 @@ def export_peft(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLik
         w = torch.cat([w, torch.zeros_like(w)], dim=1)
     tensors[f"{PREFIX}classifier.weight"] = w.contiguous()
     tensors[f"{PREFIX}classifier.bias"] = bias.contiguous()
+    saved = _saved_modules(model, root, prefix)
+    for name, module in saved.items():
+        tensors.update(_module_tensors(name, module))
     spec = root.spec
     # The heartlora entry lets `heartlora prune` rebuild the same backbone.
-    out = _write_peft(out_dir, model, tensors, targets, ["classifier"], spec["name"].removeprefix("hf:"),
+    out = _write_peft(out_dir, model, tensors, targets, ["classifier", *saved], spec["name"].removeprefix("hf:"),
                       {"heartlora_backbone": json.dumps(spec)})
     masks = head_masks(model)
     lora_bytes = sum(t.numel() * 4 for k, t in tensors.items() if ".lora_" in k)
     return PeftExport(str(out), cls_name, lora_bytes, sum(sum(m) for m in masks.values()),
                       sum(len(m) for m in masks.values()))
+
+
+def _saved_modules(model: nn.Module, root: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """heartlora's saved modules other than the head (which becomes ``classifier``), under their names in the
+    transformers classifier (``backbone.X`` → ``<prefix>.X``). Refuses, in one line, one that a PEFT saved module
+    cannot hold exactly: outside the backbone, or holding (or inside) an adapted projection."""
+    adapted = [n for n, m in root.named_modules() if isinstance(m, HeadLoRALinear)]
+    saved = {}
+    for name in attach_state(model).modules_to_save:
+        if name == "head":
+            continue
+        lora = next((a for a in adapted if a == name or a.startswith(name + ".") or name.startswith(a + ".")), None)
+        if not name.startswith("backbone.") or lora:
+            why = f"it holds the LoRA of {lora}" if lora else "the transformers classifier has no such module"
+            raise UnsupportedBackboneError(f"modules_to_save {name!r} cannot be written as a PEFT saved module ({why})"
+                                           ": keep the heartlora adapter file, or train without saving it")
+        saved[prefix + name[len("backbone"):]] = root.get_submodule(name)
+    return saved
+
+
+def _module_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A saved module's state as PEFT stores it (``base_model.model.<name>.<key>``), floats as float32."""
+    return {f"{PREFIX}{name}.{k}": (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+            for k, v in module.state_dict().items()}
 
 
 def _lora_entries(root: nn.Module, rename: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -184,17 +213,20 @@ def _lora_entries(root: nn.Module, rename: Any) -> tuple[dict[str, torch.Tensor]
 
 def _write_peft(out_dir: str | os.PathLike, model: nn.Module, tensors: dict[str, torch.Tensor], targets: list[str],
                 modules_to_save: list[str], base_ref: str | None, metadata: dict[str, str]) -> Path:
-    """Write adapter_model.safetensors (atomically) and adapter_config.json into ``out_dir``."""
+    """Write adapter_model.safetensors and adapter_config.json into ``out_dir``: both to temporary files first, then
+    each renamed into place, so a failed write leaves the old pair, and a link in the folder is replaced, never
+    written through. The config is PEFT's own JSON (``LoraConfig.save_pretrained``'s)."""
     peft = _need_peft()
     cfg = adapter_config(model)
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.scale * cfg.rank, lora_dropout=cfg.dropout,
                            target_modules=sorted(targets), modules_to_save=list(modules_to_save), bias="none",
                            base_model_name_or_path=base_ref, inference_mode=True)
+    config = {k: sorted(v, key=str) if isinstance(v, set) else v for k, v in lora.to_dict().items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})  # PEFT reads "format"
-    lora.save_pretrained(str(out))
+    with atomic_path(out / WEIGHTS_NAME) as weights_tmp, atomic_path(out / CONFIG_NAME) as config_tmp:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt", **metadata})  # PEFT reads "format"
+        config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     return out
 
 
@@ -205,10 +237,8 @@ def export_peft_transformers(model: nn.Module, out_dir: str | os.PathLike) -> Pa
     root = getattr(model, "module", model)
     tensors, targets = _lora_entries(root, lambda name: name)
     saved = list(attach_state(model).modules_to_save)
-    modules = dict(root.named_modules())
     for name in saved:
-        for k, v in modules[name].state_dict().items():
-            tensors[f"{PREFIX}{name}.{k}"] = v.detach().float().cpu().contiguous()
+        tensors.update(_module_tensors(name, root.get_submodule(name)))
     base_ref = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     return _write_peft(out_dir, model, tensors, targets, saved, base_ref, {})
 
@@ -225,7 +255,7 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
         raise AdapterFileError(f"{d} has no {CONFIG_NAME}: name a folder written by PEFT's save_pretrained")
     if not (d / WEIGHTS_NAME).is_file():
         raise AdapterFileError(f"{d} has no {WEIGHTS_NAME}: save the PEFT adapter with safe_serialization=True")
-    cfg = _read_config(peft, d)
+    cfg, raw = _read_config(peft, d)
     why = None
     if str(getattr(cfg, "peft_type", "")).rsplit(".", 1)[-1] != "LORA":
         why = f"it is a {cfg.peft_type} adapter, not LoRA"
@@ -237,6 +267,8 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
         why = "it is for Conv1D (fan_in_fan_out) layers"
     elif getattr(cfg, "alpha_pattern", None):
         why = "it sets lora_alpha per module (alpha_pattern)"
+    else:
+        why = _unconverted_setting(cfg, raw, peft.__version__)
     if why:
         raise ConfigError(f"{d}: heartlora cannot convert this adapter exactly: {why}")
     try:
@@ -253,6 +285,64 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[Any, dict[str, torch.Tensor]
     return cfg, tensors, meta
 
 
+# LoraConfig fields whose every value heartlora converts exactly (those with a rule of their own are checked in
+# _unconverted_setting): the LoRA arithmetic (r, lora_alpha, rsLoRA, ranks per module), which modules carry it (the
+# tensors say it too), dropout (off in inference), facts about the folder. Every other field must keep LoraConfig's
+# default: a setting heartlora does not know (layer_replication, trainable_token_indices, a newer PEFT's) may change
+# what PEFT computes.
+CONVERTED_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                    "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
+                    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "target_parameters",
+                    "runtime_config", "init_lora_weights", "eva_config", "modules_to_save"}
+# Defaults, other than None / False / empty, of fields newer than the oldest peft heartlora supports: a folder that
+# a newer PEFT wrote holds them, and an older peft does not know them.
+LATER_DEFAULTS = {"qalora_group_size": 16}
+# init_lora_weights values that only choose the starting A and B (EVA: from activations; the base weights stay).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Inits that rewrite the base weights, which PEFT's save_pretrained can turn into a LoRA on the original weights.
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
+# The saved modules heartlora imports: the classifier, by the transformers name or heartlora's. (PEFT's model for
+# task_type SEQ_CLS adds "score" too, which an image classifier does not have: nothing is saved for it.)
+CLASSIFIERS = ("classifier", "head")
+
+
+def _unconverted_setting(cfg: Any, raw: dict[str, Any], version: str) -> str | None:
+    """Why a LoRA config holds a setting heartlora cannot convert exactly (with what to do), or None."""
+    init = getattr(cfg, "init_lora_weights", True)
+    if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
+        if isinstance(init, str) and init.startswith(CONVERTIBLE_INITS):
+            return (f"init_lora_weights={init!r} makes PEFT rewrite the base weights, heartlora adds LoRA to the "
+                    "original ones: save it with PEFT's save_pretrained(DIR, "
+                    "path_initial_model_for_weight_conversion=INIT_DIR), a plain LoRA, and import that")
+        return (f"init_lora_weights={_shown(init)} is not an initialisation heartlora converts (LoftQ rewrites the "
+                "base weights): import an adapter trained with init_lora_weights=True")
+    seq_cls = str(getattr(cfg, "task_type", "")).rsplit(".", 1)[-1] == "SEQ_CLS"
+    for entry in getattr(cfg, "modules_to_save", None) or ():
+        if entry not in CLASSIFIERS and not (entry == "score" and seq_cls):
+            return (f"modules_to_save saves {entry!r}, and heartlora imports the classifier only: train and save "
+                    "the adapter with modules_to_save=['classifier']")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, f in fields.items():
+        if name in CONVERTED_FIELDS:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, name, default)
+        if value != default:
+            return (f"it sets {name}={_shown(value)} (default {_shown(default)}), which heartlora does not "
+                    f"convert: train the adapter without {name}")
+    unknown = [k for k, v in raw.items() if k not in fields and v not in (None, False, [], {}, "")
+               and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])]
+    if unknown:
+        return (f"it sets {unknown[0]}={_shown(raw[unknown[0]])}, which the installed peft {version} does not "
+                "know (a newer PEFT wrote it): upgrade peft, or save the adapter with this one")
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # What a PEFT folder cannot prove about itself: it carries no checksum, so a value changed to another legal value
 # (lora_alpha doubled, a weight edited to another finite number) reads as that value. prune names these.
 UNCHECKED = "lora_alpha, lora_dropout and the values of the weights (a PEFT folder carries no checksum)"
@@ -263,9 +353,9 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0][:100] if text else type(exc).__name__)
 
 
-def _read_config(peft: Any, d: Path) -> Any:
-    """adapter_config.json as PEFT reads it, with its numbers checked (r, lora_alpha, lora_dropout): one line for
-    a file that is not JSON, not a PEFT config, or holds a value no LoRA adapter has."""
+def _read_config(peft: Any, d: Path) -> tuple[Any, dict[str, Any]]:
+    """adapter_config.json as PEFT reads it, with its numbers checked (r, lora_alpha, lora_dropout), and as JSON:
+    one line for a file that is not JSON, not a PEFT config, or holds a value no LoRA adapter has."""
     path = d / CONFIG_NAME
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -287,12 +377,13 @@ def _read_config(peft: Any, d: Path) -> Any:
         raise AdapterFileError(f"{path}: r {r!r}, lora_alpha {alpha!r} or lora_dropout {dropout!r} is not a LoRA "
                                f"setting (r from 1 to {MAX_RANK}, lora_alpha a finite number > 0, lora_dropout in "
                                "[0, 1)): the folder is damaged")
-    return cfg
+    return cfg, raw
 
 
 def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                                   dict[str, torch.Tensor]]:
-    """{module name: (A, B)} and the other (saved-module) tensors, names without PEFT's prefix."""
+    """{module name: (A, B)} and the other (saved-module) tensors, names without PEFT's prefix. The factors' shapes
+    are checked against the model's projections later (:func:`_check_factors`)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -312,20 +403,71 @@ def _pairs(tensors: dict[str, torch.Tensor], where: Any) -> tuple[dict[str, tupl
         raise AdapterFileError(f"{where}: {broken[0]} has only one LoRA factor; the folder is damaged")
     for n, p in pairs.items():
         a, b = p["lora_A"], p["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
-            raise AdapterFileError(f"{where}: the LoRA factors of {n} do not fit each other (A {tuple(a.shape)}, "
-                                   f"B {tuple(b.shape)}); the folder is damaged")
+        if not a.is_floating_point() or not b.is_floating_point():
+            raise AdapterFileError(f"{where}: the LoRA factors of {n} are {a.dtype} and {b.dtype}, not floating "
+                                   "point; the folder is damaged")
     return {n: (p["lora_A"].float(), p["lora_B"].float()) for n, p in pairs.items()}, rest
 
 
-def _classifier(rest: dict[str, torch.Tensor], where: Any) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """The saved classifier (modules_to_save): its root name (``classifier`` or heartlora's ``head``) and tensors."""
-    for name in ("classifier", "head"):
+def _key(tensors: dict[str, torch.Tensor], name: str) -> str:
+    """The file's key of a tensor named without PEFT's prefix."""
+    return name if name in tensors and PREFIX + name not in tensors else PREFIX + name
+
+
+def _classifier(rest: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                where: Any) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """The saved classifier (modules_to_save): its root name (``classifier`` or heartlora's ``head``) and tensors.
+    Refuses, in one line, any other saved tensor: heartlora would leave that module as the base model has it."""
+    for name in CLASSIFIERS:
         w = rest.get(f"{name}.weight")
-        if w is not None and w.dim() == 2:
-            return name, w.float(), rest.get(f"{name}.bias")
+        if w is None:
+            continue
+        if w.dim() != 2 or not w.is_floating_point():
+            raise AdapterFileError(f"{where}: tensor {_key(tensors, name + '.weight')} has shape {tuple(w.shape)} "
+                                   f"({w.dtype}), expected (classes, features) floats; the folder is damaged")
+        extra = sorted(k for k in rest if k not in (f"{name}.weight", f"{name}.bias"))
+        if extra:
+            raise ConfigError(f"{where}: it saves {extra[0].rsplit('.', 1)[0]} ({_key(tensors, extra[0])}), and "
+                              "heartlora imports LoRA and the classifier only: train and save the adapter with "
+                              "modules_to_save=['classifier']")
+        return name, w.float(), rest.get(f"{name}.bias")
     raise ConfigError(f"{where} stores no classifier (modules_to_save=['classifier']): heartlora needs the trained "
                       "classifier to score heads; save the adapter with its classifier")
+
+
+def _check_factors(where: Any, tensors: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor,
+                   linear: nn.Module, r: int) -> None:
+    """A must be (rank, in_features) and B (out_features, rank) of the projection: PEFT would refuse other shapes,
+    and a broadcast would hide them."""
+    if a.dim() == 2 and 1 <= a.shape[0] <= MAX_RANK:
+        r = a.shape[0]
+    for factor, t, shape in (("lora_A", a, (r, linear.in_features)), ("lora_B", b, (linear.out_features, r))):
+        if tuple(t.shape) != shape:
+            raise AdapterFileError(f"{where}: tensor {_key(tensors, f'{name}.{factor}.weight')} has shape "
+                                   f"{tuple(t.shape)}, expected {shape} for a rank-{r} LoRA on this "
+                                   f"{linear.in_features}→{linear.out_features} projection: the folder is damaged or "
+                                   "for another backbone")
+
+
+def _check_classifier(where: Any, tensors: dict[str, torch.Tensor], name: str, w: torch.Tensor,
+                      b: torch.Tensor | None, head: nn.Module) -> None:
+    """The classifier's weight must be the model head's shape, its bias (classes,) and present when the head has
+    one (a missing bias would leave the head's random one)."""
+    key_w, key_b = _key(tensors, f"{name}.weight"), _key(tensors, f"{name}.bias")
+    if tuple(w.shape) != tuple(head.weight.shape):
+        raise ConfigError(f"{where}: tensor {key_w} has shape {tuple(w.shape)}, this model's head "
+                          f"{tuple(head.weight.shape)}: build the backbone with the adapter's number of classes and "
+                          "pool")
+    shape = (head.weight.shape[0],)
+    if b is None and head.bias is not None:
+        raise AdapterFileError(f"{where}: tensor {key_b} is missing, expected shape {shape} (the classifier's bias); "
+                               "the folder is damaged: save the adapter again")
+    if b is not None and head.bias is None:
+        raise ConfigError(f"{where}: tensor {key_b} is a bias, and this model's head has none: build the backbone "
+                          "with create_backbone")
+    if b is not None and (tuple(b.shape) != shape or not b.is_floating_point()):
+        raise AdapterFileError(f"{where}: tensor {key_b} has shape {tuple(b.shape)} ({b.dtype}), expected {shape} "
+                               "floats; the folder is damaged")
 
 
 def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, backbone: str | None = None,
@@ -333,19 +475,16 @@ def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, 
     """A heartlora-adapted classifier with the PEFT LoRA adapter of ``peft_dir`` (same logits as PEFT's model).
 
     ``model``: a heartlora ``ImageClassifier`` without adapters (built from ``backbone``, default the folder's
-    ``base_model_name_or_path``, when None). The folder may be for the transformers image classifier (``vit.…``,
-    ``dinov2.…``, ``classifier``) or for heartlora's own classifier (``backbone.…``, ``head``). Heads whose
-    adapter weights are zero in every projection of their layer (a pruned export) are switched off."""
+    ``base_model_name_or_path``, when None; a backbone the folder names is never downloaded). The folder may be for
+    the transformers image classifier (``vit.…``, ``dinov2.…``, ``classifier``) or for heartlora's own classifier
+    (``backbone.…``, ``head``). Heads whose adapter weights are zero in every projection of their layer (a pruned
+    export) are switched off. Refused in one line: anything saved besides LoRA on attention and the classifier, and
+    tensors whose shapes are not the model's."""
     cfg, tensors, meta = read_peft(peft_dir)
     pairs, rest = _pairs(tensors, peft_dir)
     if not pairs:
         raise ConfigError(f"{peft_dir} has no LoRA factors")
-    ranks = {a.shape[0] for a, _ in pairs.values()}
-    if not getattr(cfg, "rank_pattern", None) and ranks != {cfg.r}:
-        shown = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
-        raise AdapterFileError(f"{peft_dir}: its LoRA factors have rank {shown}, its {CONFIG_NAME} says r={cfg.r}; "
-                               "the folder is damaged")
-    head_name, head_w, head_b = _classifier(rest, peft_dir)
+    head_name, head_w, head_b = _classifier(rest, tensors, peft_dir)
     if model is None:
         model = _build_backbone(cfg, meta, backbone, img_size, head_w, peft_dir)
     root = getattr(model, "module", model)
@@ -354,28 +493,34 @@ def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, 
     if root.pool == "cls" and head_w.shape[1] == 2 * root.num_features and prefix != "backbone":
         raise ConfigError(f"{peft_dir}: its classifier reads 2×{root.num_features} features (class token and mean "
                           "patch token): build the backbone with pool='cls+mean'")
-    names = {n for n, _ in root.named_modules()}
-    mapped: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    modules = dict(root.named_modules())
+    found: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
     for name, (a, b) in pairs.items():
         if not name.startswith(prefix + "."):
             raise ConfigError(f"{peft_dir}: LoRA on {name}, outside the {prefix!r} model this backbone provides")
         hl_name = "backbone" + name[len(prefix):]
-        if hl_name not in names:
+        if hl_name not in modules:
             raise ConfigError(f"{peft_dir}: LoRA on {name}, which this backbone does not have: use the backbone the "
                               "adapter was trained on")
-        mapped[hl_name] = (a, b, _scaling(cfg, a.shape[0]))
+        found[hl_name] = (name, a, b)
+    targets = _targets(model, set(found), peft_dir)
+    for hl_name, (name, a, b) in found.items():
+        _check_factors(peft_dir, tensors, name, a, b, modules[hl_name], cfg.r)
+    ranks = {a.shape[0] for _, a, _ in found.values()}
+    if not getattr(cfg, "rank_pattern", None) and ranks != {cfg.r}:
+        shown = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
+        raise AdapterFileError(f"{peft_dir}: its LoRA factors have rank {shown}, its {CONFIG_NAME} says r={cfg.r}; "
+                               "the folder is damaged")
+    _check_classifier(peft_dir, tensors, head_name, head_w, head_b, root.head)
+    mapped = {hl_name: (a, b, _scaling(cfg, a.shape[0])) for hl_name, (_, a, b) in found.items()}
     scalings = {s for _, _, s in mapped.values()}
     scale = scalings.pop() if len(scalings) == 1 else 1.0
     rank = max(a.shape[0] for a, _, _ in mapped.values())
-    model = attach(model, HeartLoRAConfig(targets=_targets(model, set(mapped), peft_dir), rank=rank, scale=scale,
+    model = attach(model, HeartLoRAConfig(targets=targets, rank=rank, scale=scale,
                                           dropout=float(getattr(cfg, "lora_dropout", 0.0) or 0.0)))
     _fill(model, mapped, scale, rank)
     with torch.no_grad():
-        w = root.head.weight
-        if w.shape[1] != head_w.shape[1] or w.shape[0] != head_w.shape[0]:
-            raise ConfigError(f"{peft_dir}: its classifier is {tuple(head_w.shape)}, this model's head "
-                              f"{tuple(w.shape)}: build the backbone with the adapter's number of classes and pool")
-        w.copy_(head_w)
+        root.head.weight.copy_(head_w)
         if head_b is not None:
             root.head.bias.copy_(head_b.float())
     if switch_off_zero_heads:
@@ -452,6 +597,8 @@ def _build_backbone(cfg: Any, meta: dict[str, str], backbone: str | None, img_si
     shortcuts = {n for n, _ in list_backbones()}
     if backbone is None and name not in shortcuts and not name.startswith("hf:") and not Path(name).is_dir():
         name = f"hf:{name}"  # a hub id, as PEFT records it
+    if backbone is None:  # a folder never makes heartlora reach the network; the user's --backbone may
+        refuse_download(name, True, str(where))
     spec.update(name=name, num_classes=int(head_w.shape[0]))
     if img_size:
         spec["img_size"] = int(img_size)
