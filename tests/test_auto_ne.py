@@ -106,6 +106,40 @@ def test_refinement_is_skipped_when_the_halfway_share_adds_no_head() -> None:
     assert wide.ne == (1 if wide.candidates[2]["passes"] else 0)
 
 
+def test_layer_scope_reports_the_count_each_layer_really_lost() -> None:
+    """Swin's layers of 2 and 4 heads at scope layer: a share takes floor(share x each layer's own heads), so ne is
+    one count only where every layer lost that many (else None, the share saying what was done), never the count of
+    the largest layer; score_and_prune reports the same."""
+    from heartlora.integrations.peft import score_and_prune
+
+    model, x = make_family("timm_swin")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
+    sizes = [layer.num_heads for layer in hl.attention_layers(model)]
+    assert sizes == [2, 4]
+    g = torch.Generator().manual_seed(0)
+    scores = {layer.name: torch.rand(layer.num_heads, generator=g, dtype=torch.float64)
+              for layer in hl.attention_layers(model)}
+    batches = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))]
+    choice = choose_ne(model, scores, batches, fractions=(1 / 6, 1 / 3, 1 / 2, 2 / 3), scope="layer",
+                       tolerance=1e9, refine=False)
+    for c in choice.candidates:
+        off = hl.select_heads(scores, fraction=c["fraction"], scope="layer")
+        lost = {n: sum(1 for m, _ in off if m == n) for n in scores}
+        assert c["heads_off"] == len(off)
+        assert c["ne"] == (lost[next(iter(lost))] if len(set(lost.values())) == 1 else None), (c, lost)
+    # 0 and 1/6: no head of either layer; 1/3: 0 of 2 and 1 of 4; 1/2 and 2/3: 1 of 2 and 2 of 4 (was reported 2)
+    assert [c["ne"] for c in choice.candidates] == [0, 0, None, None, None]
+    assert choice.fraction == 2 / 3 and choice.ne is None and choice.to_dict()["ne"] is None
+    pruned = score_and_prune(copy.deepcopy(model), batches, ne="auto", heldout=batches, scope="layer",
+                             tolerance=1e9)
+    assert pruned["ne"] is None and pruned["ne_choice"]["ne"] is None and len(pruned["heads_off"]) == 3
+    uniform, _, vit_batches = _setup()  # layers of equal head counts report ne as before
+    vit_scores = {layer.name: torch.rand(4, generator=g, dtype=torch.float64)
+                  for layer in hl.attention_layers(uniform)}
+    even = choose_ne(uniform, vit_scores, vit_batches, fractions=(0.25, 0.5), scope="layer", tolerance=1e9)
+    assert [c["ne"] for c in even.candidates] == [0, 1, 2] and even.ne == 2
+
+
 def test_bad_settings_are_refused() -> None:
     model, scores, batches = _setup()
     with pytest.raises(ConfigError):

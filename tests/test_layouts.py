@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_family
 from torch import nn
 
@@ -301,3 +302,55 @@ def test_conv1x1_adapter_is_the_linear_adapter_on_channels() -> None:
     for bad in (nn.Conv2d(8, 12, 3), nn.Conv2d(8, 12, 1, stride=2), nn.Conv2d(8, 12, 1, groups=4)):
         with pytest.raises(ValueError, match="1×1"):
             wrap_projection(bad)
+
+
+class LlamaStyleGQA(nn.Module):
+    """Grouped-query attention with no attribute naming its k/v head count: 2 k/v heads for 4 query heads."""
+
+    def __init__(self, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.kv, self.d = H, kv_heads, D // H
+        self.q_proj, self.o_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.k_proj, self.v_proj = nn.Linear(D, kv_heads * self.d), nn.Linear(D, kv_heads * self.d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, H, self.d).transpose(1, 2)
+        k, v = (p(x).view(b, n, self.kv, self.d).transpose(1, 2).repeat_interleave(H // self.kv, dim=1)
+                for p in (self.k_proj, self.v_proj))
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, D))
+
+
+def _timm_rope_gqa() -> nn.Module:
+    from timm.layers.attention import AttentionRope
+    return AttentionRope(D, H, qkv_fused=False, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("make", [_timm_rope_gqa, LlamaStyleGQA], ids=["timm_num_kv_heads", "rows_only"])
+def test_grouped_query_attention_adapts_q_and_o_and_refuses_k_v(make: Callable[[], nn.Module]) -> None:
+    """k/v heads shared by a group of query heads cannot be split by query head: k and v are refused with the
+    reason, q and o adapted, and switching one head off leaves every other head's attention output unchanged."""
+    torch.manual_seed(0)
+    model, x = Holder(make()), _tokens()
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=4), example_input=x)
+    layer = hl.attention_layers(model)[0]
+    assert set(layer.projections) == {"q", "o"}
+    cov = hl.coverage(model)
+    assert set(cov.partial["attn"]) == {"k", "v"} and "grouped-query attention" in cov.partial["attn"]["k"]
+    with torch.no_grad():
+        for p in hl.adapter_parameters(model):
+            p.normal_(0, 0.3)
+    seen = []
+    o = model.attn.proj if hasattr(model.attn, "proj") else model.attn.o_proj
+    hook = o.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().view(2, 16, H, -1)))
+    model.eval()
+    model(x)
+    hl.deactivate_heads(model, heads=[("attn", 1)])
+    model(x)
+    hook.remove()
+    before, after = seen
+    for h in (0, 2, 3):
+        assert torch.equal(before[:, :, h], after[:, :, h]), h
+    assert not torch.equal(before[:, :, 1], after[:, :, 1])
+    with pytest.raises(UnsupportedBackboneError, match="k, v: grouped-query attention"):
+        hl.attach(Holder(make()), hl.HeartLoRAConfig(targets=("k", "v"), rank=4), example_input=x)

@@ -489,19 +489,80 @@ def test_weight_mode_refuses_adapter_dropout() -> None:
         hl.attach(model, hl.HeartLoRAConfig(dropout=0.1))
 
 
-def test_an_overflowed_step_adds_nothing_to_the_scores() -> None:
+def _overflow_setup(ema: float | None = None) -> tuple[nn.Module, hl.ResponsivenessTracker, dict]:
+    """A tracker after one finite step, and the scores it holds then."""
     model, x = make_family("timm_vit")
     hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4))
     randomize(model)
-    tracker = hl.ResponsivenessTracker(model)
+    tracker = hl.ResponsivenessTracker(model, ema=ema)
     _loss(model, x).backward()
     tracker.update()
-    before = {k: v.clone() for k, v in tracker.scores().items()}
-    for p in hl.adapter_parameters(model):
-        p.grad.fill_(float("inf"))  # fp16 loss scaling overflowed: the step is skipped
+    return model, tracker, {k: v.clone() for k, v in tracker.scores().items()}
+
+
+@pytest.mark.parametrize("ema", [None, 0.5])
+@pytest.mark.parametrize("where", ["every adapter", "one head"])
+def test_an_overflowed_step_adds_nothing_to_the_scores(where: str, ema: float | None) -> None:
+    """fp16 loss scaling skips a step with an inf anywhere: the whole step adds nothing, to no head of any layer
+    (not only the heads whose own terms overflowed), and an EMA is not decayed by it."""
+    model, tracker, before = _overflow_setup(ema)
+    if where == "every adapter":
+        for p in hl.adapter_parameters(model):
+            p.grad.fill_(float("inf"))
+    else:
+        q = hl.attention_layers(model)[0].projections["q"]
+        q.lora_B.grad[:q.head_dim].fill_(float("inf"))  # head 0 of the first layer only
     tracker.update()
     after = tracker.scores()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_step_the_gradient_scaler_skips_adds_nothing() -> None:
+    """An inf outside the adapters (the classifier) makes GradScaler skip the step: Precision.unscale returns its
+    found-inf, and the tracker given it adds nothing, though every adapter gradient is finite."""
+    from heartlora.engine.precision import Precision
+
+    model, tracker, before = _overflow_setup()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    precision = Precision("fp16", torch.device("cpu"), torch.amp.GradScaler("cpu"))
+    model.zero_grad()
+    precision.backward(_loss(model, make_family("timm_vit")[1]))
+    model.head.weight.grad.fill_(float("inf"))
+    found = precision.unscale(opt)
+    assert found is not None and bool(found)
+    tracker.update(skipped=found)
+    after = tracker.scores()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert Precision("fp32", torch.device("cpu")).unscale(opt) is None
+
+
+@pytest.mark.parametrize("mode, ema", [("abs_sum", None), ("sum_abs", None), ("abs_sum", 0.5)])
+def test_finite_steps_score_as_a_plain_sum_or_ema_bit_for_bit(mode: str, ema: float | None) -> None:
+    """The skip rule changes nothing on finite steps: the scores are bit for bit the sum (or EMA, its first step
+    copied) of the per-step terms."""
+    model, x = make_family("timm_vit")
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v", "o"), rank=4))
+    randomize(model)
+    tracker = hl.ResponsivenessTracker(model, mode=mode, ema=ema)
+    expected = None
+    for seed in range(3):
+        model.zero_grad()
+        _loss(model, x + seed).backward()
+        terms = tracker.step_scores()
+        tracker.update()
+        if expected is None:
+            expected = [t.clone() for t in terms]
+        elif ema is None:
+            expected = [e.add_(t) for e, t in zip(expected, terms)]
+        else:
+            expected = [e.mul_(ema).add_(t, alpha=1.0 - ema) for e, t in zip(expected, terms)]
+    got = tracker.scores()
+    assert all(torch.equal(got[layer.name], e) for layer, e in zip(hl.attention_layers(model), expected))
+    fresh = hl.ResponsivenessTracker(model, mode=mode, ema=ema)
+    fresh.load_state_dict(tracker.state_dict())  # a resumed warmup goes on as the one that was not stopped
+    for t in (tracker, fresh):
+        t.update()
+    assert all(torch.equal(a, b) for a, b in zip(tracker.scores().values(), fresh.scores().values()))
 
 
 @pytest.mark.parametrize("targets, bits", [(("q", "v"), 32), (("q", "k", "v"), 32), (("q", "v"), 1)])

@@ -42,10 +42,16 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradients in true units before anything reads them (the responsiveness tracker)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+    def unscale(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Gradients in true units before anything reads them (the responsiveness tracker). Returns, on the device
+        and with no host sync, whether the scaler found an inf or NaN and will skip this step (None without one)."""
+        if self.scaler is None:
+            return None
+        self.scaler.unscale_(optimizer)
+        if not self.scaler.is_enabled():
+            return None
+        found = list(self.scaler._found_inf_per_device(optimizer).values())  # what scaler.step reads to skip
+        return torch.stack([f.to(found[0].device) for f in found]).sum() if found else None
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:

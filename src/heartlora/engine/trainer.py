@@ -498,8 +498,7 @@ class Trainer:
             batch_loss = loss_fn(logits.float(), y)
             self.precision.backward(batch_loss * weight)
             if scoring:
-                self.precision.unscale(self.optimizer)
-                self.tracker.update()
+                self.tracker.update(skipped=self.precision.unscale(self.optimizer))
             self.precision.step(self.optimizer)
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -647,7 +647,8 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
     """Score heads on ``batches`` and switch off ``ne`` of them (``"auto"``: :func:`choose_ne` on ``heldout``
     training batches, at ``tolerance``, else its default). ``mode="random"`` switches off a random set drawn from
     ``seed`` instead (a control).
-    Returns the scores, the heads switched off and the ne choice."""
+    Returns the scores, the heads switched off, the count (None where layers of uneven head counts lost uneven
+    counts: ``NeChoice.ne``) and the ne choice."""
     if not batches:
         raise ConfigError("scoring needs at least one batch of training images")
     rule = parse_heads_off(ne, tolerance=tolerance, names=PRUNE_NAMES)
@@ -657,7 +658,8 @@ def score_and_prune(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Te
                           "a number for ne")
     off, choice = switch_off(model, scores, rule, scope=scope, heldout=heldout, names=PRUNE_NAMES)
     count = choice.ne if choice is not None else rule.ne
-    return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off, "ne": int(count),
+    return {"scores": {k: v.tolist() for k, v in scores.items()}, "heads_off": off,
+            "ne": None if count is None else int(count),
             "ne_choice": choice.to_dict() if choice else None}
 
 

@@ -40,9 +40,11 @@ HELDOUT_IMAGES = 256
 @dataclass
 class NeChoice:
     """The choice and the evidence: per candidate, the heads it switches off, the loss on those images and the mean
-    per-image increase over keeping every head (with its standard error)."""
+    per-image increase over keeping every head (with its standard error). ``ne`` is the count switched off (over all
+    layers; in each layer with ``scope="layer"``), or None when layers of different head counts (Swin) lose
+    different counts at ``scope="layer"``: each loses that share of its own heads, and ``fraction`` says so."""
 
-    ne: int
+    ne: int | None
     fraction: float
     scope: str
     rule: str
@@ -112,7 +114,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
     off: set[tuple[str, int]] = set()
     chosen = (0, 0.0)
     table: list[dict[str, float]] = []
-    per_layer = max(len(m) for m in active.values())
+    counts = {len(m) for m in active.values()}
 
     def judge(f: float, wanted: list[tuple[str, int]], losses: torch.Tensor, refined: bool) -> bool:
         d = losses - base
@@ -124,8 +126,12 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
                       "increase": mean, "stderr": se, "passes": ok, "refine": refined})
         return ok
 
-    def ne_of(f: float, wanted: list[tuple[str, int]]) -> int:
-        return len(wanted) if scope == "global" else math.floor(f * per_layer + 1e-9)
+    def ne_of(f: float, wanted: list[tuple[str, int]]) -> int | None:
+        """The count select_heads took: of all heads, or in each layer (None when layers lose different counts)."""
+        if scope == "global":
+            return len(wanted)
+        per_layer = {math.floor(f * c + 1e-9) for c in counts}
+        return per_layer.pop() if len(per_layer) == 1 else None
 
     failed: tuple[float, int] | None = None  # the first share that failed and how many heads it switches off
     for f in fractions:

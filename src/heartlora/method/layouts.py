@@ -418,15 +418,42 @@ def _separate_matches(m: nn.Module) -> bool:
     return _separate_names(m) is not None and any(_linear(m, n) for n in O_NAMES) and _num_heads(m) is not None
 
 
+def _kv_heads(m: nn.Module) -> int | None:
+    """The k/v head count a grouped-query attention states (timm ``num_kv_heads``, Hugging Face
+    ``num_key_value_heads`` on the module or its config), or None."""
+    for owner in (m, getattr(m, "config", None)):
+        for attr in ("num_kv_heads", "num_key_value_heads"):
+            n = getattr(owner, attr, None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+    return None
+
+
+def _grouped_kv(m: nn.Module, heads: int, rows: dict[str, int]) -> str | None:
+    """Why k and v cannot be split by the query heads (grouped-query attention: fewer k/v heads, each shared by a
+    group of query heads), or None when they can."""
+    kv = _kv_heads(m)
+    if kv is not None and kv != heads:
+        return (f"grouped-query attention: {kv} k/v heads shared by the {heads} query heads, so k and v cannot be "
+                "split by head")
+    if rows["k"] != rows["q"] or rows["v"] != rows["q"]:
+        return (f"grouped-query attention (k and v have {rows['k']} and {rows['v']} rows, q {rows['q']}): k/v heads "
+                "shared by several query heads cannot be split by head")
+    return None
+
+
 def _separate_describe(m: nn.Module, parent: nn.Module, attr: str) -> tuple[nn.Module, AttentionSites]:
     heads = _num_heads(m)
-    names = _separate_names(m)
+    names = dict(zip(("q", "k", "v"), _separate_names(m)))
+    grouped = _grouped_kv(m, heads, {t: getattr(m, n).out_features for t, n in names.items()})
+    targets = ("q",) if grouped else ("q", "k", "v")
     sites = {}
-    for target, name in zip(("q", "k", "v"), names):
-        lin = getattr(m, name)
-        sites[target] = Site(m, name, block_index(0, heads, _split(lin.out_features, 1, heads, name)))
+    for t in targets:
+        rows = getattr(m, names[t]).out_features
+        sites[t] = Site(m, names[t], block_index(0, heads, _split(rows, 1, heads, names[t])))
     sites.update(_o_site(m, O_NAMES, heads))
-    return m, AttentionSites(heads, sites["q"].index.shape[1], sites)
+    missing = {"k": grouped, "v": grouped} if grouped else {}
+    return m, AttentionSites(heads, sites["q"].index.shape[1], sites, missing)
 
 
 register_layout(HeadLayout("separate_qkvo", "one Linear per projection (q_proj / q / wq, …; o_proj / out_proj / "

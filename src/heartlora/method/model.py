@@ -172,8 +172,12 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
             wrapper.lora[target] = proj
             projections[target] = proj
         if not projections:
-            cover.unadapted.append(Unadapted(name, type(module).__name__, "none of the targets "
-                                             f"{', '.join(config.targets)} exists here: {cover.partial.pop(name)}"))
+            whys: dict[str, list[str]] = {}
+            for target, why in cover.partial.pop(name).items():
+                whys.setdefault(why, []).append(target)
+            cover.unadapted.append(Unadapted(name, type(module).__name__, f"none of the targets "
+                                             f"{', '.join(config.targets)} exists here: "
+                                             + "; ".join(f"{', '.join(ts)}: {why}" for why, ts in whys.items())))
             continue
         layers.append(AttentionHeads(name, layout.name, sites.num_heads, sites.head_dim, projections))
         cover.adapted.append(name)

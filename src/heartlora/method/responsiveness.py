@@ -43,33 +43,42 @@ class ResponsivenessTracker:
         device = first.device if first is not None else torch.device("cpu")
         self._acc = [torch.zeros(layer.num_heads, dtype=torch.float64, device=device) for layer in self.layers]
         self.steps = 0
+        self._kept = torch.zeros((), dtype=torch.int64, device=device)  # steps that added (an EMA's first is copied)
 
     @torch.no_grad()
     def step_scores(self) -> list[torch.Tensor]:
-        """This step's per-head terms (before accumulation), one tensor per layer."""
+        """This step's per-head terms (before accumulation), one tensor per layer; not finite where the gradients
+        overflowed."""
         out = []
         for layer, acc in zip(self.layers, self._acc):
             absolute = self.mode == "sum_abs"
             r = sum(p.head_products(absolute).to(acc.device) for p in layer.projections.values())
             if not absolute:
                 r = r.abs()
-            # a step whose gradients overflowed (fp16 loss scaling skips it) adds nothing; no host sync
-            out.append(torch.where(torch.isfinite(r), r, torch.zeros_like(r)).double())
+            out.append(r.double())
         return out
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Add this step's per-head scores (call after backward, before the optimizer clears the gradients)."""
+    def update(self, skipped: torch.Tensor | None = None) -> None:
+        """Add this step's per-head scores (call after backward, before the optimizer clears the gradients).
+
+        A step with any non-finite term, or ``skipped`` true (the fp16 gradient scaler's found-inf: it skips the
+        optimizer step), adds nothing and leaves an EMA as it was: all or nothing for the whole step, decided on the
+        device with no host sync."""
         if self.mode == "random":  # the ranking is drawn in scores(); only the steps are counted
             self.steps += 1
             return
-        for acc, r in zip(self._acc, self.step_scores()):
+        terms = self.step_scores()
+        bad = ~torch.isfinite(torch.cat(terms)).all()
+        if skipped is not None:
+            bad = bad | torch.as_tensor(skipped, device=bad.device).bool().reshape(())
+        for acc, r in zip(self._acc, terms):
             if self.ema is None:
-                acc.add_(r)
-            elif self.steps == 0:
-                acc.copy_(r)
+                acc.add_(torch.where(bad, torch.zeros_like(r), r))
             else:
-                acc.mul_(self.ema).add_(r, alpha=1.0 - self.ema)
+                new = torch.where(self._kept == 0, r, acc.mul(self.ema).add(r, alpha=1.0 - self.ema))
+                acc.copy_(torch.where(bad, acc, new))
+        self._kept += (~bad).long()
         self.steps += 1
 
     def scores(self) -> dict[str, torch.Tensor]:
@@ -88,7 +97,7 @@ class ResponsivenessTracker:
     def state_dict(self) -> dict[str, Any]:
         """Mode, EMA, steps, seed and the scores so far, to resume a warmup."""
         return {"mode": self.mode, "ema": self.ema, "steps": self.steps, "seed": self.seed,
-                "scores": [a.detach().cpu().clone() for a in self._acc]}
+                "scores": [a.detach().cpu().clone() for a in self._acc], "kept": int(self._kept)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``'s output; another model's (other layer count) is refused."""
@@ -96,5 +105,6 @@ class ResponsivenessTracker:
             raise ConfigError("tracker state has a different number of layers than this model")
         self.mode, self.ema, self.steps = state["mode"], state["ema"], int(state["steps"])
         self.seed = int(state.get("seed", self.seed))  # checkpoints before the random control had none
+        self._kept.fill_(int(state.get("kept", self.steps)))  # before skipped steps were told apart: every step added
         for acc, s in zip(self._acc, state["scores"]):
             acc.copy_(s.to(acc.device))
