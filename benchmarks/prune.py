@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"{row['task']:<14} {row['method']:<40} ne {row['ne']:>3}  val200 {100 * row['val200']:6.2f} %  "
+        print(f"{row['task']:<14} {row['method']:<40} ne {str(row['ne']):>3}  val200 {100 * row['val200']:6.2f} %  "
               f"{row.get('adapter_bytes', 0):>9,} bytes", flush=True)
 
     for task in args.tasks.split(","):

@@ -310,3 +310,17 @@ def test_a_trainer_folder_whose_config_json_was_edited_is_refused(tmp_path):
         with pytest.raises(AdapterFileError, match=rf"config\.json is not the config the adapter was trained with "
                                                    rf"\({key}: {value!r} there"):
             hl.load_adapter(final)
+
+
+def test_callback_refuses_a_trainer_in_several_processes(tmp_path):
+    """Under DDP the Trainer's wrapper keeps the Parameters it was built with: the factors rebuilt when heads go off
+    would train apart in each process (two gloo processes ended with different adapters), so it is refused."""
+    from types import SimpleNamespace
+
+    model = hl.attach(_model(), hl.HeartLoRAConfig(targets=("q", "v"), rank=2))
+    cb = HeartLoRACallback(warmup_steps=2, ne=3)
+    state = SimpleNamespace(max_steps=5, global_step=0)
+    with pytest.raises(ConfigError, match=r"^HeartLoRACallback runs in one process, and this Trainer runs 2 \(DDP\)"):
+        cb.on_train_begin(SimpleNamespace(world_size=2, seed=0), state, None, model=model)
+    cb.on_train_begin(SimpleNamespace(world_size=1, seed=0), state, None, model=model)
+    assert cb.tracker is not None and cb.tracker.steps == 0

@@ -4,7 +4,10 @@ The callback scores heads during the first ``warmup_steps`` optimizer steps and 
 off. Scores are read in ``on_pre_optimizer_step``: the Trainer calls it after the (accumulated) backward passes and
 gradient clipping and before ``optimizer.step()`` and ``zero_grad()``, so the gradients of the step are there. Heads
 are switched off in ``on_step_end`` with the Trainer's optimizer, which gets the rebuilt Parameters with AdamW's
-state carried over for the heads that stay (``heartlora.method.deactivate_heads``).
+state carried over for the heads that stay (``heartlora.method.deactivate_heads``). Two consequences: each warmup
+step's scores are those of the clipped gradients (``max_grad_norm``, 1.0 by default, scales a step whose gradient
+norm exceeds it; ``max_grad_norm=0`` gives the unclipped sum of the method and of ``heartlora train``), and the
+Trainer must run in one process (under DDP its wrapper would keep the Parameters it was built with: refused).
 
 Saving: the callback makes the transformers model's ``save_pretrained`` (what ``trainer.save_model`` and every
 checkpoint call) write the model without heartlora (config.json, model.safetensors: the frozen backbone under its own
@@ -174,6 +177,12 @@ class HeartLoRACallback(TrainerCallback):
             raise ConfigError(f"HeartLoRACallback needs a model with heartlora adapters, got "
                               f"{type(model).__name__}: call heartlora.attach(model, config) before building the "
                               "Trainer (for a PEFT adapter: heartlora.integrations.import_peft)")
+        processes = int(getattr(args, "world_size", 1) or 1)
+        if processes > 1:  # measured: two gloo processes ended with different adapters and no error
+            raise ConfigError(f"HeartLoRACallback runs in one process, and this Trainer runs {processes} (DDP): the "
+                              "DistributedDataParallel wrapper keeps the Parameters it was built with, so the adapter "
+                              "factors rebuilt when heads go off would train apart in each process; train in one "
+                              "process, or with heartlora train under torchrun")
         self._install_save(model)
         if state.max_steps and self.warmup_steps >= state.max_steps:
             raise ConfigError(f"warmup_steps {self.warmup_steps} is not below the run's {state.max_steps} optimizer "
