@@ -15,8 +15,9 @@ peft = pytest.importorskip("peft")
 import heartlora as hl
 import heartlora.method
 from heartlora.backbones import create_backbone
-from heartlora.errors import ConfigError, UnsupportedBackboneError
+from heartlora.errors import AdapterFileError, ConfigError, UnsupportedBackboneError
 from heartlora.integrations import export_peft, import_peft, score_and_prune
+from heartlora.method.model import attach_state
 
 ATOL, RTOL = 1e-5, 1e-4
 FAMILIES = {"vit": (32, 8), "dinov2": (28, 7)}  # image size, patch
@@ -392,17 +393,34 @@ def test_import_converts_the_lora_settings_it_represents(hf_dir, tmp_path, case)
         torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
 
 
-def test_import_refuses_saved_modules_other_than_the_classifier(hf_dir, tmp_path):
+def test_import_loads_the_other_saved_modules_and_refuses_what_it_cannot_hold(hf_dir, tmp_path):
     # Defect: every saved module but the classifier was dropped (the base model's layernorm kept): other logits.
     family, path, size = hf_dir
-    _, folder = _peft_adapter(family, path, tmp_path, modules_to_save=["classifier", "layernorm"])
-    with pytest.raises(ConfigError, match=r"modules_to_save saves 'layernorm'.*modules_to_save=\['classifier'\]"):
+    pm, folder = _peft_adapter(family, path, tmp_path, modules_to_save=["classifier", "layernorm"])
+    model = import_peft(folder, _hl(path, size, _pool(family))).eval()
+    assert attach_state(model).modules_to_save == ("head", "backbone.layernorm")
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pm(pixel_values=_normalised(model, x)).logits, atol=ATOL, rtol=RTOL)
+    hl.save_adapter(model, tmp_path / "a.safetensors")  # and heartlora's own file keeps it
+    again = hl.load_adapter(_hl(path, size, _pool(family)), tmp_path / "a.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=1e-6, rtol=0)
+    # a module saved in part, one this backbone lacks, one holding an adapted projection: refused in one line
+    _edit(folder, tensors=lambda t: t.pop(f"base_model.model.{family}.layernorm.bias"))
+    with pytest.raises(AdapterFileError, match=r"it saves layernorm without its bias; the folder is damaged"):
         import_peft(folder, _hl(path, size, _pool(family)))
-    _edit(folder, config=lambda c: c.update(modules_to_save=["classifier"]))  # the tensors alone say it too
-    with pytest.raises(ConfigError, match=rf"it saves {family}\.layernorm \(base_model\.model\.{family}\.layernorm\."):
+    _edit(folder, tensors=lambda t: t.update({f"base_model.model.{family}.nowhere.weight": torch.ones(3)}))
+    with pytest.raises(ConfigError, match=rf"it saves base_model\.model\.{family}\.nowhere\.weight, which this "
+                                          "backbone does not have"):
         import_peft(folder, _hl(path, size, _pool(family)))
-    # PEFT's SEQ_CLS model adds "score" beside "classifier" by itself; nothing is saved for it in an image classifier
     _, plain = _peft_adapter(family, path, tmp_path / "plain")
+    q = _attention(family, 0, "q_proj")
+    _edit(plain, tensors=lambda t: t.update({f"base_model.model.{q}.weight": torch.zeros(32, 32)}))
+    with pytest.raises(ConfigError, match=rf"it saves {q} whole, and heartlora adapts"):
+        import_peft(plain, _hl(path, size, _pool(family)))
+    # PEFT's SEQ_CLS model adds "score" beside "classifier" by itself; nothing is saved for it in an image classifier
+    _, plain = _peft_adapter(family, path, tmp_path / "seq")
     _edit(plain, config=lambda c: c.update(modules_to_save=["classifier", "score"], task_type="SEQ_CLS"))
     import_peft(plain, _hl(path, size, _pool(family)))
 
@@ -512,6 +530,9 @@ def test_export_writes_every_saved_module_for_peft(hf_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(pm(pixel_values=_normalised(model, x)).logits, model.eval()(x), atol=ATOL,
                                    rtol=RTOL)
+        back = import_peft(tmp_path / "peft", _hl(path, size, _pool(family))).eval()  # and back: a round trip
+        torch.testing.assert_close(back(x), model(x), atol=ATOL, rtol=RTOL)
+    assert attach_state(back).modules_to_save == ("head", "backbone.layernorm")
 
     # A saved module holding LoRA layers has no exact PEFT form: refused, nothing written.
     held = _hl(path, size, _pool(family))

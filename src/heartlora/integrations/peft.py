@@ -301,8 +301,9 @@ LATER_DEFAULTS = {"qalora_group_size": 16}
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # Inits that rewrite the base weights, which PEFT's save_pretrained can turn into a LoRA on the original weights.
 CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
-# The saved modules heartlora imports: the classifier, by the transformers name or heartlora's. (PEFT's model for
-# task_type SEQ_CLS adds "score" too, which an image classifier does not have: nothing is saved for it.)
+# The classifier's root name among the saved modules: the transformers name or heartlora's. (Entries of
+# modules_to_save that save nothing, such as the "score" PEFT's SEQ_CLS model adds, are left alone: the tensors say
+# what was saved.)
 CLASSIFIERS = ("classifier", "head")
 
 
@@ -316,11 +317,6 @@ def _unconverted_setting(cfg: Any, raw: dict[str, Any], version: str) -> str | N
                     "path_initial_model_for_weight_conversion=INIT_DIR), a plain LoRA, and import that")
         return (f"init_lora_weights={_shown(init)} is not an initialisation heartlora converts (LoftQ rewrites the "
                 "base weights): import an adapter trained with init_lora_weights=True")
-    seq_cls = str(getattr(cfg, "task_type", "")).rsplit(".", 1)[-1] == "SEQ_CLS"
-    for entry in getattr(cfg, "modules_to_save", None) or ():
-        if entry not in CLASSIFIERS and not (entry == "score" and seq_cls):
-            return (f"modules_to_save saves {entry!r}, and heartlora imports the classifier only: train and save "
-                    "the adapter with modules_to_save=['classifier']")
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     for name, f in fields.items():
         if name in CONVERTED_FIELDS:
@@ -416,8 +412,7 @@ def _key(tensors: dict[str, torch.Tensor], name: str) -> str:
 
 def _classifier(rest: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
                 where: Any) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """The saved classifier (modules_to_save): its root name (``classifier`` or heartlora's ``head``) and tensors.
-    Refuses, in one line, any other saved tensor: heartlora would leave that module as the base model has it."""
+    """The saved classifier (modules_to_save): its root name (``classifier`` or heartlora's ``head``) and tensors."""
     for name in CLASSIFIERS:
         w = rest.get(f"{name}.weight")
         if w is None:
@@ -425,14 +420,43 @@ def _classifier(rest: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
         if w.dim() != 2 or not w.is_floating_point():
             raise AdapterFileError(f"{where}: tensor {_key(tensors, name + '.weight')} has shape {tuple(w.shape)} "
                                    f"({w.dtype}), expected (classes, features) floats; the folder is damaged")
-        extra = sorted(k for k in rest if k not in (f"{name}.weight", f"{name}.bias"))
-        if extra:
-            raise ConfigError(f"{where}: it saves {extra[0].rsplit('.', 1)[0]} ({_key(tensors, extra[0])}), and "
-                              "heartlora imports LoRA and the classifier only: train and save the adapter with "
-                              "modules_to_save=['classifier']")
         return name, w.float(), rest.get(f"{name}.bias")
     raise ConfigError(f"{where} stores no classifier (modules_to_save=['classifier']): heartlora needs the trained "
                       "classifier to score heads; save the adapter with its classifier")
+
+
+def _saved_modules_of(where: Any, tensors: dict[str, torch.Tensor], rest: dict[str, torch.Tensor], head: str,
+                      prefix: str, modules: dict[str, nn.Module], adapted: set[str]) -> dict[str, dict[str, Any]]:
+    """The saved modules besides the classifier (PEFT's modules_to_save: a layernorm, say), as heartlora module name
+    → its state, each the whole state of that module at its shapes. Refused in one line: a tensor of a module this
+    backbone does not have, of a module holding (or inside) an adapted projection, or a module saved in part."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in rest.items():
+        if key in (f"{head}.weight", f"{head}.bias"):
+            continue
+        owner, _, leaf = key.rpartition(".")
+        hl_name = "backbone" + owner[len(prefix):] if owner.startswith(prefix + ".") else None
+        module = modules.get(hl_name) if hl_name else None
+        own = {k: v for k, v in module.state_dict().items() if "." not in k} if module is not None else {}
+        if leaf not in own:
+            raise ConfigError(f"{where}: it saves {_key(tensors, key)}, which this backbone does not have: use the "
+                              "backbone the adapter was trained on")
+        lora = next((a for a in sorted(adapted) if a == hl_name or a.startswith(hl_name + ".")
+                     or hl_name.startswith(a + ".")), None)
+        if lora:
+            raise ConfigError(f"{where}: it saves {owner} whole, and heartlora adapts {lora} there: save the adapter "
+                              "without that module in modules_to_save")
+        if tuple(t.shape) != tuple(own[leaf].shape) or t.is_floating_point() != own[leaf].is_floating_point():
+            raise AdapterFileError(f"{where}: tensor {_key(tensors, key)} has shape {tuple(t.shape)} ({t.dtype}), "
+                                   f"this backbone's {tuple(own[leaf].shape)} ({own[leaf].dtype}): the folder is "
+                                   "damaged or for another backbone")
+        states.setdefault(hl_name, {})[leaf] = t
+    for hl_name, state in states.items():
+        missing = sorted(k for k in modules[hl_name].state_dict() if "." not in k and k not in state)
+        if missing:
+            raise AdapterFileError(f"{where}: it saves {hl_name.removeprefix('backbone.')} without its {missing[0]}; "
+                                   "the folder is damaged")
+    return states
 
 
 def _check_factors(where: Any, tensors: dict[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor,
@@ -478,8 +502,9 @@ def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, 
     ``base_model_name_or_path``, when None; a backbone the folder names is never downloaded). The folder may be for
     the transformers image classifier (``vit.…``, ``dinov2.…``, ``classifier``) or for heartlora's own classifier
     (``backbone.…``, ``head``). Heads whose adapter weights are zero in every projection of their layer (a pruned
-    export) are switched off. Refused in one line: anything saved besides LoRA on attention and the classifier, and
-    tensors whose shapes are not the model's."""
+    export) are switched off. Other saved modules (PEFT's ``modules_to_save``: a layernorm, say) are loaded and kept
+    as heartlora's ``modules_to_save``. Refused in one line: a saved module holding an adapted projection or unknown
+    to this backbone, and tensors whose shapes are not the model's."""
     cfg, tensors, meta = read_peft(peft_dir)
     pairs, rest = _pairs(tensors, peft_dir)
     if not pairs:
@@ -512,17 +537,22 @@ def import_peft(peft_dir: str | os.PathLike, model: nn.Module | None = None, *, 
         raise AdapterFileError(f"{peft_dir}: its LoRA factors have rank {shown}, its {CONFIG_NAME} says r={cfg.r}; "
                                "the folder is damaged")
     _check_classifier(peft_dir, tensors, head_name, head_w, head_b, root.head)
+    saved = _saved_modules_of(peft_dir, tensors, rest, head_name, prefix, modules, set(found))
     mapped = {hl_name: (a, b, _scaling(cfg, a.shape[0])) for hl_name, (_, a, b) in found.items()}
     scalings = {s for _, _, s in mapped.values()}
     scale = scalings.pop() if len(scalings) == 1 else 1.0
     rank = max(a.shape[0] for a, _, _ in mapped.values())
     model = attach(model, HeartLoRAConfig(targets=targets, rank=rank, scale=scale,
-                                          dropout=float(getattr(cfg, "lora_dropout", 0.0) or 0.0)))
+                                          dropout=float(getattr(cfg, "lora_dropout", 0.0) or 0.0),
+                                          modules_to_save=("head", *sorted(saved)) if saved else None))
     _fill(model, mapped, scale, rank)
     with torch.no_grad():
         root.head.weight.copy_(head_w)
         if head_b is not None:
             root.head.bias.copy_(head_b.float())
+        for hl_name, state in saved.items():  # what PEFT's saved copy holds replaces the base model's
+            own = modules[hl_name].state_dict()
+            modules[hl_name].load_state_dict({k: state.get(k, v).to(v.dtype) for k, v in own.items()})
     if switch_off_zero_heads:
         zero = [(layer.name, h) for layer in attention_layers(model) for h, on in enumerate(layer.head_mask()) if on
                 and all(not bool(p.head_weights(h).any()) for p in layer.projections.values())]
