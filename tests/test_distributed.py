@@ -224,3 +224,31 @@ def test_a_failure_on_rank_0_ends_every_rank_of_a_group_the_caller_started(tmp_p
     assert f"raised RunFolderError cannot write {what}" in outs[0] and "the disk is full" in outs[0], outs
     assert "raised HeartLoRAError rank 0 failed (RunFolderError:" in outs[1], outs
     assert "rank 1 stops too" in outs[1]
+
+
+@pytest.mark.slow
+def test_runs_that_crashed_only_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ne auto with fewer training images than processes (one rank's share of the held-out sample is empty, and
+    it must still take part in the reductions), and --method full on DINOv2 (its mask token, which no classifier
+    reads, was made trainable and DDP refused it at the second step)."""
+    import tiny_task
+
+    plain = write_tiny_vtab(tmp_path / "task")  # 96 training images: two steps of 48
+    monkeypatch.setitem(tiny_task.SPLIT_SIZES, "train800", 1)
+    monkeypatch.setitem(tiny_task.SPLIT_SIZES, "val200", 5)
+    task = write_tiny_vtab(tmp_path / "one_image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: str, *flags: str) -> dict:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "heartlora", "train", "--out", str(tmp_path / out), "--quiet", "--no-pretrained", "--device", "cpu",
+               "--drop-path", "0", "--epochs", "1", *flags]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / out / "metrics.json").read_text())
+
+    auto = torchrun("auto", "--task", task, "--backbone", "test_vit", "--img-size", "32", "--ne", "auto")
+    assert auto["ne_choice"]["images"] == 1 and auto["world_size"] == 2
+    full = torchrun("full", "--task", plain, "--backbone", "dinov2_small",
+                    "--img-size", "28", "--batch-size", "48", "--method", "full")
+    assert full["world_size"] == 2 and full["history"][-1]["epoch"] == 1

@@ -573,8 +573,8 @@ class Trainer:
         n = len(self.train_x)
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + 7919))[:min(count, n)]
         mine = shard(pick, self.info).to(self.train_x.device)
-        return [(self.train_x[idx].float().div_(255.0), self.train_y[idx])
-                for idx in mine.split(self.cfg.batch_size)]
+        return [(self.train_x[idx].float().div_(255.0), self.train_y[idx])  # none: fewer images than processes
+                for idx in mine.split(self.cfg.batch_size) if idx.numel()]
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, exact: bool = False) -> float:
         """Accuracy at the run's precision, or (``exact``: the accuracy the run reports) in exact fp32, as

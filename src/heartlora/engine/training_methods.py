@@ -96,8 +96,10 @@ class FullFineTune(TrainingMethod):
     description = "every weight trains"
 
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            # a mask token serves masked-image pre-training only: a classifier's forward never reads it, and DDP
+            # refuses a trainable parameter that gets no gradient (DINOv2's, under torchrun, at the second step)
+            p.requires_grad_(not name.rpartition(".")[2] == "mask_token")
         return model, {}
 
     def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any], dtype: str = "float32") -> int:

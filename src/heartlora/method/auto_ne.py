@@ -69,6 +69,8 @@ def _reduce(values: list[float]) -> list[float]:
 @torch.no_grad()
 def _per_image_losses(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                       forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    if not batches:  # a rank whose shard of the sample is empty (fewer images than processes) still reduces
+        return torch.zeros(0, dtype=torch.float64)
     was = model.training
     model.eval()
     try:
@@ -100,15 +102,13 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
     if fractions[-1] > 1.0:
         raise ConfigError(f"fractions {fractions} must be shares between 0 and 1")
     forward = forward or (lambda m, x: m(x))
-    batches = list(batches)
-    if not batches:
-        raise ConfigError("choose_ne needs at least one batch of training images")
+    batches = list(batches)  # may be empty on a rank under torch.distributed: the images are counted over all
     layers = attention_layers(model)
     active = {layer.name: layer.head_mask() for layer in layers}
     base = _per_image_losses(model, batches, forward)
     n, base_sum = _reduce([float(base.numel()), float(base.sum())])
     if n == 0:
-        raise ConfigError("choose_ne needs at least one training image")
+        raise ConfigError("choose_ne needs at least one batch of training images")
     base_mean = base_sum / n
     work = copy.deepcopy(model)
     off: set[tuple[str, int]] = set()
