@@ -6,6 +6,7 @@ order)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -573,3 +574,18 @@ def test_export_replaces_links_and_writes_the_pair_together(hf_dir, tmp_path, mo
         export_peft(adapted(1.0, 4), tmp_path / "a")
     assert sorted(f.name for f in (tmp_path / "a").iterdir()) == sorted(kept)  # no temporary file left
     assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == kept
+
+
+def test_a_config_from_a_newer_peft_says_to_upgrade(hf_dir, tmp_path, monkeypatch):
+    """The oldest supported peft's LoraConfig refuses keys a newer PEFT writes (TypeError): the advice is to upgrade,
+    not to save the adapter again."""
+    family, path, size = hf_dir
+    _, folder = _peft_adapter(family, path, tmp_path)
+
+    def older(*args, **kwargs):
+        raise TypeError("LoraConfig.__init__() got an unexpected keyword argument 'alora_invocation_tokens'")
+
+    monkeypatch.setattr(peft.PeftConfig, "from_pretrained", older)
+    with pytest.raises(AdapterFileError, match=rf"alora_invocation_tokens'\): a newer PEFT wrote it: upgrade peft "
+                                               rf"\(installed {re.escape(peft.__version__)}\)$"):
+        import_peft(folder, _hl(path, size, _pool(family)))

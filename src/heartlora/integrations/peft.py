@@ -363,8 +363,11 @@ def _read_config(peft: Any, d: Path) -> tuple[Any, dict[str, Any]]:
     try:
         cfg = peft.PeftConfig.from_pretrained(str(d))
     except Exception as exc:  # PEFT raises many kinds (TypeError, ValueError, KeyError) for a config it cannot use
+        newer = isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc)  # an older peft's LoraConfig
+        advice = (f"a newer PEFT wrote it: upgrade peft (installed {peft.__version__})" if newer else
+                  "save the adapter again with PEFT's save_pretrained")
         raise AdapterFileError(f"{path} is not a config PEFT can read ({type(exc).__name__}: {_first_line(exc)}): "
-                               "save the adapter again with PEFT's save_pretrained") from None
+                               f"{advice}") from None
     r, alpha = getattr(cfg, "r", None), getattr(cfg, "lora_alpha", None)
     dropout = getattr(cfg, "lora_dropout", 0.0) or 0.0
     ok = (type(r) is int and 1 <= r <= MAX_RANK and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
