@@ -116,11 +116,11 @@ def _check_input_norm(meta: dict[str, Any], backbone: nn.Module, path: Any) -> N
     buffers = dict(getattr(backbone, "module", backbone).named_buffers(recurse=False))
     if saved is None or _input_norm(backbone) is None:  # a file saved before the check records none
         return
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) and saved[k]
+                                            and all(_is_num(v) for v in saved[k]) for k in ("mean", "std"))):
+        raise _corrupt(path, f"its {INPUT_NORM_KEY} is not a mean and std of numbers")
     for k in ("mean", "std"):
-        try:
-            want = torch.tensor(saved[k], dtype=torch.float32).to(buffers[k].dtype)  # a .half() model: its rounding
-        except (KeyError, TypeError, ValueError, RuntimeError):
-            raise _corrupt(path, f"its {INPUT_NORM_KEY} is not a mean and std of numbers") from None
+        want = torch.tensor(saved[k], dtype=torch.float32).to(buffers[k].dtype)  # a .half() model: its rounding
         if want.numel() != buffers[k].numel() or not torch.equal(want, buffers[k].detach().cpu().reshape(-1)):
             raise AdapterFileError(
                 f"{path} was trained on images normalised with mean {_norm_text(saved)}, and this backbone normalises "
