@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,13 +177,19 @@ def _saved_modules(model: nn.Module, root: nn.Module, prefix: str) -> dict[str, 
     for name in attach_state(model).modules_to_save:
         if name == "head":
             continue
-        lora = next((a for a in adapted if a == name or a.startswith(name + ".") or name.startswith(a + ".")), None)
+        lora = _overlapping(name, adapted)
         if not name.startswith("backbone.") or lora:
             why = f"it holds the LoRA of {lora}" if lora else "the transformers classifier has no such module"
             raise UnsupportedBackboneError(f"modules_to_save {name!r} cannot be written as a PEFT saved module ({why})"
                                            ": keep the heartlora adapter file, or train without saving it")
         saved[prefix + name[len("backbone"):]] = root.get_submodule(name)
     return saved
+
+
+def _overlapping(name: str, adapted: Iterable[str]) -> str | None:
+    """The first adapted projection (by name) that module ``name`` is, holds or sits inside, or None."""
+    return next((a for a in sorted(adapted) if a == name or a.startswith(name + ".") or name.startswith(a + ".")),
+                None)
 
 
 def _module_tensors(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -444,8 +451,7 @@ def _saved_modules_of(where: Any, tensors: dict[str, torch.Tensor], rest: dict[s
         if leaf not in own:
             raise ConfigError(f"{where}: it saves {_key(tensors, key)}, which this backbone does not have: use the "
                               "backbone the adapter was trained on")
-        lora = next((a for a in sorted(adapted) if a == hl_name or a.startswith(hl_name + ".")
-                     or hl_name.startswith(a + ".")), None)
+        lora = _overlapping(hl_name, adapted)
         if lora:
             raise ConfigError(f"{where}: it saves {owner} whole, and heartlora adapts {lora} there: save the adapter "
                               "without that module in modules_to_save")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heartlora.errors import ConfigError
-from heartlora.method.deactivate import SCOPES, deactivate_heads, select_heads
+from heartlora.method.deactivate import SCOPES, deactivate_heads, select_heads, share_count
 from heartlora.method.model import attention_layers
 
 DEFAULT_FRACTIONS = (0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3)
@@ -130,7 +130,7 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
         """The count select_heads took: of all heads, or in each layer (None when layers lose different counts)."""
         if scope == "global":
             return len(wanted)
-        per_layer = {math.floor(f * c + 1e-9) for c in counts}
+        per_layer = {share_count(f, c) for c in counts}
         return per_layer.pop() if len(per_layer) == 1 else None
 
     failed: tuple[float, int] | None = None  # the first share that failed and how many heads it switches off

@@ -20,6 +20,12 @@ def ne_limit(heads_per_layer: list[int], scope: str) -> int:
     return sum(heads_per_layer) if scope == "global" else min(heads_per_layer)
 
 
+def share_count(fraction: float, heads: int) -> int:
+    """How many of ``heads`` a share ``fraction`` switches off (rounded down; 1e-9 absorbs float error, so a share
+    of 3/12 is 3)."""
+    return int(math.floor(fraction * heads + 1e-9))
+
+
 def select_heads(scores: dict[str, torch.Tensor], ne: int | None = None, fraction: float | None = None,
                  scope: str = "global", active: dict[str, list[bool]] | None = None) -> list[tuple[str, int]]:
     """The heads to switch off: the ``ne`` least responsive over all layers (``scope="global"``) or in each layer
@@ -43,7 +49,7 @@ def select_heads(scores: dict[str, torch.Tensor], ne: int | None = None, fractio
         cands = [(float(scores[n][h]), i, h, n) for i, n in enumerate(group) for h in range(len(scores[n]))
                  if active is None or active[n][h]]
         total = sum(len(scores[n]) for n in group)
-        k = ne if ne is not None else int(math.floor(fraction * total + 1e-9))
+        k = ne if ne is not None else share_count(fraction, total)
         where = "in all" if scope == "global" else f"in layer {group[0]}, which has"
         if k > len(cands):
             raise ConfigError(f"ne={k} is more than the {len(cands)} active heads {where} {total} heads: "

@@ -113,18 +113,19 @@ def _norm_text(norm: dict[str, Any] | None) -> str:
 def _check_input_norm(meta: dict[str, Any], backbone: nn.Module, path: Any) -> None:
     """A file saved with its backbone's normalisation is refused on a backbone that normalises otherwise."""
     saved = (meta.get("extra") or {}).get(INPUT_NORM_KEY)
-    buffers = dict(getattr(backbone, "module", backbone).named_buffers(recurse=False))
-    if saved is None or _input_norm(backbone) is None:  # a file saved before the check records none
+    now = _input_norm(backbone)
+    if saved is None or now is None:  # a file saved before the check records none
         return
     if not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) and saved[k]
                                             and all(_is_num(v) for v in saved[k]) for k in ("mean", "std"))):
         raise _corrupt(path, f"its {INPUT_NORM_KEY} is not a mean and std of numbers")
+    buffers = dict(getattr(backbone, "module", backbone).named_buffers(recurse=False))
     for k in ("mean", "std"):
         want = torch.tensor(saved[k], dtype=torch.float32).to(buffers[k].dtype)  # a .half() model: its rounding
         if want.numel() != buffers[k].numel() or not torch.equal(want, buffers[k].detach().cpu().reshape(-1)):
             raise AdapterFileError(
                 f"{path} was trained on images normalised with mean {_norm_text(saved)}, and this backbone normalises "
-                f"with mean {_norm_text(_input_norm(backbone))}: build the backbone as it was trained (a Hugging "
+                f"with mean {_norm_text(now)}: build the backbone as it was trained (a Hugging "
                 "Face folder with its preprocessor_config.json), or pass check_fingerprint=False")
 
 
