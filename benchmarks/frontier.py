@@ -676,6 +676,30 @@ def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]],
     return ["", *lines] if lines else []
 
 
+def failed_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> list[str]:
+    """The final runs that learnt next to nothing (test accuracy under twice chance) or whose training loss went
+    non-finite: counted in the tables as measured (they are what the recipe gave), and listed so that a reader can
+    tell a diverged run from a weak method."""
+    rows = []
+    for point, runs in fin.items():
+        for (task, seed), r in sorted(runs.items()):
+            classes = int(r.get("num_classes") or num_classes(task))
+            bad = r.get("nonfinite_loss_steps")
+            if float(r["accuracy"]) >= 2 / classes and not bad:
+                continue
+            loss = "not recorded" if r.get("final_train_loss") is None else f"{r['final_train_loss']:.4g}"
+            steps = "not recorded" if bad is None else str(bad)
+            acc = f"{100 * float(r['accuracy']):.2f} (chance {100 / classes:.1f})"
+            rows.append(f"| {point} | {task} | {seed} | {acc} | {loss} | {steps} |")
+    if not rows:
+        return []
+    return ["", "## Final runs that failed to learn", "",
+            "Test accuracy under twice chance, or a training loss that went NaN or infinite. They count in the tables "
+            "above as measured. `not recorded`: the run was made before its recipe kept that figure.", "",
+            "| point | task | seed | test accuracy % | last epoch's mean train loss | non-finite loss steps |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def report() -> None:
     data = load_results(RECORDS)
     val = val_index(data)
@@ -732,6 +756,7 @@ def report() -> None:
                      f"{mean_bytes(runs, 'classifier_bytes'):,.0f} | {m(s42, len(CPU_TASKS))} | "
                      f"{m(allc, len(cpu_cells))} | {m(held, len(held_cells))} | "
                      f"{len(runs)} |")
+    lines += failed_lines(fin)
     lines += hardware_lines(fin, [r for r in data["records"] if r.get("role") == "select"])
     lines += goal_lines(fin, val, cpu_cells, held_cells)
     lines += val_lines(data, val)

@@ -502,6 +502,18 @@ def test_the_report_counts_the_final_runs_each_kind_of_machine_made():
                          "weights rounded through fp16)."]
 
 
+def test_the_report_lists_the_final_runs_near_chance_or_whose_loss_went_non_finite():
+    ok = {"accuracy": 0.85, "num_classes": 10, "final_train_loss": 0.1, "nonfinite_loss_steps": 0}
+    near_chance = {"accuracy": 0.092, "num_classes": 10}  # recorded before the baseline kept its loss
+    diverged = {"accuracy": 0.6, "num_classes": 10, "final_train_loss": float("nan"), "nonfinite_loss_steps": 3}
+    assert frontier.failed_lines({"a": {("t", 42): ok}}) == []
+    rows = frontier.failed_lines({"a": {("t", 42): ok, ("u", 42): near_chance}, "b": {("t", 1): diverged},
+                                  "c": {("t", 42): {**ok, "accuracy": 0.2}}})  # 2 × chance: learnt something
+    assert rows[-2:] == ["| a | u | 42 | 9.20 (chance 10.0) | not recorded | not recorded |",
+                         "| b | t | 1 | 60.00 (chance 10.0) | nan | 3 |"]
+    assert rows[-4].startswith("| point |")
+
+
 def test_stored_bytes_counts_the_adapter_at_its_dtype_and_fp16_and_the_classifier_apart():
     state = {"base_model.model.dinov2.encoder.layer.0.attention.q_proj.lora_A.weight": torch.zeros(8, 384),
              "base_model.model.vblora_vector_bank": torch.zeros(90, 128),
@@ -540,9 +552,12 @@ class Interrupted(Exception):
     pass
 
 
-def tiny_loop(tmp_path, epochs=3, stop_at_step=None, checkpoint=True, settings="s", seed=5):
+def tiny_loop(tmp_path, epochs=3, stop_at_step=None, checkpoint=True, settings="s", seed=5, nan_at=(), losses=None,
+              result=None):
     """The baseline's loop on a Linear (AdamW + one-cycle, 3 epochs of 4 steps), interrupted at ``stop_at_step``
-    when given; returns the Linear and the epoch it started at."""
+    when given, the loss of the steps in ``nan_at`` made NaN (the weights untouched: no gradient); returns the Linear
+    and the epoch it started at. ``losses`` (a list) gets each step's loss, ``result`` (a list) what the loop returns.
+    """
     import argparse as _argparse
 
     torch.manual_seed(0)
@@ -555,13 +570,39 @@ def tiny_loop(tmp_path, epochs=3, stop_at_step=None, checkpoint=True, settings="
         calls[0] += 1
         if calls[0] == stop_at_step:
             raise Interrupted
-        return torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        if calls[0] in nan_at:
+            loss = loss * 0 + (loss.detach() * float("nan"))  # NaN, and a zero gradient
+        if losses is not None:
+            losses.append(float(loss.detach()))
+        return loss
 
     torch.manual_seed(seed)  # the random state a fresh process starts with
     args = _argparse.Namespace(epochs=epochs, batch_size=4, lr=0.1, seed=1)
-    _, start, _ = hf_peft.train_loop(step, [p for p in net.parameters() if p.requires_grad], 16, args, module=net,
-                                  checkpoint=tmp_path / "checkpoint.pt" if checkpoint else None, settings=settings)
-    return net, start
+    out = hf_peft.train_loop(step, [p for p in net.parameters() if p.requires_grad], 16, args, module=net,
+                             checkpoint=tmp_path / "checkpoint.pt" if checkpoint else None, settings=settings)
+    if result is not None:
+        result.append(out)
+    return net, out.start
+
+
+def test_the_baseline_records_its_last_epoch_loss_and_counts_non_finite_losses_across_a_resume(tmp_path):
+    """The plain recipe has no guard against a loss that goes NaN; the loop counts such steps (a run that diverged
+    is told from one that learnt little) and reports the last epoch's mean loss, as heartlora's engine does. The
+    count survives a resume: the NaN in epoch 1 is kept in the checkpoint."""
+    losses, result = [], []
+    tiny_loop(tmp_path / "a", checkpoint=False, losses=losses, result=result)
+    assert result[0].nonfinite_steps == 0
+    assert result[0].final_train_loss == pytest.approx(sum(losses[8:]) / 4, rel=1e-6)
+    assert losses[8] != losses[0]
+    (tmp_path / "b").mkdir()
+    with pytest.raises(Interrupted):
+        tiny_loop(tmp_path / "b", stop_at_step=10, nan_at=(2, 3))
+    losses, result = [], []
+    tiny_loop(tmp_path / "b", nan_at=(1,), losses=losses, result=result)  # step 1 of this process: epoch 3's first
+    assert result[0].start == 2 and len(losses) == 4
+    assert result[0].nonfinite_steps == 3
+    assert result[0].final_train_loss != result[0].final_train_loss  # NaN: the last epoch's mean holds the NaN
 
 
 def test_an_interrupted_baseline_run_resumes_to_the_uninterrupted_weights(tmp_path):

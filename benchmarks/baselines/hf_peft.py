@@ -43,7 +43,7 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -266,26 +266,40 @@ def differing(a: str | None, b: str) -> list[str]:
     return sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
 
 
+class Trained(NamedTuple):
+    """What ``train_loop`` reports."""
+
+    seconds: float  # spent training in this process
+    start: int  # the epoch it started at (0, or the epoch a checkpoint was kept after)
+    earlier: float  # the wall seconds of the processes before this one
+    final_train_loss: float  # the mean loss of the last epoch's batches (as heartlora's engine records it)
+    nonfinite_steps: int | None  # steps whose loss was NaN or infinite, all epochs; None: a resumed checkpoint
+    # written before this was counted
+
+
 def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], n: int,
                args: argparse.Namespace, module: nn.Module | None = None, checkpoint: Path | None = None,
-               settings: str = "", started: float | None = None) -> tuple[float, int, float]:
+               settings: str = "", started: float | None = None) -> Trained:
     """AdamW + OneCycleLR over ``args.epochs`` epochs of shuffled batches; ``step_fn(idx)`` returns the loss.
     ``params`` may be parameter groups, each with its own ``lr`` (its one-cycle peak). With ``checkpoint`` (a path)
     and ``module`` (what owns the trained parameters), the state after each epoch but the last is kept there, and a
     checkpoint found at the start (of the same ``settings``) is resumed from; it also keeps the run's wall time so far
-    (the processes before this one, and this one since ``started``, a ``time.perf_counter()`` reading). Returns
-    (seconds spent training in this process, the epoch it started at, the wall seconds of the processes before)."""
+    (the processes before this one, and this one since ``started``, a ``time.perf_counter()`` reading) and the count
+    of non-finite losses. Nothing stops a run whose loss goes non-finite (the plain recipe has no such guard): the
+    count says that it did."""
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(params, lr=args.lr)
     peaks = [g["lr"] for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else args.lr,
                                                 total_steps=args.epochs * steps_per_epoch)
     trained = {} if module is None else {k: p for k, p in module.named_parameters() if p.requires_grad}
-    start, earlier = 0, 0.0
+    start, earlier, nonfinite = 0, 0.0, torch.zeros((), dtype=torch.long)
+    earlier_nonfinite: int | None = 0
     started = time.perf_counter() if started is None else started
     if checkpoint is not None and checkpoint.is_file():
         state = read_checkpoint(checkpoint, settings)
         earlier = float(state.get("wall_s", 0.0))
+        earlier_nonfinite = state.get("nonfinite_steps")  # absent from a checkpoint of before it was counted
         saved = state["trainable"]
         if set(saved) != set(trained) or any(saved[k].shape != trained[k].shape for k in saved):
             raise SystemExit(f"{checkpoint}: its tensors are not this model's trainable ones; remove it to train "
@@ -301,16 +315,25 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
         start = int(state["epoch"])
         print(f"resumed from {checkpoint} after epoch {start} of {args.epochs}", flush=True)
     t0 = time.perf_counter()
+    epoch_loss = torch.zeros((), dtype=torch.float64)
     for epoch in range(start, args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + epoch))
+        epoch_loss = torch.zeros((), dtype=torch.float64)
         for s in range(steps_per_epoch):
-            step_fn(perm[s * args.batch_size:(s + 1) * args.batch_size]).backward()
+            loss = step_fn(perm[s * args.batch_size:(s + 1) * args.batch_size])
+            loss.backward()
+            loss = loss.detach().double()  # summed where it is: no wait for the device each step
+            epoch_loss, nonfinite = epoch_loss.to(loss.device) + loss, nonfinite.to(loss.device) + ~loss.isfinite()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        print(f"epoch {epoch + 1}/{args.epochs}: mean train loss {float(epoch_loss) / steps_per_epoch:.4g}"
+              + (f", {int(nonfinite)} non-finite so far" if int(nonfinite) else ""), flush=True)
         if checkpoint is not None and epoch + 1 < args.epochs:
             write_checkpoint(checkpoint, {"settings": settings, "epoch": epoch + 1,
                                           "wall_s": earlier + time.perf_counter() - started,
+                                          "nonfinite_steps": None if earlier_nonfinite is None
+                                          else earlier_nonfinite + int(nonfinite),
                                           "trainable": {k: p.detach().cpu() for k, p in trained.items()},
                                           "optimizer": opt.state_dict(),
                                           # torch < 2.4 keeps OneCycleLR's anneal function (a bound method) in
@@ -322,7 +345,9 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
                                           else []})
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the clock reads the work done, not the work queued
-    return time.perf_counter() - t0, start, earlier
+    seconds = time.perf_counter() - t0
+    return Trained(seconds, start, earlier, float(epoch_loss) / steps_per_epoch,
+                   None if earlier_nonfinite is None else earlier_nonfinite + int(nonfinite))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,9 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params = list(clf.parameters())
         sizes = {"adapter_bytes": 0, "adapter_bytes_fp16": 0, "adapter_tensors": 0,
                  "classifier_bytes": sum(p.numel() * 4 for p in params)}
-        train_s, start, earlier = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)),
-                                                                         train_y[idx].to(device)),
-                                             params, len(train_x), args, module=clf, **resume)
+        trained = train_loop(lambda idx: F.cross_entropy(clf(f_train[idx].to(device)), train_y[idx].to(device)),
+                             params, len(train_x), args, module=clf, **resume)
         with torch.no_grad():
             pred = torch.cat([clf(f_eval[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(f_eval), 512)])
     else:
@@ -393,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 logits = model(pixel_values=x).logits
             return F.cross_entropy(logits.float(), train_y[idx].to(device))
 
-        train_s, start, earlier = train_loop(step, params, len(train_x), args, module=model, **resume)
+        trained = train_loop(step, params, len(train_x), args, module=model, **resume)
         if args.save_peft:  # the trained adapter as a PEFT folder (what `heartlora prune` reads)
             model.peft_config["default"].base_model_name_or_path = "dinov2_small"
             model.save_pretrained(str(args.save_peft))
@@ -415,9 +439,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **sizes, **peft_info,
         "trainable_params": sum(p.numel() for g in params for p in (g["params"] if isinstance(g, dict) else [g])),
         "heads_total": 0, "heads_off": [],
-        "wall_s": earlier + time.perf_counter() - t_start,  # a resumed run's earlier processes included
-        "train_images_per_s": (args.epochs - start) * len(train_x) / max(train_s, 1e-9),
-        **({"resumed_after_epoch": start} if start else {}),
+        "final_train_loss": trained.final_train_loss, "nonfinite_loss_steps": trained.nonfinite_steps,
+        "wall_s": trained.earlier + time.perf_counter() - t_start,  # a resumed run's earlier processes included
+        "train_images_per_s": (args.epochs - trained.start) * len(train_x) / max(trained.seconds, 1e-9),
+        **({"resumed_after_epoch": trained.start} if trained.start else {}),
         "engine": "outside heartlora: transformers + PEFT + torch (benchmarks/baselines/hf_peft.py)",
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "device": str(device)},
