@@ -525,8 +525,14 @@ def test_a_step_the_gradient_scaler_skips_adds_nothing() -> None:
     model, tracker, before = _overflow_setup()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     precision = Precision("fp16", torch.device("cpu"), torch.amp.GradScaler("cpu"))
+    x = make_family("timm_vit")[1]
+    precision.backward(_loss(model, x))  # a finite step first: not skipped
+    assert int(precision.unscale(opt)) == 0
+    precision.step(opt)
+    model, tracker, before = _overflow_setup()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.zero_grad()
-    precision.backward(_loss(model, make_family("timm_vit")[1]))
+    precision.backward(_loss(model, x))
     model.head.weight.grad.fill_(float("inf"))
     found = precision.unscale(opt)
     assert found is not None and bool(found)

@@ -55,6 +55,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LINEAR_PROBE_LR = 1e-3  # the linear probe's learning rate (the plain recipe's, as hf-peft's reference)
 
 
+WEIGHT_DECAY = 0.01  # AdamW's default, on every trained tensor but a ``no_decay`` preset's own
+
+
 def _find(model: nn.Module, leaf: tuple[str, ...], cls: type = nn.Linear, inside: str = ".encoder.") -> list[str]:
     """Full names of the modules of type ``cls`` under the encoder whose last name part is one of ``leaf``."""
     names = [n for n, m in model.named_modules() if isinstance(m, cls) and inside in n and n.rsplit(".", 1)[-1] in leaf]
@@ -99,6 +102,10 @@ def _vblora(vectors: int, settings: str) -> dict[str, Any]:
 # grid a sweep searches) and where the settings come from. "param_groups" splits the optimizer where the method's
 # paper trains two kinds of its parameters at different rates (a factor of lr); "head_lr" keeps the classifier at
 # the fixed rate the method's authors train it at for ViTs, while lr, searched, moves the method's own parameters.
+# Every tensor gets AdamW's default weight decay (0.01), which pulls it towards zero: for the methods whose tensors
+# change nothing at zero (LoRA's factors, VeRA's and FourierFT's vectors, VB-LoRA's) that is towards the backbone;
+# "no_decay" exempts the method's own tensors where zero is not the no-change value ((IA)³'s scales start at 1, LN
+# tuning's are the backbone's norms), as HF Trainer and timm leave norm weights undecayed.
 PEFT_METHODS: dict[str, dict[str, Any]] = {
     "hf-peft": {**_lora(8), "settings": "LoRA r8 on q and v, lora_alpha 8: the plain recipe (= lora-r8)"},
     "lora-r1": _lora(1),
@@ -123,13 +130,15 @@ PEFT_METHODS: dict[str, dict[str, Any]] = {
     "ia3": {"cls": "IA3Config",
             "kwargs": lambda m: {"target_modules": _find(m, ("key", "value", "k_proj", "v_proj", "fc2")),
                                  "feedforward_modules": _find(m, ("fc2",))},
-            "lr": 3e-3, "settings": "(IA)³ on k, v and the MLP's second Linear (the paper's placement); lr "
-                                    "centred on the paper's 3e-3"},
+            "lr": 3e-3, "no_decay": True,
+            "settings": "(IA)³ on k, v and the MLP's second Linear (the paper's placement); lr centred on the "
+                        "paper's 3e-3; no weight decay on the scales (they start at 1, their no-change value)"},
     "ln-tuning": {"cls": "LNTuningConfig",
                   "kwargs": lambda m: {"target_modules": _find(m, ("norm1", "norm2", "layernorm"), nn.LayerNorm,
                                                                 inside="dinov2.")},
-                  "lr": 1e-3, "settings": "LN tuning: every LayerNorm's weight and bias (both norms of each block "
-                                          "and the final one)"},
+                  "lr": 1e-3, "no_decay": True,
+                  "settings": "LN tuning: every LayerNorm's weight and bias (both norms of each block and the final "
+                              "one), with no weight decay (their no-change value is the backbone's, not zero)"},
     # The same methods scaled under 20 KB a task at fp16 (the budget where heartlora's 1-bit points sit), each by its
     # own size knob: FourierFT's frequencies per matrix, VB-LoRA's bank size, (IA)³'s placement.
     "fourierft-n400": _fourierft(400, "FourierFT as the fourierft preset with 400 frequencies a matrix (19,200 "
@@ -138,7 +147,9 @@ PEFT_METHODS: dict[str, dict[str, Any]] = {
     "ia3-kv": {"cls": "IA3Config",
                "kwargs": lambda m: {"target_modules": _find(m, ("key", "value", "k_proj", "v_proj")),
                                     "feedforward_modules": []},
-               "lr": 3e-3, "settings": "(IA)³ on k and v only, the MLP left out (18,432 bytes at fp16)"},
+               "lr": 3e-3, "no_decay": True,
+               "settings": "(IA)³ on k and v only, the MLP left out (18,432 bytes at fp16); no weight decay on the "
+                           "scales"},
     "loha": {"cls": "LoHaConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
              "lr": 1e-3, "settings": "LoHa r 4, alpha 4, on q and v"},
     "lokr": {"cls": "LoKrConfig", "kwargs": lambda m: {"r": 4, "alpha": 4, "target_modules": _qv(m)},
@@ -162,14 +173,17 @@ def peft_spec(method: str, peft_kwargs: str | None) -> dict[str, Any]:
 
 def rate_groups(named: list[tuple[str, nn.Parameter]], spec: dict[str, Any], lr: float) -> list[dict[str, Any]]:
     """AdamW groups for a preset: a parameter whose name holds a ``param_groups`` key trains at lr × its factor, the
-    classifier at ``head_lr`` where the preset sets one, every other parameter at lr."""
+    classifier at ``head_lr`` where the preset sets one, every other parameter at lr; with ``no_decay`` the
+    method's own parameters (all but the classifier) get no weight decay (``weight_decay`` 0 in their group; the
+    others keep AdamW's default)."""
     groups, head_lr = spec.get("param_groups") or {}, spec.get("head_lr")
-    split: dict[float, list[nn.Parameter]] = {}
+    split: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in named:
-        rate = head_lr if head_lr and "classifier" in name else lr * next((f for k, f in groups.items() if k in name),
-                                                                          1.0)
-        split.setdefault(rate, []).append(p)
-    return [{"params": ps, "lr": rate} for rate, ps in sorted(split.items())]
+        head = "classifier" in name
+        rate = head_lr if head_lr and head else lr * next((f for k, f in groups.items() if k in name), 1.0)
+        split.setdefault((rate, bool(spec.get("no_decay")) and not head), []).append(p)
+    return [{"params": ps, "lr": rate, **({"weight_decay": 0.0} if undecayed else {})}
+            for (rate, undecayed), ps in sorted(split.items())]
 
 
 def stored_bytes(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -288,7 +302,7 @@ def train_loop(step_fn: Any, params: list[nn.Parameter] | list[dict[str, Any]], 
     of non-finite losses. Nothing stops a run whose loss goes non-finite (the plain recipe has no such guard): the
     count says that it did."""
     steps_per_epoch = (n + args.batch_size - 1) // args.batch_size
-    opt = torch.optim.AdamW(params, lr=args.lr)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
     peaks = [g["lr"] for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks if len(peaks) > 1 else args.lr,
                                                 total_steps=args.epochs * steps_per_epoch)
@@ -407,8 +421,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params: list[Any] = rate_groups(trainable, spec, args.lr)  # one group at lr unless the preset splits it
         peaks = [g["lr"] for g in params]  # before the schedule changes them
+        decays = [g.get("weight_decay") for g in params]  # None: AdamW's default
         resume["settings"] = json.dumps({**fingerprint, "peft": peft.__version__, "config": spec["cls"],
-                                         "peft_kwargs": peft_kwargs, "peaks": peaks}, sort_keys=True, default=str)
+                                         "peft_kwargs": peft_kwargs, "peaks": peaks,
+                                         **({"decays": decays} if any(d is not None for d in decays) else {})},
+                                        sort_keys=True, default=str)
         model.train()
 
         def step(idx: torch.Tensor) -> torch.Tensor:
@@ -427,7 +444,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "peft_kwargs": {k: v for k, v in peft_kwargs.items() if k != "target_modules"},
                      "target_modules": len(peft_kwargs.get("target_modules", [])),
                      "peft_version": peft.__version__,
-                     "peak_lrs": peaks}
+                     "peak_lrs": peaks,
+                     "weight_decays": [WEIGHT_DECAY if d is None else d for d in decays]}
         with torch.no_grad():
             pred = torch.cat([model(pixel_values=normalise(eval_x[i:i + 128].to(device))).logits.argmax(1).cpu()
                               for i in range(0, len(eval_x), 128)])

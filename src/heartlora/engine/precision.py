@@ -50,8 +50,12 @@ class Precision:
         self.scaler.unscale_(optimizer)
         if not self.scaler.is_enabled():
             return None
-        found = list(self.scaler._found_inf_per_device(optimizer).values())  # what scaler.step reads to skip
-        return torch.stack([f.to(found[0].device) for f in found]).sum() if found else None
+        # scaler.step skips the step when any gradient it just unscaled is inf or NaN: the same test, read from the
+        # gradients themselves (the scaler's own record of it is private)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return None
+        return torch.stack([g.isfinite().all().logical_not().to(grads[0].device) for g in grads]).sum()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:
