@@ -692,7 +692,7 @@ def hardware_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]],
 def failed_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> list[str]:
     """The final runs that learnt next to nothing (test accuracy under twice chance) or whose training loss went
     non-finite: counted in the tables as measured (they are what the recipe gave), and listed so that a reader can
-    tell a diverged run from a weak method."""
+    tell a diverged run from a weak method, with what a look into one found (a record's ``examined``)."""
     rows = []
     for point, runs in fin.items():
         for (task, seed), r in sorted(runs.items()):
@@ -703,14 +703,14 @@ def failed_lines(fin: dict[str, dict[tuple[str, int], dict[str, Any]]]) -> list[
             loss = "not recorded" if r.get("final_train_loss") is None else f"{r['final_train_loss']:.4g}"
             steps = "not recorded" if bad is None else str(bad)
             acc = f"{100 * float(r['accuracy']):.2f} (chance {100 / classes:.1f})"
-            rows.append(f"| {point} | {task} | {seed} | {acc} | {loss} | {steps} |")
+            rows.append(f"| {point} | {task} | {seed} | {acc} | {loss} | {steps} | {r.get('examined', '')} |")
     if not rows:
         return []
     return ["", "## Final runs that failed to learn", "",
             "Test accuracy under twice chance, or a training loss that went NaN or infinite. They count in the tables "
             "above as measured. `not recorded`: the run was made before its recipe kept that figure.", "",
-            "| point | task | seed | test accuracy % | last epoch's mean train loss | non-finite loss steps |",
-            "|---|---|---|---|---|---|", *rows]
+            "| point | task | seed | test accuracy % | last epoch's mean train loss | non-finite loss steps | "
+            "examined |", "|---|---|---|---|---|---|---|", *rows]
 
 
 def report() -> None:

@@ -571,8 +571,11 @@ def test_the_report_lists_the_final_runs_near_chance_or_whose_loss_went_non_fini
     assert frontier.failed_lines({"a": {("t", 42): ok}}) == []
     rows = frontier.failed_lines({"a": {("t", 42): ok, ("u", 42): near_chance}, "b": {("t", 1): diverged},
                                   "c": {("t", 42): {**ok, "accuracy": 0.2}}})  # 2 × chance: learnt something
-    assert rows[-2:] == ["| a | u | 42 | 9.20 (chance 10.0) | not recorded | not recorded |",
-                         "| b | t | 1 | 60.00 (chance 10.0) | nan | 3 |"]
+    near_chance["examined"] = "diverged at the peak"
+    rows = frontier.failed_lines({"a": {("t", 42): ok, ("u", 42): near_chance}, "b": {("t", 1): diverged},
+                                  "c": {("t", 42): {**ok, "accuracy": 0.2}}})
+    assert rows[-2:] == ["| a | u | 42 | 9.20 (chance 10.0) | not recorded | not recorded | diverged at the peak |",
+                         "| b | t | 1 | 60.00 (chance 10.0) | nan | 3 |  |"]
     assert rows[-4].startswith("| point |")
 
 
