@@ -287,3 +287,36 @@ def test_eval_and_predict_take_threads(run_dir: Path, task: str, capsys: pytest.
     for command in (["eval", "--adapter", str(run_dir)], ["predict", "--adapter", str(run_dir), image]):
         _fails([*command, "--threads", "0"], capsys, "--threads")
     assert asked == [1, 2]
+
+
+def test_eval_refuses_other_classes_and_sizes_the_backbone_cannot_take_and_notes_training_images(
+        task: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An adapter trained on cat/dog/bird/fish evaluated on a task of colours has a number, not an accuracy; a size
+    the backbone refuses is one line, not a traceback; a split the adapter trained on is said to be one."""
+    import shutil
+
+    source = Path(task.split(":", 1)[1])
+    folders = {}
+    for name, classes in (("animals", "cat dog bird fish"), ("colours", "red green blue yellow")):
+        folders[name] = tmp_path / name
+        shutil.copytree(source, folders[name])
+        (folders[name] / "classes.txt").write_text("\n".join(classes.split()) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--task", f"vtab:{folders['animals']}", "--method", "lora", "--epochs", "1", "--out",
+                 str(run), *TINY]) == 0
+    capsys.readouterr()
+    line = _fails(["eval", "--adapter", str(run), "--task", f"vtab:{folders['colours']}"], capsys,
+                  "are not the ones the adapter was trained on (cat, dog, bird, fish, in that order)")
+    assert "red, green, blue, yellow" in line
+    assert main(["eval", "--adapter", str(run), "--task", task, "--split", "val200"]) == 0  # numbered classes: no
+    capsys.readouterr()  # names to compare, so the class count alone is checked (as before)
+    _fails(["eval", "--adapter", str(run), "--img-size", "40"], capsys,
+           "--img-size 40: the backbone does not take 40 px images (")
+    assert main(["eval", "--adapter", str(run), "--split", "train800", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["notes"] == ["train800 holds training images of this adapter (its val protocol trained on "
+                               "train800): not a held-out accuracy"]
+    assert main(["eval", "--adapter", str(run), "--split", "val200", "--json"]) == 0
+    assert "notes" not in json.loads(capsys.readouterr().out)
+    assert main(["eval", "--adapter", str(run), "--split", "val200", "--img-size", "48"]) == 0
+    assert "note: trained at 32 px, evaluated at 48 px" in capsys.readouterr().out

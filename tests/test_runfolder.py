@@ -401,3 +401,62 @@ def test_an_old_metrics_json_without_a_checksum_is_shown_with_a_warning(tmp_path
     assert main(["train", "--out", str(out), "--resume", "--quiet", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == old["accuracy"]
     assert "without a checksum" in caplog.text
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_rename_and_the_rename_before_it_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the fsyncs a power cut after the rename can leave an empty file where the previous checkpoint was:
+    the file's data are synced before the rename, the folder's entry after it."""
+    from heartlora import _paths
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "checkpoint.pt"
+    with _paths.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert events == ["fsync file", "rename", "fsync folder"] and target.read_bytes() == b"new"
+
+
+def test_a_finished_run_checks_its_adapter_and_is_never_told_to_overwrite_itself(
+        tmp_path: Path, task: str, capsys: pytest.CaptureFixture) -> None:
+    """metrics.json records the sha256 of the adapter it describes: a replaced or removed adapter is refused on
+    resume instead of shown with the old file's accuracy and bytes; export does not write into a run's folder; and a
+    damaged or missing checkpoint of a finished run points at its results, not at --overwrite (which deletes them)."""
+    from heartlora._paths import file_sha256
+
+    out = tmp_path / "run"
+    argv = ["train", "--task", task, "--method", "lora", "--epochs", "1", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["adapter_sha256"] == file_sha256(out / "adapter.safetensors")
+    capsys.readouterr()
+    _fails(["export", str(out), str(out), "--format", "heartlora", "--dtype", "bf16", "--overwrite"], capsys,
+           "holds a training run (metrics.json, checkpoint.pt)")
+    assert main(["export", str(out), str(tmp_path / "bf16"), "--format", "heartlora", "--dtype", "bf16"]) == 0
+    original = (out / "adapter.safetensors").read_bytes()
+    (out / "adapter.safetensors").write_bytes((tmp_path / "bf16" / "adapter.safetensors").read_bytes())
+    capsys.readouterr()
+    _fails([*argv, "--resume"], capsys, "adapter.safetensors is not the file the run wrote (its sha256 differs)")
+    (out / "adapter.safetensors").unlink()
+    _fails([*argv, "--resume"], capsys, "adapter.safetensors is missing")
+    (out / "adapter.safetensors").write_bytes(original)
+    assert main([*argv, "--resume"]) == 0
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 1  # inside the payload
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    capsys.readouterr()
+    line = _fails([*argv, "--resume"], capsys, "but the run had finished: its results are in")
+    assert "--overwrite would delete them" in line and "start again with --overwrite" not in line
+    (out / "checkpoint.pt").unlink()
+    _fails([*argv, "--resume"], capsys, "holds no checkpoint.pt to resume from, but the run had finished")

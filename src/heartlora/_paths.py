@@ -4,6 +4,7 @@ part of the package."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ def cache_dir(*parts: str) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, so a reader never
-    sees a half-written file and a crash leaves the old file in place."""
+    sees a half-written file and a crash leaves the old file in place. The data reach the disk before the rename, and
+    the rename before this returns (fsync of the file, then of its folder): after a power cut the file is the old one
+    or the new one, never an empty one where the old was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,10 +40,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+        _fsync(path.parent, getattr(os, "O_DIRECTORY", 0) | os.O_RDONLY)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk. A platform or file system that cannot open a
+    folder or sync it (Windows, some network mounts) is left to its own guarantees."""
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if flags & getattr(os, "O_DIRECTORY", 0):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # cannot sync this kind of file: nothing lost
+            raise
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def describe_os_error(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._paths import atomic_path, cache_dir
+from .._paths import atomic_path, cache_dir, file_sha256
 from ..errors import ConfigError, UnsupportedBackboneError
 from ._registry import register_backbone
 from .classifier import IMAGENET_MEAN, IMAGENET_STD
@@ -114,15 +114,6 @@ def content_digest(state_dict: dict[str, torch.Tensor]) -> str:
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
     return h.hexdigest()
 
 

@@ -24,7 +24,7 @@ from heartlora.engine import accuracy, classify, collect_images, load_trained
 from heartlora.engine.distributed import DistInfo, resolve_device
 from heartlora.engine.inference import read_image, run_img_size
 from heartlora.engine.precision import exact_fp32
-from heartlora.engine.settings import DEVICE_HELP
+from heartlora.engine.settings import DEVICE_HELP, PROTOCOLS
 from heartlora.errors import HeartLoRAError
 
 
@@ -36,22 +36,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (args.task or run.get("task")):
         raise HeartLoRAError(f"{args.adapter} records no task (saved with save_adapter): pass --task")
     task = get_task(args.task or run["task"])
-    img_size = args.img_size or run_img_size(info) or model.spec["img_size"]
+    trained_at = run_img_size(info) or model.spec["img_size"]
+    img_size = args.img_size or trained_at
     if task.num_classes != model.spec["num_classes"]:
         raise HeartLoRAError(f"task {task.name} has {task.num_classes} classes but the adapter's classifier has "
                              f"{model.spec['num_classes']}: evaluate on the task it was trained for "
                              f"({run.get('task', 'not recorded')})")
+    names = [str(c) for c in run.get("class_names") or []]
+    if names and _named(names) and _named(task.class_names) and names != task.class_names:
+        raise HeartLoRAError(f"task {task.name}'s classes ({_few(task.class_names)}) are not the ones the adapter was "
+                             f"trained on ({_few(names)}, in that order): its accuracy there would mean nothing; "
+                             f"evaluate on {run.get('task', 'the task it was trained for')}")
+    if img_size != trained_at:
+        _check_size(model, img_size, trained_at, device)
     seed = args.seed if args.seed is not None else int(run.get("init_seed", 0))
     images, labels = task.load(args.split, img_size=img_size, seed=seed)
     with exact_fp32(device):  # the numerics of the accuracy `heartlora train` records, whatever it trained with
         acc = accuracy(model, images, labels, DistInfo(0, 1, 0, device), batch_size=args.batch_size)
+    notes = []
+    trained_on = PROTOCOLS.get(str(run.get("protocol")), ("",))[0]
+    if _parts(args.split) & _parts(trained_on) and task.name == run.get("task"):
+        notes.append(f"{args.split} holds training images of this adapter (its {run['protocol']} protocol trained on "
+                     f"{trained_on}): not a held-out accuracy")
+    if img_size != trained_at:
+        notes.append(f"trained at {trained_at} px, evaluated at {img_size} px")
     result = {"adapter": str(args.adapter), "task": task.name, "split": args.split, "images": len(labels),
-              "img_size": img_size, "accuracy": acc}
+              "img_size": img_size, "accuracy": acc, **({"notes": notes} if notes else {})}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"accuracy {100 * acc:.2f} % on {task.name} {args.split} ({len(labels)} images, {img_size} px)")
+        print(f"accuracy {100 * acc:.2f} % on {task.name} {args.split} ({len(labels)} images, {img_size} px)"
+              + "".join(f"\nnote: {n}" for n in notes))
     return 0
+
+
+def _parts(split: str) -> set[str]:
+    """The 800/200 halves a split is made of (train800val200 is both)."""
+    return {part for part in ("train800", "val200") if part in split}
+
+
+def _named(names: list[str]) -> bool:
+    """Whether class names are names (a folder's classes.txt, a dataset's labels), not the numbers a task without
+    them is given (0, 1, …), which say nothing of what a class is."""
+    return names != [str(i) for i in range(len(names))]
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+
+
+def _check_size(model: torch.nn.Module, img_size: int, trained_at: int, device: torch.device) -> None:
+    """Refuse, in one line, an image size the backbone cannot take (a ViT of fixed size, a side its patches do not
+    divide), by one forward pass of a blank image before any data is read."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except Exception as err:  # whatever the backbone raises: its first line names the reason
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise HeartLoRAError(f"--img-size {img_size}: the backbone does not take {img_size} px images ({reason}); "
+                             f"the adapter was trained at {trained_at} px: leave --img-size out") from err
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -28,6 +28,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     adapter = adapter_path(given_adapter(args))
     if args.format == "heartlora":
         dtype = store_dtype(args.dtype)  # a bad name is one line before any file is read
+        if any((Path(args.dir) / name).exists() for name in ("metrics.json", "checkpoint.pt")):
+            raise HeartLoRAError(f"{args.dir} holds a training run (metrics.json, checkpoint.pt), whose results "
+                                 "describe its own adapter.safetensors: export into another folder")
         refuse_to_replace(Path(args.dir), args.overwrite, ("adapter.safetensors",))
         before = read_adapter_info(adapter)
         Path(args.dir).mkdir(parents=True, exist_ok=True)

@@ -186,8 +186,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
         tensors = info["tensors"]
         state = model.state_dict()
         bad = [n for n, t in tensors.items() if n not in state or state[n].shape != t.shape]
+        built = backbone or run["backbone_spec"].get("name")  # the one built: the user's --backbone where given
         if bad:
-            raise AdapterFileError(f"{path} does not fit backbone {run['backbone_spec'].get('name')} (e.g. {bad[0]})")
+            raise AdapterFileError(f"{path} does not fit backbone {built} (e.g. {bad[0]})")
         model.load_state_dict(tensors, strict=False)
         if not full:
             for p in model.parameters():
@@ -197,9 +198,8 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu",
                     p.requires_grad_(True)
             want = run.get("fingerprint")
             if want and backbone_fingerprint(model, skip=("head",)) != want:
-                raise AdapterFileError(f"{path} was trained on other backbone weights than "
-                                       f"{run['backbone_spec']['name']}"
-                                       " gives here: use the same backbone weights (and --no-pretrained setting)")
+                raise AdapterFileError(f"{path} was trained on other backbone weights than {built} gives here: use "
+                                       "the same backbone weights (and --no-pretrained setting)")
     return model.to(device).eval(), info
 
 

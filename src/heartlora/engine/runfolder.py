@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from heartlora._paths import describe_os_error, folder_error
+from heartlora._paths import describe_os_error, file_sha256, folder_error
 from heartlora.engine import checkpoint as ckpt
 from heartlora.engine.metrics import read_metrics, way_out_of_bad_metrics
 from heartlora.errors import HeartLoRAError, RunFolderError
@@ -51,12 +51,12 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
     if "checkpoint.pt" not in present:
         if set(present) <= BEFORE_FIRST_CHECKPOINT:  # killed before its first checkpoint: nothing to continue from
             return {"mode": "fresh", "restart": True}
-        return {"error": f"output folder {out} holds no checkpoint.pt to resume from: choose another --out, "
-                         "or --overwrite to start there afresh"}
+        return {"error": _unless_finished(out, f"output folder {out} holds no checkpoint.pt to resume from: choose "
+                                               "another --out, or --overwrite to start there afresh")}
     try:
         state = ckpt.load_checkpoint(out / "checkpoint.pt")
     except HeartLoRAError as exc:
-        return {"error": str(exc)}
+        return {"error": _unless_finished(out, str(exc))}
     foreign = _foreign_checkpoint(out, state.get("identity"))
     if foreign:
         return {"error": foreign}
@@ -66,10 +66,46 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         metrics = read_metrics(out / "metrics.json")
     except HeartLoRAError as exc:
         return {"error": str(exc)}
-    other = _metrics_of_another_run(out, metrics, state)
+    other = _metrics_of_another_run(out, metrics, state) or _adapter_changed(out, metrics)
     if other:
         return {"error": other}
     return {"mode": "done", "state": state, "metrics": metrics}
+
+
+def _unless_finished(out: Path, error: str) -> str:
+    """A checkpoint error, told otherwise where the run had finished (a metrics.json that reads back, and the
+    adapter it describes): its advice to start again with --overwrite would delete a finished run's results."""
+    try:
+        metrics = read_metrics(out / "metrics.json")
+    except (OSError, HeartLoRAError):
+        return error
+    if _adapter_changed(out, metrics) or not (out / "adapter.safetensors").is_file():
+        return error
+    cause = error.rsplit(": ", 1)[0]  # the error without its advice (the last part)
+    return (f"{cause}, but the run had finished: its results are in {out / 'metrics.json'} and its adapter in "
+            f"{out / 'adapter.safetensors'} (`heartlora eval --adapter {out}` evaluates it again); --overwrite would "
+            "delete them, so train anew in another --out")
+
+
+def _adapter_changed(out: Path, metrics: dict[str, Any]) -> str | None:
+    """The error for a finished run whose adapter.safetensors is not the file its metrics.json describes (replaced,
+    re-exported at another dtype, removed): its accuracy and bytes would be shown for another file. Runs finished
+    before the adapter's sha256 was recorded are not checked."""
+    want = metrics.get("adapter_sha256")
+    if not want:
+        return None
+    path = out / "adapter.safetensors"
+    try:
+        have = file_sha256(path)
+    except FileNotFoundError:
+        have = None
+    except OSError as exc:
+        return f"cannot read {path} ({exc.strerror or exc}): check the folder's permissions"
+    if have == want:
+        return None
+    what = "is missing" if have is None else "is not the file the run wrote (its sha256 differs)"
+    return (f"{path} {what}, so {out / 'metrics.json'} no longer describes it: put the run's adapter back, or "
+            f"{way_out_of_bad_metrics(out)}")
 
 
 def find_link(out: Path) -> str | None:

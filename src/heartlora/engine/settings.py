@@ -351,8 +351,8 @@ def _with_saved(cfg: TrainConfig, out: TrainConfig, saved: dict[str, Any], may_c
     # the command line gives strings and "auto"s; the saved settings hold resolved values
     if "ne" in given:
         given["ne"] = parse_ne(given["ne"])
-    if "save_dtype" in given:
-        given["save_dtype"] = _save_dtype(given["save_dtype"])
+    if cfg.save_dtype is not None:  # read from cfg: settings() leaves float32 out, and float32 may be what is asked
+        given["save_dtype"] = _save_dtype(cfg.save_dtype)
     if isinstance(cfg.targets, str):
         given["targets"] = [t for t in re.split(r"[,\s]+", cfg.targets) if t]
     if "targets" in given and saved.get("targets") is not None:  # the same projections in any order: the same run

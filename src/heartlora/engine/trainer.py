@@ -55,6 +55,7 @@ from heartlora.engine.distributed import (
 )
 from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.training_methods import TrainingMethod, get_method
+from heartlora._paths import file_sha256
 from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, exact_fp32, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
@@ -776,6 +777,7 @@ class Trainer:
                                                         **({"dtype": cfg.save_dtype} if cfg.save_dtype != "float32"
                                                            else {}))
         metrics["adapter_file_bytes"] = (out / "adapter.safetensors").stat().st_size
+        metrics["adapter_sha256"] = file_sha256(out / "adapter.safetensors")  # a finished run's folder checks it
         from heartlora.engine.plots import responsiveness_heatmap, training_curves
 
         title = f"{cfg.task} · {cfg.method} · {cfg.backbone}"
@@ -786,7 +788,8 @@ class Trainer:
                 metrics["files"]["responsiveness_plot"] = "responsiveness.png"
             training_curves(out / "curves.png", self.state.history,
                             cfg.warmup_epochs if self.method.adapters else 0, title=title)
-        self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None}
+        self.state.result = {"accuracy": metrics["accuracy"] if _finite(metrics["accuracy"]) else None,
+                             "adapter_sha256": metrics["adapter_sha256"]}
         self.save_checkpoint(finished=True)
         with self.folder.writing("metrics.json"):
             # what train() returns is the file's content and status, as for a run already finished
