@@ -361,3 +361,41 @@ def test_images_are_moved_to_the_models_device(tmp_path, monkeypatch):
     monkeypatch.setattr(bank.model, "forward", lambda x: (seen.append(x.device), torch.zeros(len(x), 10))[1])
     out = bank.answer(torch.rand(2, 3, 32, 32), ["t", "t"], k=2)
     assert seen == [torch.device("meta")] and len(out) == 2 and len(out[0]) == 2
+
+
+def test_a_bank_refuses_images_of_another_size_and_bad_arguments_in_one_line_and_takes_a_cast(tmp_path):
+    """A backbone that interpolates its position embeddings would answer 48 px images of a 32 px task, wrongly; a
+    model cast to bfloat16 takes the float32 images a server decodes (as the task's own bf16 model does)."""
+    path = _make_adapter(tmp_path, _vit, "a", 4, 32, 4, 0, seed=0)
+    bank = hl.AdapterBank(_vit(4))
+    bank.add(path)
+    with pytest.raises(ConfigError, match=r"the images are 48×48 px and task 'a' runs at 32 px: resize them to 32"):
+        bank(torch.rand(2, 3, 48, 48), "a")
+    with pytest.raises(ConfigError, match="got a list: torch.stack them"):
+        bank([torch.rand(3, 32, 32)], "a")
+    with pytest.raises(ConfigError, match="tasks must be a task name or one name per row, got NoneType"):
+        bank(torch.rand(1, 3, 32, 32), None)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    bank.model.to(torch.bfloat16)
+    got = bank(x, "a")
+    want = bank(x.to(torch.bfloat16), "a")
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and got[0].dtype == torch.bfloat16
+
+
+def test_a_saved_module_besides_the_classifier_keeps_its_own_width(tmp_path):
+    """Only the classifier takes the task's class count: a saved MLP Linear of another width was rebuilt as a
+    (in, classes) Linear and the adapter refused; it loads, and rows equal the task's own model."""
+    model = hl.attach(_vit(5), hl.HeartLoRAConfig(rank=2, modules_to_save=("head", "backbone.blocks.1.mlp.fc2")),
+                     verify=False)
+    with torch.no_grad():
+        model.get_submodule("backbone.blocks.1.mlp.fc2").weight.add_(0.05)
+    path = tmp_path / "m.safetensors"
+    hl.save_adapter(model, path, extra_metadata={"heartlora_run": {"task": "m", "pretrained": False,
+                                                                   "init_seed": 0}})
+    bank = hl.AdapterBank(_vit(10))
+    bank.add(path)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    got = bank(x, "m")
+    want = _own_logits(_vit, path, 5, x)
+    for i in range(2):
+        torch.testing.assert_close(got[i], want[i], atol=ATOL, rtol=RTOL)

@@ -340,3 +340,25 @@ def test_a_file_replaced_at_the_same_size_with_its_mtime_kept_is_reloaded(tmp_pa
     want = _own_logits(_vit, served / "a.safetensors", 4, X[:1])
     torch.testing.assert_close(bank(X[:1], ["a"])[0], want[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want[0], own["a"][0])  # the new file's answer, not the old one's
+
+
+def test_an_added_adapter_cannot_take_the_name_of_a_folder_file_and_a_damaged_first_file_does_not_stop_the_bank(
+        folder, own, tmp_path):
+    """A folder file not loaded yet was hidden by an add of its name (its rows then got the added adapter's logits);
+    bank_from_folder read the backbone from the first file by name, so a damaged one stopped the whole server."""
+    import shutil
+
+    from heartlora.bank_folder import bank_from_folder
+
+    bank = hl.AdapterBank.from_folder(_vit(10), folder)
+    with pytest.raises(ConfigError, match="already holds a task named 'a' \\(a file of its folder\\)"):
+        bank.add(folder / "b.safetensors", name="a")
+    assert "a" not in bank.tasks
+    _check(bank, ["a"], own)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "0bad.safetensors").write_bytes(b"not an adapter")  # first by name
+    served, size = bank_from_folder(copy)
+    assert size == 32 and "0bad" in served.available()
+    _check(served, ["c", "a"], own)
+    assert "0bad" in served.ensure(["0bad"])  # refused for its own task only

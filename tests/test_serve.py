@@ -318,3 +318,16 @@ def test_the_cli_says_where_it_serves_once_it_listens(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_starlette_app_refuses_a_size_other_than_its_banks() -> None:
+    """create_api refused a server size other than the bank's, create_app did not: 48 px images then reached a 32 px
+    task and were answered (a backbone that interpolates its position embeddings takes them), wrongly."""
+    from heartlora.errors import ConfigError
+
+    bank = hl.AdapterBank(_vit(4), img_size=32)
+    with pytest.raises(ConfigError, match="the bank runs 32 px and the server would resize images to 48 px"):
+        create_app(bank, img_size=48)
+    fresh = hl.AdapterBank(_vit(4))
+    create_app(fresh, img_size=32)
+    assert fresh.img_size == 32  # a bank with no size takes the server's, and refuses adapters of another

@@ -37,7 +37,7 @@ from torch import nn
 from heartlora.engine.inference import build_backbone, read_run_info, run_img_size
 from heartlora.errors import ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
-from heartlora.method.model import backbone_fingerprint, is_adapted, remove_adapters
+from heartlora.method.model import backbone_fingerprint, find_classifier, is_adapted, remove_adapters
 from heartlora.method.storage import RUN_KEY, AdapterContents, adapter_file, load_adapter, read_adapter
 
 
@@ -567,23 +567,26 @@ class AdapterBank:
             return self._add(path, name, class_names, check_fingerprint)
 
     def _add(self, path: str | os.PathLike, name: str | None, class_names: Sequence[str] | None,
-             check_fingerprint: bool, contents: AdapterContents | None = None) -> BankTask:
+             check_fingerprint: bool, contents: AdapterContents | None = None, own_file: bool = False) -> BankTask:
+        """``own_file``: a folder bank loading the file of its folder that names the task (the name is its)."""
         path = adapter_file(path)  # a run folder stands for its adapter.safetensors
         contents = contents if contents is not None else read_adapter(path)  # a folder bank has read it already
         info = contents[0]  # the file is read once: its metadata and weights cannot come from two versions of it
         self.check_img_size(path, info)
         run = (info.get("extra") or {}).get(RUN_KEY) or {}
         name = name or trained_task(info) or (path.parent.name if path.stem == "adapter" else path.stem)
-        if name in self.tasks:
-            raise ConfigError(f"the bank already holds a task named {name!r} ({self.tasks[name].path}): "
-                              "give this adapter another name")
+        if name in self.tasks or (not own_file and self.has_task(name)):  # a folder bank's files too, loaded or not
+            where = self.tasks[name].path if name in self.tasks else "a file of its folder"
+            raise ConfigError(f"the bank already holds a task named {name!r} ({where}): give this adapter another "
+                              "name")
         saved = tuple(info["modules_to_save"])
         params = list(self.model.parameters())
         fingerprint = self._fingerprint(saved)
         with self._plain():
             originals = {s: self.model.get_submodule(s) for s in saved if _has(self.model, s)}
-            for s, m in originals.items():  # the file's classifier loads into a copy; the backbone keeps its own
-                _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes")))
+            heads = set(find_classifier(self.model))  # only a classifier takes the task's class count
+            for s, m in originals.items():  # the file's saved modules load into copies; the backbone keeps its own
+                _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes") if s in heads else None))
             setting = json.dumps(info["config"], sort_keys=True)
             try:
                 model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
@@ -657,6 +660,17 @@ class AdapterBank:
         self.tasks[name] = task
         return task
 
+    def serve_at(self, img_size: int) -> None:
+        """A server resizes every image to ``img_size``: the bank takes that size when it has none and refuses
+        another, and its tasks (and every adapter added later) must have been trained at it."""
+        if self.img_size is None:
+            self.img_size = int(img_size)
+        elif int(self.img_size) != int(img_size):
+            raise ConfigError(f"the bank runs {self.img_size} px and the server would resize images to {img_size} px: "
+                              "serve the bank at its img_size")
+        for task in list(self.tasks.values()):
+            self.check_img_size(task.path, task.info)
+
     def check_img_size(self, path: str | os.PathLike, info: dict[str, Any]) -> None:
         """Refuse adapter file ``path`` (its ``read_adapter_info``) when it was trained at another image size than
         the bank's ``img_size``."""
@@ -728,6 +742,11 @@ class AdapterBank:
 
     @staticmethod
     def _row_tasks(images: torch.Tensor, tasks: Sequence[str] | str) -> list[str]:
+        if not isinstance(images, torch.Tensor):  # its dtype and shape: the backbone's own check, in one line
+            raise ConfigError(f"images must be one float tensor (batch, 3, height, width) in [0, 1], got a "
+                              f"{type(images).__name__}: torch.stack them")
+        if not isinstance(tasks, str) and not (isinstance(tasks, Sequence) and all(isinstance(t, str) for t in tasks)):
+            raise ConfigError(f"tasks must be a task name or one name per row, got {type(tasks).__name__}")
         tasks = [tasks] * len(images) if isinstance(tasks, str) else list(tasks)
         if len(tasks) != len(images):
             raise ConfigError(f"{len(tasks)} task names for {len(images)} images: give one task per row")
@@ -741,9 +760,17 @@ class AdapterBank:
     def _run(self, images: torch.Tensor, tasks: Sequence[str]) -> list[torch.Tensor]:
         if not len(images):
             return []
-        weight = next(self.model.parameters(), None)
+        side = tuple(images.shape[-2:])
+        for name in dict.fromkeys(tasks):  # a backbone that interpolates its position embeddings takes any size,
+            size = self.img_size or self.tasks[name].img_size  # and answers wrongly
+            if size and side != (int(size), int(size)):
+                raise ConfigError(f"the images are {side[0]}×{side[1]} px and task {name!r} runs at {size} px: resize "
+                                  f"them to {size} (heartlora.read_image(path, {size}) does)")
+        weight = next((p for p in self.model.parameters() if p.is_floating_point()), None)
         if weight is not None and images.device != weight.device:  # a server decodes on the CPU; the model may
             images = images.to(weight.device)  # be on a GPU
+        if weight is not None and images.is_floating_point() and images.dtype != weight.dtype:
+            images = images.to(weight.dtype)  # float32 images, a model cast to bfloat16 (uint8 is refused below)
         order_of = {t: i for i, t in enumerate(self.tasks)}
         order = sorted(range(len(tasks)), key=lambda i: order_of[tasks[i]])  # stable: rows of a task stay in order
         groups: list[tuple[str, int, int]] = []
@@ -796,20 +823,23 @@ class AdapterBank:
     def backbone_bytes(self) -> int:
         """Bytes of the shared backbone's parameters and buffers (adapters, routing tables and task classifiers
         excluded)."""
-        skip = {id(t) for m in self._linears.values() for t in m.buffers(recurse=False)}
-        skip |= {id(t) for m in self._saved.values() for t in _unique_tensors(m.copies)}
-        return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model) if id(t) not in skip)
+        with self._lock:  # not while an add or a remove changes the tables
+            skip = {id(t) for m in self._linears.values() for t in m.buffers(recurse=False)}
+            skip |= {id(t) for m in self._saved.values() for t in _unique_tensors(m.copies)}
+            return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model) if id(t) not in skip)
 
     def routing_bytes(self) -> int:
         """Bytes the bank holds beyond the backbone and the tasks' own (``BankTask.resident_bytes``): the index
         tables of the batched path and each factor table's zero row."""
-        return sum(m.routing_bytes() for m in self._linears.values())
+        with self._lock:  # settling the tables while an add queues rows would lose them
+            return sum(m.routing_bytes() for m in self._linears.values())
 
     def resident_bytes(self) -> int:
         """Bytes of every tensor the bank holds: the backbone once, each task's adapters and classifier, and the
         routing tables (``backbone_bytes() + Σ task.resident_bytes + routing_bytes()``)."""
-        self._settle()
-        return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
+        with self._lock:
+            self._settle()
+            return sum(t.numel() * t.element_size() for t in _unique_tensors(self.model))
 
     @classmethod
     def from_folder(cls, backbone: nn.Module, folder: str | os.PathLike, cache_mb: float | None = None,
@@ -907,8 +937,8 @@ def _has(root: nn.Module, name: str) -> bool:
 
 
 def _fresh_copy(module: nn.Module, num_classes: int | None) -> nn.Module:
-    """A copy of a saved module for a task to load its own weights into; a Linear classifier gets the task's class
-    count (tasks differ in it; the fingerprint skips the classifier)."""
+    """A copy of a saved module for a task to load its own weights into; given ``num_classes`` (the classifier's),
+    a Linear gets the task's class count (tasks differ in it; the fingerprint skips the classifier)."""
     if isinstance(module, nn.Linear) and num_classes and module.out_features != num_classes:
         w = module.weight
         return nn.Linear(module.in_features, int(num_classes), bias=module.bias is not None, device=w.device,

@@ -175,7 +175,7 @@ class FolderBank(AdapterBank):
             raise AdapterFileError(f"{path} was trained on another backbone ({info['backbone'].get('name')!r}, "
                                    f"fingerprint {info['fingerprint'][:12]}; this bank's is {mine[:12]}): move it to "
                                    "a folder served on its own backbone")
-        task = self._add(path, name, None, check_fingerprint=True, contents=contents)
+        task = self._add(path, name, None, check_fingerprint=True, contents=contents, own_file=True)
         self.loads += 1
         return task
 
@@ -222,8 +222,8 @@ class FolderBank(AdapterBank):
 
 def bank_from_folder(folder: str | os.PathLike, device: torch.device | str = "cpu", backbone: str | None = None,
                      cache_mb: float | None = None) -> tuple[FolderBank, int]:
-    """A :class:`FolderBank` over ``folder`` on the backbone its first file (by name) names (``backbone`` builds
-    another, as ``load_trained`` does), and the image size it serves; ``heartlora serve --adapter-dir``."""
+    """A :class:`FolderBank` over ``folder`` on the backbone its first readable file (by name) names (``backbone``
+    builds another, as ``load_trained`` does), and the image size it serves; ``heartlora serve --adapter-dir``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"--adapter-dir {folder} is not a folder: name the folder that holds the adapter files")
@@ -231,5 +231,12 @@ def bank_from_folder(folder: str | os.PathLike, device: torch.device | str = "cp
     if not names:
         raise ConfigError(f"{folder} holds no adapter files (NAME{SUFFIX} or NAME/adapter.safetensors): train some "
                           "into it, or name another folder")
-    model, size = backbone_for(task_file(folder, names[0]), backbone)
-    return FolderBank(model, folder, cache_mb=cache_mb, device=device, img_size=size), size
+    refused = []
+    for name in names:  # the first file that reads names the backbone; a damaged one is refused for its own task
+        try:  # only (when a call names it), as the folder bank refuses it later
+            model, size = backbone_for(task_file(folder, name), backbone)
+        except HeartLoRAError as exc:
+            refused.append(str(exc))
+            continue
+        return FolderBank(model, folder, cache_mb=cache_mb, device=device, img_size=size), size
+    raise ConfigError(f"no adapter file in {folder} can be read ({len(refused)} refused; the first: {refused[0]})")

@@ -206,6 +206,7 @@ def create_app(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    bank.serve_at(img_size)
     batcher = Batcher(bank, max_batch, max_wait_ms)
 
     def error(status: int, message: str) -> JSONResponse:

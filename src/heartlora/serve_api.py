@@ -89,13 +89,7 @@ def create_api(bank: AdapterBank, img_size: int, max_batch: int = 32, max_wait_m
 
 
     admin_token = check_token(admin_token)
-    if bank.img_size is None:
-        bank.img_size = int(img_size)
-    elif int(bank.img_size) != int(img_size):
-        raise ConfigError(f"the bank runs {bank.img_size} px and the server would resize images to {img_size} px: "
-                          "serve the bank at its img_size")
-    for task in list(bank.tasks.values()):
-        bank.check_img_size(task.path, task.info)
+    bank.serve_at(img_size)
     batcher = Batcher(bank, max_batch, max_wait_ms)
 
     class Failure(Exception):
