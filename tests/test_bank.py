@@ -380,6 +380,8 @@ def test_a_bank_refuses_images_of_another_size_and_bad_arguments_in_one_line_and
     got = bank(x, "a")
     want = bank(x.to(torch.bfloat16), "a")
     assert all(torch.equal(g, w) for g, w in zip(got, want)) and got[0].dtype == torch.bfloat16
+    with pytest.raises(AdapterFileError, match="whose weights are torch.bfloat16: .* add adapters to a float32 bank"):
+        bank.add(path, name="again")  # the cast weights' fingerprint is not the float32 one the file records
 
 
 def test_a_saved_module_besides_the_classifier_keeps_its_own_width(tmp_path):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from heartlora.engine.inference import build_backbone, read_run_info, run_img_size
-from heartlora.errors import ConfigError, UnsupportedBackboneError
+from heartlora.errors import AdapterFileError, ConfigError, UnsupportedBackboneError
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.model import backbone_fingerprint, find_classifier, is_adapted, remove_adapters
 from heartlora.method.storage import RUN_KEY, AdapterContents, adapter_file, load_adapter, read_adapter
@@ -589,8 +589,17 @@ class AdapterBank:
                 _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes") if s in heads else None))
             setting = json.dumps(info["config"], sort_keys=True)
             try:
-                model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
-                                     verify=setting not in self._verified, fingerprint=fingerprint, contents=contents)
+                try:
+                    model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
+                                         verify=setting not in self._verified, fingerprint=fingerprint,
+                                         contents=contents)
+                except AdapterFileError as exc:
+                    cast = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+                    if cast == torch.float32 or "other weights" not in str(exc):
+                        raise
+                    raise AdapterFileError(f"{path} does not match the bank's backbone, whose weights are {cast}: the "
+                                           "fingerprint reads the weights as they are, so add adapters to a float32 "
+                                           "bank and cast it after (bank.model.to(dtype))") from exc
                 self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")
