@@ -582,6 +582,11 @@ class AdapterBank:
         saved = tuple(info["modules_to_save"])
         params = list(self.model.parameters())
         fingerprint = self._fingerprint(saved)
+        cast = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        if check_fingerprint and cast != torch.float32 and info.get("fingerprint") not in (None, fingerprint):
+            raise AdapterFileError(f"{path} does not match the bank's backbone, whose weights are {cast}: the "
+                                   "fingerprint reads the weights as they are, so add adapters to a float32 bank and "
+                                   "cast it after (bank.model.to(dtype))")
         with self._plain():
             originals = {s: self.model.get_submodule(s) for s in saved if _has(self.model, s)}
             heads = set(find_classifier(self.model))  # only a classifier takes the task's class count
@@ -589,17 +594,8 @@ class AdapterBank:
                 _set_module(self.model, s, _fresh_copy(m, info["backbone"].get("num_classes") if s in heads else None))
             setting = json.dumps(info["config"], sort_keys=True)
             try:
-                try:
-                    model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
-                                         verify=setting not in self._verified, fingerprint=fingerprint,
-                                         contents=contents)
-                except AdapterFileError as exc:
-                    cast = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-                    if cast == torch.float32 or "other weights" not in str(exc):
-                        raise
-                    raise AdapterFileError(f"{path} does not match the bank's backbone, whose weights are {cast}: the "
-                                           "fingerprint reads the weights as they are, so add adapters to a float32 "
-                                           "bank and cast it after (bank.model.to(dtype))") from exc
+                model = load_adapter(self.model, path, check_fingerprint=check_fingerprint,
+                                     verify=setting not in self._verified, fingerprint=fingerprint, contents=contents)
                 self._verified.add(setting)
                 wrappers = {n: m for n, m in model.named_modules() if isinstance(m, HeadLoRALinear)}
                 weight_mode = sorted(n for n, m in wrappers.items() if m.mode != "forward")

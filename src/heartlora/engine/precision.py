@@ -55,7 +55,9 @@ class Precision:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return None
-        return torch.stack([g.isfinite().all().logical_not().to(grads[0].device) for g in grads]).sum()
+        # one copy of the (adapter-sized) gradients and one test, not a test per tensor: this runs every step
+        flat = torch.cat([g.reshape(-1).to(grads[0].device, torch.float32) for g in grads])
+        return flat.isfinite().logical_not().sum()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:

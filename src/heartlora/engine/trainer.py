@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from heartlora._paths import file_sha256
 from heartlora.backbones import create_backbone
 from heartlora.data import get_task
 from heartlora.engine import checkpoint as ckpt
@@ -55,7 +56,6 @@ from heartlora.engine.distributed import (
 )
 from heartlora.engine.loggers import RunLoggers, parse_log_to
 from heartlora.engine.training_methods import TrainingMethod, get_method
-from heartlora._paths import file_sha256
 from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, exact_fp32, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
