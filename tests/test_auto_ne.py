@@ -148,3 +148,16 @@ def test_bad_settings_are_refused() -> None:
         choose_ne(model, scores, batches, fractions=(0.5, 2.0))
     with pytest.raises(ConfigError):
         choose_ne(model, scores, [])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_loss_that_is_not_finite_is_one_line_not_a_choice(bad: float) -> None:
+    # a diverged warmup: every share's increase compares with NaN (never passes), and refining read a row that did
+    # not exist (IndexError); with refine off it chose ne 0 as if nothing were wrong
+    model, scores, batches = _setup()
+    with torch.no_grad():
+        model.head.bias.fill_(bad)
+    for refine in (True, False):
+        with pytest.raises(ConfigError, match="diverged") as info:
+            choose_ne(model, scores, batches, fractions=(0.25, 0.5), refine=refine)
+        assert "\n" not in str(info.value)

@@ -339,3 +339,50 @@ def test_resuming_with_the_same_flags_as_typed_is_accepted() -> None:
     assert resolve(TrainConfig(task="digits", targets="v,q"), saved).targets == ("q", "v")  # any order: the same
     with pytest.raises(ConfigError, match="pool cls"):
         resolve(TrainConfig(task="digits", pool="cls"), saved)
+
+
+def test_a_map_without_scores_does_not_call_itself_responsiveness(tmp_path: Path, monkeypatch) -> None:
+    import heartlora.engine.plots as plots
+
+    titles = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: titles.append(fig.axes[0].get_title()) or Path(path))
+    masks = {"blocks.0.attn": [True, False], "blocks.1.attn": [True, True]}
+    responsiveness_heatmap(tmp_path / "a.png", {"blocks.0.attn": [0.5, 0.1], "blocks.1.attn": [1.0, 0.2]}, masks)
+    responsiveness_heatmap(tmp_path / "b.png", None, masks)  # a run that scored nothing (lora, or one epoch)
+    assert titles[0].startswith("responsiveness (÷ max)") and "(1/4 heads)" in titles[0]
+    assert "responsiveness" not in titles[1] and titles[1].startswith("no head was scored")
+
+
+def test_the_ne_choice_inside_an_epoch_is_not_training_time_and_any_valid_seed_trains(
+        tmp_path: Path, task: str, monkeypatch) -> None:
+    # --score-steps ends warmup inside an epoch: ne auto's forward passes were timed as training steps (images/s
+    # halved on a tiny run). A stand-in choice that takes 1,000 s of a stand-in clock shows what the epoch counts.
+    import heartlora.engine.trainer as engine
+
+    offset = [0.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda real=engine.time.perf_counter: real() + offset[0])
+    choose = engine.Trainer.end_of_warmup
+
+    def slow_choice(self) -> None:
+        choose(self)
+        offset[0] += 1000.0
+
+    monkeypatch.setattr(engine.Trainer, "end_of_warmup", slow_choice)
+    # seed 2**62 is valid (0 to 2**63 - 1): the epoch's shuffle seed overflowed torch's 64 bits at the first epoch
+    metrics = train(tiny(tmp_path, task, method="heart-lora", ne="auto", epochs=2, score_steps=3, seed=2**62))
+    first = metrics["history"][0]
+    assert offset[0] == 1000.0 and first["time_s"] < 1000.0
+    assert metrics["wall_s"] >= 1000.0  # the wall clock still counts it
+
+
+def test_evaluating_restores_each_modules_own_mode() -> None:
+    from heartlora.method.model import evaluating, train_adapters_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3))
+    net.requires_grad_(False)
+    net[2].weight.requires_grad_(True)  # a norm that trains keeps updating its statistics
+    train_adapters_mode(net)
+    assert [m.training for m in net] == [True, False, True]
+    with evaluating(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net] == [True, False, True]  # model.train(True) would have turned net[1] on

@@ -23,8 +23,10 @@ _plan = frontier.plan
 
 @pytest.fixture(autouse=True)
 def no_suite_records(tmp_path, monkeypatch):
-    """Plans read the suite's records for reuse: the tests start from none (a test gives its own)."""
+    """Plans read the suite's records for reuse: the tests start from none (a test gives its own). The driver's lock
+    and run folders go under the test's folder: a real `frontier.py run` working in the checkout holds its lock."""
     monkeypatch.setattr(frontier, "SUITE_RESULTS", tmp_path / "no-suite-results.json")
+    monkeypatch.setattr(frontier, "RUNS", tmp_path / "runs")
 
 
 def val_rec(point: str, task: str, lr: float, acc: float) -> dict:

@@ -226,3 +226,20 @@ def test_a_changed_dtype_is_in_the_checkpoint_at_once(tmp_path: Path, task: str,
     assert main(["train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path), "--resume",
                  "--quiet"]) == 0
     assert read_adapter_info(tmp_path / "adapter.safetensors")["dtype"] == "bfloat16"
+
+
+def test_a_frozen_batchnorm_keeps_the_backbones_statistics_so_the_stored_adapter_scores_what_the_run_reported(
+        tmp_path: Path, task: str) -> None:
+    # MobileViT's convolutions carry BatchNorm. Trained in train mode, the frozen backbone's running statistics moved
+    # with every batch, the run reported the accuracy of those moved statistics, and the adapter file (which stores
+    # the adapters and the classifier, not the backbone's buffers) gave another model: 0.19 reported, 0.31 stored.
+    metrics = train(tiny(tmp_path, task, method="lora", lr=0.05, backbone="mobilevit_xxs", img_size=64))
+    model, _ = load_trained(tmp_path)
+    stored = dict(model.named_buffers())
+    kept = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    stats = [k for k in kept if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) > 20 and all(torch.equal(kept[k], stored[k]) for k in stats)
+    from heartlora.data import get_task
+
+    x, y = get_task(task).load("val200", img_size=64)
+    assert metrics["accuracy"] == accuracy(model, x, y, CPU)

@@ -15,6 +15,7 @@ from torch import nn
 from heartlora._paths import atomic_path
 from heartlora.engine.distributed import DistInfo, all_reduce_sum, shard
 from heartlora.errors import MetricsError
+from heartlora.method.model import evaluating
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,11 @@ REQUIRED_KEYS = (
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 128) -> torch.Tensor:
     """Logits for uint8 images (N, 3, S, S), computed in batches on ``device`` and returned on the CPU."""
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255.0)
-        out.append(model(x).float().cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255.0)
+            out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -58,7 +58,8 @@ def responsiveness_heatmap(
     ax.set_ylabel("attention layer")
     off = sum(1 for m in masks.values() for on in m if not on)
     total = sum(len(m) for m in masks.values())
-    ax.set_title(f"{title}\nresponsiveness (÷ max); × = switched off ({off}/{total} heads)".strip(), fontsize=9)
+    what = "responsiveness (÷ max)" if scores else "no head was scored: on = 1, off = 0"
+    ax.set_title(f"{title}\n{what}; × = switched off ({off}/{total} heads)".strip(), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return _save(fig, path, dpi=110)
 

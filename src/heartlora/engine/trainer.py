@@ -474,16 +474,16 @@ class Trainer:
             scoring = self.tracker is not None and epoch < cfg.warmup_epochs
         else:
             scoring = self.tracker is not None and self.state.scores is None
-        self.net.train()
+        self.method.train_mode(self.net)
         self.bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}" + (" (warmup, scoring heads)" if scoring else ""))
         n = len(self.train_x)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) % 2**64))
         perm = perm.to(device)  # one copy per epoch: no host-to-device copy inside the step loop
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         correct_acc = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
-        t0 = time.perf_counter()
+        t0 = self.clock()
         for step in range(self.steps_per_epoch):
             batch = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             mine = shard(batch, info)
@@ -510,13 +510,15 @@ class Trainer:
             self.bar.update(1)
             if scoring and cfg.score_steps is not None and self.tracker.steps >= cfg.score_steps:
                 scoring = False
-                self.end_of_warmup()
+                paused = self.clock()
+                self.end_of_warmup()  # ne auto's forward passes and copies: not training steps, not timed
+                t0 += self.clock() - paused
                 if cfg.score_restart:
-                    self.state.train_time += time.perf_counter() - t0
+                    self.state.train_time += self.clock() - t0
                     self.state.images_seen += int(all_reduce_sum([float(seen)], info)[0])
                     self.restart_from_step0()
                     return None
-        epoch_time = time.perf_counter() - t0
+        epoch_time = self.clock() - t0
         loss_sum, correct, seen = all_reduce_sum([float(loss_acc), float(correct_acc), float(seen)], info)
         self.state.train_time += epoch_time
         self.state.images_seen += int(seen)
@@ -524,6 +526,13 @@ class Trainer:
         return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "eval_acc": None, "eval_split": None, "lr": self.optimizer.param_groups[0]["lr"],
                 "time_s": epoch_time, "images_per_s": seen / epoch_time, "precision": self.precision.name}
+
+    def clock(self) -> float:
+        """time.perf_counter() once the device has done the work queued so far (CUDA runs ahead of the host: the
+        epoch's time would miss its last steps)."""
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        return time.perf_counter()
 
     def end_of_warmup(self) -> None:
         """Scores averaged over ranks (every rank picks the same heads); the method decides what follows."""

@@ -21,7 +21,7 @@ from torch import nn
 from heartlora.errors import ConfigError
 from heartlora.method import ResponsivenessTracker, attach, save_adapter
 from heartlora.method.heads_off import parse_heads_off, switch_off
-from heartlora.method.model import backbone_fingerprint
+from heartlora.method.model import backbone_fingerprint, train_adapters_mode
 
 Heads = list[tuple[str, int]]  # (attention layer name, head index)
 
@@ -41,6 +41,12 @@ class TrainingMethod:
     def prepare(self, model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, Any]]:
         """Make the wanted weights trainable (in place, or wrap the model); returns (model, facts for the file)."""
         raise NotImplementedError
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode for an epoch. By default a frozen BatchNorm stays in eval mode
+        (``train_adapters_mode``): the file ``save`` writes holds the trained Parameters, not the backbone's running
+        statistics, so they must stay the backbone's."""
+        train_adapters_mode(model)
 
     def param_groups(self, model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
         """What the optimizer updates, in the order of ``model.parameters()``."""
@@ -101,6 +107,9 @@ class FullFineTune(TrainingMethod):
             # refuses a trainable parameter that gets no gradient (DINOv2's, under torchrun, at the second step)
             p.requires_grad_(not name.rpartition(".")[2] == "mask_token")
         return model, {}
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()  # the whole state dict is stored, BatchNorm statistics with it: they adapt to the task
 
     def save(self, model: nn.Module, path: Path, run_facts: dict[str, Any], dtype: str = "float32") -> int:
         from heartlora.engine.inference import save_weights  # not at the top: inference → config → this module

@@ -53,7 +53,7 @@ from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import parse_heads_off, switch_off
 from heartlora.method.layer import HeadLoRALinear, HeadLoRAProjection
 from heartlora.method.layouts import scan_attention
-from heartlora.method.model import attach_state
+from heartlora.method.model import attach_state, evaluating
 from heartlora.method.storage import MAX_RANK
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -662,16 +662,12 @@ def score_heads(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
     tracker = ResponsivenessTracker(model, mode=mode, seed=seed)
     if mode == "random":
         return tracker.scores()
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for x, y in batches:
             with torch.enable_grad():
                 F.cross_entropy(model(x), y).backward()
             tracker.update()
             model.zero_grad(set_to_none=True)
-    finally:
-        model.train(was)
     return tracker.scores()
 
 

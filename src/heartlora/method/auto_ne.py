@@ -25,7 +25,7 @@ from torch import nn
 
 from heartlora.errors import ConfigError
 from heartlora.method.deactivate import SCOPES, deactivate_heads, select_heads, share_count
-from heartlora.method.model import attention_layers
+from heartlora.method.model import attention_layers, evaluating
 
 DEFAULT_FRACTIONS = (0.0, 1 / 6, 1 / 3, 1 / 2, 2 / 3)
 # ne auto's tolerance, chosen on val200 over 0.05 at scale 1 and checked again at today's default scale 4 (74.8
@@ -71,13 +71,9 @@ def _per_image_losses(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
                       forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     if not batches:  # a rank whose shard of the sample is empty (fewer images than processes) still reduces
         return torch.zeros(0, dtype=torch.float64)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return torch.cat([F.cross_entropy(forward(model, x).float(), y, reduction="none").double().cpu()
                           for x, y in batches])
-    finally:
-        model.train(was)
 
 
 def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -110,9 +106,14 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
     if n == 0:
         raise ConfigError("choose_ne needs at least one batch of training images")
     base_mean = base_sum / n
+    if not math.isfinite(base_mean):  # no share can be judged against it: training diverged before the choice
+        raise ConfigError(f"cannot choose ne: the loss on the {int(n)} sampled training images is {base_mean} "
+                          "with every head on, so training diverged during warmup (lower the learning rate, or "
+                          "use --precision fp32 if it ran in fp16), or pass a fixed ne")
     work = copy.deepcopy(model)
     off: set[tuple[str, int]] = set()
     chosen = (0, 0.0)
+    passed = 0  # heads the last passing share switches off
     table: list[dict[str, float]] = []
     counts = {len(m) for m in active.values()}
 
@@ -143,12 +144,11 @@ def choose_ne(model: nn.Module, scores: dict[str, torch.Tensor], batches: Iterab
         if not judge(f, wanted, base if not off else _per_image_losses(work, batches, forward), refined=False):
             failed = (f, len(wanted))
             break
-        chosen = (ne_of(f, wanted), f)
+        chosen, passed = (ne_of(f, wanted), f), len(wanted)
     del work
     if refine and failed is not None:
         mid = (chosen[1] + failed[0]) / 2
         wanted = select_heads(scores, fraction=mid, scope=scope, active=active)
-        passed = table[-2]["heads_off"]
         if passed < len(wanted) < failed[1]:  # heads that neither neighbour has: worth one more forward pass
             work = copy.deepcopy(model)
             deactivate_heads(work, heads=wanted)

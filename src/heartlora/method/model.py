@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,6 +437,36 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> nn.Module:
                           "switched off there; call unmerge(model) first")
     for w in found:
         w.enabled = bool(enabled)
+    return model
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, and afterwards each module back in its own mode (``model.train(was)``
+    would put every module in the model's mode, undoing a frozen BatchNorm kept in eval mode while the adapters
+    train)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+STATISTICS_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def train_adapters_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except the normalisation layers with running statistics (BatchNorm) that train no
+    Parameter of their own: they stay in eval mode. Their statistics are the frozen backbone's, which an adapter file
+    does not store: updated by the training batches, they would give the run an accuracy its stored adapter, loaded
+    on the backbone, does not have (and batch statistics at inference change the adapted model's output)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, STATISTICS_NORMS) and m.track_running_stats \
+                and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
     return model
 
 
