@@ -625,3 +625,47 @@ def test_attach_names_a_wrong_model_or_config_and_takes_a_dict(tmp_path) -> None
     assert hl.adapter_config(model).rank == 2 and hl.adapter_config(model).targets == ("q", "v")
     with pytest.raises(ConfigError, match="is a folder: name the file to write"):
         hl.save_adapter(model, tmp_path)
+
+
+def test_a_merged_models_state_dict_is_the_unmerged_one_and_loads_into_either() -> None:
+    from heartlora.method.model import wrappers
+
+    # it held base + delta and the factors: loaded into an adapted model, the delta counted twice ("All keys matched")
+    model, x = make_family("timm_vit")
+    hl.attach(model, ALL)
+    randomize(model)
+    with torch.no_grad():
+        y = model(x)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    hl.merge(model)
+    merged = model.state_dict()
+    assert merged.keys() == plain.keys() and all(torch.equal(merged[k], plain[k]) for k in plain)
+    for into_merged in (False, True):
+        other, _ = make_family("timm_vit")
+        hl.attach(other, ALL)
+        if into_merged:  # a load into a merged model lands on its unmerged weights and merges them again
+            hl.merge(other)
+        other.load_state_dict(merged)
+        with torch.no_grad():
+            assert torch.allclose(other(x), y, atol=1e-5, rtol=1e-4)
+        assert all(w.merged == into_merged for w in wrappers(other))
+        hl.unmerge(other)
+        assert all(torch.equal(v, plain[k]) for k, v in other.state_dict().items())
+
+
+def test_training_a_merged_model_is_refused() -> None:
+    # its adapters got no gradient: a training step was a silent no-op (and every head scored 0)
+    from heartlora.method.model import wrappers
+
+    model, x = make_family("timm_vit")  # in eval mode
+    hl.attach(model, ALL)
+    assert not any(m.training for w in wrappers(model) for m in w.modules())  # its new wrappers too (they trained)
+    hl.merge(model)
+    model.train()
+    with pytest.raises(ConfigError, match="merged into the weights.*unmerge"):
+        model(x)
+    model.eval()  # inference, even with gradients enabled, is what merging is for
+    assert model(x).shape[0] == x.shape[0]
+    model.train()
+    with torch.no_grad():
+        model(x)

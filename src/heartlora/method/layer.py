@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heartlora.errors import ConfigError
 from heartlora.method import quant
 from heartlora.method.config import FLOAT_BITS
 
@@ -290,6 +291,12 @@ class HeadLoRALinear(nn.Module):
         self.enabled = True
         self._original_weight: torch.Tensor | None = None
         self._register_load_state_dict_pre_hook(_load_plain_linear, with_module=True)
+        # a merged layer's state dict holds the original weight beside the factors (base + delta and the factors
+        # would add the delta twice when loaded), and a load into a merged layer lands on the unmerged weights
+        (getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook)(_unmerged_state)
+        self._register_load_state_dict_pre_hook(_unmerge_to_load, with_module=True)
+        self.register_load_state_dict_post_hook(_merge_after_load)
+        self._merge_after_load = False
 
     @property
     def in_features(self) -> int:
@@ -316,6 +323,10 @@ class HeadLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and self.training and torch.is_grad_enabled() \
+                and any(p.requires_grad for p in self.lora.parameters()):
+            raise ConfigError("the adapters are merged into the weights, so training would not reach them: call "
+                              "heartlora.unmerge(model) before training, or model.eval() for inference")
         if self.mode == "weight":
             return F.linear(x, self.weight, self.bias)
         y = self.base_layer(x)
@@ -351,6 +362,22 @@ class HeadLoRALinear(nn.Module):
         self._original_weight = None
         self.merged = False
 
+
+
+def _unmerged_state(module: HeadLoRALinear, state_dict: dict, prefix: str, local_metadata: object) -> None:
+    if module.merged and prefix + "base_layer.weight" in state_dict:
+        state_dict[prefix + "base_layer.weight"] = module._original_weight
+
+
+def _unmerge_to_load(module: HeadLoRALinear, *args: object) -> None:
+    module._merge_after_load = module.merged
+    module.unmerge()
+
+
+def _merge_after_load(module: HeadLoRALinear, incompatible_keys: object) -> None:
+    if module._merge_after_load:
+        module._merge_after_load = False
+        module.merge()
 
 
 def _load_plain_linear(module: HeadLoRALinear, state_dict: dict, prefix: str, *args: object) -> None:

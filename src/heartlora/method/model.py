@@ -171,6 +171,7 @@ def attach(model: nn.Module, config: HeartLoRAConfig | None = None, *, verify: b
             proj.to(device=base.weight.device, dtype=base.weight.dtype if base.weight.is_floating_point()
                     else torch.float32)
             wrapper.lora[target] = proj
+            wrapper.train(base.training)  # a new module trains by default: an eval model's adapters would drop out
             projections[target] = proj
         if not projections:
             whys: dict[str, list[str]] = {}
