@@ -219,3 +219,27 @@ def test_conventional_pool_reads_a_local_folders_model_type(tmp_path) -> None:
     assert conventional_pool(f"hf:{folder}") == "cls"
     assert conventional_pool("hf:facebook/dinov2-small") == "cls+mean"  # a hub id: its name
     assert conventional_pool(f"hf:{tmp_path / 'missing'}") == "cls" and conventional_pool("dinov2_small") == "cls+mean"
+
+
+def test_a_two_tower_checkpoint_gives_its_image_tower_and_other_models_are_one_line(tmp_path) -> None:
+    # a full CLIP or SigLIP folder (the usual hub checkpoints) raised a raw AttributeError ('CLIPConfig' object has
+    # no attribute 'hidden_size'); a text model built and failed at its first forward, a ConvNet like CLIP did
+    from transformers import BertConfig, CLIPConfig, CLIPModel, ConvNextConfig
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=dict(image_size=32, patch_size=8, **tiny),
+                                text_config=dict(vocab_size=50, max_position_embeddings=16, **tiny)))
+    clip.save_pretrained(tmp_path / "clip")
+    model = create_backbone(f"hf:{tmp_path / 'clip'}", num_classes=3, pretrained=True)
+    assert model.num_features == 32 and model.img_size == 32
+    ours = model.backbone.state_dict()
+    theirs = clip.vision_model.state_dict()
+    assert ours and all(torch.equal(v, theirs[k.removeprefix("vision_model.")]) for k, v in ours.items())
+    _check_shapes(model, 32, 3, "cls")
+    BertConfig(vocab_size=50, **tiny).save_pretrained(tmp_path / "bert")
+    ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1]).save_pretrained(tmp_path / "convnext")
+    for folder, why in (("bert", "takes no images"), ("convnext", "no transformer hidden size")):
+        with pytest.raises(UnsupportedBackboneError, match=why) as info:
+            create_backbone(f"hf:{tmp_path / folder}", num_classes=3, pretrained=False)
+        assert "\n" not in str(info.value)

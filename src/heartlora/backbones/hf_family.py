@@ -92,6 +92,13 @@ def create_hf(name: str, num_classes: int, img_size: int | None, pretrained: boo
     except (OSError, ValueError) as e:
         raise UnsupportedBackboneError(f"cannot read the Hugging Face config of {ref!r} "
                                        f"({str(e).splitlines()[0]}): check the hub id or directory") from e
+    kind = getattr(config, "model_type", type(config).__name__)
+    if getattr(config, "vision_config", None) is not None:  # CLIP, SigLIP and others: image and text towers
+        config = config.vision_config  # AutoModel then builds the image tower and loads only its weights
+    if not hasattr(config, "hidden_size"):
+        raise UnsupportedBackboneError(f"{ref!r} is a {kind} model with no transformer hidden size (a "
+                                       "convolutional network?): heartlora adapts the attention of a ViT-style "
+                                       "encoder")
     if drop_path:
         if not hasattr(config, "drop_path_rate"):
             raise ConfigError(f"{config.model_type} models have no stochastic depth: use drop_path=0")
@@ -104,6 +111,9 @@ def create_hf(name: str, num_classes: int, img_size: int | None, pretrained: boo
     except (OSError, ValueError) as e:
         raise UnsupportedBackboneError(f"cannot load Hugging Face weights for {ref!r} ({str(e).splitlines()[0]}): "
                                        "check the name and network, or pass pretrained=False") from e
+    if "pixel_values" not in inspect.signature(backbone.forward).parameters:
+        raise UnsupportedBackboneError(f"{ref!r} is a {kind} model, which takes no images (its forward has no "
+                                       "pixel_values): use an image encoder")
     mean, std = _normalisation(ref)
     spec = {"name": name, "num_classes": int(num_classes), "img_size": int(img_size or _native_size(config)),
             "pool": pool, "drop_path": float(drop_path)}
