@@ -87,3 +87,35 @@ def test_hf_vision_families_train(tmp_path, kind: str) -> None:
     assert losses[-1] < losses[0]
     assert any(not torch.equal(a, p) for a, p in zip(adapters, hl.adapter_parameters(model)))
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_transformer_encoder_layers_keep_their_adapters_in_eval_mode(batch_first: bool) -> None:
+    # nn.TransformerEncoderLayer(batch_first=True) reads self_attn.in_proj_bias before its fused inference path:
+    # attach failed ("could not run Net … AttributeError"), and with verify=False the first eval forward did
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+            self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(x).mean(1 if batch_first else 0))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32) if batch_first else torch.randn(5, 2, 32)
+    model = Net().eval()
+    with torch.no_grad():
+        base = model(x)
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "v"), rank=4), example_input=x)
+    assert hl.coverage(model).summary() == "adapted 2 of 2 attention modules"
+    with torch.no_grad():
+        assert torch.allclose(model(x), base, atol=1e-6)  # B starts at zero
+        for p in hl.adapter_parameters(model):
+            p.normal_(0, 0.2)
+        evaluated = model(x)
+        model.train()
+        trained = model(x)  # dropout 0: the same maths, never the fused path
+    assert not torch.allclose(evaluated, base, atol=1e-3)  # the adapters reach the eval output
+    assert torch.allclose(evaluated, trained, atol=1e-5)

@@ -495,6 +495,18 @@ class LinearInProjMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` with its in-projection held by a Linear, so adapters can wrap it. Same call
     signature and results; the Parameters are the original ones (moved, not copied)."""
 
+    # nn.TransformerEncoderLayer / nn.TransformerEncoder read these before their fused inference path; False keeps
+    # them off it (the fused kernel takes in_proj_weight itself, bypassing the adapters)
+    _qkv_same_embed_dim = False
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.in_proj.bias
+
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
