@@ -105,6 +105,9 @@ def test_hf_drop_path(tmp_path) -> None:
     assert model.backbone.config.drop_path_rate == 0.2
     with pytest.raises(ConfigError, match="drop_path=0"):  # HF ViT has no stochastic depth
         create_backbone(str(_tiny_hf_dir(tmp_path, "vit")), num_classes=2, pretrained=False, drop_path=0.2)
+    for name, size in (("efficientvit_m0", 64), ("efficientvit_m0", None)):  # timm models that take no drop_path_rate
+        with pytest.raises(ConfigError, match="'efficientvit_m0' has no stochastic depth: use drop_path=0"):
+            create_backbone(name, num_classes=2, img_size=size, pretrained=False, drop_path=0.2)  # was a TypeError
 
 
 def test_unknown_names_and_bad_arguments() -> None:

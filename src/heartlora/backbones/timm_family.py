@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnsupportedBackboneError
+from ..errors import ConfigError, UnsupportedBackboneError
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, ImageClassifier
 
 TIMM_PREFIX = "timm:"
@@ -79,6 +79,10 @@ def create_timm(name: str, num_classes: int, img_size: int | None, pretrained: b
             # Convolutional models take any input size and have no img_size argument.
             kwargs.pop("img_size")
             backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as e:
+        if "drop_path_rate" not in str(e):
+            raise
+        raise ConfigError(f"timm model {model_name!r} has no stochastic depth: use drop_path=0") from None
     except OSError as e:  # the hub could not be reached or has no weights for this name
         raise UnsupportedBackboneError(f"cannot download timm weights for {model_name!r} "
                                        f"({str(e).splitlines()[0]}): go online, or pass pretrained=False") from e
