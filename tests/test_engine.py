@@ -135,8 +135,10 @@ def test_resume_refuses_other_settings(tmp_path: Path, task: str) -> None:
 def test_output_folder_of_another_run_is_refused_and_kept(tmp_path: Path, task: str) -> None:
     train(tiny(tmp_path, task, method="linear", epochs=1))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(ConfigError, match="already holds"):
+    with pytest.raises(ConfigError, match="already holds") as e:
         train(tiny(tmp_path, task, method="lora", epochs=1))
+    assert "pass resume=True to continue that run, overwrite=True to replace" in str(e.value)  # Python's names
+    assert "pass --resume to continue that run, --overwrite to replace" in e.value.for_cli()  # the flags
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     # --overwrite replaces the run's files but leaves a user's own files alone.
     (tmp_path / "notes.txt").write_text("mine")
@@ -225,6 +227,7 @@ def test_run_files_list_matches_what_a_run_writes(tmp_path: Path, task: str) -> 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy_split"] == "test" and metrics["train_split"] == "train800val200"
     assert all(h["eval_acc"] is None for h in metrics["history"])  # nothing looked at test during training
+    assert metrics["selection"].endswith("test is evaluated once, after training")
 
 
 def test_a_registered_method_trains_in_the_engine_loop(tmp_path: Path, task: str) -> None:
@@ -373,6 +376,7 @@ def test_the_ne_choice_inside_an_epoch_is_not_training_time_and_any_valid_seed_t
     first = metrics["history"][0]
     assert offset[0] == 1000.0 and first["time_s"] < 1000.0
     assert metrics["wall_s"] >= 1000.0  # the wall clock still counts it
+    assert metrics["selection"].endswith("on val200; test is not evaluated")  # it said test was evaluated
 
 
 def test_evaluating_restores_each_modules_own_mode() -> None:

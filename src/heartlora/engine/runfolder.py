@@ -46,8 +46,8 @@ def inspect_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
         return {"mode": "fresh"}
     if not resume:
         listed = ", ".join(present[:4]) + (", …" if len(present) > 4 else "")
-        return {"error": f"output folder {out} already holds files ({listed}): pass --resume to continue that run, "
-                         "--overwrite to replace its files, or choose another --out"}
+        return {"error": f"output folder {out} already holds files ({listed}): pass {{resume}} to continue that "
+                         "run, {overwrite} to replace its files, or choose another {out}", "settings": True}
     if "checkpoint.pt" not in present:
         if set(present) <= BEFORE_FIRST_CHECKPOINT:  # killed before its first checkpoint: nothing to continue from
             return {"mode": "fresh", "restart": True}

@@ -60,7 +60,7 @@ from heartlora.engine.metrics import accuracy, write_metrics
 from heartlora.engine.precision import compiled, exact_fp32, matmul_precision, resolve_precision
 from heartlora.engine.runfolder import RUN_FILES, RunFolder, inspect_out
 from heartlora.engine.state import TrainState
-from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError, TaskError
+from heartlora.errors import CheckpointError, ConfigError, HeartLoRAError, RunFolderError, SettingError, TaskError
 from heartlora.method import attention_layers, coverage, head_masks, is_adapted
 from heartlora.method.auto_ne import HELDOUT_IMAGES
 from heartlora.method.heads_off import check_count
@@ -160,7 +160,13 @@ def _claim(folder: RunFolder, cfg: TrainConfig, fresh: bool) -> dict[str, Any]:
     return {}
 
 
+# a folder decision's settings as Python names them (TrainConfig's fields) and, from SettingError, as flags (--resume)
+_FOLDER_SETTINGS = {"resume": "resume=True", "overwrite": "overwrite=True", "out": "out"}
+
+
 def _error(decision: dict[str, Any]) -> HeartLoRAError:
+    if decision.get("settings"):
+        return SettingError(decision["error"], names=_FOLDER_SETTINGS)
     return (RunFolderError if decision.get("kind") == "folder" else ConfigError)(decision["error"])
 
 
@@ -703,7 +709,9 @@ class Trainer:
             "status": status, "task": cfg.task, "method": cfg.method, "backbone": cfg.backbone,
             "protocol": cfg.protocol, "seed": cfg.seed, "settings": cfg.settings(),
             "accuracy": final_acc, "accuracy_split": eval_split, "train_split": train_split,
-            "selection": "none: the last epoch is reported; test is evaluated once, after training",
+            "selection": "none: the last epoch is reported; " + ("test is evaluated once, after training"
+                                                                   if eval_split == "test" else
+                                                                   f"on {eval_split}; test is not evaluated"),
             "adapter_bytes": 0, "adapter_file_bytes": None,
             "trainable_params": sum(p.numel() for g in self.optimizer.param_groups for p in g["params"]),
             "heads_total": sum(self.per_layer), "heads_off": [[name, h] for name, h in state.heads_off],
