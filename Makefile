@@ -33,8 +33,9 @@ data-deps:
 demo: setup
 	$(BIN)/heartlora demo
 
+# -n auto: one pytest worker per core (pytest-xdist); 2 cores take about 7 minutes, one about 14.
 test: setup data-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 # pyflakes and pycodestyle's errors over the library, the tests and the benchmarks (pyproject.toml's [tool.ruff]).
 lint: setup
