@@ -246,3 +246,32 @@ def test_a_two_tower_checkpoint_gives_its_image_tower_and_other_models_are_one_l
         with pytest.raises(UnsupportedBackboneError, match=why) as info:
             create_backbone(f"hf:{tmp_path / folder}", num_classes=3, pretrained=False)
         assert "\n" not in str(info.value)
+
+
+def test_a_timm_model_whose_class_token_is_not_its_readout_feeds_the_head_its_own_feature() -> None:
+    # EVA-02 (like BEiT) pools the patch tokens and normalises after (fc_norm): its class token leaves forward_features
+    # un-normalised (std ~0.05 against ~1), and pool "cls" fed that to the head. "auto" now takes the model's own
+    # feature; an explicit "cls" keeps the class token (an adapter trained so reads what it trained on).
+    from heartlora.backbones import conventional_pool
+
+    assert conventional_pool("eva02_tiny_patch14_224") == "own"
+    assert conventional_pool("deit3_small_patch16_224") == "cls"  # its readout is the (normalised) class token
+    assert conventional_pool("vit_small_patch14_dinov2") == "cls+mean"
+    x = torch.rand(2, 3, 28, 28)
+    auto = create_backbone("eva02_tiny_patch14_224", num_classes=3, img_size=28, pretrained=False).eval()
+    assert auto.spec["pool"] == "own"
+    b = auto.backbone
+    with torch.no_grad():
+        own = b.forward_head(b.forward_features((x - auto.mean) / auto.std), pre_logits=True)
+        assert torch.equal(auto.features(x), own)
+        torch.manual_seed(0)
+        cls = create_backbone("eva02_tiny_patch14_224", num_classes=3, img_size=28, pretrained=False, pool="cls")
+        torch.manual_seed(0)
+        again = create_backbone(**auto.spec, pretrained=False)
+        assert cls.spec["pool"] == "cls" and again.spec == auto.spec
+        cls.eval()
+        token = cls.backbone.forward_features((x - cls.mean) / cls.std)[:, 0]
+        assert torch.equal(cls.features(x), token)
+    _rebuilt_same(auto)
+    with pytest.raises(ConfigError, match="pool='own' reads a timm model's own pre-logits feature"):
+        create_backbone("dinov2_small", num_classes=3, img_size=28, pretrained=False, pool="own")

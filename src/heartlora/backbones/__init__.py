@@ -21,7 +21,7 @@ from . import dinov2_offline  # noqa: F401  (registers the dinov2_small shortcut
 from ._registry import get_shortcut, list_backbones, register_backbone
 from .classifier import POOLS, ImageClassifier
 from .hf_family import create_hf, is_hf_reference
-from .timm_family import create_timm, is_timm_name
+from .timm_family import create_timm, is_timm_name, timm_reads_own_pool
 
 __all__ = ["ImageClassifier", "conventional_pool", "create_backbone", "download_needed", "list_backbones",
            "refuse_download", "register_backbone"]
@@ -30,10 +30,14 @@ __all__ = ["ImageClassifier", "conventional_pool", "create_backbone", "download_
 def conventional_pool(name: str) -> str:
     """The classifier input a backbone family uses by its own convention: DINOv2's linear evaluation and
     transformers' ``Dinov2ForImageClassification`` read the class token and the mean patch token ("cls+mean");
-    ViT, DeiT, CLIP and the others read the class token (or their own pooled output) ("cls"). A local
-    ``hf:DIR`` folder is known by its config.json's ``model_type``, whatever the folder is called."""
+    ViT, DeiT, CLIP and the others read the class token (or their own pooled output) ("cls"), except timm models
+    whose readout is not the class token and which normalise after pooling, so that their class token is not
+    normalised (BEiT, BEiT v2, EVA-02): they read their own pre-logits feature ("own"). A local ``hf:DIR`` folder is
+    known by its config.json's ``model_type``, whatever the folder is called."""
     if "dinov2" in str(name).lower():
         return "cls+mean"
+    if is_timm_name(str(name)) and timm_reads_own_pool(str(name)):
+        return "own"
     if str(name).startswith("hf:"):
         import json
         from pathlib import Path
@@ -52,8 +56,10 @@ def create_backbone(name: str, num_classes: int, img_size: int | None = None, pr
     """Build an `ImageClassifier` for ``name`` with a fresh ``num_classes``-way linear head.
 
     ``img_size`` None means the backbone's native (or, for ``dinov2_small``, 224 px) resolution; ``pool`` is
-    ``"cls"`` (class token), ``"cls+mean"`` (class token ⊕ mean patch token) or ``"auto"``, the family's own
-    convention (:func:`conventional_pool`); ``drop_path`` is the stochastic depth rate.
+    ``"cls"`` (class token), ``"cls+mean"`` (class token ⊕ mean patch token), ``"own"`` (a timm model's own
+    pre-logits feature) or ``"auto"``, the family's own convention (:func:`conventional_pool`; for a timm model whose
+    class token is not its readout and is not normalised, BEiT's and EVA-02's, ``"own"``); ``drop_path`` is the
+    stochastic depth rate.
     ``create_backbone(**model.spec)`` rebuilds the same architecture (the spec holds the resolved pool).
     """
     if pool == "auto":

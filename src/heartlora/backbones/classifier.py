@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-POOLS = ("cls", "cls+mean")
+POOLS = ("cls", "cls+mean", "own")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -18,8 +18,12 @@ class ImageClassifier(nn.Module):
     """Images in [0, 1] → normalise → backbone → pool → ``head`` → logits.
 
     Subclasses (one per backbone family) implement `encode`. ``pool="cls"`` feeds the head the class token;
-    ``pool="cls+mean"`` the class token concatenated with the mean of the patch tokens (twice the width).
+    ``pool="cls+mean"`` the class token concatenated with the mean of the patch tokens (twice the width);
+    ``pool="own"`` (families that set ``OWN_POOL``: timm's) the model's own pre-logits feature, e.g. BEiT's and
+    EVA-02's mean patch token after their ``fc_norm``.
     """
+
+    OWN_POOL = False  # whether encode() gives the model's own pooled feature under pool="own"
 
     def __init__(self, backbone: nn.Module, *, num_features: int, spec: dict[str, Any],
                  mean: Sequence[float], std: Sequence[float], has_patch_tokens: bool = True) -> None:
@@ -27,6 +31,9 @@ class ImageClassifier(nn.Module):
         pool = spec["pool"]
         if pool not in POOLS:
             raise ConfigError(f"unknown pool {pool!r}: use one of {', '.join(POOLS)}")
+        if pool == "own" and not self.OWN_POOL:
+            raise ConfigError(f"pool='own' reads a timm model's own pre-logits feature, which {spec['name']!r} does "
+                              "not have: use pool='cls' or 'cls+mean'")
         if pool == "cls+mean" and not has_patch_tokens:
             raise ConfigError(f"pool='cls+mean' needs a class token and patch tokens, which {spec['name']!r} "
                               "does not have: use pool='cls' (the model's own pooling)")
@@ -62,7 +69,7 @@ class ImageClassifier(nn.Module):
                                                           if not x.is_floating_point() else ""))
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         cls, patches = self.encode(x)
-        if self.pool == "cls":
+        if self.pool != "cls+mean":  # cls, or own: encode gave the model's own feature
             return cls
         return torch.cat([cls, patches.mean(dim=1)], dim=-1)
 

@@ -17,8 +17,12 @@ class TimmClassifier(ImageClassifier):
     """An `ImageClassifier` over a timm model built with ``num_classes=0``.
 
     Models with a class token give it and their patch tokens; the others (Swin, ConvNets, GAP ViTs) give timm's
-    own pooled feature, so only ``pool="cls"`` applies to them.
+    own pooled feature, so only ``pool="cls"`` applies to them. ``pool="own"``: timm's own pre-logits feature
+    (``forward_head(pre_logits=True)``) for every model, what ``pool="auto"`` picks where a class token is not the
+    model's readout and reaches the head un-normalised (BEiT, EVA-02: mean patch token, then ``fc_norm``).
     """
+
+    OWN_POOL = True
 
     def __init__(self, backbone: nn.Module, *, spec: dict[str, Any]) -> None:
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
@@ -31,9 +35,32 @@ class TimmClassifier(ImageClassifier):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         feats = self.backbone.forward_features(x)
-        if self._has_cls and feats.ndim == 3:
+        if self._has_cls and feats.ndim == 3 and self.pool != "own":
             return feats[:, 0], feats[:, self._num_prefix_tokens:]
         return self.backbone.forward_head(feats, pre_logits=True), None
+
+
+def reads_own_pool(backbone: nn.Module) -> bool:
+    """Whether the model's readout is not its class token and normalises after pooling (``fc_norm``), so its class
+    token leaves ``forward_features`` un-normalised (BEiT, BEiT v2, EVA-02 pool by average): there ``pool="auto"``
+    feeds the head the model's own feature, as its classifier does."""
+    has_cls = getattr(backbone, "cls_token", None) is not None and getattr(backbone, "num_prefix_tokens", 0) > 0
+    fc_norm = getattr(backbone, "fc_norm", None)
+    return (has_cls and getattr(backbone, "global_pool", "token") not in ("token", "")
+            and isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity))
+
+
+def timm_reads_own_pool(name: str) -> bool:
+    """`reads_own_pool` of timm model ``name``, built on the meta device (no weights, no download)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name,
+                                      pretrained=False, num_classes=0)
+    except Exception:  # noqa: BLE001 - a name timm cannot build here: create_timm says why, with its own message
+        return False
+    return reads_own_pool(model)
 
 
 def is_timm_name(name: str) -> bool:

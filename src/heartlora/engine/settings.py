@@ -84,8 +84,9 @@ class TrainConfig:
     pretrained: bool | None = _opt(help="random backbone weights (tests, architecture checks)", group="what to train",
                                    flag="--no-pretrained", fill=True)
     pool: str | None = _opt(help="classifier input: the class token (cls), class token and mean patch token "
-                                 "(cls+mean), or the backbone family's own convention (auto: cls+mean for DINOv2, cls "
-                                 "for the others)", group="what to train", choices=("auto", "cls", "cls+mean"),
+                                 "(cls+mean), a timm model's own pre-logits feature (own), or the backbone family's "
+                                 "own convention (auto: cls+mean for DINOv2, own for timm's BEiT and EVA-02, cls for "
+                                 "the others)", group="what to train", choices=("auto", "cls", "cls+mean", "own"),
                             fill="auto")
     targets: tuple[str, ...] | None = _adapter_opt("targets", cli=", comma-separated")
     rank: int | None = _adapter_opt("rank")
