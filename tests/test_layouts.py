@@ -356,3 +356,30 @@ def test_grouped_query_attention_adapts_q_and_o_and_refuses_k_v(make: Callable[[
     assert not torch.equal(before[:, :, 1], after[:, :, 1])
     with pytest.raises(UnsupportedBackboneError, match="k, v: grouped-query attention"):
         hl.attach(Holder(make()), hl.HeartLoRAConfig(targets=("k", "v"), rank=4), example_input=x)
+
+
+class WideValueHeads(nn.Module):
+    """Every projection split by the same 4 heads, v's heads twice as wide as q's and k's (an attention ratio)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.dk, self.dv = H, D // H, 2 * D // H
+        self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.v_proj, self.o_proj = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k = (p(x).view(b, n, H, self.dk).transpose(1, 2) for p in (self.q_proj, self.k_proj))
+        v = self.v_proj(x).view(b, n, H, self.dv).transpose(1, 2)
+        return self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_wider_value_heads_are_split_by_the_same_heads_not_called_grouped_query() -> None:
+    # v with more rows than q was called grouped-query attention, and k and v were left out
+    torch.manual_seed(0)
+    model, x = Holder(WideValueHeads()), _tokens()
+    hl.attach(model, hl.HeartLoRAConfig(targets=("q", "k", "v", "o"), rank=4), example_input=x)
+    layer = hl.attention_layers(model)[0]
+    assert set(layer.projections) == {"q", "k", "v", "o"} and not hl.coverage(model).partial
+    assert tuple(layer.projections["v"].index.shape) == (H, 2 * D // H)
+    assert row_checks(model, x) == {"attn": {"qk": "ok", "v": "ok", "vo": "ok"}}

@@ -431,12 +431,13 @@ def _kv_heads(m: nn.Module) -> int | None:
 
 def _grouped_kv(m: nn.Module, heads: int, rows: dict[str, int]) -> str | None:
     """Why k and v cannot be split by the query heads (grouped-query attention: fewer k/v heads, each shared by a
-    group of query heads), or None when they can."""
+    group of query heads), or None when they can. Wider v heads than q's (more v rows: an attention ratio, as in
+    LeViT-style designs) split by the same heads, each its own share of v's rows."""
     kv = _kv_heads(m)
     if kv is not None and kv != heads:
         return (f"grouped-query attention: {kv} k/v heads shared by the {heads} query heads, so k and v cannot be "
                 "split by head")
-    if rows["k"] != rows["q"] or rows["v"] != rows["q"]:
+    if rows["k"] != rows["q"] or rows["v"] < rows["q"]:
         return (f"grouped-query attention (k and v have {rows['k']} and {rows['v']} rows, q {rows['q']}): k/v heads "
                 "shared by several query heads cannot be split by head")
     return None
