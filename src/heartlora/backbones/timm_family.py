@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -50,17 +51,20 @@ def reads_own_pool(backbone: nn.Module) -> bool:
             and isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity))
 
 
+@functools.lru_cache(maxsize=64)
 def timm_reads_own_pool(name: str) -> bool:
-    """`reads_own_pool` of timm model ``name``, built on the meta device (no weights, no download)."""
+    """`reads_own_pool` of timm model ``name``, built without weights (no download): on the meta device, or on the
+    CPU where the model's initialisation reads a value (older timm's EVA calls ``.item()``)."""
     import timm
 
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name,
-                                      pretrained=False, num_classes=0)
-    except Exception:  # noqa: BLE001 - a name timm cannot build here: create_timm says why, with its own message
-        return False
-    return reads_own_pool(model)
+    model_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return reads_own_pool(timm.create_model(model_name, pretrained=False, num_classes=0))
+        except Exception:  # noqa: BLE001 - not buildable here: create_timm says why, with its own message
+            continue
+    return False
 
 
 def is_timm_name(name: str) -> bool:
