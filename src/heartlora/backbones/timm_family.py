@@ -27,7 +27,7 @@ class TimmClassifier(ImageClassifier):
 
     def __init__(self, backbone: nn.Module, *, spec: dict[str, Any]) -> None:
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        has_cls = getattr(backbone, "cls_token", None) is not None and getattr(backbone, "num_prefix_tokens", 0) > 0
+        has_cls = has_class_token(backbone)
         super().__init__(backbone, num_features=backbone.num_features, spec=spec,
                          mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
                          has_patch_tokens=has_cls)
@@ -41,13 +41,16 @@ class TimmClassifier(ImageClassifier):
         return self.backbone.forward_head(feats, pre_logits=True), None
 
 
+def has_class_token(backbone: nn.Module) -> bool:
+    return getattr(backbone, "cls_token", None) is not None and getattr(backbone, "num_prefix_tokens", 0) > 0
+
+
 def reads_own_pool(backbone: nn.Module) -> bool:
     """Whether the model's readout is not its class token and normalises after pooling (``fc_norm``), so its class
     token leaves ``forward_features`` un-normalised (BEiT, BEiT v2, EVA-02 pool by average): there ``pool="auto"``
     feeds the head the model's own feature, as its classifier does."""
-    has_cls = getattr(backbone, "cls_token", None) is not None and getattr(backbone, "num_prefix_tokens", 0) > 0
     fc_norm = getattr(backbone, "fc_norm", None)
-    return (has_cls and getattr(backbone, "global_pool", "token") not in ("token", "")
+    return (has_class_token(backbone) and getattr(backbone, "global_pool", "token") not in ("token", "")
             and isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity))
 
 

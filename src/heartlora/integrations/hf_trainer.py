@@ -58,9 +58,8 @@ def base_state_dict(model: torch.nn.Module, state_dict: dict[str, Any] | None = 
     out = {}
     for key, value in (root.state_dict() if state_dict is None else state_dict).items():
         owner, sep, rest = key.rpartition(".base_layer.")
-        if sep and owner in wrapped:
-            w = wrapped[owner]
-            out[f"{owner}.{rest}"] = w._original_weight if rest == "weight" and w.merged else value
+        if sep and owner in wrapped:  # a merged layer's state dict already holds its original weight
+            out[f"{owner}.{rest}"] = value
         elif key.partition(".lora.")[0] not in wrapped:
             out[key] = value
     return out
